@@ -1,0 +1,18 @@
+"""keras_tkfac: trace-restricted Kronecker-factored natural gradient for Keras 3.
+
+Public API:
+
+- `wrap(model)`: a model whose training step feeds curvature to the optimizer.
+- `TKFAC`, `KFAC`: `keras.optimizers.Optimizer` subclasses.
+- `record(model)`: context manager for custom training loops.
+- `register_block(layer_class, block_class)`: precondition a custom layer kind.
+"""
+
+from keras_tkfac.blocks import register_block
+from keras_tkfac.capture import record
+from keras_tkfac.optimizer import KFAC, TKFAC
+from keras_tkfac.wrapping import CurvatureModel, wrap
+
+__version__ = "0.1.0"
+
+__all__ = ["CurvatureModel", "KFAC", "TKFAC", "record", "register_block", "wrap"]

@@ -1,0 +1,228 @@
+"""Curvature blocks: what keras_tkfac knows about each kind of layer.
+
+A block knows one layer's shapes and nothing about optimisation: which variables it
+owns, how the layer's pre-activation output is computed, how a batch of recorded
+inputs `a` and output gradients `g` becomes rows of the Fisher expansion, and how the
+kernel and bias gradients map to the `[d_in', d_out]` matrix that is preconditioned.
+
+`BLOCKS` maps a layer class to its block class. The lookup is by exact class, so a
+subclass with its own `call` is never silently treated as its parent; users add their
+own layers with `register_block`.
+"""
+
+import tensorflow as tf
+import keras
+
+from keras_tkfac import ops
+
+
+class CurvatureBlock:
+    """Base class of the per-layer-kind helpers.
+
+    Subclasses implement `preactivation`, `rows`, `kernel_rows` and `is_conv`.
+
+    Args:
+        layer: the built Keras layer this block describes.
+    """
+
+    is_conv = False
+
+    def __init__(self, layer):
+        self.layer = layer
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer {layer.name!r} has LoRA enabled, which keras_tkfac does not "
+                "precondition. Exclude it: keras_tkfac.wrap(model, exclude=["
+                f"{layer.name!r}]). Received: lora_enabled=True"
+            )
+        if getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                f"Layer {layer.name!r} is quantized, which keras_tkfac does not "
+                "precondition. Received: "
+                f"quantization_mode={layer.quantization_mode!r}"
+            )
+
+    @property
+    def name(self):
+        return self.layer.name
+
+    @property
+    def kernel(self):
+        return self.layer.kernel
+
+    @property
+    def bias(self):
+        return self.layer.bias if getattr(self.layer, "use_bias", True) else None
+
+    @property
+    def variables(self):
+        return [v for v in (self.kernel, self.bias) if v is not None]
+
+    @property
+    def d_out(self):
+        return int(self.kernel.shape[-1])
+
+    @property
+    def d_in(self):
+        """Rows of the gradient matrix: kernel fan-in, plus one for the bias."""
+        return self.kernel_rows() + (1 if self.bias is not None else 0)
+
+    def kernel_rows(self):
+        raise NotImplementedError
+
+    def preactivation(self, inputs):
+        """The layer's output before its fused activation."""
+        raise NotImplementedError
+
+    def rows(self, inputs, output_grads):
+        """Turns one call's `(a, g)` into `([rows, d_in'], [rows, d_out])`."""
+        raise NotImplementedError
+
+    def activate(self, s):
+        activation = getattr(self.layer, "activation", None)
+        return s if activation is None else activation(s)
+
+    def grad_matrix(self, kernel_grad, bias_grad):
+        """Stacks kernel and bias gradients into `[d_in', d_out]`."""
+        matrix = tf.reshape(kernel_grad, [self.kernel_rows(), self.d_out])
+        if bias_grad is not None:
+            matrix = tf.concat([matrix, tf.reshape(bias_grad, [1, self.d_out])], 0)
+        return matrix
+
+    def split_matrix(self, matrix):
+        """Inverse of `grad_matrix`: `(kernel_update, bias_update or None)`."""
+        n = self.kernel_rows()
+        kernel_update = tf.reshape(matrix[:n], self.kernel.shape)
+        bias_update = None
+        if self.bias is not None:
+            bias_update = tf.reshape(matrix[n], self.bias.shape)
+        return kernel_update, bias_update
+
+    def _with_bias(self, a):
+        return ops.append_homogeneous(a) if self.bias is not None else a
+
+
+class DenseBlock(CurvatureBlock):
+    """`keras.layers.Dense`; inputs of rank > 2 contribute one row per position."""
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[0])
+
+    def preactivation(self, inputs):
+        s = keras.ops.matmul(inputs, self.layer.kernel)
+        if self.bias is not None:
+            s = s + self.layer.bias
+        return s
+
+    def rows(self, inputs, output_grads):
+        a = tf.reshape(inputs, [-1, self.kernel_rows()])
+        g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
+
+
+class ConvBlock(CurvatureBlock):
+    """`keras.layers.Conv1D` and `Conv2D` (channels_last, `groups=1`).
+
+    Rows are (example, output location) pairs; the input rows are image patches
+    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel.
+    """
+
+    is_conv = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
+                "convolutions; exclude the layer or use channels_last. Received: "
+                f"data_format={layer.data_format!r}"
+            )
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(
+                f"Layer {layer.name!r}: grouped convolutions are not supported; "
+                f"exclude the layer. Received: groups={layer.groups}"
+            )
+        if layer.rank not in (1, 2):
+            raise ValueError(
+                f"Layer {layer.name!r}: only 1D and 2D convolutions are supported. "
+                f"Received: rank={layer.rank}"
+            )
+
+    def kernel_rows(self):
+        shape = self.kernel.shape
+        n = 1
+        for dim in shape[:-1]:
+            n *= int(dim)
+        return n
+
+    def _padded(self, inputs):
+        """Applies causal padding (Conv1D) and returns `(inputs, padding)`."""
+        padding = self.layer.padding
+        if padding == "causal":
+            left = self.layer.dilation_rate[0] * (self.layer.kernel_size[0] - 1)
+            inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        return inputs, padding
+
+    def preactivation(self, inputs):
+        inputs, padding = self._padded(inputs)
+        s = keras.ops.conv(
+            inputs,
+            self.layer.kernel,
+            strides=list(self.layer.strides),
+            padding=padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format="channels_last",
+        )
+        if self.bias is not None:
+            s = s + self.layer.bias
+        return s
+
+    def rows(self, inputs, output_grads):
+        inputs, padding = self._padded(inputs)
+        kernel_size = list(self.layer.kernel_size)
+        strides = list(self.layer.strides)
+        rates = list(self.layer.dilation_rate)
+        if self.layer.rank == 1:
+            inputs = inputs[:, None]
+            kernel_size, strides, rates = [1] + kernel_size, [1] + strides, [1] + rates
+        patches = tf.image.extract_patches(
+            inputs,
+            sizes=[1, *kernel_size, 1],
+            strides=[1, *strides, 1],
+            rates=[1, *rates, 1],
+            padding=padding.upper(),
+        )
+        a = tf.reshape(patches, [-1, self.kernel_rows()])
+        g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
+
+
+BLOCKS = {
+    keras.layers.Dense: DenseBlock,
+    keras.layers.Conv1D: ConvBlock,
+    keras.layers.Conv2D: ConvBlock,
+}
+
+
+def register_block(layer_class, block_class):
+    """Registers `block_class` (a `CurvatureBlock` subclass) for `layer_class`.
+
+    Example:
+
+    ```python
+    keras_tkfac.register_block(MyDense, keras_tkfac.blocks.DenseBlock)
+    ```
+    """
+    if not (isinstance(block_class, type) and issubclass(block_class, CurvatureBlock)):
+        raise ValueError(
+            "block_class must be a subclass of keras_tkfac.blocks.CurvatureBlock. "
+            f"Received: block_class={block_class!r}"
+        )
+    BLOCKS[layer_class] = block_class
+
+
+def block_for(layer):
+    """The block for `layer`, or `None` when its class is not registered."""
+    block_class = BLOCKS.get(type(layer))
+    return None if block_class is None else block_class(layer)

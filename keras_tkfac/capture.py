@@ -1,0 +1,132 @@
+"""Recording of each covered layer's input `a` and pre-activation output `s`.
+
+`install(block)` gives the block's layer a `call` that, while a `Recording` is active
+in the current thread, computes the pre-activation output itself, records `(a, s)`
+and then applies the layer's fused activation. Outside a recording the layer's own
+`call` runs unchanged. Recordings are thread-local because `tf.distribute` traces each
+replica's step in its own thread.
+
+A layer called several times in one forward pass (a shared layer) records every call;
+its rows are concatenated, so the statistics sum over calls.
+"""
+
+import functools
+import threading
+
+import tensorflow as tf
+
+_STATE = threading.local()
+
+
+class Recording:
+    """The `(a, s)` pairs recorded for a set of blocks during one forward pass.
+
+    Args:
+        blocks: the `CurvatureBlock`s to record.
+        variables: the trainable variables of the recorded model.
+    """
+
+    def __init__(self, blocks, variables):
+        self.blocks = list(blocks)
+        self.variables = list(variables)
+        self._calls = {id(block.layer): [] for block in self.blocks}
+
+    def wants(self, layer):
+        return id(layer) in self._calls
+
+    def add(self, layer, inputs, outputs):
+        self._calls[id(layer)].append((inputs, outputs))
+
+    def calls(self, block):
+        """The list of `(a, s)` recorded for `block`, one pair per call."""
+        return self._calls[id(block.layer)]
+
+    def outputs(self):
+        """Every recorded `s`, flattened in block order."""
+        return [s for block in self.blocks for _, s in self.calls(block)]
+
+    def rows(self, output_grads):
+        """Per block, the `(a, g)` rows of all its calls.
+
+        Args:
+            output_grads: gradients with respect to `outputs()`, same order; `None`
+                entries (a call that does not reach the loss) count as zeros.
+
+        Returns:
+            A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
+            was not called.
+        """
+        result = []
+        position = 0
+        for block in self.blocks:
+            a_parts, g_parts = [], []
+            for inputs, s in self.calls(block):
+                grad = output_grads[position]
+                position += 1
+                if grad is None:
+                    grad = tf.zeros_like(s)
+                a, g = block.rows(inputs, grad)
+                a_parts.append(a)
+                g_parts.append(g)
+            if not a_parts:
+                result.append(None)
+            elif len(a_parts) == 1:
+                result.append((a_parts[0], g_parts[0]))
+            else:
+                result.append((tf.concat(a_parts, 0), tf.concat(g_parts, 0)))
+        return result
+
+
+class record:
+    """Context manager that records the covered layers' `(a, s)` in this thread.
+
+    Example:
+
+    ```python
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = loss_fn(y, y_pred)
+    ```
+
+    Args:
+        model: a model returned by `keras_tkfac.wrap`.
+    """
+
+    def __init__(self, model):
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError(
+                "keras_tkfac.record needs a model returned by keras_tkfac.wrap(model). "
+                f"Received: model={model!r}"
+            )
+        self._recording = Recording(blocks, model.trainable_variables)
+
+    def __enter__(self):
+        self._previous = getattr(_STATE, "recording", None)
+        _STATE.recording = self._recording
+        return self._recording
+
+    def __exit__(self, *exc_info):
+        _STATE.recording = self._previous
+        return False
+
+
+def install(block):
+    """Replaces `block.layer.call` by a recording call. Idempotent."""
+    layer = block.layer
+    if getattr(layer.call, "_keras_tkfac_recording", False):
+        return
+    original = layer.call
+
+    @functools.wraps(original)
+    def recording_call(inputs, *args, **kwargs):
+        recording = getattr(_STATE, "recording", None)
+        if recording is None or not recording.wants(layer):
+            return original(inputs, *args, **kwargs)
+        s = block.preactivation(inputs)
+        recording.add(layer, inputs, s)
+        return block.activate(s)
+
+    recording_call._keras_tkfac_recording = True
+    object.__setattr__(layer, "call", recording_call)

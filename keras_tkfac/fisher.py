@@ -1,0 +1,135 @@
+"""Which loss gives the Fisher's output gradients, and how labels are sampled.
+
+The true Fisher uses labels sampled from the model's own predictive distribution
+(one Monte-Carlo sample per example); the empirical Fisher uses the real labels. For
+every supported loss the sampling is chosen so that `E[g g^T]` over the samples equals
+the Hessian of the loss with respect to the model output (the generalised
+Gauss-Newton matrix):
+
+- sparse / categorical cross-entropy: a class drawn from the predicted distribution;
+- binary cross-entropy: a Bernoulli draw per output unit;
+- mean squared error: `y = f(x) + sqrt(D / 2) * eps`, `eps ~ N(0, I)`, with `D` the
+  size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
+  normalisation this is the unit-variance Gaussian of the specification.
+"""
+
+import collections
+
+import tensorflow as tf
+import keras
+
+_KINDS = {
+    keras.losses.sparse_categorical_crossentropy: "sparse_categorical_crossentropy",
+    keras.losses.categorical_crossentropy: "categorical_crossentropy",
+    keras.losses.binary_crossentropy: "binary_crossentropy",
+    keras.losses.mean_squared_error: "mean_squared_error",
+}
+
+FISHER_TYPES = ("true", "empirical")
+
+LossSpec = collections.namedtuple("LossSpec", ["kind", "from_logits", "fn"])
+"""A resolved loss: its kind (`None` if it cannot be sampled), whether it takes
+logits, and the per-example loss function `fn(y_true, y_pred)`."""
+
+
+def resolve_loss(loss, fisher):
+    """Resolves a `compile`-style loss into a `LossSpec`.
+
+    Args:
+        loss: a loss name, a loss function or a `keras.losses.Loss` instance.
+        fisher: `"true"` or `"empirical"`.
+
+    Returns:
+        A `LossSpec`.
+
+    Raises:
+        ValueError: for a missing or multi-output loss, or a loss that the true
+            Fisher cannot sample from.
+    """
+    if loss is None:
+        raise ValueError(
+            "keras_tkfac needs the training loss to estimate the Fisher: compile the "
+            "model with `loss=...` (or pass `loss=` to `update_curvature`). "
+            "Received: loss=None"
+        )
+    if isinstance(loss, (list, tuple, dict)):
+        raise ValueError(
+            "keras_tkfac supports single-output models with one loss. "
+            f"Received: loss={loss!r}"
+        )
+    fn_kwargs = {}
+    if isinstance(loss, str):
+        fn = keras.losses.get(loss)
+    elif isinstance(loss, keras.losses.Loss) and hasattr(loss, "fn"):
+        # A Keras built-in loss object: a per-example function and its kwargs.
+        fn, fn_kwargs = loss.fn, dict(getattr(loss, "_fn_kwargs", {}))
+    elif isinstance(loss, keras.losses.Loss):
+        fn = loss.call
+    else:
+        fn = loss
+    kind = _KINDS.get(fn)
+    from_logits = bool(fn_kwargs.get("from_logits", False))
+    if fisher == "true" and kind is None:
+        raise ValueError(
+            "The true Fisher can only sample labels for sparse/categorical "
+            "cross-entropy, binary cross-entropy and mean squared error. For this "
+            "loss pass `fisher=\"empirical\"` to the optimizer (real labels). "
+            f"Received: loss={loss!r}"
+        )
+
+    def per_example(y_true, y_pred):
+        return fn(y_true, y_pred, **fn_kwargs)
+
+    return LossSpec(kind, from_logits, per_example)
+
+
+def sample_targets(spec, y_pred, seed):
+    """Labels drawn from the model's predictive distribution (no gradient)."""
+    y_pred = tf.stop_gradient(y_pred)
+    if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+        num_classes = tf.shape(y_pred)[-1]
+        logits = tf.reshape(y_pred, [-1, num_classes])
+        if not spec.from_logits:
+            logits = tf.math.log(tf.maximum(logits, 1e-12))
+        labels = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
+        labels = tf.reshape(tf.cast(labels, tf.int32), tf.shape(y_pred)[:-1])
+        if spec.kind == "categorical_crossentropy":
+            return tf.one_hot(labels, num_classes, dtype=y_pred.dtype)
+        return labels
+    if spec.kind == "binary_crossentropy":
+        probs = tf.sigmoid(y_pred) if spec.from_logits else y_pred
+        noise = tf.random.stateless_uniform(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        return tf.cast(noise < probs, y_pred.dtype)
+    if spec.kind == "mean_squared_error":
+        width = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
+        noise = tf.random.stateless_normal(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        return y_pred + tf.sqrt(width / 2.0) * noise
+    raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
+
+
+def output_cotangent(spec, fisher, y_true, y_pred, seed):
+    """Gradient of the summed per-example loss with respect to the model output.
+
+    Backpropagating it from the output to a layer's pre-activation output gives that
+    layer's per-example `g`.
+
+    Args:
+        spec: a `LossSpec`.
+        fisher: `"true"` (sampled labels) or `"empirical"` (`y_true`).
+        y_true: the real labels.
+        y_pred: the model output.
+        seed: `[2]` int32 seed of the sampler.
+
+    Returns:
+        `(cotangent, num_examples)`: `d(sum_n l_n)/d y_pred` and the number of loss
+        terms `M` that the Keras mean loss averages over.
+    """
+    if fisher == "true":
+        targets = sample_targets(spec, y_pred, seed)
+    else:
+        targets = y_true
+    with tf.GradientTape() as tape:
+        tape.watch(y_pred)
+        losses = spec.fn(targets, y_pred)
+        total = tf.reduce_sum(losses)
+    return tape.gradient(total, y_pred), tf.size(losses)

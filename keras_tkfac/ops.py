@@ -1,0 +1,188 @@
+"""Pure tensor math of TKFAC and K-FAC.
+
+Every function here is a function of tensors only: no Keras layers, no optimizer
+state. Rows are the units of the Fisher expansion: one row per example for a dense
+layer, one per (example, location) pair for a convolution or a dense layer applied to
+a sequence. `a` rows are layer inputs (with the homogeneous coordinate already
+appended when the layer has a bias), `g` rows are gradients of the per-example loss
+with respect to the layer's pre-activation output.
+
+References:
+    - [Gao et al., 2021](https://arxiv.org/abs/2011.10741) (TKFAC).
+    - [Martens & Grosse, 2015](https://arxiv.org/abs/1503.05671) (K-FAC).
+    - [Grosse & Martens, 2016](https://arxiv.org/abs/1602.01407) (KFC).
+    - [Ba et al., 2017](https://openreview.net/forum?id=SkkTMpjex) (KL clipping).
+"""
+
+import tensorflow as tf
+
+
+def append_homogeneous(a):
+    """Appends a column of ones to the rows `a` (`[rows, d]` -> `[rows, d + 1]`)."""
+    ones = tf.ones_like(a[:, :1])
+    return tf.concat([a, ones], axis=1)
+
+
+def tkfac_statistics(a, g, num_examples):
+    """Un-normalised TKFAC statistics of one batch.
+
+    With `M = num_examples` and the sums over rows:
+
+    ```
+    delta = sum_r |a_r|^2 |g_r|^2 / M
+    n_phi = sum_r |g_r|^2 a_r a_r^T / M       (= delta * Phi)
+    n_psi = sum_r |a_r|^2 g_r g_r^T / M       (= delta * Psi)
+    ```
+
+    Args:
+        a: `[rows, d_in]` input rows.
+        g: `[rows, d_out]` output-gradient rows (per-example loss scale).
+        num_examples: the number of examples `M` the rows come from.
+
+    Returns:
+        `(delta, n_phi, n_psi)`: a scalar, `[d_in, d_in]` and `[d_out, d_out]`.
+    """
+    m = tf.cast(num_examples, a.dtype)
+    a_sq = tf.reduce_sum(tf.square(a), axis=1)
+    g_sq = tf.reduce_sum(tf.square(g), axis=1)
+    delta = tf.reduce_sum(a_sq * g_sq) / m
+    n_phi = tf.matmul(a * g_sq[:, None], a, transpose_a=True) / m
+    n_psi = tf.matmul(g * a_sq[:, None], g, transpose_a=True) / m
+    return delta, n_phi, n_psi
+
+
+def kfac_statistics(a, g, num_examples):
+    """K-FAC (KFC for convolutions) factors of one batch.
+
+    `A = sum_r a_r a_r^T / M` and `G = sum_r g_r g_r^T / (M T)` with `T = rows / M`
+    the number of locations per example, so that `A ⊗ G` approximates the sum over
+    locations of the per-location blocks (Grosse & Martens, 2016).
+
+    Args:
+        a: `[rows, d_in]` input rows.
+        g: `[rows, d_out]` output-gradient rows (per-example loss scale).
+        num_examples: the number of examples `M` the rows come from.
+
+    Returns:
+        `(A, G)`: `[d_in, d_in]` and `[d_out, d_out]`.
+    """
+    m = tf.cast(num_examples, a.dtype)
+    rows = tf.cast(tf.shape(a)[0], a.dtype)
+    a_factor = tf.matmul(a, a, transpose_a=True) / m
+    g_factor = tf.matmul(g, g, transpose_a=True) / rows
+    return a_factor, g_factor
+
+
+def add_to_diagonal(matrix, value):
+    """Returns `matrix + value * I`."""
+    eye = tf.eye(tf.shape(matrix)[-1], dtype=matrix.dtype)
+    return matrix + tf.cast(value, matrix.dtype) * eye
+
+
+def tkfac_damped_factors(delta, n_phi, n_psi, damping):
+    """TKFAC's damped factors `Phi^ = sqrt(delta) Phi + sqrt(lambda) I` and `Psi^`.
+
+    `sqrt(delta) Phi = n_phi / sqrt(delta)`. The damping is split evenly over the two
+    factors; the trace normalisation of `Phi` and `Psi` already balances their scales, so
+    no K-FAC pi-correction is used. A zero `delta` (no curvature seen) gives `sqrt(lambda) I`.
+
+    Args:
+        delta: scalar, the (bias-corrected) Fisher trace.
+        n_phi: `[d_in, d_in]`, the un-normalised input factor `delta * Phi`.
+        n_psi: `[d_out, d_out]`, the un-normalised output factor `delta * Psi`.
+        damping: scalar `lambda > 0`.
+
+    Returns:
+        `(phi_hat, psi_hat)`.
+    """
+    root_delta = tf.sqrt(tf.maximum(delta, 0.0))
+    inv_root_delta = tf.math.divide_no_nan(tf.ones_like(root_delta), root_delta)
+    root_damping = tf.sqrt(tf.cast(damping, n_phi.dtype))
+    phi_hat = add_to_diagonal(n_phi * inv_root_delta, root_damping)
+    psi_hat = add_to_diagonal(n_psi * inv_root_delta, root_damping)
+    return phi_hat, psi_hat
+
+
+def trace_relative_damping(delta, dim, floor):
+    """The TKFAC trace-relative damping `lambda = max(delta, floor) / dim`.
+
+    `delta / dim` is the mean eigenvalue of the Fisher block of a layer with `dim`
+    parameters. Used for convolution layers (`conv_damping="trace"`).
+    """
+    return tf.maximum(delta, tf.cast(floor, delta.dtype)) / tf.cast(dim, delta.dtype)
+
+
+def kfac_damped_factors(a_factor, g_factor, damping, min_trace=1e-12):
+    """K-FAC factored Tikhonov damping with the pi-correction.
+
+    `A + pi sqrt(lambda) I`, `G + sqrt(lambda) / pi I` with
+    `pi = sqrt((tr A / dim A) / (tr G / dim G))` (Martens & Grosse, 2015, §6.3).
+    Traces are floored at `min_trace` so that an all-zero factor gives a finite pi.
+    """
+    dtype = a_factor.dtype
+    mean_a = tf.maximum(tf.linalg.trace(a_factor), min_trace) / tf.cast(
+        tf.shape(a_factor)[-1], dtype
+    )
+    mean_g = tf.maximum(tf.linalg.trace(g_factor), min_trace) / tf.cast(
+        tf.shape(g_factor)[-1], dtype
+    )
+    pi = tf.sqrt(mean_a / mean_g)
+    root_damping = tf.sqrt(tf.cast(damping, dtype))
+    return (
+        add_to_diagonal(a_factor, pi * root_damping),
+        add_to_diagonal(g_factor, root_damping / pi),
+    )
+
+
+def symmetric_inverse(matrices):
+    """Inverses of a batch of symmetric positive-definite matrices, with a finite check.
+
+    Uses a Cholesky factorisation (cheap, and compiled by XLA on CPU and GPU). Cholesky
+    of a matrix that is not positive definite silently yields NaN, so the result comes
+    with a per-matrix flag.
+
+    Args:
+        matrices: `[..., d, d]` symmetric matrices.
+
+    Returns:
+        `(inverses, ok)`: the inverses and a boolean `[...]` tensor, `False` where the
+        inverse is not finite (the caller must not use it).
+    """
+    symmetric = 0.5 * (matrices + tf.linalg.matrix_transpose(matrices))
+    chol = tf.linalg.cholesky(symmetric)
+    eye = tf.eye(
+        tf.shape(matrices)[-1], batch_shape=tf.shape(matrices)[:-2], dtype=matrices.dtype
+    )
+    inverses = tf.linalg.cholesky_solve(chol, eye)
+    ok = tf.reduce_all(tf.math.is_finite(inverses), axis=[-2, -1])
+    return inverses, ok
+
+
+def precondition(left_inverse, grad_matrix, right_inverse):
+    """`U = L^{-1} G R^{-1}` for a `[d_in, d_out]` gradient matrix `G`."""
+    return tf.matmul(tf.matmul(left_inverse, grad_matrix), right_inverse)
+
+
+def kl_clip_factor(updates, grads, learning_rate, kl_clip):
+    """KL-clipping scale `nu = min(1, sqrt(kappa / (eta^2 sum_l <U_l, G_l>)))`.
+
+    Args:
+        updates: list of preconditioned gradients `U_l`.
+        grads: list of raw gradients `G_l`, same shapes.
+        learning_rate: `eta`.
+        kl_clip: `kappa`.
+
+    Returns:
+        The scalar `nu` in `(0, 1]`; `1` when the inner product is not positive.
+    """
+    inner = tf.add_n([tf.reduce_sum(u * g) for u, g in zip(updates, grads)])
+    return kl_clip_factor_from_inner(inner, learning_rate, kl_clip)
+
+
+def kl_clip_factor_from_inner(inner, learning_rate, kl_clip):
+    """`kl_clip_factor` given the (possibly all-reduced) `sum_l <U_l, G_l>`."""
+    eta = tf.cast(learning_rate, inner.dtype)
+    kappa = tf.cast(kl_clip, inner.dtype)
+    denom = tf.square(eta) * inner
+    nu = tf.sqrt(tf.math.divide_no_nan(kappa, denom))
+    return tf.where(denom > 0.0, tf.minimum(nu, 1.0), tf.ones_like(nu))
