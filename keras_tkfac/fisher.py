@@ -111,7 +111,10 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed):
     """Gradient of the summed per-example loss with respect to the model output.
 
     Backpropagating it from the output to a layer's pre-activation output gives that
-    layer's per-example `g`.
+    layer's per-example `g`. When `y_pred` is the output of a Keras softmax or sigmoid
+    activation, Keras's cross-entropies read the logits behind it; the cotangent is
+    then taken with respect to those logits, which is exact and avoids differentiating
+    through clipped probabilities.
 
     Args:
         spec: a `LossSpec`.
@@ -121,15 +124,17 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed):
         seed: `[2]` int32 seed of the sampler.
 
     Returns:
-        `(cotangent, num_examples)`: `d(sum_n l_n)/d y_pred` and the number of loss
+        `(source, cotangent, num_examples)`: the tensor to backpropagate from
+        (`y_pred` or its logits), `d(sum_n l_n)/d source`, and the number of loss
         terms `M` that the Keras mean loss averages over.
     """
     if fisher == "true":
         targets = sample_targets(spec, y_pred, seed)
     else:
         targets = y_true
+    source = getattr(y_pred, "_keras_logits", y_pred)
     with tf.GradientTape() as tape:
-        tape.watch(y_pred)
+        tape.watch(source)
         losses = spec.fn(targets, y_pred)
         total = tf.reduce_sum(losses)
-    return tape.gradient(total, y_pred), tf.size(losses)
+    return source, tape.gradient(total, source), tf.size(losses)

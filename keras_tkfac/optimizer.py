@@ -234,11 +234,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         def new_factors():
             step = tf.cast(self.iterations, tf.int32)
             seed = tf.stack([self.seed + distributed.replica_id(), step])
-            cotangent, num_examples = fisher_lib.output_cotangent(
+            source, cotangent, num_examples = fisher_lib.output_cotangent(
                 spec, self.fisher, y_true, y_pred, seed
             )
             grads = tape.gradient(
-                y_pred, recording.outputs(), output_gradients=cotangent
+                source, recording.outputs(), output_gradients=cotangent
             )
             rows = dict(
                 zip([id(b.layer) for b in recording.blocks], recording.rows(grads))

@@ -1,0 +1,183 @@
+"""Recorded rows against Keras's own gradients, per example, for every block kind."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import fisher, ops
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+CASES = {
+    "dense": ((5,), lambda: keras.layers.Dense(4, activation="tanh")),
+    "dense_no_bias": ((5,), lambda: keras.layers.Dense(4, use_bias=False)),
+    "dense_sequence": ((3, 5), lambda: keras.layers.Dense(4, activation="relu")),
+    "conv2d_stride2_valid": (
+        (7, 7, 2),
+        lambda: keras.layers.Conv2D(3, 3, strides=2, padding="valid", activation="tanh"),
+    ),
+    "conv2d_stride1_same": (
+        (5, 6, 2), lambda: keras.layers.Conv2D(3, (3, 2), padding="same")
+    ),
+    "conv2d_dilation2": (
+        (7, 7, 2),
+        lambda: keras.layers.Conv2D(3, 3, dilation_rate=2, padding="same", use_bias=False),
+    ),
+    "conv1d_causal": (
+        (8, 2), lambda: keras.layers.Conv1D(3, 3, padding="causal", dilation_rate=2)
+    ),
+    "conv1d_stride2": ((9, 2), lambda: keras.layers.Conv1D(3, 2, strides=2)),
+}
+
+
+def _model(case):
+    shape, make_layer = CASES[case]
+    keras.utils.set_random_seed(1)
+    layer = make_layer()
+    inputs = keras.Input(shape)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(layer(inputs)))
+    return keras_tkfac.wrap(keras.Model(inputs, outputs)), layer, shape
+
+
+def _record(model, x, y):
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = LOSS(y, y_pred)
+    return tape, recording, y_pred, loss
+
+
+def _block_rows(model, layer, tape, recording, y, y_pred):
+    spec = fisher.resolve_loss(LOSS, "empirical")
+    source, cotangent, num_examples = fisher.output_cotangent(
+        spec, "empirical", y, y_pred, tf.constant([0, 0])
+    )
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    index = [b.layer for b in recording.blocks].index(layer)
+    a, g = recording.rows(grads)[index]
+    return recording.blocks[index], a.numpy(), g.numpy(), int(num_examples)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rows_reproduce_keras_gradient(case):
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(4,))
+    tape, recording, y_pred, loss = _record(model, x, y)
+    # Recording does not change the forward pass.
+    np.testing.assert_allclose(y_pred.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
+    assert m == 4
+    keras_grads = tape.gradient(loss, block.variables)
+    expected = block.grad_matrix(
+        keras_grads[0], keras_grads[1] if len(keras_grads) > 1 else None
+    ).numpy()
+    # Sum over rows of a g^T is the gradient of the summed loss; Keras's is the mean.
+    np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dense", "dense_sequence", "conv2d_stride2_valid"])
+def test_rows_are_per_example_gradients(case):
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, _ = _record(model, x, y)
+    block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
+    rows_per_example = len(a) // m
+    for n in range(m):
+        with tf.GradientTape() as single:
+            loss_n = LOSS(y[n : n + 1], model(x[n : n + 1], training=True))
+        grads = single.gradient(loss_n, block.variables)
+        expected = block.grad_matrix(
+            grads[0], grads[1] if len(grads) > 1 else None
+        ).numpy()
+        part = slice(n * rows_per_example, (n + 1) * rows_per_example)
+        np.testing.assert_allclose(a[part].T @ g[part], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dense", "conv2d_stride2_valid", "conv1d_causal"])
+def test_tkfac_trace_equals_exact_fisher_trace_on_recorded_rows(case):
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, _ = _record(model, x, y)
+    _, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
+    example = np.repeat(np.arange(m), len(a) // m)
+    exact = helpers.exact_fisher(a, g, example, m)
+    delta, n_phi, n_psi = (
+        t.numpy().astype(np.float64)
+        for t in ops.tkfac_statistics(tf.constant(a), tf.constant(g), m)
+    )
+    np.testing.assert_allclose(delta, np.trace(exact), rtol=1e-4)
+    np.testing.assert_allclose(np.trace(np.kron(n_phi, n_psi) / delta), delta, rtol=1e-4)
+    a_factor, g_factor = (
+        t.numpy() for t in ops.kfac_statistics(tf.constant(a), tf.constant(g), m)
+    )
+    np.testing.assert_allclose(a_factor, a.T @ a / m, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g_factor, g.T @ g / len(g), rtol=1e-4, atol=1e-7)
+
+
+def test_shared_layer_records_every_call():
+    keras.utils.set_random_seed(0)
+    shared = keras.layers.Dense(4, activation="tanh")
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Dense(3)(shared(inputs) + shared(inputs * 2.0))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    y = np.array([0, 1, 2, 0])
+    tape, recording, y_pred, loss = _record(model, x, y)
+    block, a, g, m = _block_rows(model, shared, tape, recording, y, y_pred)
+    assert len(recording.calls(block)) == 2
+    assert a.shape == (8, 6)
+    keras_grads = tape.gradient(loss, block.variables)
+    expected = block.grad_matrix(*keras_grads).numpy()
+    np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unsupported_conv_configurations_raise():
+    with pytest.raises(ValueError, match="groups"):
+        keras_tkfac.wrap(
+            keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 3, groups=2)])
+        )
+    with pytest.raises(ValueError, match="channels_last"):
+        keras_tkfac.wrap(
+            keras.Sequential(
+                [keras.Input((2, 6, 6)), keras.layers.Conv2D(4, 3, data_format="channels_first")]
+            )
+        )
+
+
+def test_excluded_and_unregistered_layers_are_not_blocks():
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(4, name="first"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3, name="second"),
+        ]
+    )
+    wrapped = keras_tkfac.wrap(model, exclude=["first"])
+    assert [b.name for b in wrapped.blocks] == ["second"]
+    with pytest.raises(ValueError, match="exclude"):
+        keras_tkfac.wrap(model, exclude=[3])
+
+
+def test_register_block_for_a_custom_layer():
+    class MyDense(keras.layers.Dense):
+        pass
+
+    model = keras.Sequential([keras.Input((5,)), MyDense(3)])
+    assert keras_tkfac.wrap(model).blocks == []
+    keras_tkfac.register_block(MyDense, keras_tkfac.blocks.DenseBlock)
+    try:
+        assert len(keras_tkfac.wrap(model).blocks) == 1
+    finally:
+        del keras_tkfac.blocks.BLOCKS[MyDense]
+    with pytest.raises(ValueError, match="block_class"):
+        keras_tkfac.register_block(MyDense, object)

@@ -1,0 +1,117 @@
+"""The true-Fisher sampler converges to the analytic Fisher; loss resolution errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import fisher
+from tests import helpers
+
+SAMPLES = 20000
+
+
+def _sampled_rows(model, x, loss):
+    """Rows of the output layer for SAMPLES label draws per example."""
+    tiled = np.repeat(x, SAMPLES, axis=0)
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(tiled, training=True)
+    spec = fisher.resolve_loss(loss, "true")
+    source, cotangent, num_examples = fisher.output_cotangent(
+        spec, "true", None, y_pred, tf.constant([7, 3])
+    )
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    a, g = recording.rows(grads)[-1]
+    return a.numpy().astype(np.float64), g.numpy().astype(np.float64), int(num_examples)
+
+
+def _output_model(activation, units=4):
+    keras.utils.set_random_seed(3)
+    return keras_tkfac.wrap(
+        keras.Sequential([keras.Input((3,)), keras.layers.Dense(units, activation=activation)])
+    )
+
+
+def _per_example_second_moment(g, num_examples):
+    g = g.reshape(num_examples, SAMPLES, -1)
+    return np.einsum("nsi,nsj->nij", g, g) / SAMPLES
+
+
+# Standard error of a mean of SAMPLES products bounded by 1 is <= 1/sqrt(SAMPLES)
+# = 0.007; 0.03 is four standard errors.
+TOLERANCE = 0.03
+
+
+@pytest.mark.parametrize(
+    "activation,loss",
+    [
+        (None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+        ("softmax", "sparse_categorical_crossentropy"),
+        ("softmax", keras.losses.CategoricalCrossentropy()),
+        (None, keras.losses.CategoricalCrossentropy(from_logits=True)),
+    ],
+)
+def test_softmax_sampler_approaches_analytic_fisher(activation, loss):
+    model = _output_model(activation)
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype("float32")
+    a, g, m = _sampled_rows(model, x, loss)
+    logits = model.blocks[-1].preactivation(x).numpy().astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    analytic = np.stack([np.diag(q) - np.outer(q, q) for q in p])
+    np.testing.assert_allclose(
+        _per_example_second_moment(g, 3), analytic, atol=TOLERANCE
+    )
+    # On the weights: F = E_n[(a a^T) ⊗ (diag p - p p^T)] = J^T (diag p - pp^T) J.
+    a_bar = a.reshape(3, SAMPLES, -1)[:, 0]
+    fisher_analytic = sum(np.kron(np.outer(v, v), h) for v, h in zip(a_bar, analytic)) / 3
+    fisher_sampled = helpers.exact_fisher(a, g, None, m)
+    assert m == 3 * SAMPLES  # the mean over all rows is the mean over examples
+    error = np.linalg.norm(fisher_sampled - fisher_analytic) / np.linalg.norm(
+        fisher_analytic
+    )
+    assert error < 0.05
+
+
+def test_bernoulli_sampler_approaches_analytic_fisher():
+    model = _output_model(None, units=2)
+    x = np.random.default_rng(1).normal(size=(2, 3)).astype("float32")
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    _, g, _ = _sampled_rows(model, x, loss)
+    p = 1.0 / (1.0 + np.exp(-model.blocks[-1].preactivation(x).numpy()))
+    # binary_crossentropy averages over the last axis (2 units): g = (p - y) / 2.
+    analytic = np.stack([np.diag(q * (1 - q)) / 4 for q in p])
+    np.testing.assert_allclose(_per_example_second_moment(g, 2), analytic, atol=TOLERANCE / 4)
+
+
+def test_gaussian_sampler_matches_mse_hessian():
+    model = _output_model(None, units=3)
+    x = np.random.default_rng(2).normal(size=(2, 3)).astype("float32")
+    _, g, _ = _sampled_rows(model, x, "mse")
+    # Keras MSE = |y - f|^2 / D: its Hessian w.r.t. f is (2 / D) I.
+    expected = np.broadcast_to(2.0 / 3.0 * np.eye(3), (2, 3, 3))
+    np.testing.assert_allclose(_per_example_second_moment(g, 2), expected, atol=TOLERANCE)
+
+
+def test_true_fisher_with_unsupported_loss_names_the_option():
+    with pytest.raises(ValueError, match='fisher="empirical"'):
+        fisher.resolve_loss(keras.losses.Huber(), "true")
+    spec = fisher.resolve_loss(keras.losses.Huber(), "empirical")
+    assert spec.kind is None
+    with pytest.raises(ValueError, match="loss=None"):
+        fisher.resolve_loss(None, "true")
+    with pytest.raises(ValueError, match="single-output"):
+        fisher.resolve_loss(["mse", "mse"], "true")
+
+
+def test_empirical_fisher_uses_the_real_labels():
+    y_pred = tf.constant([[2.0, 0.0, -1.0]])
+    spec = fisher.resolve_loss(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), "empirical"
+    )
+    _, cotangent, m = fisher.output_cotangent(spec, "empirical", tf.constant([1]), y_pred, None)
+    p = tf.nn.softmax(y_pred).numpy()
+    np.testing.assert_allclose(cotangent.numpy(), p - np.array([[0, 1, 0]]), rtol=1e-5)
+    assert int(m) == 1

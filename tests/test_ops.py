@@ -1,0 +1,174 @@
+"""Oracle tests of the pure math in keras_tkfac.ops against numpy."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_tkfac import ops
+from tests import helpers
+
+
+def _rows(num_examples=6, locations=1, d_in=4, d_out=3, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = num_examples * locations
+    a = rng.normal(size=(rows, d_in))
+    g = rng.normal(size=(rows, d_out))
+    return a, g, np.repeat(np.arange(num_examples), locations)
+
+
+@pytest.mark.parametrize("locations", [1, 5])
+def test_tkfac_statistics_match_numpy_and_trace_of_fisher(locations):
+    a, g, example = _rows(locations=locations)
+    m = 6
+    delta, n_phi, n_psi = (
+        t.numpy() for t in ops.tkfac_statistics(tf.constant(a), tf.constant(g), m)
+    )
+    ref = helpers.tkfac_numpy(a, g, m)
+    np.testing.assert_allclose(delta, ref[0], rtol=1e-10)
+    np.testing.assert_allclose(n_phi, ref[1], rtol=1e-10)
+    np.testing.assert_allclose(n_psi, ref[2], rtol=1e-10)
+    fisher = helpers.exact_fisher(a, g, example, m)
+    approx = np.kron(n_phi / delta, n_psi / delta) * delta
+    # Property 1: the trace of delta * Phi ⊗ Psi is the Fisher's trace, exactly.
+    np.testing.assert_allclose(np.trace(approx), np.trace(fisher), rtol=1e-10)
+    np.testing.assert_allclose(np.trace(n_phi / delta), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.trace(n_psi / delta), 1.0, rtol=1e-12)
+    # Property 4: delta Phi ⊗ Psi = PTr(F) ⊗ BTr(F) / tr(F).
+    ptr, btr = helpers.partial_traces(fisher, a.shape[1], g.shape[1])
+    np.testing.assert_allclose(approx, np.kron(ptr, btr) / np.trace(fisher), atol=1e-10)
+
+
+def test_tkfac_is_exact_for_one_example():
+    a, g, example = _rows(num_examples=1)
+    delta, n_phi, n_psi = (
+        t.numpy() for t in ops.tkfac_statistics(tf.constant(a), tf.constant(g), 1)
+    )
+    fisher = helpers.exact_fisher(a, g, example, 1)
+    np.testing.assert_allclose(np.kron(n_phi, n_psi) / delta, fisher, atol=1e-12)
+
+
+def test_tkfac_recovers_an_exact_kronecker_product():
+    # Rows a_r = alpha_r * u, g_r = beta_r * v make every per-row block proportional
+    # to (u u^T) ⊗ (v v^T); so is the Fisher, which TKFAC must then reproduce.
+    rng = np.random.default_rng(1)
+    u, v = rng.normal(size=4), rng.normal(size=3)
+    alpha, beta = rng.normal(size=(8, 1)), rng.normal(size=(8, 1))
+    a, g = alpha * u, beta * v
+    delta, n_phi, n_psi = (
+        t.numpy() for t in ops.tkfac_statistics(tf.constant(a), tf.constant(g), 8)
+    )
+    fisher = helpers.exact_fisher(a, g, np.arange(8), 8)
+    np.testing.assert_allclose(np.kron(n_phi, n_psi) / delta, fisher, atol=1e-10)
+
+
+def test_kfac_statistics_match_numpy():
+    a, g, _ = _rows(locations=5)
+    a_factor, g_factor = (
+        t.numpy() for t in ops.kfac_statistics(tf.constant(a), tf.constant(g), 6)
+    )
+    np.testing.assert_allclose(a_factor, a.T @ a / 6, rtol=1e-10)
+    np.testing.assert_allclose(g_factor, g.T @ g / 30, rtol=1e-10)
+
+
+def test_kfac_is_exact_when_a_and_g_are_independent_of_each_other_per_row():
+    # With one example and one location, A ⊗ G is the exact block.
+    a, g, example = _rows(num_examples=1)
+    a_factor, g_factor = (
+        t.numpy() for t in ops.kfac_statistics(tf.constant(a), tf.constant(g), 1)
+    )
+    fisher = helpers.exact_fisher(a, g, example, 1)
+    np.testing.assert_allclose(np.kron(a_factor, g_factor), fisher, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_tkfac_preconditioning_equals_kronecker_solve(damping):
+    a, g, _ = _rows(num_examples=10, d_in=5, d_out=4)
+    grad = np.random.default_rng(3).normal(size=(5, 4))
+    delta, n_phi, n_psi = ops.tkfac_statistics(tf.constant(a), tf.constant(g), 10)
+    phi_hat, psi_hat = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+    left_inv, ok_left = ops.symmetric_inverse(phi_hat)
+    right_inv, ok_right = ops.symmetric_inverse(psi_hat)
+    assert bool(ok_left) and bool(ok_right)
+    update = ops.precondition(left_inv, tf.constant(grad), right_inv).numpy()
+    ref_left, ref_right = helpers.tkfac_damped_numpy(
+        *helpers.tkfac_numpy(a, g, 10), damping
+    )
+    expected = helpers.kron_solve(ref_left, ref_right, grad)
+    # float64 throughout; the damped system has condition number ~1e5, so agreement
+    # is to ~1e-7 of the largest entry (cond * machine epsilon, with margin).
+    np.testing.assert_allclose(update, expected, atol=1e-7 * np.abs(expected).max())
+    # The damped Kronecker product is delta Phi ⊗ Psi + lambda I + cross terms:
+    # its smallest eigenvalue is at least lambda.
+    assert np.linalg.eigvalsh(np.kron(ref_left, ref_right)).min() >= damping * 0.999
+
+
+def test_trace_relative_damping_preconditioning_equals_kronecker_solve():
+    a, g, _ = _rows(num_examples=4, locations=9, d_in=6, d_out=3)
+    grad = np.random.default_rng(4).normal(size=(6, 3))
+    delta, n_phi, n_psi = ops.tkfac_statistics(tf.constant(a), tf.constant(g), 4)
+    damping = ops.trace_relative_damping(delta, 18, 1e-3)
+    np.testing.assert_allclose(damping.numpy(), max(delta.numpy(), 1e-3) / 18)
+    phi_hat, psi_hat = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+    update = ops.precondition(
+        ops.symmetric_inverse(phi_hat)[0], tf.constant(grad),
+        ops.symmetric_inverse(psi_hat)[0],
+    ).numpy()
+    ref_delta, ref_phi, ref_psi = helpers.tkfac_numpy(a, g, 4)
+    ref_left, ref_right = helpers.tkfac_damped_numpy(
+        ref_delta, ref_phi, ref_psi, max(ref_delta, 1e-3) / 18
+    )
+    np.testing.assert_allclose(
+        update, helpers.kron_solve(ref_left, ref_right, grad), rtol=1e-8
+    )
+
+
+def test_trace_relative_damping_floor():
+    value = ops.trace_relative_damping(tf.constant(1e-6), 100, 1e-2)
+    np.testing.assert_allclose(value.numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_kfac_preconditioning_equals_kronecker_solve(damping):
+    a, g, _ = _rows(num_examples=10, locations=3, d_in=5, d_out=4)
+    grad = np.random.default_rng(5).normal(size=(5, 4))
+    a_factor, g_factor = ops.kfac_statistics(tf.constant(a), tf.constant(g), 10)
+    left, right = ops.kfac_damped_factors(a_factor, g_factor, damping)
+    update = ops.precondition(
+        ops.symmetric_inverse(left)[0], tf.constant(grad),
+        ops.symmetric_inverse(right)[0],
+    ).numpy()
+    ref_left, ref_right = helpers.kfac_damped_numpy(
+        a.T @ a / 10, g.T @ g / 30, damping
+    )
+    np.testing.assert_allclose(
+        update, helpers.kron_solve(ref_left, ref_right, grad), rtol=1e-8
+    )
+
+
+def test_damped_factors_of_zero_statistics_are_finite():
+    zeros_in, zeros_out = tf.zeros([4, 4]), tf.zeros([3, 3])
+    phi_hat, psi_hat = ops.tkfac_damped_factors(
+        tf.constant(0.0), zeros_in, zeros_out, 1e-2
+    )
+    np.testing.assert_allclose(phi_hat.numpy(), 0.1 * np.eye(4), rtol=1e-6)
+    left, right = ops.kfac_damped_factors(zeros_in, zeros_out, 1e-2)
+    assert np.all(np.isfinite(left.numpy())) and np.all(np.isfinite(right.numpy()))
+
+
+def test_symmetric_inverse_flags_non_positive_definite_matrices():
+    good = np.array([[2.0, 0.5], [0.5, 1.0]])
+    bad = np.array([[1.0, 2.0], [2.0, 1.0]])
+    inverses, ok = ops.symmetric_inverse(tf.constant(np.stack([good, bad])))
+    assert ok.numpy().tolist() == [True, False]
+    np.testing.assert_allclose(inverses[0].numpy(), np.linalg.inv(good), rtol=1e-10)
+
+
+def test_kl_clip_factor():
+    u = [tf.constant([[2.0, 0.0]]), tf.constant([1.0])]
+    g = [tf.constant([[1.0, 5.0]]), tf.constant([2.0])]
+    # <U, G> = 2 + 2 = 4; nu = sqrt(kappa / (eta^2 * 4)).
+    nu = ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=1e-3).numpy()
+    np.testing.assert_allclose(nu, np.sqrt(1e-3 / (0.01 * 4)), rtol=1e-6)
+    assert ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=10.0).numpy() == 1.0
+    negative = [tf.constant([[-1.0, 0.0]]), tf.constant([0.0])]
+    assert ops.kl_clip_factor(negative, g, 0.1, 1e-3).numpy() == 1.0

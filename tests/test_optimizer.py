@@ -1,0 +1,228 @@
+"""Full optimizer steps against a float64 numpy implementation of the algorithm."""
+
+import numpy as np
+import pytest
+import keras
+
+import keras_tkfac
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _value(schedule_or_number, step):
+    if callable(schedule_or_number):
+        return float(schedule_or_number(step))
+    return schedule_or_number
+
+
+def _per_example_rows(params, x, y):
+    """Rows `(a, g)` of both layers of `tiny_mlp` (tanh hidden layer), in numpy."""
+    w1, b1, w2, b2 = params
+    s1 = x @ w1 + b1
+    h = np.tanh(s1)
+    s2 = h @ w2 + b2
+    p = np.exp(s2 - s2.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g2 = p - np.eye(s2.shape[1])[y]
+    g1 = (g2 @ w2.T) * (1.0 - h**2)
+    ones = np.ones((len(x), 1))
+    return [(np.hstack([x, ones]), g1), (np.hstack([h, ones]), g2)]
+
+
+def reference_training(params, x, y, steps, *, approximation, learning_rate, damping,
+                       momentum, factor_decay, factor_update_freq,
+                       inverse_update_freq, kl_clip, weight_decay=None):
+    """The algorithm of TKFAC_MATH.md, empirical Fisher, float64."""
+    params = [p.astype(np.float64) for p in params]
+    m = len(x)
+    layers = 2
+    ema = [None] * layers
+    weight = 0.0
+    inverses = [None] * layers
+    velocity = [np.zeros((params[2 * l].shape[0] + 1, params[2 * l].shape[1]))
+                for l in range(layers)]
+    nus = []
+    for step in range(steps):
+        lr = _value(learning_rate, step)
+        rows = _per_example_rows(params, x, y)
+        grads = [a.T @ g / m for a, g in rows]
+        if step % factor_update_freq == 0:
+            for l, (a, g) in enumerate(rows):
+                if approximation == "tkfac":
+                    stats = helpers.tkfac_numpy(a, g, m)
+                else:
+                    stats = (a.T @ a / m, g.T @ g / m)
+                if ema[l] is None:
+                    ema[l] = [np.zeros_like(s) for s in stats]
+                ema[l] = [factor_decay * e + (1 - factor_decay) * s
+                          for e, s in zip(ema[l], stats)]
+            weight = factor_decay * weight + (1 - factor_decay)
+        if step % inverse_update_freq == 0:
+            lam = _value(damping, step)
+            for l in range(layers):
+                corrected = [e / weight for e in ema[l]]
+                if approximation == "tkfac":
+                    left, right = helpers.tkfac_damped_numpy(*corrected, lam)
+                else:
+                    left, right = helpers.kfac_damped_numpy(*corrected, lam)
+                inverses[l] = (np.linalg.inv(left), np.linalg.inv(right))
+        updates = [inv[0] @ grad @ inv[1] for inv, grad in zip(inverses, grads)]
+        nu = 1.0
+        if kl_clip is not None:
+            inner = sum(np.sum(u * grad) for u, grad in zip(updates, grads))
+            nu = min(1.0, np.sqrt(kl_clip / (lr**2 * inner)))
+        nus.append(nu)
+        for l in range(layers):
+            if weight_decay:
+                params[2 * l] -= lr * weight_decay * params[2 * l]
+                params[2 * l + 1] -= lr * weight_decay * params[2 * l + 1]
+            velocity[l] = momentum * velocity[l] + nu * updates[l]
+            params[2 * l] -= lr * velocity[l][:-1]
+            params[2 * l + 1] -= lr * velocity[l][-1]
+    return params, nus
+
+
+CONFIGS = {
+    "tkfac_one_step": dict(
+        approximation="tkfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
+        factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=None),
+    "kfac_one_step_clipped": dict(
+        approximation="kfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
+        factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-4),
+    "tkfac_six_steps": dict(
+        approximation="tkfac", steps=6, learning_rate=0.2, damping=1e-1, momentum=0.9,
+        factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
+        weight_decay=0.05),
+    "kfac_six_steps": dict(
+        approximation="kfac", steps=6, learning_rate=0.2, damping=1e-1, momentum=0.9,
+        factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
+        weight_decay=0.05),
+    "tkfac_schedules": dict(
+        approximation="tkfac", steps=5, momentum=0.5, factor_decay=0.8,
+        factor_update_freq=1, inverse_update_freq=2, kl_clip=None,
+        learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.7),
+        damping=keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_matches_numpy_reference(name):
+    config = dict(CONFIGS[name])
+    approximation = config.pop("approximation")
+    steps = config.pop("steps")
+    x, y = helpers.classification_data(n=16)
+    base = helpers.tiny_mlp()
+    initial = [v.numpy() for v in base.weights]
+    model = keras_tkfac.wrap(base)
+    cls = keras_tkfac.TKFAC if approximation == "tkfac" else keras_tkfac.KFAC
+    model.compile(optimizer=cls(fisher="empirical", **config), loss=LOSS)
+    model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
+    expected, nus = reference_training(
+        initial, x.astype(np.float64), y, steps, approximation=approximation, **config
+    )
+    if config["kl_clip"] is not None:
+        assert min(nus) < 1.0, "the configuration must exercise KL clipping"
+    for got, want in zip(model.weights, expected):
+        # float32 against float64 over a few steps: relative error ~1e-5.
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_first_step_uses_first_batch_curvature():
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(fisher="empirical")
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    left_inverse = optimizer._slots[0].inverses[0].numpy()
+    assert not np.allclose(left_inverse, np.eye(len(left_inverse)))
+    assert int(optimizer.inverse_failures.numpy()) == 0
+
+
+def test_statistics_only_on_due_steps():
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.KFAC(factor_update_freq=3, inverse_update_freq=3)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    history = []
+    for _ in range(4):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        history.append(optimizer._factor_weight.numpy())
+    # Updates at steps 0 and 3 only: weight 0.05, 0.05, 0.05, 1 - 0.95^2.
+    np.testing.assert_allclose(history, [0.05, 0.05, 0.05, 1 - 0.95**2], rtol=1e-6)
+
+
+def test_non_finite_inverse_keeps_previous_and_is_counted():
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(fisher="empirical", inverse_update_freq=1)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = [v.numpy() for v in optimizer._slots[0].inverses]
+    # A negative-definite factor cannot be inverted by Cholesky.
+    for factor in optimizer._slots[0].factors[1:]:
+        factor.assign(-10.0 * np.eye(factor.shape[0]))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, steps_per_epoch=1)
+    assert int(optimizer.inverse_failures.numpy()) >= 1
+    for variable in model.weights:
+        assert np.all(np.isfinite(variable.numpy()))
+    after = [v.numpy() for v in optimizer._slots[0].inverses]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
+
+
+def test_unwrapped_model_is_rejected():
+    model = helpers.tiny_mlp()
+    model.compile(optimizer=keras_tkfac.TKFAC(), loss=LOSS)
+    x, y = helpers.classification_data(n=8)
+    with pytest.raises(ValueError, match="keras_tkfac.wrap"):
+        model.fit(x, y, verbose=0)
+
+
+BAD_ARGUMENTS = [
+    ("learning_rate", -1.0),
+    ("learning_rate", "fast"),
+    ("damping", 0.0),
+    ("damping", "big"),
+    ("momentum", 1.0),
+    ("momentum", -0.1),
+    ("factor_decay", 1.5),
+    ("factor_update_freq", 0),
+    ("factor_update_freq", 2.5),
+    ("inverse_update_freq", True),
+    ("kl_clip", 0.0),
+    ("fisher", "exact"),
+    ("inverse_dtype", "float16"),
+    ("seed", -3),
+]
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("argument,value", BAD_ARGUMENTS)
+def test_invalid_arguments_raise_value_error_naming_them(cls, argument, value):
+    with pytest.raises(ValueError, match=f"{argument}={value!r}".replace("(", r"\(")):
+        cls(**{argument: value})
+
+
+@pytest.mark.parametrize("argument,value", [("conv_damping", "none"),
+                                            ("trace_damping_floor", -1.0)])
+def test_invalid_tkfac_arguments(argument, value):
+    with pytest.raises(ValueError, match=f"{argument}={value!r}"):
+        keras_tkfac.TKFAC(**{argument: value})
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_get_config_round_trip(cls):
+    optimizer = cls(
+        learning_rate=keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9),
+        damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5),
+        momentum=0.5, factor_decay=0.9, factor_update_freq=2, inverse_update_freq=4,
+        kl_clip=None, fisher="empirical", inverse_dtype="float64", seed=11,
+        weight_decay=1e-4,
+    )
+    config = optimizer.get_config()
+    restored = cls.from_config(config)
+    assert restored.get_config() == config
+    serialized = keras.optimizers.serialize(optimizer)
+    again = keras.optimizers.deserialize(serialized)
+    assert type(again) is cls and again.get_config() == config
