@@ -27,6 +27,18 @@ def _inverse(matrices, dtype):
 _jit_inverse = tf.function(_inverse, jit_compile=True, reduce_retracing=True)
 
 
+def _inverse_for_device():
+    """XLA-compiled inversion on accelerators, TensorFlow's kernels on CPU.
+
+    Measured on 2 CPU cores (TF 2.21), Cholesky inverses under XLA are 3-10x slower
+    than TensorFlow's CPU kernels (785x785: 64 ms vs 18 ms) and cost 1-2 s of
+    compilation per shape, so XLA is used only where a GPU or TPU is present.
+    """
+    accelerators = tf.config.list_logical_devices("GPU")
+    accelerators += tf.config.list_logical_devices("TPU")
+    return _jit_inverse if accelerators else _inverse
+
+
 def _is_schedule(value):
     return isinstance(value, keras.optimizers.schedules.LearningRateSchedule)
 
@@ -286,8 +298,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             by_dim[int(matrix.shape[-1])].append(i)
         new_values = [None] * len(matrices)
         failures = tf.constant(0, tf.int32)
+        invert = _inverse_for_device()
         for indices in by_dim.values():
-            inverses, ok = _jit_inverse(
+            inverses, ok = invert(
                 tf.stack([matrices[i] for i in indices]), self.inverse_dtype
             )
             for j, i in enumerate(indices):
@@ -392,7 +405,7 @@ _COMMON_ARGS = """
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
             the step size `eta`. Defaults to `{lr}`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
-            Fisher block. Defaults to `1e-3`.
+            Fisher block. Defaults to `0.1`.
         momentum: float in `[0, 1)`, `tau`; `0` disables momentum. Defaults to `0.9`.
         factor_decay: float in `[0, 1)`, the decay `epsilon` of the factor moving
             averages (bias-corrected). Defaults to `0.95`.
@@ -468,7 +481,7 @@ class TKFAC(CurvatureOptimizer):
         self,
         learning_rate=0.1,
         *,
-        damping=1e-3,
+        damping=0.1,
         momentum=0.9,
         factor_decay=0.95,
         factor_update_freq=10,
@@ -547,7 +560,7 @@ class KFAC(CurvatureOptimizer):
         self,
         learning_rate=0.1,
         *,
-        damping=1e-3,
+        damping=0.1,
         momentum=0.9,
         factor_decay=0.95,
         factor_update_freq=10,

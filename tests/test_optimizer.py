@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import keras
+import tensorflow as tf
 
 import keras_tkfac
 from tests import helpers
@@ -226,3 +227,36 @@ def test_get_config_round_trip(cls):
     serialized = keras.optimizers.serialize(optimizer)
     again = keras.optimizers.deserialize(serialized)
     assert type(again) is cls and again.get_config() == config
+
+
+def test_custom_training_loop_matches_fit():
+    x, y = helpers.classification_data(n=16)
+    config = dict(fisher="empirical", factor_update_freq=2, inverse_update_freq=3, seed=0)
+
+    fitted = keras_tkfac.wrap(helpers.tiny_mlp())
+    fitted.compile(optimizer=keras_tkfac.TKFAC(**config), loss=LOSS)
+    fitted.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(**config)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = LOSS(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for _ in range(4):
+        train_step(x, y)
+    for a, b in zip(fitted.weights, model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_record_requires_a_wrapped_model():
+    with pytest.raises(ValueError, match="keras_tkfac.wrap"):
+        keras_tkfac.record(helpers.tiny_mlp())

@@ -1,0 +1,164 @@
+"""`model.fit` end to end: real data shipped by scikit-learn, every supported loss."""
+
+import logging
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+import keras
+
+import keras_tkfac
+
+STEPS = 60
+BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype("float32"), y.astype("int32")
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def _convnet():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def _train_loss(build, optimizer, x, y, steps=STEPS):
+    model = keras_tkfac.wrap(build())
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    epochs = -(-steps * BATCH // len(x))
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, steps_per_epoch=None, verbose=0)
+    return model.evaluate(x, y, batch_size=len(x), verbose=0)
+
+
+@pytest.mark.parametrize("build,reshape", [(_mlp, (64,)), (_convnet, (8, 8, 1))],
+                         ids=["mlp", "convnet"])
+def test_defaults_beat_adam_and_sgd_at_equal_steps(digits, build, reshape):
+    x, y = digits
+    x = x.reshape(-1, *reshape)
+    losses = {
+        name: _train_loss(build, optimizer, x, y)
+        for name, optimizer in [
+            ("tkfac", keras_tkfac.TKFAC(seed=0)),
+            ("kfac", keras_tkfac.KFAC(seed=0)),
+            ("adam", keras.optimizers.Adam()),
+            ("sgd", keras.optimizers.SGD(momentum=0.9)),
+        ]
+    }
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    first_order = min(losses["adam"], losses["sgd"])
+    assert losses["tkfac"] < first_order, losses
+    assert losses["kfac"] < first_order, losses
+
+
+@pytest.mark.parametrize(
+    "activation,loss,make_y",
+    [
+        ("sigmoid", "binary_crossentropy", lambda y: (y % 2).astype("float32")[:, None]),
+        (None, keras.losses.BinaryCrossentropy(from_logits=True),
+         lambda y: (y % 2).astype("float32")[:, None]),
+        (None, "mse", lambda y: np.eye(10, dtype="float32")[y]),
+        ("softmax", "categorical_crossentropy", lambda y: np.eye(10, dtype="float32")[y]),
+    ],
+)
+def test_true_fisher_trains_every_supported_loss(digits, activation, loss, make_y):
+    x, y = digits
+    targets = make_y(y)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(
+        keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(32, activation="tanh"),
+                keras.layers.Dense(targets.shape[1], activation=activation),
+            ]
+        )
+    )
+    model.compile(optimizer=keras_tkfac.TKFAC(), loss=loss)
+    before = model.evaluate(x, targets, verbose=0)
+    model.fit(x, targets, batch_size=BATCH, epochs=3, verbose=0)
+    after = model.evaluate(x, targets, verbose=0)
+    assert np.isfinite(after) and after < 0.7 * before
+
+
+def test_empirical_fisher_with_a_loss_that_cannot_be_sampled(digits):
+    x, y = digits
+    targets = np.eye(10, dtype="float32")[y]
+    model = keras_tkfac.wrap(_mlp())
+    model.compile(optimizer=keras_tkfac.KFAC(), loss=keras.losses.Huber())
+    with pytest.raises(ValueError, match="empirical"):
+        model.fit(x, targets, epochs=1, verbose=0)
+    model = keras_tkfac.wrap(_mlp())
+    model.compile(optimizer=keras_tkfac.KFAC(fisher="empirical"), loss=keras.losses.Huber())
+    history = model.fit(x, targets, batch_size=BATCH, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_sequence_dense_conv1d_and_fallback_layers_train(caplog):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 12, 3)).astype("float32")
+    y = (x[:, :, 0].sum(1) > 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(
+        keras.Sequential(
+            [
+                keras.Input((12, 3)),
+                keras.layers.Conv1D(8, 3, padding="causal", activation="relu"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(2),
+            ]
+        )
+    )
+    assert len(model.blocks) == 3
+    model.compile(
+        optimizer=keras_tkfac.TKFAC(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    with caplog.at_level(logging.INFO, logger="absl"):
+        history = model.fit(x, y, batch_size=64, epochs=8, verbose=0)
+    assert "layer_normalization" in caplog.text and "fallback" in caplog.text
+    assert history.history["accuracy"][-1] > 0.8
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
+def test_wrap_keeps_predict_evaluate_and_plain_optimizers_working(digits):
+    x, y = digits
+    base = _mlp()
+    expected = base.predict(x[:5], verbose=0)
+    model = keras_tkfac.wrap(base)
+    np.testing.assert_allclose(model.predict(x[:5], verbose=0), expected, rtol=1e-6)
+    assert model.trainable_variables == base.trainable_variables
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+    # Training the wrapper trains the wrapped model's own weights.
+    np.testing.assert_allclose(model.predict(x[:5], verbose=0),
+                               base.predict(x[:5], verbose=0), rtol=1e-6)
+    assert not np.allclose(base.predict(x[:5], verbose=0), expected)
