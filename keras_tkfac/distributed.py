@@ -1,9 +1,26 @@
 """Everything that knows about `tf.distribute` replicas lives here.
 
 Under a strategy each replica computes the statistics of its local batch; one batched
-MEAN all-reduce makes them identical on every replica, so that factors, inverses and
-therefore preconditioned gradients agree everywhere. Keras divides the loss by the
-number of replicas; `unscale_loss` undoes it for reporting.
+all-reduce makes them identical on every replica, so factors, inverses and therefore
+preconditioned gradients agree everywhere. Gradients are SUM-all-reduced once, before
+preconditioning (Keras divides each replica's loss by the number of replicas, so the
+sum is the global mean gradient), and the KL-clipping inner product is then global.
+Inverses can be split across replicas: each inverts its share and one all-reduce
+shares the results.
+
+Statistics and inverses are only computed on some steps, inside a `tf.cond`.
+`ReplicaContext.all_reduce` uses `merge_call`, which is not allowed inside a `tf.cond`
+branch; TensorFlow's collective all-reduce (`CollectiveAllReduce`, the implementation
+behind MultiWorkerMirroredStrategy and MirroredStrategy under XLA) launches collective
+ops from each replica without `merge_call` and works inside `tf.cond`, since every
+replica takes the same branch. We use the strategy's own instance (so its collective
+keys stay in one sequence with Keras's gradient all-reduce); this is the one place that
+touches TensorFlow internals.
+
+TensorFlow caches collective instances by key for the life of the process and every
+`MirroredStrategy` starts its keys at the same value, so a second MirroredStrategy on
+CPUs in one process fails even with stock Keras optimizers ("Shape mismatch in the
+collective instance"): create one strategy per process.
 """
 
 import tensorflow as tf
@@ -20,6 +37,7 @@ def unscale_loss(loss):
 
 
 def _replica_context():
+    """The replica context when more than one replica is in sync, else `None`."""
     if not tf.distribute.has_strategy():
         return None
     context = tf.distribute.get_replica_context()
@@ -28,20 +46,48 @@ def _replica_context():
     return context
 
 
-def mean_all_reduce(tensors):
-    """MEAN all-reduce of a list of tensors across replicas (identity on one)."""
-    context = _replica_context()
-    if context is None:
-        return tensors
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN, tensors)
+def is_distributed():
+    """True in the replica context of a strategy with several replicas."""
+    return _replica_context() is not None
 
 
-def sum_all_reduce(tensor):
-    """SUM all-reduce of one tensor across replicas (identity on one)."""
+def _collective_ops(strategy):
+    """The strategy's `CollectiveAllReduce` instance, or `None`."""
+    extended = strategy.extended
+    for name in ("_collective_ops", "_cross_device_ops"):
+        ops = getattr(extended, name, None)
+        if type(ops).__name__ == "CollectiveAllReduce":
+            return ops
+    return None
+
+
+def all_reduce(reduce_op, tensors):
+    """All-reduces a list of tensors across replicas, safely inside `tf.cond`.
+
+    Args:
+        reduce_op: `"sum"` or `"mean"`.
+        tensors: a list of tensors.
+
+    Returns:
+        The reduced list (the input itself with one replica).
+    """
     context = _replica_context()
     if context is None:
-        return tensor
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, tensor)
+        return list(tensors)
+    op = {"sum": tf.distribute.ReduceOp.SUM, "mean": tf.distribute.ReduceOp.MEAN}[
+        reduce_op
+    ]
+    collective = _collective_ops(tf.distribute.get_strategy())
+    if collective is None:
+        return list(context.all_reduce(op, list(tensors)))
+    return list(
+        collective._all_reduce(
+            op,
+            list(tensors),
+            context._replica_id,
+            tf.distribute.experimental.CommunicationOptions(),
+        )
+    )
 
 
 def replica_id():
@@ -50,6 +96,34 @@ def replica_id():
     if context is None:
         return tf.constant(0, tf.int32)
     return tf.cast(context.replica_id_in_sync_group, tf.int32)
+
+
+def replica_index():
+    """This replica's index as a Python int (0 without a strategy)."""
+    context = _replica_context()
+    if context is None:
+        return 0
+    return int(tf.get_static_value(context.replica_id_in_sync_group))
+
+
+def split_work(costs, replicas):
+    """Assigns items to replicas, greedily balancing the summed cost.
+
+    Args:
+        costs: a list of non-negative costs, one per item.
+        replicas: the number of replicas.
+
+    Returns:
+        A list with the replica index of each item. Deterministic, so every replica
+        computes the same assignment.
+    """
+    loads = [0.0] * replicas
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        target = min(range(replicas), key=lambda r: (loads[r], r))
+        owner[i] = target
+        loads[target] += costs[i]
+    return owner
 
 
 def cond_assign(pred, variables, compute):
@@ -69,6 +143,6 @@ def cond_assign(pred, variables, compute):
 
         tf.cond(pred, assign, lambda: tf.constant(False))
         return
-    values = tf.cond(pred, compute, lambda: [v.value for v in variables])
+    values = tf.cond(pred, compute, lambda: [tf.identity(v.value) for v in variables])
     for variable, value in zip(variables, values):
         variable.assign(tf.cast(value, variable.dtype))

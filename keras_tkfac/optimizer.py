@@ -96,6 +96,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         kl_clip,
         fisher,
         inverse_dtype,
+        split_inverses,
         seed,
         name,
         **kwargs,
@@ -112,6 +113,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             _check_real("kl_clip", kl_clip, low=0.0, low_open=True)
         _check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         _check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
+        _check_choice("split_inverses", split_inverses, (True, False))
         if seed is None:
             seed = random.randrange(2**31 - 1)
         _check_int("seed", seed, low=0)
@@ -124,6 +126,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
+        self.split_inverses = bool(split_inverses)
         self.seed = int(seed)
         self._blocks = None
         self._slots = []
@@ -255,6 +258,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             rows = dict(
                 zip([id(b.layer) for b in recording.blocks], recording.rows(grads))
             )
+            # Sums over this replica's examples; one SUM all-reduce and a division
+            # by the global count give the mean over all examples of all replicas.
+            count = tf.cast(num_examples, tf.float32)
             batch = []
             for slot in slots:
                 pair = rows.get(id(slot.block.layer))
@@ -262,11 +268,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
                 a, g = (tf.cast(t, tf.float32) for t in pair)
-                batch.extend(self._statistics(a, g, num_examples))
-            batch = distributed.mean_all_reduce(batch)
+                batch.extend(s * count for s in self._statistics(a, g, num_examples))
+            *batch, count = distributed.all_reduce("sum", batch + [count])
             decay = self.factor_decay
             values = [
-                decay * v + (1.0 - decay) * stat
+                decay * v + (1.0 - decay) * stat / count
                 for v, stat in zip(factor_vars[:-1], batch)
             ]
             values.append(decay * self._factor_weight + (1.0 - decay))
@@ -293,20 +299,33 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             left, right = self._damped_factors(slot.block, factors, damping)
             targets.extend(slot.inverses)
             matrices.extend((left, right))
+        # Under a strategy each replica inverts its share (balanced by d^3); the
+        # others' entries are zero, and one SUM all-reduce gives everyone all.
+        split = self.split_inverses and distributed.is_distributed()
+        replicas = distributed.num_replicas() if split else 1
+        owner = distributed.split_work(
+            [int(m.shape[-1]) ** 3 for m in matrices], replicas
+        )
+        mine = distributed.replica_index() if split else 0
         by_dim = collections.defaultdict(list)
         for i, matrix in enumerate(matrices):
-            by_dim[int(matrix.shape[-1])].append(i)
-        new_values = [None] * len(matrices)
-        failures = tf.constant(0, tf.int32)
+            if owner[i] == mine:
+                by_dim[int(matrix.shape[-1])].append(i)
+        new_values = [tf.zeros_like(target.value) for target in targets]
+        failures = tf.constant(0.0)
         invert = _inverse_for_device()
         for indices in by_dim.values():
             inverses, ok = invert(
                 tf.stack([matrices[i] for i in indices]), self.inverse_dtype
             )
             for j, i in enumerate(indices):
-                new_values[i] = tf.where(ok[j], inverses[j], targets[i])
-            failures += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.int32))
-        return new_values + [self.inverse_failures + failures]
+                new_values[i] = tf.where(ok[j], inverses[j], targets[i].value)
+            failures += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
+        if split:
+            *new_values, failures = distributed.all_reduce(
+                "sum", new_values + [failures]
+            )
+        return new_values + [self.inverse_failures + tf.cast(failures, tf.int32)]
 
     # Update -------------------------------------------------------------------
 
@@ -343,8 +362,18 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return grads
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        grads = self._precondition(list(grads), list(trainable_variables), learning_rate)
+        # Sum the replicas' gradients first, so that preconditioning and the KL-clip
+        # inner product see the global gradient; Keras's own all-reduce is skipped.
+        reduced = super()._all_reduce_sum_gradients(
+            list(zip(grads, trainable_variables))
+        )
+        grads = self._precondition(
+            [g for g, _ in reduced], list(trainable_variables), learning_rate
+        )
         super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
 
     def update_step(self, gradient, variable, learning_rate):
         """`m <- momentum * m + u`, `theta <- theta - learning_rate * m`."""
@@ -374,6 +403,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "kl_clip": self.kl_clip,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
+                "split_inverses": self.split_inverses,
                 "seed": self.seed,
             }
         )
@@ -419,6 +449,9 @@ _COMMON_ARGS = """
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
+        split_inverses: bool; under a `tf.distribute` strategy, each replica
+            inverts about `1/R` of the factors (balanced by `d^3`) and the results
+            are shared with one all-reduce. Defaults to `True`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string. Defaults to `"{name}"`.
@@ -491,6 +524,7 @@ class TKFAC(CurvatureOptimizer):
         conv_damping="trace",
         trace_damping_floor=1e-3,
         inverse_dtype="float32",
+        split_inverses=True,
         seed=None,
         name="tkfac",
         **kwargs,
@@ -507,6 +541,7 @@ class TKFAC(CurvatureOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            split_inverses=split_inverses,
             seed=seed,
             name=name,
             **kwargs,
@@ -568,6 +603,7 @@ class KFAC(CurvatureOptimizer):
         kl_clip=1e-3,
         fisher="true",
         inverse_dtype="float32",
+        split_inverses=True,
         seed=None,
         name="kfac",
         **kwargs,
@@ -582,6 +618,7 @@ class KFAC(CurvatureOptimizer):
             kl_clip=kl_clip,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            split_inverses=split_inverses,
             seed=seed,
             name=name,
             **kwargs,

@@ -1,0 +1,130 @@
+"""MirroredStrategy on two logical CPU devices against single-device runs."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.Dense(3)])
+
+
+def _convnet():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(4, 3, strides=2, activation="tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+
+
+def _data(shape, n=128):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    return x, rng.integers(0, 3, size=(n,)).astype("int32")
+
+
+def _replica_values(variable):
+    value = variable.value
+    return [v.numpy() for v in getattr(value, "values", (value,))]
+
+
+def _train(strategy, build, x, y, optimizer_fn, epochs=3):
+    with strategy.scope():
+        model = keras_tkfac.wrap(build())
+        model.compile(optimizer=optimizer_fn(), loss=LOSS)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+def _assert_identical_on_replicas(model):
+    for variable in list(model.weights) + list(model.optimizer.variables):
+        values = _replica_values(variable)
+        for other in values[1:]:
+            np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
+
+
+@pytest.mark.parametrize("build,shape", [(_mlp, (8,)), (_convnet, (6, 6, 2))],
+                         ids=["mlp", "convnet"])
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_two_replicas_match_one_device(mirrored, build, shape, cls, kl_clip):
+    x, y = _data(shape)
+
+    def optimizer():
+        return cls(fisher="empirical", kl_clip=kl_clip, factor_update_freq=2,
+                   inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), build, x, y, optimizer)
+    replicated = _train(mirrored, build, x, y, optimizer)
+    assert replicated.distribute_strategy.num_replicas_in_sync == 2
+    _assert_identical_on_replicas(replicated)
+    # 12 steps; the two runs differ only in float32 summation order (per-replica
+    # partial sums), ~1e-7 relative per reduction, amplified by training.
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
+def test_true_fisher_under_mirrored_strategy_keeps_replicas_identical(mirrored):
+    x, y = _data((8,), n=256)
+    model = _train(mirrored, _mlp, x, y,
+                   lambda: keras_tkfac.TKFAC(seed=0), epochs=4)
+    _assert_identical_on_replicas(model)
+    assert model.evaluate(x, y, verbose=0) < 1.0
+
+
+def test_split_inverses_equal_unsplit(mirrored, monkeypatch):
+    from keras_tkfac import optimizer as optimizer_lib
+
+    inverted = []
+    real = optimizer_lib._inverse_for_device
+
+    def counting():
+        invert = real()
+
+        def wrapper(matrices, dtype):
+            inverted.append(int(matrices.shape[0]))
+            return invert(matrices, dtype)
+
+        return wrapper
+
+    monkeypatch.setattr(optimizer_lib, "_inverse_for_device", counting)
+    x, y = _data((6, 6, 2))
+    factors = 2 * 3  # three layers, two factors each
+    models = []
+    for split in (True, False):
+        inverted.clear()
+        models.append(
+            _train(mirrored, _convnet, x, y,
+                   lambda split=split: keras_tkfac.TKFAC(
+                       fisher="empirical", split_inverses=split,
+                       inverse_update_freq=2, seed=0)))
+        # Traced once per replica: split, the replicas share the factors between
+        # them; unsplit, each inverts all of them.
+        assert sum(inverted) == (factors if split else 2 * factors)
+    for a, b in zip(models[0].optimizer.variables, models[1].optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_split_work_balances_cost():
+    from keras_tkfac import distributed
+
+    owner = distributed.split_work([8, 1, 1, 1, 1, 8, 4, 4], 2)
+    loads = [sum(c for c, o in zip([8, 1, 1, 1, 1, 8, 4, 4], owner) if o == r)
+             for r in range(2)]
+    assert loads == [14, 14]
+    assert distributed.split_work([5, 3], 1) == [0, 0]
