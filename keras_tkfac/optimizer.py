@@ -39,6 +39,16 @@ def _inverse_for_device():
     return _jit_inverse if accelerators else _inverse
 
 
+_jit_cache = {}
+
+
+def _jit(fn):
+    """`fn` compiled with XLA, one `tf.function` per pure math function."""
+    if fn not in _jit_cache:
+        _jit_cache[fn] = tf.function(fn, jit_compile=True, reduce_retracing=True)
+    return _jit_cache[fn]
+
+
 def _is_schedule(value):
     return isinstance(value, keras.optimizers.schedules.LearningRateSchedule)
 
@@ -80,8 +90,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
     A subclass implements `_factor_specs(block)` (names and shapes of the factor
-    statistics), `_statistics(a, g, num_examples)` (one batch's statistics) and
-    `_damped_factors(block, factors, damping)` (the two matrices to invert).
+    statistics), `_statistics_fn` (the `ops` function giving one batch's statistics
+    from `(a, g, num_examples)`) and `_damped_factors(block, factors, damping)` (the
+    two matrices to invert).
     """
 
     def __init__(
@@ -130,15 +141,22 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.seed = int(seed)
         self._blocks = None
         self._slots = []
+        self._jit_math = False
 
     # Set-up -------------------------------------------------------------------
 
-    def attach(self, blocks):
+    def attach(self, blocks, *, jit_compile=False):
         """Tells the optimizer which layers it preconditions.
 
         `keras_tkfac.wrap` models call this from `compile`, and `update_curvature`
         calls it on first use; users do not need to.
+
+        Args:
+            blocks: the model's `CurvatureBlock`s.
+            jit_compile: whether to XLA-compile the statistics and preconditioning
+                (set by the model when whole-step XLA is not possible).
         """
+        self._jit_math = bool(jit_compile)
         blocks = list(blocks)
         if self.built and self._blocks is not None:
             old = [id(b.layer) for b in self._blocks]
@@ -213,6 +231,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     # Curvature ----------------------------------------------------------------
 
+    def _math(self, fn):
+        return _jit(fn) if self._jit_math else fn
+
     def _current_damping(self):
         if _is_schedule(self.damping):
             return tf.cast(self.damping(self.iterations), tf.float32)
@@ -268,7 +289,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
                 a, g = (tf.cast(t, tf.float32) for t in pair)
-                batch.extend(s * count for s in self._statistics(a, g, num_examples))
+                statistics = self._math(self._statistics_fn)(a, g, num_examples)
+                batch.extend(s * count for s in statistics)
             *batch, count = distributed.all_reduce("sum", batch + [count])
             decay = self.factor_decay
             values = [
@@ -341,7 +363,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 tf.cast(grads[k], tf.float32),
                 None if b is None else tf.cast(grads[b], tf.float32),
             )
-            update = ops.precondition(
+            update = self._math(ops.precondition)(
                 slot.inverses[0].value, grad, slot.inverses[1].value
             )
             used.append((slot, k, b, grad, update))
@@ -423,8 +445,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def _factor_specs(self, block):
         raise NotImplementedError
 
-    def _statistics(self, a, g, num_examples):
-        raise NotImplementedError
+    _statistics_fn = None
 
     def _damped_factors(self, block, factors, damping):
         raise NotImplementedError
@@ -556,8 +577,7 @@ class TKFAC(CurvatureOptimizer):
             ("n_psi", (block.d_out, block.d_out)),
         ]
 
-    def _statistics(self, a, g, num_examples):
-        return ops.tkfac_statistics(a, g, num_examples)
+    _statistics_fn = staticmethod(ops.tkfac_statistics)
 
     def _damped_factors(self, block, factors, damping):
         delta, n_phi, n_psi = factors
@@ -627,8 +647,7 @@ class KFAC(CurvatureOptimizer):
     def _factor_specs(self, block):
         return [("a", (block.d_in, block.d_in)), ("g", (block.d_out, block.d_out))]
 
-    def _statistics(self, a, g, num_examples):
-        return ops.kfac_statistics(a, g, num_examples)
+    _statistics_fn = staticmethod(ops.kfac_statistics)
 
     def _damped_factors(self, block, factors, damping):
         return ops.kfac_damped_factors(factors[0], factors[1], damping)

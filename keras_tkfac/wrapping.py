@@ -76,9 +76,19 @@ class CurvatureModel(keras.Model):
 
     def compile(self, optimizer="rmsprop", **kwargs):
         super().compile(optimizer=optimizer, **kwargs)
+        inner_jit = False
+        if self.jit_compile is True and self._distribute_strategy is not None:
+            # Keras cannot XLA-compile a replica's step that touches mirrored
+            # variables (it fails even for SGD); compile our own math instead.
+            logging.warning(
+                "keras_tkfac: under tf.distribute, jit_compile=True compiles the "
+                "curvature statistics and preconditioning with XLA, not the whole step."
+            )
+            self.jit_compile = False
+            inner_jit = True
         attach = getattr(self.optimizer, "attach", None)
         if attach is not None:
-            attach(self.blocks)
+            attach(self.blocks, jit_compile=inner_jit)
 
     def compile_from_config(self, config):
         # Keras skips compiling models whose `compile` is overridden; ours only adds
