@@ -7,6 +7,7 @@ import keras
 from keras_tkfac import blocks as blocks_lib
 from keras_tkfac import capture
 from keras_tkfac import distributed
+from keras_tkfac import keras_compat
 
 
 def _find_blocks(model, exclude):
@@ -29,7 +30,7 @@ def _find_blocks(model, exclude):
 
 
 @keras.saving.register_keras_serializable(package="keras_tkfac")
-class CurvatureModel(keras.Model):
+class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     """A Keras model wrapping another one so that TKFAC/KFAC see its curvature.
 
     Use `keras_tkfac.wrap(model)` rather than this class directly. The wrapper owns no
@@ -101,7 +102,7 @@ class CurvatureModel(keras.Model):
     def train_step(self, data):
         optimizer = self.optimizer
         if not hasattr(optimizer, "update_curvature"):
-            return super().train_step(data)
+            return keras_compat.multi_worker_logs(super().train_step(data))
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
             with capture.record(self) as recording:
@@ -119,7 +120,11 @@ class CurvatureModel(keras.Model):
         optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=self.loss)
         optimizer.apply_gradients(zip(grads, variables))
         del tape
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return keras_compat.multi_worker_logs(logs)
+
+    def test_step(self, data):
+        return keras_compat.multi_worker_logs(super().test_step(data))
 
     def get_config(self):
         names = [e for e in self._exclude if isinstance(e, str)]

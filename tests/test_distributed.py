@@ -128,3 +128,34 @@ def test_split_work_balances_cost():
              for r in range(2)]
     assert loads == [14, 14]
     assert distributed.split_work([5, 3], 1) == [0, 0]
+
+
+def test_checkpoints_move_between_strategy_and_one_device(mirrored, tmp_path):
+    x, y = _data((8,))
+    replicated = _train(mirrored, _mlp, x, y, lambda: keras_tkfac.TKFAC(seed=0))
+    path = str(tmp_path / "mirrored.keras")
+    replicated.save(path)
+    single = keras.models.load_model(path)
+    for a, b in zip(replicated.weights + replicated.optimizer.variables,
+                    single.weights + single.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    single.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    path = str(tmp_path / "single.keras")
+    single.save(path)
+    with mirrored.scope():
+        restored = keras.models.load_model(path)
+    for a, b in zip(single.weights + single.optimizer.variables,
+                    restored.weights + restored.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    restored.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1,
+                 shuffle=False, verbose=0)
+    _assert_identical_on_replicas(restored)
+
+
+def test_multi_worker_workarounds_do_nothing_elsewhere(mirrored):
+    from keras_tkfac import keras_compat
+
+    logs = {"loss": tf.constant(1.5)}
+    assert keras_compat.multi_worker_logs(logs) is logs
+    assert not keras_compat.is_multi_worker(mirrored)
+    assert not keras_compat.is_multi_worker(tf.distribute.get_strategy())
