@@ -6,13 +6,23 @@ Public API:
 - `TKFAC`, `KFAC`: `keras.optimizers.Optimizer` subclasses.
 - `record(model)`: context manager for custom training loops.
 - `register_block(layer_class, block_class)`: precondition a custom layer kind.
+- `CurvatureMonitor`: a callback logging per-layer curvature diagnostics.
 """
 
 from keras_tkfac.blocks import register_block
 from keras_tkfac.capture import record
+from keras_tkfac.monitor import CurvatureMonitor
 from keras_tkfac.optimizer import KFAC, TKFAC
 from keras_tkfac.wrapping import CurvatureModel, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvatureModel", "KFAC", "TKFAC", "record", "register_block", "wrap"]
+__all__ = [
+    "CurvatureModel",
+    "CurvatureMonitor",
+    "KFAC",
+    "TKFAC",
+    "record",
+    "register_block",
+    "wrap",
+]

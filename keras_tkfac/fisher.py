@@ -92,7 +92,10 @@ def sample_targets(spec, y_pred, seed):
         if not spec.from_logits:
             logits = tf.math.log(tf.maximum(logits, 1e-12))
         labels = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
-        labels = tf.reshape(tf.cast(labels, tf.int32), tf.shape(y_pred)[:-1])
+        # Non-finite logits draw the out-of-range class `num_classes`; keep labels
+        # valid so the step can be skipped cleanly instead of failing.
+        labels = tf.minimum(tf.cast(labels, tf.int32), num_classes - 1)
+        labels = tf.reshape(labels, tf.shape(y_pred)[:-1])
         if spec.kind == "categorical_crossentropy":
             return tf.one_hot(labels, num_classes, dtype=y_pred.dtype)
         return labels

@@ -5,6 +5,7 @@ import numbers
 import random
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import keras
 
@@ -108,6 +109,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         fisher,
         inverse_dtype,
         split_inverses,
+        max_factor_dim,
         seed,
         name,
         **kwargs,
@@ -125,6 +127,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         _check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         _check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
         _check_choice("split_inverses", split_inverses, (True, False))
+        _check_int("max_factor_dim", max_factor_dim)
         if seed is None:
             seed = random.randrange(2**31 - 1)
         _check_int("seed", seed, low=0)
@@ -138,10 +141,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.split_inverses = bool(split_inverses)
+        self.max_factor_dim = int(max_factor_dim)
         self.seed = int(seed)
         self._blocks = None
         self._slots = []
         self._jit_math = False
+        self._step_is_finite = tf.constant(True)
 
     # Set-up -------------------------------------------------------------------
 
@@ -189,6 +194,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             kernel_key = self._var_key(block.kernel)
             if kernel_key not in keys:
                 continue
+            if max(block.d_in, block.d_out) > self.max_factor_dim:
+                logging.warning(
+                    "keras_tkfac: layer %r has factors of dimension %d x %d, more "
+                    "than max_factor_dim=%d; it takes the first-order fallback.",
+                    block.name, block.d_in, block.d_out, self.max_factor_dim,
+                )
+                continue
             bias_key = None
             if block.bias is not None:
                 bias_key = self._var_key(block.bias)
@@ -222,6 +234,19 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (), initializer="zeros", dtype="int32", name="inverse_failures",
             aggregation="only_first_replica",
         )
+        self.skipped_statistics = self.add_variable(
+            (), initializer="zeros", dtype="int32", name="skipped_statistics",
+            aggregation="only_first_replica",
+        )
+        self.skipped_steps = self.add_variable(
+            (), initializer="zeros", dtype="int32", name="skipped_steps",
+            aggregation="only_first_replica",
+        )
+        # The last step's KL-clip scale, then per slot |nu U| / |G|.
+        self._last_update = self.add_variable(
+            (len(self._slots) + 1,), initializer="ones", name="last_update",
+            aggregation="only_first_replica",
+        )
         fallback = [v.path for v in var_list if self._var_key(v) not in covered]
         if fallback:
             logging.info(
@@ -239,7 +264,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             return tf.cast(self.damping(self.iterations), tf.float32)
         return tf.constant(self.damping, tf.float32)
 
-    def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss):
+    def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
+                         loss_value=None, loss_scale=None):
         """Updates the factor statistics and inverses when they are due.
 
         Call it after the forward pass and before `apply_gradients`, in the same
@@ -255,6 +281,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             y_pred: the model output.
             y_true: the real labels (used by `fisher="empirical"`).
             loss: the training loss (a name, function or `keras.losses.Loss`).
+            loss_value: optional, this step's loss; statistics are not updated
+                when it is not finite.
+            loss_scale: optional, the loss-scaling factor of mixed precision; the
+                sampled-label backward pass is scaled by it (so float16 gradients do
+                not underflow) and the statistics are unscaled.
+
+        Statistics that are not finite (on any replica) are not folded into the
+        moving averages; `skipped_statistics` counts such updates.
         """
         spec = fisher_lib.resolve_loss(loss, self.fisher)
         if self._blocks is None:
@@ -265,7 +299,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             return
         slots = self._slots
         factor_vars = [v for slot in slots for v in slot.factors]
-        factor_vars.append(self._factor_weight)
+        factor_vars += [self._factor_weight, self.skipped_statistics]
+        scale = tf.constant(1.0) if loss_scale is None else tf.cast(loss_scale, tf.float32)
+        loss_ok = tf.constant(True) if loss_value is None else tf.reduce_all(
+            tf.math.is_finite(loss_value))
 
         def new_factors():
             step = tf.cast(self.iterations, tf.int32)
@@ -274,7 +311,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 spec, self.fisher, y_true, y_pred, seed
             )
             grads = tape.gradient(
-                source, recording.outputs(), output_gradients=cotangent
+                source, recording.outputs(),
+                output_gradients=cotangent * tf.cast(scale, cotangent.dtype),
             )
             rows = dict(
                 zip([id(b.layer) for b in recording.blocks], recording.rows(grads))
@@ -289,16 +327,22 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
                 a, g = (tf.cast(t, tf.float32) for t in pair)
+                g = g / scale
                 statistics = self._math(self._statistics_fn)(a, g, num_examples)
                 batch.extend(s * count for s in statistics)
-            *batch, count = distributed.all_reduce("sum", batch + [count])
+            bad = tf.cast(tf.logical_not(loss_ok), tf.float32)
+            *batch, count, bad = distributed.all_reduce("sum", batch + [count, bad])
+            finite = tf.logical_and(
+                tf.equal(bad, 0.0),
+                tf.reduce_all([tf.reduce_all(tf.math.is_finite(b)) for b in batch]),
+            )
             decay = self.factor_decay
-            values = [
-                decay * v + (1.0 - decay) * stat / count
-                for v, stat in zip(factor_vars[:-1], batch)
-            ]
-            values.append(decay * self._factor_weight + (1.0 - decay))
-            return values
+            old = [v.value for v in factor_vars]
+            new = [decay * v + (1.0 - decay) * stat / count
+                   for v, stat in zip(old, batch)]
+            new.append(decay * old[-2] + (1.0 - decay))
+            kept = [tf.where(finite, n, o) for n, o in zip(new, old)]
+            return kept + [old[-1] + tf.cast(tf.logical_not(finite), tf.int32)]
 
         step = self.iterations
         distributed.cond_assign(
@@ -369,12 +413,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             used.append((slot, k, b, grad, update))
         if not used:
             return grads
-        scale = 1.0
+        scale = tf.constant(1.0)
         if self.kl_clip is not None:
             scale = ops.kl_clip_factor(
                 [u for *_, u in used], [g for *_, g, _ in used],
                 learning_rate, self.kl_clip,
             )
+        ratios = [tf.math.divide_no_nan(tf.norm(u), tf.norm(g)) for *_, g, u in used]
+        self._last_update.assign(tf.stack([scale] + [scale * r for r in ratios]))
         grads = list(grads)
         for slot, k, b, _, update in used:
             kernel_update, bias_update = slot.block.split_matrix(update * scale)
@@ -389,24 +435,41 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         reduced = super()._all_reduce_sum_gradients(
             list(zip(grads, trainable_variables))
         )
-        grads = self._precondition(
-            [g for g, _ in reduced], list(trainable_variables), learning_rate
+        grads = [g for g, _ in reduced]
+        # A step whose (global) gradient is not finite changes nothing but the
+        # counters: `update_step` keeps every weight and momentum as they are.
+        self._step_is_finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
         )
+        self.skipped_steps.assign_add(
+            tf.cast(tf.logical_not(self._step_is_finite), tf.int32)
+        )
+        grads = self._precondition(grads, list(trainable_variables), learning_rate)
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
 
+    def _apply_weight_decay(self, variables):
+        # Applied in `update_step`, so that a skipped step does not decay either.
+        pass
+
     def update_step(self, gradient, variable, learning_rate):
-        """`m <- momentum * m + u`, `theta <- theta - learning_rate * m`."""
+        """Decoupled weight decay, `m <- momentum * m + u`, `theta -= lr * m`."""
         learning_rate = tf.cast(learning_rate, variable.dtype)
-        gradient = tf.cast(gradient, variable.dtype)
-        if not self._momentums:
-            self.assign_sub(variable, learning_rate * gradient)
-            return
-        m = self._momentums[self._get_variable_index(variable)]
-        self.assign(m, self.momentum * m + gradient)
-        self.assign_sub(variable, learning_rate * m)
+        ok = self._step_is_finite
+        gradient = tf.where(ok, tf.cast(gradient, variable.dtype), 0.0)
+        value = tf.convert_to_tensor(variable)
+        if self.weight_decay and self._use_weight_decay(variable):
+            decay = tf.cast(self.weight_decay, variable.dtype)
+            value = value - learning_rate * decay * value
+        if self._momentums:
+            m = self._momentums[self._get_variable_index(variable)]
+            step = self.momentum * m + gradient
+            self.assign(m, tf.where(ok, step, m))
+        else:
+            step = gradient
+        self.assign(variable, tf.where(ok, value - learning_rate * step, variable))
 
     # Serialisation ------------------------------------------------------------
 
@@ -426,6 +489,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "split_inverses": self.split_inverses,
+                "max_factor_dim": self.max_factor_dim,
                 "seed": self.seed,
             }
         )
@@ -440,9 +504,46 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             )
         return super().from_config(config, custom_objects=custom_objects)
 
+    # Diagnostics --------------------------------------------------------------
+
+    def curvature_report(self):
+        """Per-layer curvature diagnostics, computed eagerly from the current state.
+
+        Returns:
+            A dict with `kl_clip_scale` (the last step's KL-clipping factor), and for
+            each preconditioned layer name a dict with `trace` (the Fisher trace of
+            the block's approximation), `damping` (the effective damping), `cond_left`
+            and `cond_right` (condition numbers of the damped factors) and
+            `update_ratio` (`|nu U| / |G|` of the last step).
+        """
+        if not self.built:
+            return {}
+        damping = self._current_damping()
+        weight = self._factor_weight
+        last = self._last_update.numpy()
+        report = {"kl_clip_scale": float(last[0])}
+        for i, slot in enumerate(self._slots):
+            factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
+            left, right = self._damped_factors(slot.block, factors, damping)
+            conds = [np.linalg.cond(m.numpy().astype(np.float64)) for m in (left, right)]
+            report[slot.block.name] = {
+                "trace": float(self._trace(factors)),
+                "damping": float(self._layer_damping(slot.block, factors, damping)),
+                "cond_left": float(conds[0]),
+                "cond_right": float(conds[1]),
+                "update_ratio": float(last[i + 1]),
+            }
+        return report
+
     # Approximation-specific ---------------------------------------------------
 
     def _factor_specs(self, block):
+        raise NotImplementedError
+
+    def _layer_damping(self, block, factors, damping):
+        return damping
+
+    def _trace(self, factors):
         raise NotImplementedError
 
     _statistics_fn = None
@@ -473,6 +574,11 @@ _COMMON_ARGS = """
         split_inverses: bool; under a `tf.distribute` strategy, each replica
             inverts about `1/R` of the factors (balanced by `d^3`) and the results
             are shared with one all-reduce. Defaults to `True`.
+        max_factor_dim: int; a layer whose input (plus bias) or output dimension
+            exceeds it is not preconditioned but takes the first-order fallback,
+            logged at build: a factor of dimension `d` costs `8 d^2` bytes (factor
+            and inverse, float32) and `d^3` flops to invert. Defaults to `4096`
+            (128 MiB for the largest factor).
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string. Defaults to `"{name}"`.
@@ -546,6 +652,7 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_floor=1e-3,
         inverse_dtype="float32",
         split_inverses=True,
+        max_factor_dim=4096,
         seed=None,
         name="tkfac",
         **kwargs,
@@ -563,6 +670,7 @@ class TKFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,
+            max_factor_dim=max_factor_dim,
             seed=seed,
             name=name,
             **kwargs,
@@ -579,13 +687,19 @@ class TKFAC(CurvatureOptimizer):
 
     _statistics_fn = staticmethod(ops.tkfac_statistics)
 
-    def _damped_factors(self, block, factors, damping):
-        delta, n_phi, n_psi = factors
+    def _layer_damping(self, block, factors, damping):
         if block.is_conv and self.conv_damping == "trace":
-            damping = ops.trace_relative_damping(
-                delta, block.d_in * block.d_out, self.trace_damping_floor
+            return ops.trace_relative_damping(
+                factors[0], block.d_in * block.d_out, self.trace_damping_floor
             )
-        return ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+        return damping
+
+    def _trace(self, factors):
+        return factors[0]
+
+    def _damped_factors(self, block, factors, damping):
+        damping = self._layer_damping(block, factors, damping)
+        return ops.tkfac_damped_factors(*factors, damping)
 
     def get_config(self):
         config = super().get_config()
@@ -624,6 +738,7 @@ class KFAC(CurvatureOptimizer):
         fisher="true",
         inverse_dtype="float32",
         split_inverses=True,
+        max_factor_dim=4096,
         seed=None,
         name="kfac",
         **kwargs,
@@ -639,6 +754,7 @@ class KFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,
+            max_factor_dim=max_factor_dim,
             seed=seed,
             name=name,
             **kwargs,
@@ -648,6 +764,9 @@ class KFAC(CurvatureOptimizer):
         return [("a", (block.d_in, block.d_in)), ("g", (block.d_out, block.d_out))]
 
     _statistics_fn = staticmethod(ops.kfac_statistics)
+
+    def _trace(self, factors):
+        return tf.linalg.trace(factors[0]) * tf.linalg.trace(factors[1])
 
     def _damped_factors(self, block, factors, damping):
         return ops.kfac_damped_factors(factors[0], factors[1], damping)

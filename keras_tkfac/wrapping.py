@@ -10,6 +10,11 @@ from keras_tkfac import distributed
 from keras_tkfac import keras_compat
 
 
+def _curvature_optimizer(optimizer):
+    """The optimizer itself, or the one inside a mixed-precision LossScaleOptimizer."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def _find_blocks(model, exclude):
     excluded_names = {e for e in exclude if isinstance(e, str)}
     excluded_types = tuple(e for e in exclude if isinstance(e, type))
@@ -87,7 +92,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             )
             self.jit_compile = False
             inner_jit = True
-        attach = getattr(self.optimizer, "attach", None)
+        attach = getattr(_curvature_optimizer(self.optimizer), "attach", None)
         if attach is not None:
             attach(self.blocks, jit_compile=inner_jit)
 
@@ -101,7 +106,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
 
     def train_step(self, data):
         optimizer = self.optimizer
-        if not hasattr(optimizer, "update_curvature"):
+        curvature = _curvature_optimizer(optimizer)
+        if not hasattr(curvature, "update_curvature"):
             return keras_compat.multi_worker_logs(super().train_step(data))
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
@@ -117,7 +123,10 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             scaled_loss = optimizer.scale_loss(loss)
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=self.loss)
+        curvature.update_curvature(
+            recording, tape, y_pred, y_true=y, loss=self.loss, loss_value=loss,
+            loss_scale=optimizer.scale_loss(tf.constant(1.0)),
+        )
         optimizer.apply_gradients(zip(grads, variables))
         del tape
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -1,0 +1,78 @@
+"""`CurvatureMonitor`: per-layer curvature diagnostics for History and TensorBoard."""
+
+import tensorflow as tf
+import keras
+
+
+class CurvatureMonitor(keras.callbacks.Callback):
+    """Logs the curvature state of a `TKFAC`/`KFAC` optimizer every `freq` steps.
+
+    For each preconditioned layer: the trace of its Fisher approximation (`delta` for
+    TKFAC), the effective damping, the condition numbers of the two damped factors and
+    the norm ratio of the applied (preconditioned, clipped) to the raw gradient; plus
+    the KL-clipping factor and the counts of skipped steps, skipped statistics and
+    failed inverses. Values go to the History (`history.history["curvature/..."]`,
+    one entry per epoch: the last measurement) and, with `log_dir`, to TensorBoard
+    (one point per measurement). A measurement costs one eigen-solve per factor on
+    the host, so keep `freq` in the tens or hundreds for large layers.
+
+    Args:
+        freq: measure every this many training steps. Defaults to `100`.
+        log_dir: TensorBoard directory, or `None`. Defaults to `None`.
+    """
+
+    def __init__(self, freq=100, log_dir=None):
+        super().__init__()
+        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+            raise ValueError(f"`freq` must be an integer >= 1. Received: freq={freq!r}")
+        self.freq = freq
+        self.log_dir = log_dir
+        self._writer = None
+        self._latest = {}
+
+    def _optimizer(self):
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        if not hasattr(optimizer, "curvature_report"):
+            raise ValueError(
+                "CurvatureMonitor needs a keras_tkfac TKFAC or KFAC optimizer. "
+                f"Received: optimizer={optimizer!r}"
+            )
+        return optimizer
+
+    def on_train_begin(self, logs=None):
+        self._optimizer()
+        if self.log_dir and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self._optimizer()
+        step = int(optimizer.iterations.numpy())
+        if (step - 1) % self.freq:
+            return
+        values = {
+            "curvature/skipped_steps": float(optimizer.skipped_steps.numpy()),
+            "curvature/skipped_statistics": float(optimizer.skipped_statistics.numpy()),
+            "curvature/inverse_failures": float(optimizer.inverse_failures.numpy()),
+        }
+        for name, entry in optimizer.curvature_report().items():
+            if isinstance(entry, dict):
+                values.update({f"curvature/{name}/{k}": v for k, v in entry.items()})
+            else:
+                values[f"curvature/{name}"] = entry
+        self._latest = values
+        if self._writer is not None:
+            with self._writer.as_default(step=step):
+                for key, value in values.items():
+                    tf.summary.scalar(key, value)
+            self._writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras's History runs after user callbacks and records this same dict.
+        if logs is not None:
+            logs.update(self._latest)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

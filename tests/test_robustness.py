@@ -1,0 +1,156 @@
+"""Non-finite batches, degenerate curvature, huge layers, fuzzed hyperparameters."""
+
+import logging
+
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _compiled(**optimizer_args):
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(seed=0, **optimizer_args)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    return model, optimizer
+
+
+def _state(model):
+    optimizer = model.optimizer
+    skip = {id(v) for v in (optimizer.iterations, optimizer.skipped_steps,
+                            optimizer.skipped_statistics, optimizer._last_update)}
+    return [v.numpy().copy() for v in model.weights + optimizer.variables
+            if id(v) not in skip]
+
+
+def test_non_finite_batch_is_skipped_and_counted():
+    x, y = helpers.classification_data(n=16)
+    model, optimizer = _compiled(factor_update_freq=1, inverse_update_freq=1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = _state(model)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    model.fit(bad, y, batch_size=16, epochs=1, verbose=0)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    assert int(optimizer.skipped_statistics.numpy()) == 1
+    for old, new in zip(before, _state(model)):
+        np.testing.assert_array_equal(new, old)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    assert all(np.all(np.isfinite(s)) for s in _state(model))
+    assert not np.array_equal(_state(model)[0], before[0])
+
+
+def test_non_finite_statistics_are_not_folded_in():
+    x, y = helpers.classification_data(n=16)
+    model, optimizer = _compiled(factor_update_freq=1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    factors = [v.numpy() for v in optimizer._slots[0].factors]
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+    optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                               loss_value=tf.constant(np.inf))
+    assert int(optimizer.skipped_statistics.numpy()) == 1
+    for old, variable in zip(factors, optimizer._slots[0].factors):
+        np.testing.assert_array_equal(variable.numpy(), old)
+
+
+@pytest.mark.parametrize("case", ["dead_relu", "rank_deficient", "huge_inputs",
+                                  "tiny_inputs"])
+def test_degenerate_curvature_stays_finite_and_bounded(case):
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    n = 2 if case == "rank_deficient" else 64
+    x = rng.normal(size=(n, 32)).astype("float32")
+    x *= {"huge_inputs": 1e4, "tiny_inputs": 1e-4}.get(case, 1.0)
+    y = rng.integers(0, 3, size=(n,))
+    bias = "zeros" if case != "dead_relu" else keras.initializers.Constant(-1e3)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((32,)),
+        keras.layers.Dense(48, activation="relu", bias_initializer=bias),
+        keras.layers.Dense(3),
+    ]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, inverse_update_freq=5), loss=LOSS)
+    before = [w.numpy() for w in model.weights]
+    history = model.fit(x, y, batch_size=n, epochs=20, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    for old, new in zip(before, model.weights):
+        new = new.numpy()
+        assert np.all(np.isfinite(new))
+        # KL clipping bounds each step in the Fisher norm; in parameters the whole
+        # run moves by far less than the scale of the problem.
+        assert np.abs(new - old).max() < 1e3
+    assert int(model.optimizer.inverse_failures.numpy()) == 0
+    assert history.history["loss"][-1] <= history.history["loss"][0] * 1.01
+
+
+def test_layer_above_max_factor_dim_takes_the_fallback(caplog):
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((20000,)), keras.layers.Dense(8), keras.layers.Dense(3)]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    x = np.random.default_rng(0).normal(size=(8, 20000)).astype("float32")
+    y = np.arange(8) % 3
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        model.fit(x, y, epochs=2, verbose=0)
+    assert "max_factor_dim" in caplog.text
+    sizes = [int(np.prod(v.shape)) for v in model.optimizer.variables]
+    assert max(sizes) < 20000 * 20  # no 20001 x 20001 factor was created
+    assert [s.block.name for s in model.optimizer._slots] == [model.blocks[1].name]
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
+VALID = st.fixed_dictionaries({
+    "learning_rate": st.floats(1e-4, 1.0),
+    "damping": st.floats(1e-4, 1.0),
+    "momentum": st.floats(0.0, 0.95),
+    "factor_decay": st.floats(0.0, 0.99),
+    "factor_update_freq": st.integers(1, 5),
+    "inverse_update_freq": st.integers(1, 7),
+    "kl_clip": st.one_of(st.none(), st.floats(1e-5, 1e-1)),
+    "fisher": st.sampled_from(["true", "empirical"]),
+    "inverse_dtype": st.sampled_from(["float32", "float64"]),
+})
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(config=VALID, kfac=st.booleans())
+def test_fuzzed_valid_configurations_train_without_nan(config, kfac):
+    x, y = helpers.classification_data(n=32)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    cls = keras_tkfac.KFAC if kfac else keras_tkfac.TKFAC
+    model.compile(optimizer=cls(seed=0, **config), loss=LOSS)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
+INVALID = st.one_of(
+    st.tuples(st.just("learning_rate"), st.floats(max_value=0.0)),
+    st.tuples(st.just("damping"), st.floats(max_value=0.0)),
+    st.tuples(st.just("momentum"), st.floats(min_value=1.0, allow_infinity=False)),
+    st.tuples(st.just("factor_decay"), st.floats(max_value=-1e-9)),
+    st.tuples(st.just("factor_update_freq"), st.integers(max_value=0)),
+    st.tuples(st.just("inverse_update_freq"), st.integers(max_value=0)),
+    st.tuples(st.just("kl_clip"), st.floats(max_value=0.0)),
+    st.tuples(st.just("fisher"), st.text(max_size=8).filter(
+        lambda t: t not in ("true", "empirical"))),
+    st.tuples(st.just("max_factor_dim"), st.integers(max_value=0)),
+)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+@hypothesis.given(bad=INVALID)
+def test_fuzzed_invalid_arguments_raise_value_error_naming_them(bad):
+    name, value = bad
+    with pytest.raises(ValueError) as error:
+        keras_tkfac.TKFAC(**{name: value})
+    assert f"{name}=" in str(error.value)
