@@ -18,7 +18,8 @@ class CurvatureMonitor(keras.callbacks.Callback):
 
     Args:
         freq: measure every this many training steps. Defaults to `100`.
-        log_dir: TensorBoard directory, or `None`. Defaults to `None`.
+        log_dir: TensorBoard directory, or `None`; writing it needs the
+            `tensorboard` package (not part of `tensorflow-cpu`). Defaults to `None`.
     """
 
     def __init__(self, freq=100, log_dir=None):

@@ -31,10 +31,21 @@ def _per_example_rows(params, x, y):
     return [(np.hstack([x, ones]), g1), (np.hstack([h, ones]), g2)]
 
 
+def _transform_parameters(grads, transform):
+    """Applies `transform` to the list of per-variable gradients [k1, b1, k2, b2]."""
+    flat = transform([part for g in grads for part in (g[:-1], g[-1])])
+    return [np.vstack([flat[2 * l], flat[2 * l + 1][None]]) for l in range(len(grads))]
+
+
 def reference_training(params, x, y, steps, *, approximation, learning_rate, damping,
                        momentum, factor_decay, factor_update_freq,
-                       inverse_update_freq, kl_clip, weight_decay=None):
-    """The algorithm of TKFAC_MATH.md, empirical Fisher, float64."""
+                       inverse_update_freq, kl_clip, weight_decay=None,
+                       grad_transform=None, decay_bias=True):
+    """The algorithm of TKFAC_MATH.md, empirical Fisher, float64.
+
+    `grad_transform` maps the list of raw per-variable gradients (Keras's gradient
+    clipping acts there); `decay_bias=False` excludes biases from decay.
+    """
     params = [p.astype(np.float64) for p in params]
     m = len(x)
     layers = 2
@@ -48,6 +59,8 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
         lr = _value(learning_rate, step)
         rows = _per_example_rows(params, x, y)
         grads = [a.T @ g / m for a, g in rows]
+        if grad_transform is not None:
+            grads = _transform_parameters(grads, grad_transform)
         if step % factor_update_freq == 0:
             for l, (a, g) in enumerate(rows):
                 if approximation == "tkfac":
@@ -77,7 +90,8 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
         for l in range(layers):
             if weight_decay:
                 params[2 * l] -= lr * weight_decay * params[2 * l]
-                params[2 * l + 1] -= lr * weight_decay * params[2 * l + 1]
+                if decay_bias:
+                    params[2 * l + 1] -= lr * weight_decay * params[2 * l + 1]
             velocity[l] = momentum * velocity[l] + nu * updates[l]
             params[2 * l] -= lr * velocity[l][:-1]
             params[2 * l + 1] -= lr * velocity[l][-1]

@@ -1,0 +1,187 @@
+"""Keras optimizer features, mixed precision, callbacks and the CurvatureMonitor."""
+
+import os
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+import keras
+
+import keras_tkfac
+from tests import helpers
+from tests.test_optimizer import reference_training
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+ONE_STEP = dict(learning_rate=0.5, damping=1e-2, momentum=0.0, factor_decay=0.95,
+                factor_update_freq=1, inverse_update_freq=1, kl_clip=None)
+
+
+def _fit(steps=1, batch=16, **optimizer_args):
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, **optimizer_args)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=batch, epochs=steps, shuffle=False, verbose=0)
+    return model, x, y
+
+
+def _reference(x, y, grad_transform=None, decay_bias=True, **config):
+    return reference_training(
+        [w.numpy() for w in helpers.tiny_mlp().weights], x.astype(np.float64), y,
+        1, approximation="tkfac", grad_transform=grad_transform,
+        decay_bias=decay_bias, **config)[0]
+
+
+def _assert_weights(model, expected):
+    for got, want in zip(model.weights, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_clipvalue_clips_the_raw_gradient_before_preconditioning():
+    model, x, y = _fit(clipvalue=0.01, **ONE_STEP)
+    _assert_weights(model, _reference(
+        x, y, grad_transform=lambda gs: [np.clip(g, -0.01, 0.01) for g in gs], **ONE_STEP))
+
+
+def test_global_clipnorm_clips_the_raw_gradient_before_preconditioning():
+    def clip(grads):
+        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+        return [g * min(1.0, 0.05 / norm) for g in grads]
+
+    model, x, y = _fit(global_clipnorm=0.05, **ONE_STEP)
+    _assert_weights(model, _reference(x, y, grad_transform=clip, **ONE_STEP))
+
+
+def test_clipnorm_trains():
+    model, _, _ = _fit(steps=3, clipnorm=0.1)
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
+def test_weight_decay_respects_exclude_from_weight_decay():
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, weight_decay=0.3,
+                                  **ONE_STEP)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    _assert_weights(model, _reference(x, y, weight_decay=0.3, decay_bias=False,
+                                      **ONE_STEP))
+
+
+def test_loss_scale_factor_gives_the_same_training():
+    plain, _, _ = _fit(steps=4)
+    scaled, _, _ = _fit(steps=4, loss_scale_factor=1024.0)
+    for a, b in zip(plain.weights, scaled.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, gradient_accumulation_steps=2),
+                  loss=LOSS)
+    initial = [w.numpy() for w in model.weights]
+    model.fit(x, y, batch_size=8, epochs=1, steps_per_epoch=1, verbose=0)
+    for old, new in zip(initial, model.weights):
+        np.testing.assert_array_equal(new.numpy(), old)
+    model.fit(x[8:], y[8:], batch_size=8, epochs=1, steps_per_epoch=1, verbose=0)
+    assert not np.allclose(model.weights[0].numpy(), initial[0])
+
+
+def test_use_ema_keeps_a_moving_average_of_the_weights():
+    model, _, _ = _fit(steps=3, use_ema=True, ema_momentum=0.5)
+    averages = model.optimizer._model_variables_moving_average
+    assert len(averages) == len(model.trainable_variables)
+    # `fit` ends by writing the averages into the model (Keras's behaviour).
+    for average, weight in zip(averages, model.trainable_variables):
+        np.testing.assert_allclose(weight.numpy(), average.numpy(), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype("float32"), y.astype("int32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_curvature_in_float32(digits, policy):
+    x, y = digits
+
+    def train():
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((64,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+            keras.layers.Activation("linear", dtype="float32"),
+        ]))
+        model.compile(optimizer=keras_tkfac.TKFAC(fisher="empirical", seed=0),
+                      loss=LOSS)
+        model.fit(x, y, batch_size=128, epochs=2, shuffle=False, verbose=0)
+        return model
+
+    reference = train()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = train()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    assert isinstance(optimizer, keras_tkfac.TKFAC)
+    for slot in optimizer._slots:
+        for variable in slot.factors + slot.inverses:
+            assert variable.dtype == "float32"
+    assert int(optimizer.skipped_statistics.numpy()) == 0
+    # 28 steps in 16-bit activations: bfloat16 keeps 8 mantissa bits (~0.4%),
+    # float16 11; the training losses agree within 5% of the float32 run's.
+    expected = reference.evaluate(x, y, verbose=0)
+    got = model.evaluate(x, y, verbose=0)
+    assert abs(got - expected) < 0.05 * expected + 1e-3, (got, expected)
+
+
+def test_keras_callbacks_work_unchanged(digits, tmp_path):
+    x, y = digits
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(10)]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras")),
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.05 / (epoch + 1)),
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5),
+        keras.callbacks.EarlyStopping(monitor="loss", patience=10),
+        keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
+    ]
+    history = model.fit(x, y, batch_size=256, epochs=3, verbose=0, callbacks=callbacks)
+    assert len(history.history["loss"]) == 3
+    assert float(model.optimizer.learning_rate.numpy()) <= 0.05 / 3 + 1e-9
+    restored = keras.models.load_model(str(tmp_path / "best.keras"))
+    assert isinstance(restored, keras_tkfac.CurvatureModel)
+    assert os.listdir(tmp_path / "tb")
+
+
+def test_curvature_monitor_logs_to_history_and_tensorboard(digits, tmp_path):
+    x, y = digits
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dense(10)]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    monitor = keras_tkfac.CurvatureMonitor(freq=3, log_dir=str(tmp_path / "tb"))
+    history = model.fit(x.reshape(-1, 8, 8, 1), y, batch_size=256, epochs=2,
+                        verbose=0, callbacks=[monitor])
+    conv = model.blocks[0].name
+    for key in ("trace", "damping", "cond_left", "cond_right", "update_ratio"):
+        values = history.history[f"curvature/{conv}/{key}"]
+        assert len(values) == 2 and np.all(np.isfinite(values))
+    assert 0 < history.history["curvature/kl_clip_scale"][-1] <= 1
+    assert history.history["curvature/skipped_steps"][-1] == 0
+    report = model.optimizer.curvature_report()
+    # Trace-relative damping of the convolution: max(delta, floor) / dim.
+    dim = model.blocks[0].d_in * model.blocks[0].d_out
+    np.testing.assert_allclose(report[conv]["damping"],
+                               max(report[conv]["trace"], 1e-3) / dim, rtol=1e-5)
+    assert report[conv]["cond_left"] >= 1
+    assert os.listdir(tmp_path / "tb")
+    with pytest.raises(ValueError, match="freq"):
+        keras_tkfac.CurvatureMonitor(freq=0)
