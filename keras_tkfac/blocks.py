@@ -121,10 +121,11 @@ class DenseBlock(CurvatureBlock):
 
 
 class ConvBlock(CurvatureBlock):
-    """`keras.layers.Conv1D` and `Conv2D` (channels_last, `groups=1`).
+    """`keras.layers.Conv1D`, `Conv2D` and `Conv3D` (channels_last, `groups=1`).
 
     Rows are (example, output location) pairs; the input rows are image patches
-    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel.
+    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel. `Conv3D` needs
+    `dilation_rate=1` (TensorFlow's volume-patch extraction has no dilation).
     """
 
     is_conv = True
@@ -142,10 +143,10 @@ class ConvBlock(CurvatureBlock):
                 f"Layer {layer.name!r}: grouped convolutions are not supported; "
                 f"exclude the layer. Received: groups={layer.groups}"
             )
-        if layer.rank not in (1, 2):
+        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
             raise ValueError(
-                f"Layer {layer.name!r}: only 1D and 2D convolutions are supported. "
-                f"Received: rank={layer.rank}"
+                f"Layer {layer.name!r}: Conv3D is supported without dilation only; "
+                f"exclude the layer. Received: dilation_rate={layer.dilation_rate}"
             )
 
     def kernel_rows(self):
@@ -183,25 +184,106 @@ class ConvBlock(CurvatureBlock):
         kernel_size = list(self.layer.kernel_size)
         strides = list(self.layer.strides)
         rates = list(self.layer.dilation_rate)
-        if self.layer.rank == 1:
-            inputs = inputs[:, None]
-            kernel_size, strides, rates = [1] + kernel_size, [1] + strides, [1] + rates
-        patches = tf.image.extract_patches(
-            inputs,
-            sizes=[1, *kernel_size, 1],
-            strides=[1, *strides, 1],
-            rates=[1, *rates, 1],
-            padding=padding.upper(),
-        )
+        if self.layer.rank == 3:
+            patches = tf.extract_volume_patches(
+                inputs,
+                ksizes=[1, *kernel_size, 1],
+                strides=[1, *strides, 1],
+                padding=padding.upper(),
+            )
+        else:
+            if self.layer.rank == 1:
+                inputs = inputs[:, None]
+                kernel_size = [1] + kernel_size
+                strides, rates = [1] + strides, [1] + rates
+            patches = tf.image.extract_patches(
+                inputs,
+                sizes=[1, *kernel_size, 1],
+                strides=[1, *strides, 1],
+                rates=[1, *rates, 1],
+                padding=padding.upper(),
+            )
         a = tf.reshape(patches, [-1, self.kernel_rows()])
+        g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
+
+
+class EinsumDenseBlock(CurvatureBlock):
+    """`keras.layers.EinsumDense` whose equation is a dense map on trailing axes.
+
+    Supported equations contract the input's trailing axes with the kernel's leading
+    axes and append the kernel's remaining axes to the output, optionally after a
+    leading `...`: `abc,cd->abd`, `abc,cde->abde` (the query/key/value projections of
+    `MultiHeadAttention`) and `abcd,cde->abe` (its output projection). The kernel is
+    then a `[d_in, d_out]` matrix and the leading axes are extra rows, as for `Dense`
+    on sequences. A bias must cover all the kernel's output axes. Other equations
+    raise a `ValueError` at `wrap`; exclude such layers.
+    """
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        equation = layer.equation.replace(" ", "")
+        inputs, rest = equation.split(",")
+        kernel, output = rest.split("->")
+        if inputs.startswith("...") and output.startswith("..."):
+            inputs, output = inputs[3:], output[3:]
+        contracted = "".join(c for c in kernel if c in inputs and c not in output)
+        new = "".join(c for c in kernel if c not in inputs)
+        batch = inputs[: len(inputs) - len(contracted)]
+        bias_axes = getattr(layer, "bias_axes", None) or ""
+        if (
+            "." in inputs + kernel + output
+            or not contracted
+            or not new
+            or kernel != contracted + new
+            or inputs != batch + contracted
+            or output != batch + new
+            or (bias_axes and sorted(bias_axes) != sorted(new))
+        ):
+            raise ValueError(
+                f"Layer {layer.name!r}: keras_tkfac supports EinsumDense equations "
+                "that map trailing input axes to trailing output axes (such as "
+                "'abc,cde->abde'), with a bias on all output axes or none; exclude "
+                f"the layer. Received: equation={layer.equation!r}, "
+                f"bias_axes={layer.bias_axes!r}"
+            )
+        self._contracted = len(contracted)
+
+    @property
+    def bias(self):
+        return self.layer.bias
+
+    @property
+    def d_out(self):
+        n = 1
+        for dim in self.kernel.shape[self._contracted:]:
+            n *= int(dim)
+        return n
+
+    def kernel_rows(self):
+        n = 1
+        for dim in self.kernel.shape[: self._contracted]:
+            n *= int(dim)
+        return n
+
+    def preactivation(self, inputs):
+        s = keras.ops.einsum(self.layer.equation, inputs, self.layer.kernel)
+        if self.bias is not None:
+            s = s + self.layer.bias
+        return s
+
+    def rows(self, inputs, output_grads):
+        a = tf.reshape(inputs, [-1, self.kernel_rows()])
         g = tf.reshape(output_grads, [-1, self.d_out])
         return self._with_bias(a), g
 
 
 BLOCKS = {
     keras.layers.Dense: DenseBlock,
+    keras.layers.EinsumDense: EinsumDenseBlock,
     keras.layers.Conv1D: ConvBlock,
     keras.layers.Conv2D: ConvBlock,
+    keras.layers.Conv3D: ConvBlock,
 }
 
 

@@ -30,6 +30,25 @@ CASES = {
         (8, 2), lambda: keras.layers.Conv1D(3, 3, padding="causal", dilation_rate=2)
     ),
     "conv1d_stride2": ((9, 2), lambda: keras.layers.Conv1D(3, 2, strides=2)),
+    "conv3d_stride2_same": (
+        (5, 6, 5, 2),
+        lambda: keras.layers.Conv3D(3, (3, 2, 3), strides=(2, 1, 2), padding="same",
+                                    activation="tanh"),
+    ),
+    "conv3d_valid": ((4, 4, 4, 2), lambda: keras.layers.Conv3D(2, 2, use_bias=False)),
+    "einsum_heads": (
+        (3, 5),
+        lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 3),
+                                         bias_axes="de", activation="relu"),
+    ),
+    "einsum_output_projection": (
+        (3, 2, 4),
+        lambda: keras.layers.EinsumDense("abcd,cde->abe", output_shape=(3, 5),
+                                         bias_axes="e"),
+    ),
+    "einsum_ellipsis": (
+        (5,), lambda: keras.layers.EinsumDense("...b,bc->...c", output_shape=4)
+    ),
 }
 
 
@@ -137,6 +156,49 @@ def test_shared_layer_records_every_call():
     assert a.shape == (8, 6)
     keras_grads = tape.gradient(loss, block.variables)
     expected = block.grad_matrix(*keras_grads).numpy()
+    np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_projections_are_preconditioned():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 6))
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(attention(inputs, inputs)))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    assert len(model.blocks) == 5  # query, key, value, output, classifier
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, loss = _record(model, x, y)
+    for block in model.blocks:
+        _, a, g, m = _block_rows(model, block.layer, tape, recording, y, y_pred)
+        keras_grads = tape.gradient(loss, block.variables)
+        expected = block.grad_matrix(*keras_grads).numpy()
+        np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unsupported_einsum_and_conv3d_configurations_raise():
+    with pytest.raises(ValueError, match="equation"):
+        keras_tkfac.wrap(keras.Sequential([
+            keras.Input((3, 4)),
+            keras.layers.EinsumDense("abc,bd->acd", output_shape=(4, 5))]))
+    with pytest.raises(ValueError, match="dilation"):
+        keras_tkfac.wrap(keras.Sequential([
+            keras.Input((5, 5, 5, 1)), keras.layers.Conv3D(2, 2, dilation_rate=2)]))
+
+
+def test_layers_inside_nested_models_are_found_and_recorded():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh")])
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Dense(3)(inner(inputs))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    assert [b.layer for b in model.blocks][0] is inner.layers[0]
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    y = np.array([0, 1, 2, 0])
+    tape, recording, y_pred, loss = _record(model, x, y)
+    block, a, g, m = _block_rows(model, inner.layers[0], tape, recording, y, y_pred)
+    expected = block.grad_matrix(*tape.gradient(loss, block.variables)).numpy()
     np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
 
 
