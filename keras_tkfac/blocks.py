@@ -20,12 +20,15 @@ class CurvatureBlock:
     """Base class of the per-layer-kind helpers.
 
     Subclasses implement `preactivation`, `rows`, `kernel_rows` and `is_conv`.
+    `input_kind` is `"dense"`, or `"diagonal"` for layers whose inputs are one-hot
+    (their rows' `a` are then integer ids and the input factor is a vector).
 
     Args:
         layer: the built Keras layer this block describes.
     """
 
     is_conv = False
+    input_kind = "dense"
 
     def __init__(self, layer):
         self.layer = layer
@@ -84,6 +87,7 @@ class CurvatureBlock:
 
     def grad_matrix(self, kernel_grad, bias_grad):
         """Stacks kernel and bias gradients into `[d_in', d_out]`."""
+        kernel_grad = tf.convert_to_tensor(kernel_grad)  # IndexedSlices -> dense
         matrix = tf.reshape(kernel_grad, [self.kernel_rows(), self.d_out])
         if bias_grad is not None:
             matrix = tf.concat([matrix, tf.reshape(bias_grad, [1, self.d_out])], 0)
@@ -278,12 +282,42 @@ class EinsumDenseBlock(CurvatureBlock):
         return self._with_bias(a), g
 
 
+class EmbeddingBlock(CurvatureBlock):
+    """`keras.layers.Embedding`: one-hot inputs, so the input factor is diagonal.
+
+    A row is one looked-up position; its `a` is the id (the one-hot vector is never
+    built), and the input factor is kept as a `[vocab]` vector, never as a
+    `vocab x vocab` matrix.
+    """
+
+    input_kind = "diagonal"
+
+    @property
+    def kernel(self):
+        return self.layer.embeddings
+
+    @property
+    def bias(self):
+        return None
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[0])
+
+    def preactivation(self, inputs):
+        return tf.gather(self.layer.embeddings, tf.cast(inputs, tf.int32))
+
+    def rows(self, inputs, output_grads):
+        ids = tf.reshape(tf.cast(inputs, tf.int32), [-1])
+        return ids, tf.reshape(output_grads, [-1, self.d_out])
+
+
 BLOCKS = {
     keras.layers.Dense: DenseBlock,
     keras.layers.EinsumDense: EinsumDenseBlock,
     keras.layers.Conv1D: ConvBlock,
     keras.layers.Conv2D: ConvBlock,
     keras.layers.Conv3D: ConvBlock,
+    keras.layers.Embedding: EmbeddingBlock,
 }
 
 

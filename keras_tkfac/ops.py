@@ -73,10 +73,50 @@ def kfac_statistics(a, g, num_examples):
     return a_factor, g_factor
 
 
+def tkfac_statistics_diagonal(ids, g, num_examples, vocab):
+    """TKFAC statistics of a layer whose inputs are one-hot (an embedding).
+
+    With `a_r = e_{ids_r}`, `|a_r|^2 = 1` and `a_r a_r^T` is diagonal, so `n_phi` is
+    kept as its diagonal, a `[vocab]` vector; no `vocab x vocab` matrix is built.
+
+    Args:
+        ids: `[rows]` integer indices of the one-hot inputs.
+        g: `[rows, d_out]` output-gradient rows.
+        num_examples: the number of examples `M`.
+        vocab: the input dimension (number of possible ids).
+
+    Returns:
+        `(delta, n_phi_diagonal, n_psi)`.
+    """
+    m = tf.cast(num_examples, g.dtype)
+    g_sq = tf.reduce_sum(tf.square(g), axis=1)
+    delta = tf.reduce_sum(g_sq) / m
+    n_phi = tf.math.unsorted_segment_sum(g_sq, ids, vocab) / m
+    n_psi = tf.matmul(g, g, transpose_a=True) / m
+    return delta, n_phi, n_psi
+
+
+def kfac_statistics_diagonal(ids, g, num_examples, vocab):
+    """K-FAC factors of an embedding: `A` is diagonal (id frequencies), a vector."""
+    m = tf.cast(num_examples, g.dtype)
+    rows = tf.cast(tf.shape(g)[0], g.dtype)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(g[:, 0]), ids, vocab)
+    return counts / m, tf.matmul(g, g, transpose_a=True) / rows
+
+
 def add_to_diagonal(matrix, value):
-    """Returns `matrix + value * I`."""
+    """Returns `matrix + value * I`; a vector stands for a diagonal matrix."""
+    value = tf.cast(value, matrix.dtype)
+    if matrix.shape.rank == 1:
+        return matrix + value
     eye = tf.eye(tf.shape(matrix)[-1], dtype=matrix.dtype)
-    return matrix + tf.cast(value, matrix.dtype) * eye
+    return matrix + value * eye
+
+
+def _mean_eigenvalue(factor, floor):
+    """`tr(F) / dim(F)`, the trace floored at `floor`; a vector is a diagonal."""
+    trace = tf.reduce_sum(factor) if factor.shape.rank == 1 else tf.linalg.trace(factor)
+    return tf.maximum(trace, floor) / tf.cast(tf.shape(factor)[-1], factor.dtype)
 
 
 def tkfac_damped_factors(delta, n_phi, n_psi, damping):
@@ -119,15 +159,8 @@ def kfac_damped_factors(a_factor, g_factor, damping, min_trace=1e-12):
     `pi = sqrt((tr A / dim A) / (tr G / dim G))` (Martens & Grosse, 2015, §6.3).
     Traces are floored at `min_trace` so that an all-zero factor gives a finite pi.
     """
-    dtype = a_factor.dtype
-    mean_a = tf.maximum(tf.linalg.trace(a_factor), min_trace) / tf.cast(
-        tf.shape(a_factor)[-1], dtype
-    )
-    mean_g = tf.maximum(tf.linalg.trace(g_factor), min_trace) / tf.cast(
-        tf.shape(g_factor)[-1], dtype
-    )
-    pi = tf.sqrt(mean_a / mean_g)
-    root_damping = tf.sqrt(tf.cast(damping, dtype))
+    pi = tf.sqrt(_mean_eigenvalue(a_factor, min_trace) / _mean_eigenvalue(g_factor, min_trace))
+    root_damping = tf.sqrt(tf.cast(damping, a_factor.dtype))
     return (
         add_to_diagonal(a_factor, pi * root_damping),
         add_to_diagonal(g_factor, root_damping / pi),
@@ -158,9 +191,24 @@ def symmetric_inverse(matrices):
     return inverses, ok
 
 
+def diagonal_inverse(diagonals):
+    """Inverses of a batch of positive diagonals, with the same flag as above."""
+    inverses = 1.0 / diagonals
+    ok = tf.reduce_all(
+        tf.logical_and(tf.math.is_finite(inverses), diagonals > 0), axis=-1
+    )
+    return inverses, ok
+
+
 def precondition(left_inverse, grad_matrix, right_inverse):
-    """`U = L^{-1} G R^{-1}` for a `[d_in, d_out]` gradient matrix `G`."""
-    return tf.matmul(tf.matmul(left_inverse, grad_matrix), right_inverse)
+    """`U = L^{-1} G R^{-1}` for a `[d_in, d_out]` gradient matrix `G`.
+
+    A rank-1 `left_inverse` is the diagonal of a diagonal `L^{-1}`.
+    """
+    right = tf.matmul(grad_matrix, right_inverse)
+    if left_inverse.shape.rank == 1:
+        return left_inverse[:, None] * right
+    return tf.matmul(left_inverse, right)
 
 
 def kl_clip_factor(updates, grads, learning_rate, kl_clip):

@@ -50,6 +50,29 @@ def _jit(fn):
     return _jit_cache[fn]
 
 
+def _input_factor_shape(block):
+    if block.input_kind == "diagonal":
+        return (block.d_in,)
+    return (block.d_in, block.d_in)
+
+
+def _inverse_cost(matrix):
+    """Flops model of inverting `matrix` (`d^3`; a diagonal vector costs `d`)."""
+    d = int(matrix.shape[-1])
+    return d if matrix.shape.rank == 1 else d**3
+
+
+def _trace(factor):
+    return tf.reduce_sum(factor) if factor.shape.rank == 1 else tf.linalg.trace(factor)
+
+
+def _condition_number(matrix):
+    matrix = matrix.astype(np.float64)
+    if matrix.ndim == 1:
+        return float(np.max(np.abs(matrix)) / np.min(np.abs(matrix)))
+    return float(np.linalg.cond(matrix))
+
+
 def _is_schedule(value):
     return isinstance(value, keras.optimizers.schedules.LearningRateSchedule)
 
@@ -91,9 +114,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
     A subclass implements `_factor_specs(block)` (names and shapes of the factor
-    statistics), `_statistics_fn` (the `ops` function giving one batch's statistics
-    from `(a, g, num_examples)`) and `_damped_factors(block, factors, damping)` (the
-    two matrices to invert).
+    statistics), `_statistics(block, a, g, num_examples)` (one batch's statistics),
+    `_damped_factors(block, factors, damping)` (the two matrices to invert; a vector
+    stands for a diagonal matrix), `_trace(factors)` and optionally
+    `_layer_damping`.
     """
 
     def __init__(
@@ -220,10 +244,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             ]
             inverses = [
                 self.add_variable(
-                    (dim, dim), initializer="identity", name=f"{block.name}_{side}_inv",
-                    aggregation="only_first_replica",
+                    shape, initializer="identity" if len(shape) == 2 else "ones",
+                    name=f"{block.name}_{side}_inv", aggregation="only_first_replica",
                 )
-                for side, dim in (("left", block.d_in), ("right", block.d_out))
+                for side, shape in (("left", _input_factor_shape(block)),
+                                    ("right", (block.d_out, block.d_out)))
             ]
             self._slots.append(_Slot(block, kernel_key, bias_key, factors, inverses))
         self._factor_weight = self.add_variable(
@@ -326,9 +351,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 if pair is None:
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
-                a, g = (tf.cast(t, tf.float32) for t in pair)
-                g = g / scale
-                statistics = self._math(self._statistics_fn)(a, g, num_examples)
+                a, g = pair
+                if a.dtype.is_floating:
+                    a = tf.cast(a, tf.float32)
+                g = tf.cast(g, tf.float32) / scale
+                statistics = self._statistics(slot.block, a, g, num_examples)
                 batch.extend(s * count for s in statistics)
             bad = tf.cast(tf.logical_not(loss_ok), tf.float32)
             *batch, count, bad = distributed.all_reduce("sum", batch + [count, bad])
@@ -369,21 +396,21 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # others' entries are zero, and one SUM all-reduce gives everyone all.
         split = self.split_inverses and distributed.is_distributed()
         replicas = distributed.num_replicas() if split else 1
-        owner = distributed.split_work(
-            [int(m.shape[-1]) ** 3 for m in matrices], replicas
-        )
+        owner = distributed.split_work([_inverse_cost(m) for m in matrices], replicas)
         mine = distributed.replica_index() if split else 0
-        by_dim = collections.defaultdict(list)
+        by_shape = collections.defaultdict(list)
         for i, matrix in enumerate(matrices):
             if owner[i] == mine:
-                by_dim[int(matrix.shape[-1])].append(i)
+                by_shape[tuple(matrix.shape)].append(i)
         new_values = [tf.zeros_like(target.value) for target in targets]
         failures = tf.constant(0.0)
         invert = _inverse_for_device()
-        for indices in by_dim.values():
-            inverses, ok = invert(
-                tf.stack([matrices[i] for i in indices]), self.inverse_dtype
-            )
+        for shape, indices in by_shape.items():
+            stacked = tf.stack([matrices[i] for i in indices])
+            if len(shape) == 1:
+                inverses, ok = ops.diagonal_inverse(stacked)
+            else:
+                inverses, ok = invert(stacked, self.inverse_dtype)
             for j, i in enumerate(indices):
                 new_values[i] = tf.where(ok[j], inverses[j], targets[i].value)
             failures += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
@@ -525,7 +552,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         for i, slot in enumerate(self._slots):
             factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
             left, right = self._damped_factors(slot.block, factors, damping)
-            conds = [np.linalg.cond(m.numpy().astype(np.float64)) for m in (left, right)]
+            conds = [_condition_number(m.numpy()) for m in (left, right)]
             report[slot.block.name] = {
                 "trace": float(self._trace(factors)),
                 "damping": float(self._layer_damping(slot.block, factors, damping)),
@@ -546,7 +573,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def _trace(self, factors):
         raise NotImplementedError
 
-    _statistics_fn = None
+    def _statistics(self, block, a, g, num_examples):
+        raise NotImplementedError
 
     def _damped_factors(self, block, factors, damping):
         raise NotImplementedError
@@ -681,11 +709,15 @@ class TKFAC(CurvatureOptimizer):
     def _factor_specs(self, block):
         return [
             ("delta", ()),
-            ("n_phi", (block.d_in, block.d_in)),
+            ("n_phi", _input_factor_shape(block)),
             ("n_psi", (block.d_out, block.d_out)),
         ]
 
-    _statistics_fn = staticmethod(ops.tkfac_statistics)
+    def _statistics(self, block, a, g, num_examples):
+        if block.input_kind == "diagonal":
+            return self._math(ops.tkfac_statistics_diagonal)(a, g, num_examples,
+                                                             block.d_in)
+        return self._math(ops.tkfac_statistics)(a, g, num_examples)
 
     def _layer_damping(self, block, factors, damping):
         if block.is_conv and self.conv_damping == "trace":
@@ -761,12 +793,16 @@ class KFAC(CurvatureOptimizer):
         )
 
     def _factor_specs(self, block):
-        return [("a", (block.d_in, block.d_in)), ("g", (block.d_out, block.d_out))]
+        return [("a", _input_factor_shape(block)), ("g", (block.d_out, block.d_out))]
 
-    _statistics_fn = staticmethod(ops.kfac_statistics)
+    def _statistics(self, block, a, g, num_examples):
+        if block.input_kind == "diagonal":
+            return self._math(ops.kfac_statistics_diagonal)(a, g, num_examples,
+                                                            block.d_in)
+        return self._math(ops.kfac_statistics)(a, g, num_examples)
 
     def _trace(self, factors):
-        return tf.linalg.trace(factors[0]) * tf.linalg.trace(factors[1])
+        return _trace(factors[0]) * _trace(factors[1])
 
     def _damped_factors(self, block, factors, damping):
         return ops.kfac_damped_factors(factors[0], factors[1], damping)

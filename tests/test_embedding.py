@@ -1,0 +1,101 @@
+"""The Embedding block: one-hot inputs, a diagonal input factor, never vocab x vocab."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import fisher, ops
+from tests import helpers
+
+VOCAB = 11
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return keras_tkfac.wrap(keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 4),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3),
+    ]))
+
+
+def _rows(model, x, y):
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = LOSS(y, y_pred)
+    spec = fisher.resolve_loss(LOSS, "empirical")
+    source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    ids, g = recording.rows(grads)[0]
+    block = model.blocks[0]
+    expected = block.grad_matrix(tape.gradient(loss, block.kernel), None).numpy()
+    return ids.numpy(), g.numpy(), int(m), expected
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, VOCAB, size=(6, 5)), rng.integers(0, 3, size=(6,))
+
+
+def test_rows_reproduce_keras_gradient(batch):
+    ids, g, m, expected = _rows(_model(), *batch)
+    one_hot = np.eye(VOCAB)[ids]
+    np.testing.assert_allclose(one_hot.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_diagonal_statistics_equal_dense_statistics_of_one_hot_rows(batch):
+    ids, g, m, _ = _rows(_model(), *batch)
+    g = g.astype(np.float64)
+    one_hot = np.eye(VOCAB)[ids]
+    delta, n_phi, n_psi = ops.tkfac_statistics_diagonal(
+        tf.constant(ids), tf.constant(g, tf.float64), m, VOCAB)
+    ref = helpers.tkfac_numpy(one_hot, g, m)
+    np.testing.assert_allclose(delta.numpy(), ref[0], rtol=1e-10)
+    assert np.allclose(ref[1], np.diag(np.diag(ref[1])))  # truly diagonal
+    np.testing.assert_allclose(n_phi.numpy(), np.diag(ref[1]), rtol=1e-10)
+    np.testing.assert_allclose(n_psi.numpy(), ref[2], rtol=1e-10)
+    exact = helpers.exact_fisher(one_hot, g, None, m)
+    np.testing.assert_allclose(delta.numpy(), np.trace(exact), rtol=1e-10)
+    a_diag, g_factor = ops.kfac_statistics_diagonal(
+        tf.constant(ids), tf.constant(g, tf.float64), m, VOCAB)
+    np.testing.assert_allclose(a_diag.numpy(), np.diag(one_hot.T @ one_hot) / m)
+    np.testing.assert_allclose(g_factor.numpy(), g.T @ g / len(g), rtol=1e-10)
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+def test_diagonal_preconditioning_equals_kronecker_solve(batch, approximation):
+    ids, g, m, grad = _rows(_model(), *batch)
+    g = g.astype(np.float64)
+    if approximation == "tkfac":
+        stats = ops.tkfac_statistics_diagonal(tf.constant(ids), tf.constant(g), m, VOCAB)
+        left, right = ops.tkfac_damped_factors(*stats, 0.1)
+    else:
+        stats = ops.kfac_statistics_diagonal(tf.constant(ids), tf.constant(g), m, VOCAB)
+        left, right = ops.kfac_damped_factors(*stats, 0.1)
+    assert left.shape == (VOCAB,)
+    left_inv, ok = ops.diagonal_inverse(left)
+    assert bool(ok)
+    right_inv, _ = ops.symmetric_inverse(right)
+    update = ops.precondition(left_inv, tf.constant(grad, tf.float64), right_inv).numpy()
+    expected = helpers.kron_solve(np.diag(left.numpy()), right.numpy(), grad)
+    np.testing.assert_allclose(update, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_embedding_model_trains_without_a_vocab_squared_factor(cls):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, VOCAB, size=(256, 5))
+    # How many of the 5 tokens are among the first 3 ids (0, 1, 2+): a bag of words.
+    y = np.minimum((x < 3).sum(axis=1), 2).astype("int32")
+    model = _model()
+    model.compile(optimizer=cls(seed=0), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=64, epochs=15, verbose=0)
+    shapes = [tuple(v.shape) for v in model.optimizer.variables]
+    assert (VOCAB, VOCAB) not in shapes and (VOCAB,) in shapes
+    assert history.history["accuracy"][-1] > 0.9
