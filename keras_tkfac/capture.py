@@ -45,22 +45,29 @@ class Recording:
         """Every recorded `s`, flattened in block order."""
         return [s for block in self.blocks for _, s in self.calls(block)]
 
-    def rows(self, output_grads):
+    def rows(self, output_grads, layers=None):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
             output_grads: gradients with respect to `outputs()`, same order; `None`
                 entries (a call that does not reach the loss) count as zeros.
+            layers: optional set of `id(layer)`; other blocks get `None` (their
+                rows, e.g. im2col patches, are not built).
 
         Returns:
             A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
-            was not called.
+            was not called or not asked for.
         """
         result = []
         position = 0
         for block in self.blocks:
             a_parts, g_parts = [], []
-            for inputs, s in self.calls(block):
+            calls = self.calls(block)
+            if layers is not None and id(block.layer) not in layers:
+                position += len(calls)
+                result.append(None)
+                continue
+            for inputs, s in calls:
                 grad = output_grads[position]
                 position += 1
                 if grad is None:

@@ -7,7 +7,8 @@ the Hessian of the loss with respect to the model output (the generalised
 Gauss-Newton matrix):
 
 - sparse / categorical cross-entropy: a class drawn from the predicted distribution;
-- binary cross-entropy: a Bernoulli draw per output unit;
+- binary cross-entropy: a Bernoulli draw per output unit, the cotangent scaled by
+  `sqrt(D)` because Keras averages the loss over the `D` units of the last axis;
 - mean squared error: `y = f(x) + sqrt(D / 2) * eps`, `eps ~ N(0, I)`, with `D` the
   size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
   normalisation this is the unit-variance Gaussian of the specification.
@@ -52,6 +53,10 @@ def resolve_loss(loss, fisher):
             "model with `loss=...` (or pass `loss=` to `update_curvature`). "
             "Received: loss=None"
         )
+    if isinstance(loss, dict) and len(loss) == 1:
+        loss = next(iter(loss.values()))
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
     if isinstance(loss, (list, tuple, dict)):
         raise ValueError(
             "keras_tkfac supports single-output models with one loss. "
@@ -110,7 +115,14 @@ def sample_targets(spec, y_pred, seed):
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
 
 
-def output_cotangent(spec, fisher, y_true, y_pred, seed):
+_CROSS_ENTROPIES = (
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+)
+
+
+def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     """Gradient of the summed per-example loss with respect to the model output.
 
     Backpropagating it from the output to a layer's pre-activation output gives that
@@ -125,6 +137,8 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed):
         y_true: the real labels.
         y_pred: the model output.
         seed: `[2]` int32 seed of the sampler.
+        sample_weight: optional per-example weights `w_n`; example `n` then
+            contributes `w_n g_n g_n^T` (its cotangent is scaled by `sqrt(w_n)`).
 
     Returns:
         `(source, cotangent, num_examples)`: the tensor to backpropagate from
@@ -135,9 +149,24 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed):
         targets = sample_targets(spec, y_pred, seed)
     else:
         targets = y_true
-    source = getattr(y_pred, "_keras_logits", y_pred)
+    source = y_pred
+    if spec.kind in _CROSS_ENTROPIES and not spec.from_logits:
+        source = getattr(y_pred, "_keras_logits", y_pred)
     with tf.GradientTape() as tape:
         tape.watch(source)
         losses = spec.fn(targets, y_pred)
         total = tf.reduce_sum(losses)
-    return source, tape.gradient(total, source), tf.size(losses)
+    cotangent = tape.gradient(total, source)
+    if cotangent is None:
+        raise ValueError(
+            "The loss does not depend on the model output, so it gives no curvature. "
+            f"Received: loss={spec.fn!r}"
+        )
+    if spec.kind == "binary_crossentropy" and fisher == "true":
+        # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
+        cotangent *= tf.sqrt(tf.cast(tf.shape(y_pred)[-1], cotangent.dtype))
+    if sample_weight is not None:
+        weight = tf.cast(tf.reshape(sample_weight, [-1]), cotangent.dtype)
+        shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(cotangent) - 1], tf.int32)], 0)
+        cotangent *= tf.reshape(tf.sqrt(weight), shape)
+    return source, cotangent, tf.size(losses)

@@ -23,6 +23,11 @@ def append_homogeneous(a):
     return tf.concat([a, ones], axis=1)
 
 
+def _mean(total, count):
+    """`total / count`, and 0 for an empty batch (a replica may get no examples)."""
+    return tf.math.divide_no_nan(total, count)
+
+
 def tkfac_statistics(a, g, num_examples):
     """Un-normalised TKFAC statistics of one batch.
 
@@ -45,9 +50,9 @@ def tkfac_statistics(a, g, num_examples):
     m = tf.cast(num_examples, a.dtype)
     a_sq = tf.reduce_sum(tf.square(a), axis=1)
     g_sq = tf.reduce_sum(tf.square(g), axis=1)
-    delta = tf.reduce_sum(a_sq * g_sq) / m
-    n_phi = tf.matmul(a * g_sq[:, None], a, transpose_a=True) / m
-    n_psi = tf.matmul(g * a_sq[:, None], g, transpose_a=True) / m
+    delta = _mean(tf.reduce_sum(a_sq * g_sq), m)
+    n_phi = _mean(tf.matmul(a * g_sq[:, None], a, transpose_a=True), m)
+    n_psi = _mean(tf.matmul(g * a_sq[:, None], g, transpose_a=True), m)
     return delta, n_phi, n_psi
 
 
@@ -68,8 +73,8 @@ def kfac_statistics(a, g, num_examples):
     """
     m = tf.cast(num_examples, a.dtype)
     rows = tf.cast(tf.shape(a)[0], a.dtype)
-    a_factor = tf.matmul(a, a, transpose_a=True) / m
-    g_factor = tf.matmul(g, g, transpose_a=True) / rows
+    a_factor = _mean(tf.matmul(a, a, transpose_a=True), m)
+    g_factor = _mean(tf.matmul(g, g, transpose_a=True), rows)
     return a_factor, g_factor
 
 
@@ -90,9 +95,9 @@ def tkfac_statistics_diagonal(ids, g, num_examples, vocab):
     """
     m = tf.cast(num_examples, g.dtype)
     g_sq = tf.reduce_sum(tf.square(g), axis=1)
-    delta = tf.reduce_sum(g_sq) / m
-    n_phi = tf.math.unsorted_segment_sum(g_sq, ids, vocab) / m
-    n_psi = tf.matmul(g, g, transpose_a=True) / m
+    delta = _mean(tf.reduce_sum(g_sq), m)
+    n_phi = _mean(tf.math.unsorted_segment_sum(g_sq, ids, vocab), m)
+    n_psi = _mean(tf.matmul(g, g, transpose_a=True), m)
     return delta, n_phi, n_psi
 
 
@@ -101,7 +106,7 @@ def kfac_statistics_diagonal(ids, g, num_examples, vocab):
     m = tf.cast(num_examples, g.dtype)
     rows = tf.cast(tf.shape(g)[0], g.dtype)
     counts = tf.math.unsorted_segment_sum(tf.ones_like(g[:, 0]), ids, vocab)
-    return counts / m, tf.matmul(g, g, transpose_a=True) / rows
+    return _mean(counts, m), _mean(tf.matmul(g, g, transpose_a=True), rows)
 
 
 def add_to_diagonal(matrix, value):

@@ -50,6 +50,17 @@ def _jit(fn):
     return _jit_cache[fn]
 
 
+def _single(value, name):
+    """The one tensor of a single-output structure (a dict or list of one)."""
+    flat = tf.nest.flatten(value)
+    if len(flat) != 1:
+        raise ValueError(
+            "keras_tkfac supports models with a single output. "
+            f"Received: {name} with {len(flat)} tensors"
+        )
+    return flat[0]
+
+
 def _input_factor_shape(block):
     if block.input_kind == "diagonal":
         return (block.d_in,)
@@ -170,7 +181,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._blocks = None
         self._slots = []
         self._jit_math = False
-        self._step_is_finite = tf.constant(True)
+        self._step_is_finite = None
 
     # Set-up -------------------------------------------------------------------
 
@@ -274,9 +285,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         fallback = [v.path for v in var_list if self._var_key(v) not in covered]
         if fallback:
-            logging.info(
-                "keras_tkfac: %d variable(s) take the momentum-SGD fallback "
-                "(no curvature block): %s", len(fallback), ", ".join(fallback)
+            logging.warning(
+                "keras_tkfac: %d of %d variable(s) take the momentum-SGD fallback "
+                "(no curvature block): %s", len(fallback), len(var_list),
+                ", ".join(fallback),
             )
 
     # Curvature ----------------------------------------------------------------
@@ -290,7 +302,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return tf.constant(self.damping, tf.float32)
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
-                         loss_value=None, loss_scale=None):
+                         sample_weight=None, loss_value=None, loss_scale=None):
         """Updates the factor statistics and inverses when they are due.
 
         Call it after the forward pass and before `apply_gradients`, in the same
@@ -306,6 +318,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             y_pred: the model output.
             y_true: the real labels (used by `fisher="empirical"`).
             loss: the training loss (a name, function or `keras.losses.Loss`).
+            sample_weight: optional per-example weights, applied to the Fisher as
+                to the loss.
             loss_value: optional, this step's loss; statistics are not updated
                 when it is not finite.
             loss_scale: optional, the loss-scaling factor of mixed precision; the
@@ -316,6 +330,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         moving averages; `skipped_statistics` counts such updates.
         """
         spec = fisher_lib.resolve_loss(loss, self.fisher)
+        y_pred = _single(y_pred, "y_pred")
+        if y_true is not None:
+            y_true = _single(y_true, "y_true")
         if self._blocks is None:
             self.attach(recording.blocks)
         if not self.built:
@@ -333,15 +350,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             step = tf.cast(self.iterations, tf.int32)
             seed = tf.stack([self.seed + distributed.replica_id(), step])
             source, cotangent, num_examples = fisher_lib.output_cotangent(
-                spec, self.fisher, y_true, y_pred, seed
+                spec, self.fisher, y_true, y_pred, seed, sample_weight
             )
             grads = tape.gradient(
                 source, recording.outputs(),
                 output_gradients=cotangent * tf.cast(scale, cotangent.dtype),
             )
-            rows = dict(
-                zip([id(b.layer) for b in recording.blocks], recording.rows(grads))
-            )
+            wanted = {id(slot.block.layer) for slot in slots}
+            rows = dict(zip([id(b.layer) for b in recording.blocks],
+                            recording.rows(grads, wanted)))
             # Sums over this replica's examples; one SUM all-reduce and a division
             # by the global count give the mean over all examples of all replicas.
             count = tf.cast(num_examples, tf.float32)
@@ -446,8 +463,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 [u for *_, u in used], [g for *_, g, _ in used],
                 learning_rate, self.kl_clip,
             )
-        ratios = [tf.math.divide_no_nan(tf.norm(u), tf.norm(g)) for *_, g, u in used]
-        self._last_update.assign(tf.stack([scale] + [scale * r for r in ratios]))
+        ratios = [tf.constant(0.0)] * len(self._slots)
+        for slot, _, _, grad, update in used:
+            ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
+            ratios[self._slots.index(slot)] = scale * ratio
+        self._last_update.assign(tf.stack([scale] + ratios))
         grads = list(grads)
         for slot, k, b, _, update in used:
             kernel_update, bias_update = slot.block.split_matrix(update * scale)
@@ -473,6 +493,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         grads = self._precondition(grads, list(trainable_variables), learning_rate)
         super()._backend_update_step(grads, trainable_variables, learning_rate)
+        # Trace-time hand-over to `update_step` only; not kept between steps.
+        self._step_is_finite = None
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
@@ -485,6 +507,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """Decoupled weight decay, `m <- momentum * m + u`, `theta -= lr * m`."""
         learning_rate = tf.cast(learning_rate, variable.dtype)
         ok = self._step_is_finite
+        if ok is None:
+            ok = tf.constant(True)
         gradient = tf.where(ok, tf.cast(gradient, variable.dtype), 0.0)
         value = tf.convert_to_tensor(variable)
         if self.weight_decay and self._use_weight_decay(variable):

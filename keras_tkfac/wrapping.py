@@ -21,7 +21,9 @@ def _find_blocks(model, exclude):
     found = []
     seen = set()
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if id(layer) in seen or not layer.trainable:
+        # Frozen layers get blocks too: they may be unfrozen later, and the
+        # optimizer's `build` only preconditions trainable variables.
+        if id(layer) in seen:
             continue
         seen.add(id(layer))
         if layer.name in excluded_names or (
@@ -124,7 +126,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         curvature.update_curvature(
-            recording, tape, y_pred, y_true=y, loss=self.loss, loss_value=loss,
+            recording, tape, y_pred, y_true=y, loss=self.loss,
+            sample_weight=sample_weight, loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
         )
         optimizer.apply_gradients(zip(grads, variables))

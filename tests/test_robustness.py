@@ -154,3 +154,85 @@ def test_fuzzed_invalid_arguments_raise_value_error_naming_them(bad):
     with pytest.raises(ValueError) as error:
         keras_tkfac.TKFAC(**{name: value})
     assert f"{name}=" in str(error.value)
+
+
+def test_layer_not_called_in_the_forward_pass():
+    class WithUnusedHead(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.body = keras.layers.Dense(4, activation="tanh")
+            self.head = keras.layers.Dense(3)
+            self.unused = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(self.body(x))
+
+    keras.utils.set_random_seed(0)
+    inner = WithUnusedHead()
+    x, y = helpers.classification_data(n=16)
+    inner(x[:1])
+    inner.unused.build((None, 4))
+    model = keras_tkfac.wrap(inner)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    report = model.optimizer.curvature_report()
+    assert report[inner.unused.name]["update_ratio"] == 0.0
+    assert report[inner.head.name]["update_ratio"] > 0.0
+
+
+def test_sample_weights_weight_the_fisher():
+    x, y = helpers.classification_data(n=8)
+    weights = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype="float32")
+
+    def delta(x, y, sample_weight):
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0)
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                                   sample_weight=sample_weight)
+        return optimizer._slots[0].factors[0].numpy() / 0.05  # undo the first EMA
+
+    # Zero-weight examples add nothing; Keras's mean still counts them in M.
+    np.testing.assert_allclose(delta(x, y, weights), delta(x[:4], y[:4], None) / 2,
+                               rtol=1e-5)
+
+
+def test_layers_frozen_at_wrap_time_are_preconditioned_once_unfrozen():
+    x, y = helpers.classification_data(n=16)
+    base = helpers.tiny_mlp()
+    base.layers[0].trainable = False
+    model = keras_tkfac.wrap(base)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert len(model.optimizer._slots) == 1
+    base.layers[0].trainable = True
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert len(model.optimizer._slots) == 2
+
+
+def test_single_output_in_a_dict_trains():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    outputs = {"out": keras.layers.Dense(3)(keras.layers.Dense(4)(inputs))}
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss={"out": LOSS})
+    x, y = helpers.classification_data(n=16)
+    history = model.fit(x, {"out": y}, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_empty_replica_batch_gives_no_nan(mirrored):
+    x, y = helpers.classification_data(n=3)
+    with mirrored.scope():
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0, factor_update_freq=1), loss=LOSS)
+    # Batches of 2 then 1: with 2 replicas the last step leaves one replica empty.
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(2), epochs=2,
+              shuffle=False, verbose=0)
+    assert int(model.optimizer.skipped_statistics.numpy()) == 0
+    for variable in model.weights + model.optimizer.variables:
+        assert np.all(np.isfinite(variable.numpy())), variable.path

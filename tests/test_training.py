@@ -82,6 +82,7 @@ def test_defaults_beat_adam_and_sgd_at_equal_steps(digits, build, reshape):
         (None, keras.losses.BinaryCrossentropy(from_logits=True),
          lambda y: (y % 2).astype("float32")[:, None]),
         (None, "mse", lambda y: np.eye(10, dtype="float32")[y]),
+        ("sigmoid", "mse", lambda y: np.eye(10, dtype="float32")[y]),
         ("softmax", "categorical_crossentropy", lambda y: np.eye(10, dtype="float32")[y]),
     ],
 )
