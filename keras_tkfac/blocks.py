@@ -22,6 +22,8 @@ class CurvatureBlock:
     Subclasses implement `preactivation`, `rows`, `kernel_rows` and `is_conv`.
     `input_kind` is `"dense"`, or `"diagonal"` for layers whose inputs are one-hot
     (their rows' `a` are then integer ids and the input factor is a vector).
+    `groups > 1` splits the layer into independent blocks (depthwise convolutions):
+    rows are then `[rows, groups, d]` and the gradient matrix `[groups, d_in', d_out]`.
 
     Args:
         layer: the built Keras layer this block describes.
@@ -29,6 +31,7 @@ class CurvatureBlock:
 
     is_conv = False
     input_kind = "dense"
+    groups = 1
 
     def __init__(self, layer):
         self.layer = layer
@@ -282,6 +285,81 @@ class EinsumDenseBlock(CurvatureBlock):
         return self._with_bias(a), g
 
 
+class DepthwiseConvBlock(CurvatureBlock):
+    """`keras.layers.DepthwiseConv2D` (channels_last): one block per input channel.
+
+    Channel `c`'s filters see only channel `c`'s patches, so its Fisher block is
+    approximated on its own: input factor over the `kh * kw` patch (plus bias),
+    output factor over its `depth_multiplier` outputs. Cross-channel curvature is
+    dropped, as K-FAC drops cross-layer curvature.
+    """
+
+    is_conv = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
+                f"convolutions. Received: data_format={layer.data_format!r}"
+            )
+
+    @property
+    def groups(self):
+        return int(self.kernel.shape[2])
+
+    @property
+    def d_out(self):
+        return int(self.kernel.shape[3])
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[0]) * int(self.kernel.shape[1])
+
+    def preactivation(self, inputs):
+        s = keras.ops.depthwise_conv(
+            inputs,
+            self.layer.kernel,
+            strides=self.layer.strides,
+            padding=self.layer.padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format="channels_last",
+        )
+        if self.bias is not None:
+            s = s + self.layer.bias
+        return s
+
+    def rows(self, inputs, output_grads):
+        patches = tf.image.extract_patches(
+            inputs,
+            sizes=[1, *self.layer.kernel_size, 1],
+            strides=[1, *self.layer.strides, 1],
+            rates=[1, *self.layer.dilation_rate, 1],
+            padding=self.layer.padding.upper(),
+        )
+        a = tf.reshape(patches, [-1, self.kernel_rows(), self.groups])
+        a = tf.transpose(a, [0, 2, 1])
+        if self.bias is not None:
+            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+        g = tf.reshape(output_grads, [-1, self.groups, self.d_out])
+        return a, g
+
+    def grad_matrix(self, kernel_grad, bias_grad):
+        k = tf.reshape(kernel_grad, [self.kernel_rows(), self.groups, self.d_out])
+        matrix = tf.transpose(k, [1, 0, 2])
+        if bias_grad is not None:
+            bias = tf.reshape(bias_grad, [self.groups, 1, self.d_out])
+            matrix = tf.concat([matrix, bias], axis=1)
+        return matrix
+
+    def split_matrix(self, matrix):
+        n = self.kernel_rows()
+        kernel = tf.reshape(tf.transpose(matrix[:, :n], [1, 0, 2]), self.kernel.shape)
+        bias = None
+        if self.bias is not None:
+            bias = tf.reshape(matrix[:, n], self.bias.shape)
+        return kernel, bias
+
+
 class EmbeddingBlock(CurvatureBlock):
     """`keras.layers.Embedding`: one-hot inputs, so the input factor is diagonal.
 
@@ -318,6 +396,7 @@ BLOCKS = {
     keras.layers.Conv2D: ConvBlock,
     keras.layers.Conv3D: ConvBlock,
     keras.layers.Embedding: EmbeddingBlock,
+    keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
 }
 
 

@@ -109,9 +109,47 @@ def kfac_statistics_diagonal(ids, g, num_examples, vocab):
     return _mean(counts, m), _mean(tf.matmul(g, g, transpose_a=True), rows)
 
 
-def add_to_diagonal(matrix, value):
-    """Returns `matrix + value * I`; a vector stands for a diagonal matrix."""
+def tkfac_statistics_grouped(a, g, num_examples):
+    """`tkfac_statistics` for `G` independent groups (depthwise convolutions).
+
+    Args:
+        a: `[rows, G, d_in]`; g: `[rows, G, d_out]`.
+
+    Returns:
+        `(delta [G], n_phi [G, d_in, d_in], n_psi [G, d_out, d_out])`.
+    """
+    m = tf.cast(num_examples, a.dtype)
+    a_sq = tf.reduce_sum(tf.square(a), axis=-1)
+    g_sq = tf.reduce_sum(tf.square(g), axis=-1)
+    delta = _mean(tf.reduce_sum(a_sq * g_sq, axis=0), m)
+    n_phi = _mean(tf.einsum("rg,rgi,rgj->gij", g_sq, a, a), m)
+    n_psi = _mean(tf.einsum("rg,rgi,rgj->gij", a_sq, g, g), m)
+    return delta, n_phi, n_psi
+
+
+def kfac_statistics_grouped(a, g, num_examples):
+    """`kfac_statistics` for `G` independent groups: `[G, d, d]` factors."""
+    m = tf.cast(num_examples, a.dtype)
+    rows = tf.cast(tf.shape(a)[0], a.dtype)
+    a_factor = _mean(tf.einsum("rgi,rgj->gij", a, a), m)
+    g_factor = _mean(tf.einsum("rgi,rgj->gij", g, g), rows)
+    return a_factor, g_factor
+
+
+def _per_matrix(value, matrix):
+    """Reshapes a per-group `[G]` value to broadcast against `[G, d, d]` matrices."""
     value = tf.cast(value, matrix.dtype)
+    if value.shape.rank and matrix.shape.rank == value.shape.rank + 2:
+        value = value[..., None, None]
+    return value
+
+
+def add_to_diagonal(matrix, value):
+    """Returns `matrix + value * I`; a vector stands for a diagonal matrix.
+
+    `value` may hold one value per group for a `[G, d, d]` batch of matrices.
+    """
+    value = _per_matrix(value, matrix)
     if matrix.shape.rank == 1:
         return matrix + value
     eye = tf.eye(tf.shape(matrix)[-1], dtype=matrix.dtype)
@@ -119,7 +157,10 @@ def add_to_diagonal(matrix, value):
 
 
 def _mean_eigenvalue(factor, floor):
-    """`tr(F) / dim(F)`, the trace floored at `floor`; a vector is a diagonal."""
+    """`tr(F) / dim(F)`, the trace floored at `floor`; a vector is a diagonal.
+
+    A `[G, d, d]` batch gives one value per group.
+    """
     trace = tf.reduce_sum(factor) if factor.shape.rank == 1 else tf.linalg.trace(factor)
     return tf.maximum(trace, floor) / tf.cast(tf.shape(factor)[-1], factor.dtype)
 
@@ -143,8 +184,8 @@ def tkfac_damped_factors(delta, n_phi, n_psi, damping):
     root_delta = tf.sqrt(tf.maximum(delta, 0.0))
     inv_root_delta = tf.math.divide_no_nan(tf.ones_like(root_delta), root_delta)
     root_damping = tf.sqrt(tf.cast(damping, n_phi.dtype))
-    phi_hat = add_to_diagonal(n_phi * inv_root_delta, root_damping)
-    psi_hat = add_to_diagonal(n_psi * inv_root_delta, root_damping)
+    phi_hat = add_to_diagonal(n_phi * _per_matrix(inv_root_delta, n_phi), root_damping)
+    psi_hat = add_to_diagonal(n_psi * _per_matrix(inv_root_delta, n_psi), root_damping)
     return phi_hat, psi_hat
 
 
@@ -208,7 +249,8 @@ def diagonal_inverse(diagonals):
 def precondition(left_inverse, grad_matrix, right_inverse):
     """`U = L^{-1} G R^{-1}` for a `[d_in, d_out]` gradient matrix `G`.
 
-    A rank-1 `left_inverse` is the diagonal of a diagonal `L^{-1}`.
+    A rank-1 `left_inverse` is the diagonal of a diagonal `L^{-1}`; `[G, ...]`
+    batches (grouped layers) multiply group by group.
     """
     right = tf.matmul(grad_matrix, right_inverse)
     if left_inverse.shape.rank == 1:

@@ -61,27 +61,49 @@ def _single(value, name):
     return flat[0]
 
 
+def _identity(shape, dtype=None):
+    """Initial inverses: identity matrices, or ones for a diagonal."""
+    if len(shape) == 1:
+        return tf.ones(shape, dtype=dtype)
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype)
+
+
+def _group_shape(block):
+    return (block.groups,) if block.groups > 1 else ()
+
+
 def _input_factor_shape(block):
     if block.input_kind == "diagonal":
         return (block.d_in,)
-    return (block.d_in, block.d_in)
+    return _group_shape(block) + (block.d_in, block.d_in)
+
+
+def _output_factor_shape(block):
+    return _group_shape(block) + (block.d_out, block.d_out)
 
 
 def _inverse_cost(matrix):
-    """Flops model of inverting `matrix` (`d^3`; a diagonal vector costs `d`)."""
+    """Flops model of inverting `matrix` (`d^3` per group; a diagonal costs `d`)."""
     d = int(matrix.shape[-1])
-    return d if matrix.shape.rank == 1 else d**3
+    if matrix.shape.rank == 1:
+        return d
+    groups = int(np.prod(matrix.shape[:-2]))
+    return groups * d**3
 
 
 def _trace(factor):
-    return tf.reduce_sum(factor) if factor.shape.rank == 1 else tf.linalg.trace(factor)
+    """The trace; of a diagonal vector, its sum; of a `[G, d, d]` batch, the total."""
+    if factor.shape.rank == 1:
+        return tf.reduce_sum(factor)
+    return tf.reduce_sum(tf.linalg.trace(factor))
 
 
 def _condition_number(matrix):
+    """The condition number; of a `[G, d, d]` batch, the worst group's."""
     matrix = matrix.astype(np.float64)
     if matrix.ndim == 1:
         return float(np.max(np.abs(matrix)) / np.min(np.abs(matrix)))
-    return float(np.linalg.cond(matrix))
+    return float(np.max(np.linalg.cond(matrix)))
 
 
 def _is_schedule(value):
@@ -255,11 +277,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             ]
             inverses = [
                 self.add_variable(
-                    shape, initializer="identity" if len(shape) == 2 else "ones",
+                    shape, initializer=_identity,
                     name=f"{block.name}_{side}_inv", aggregation="only_first_replica",
                 )
                 for side, shape in (("left", _input_factor_shape(block)),
-                                    ("right", (block.d_out, block.d_out)))
+                                    ("right", _output_factor_shape(block)))
             ]
             self._slots.append(_Slot(block, kernel_key, bias_key, factors, inverses))
         self._factor_weight = self.add_variable(
@@ -421,6 +443,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 by_shape[tuple(matrix.shape)].append(i)
         new_values = [tf.zeros_like(target.value) for target in targets]
         failures = tf.constant(0.0)
+        # One failure per factor, whatever its number of groups.
         invert = _inverse_for_device()
         for shape, indices in by_shape.items():
             stacked = tf.stack([matrices[i] for i in indices])
@@ -429,8 +452,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             else:
                 inverses, ok = invert(stacked, self.inverse_dtype)
             for j, i in enumerate(indices):
-                new_values[i] = tf.where(ok[j], inverses[j], targets[i].value)
-            failures += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
+                new_values[i] = tf.where(
+                    tf.reduce_all(ok[j]), inverses[j], targets[i].value
+                )
+            ok = tf.reshape(ok, [len(indices), -1])
+            failures += tf.reduce_sum(
+                tf.cast(tf.logical_not(tf.reduce_all(ok, axis=1)), tf.float32)
+            )
         if split:
             *new_values, failures = distributed.all_reduce(
                 "sum", new_values + [failures]
@@ -579,7 +607,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             conds = [_condition_number(m.numpy()) for m in (left, right)]
             report[slot.block.name] = {
                 "trace": float(self._trace(factors)),
-                "damping": float(self._layer_damping(slot.block, factors, damping)),
+                "damping": float(tf.reduce_mean(
+                    self._layer_damping(slot.block, factors, damping))),
                 "cond_left": float(conds[0]),
                 "cond_right": float(conds[1]),
                 "update_ratio": float(last[i + 1]),
@@ -732,15 +761,17 @@ class TKFAC(CurvatureOptimizer):
 
     def _factor_specs(self, block):
         return [
-            ("delta", ()),
+            ("delta", _group_shape(block)),
             ("n_phi", _input_factor_shape(block)),
-            ("n_psi", (block.d_out, block.d_out)),
+            ("n_psi", _output_factor_shape(block)),
         ]
 
     def _statistics(self, block, a, g, num_examples):
         if block.input_kind == "diagonal":
             return self._math(ops.tkfac_statistics_diagonal)(a, g, num_examples,
                                                              block.d_in)
+        if block.groups > 1:
+            return self._math(ops.tkfac_statistics_grouped)(a, g, num_examples)
         return self._math(ops.tkfac_statistics)(a, g, num_examples)
 
     def _layer_damping(self, block, factors, damping):
@@ -751,7 +782,7 @@ class TKFAC(CurvatureOptimizer):
         return damping
 
     def _trace(self, factors):
-        return factors[0]
+        return tf.reduce_sum(factors[0])
 
     def _damped_factors(self, block, factors, damping):
         damping = self._layer_damping(block, factors, damping)
@@ -817,12 +848,14 @@ class KFAC(CurvatureOptimizer):
         )
 
     def _factor_specs(self, block):
-        return [("a", _input_factor_shape(block)), ("g", (block.d_out, block.d_out))]
+        return [("a", _input_factor_shape(block)), ("g", _output_factor_shape(block))]
 
     def _statistics(self, block, a, g, num_examples):
         if block.input_kind == "diagonal":
             return self._math(ops.kfac_statistics_diagonal)(a, g, num_examples,
                                                             block.d_in)
+        if block.groups > 1:
+            return self._math(ops.kfac_statistics_grouped)(a, g, num_examples)
         return self._math(ops.kfac_statistics)(a, g, num_examples)
 
     def _trace(self, factors):

@@ -1,0 +1,97 @@
+"""DepthwiseConv2D: one Fisher block per channel, oracles as for the other blocks."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import fisher, ops
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _model(**conv_args):
+    keras.utils.set_random_seed(0)
+    return keras_tkfac.wrap(keras.Sequential([
+        keras.Input((6, 7, 3)),
+        keras.layers.DepthwiseConv2D(3, depth_multiplier=2, activation="tanh",
+                                     **conv_args),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ]))
+
+
+def _rows(model, x, y):
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = LOSS(y, y_pred)
+    spec = fisher.resolve_loss(LOSS, "empirical")
+    source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    a, g = recording.rows(grads)[0]
+    block = model.blocks[0]
+    grads = tape.gradient(loss, block.variables)
+    expected = block.grad_matrix(grads[0], grads[1] if len(grads) > 1 else None).numpy()
+    return block, a.numpy().astype(np.float64), g.numpy().astype(np.float64), int(m), expected
+
+
+@pytest.mark.parametrize("conv_args", [
+    dict(padding="valid"), dict(padding="same", strides=2),
+    dict(padding="same", dilation_rate=2, use_bias=False)])
+def test_rows_reproduce_keras_gradient_per_channel(conv_args):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 7, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(4,))
+    block, a, g, m, expected = _rows(_model(**conv_args), x, y)
+    assert a.shape[1] == 3 and g.shape[1:] == (3, 2)
+    np.testing.assert_allclose(np.einsum("rgi,rgo->gio", a, g) / m, expected,
+                               rtol=1e-4, atol=1e-6)
+    kernel, bias = block.split_matrix(tf.constant(expected))
+    np.testing.assert_allclose(block.grad_matrix(kernel, bias).numpy(), expected)
+
+
+def test_grouped_statistics_are_the_per_channel_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 7, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(4,))
+    _, a, g, m, _ = _rows(_model(), x, y)
+    delta, n_phi, n_psi = ops.tkfac_statistics_grouped(tf.constant(a), tf.constant(g), m)
+    a_factor, g_factor = ops.kfac_statistics_grouped(tf.constant(a), tf.constant(g), m)
+    for c in range(3):
+        ref = helpers.tkfac_numpy(a[:, c], g[:, c], m)
+        np.testing.assert_allclose(delta[c].numpy(), ref[0], rtol=1e-10)
+        np.testing.assert_allclose(n_phi[c].numpy(), ref[1], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(n_psi[c].numpy(), ref[2], rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(a_factor[c].numpy(), a[:, c].T @ a[:, c] / m)
+        np.testing.assert_allclose(g_factor[c].numpy(), g[:, c].T @ g[:, c] / len(g))
+    # Damping and preconditioning per channel equal the ungrouped math channel by
+    # channel (trace-relative damping per channel, as for any conv block).
+    damping = ops.trace_relative_damping(delta, 10 * 2, 1e-3)
+    left, right = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+    grad = rng.normal(size=(3, 10, 2))
+    update = ops.precondition(ops.symmetric_inverse(left)[0], tf.constant(grad),
+                              ops.symmetric_inverse(right)[0]).numpy()
+    for c in range(3):
+        ref_left, ref_right = helpers.tkfac_damped_numpy(
+            delta[c].numpy(), n_phi[c].numpy(), n_psi[c].numpy(),
+            max(delta[c].numpy(), 1e-3) / 20)
+        np.testing.assert_allclose(
+            update[c], helpers.kron_solve(ref_left, ref_right, grad[c]), rtol=1e-7,
+            atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_depthwise_model_trains(cls):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(128, 6, 7, 3)).astype("float32")
+    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype("int32")
+    model = _model()
+    model.compile(optimizer=cls(seed=0), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=32, epochs=10, verbose=0)
+    assert history.history["accuracy"][-1] > 0.9
+    assert model.optimizer._slots[0].inverses[0].shape == (3, 10, 10)
+    report = model.optimizer.curvature_report()
+    assert np.isfinite(report[model.blocks[0].name]["cond_left"])
