@@ -139,15 +139,15 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         return keras_compat.multi_worker_logs(super().test_step(data))
 
     def get_config(self):
-        names = [e for e in self._exclude if isinstance(e, str)]
-        if len(names) != len(self._exclude):
-            logging.warning(
-                "keras_tkfac: classes in `exclude` are not saved; only layer names are."
-            )
+        exclude = [
+            e if isinstance(e, str)
+            else {"layer_class": keras.saving.get_registered_name(e)}
+            for e in self._exclude
+        ]
         return {
             "name": self.name,
             "model": keras.saving.serialize_keras_object(self.model),
-            "exclude": names,
+            "exclude": exclude,
         }
 
     @classmethod
@@ -156,7 +156,24 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         model = keras.saving.deserialize_keras_object(
             config.pop("model"), custom_objects=custom_objects
         )
+        config["exclude"] = [
+            e if isinstance(e, str) else _layer_class(e["layer_class"], custom_objects)
+            for e in config.get("exclude", [])
+        ]
         return cls(model, **config)
+
+
+def _layer_class(name, custom_objects):
+    """A layer class from its registered name (Keras's own or a custom one)."""
+    layer_class = (custom_objects or {}).get(name)
+    layer_class = layer_class or keras.saving.get_registered_object(name)
+    layer_class = layer_class or getattr(keras.layers, name, None)
+    if layer_class is None:
+        raise ValueError(
+            f"Cannot find the excluded layer class {name!r}; pass it in "
+            f"`custom_objects`. Received: layer_class={name!r}"
+        )
+    return layer_class
 
 
 def wrap(model, *, exclude=()):

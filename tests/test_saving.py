@@ -106,3 +106,22 @@ def test_backup_and_restore_resumes_with_curvature_state(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
     for a, b in zip(reference.weights, resumed.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_excluded_layer_names_and_classes_survive_saving(tmp_path):
+    x, y = helpers.classification_data(n=16)
+    base = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(4, name="first"),
+        keras.layers.LayerNormalization(),
+        keras.layers.Reshape((4, 1)),
+        keras.layers.Conv1D(2, 2), keras.layers.Flatten(),
+        keras.layers.Dense(3, name="last")])
+    model = keras_tkfac.wrap(base, exclude=["first", keras.layers.Conv1D])
+    assert [b.name for b in model.blocks] == ["last"]
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [b.name for b in loaded.blocks] == ["last"]
+    _assert_same_state(model, loaded)
