@@ -108,6 +108,18 @@ class CurvatureBlock:
     def _with_bias(self, a):
         return ops.append_homogeneous(a) if self.bias is not None else a
 
+    def _add_bias(self, s):
+        return s if self.bias is None else s + self.bias
+
+
+def _require_channels_last(layer):
+    if layer.data_format != "channels_last":
+        raise ValueError(
+            f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
+            "convolutions; exclude the layer or use channels_last. Received: "
+            f"data_format={layer.data_format!r}"
+        )
+
 
 class DenseBlock(CurvatureBlock):
     """`keras.layers.Dense`; inputs of rank > 2 contribute one row per position."""
@@ -115,11 +127,11 @@ class DenseBlock(CurvatureBlock):
     def kernel_rows(self):
         return int(self.kernel.shape[0])
 
+    def _product(self, inputs):
+        return keras.ops.matmul(inputs, self.layer.kernel)
+
     def preactivation(self, inputs):
-        s = keras.ops.matmul(inputs, self.layer.kernel)
-        if self.bias is not None:
-            s = s + self.layer.bias
-        return s
+        return self._add_bias(self._product(inputs))
 
     def rows(self, inputs, output_grads):
         a = tf.reshape(inputs, [-1, self.kernel_rows()])
@@ -139,12 +151,7 @@ class ConvBlock(CurvatureBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
-        if layer.data_format != "channels_last":
-            raise ValueError(
-                f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
-                "convolutions; exclude the layer or use channels_last. Received: "
-                f"data_format={layer.data_format!r}"
-            )
+        _require_channels_last(layer)
         if getattr(layer, "groups", 1) != 1:
             raise ValueError(
                 f"Layer {layer.name!r}: grouped convolutions are not supported; "
@@ -182,9 +189,7 @@ class ConvBlock(CurvatureBlock):
             dilation_rate=self.layer.dilation_rate,
             data_format="channels_last",
         )
-        if self.bias is not None:
-            s = s + self.layer.bias
-        return s
+        return self._add_bias(s)
 
     def rows(self, inputs, output_grads):
         inputs, padding = self._padded(inputs)
@@ -215,7 +220,7 @@ class ConvBlock(CurvatureBlock):
         return self._with_bias(a), g
 
 
-class EinsumDenseBlock(CurvatureBlock):
+class EinsumDenseBlock(DenseBlock):
     """`keras.layers.EinsumDense` whose equation is a dense map on trailing axes.
 
     Supported equations contract the input's trailing axes with the kernel's leading
@@ -273,16 +278,8 @@ class EinsumDenseBlock(CurvatureBlock):
             n *= int(dim)
         return n
 
-    def preactivation(self, inputs):
-        s = keras.ops.einsum(self.layer.equation, inputs, self.layer.kernel)
-        if self.bias is not None:
-            s = s + self.layer.bias
-        return s
-
-    def rows(self, inputs, output_grads):
-        a = tf.reshape(inputs, [-1, self.kernel_rows()])
-        g = tf.reshape(output_grads, [-1, self.d_out])
-        return self._with_bias(a), g
+    def _product(self, inputs):
+        return keras.ops.einsum(self.layer.equation, inputs, self.layer.kernel)
 
 
 class DepthwiseConvBlock(CurvatureBlock):
@@ -298,11 +295,7 @@ class DepthwiseConvBlock(CurvatureBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
-        if layer.data_format != "channels_last":
-            raise ValueError(
-                f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
-                f"convolutions. Received: data_format={layer.data_format!r}"
-            )
+        _require_channels_last(layer)
 
     @property
     def groups(self):
@@ -324,9 +317,7 @@ class DepthwiseConvBlock(CurvatureBlock):
             dilation_rate=self.layer.dilation_rate,
             data_format="channels_last",
         )
-        if self.bias is not None:
-            s = s + self.layer.bias
-        return s
+        return self._add_bias(s)
 
     def rows(self, inputs, output_grads):
         patches = tf.image.extract_patches(

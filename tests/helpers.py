@@ -1,7 +1,11 @@
 """Shared test oracles: exact numpy Fisher blocks, numpy K-FAC/TKFAC, tiny models."""
 
 import numpy as np
+import tensorflow as tf
 import keras
+
+import keras_tkfac
+from keras_tkfac import fisher
 
 RNG = np.random.default_rng(0)
 
@@ -95,3 +99,26 @@ def classification_data(n=32, d_in=5, classes=3, seed=0):
     x = rng.normal(size=(n, d_in)).astype("float32")
     y = rng.integers(0, classes, size=(n,)).astype("int32")
     return x, y
+
+
+def recorded_rows(model, x, y, block_index=0):
+    """Empirical-Fisher rows of one block and Keras's own gradient matrix for it.
+
+    Returns:
+        `(block, a, g, num_examples, keras_grad_matrix)`, the rows as numpy arrays.
+    """
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = loss_fn(y, y_pred)
+    spec = fisher.resolve_loss(loss_fn, "empirical")
+    source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    a, g = recording.rows(grads)[block_index]
+    block = model.blocks[block_index]
+    keras_grads = tape.gradient(loss, block.variables)
+    expected = block.grad_matrix(
+        keras_grads[0], keras_grads[1] if len(keras_grads) > 1 else None
+    )
+    return block, a.numpy(), g.numpy(), int(m), expected.numpy()

@@ -19,7 +19,6 @@ import keras
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras_tkfac  # noqa: E402
 from tests import multi_worker_problem as problem  # noqa: E402
 
 

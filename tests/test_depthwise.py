@@ -6,7 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher, ops
+from keras_tkfac import ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -24,18 +24,8 @@ def _model(**conv_args):
 
 
 def _rows(model, x, y):
-    with tf.GradientTape(persistent=True) as tape:
-        with keras_tkfac.record(model) as recording:
-            y_pred = model(x, training=True)
-        loss = LOSS(y, y_pred)
-    spec = fisher.resolve_loss(LOSS, "empirical")
-    source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
-    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
-    a, g = recording.rows(grads)[0]
-    block = model.blocks[0]
-    grads = tape.gradient(loss, block.variables)
-    expected = block.grad_matrix(grads[0], grads[1] if len(grads) > 1 else None).numpy()
-    return block, a.numpy().astype(np.float64), g.numpy().astype(np.float64), int(m), expected
+    block, a, g, m, expected = helpers.recorded_rows(model, x, y)
+    return block, a.astype(np.float64), g.astype(np.float64), m, expected
 
 
 @pytest.mark.parametrize("conv_args", [

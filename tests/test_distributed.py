@@ -6,7 +6,6 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

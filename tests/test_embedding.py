@@ -6,7 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher, ops
+from keras_tkfac import ops
 from tests import helpers
 
 VOCAB = 11
@@ -24,17 +24,8 @@ def _model():
 
 
 def _rows(model, x, y):
-    with tf.GradientTape(persistent=True) as tape:
-        with keras_tkfac.record(model) as recording:
-            y_pred = model(x, training=True)
-        loss = LOSS(y, y_pred)
-    spec = fisher.resolve_loss(LOSS, "empirical")
-    source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
-    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
-    ids, g = recording.rows(grads)[0]
-    block = model.blocks[0]
-    expected = block.grad_matrix(tape.gradient(loss, block.kernel), None).numpy()
-    return ids.numpy(), g.numpy(), int(m), expected
+    _, ids, g, m, expected = helpers.recorded_rows(model, x, y)
+    return ids, g, m, expected
 
 
 @pytest.fixture
