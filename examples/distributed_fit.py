@@ -34,6 +34,9 @@ _OPTIMIZER = flags.DEFINE_enum("optimizer", "tkfac", ["tkfac", "kfac"], "Optimiz
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 _BACKUP_DIR = flags.DEFINE_string("backup_dir", None, "BackupAndRestore directory.")
+_JIT_COMPILE = flags.DEFINE_bool(
+    "jit_compile", False,
+    "XLA: the whole step on one device, the curvature math under a strategy.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Two epochs on 256 examples.")
 
 
@@ -86,6 +89,7 @@ def main(argv):
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            jit_compile=_JIT_COMPILE.value,
         )
     callbacks = []
     if _BACKUP_DIR.value:

@@ -28,7 +28,7 @@ def _result(process):
 
 def test_one_device_and_two_logical_devices():
     single = _result(_start())
-    mirrored = _result(_start("--devices=2"))
+    mirrored = _result(_start("--devices=2", "--jit_compile"))
     assert single[0] == 1 and mirrored[0] == 2
     assert single[1] < 2.3 and mirrored[1] < 2.3  # below log(10): it learns
 
@@ -42,7 +42,7 @@ def test_two_workers_on_localhost(tmp_path):
     workers = ",".join(f"127.0.0.1:{p}" for p in ports)
     processes = [
         _start(f"--workers={workers}", f"--worker_index={i}",
-               f"--backup_dir={tmp_path}")
+               f"--backup_dir={tmp_path}", "--jit_compile")
         for i in range(2)
     ]
     results = [_result(p) for p in processes]
