@@ -284,8 +284,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                                     ("right", _output_factor_shape(block)))
             ]
             self._slots.append(_Slot(block, kernel_key, bias_key, factors, inverses))
+        # Per layer, the weight of the moving averages (bias correction): a layer
+        # that is not called on a statistics step keeps its averages and weight.
         self._factor_weight = self.add_variable(
-            (), initializer="zeros", name="factor_weight",
+            (len(self._slots),), initializer="zeros", name="factor_weight",
             aggregation="only_first_replica",
         )
         self.inverse_failures = self.add_variable(
@@ -384,9 +386,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             # Sums over this replica's examples; one SUM all-reduce and a division
             # by the global count give the mean over all examples of all replicas.
             count = tf.cast(num_examples, tf.float32)
-            batch = []
+            batch, called = [], []
             for slot in slots:
                 pair = rows.get(id(slot.block.layer))
+                called.append(pair is not None)
                 if pair is None:
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
@@ -406,7 +409,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             old = [v.value for v in factor_vars]
             new = [decay * v + (1.0 - decay) * stat / count
                    for v, stat in zip(old, batch)]
-            new.append(decay * old[-2] + (1.0 - decay))
+            position = 0
+            for slot, was_called in zip(slots, called):
+                if not was_called:
+                    new[position:position + len(slot.factors)] = old[
+                        position:position + len(slot.factors)]
+                position += len(slot.factors)
+            weight = old[-2]
+            new.append(tf.where(called, decay * weight + (1.0 - decay), weight))
             kept = [tf.where(finite, n, o) for n, o in zip(new, old)]
             return kept + [old[-1] + tf.cast(tf.logical_not(finite), tf.int32)]
 
@@ -424,9 +434,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _new_inverses(self):
         damping = self._current_damping()
-        weight = self._factor_weight
         targets, matrices = [], []
-        for slot in self._slots:
+        for i, slot in enumerate(self._slots):
+            weight = self._factor_weight[i]
             factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
             left, right = self._damped_factors(slot.block, factors, damping)
             targets.extend(slot.inverses)
@@ -598,10 +608,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             return {}
         damping = self._current_damping()
-        weight = self._factor_weight
         last = self._last_update.numpy()
         report = {"kl_clip_scale": float(last[0])}
         for i, slot in enumerate(self._slots):
+            weight = self._factor_weight[i]
             factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
             left, right = self._damped_factors(slot.block, factors, damping)
             conds = [_condition_number(m.numpy()) for m in (left, right)]

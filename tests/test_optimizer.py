@@ -162,7 +162,7 @@ def test_statistics_only_on_due_steps():
     history = []
     for _ in range(4):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-        history.append(optimizer._factor_weight.numpy())
+        history.append(optimizer._factor_weight.numpy()[0])
     # Updates at steps 0 and 3 only: weight 0.05, 0.05, 0.05, 1 - 0.95^2.
     np.testing.assert_allclose(history, [0.05, 0.05, 0.05, 1 - 0.95**2], rtol=1e-6)
 

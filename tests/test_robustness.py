@@ -179,6 +179,10 @@ def test_layer_not_called_in_the_forward_pass():
     report = model.optimizer.curvature_report()
     assert report[inner.unused.name]["update_ratio"] == 0.0
     assert report[inner.head.name]["update_ratio"] > 0.0
+    # The unused layer's moving averages were never updated, nor decayed.
+    slots = {s.block.name: i for i, s in enumerate(model.optimizer._slots)}
+    weights = model.optimizer._factor_weight.numpy()
+    assert weights[slots[inner.unused.name]] == 0.0 and weights[slots[inner.head.name]] > 0
 
 
 def test_sample_weights_weight_the_fisher():
