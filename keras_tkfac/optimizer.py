@@ -505,7 +505,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         for slot, _, _, grad, update in used:
             ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
             ratios[self._slots.index(slot)] = scale * ratio
-        self._last_update.assign(tf.stack([scale] + ratios))
+        last = tf.stack([scale] + ratios)
+        if self._step_is_finite is not None:
+            last = tf.where(self._step_is_finite, last, self._last_update)
+        self._last_update.assign(last)
         grads = list(grads)
         for slot, k, b, _, update in used:
             kernel_update, bias_update = slot.block.split_matrix(update * scale)
