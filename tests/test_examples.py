@@ -1,10 +1,15 @@
 """Runs the examples in their `--smoke` mode."""
 
+import importlib.util
+import json
+import math
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,3 +29,86 @@ def test_demo_smoke(tmp_path):
     for name in ("TKFAC", "KFAC", "Adam", "SGD"):
         assert re.search(rf"^\| {name} \|", table, re.MULTILINE), table
     assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def _run(script, *args, timeout=300):
+    """Runs `script` (relative to the root) with this checkout on the path."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    path = [str(_ROOT), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    return subprocess.run(
+        [sys.executable, str(_ROOT / script), *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("examples/mnist_mlp.py", [], r"tkfac: train loss .* test accuracy 0\.\d+"),
+        ("examples/mnist_autoencoder.py", [], r"tkfac: train loss .* test loss 0\.\d+"),
+        ("examples/custom_loop.py", [], r"after 20 steps: .* failed inverses 0"),
+        ("examples/cifar10_resnet.py", ["--dataset=digits"],
+         r"\| tkfac \|.*\n\| kfac \|.*\n\| sgd \|"),
+    ],
+)
+def test_example_smoke(script, args, expected):
+    result = _run(script, "--smoke", *args)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert re.search(expected, result.stdout), result.stdout[-3000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_datasets") is not None,
+    reason="tensorflow_datasets is installed: the run would try to download",
+)
+@pytest.mark.parametrize(
+    "script", ["examples/cifar10_resnet.py", "tools/benchmark.py"]
+)
+def test_tfds_dataset_unavailable_says_so_in_one_line(script):
+    result = _run(script, "--smoke", "--dataset=cifar10")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "cifar10" in last and "--dataset=mnist5k" in last, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "problem, names",
+    [
+        ("mlp", ["TKFAC", "KFAC", "Adam", "SGD", "Muon"]),
+        # Fewer optimizers: each one traces for seconds.
+        ("autoencoder", ["TKFAC", "Adam"]),
+        ("resnet", ["TKFAC", "Adam"]),
+    ],
+)
+def test_benchmark_smoke(problem, names, tmp_path):
+    result = _run("tools/benchmark.py", "--smoke", f"--problem={problem}",
+                  f"--optimizers={','.join(names)}", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = (tmp_path / f"benchmark_{problem}.md").read_text()
+    assert report in result.stdout
+    for name in names:
+        # In the convergence, cost and grid tables; TKFAC/KFAC also by kind of step.
+        rows = len(re.findall(rf"^\| {name} \|", report, re.MULTILINE))
+        assert rows == (4 if name in ("TKFAC", "KFAC") else 3), report
+    runs = json.loads((tmp_path / f"benchmark_{problem}.json").read_text())
+    assert [run["optimizer"] for run in runs] == names
+    for run in runs:
+        assert len(run["step_losses"]) == len(run["step_seconds"]) == 12
+        assert all(math.isfinite(loss) for loss in run["step_losses"])
+    assert (tmp_path / f"benchmark_{problem}.png").stat().st_size > 0
+
+
+def test_fisher_report_smoke(tmp_path):
+    result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in
+            (tmp_path / "fisher_report_mlp.md").read_text().splitlines()
+            if re.match(r"\| \d+ \| dense", line)]
+    assert len(rows) == 6, rows  # three Dense layers at two steps
+    for row in rows:
+        tkfac_error, kfac_error = float(row[3]), float(row[4])
+        assert 0 <= tkfac_error < 1 and 0 <= kfac_error < 1
+        # TKFAC keeps the trace of a dense layer's Fisher block exactly.
+        assert float(row[6]) == pytest.approx(1, abs=1e-3)
+    assert (tmp_path / "fisher_report_mlp.png").stat().st_size > 0

