@@ -12,6 +12,7 @@ import keras
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import ops
+from keras_tkfac import partner as partner_lib
 
 _Slot = collections.namedtuple(
     "_Slot", ["block", "kernel_key", "bias_key", "factors", "inverses"]
@@ -167,6 +168,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         inverse_dtype,
         split_inverses,
         max_factor_dim,
+        fallback,
+        fallback_lr_ratio,
         seed,
         name,
         **kwargs,
@@ -185,6 +188,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         _check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
         _check_choice("split_inverses", split_inverses, (True, False))
         _check_int("max_factor_dim", max_factor_dim)
+        _check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
         if seed is None:
             seed = random.randrange(2**31 - 1)
         _check_int("seed", seed, low=0)
@@ -199,6 +203,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.inverse_dtype = inverse_dtype
         self.split_inverses = bool(split_inverses)
         self.max_factor_dim = int(max_factor_dim)
+        self._partner = partner_lib.Partner(fallback, fallback_lr_ratio, momentum)
+        self.fallback = fallback
+        self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.seed = int(seed)
         self._blocks = None
         self._slots = []
@@ -241,9 +248,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "`optimizer.update_curvature(...)`)."
             )
         super().build(var_list)
-        self._momentums = []
-        if self.momentum > 0:
-            self._momentums = self.add_optimizer_variables(var_list, "momentum")
         keys = {self._var_key(v) for v in var_list}
         covered = set()
         self._slots = []
@@ -307,12 +311,30 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (len(self._slots) + 1,), initializer="ones", name="last_update",
             aggregation="only_first_replica",
         )
-        fallback = [v.path for v in var_list if self._var_key(v) not in covered]
+        self._build_update_state(var_list, covered)
+
+    def _build_update_state(self, var_list, covered):
+        """Momentum of the preconditioned variables, partner state of the others."""
+        self._momentums = [None] * len(var_list)
+        self._partner_slots = [None] * len(var_list)
+        fallback = []
+        for variable in var_list:
+            index = self._get_variable_index(variable)
+            if self._var_key(variable) in covered:
+                if self.momentum > 0:
+                    self._momentums[index] = self.add_variable_from_reference(
+                        variable, "momentum")
+                continue
+            fallback.append(variable.path)
+            self._partner_slots[index] = [
+                self.add_variable_from_reference(variable, slot_name)
+                for slot_name in self._partner.slot_names()
+            ]
         if fallback:
             logging.warning(
-                "keras_tkfac: %d of %d variable(s) take the momentum-SGD fallback "
-                "(no curvature block): %s", len(fallback), len(var_list),
-                ", ".join(fallback),
+                "keras_tkfac: %d of %d variable(s) have no curvature block and take "
+                "the first-order fallback (%s): %s", len(fallback), len(var_list),
+                self._partner.kind, ", ".join(fallback),
             )
 
     # Curvature ----------------------------------------------------------------
@@ -545,22 +567,34 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         pass
 
     def update_step(self, gradient, variable, learning_rate):
-        """Decoupled weight decay, `m <- momentum * m + u`, `theta -= lr * m`."""
-        learning_rate = tf.cast(learning_rate, variable.dtype)
+        """Preconditioned variables: decoupled weight decay, `m <- momentum * m + u`,
+        `theta -= lr * m`. The others: the first-order partner's step."""
         ok = self._step_is_finite
         if ok is None:
             ok = tf.constant(True)
         gradient = tf.where(ok, tf.cast(gradient, variable.dtype), 0.0)
+        index = self._get_variable_index(variable)
+        partner_slots = self._partner_slots[index]
+        if partner_slots is None:
+            momentum = self._momentums[index]
+            slots = [] if momentum is None else [momentum]
+            step = gradient
+            if momentum is not None:
+                step = self.momentum * momentum + gradient
+            new_slots = [step] if momentum is not None else []
+        else:
+            slots = partner_slots
+            learning_rate = self._partner.current_learning_rate(
+                learning_rate, self.iterations)
+            step, new_slots = self._partner.step(
+                gradient, [s.value for s in slots], self.iterations)
+        learning_rate = tf.cast(learning_rate, variable.dtype)
         value = tf.convert_to_tensor(variable)
         if self.weight_decay and self._use_weight_decay(variable):
             decay = tf.cast(self.weight_decay, variable.dtype)
             value = value - learning_rate * decay * value
-        if self._momentums:
-            m = self._momentums[self._get_variable_index(variable)]
-            step = self.momentum * m + gradient
-            self.assign(m, tf.where(ok, step, m))
-        else:
-            step = gradient
+        for slot, new in zip(slots, new_slots):
+            self.assign(slot, tf.where(ok, new, slot))
         self.assign(variable, tf.where(ok, value - learning_rate * step, variable))
 
     # Serialisation ------------------------------------------------------------
@@ -582,6 +616,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "inverse_dtype": self.inverse_dtype,
                 "split_inverses": self.split_inverses,
                 "max_factor_dim": self.max_factor_dim,
+                "fallback": self._partner.get_config(),
+                "fallback_lr_ratio": self.fallback_lr_ratio,
                 "seed": self.seed,
             }
         )
@@ -594,6 +630,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             config["damping"] = keras.saving.deserialize_keras_object(
                 config["damping"], custom_objects=custom_objects
             )
+        if "fallback" in config:
+            config["fallback"] = partner_lib.from_config(
+                config["fallback"], custom_objects)
         return super().from_config(config, custom_objects=custom_objects)
 
     # Diagnostics --------------------------------------------------------------
@@ -673,6 +712,12 @@ _COMMON_ARGS = """
             logged at build: a factor of dimension `d` costs `8 d^2` bytes (factor
             and inverse, float32) and `d^3` flops to invert. Defaults to `4096`
             (128 MiB for the largest factor).
+        fallback: the first-order partner of the variables that no curvature block
+            covers (see `keras_tkfac.partner`): `"adam"`, `"sgd"` (momentum SGD),
+            or a `keras.optimizers.Adam`, `AdamW` or `SGD` instance whose
+            hyperparameters and learning rate are used. Defaults to `"adam"`.
+        fallback_lr_ratio: float > 0, the partner's learning rate relative to
+            `learning_rate` when `fallback` is a name. Defaults to `0.01`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string. Defaults to `"{name}"`.
@@ -747,6 +792,8 @@ class TKFAC(CurvatureOptimizer):
         inverse_dtype="float32",
         split_inverses=True,
         max_factor_dim=4096,
+        fallback="adam",
+        fallback_lr_ratio=0.01,
         seed=None,
         name="tkfac",
         **kwargs,
@@ -765,6 +812,8 @@ class TKFAC(CurvatureOptimizer):
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
+            fallback=fallback,
+            fallback_lr_ratio=fallback_lr_ratio,
             seed=seed,
             name=name,
             **kwargs,
@@ -839,6 +888,8 @@ class KFAC(CurvatureOptimizer):
         inverse_dtype="float32",
         split_inverses=True,
         max_factor_dim=4096,
+        fallback="adam",
+        fallback_lr_ratio=0.01,
         seed=None,
         name="kfac",
         **kwargs,
@@ -855,6 +906,8 @@ class KFAC(CurvatureOptimizer):
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
+            fallback=fallback,
+            fallback_lr_ratio=fallback_lr_ratio,
             seed=seed,
             name=name,
             **kwargs,

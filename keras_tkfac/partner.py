@@ -1,0 +1,133 @@
+"""The first-order partner: how variables without a curvature block are updated.
+
+Embeddings that are too large for a block, normalisation scales and offsets, recurrent
+weights and custom layers have no Kronecker-factored curvature. The curvature
+optimizer routes them, once, at `build`, to a first-order partner, as Keras's `Muon`
+routes non-matrix weights to AdamW. The partner's state lives in the curvature
+optimizer's own variables, so `.keras` files, checkpoints, strategies and mixed
+precision treat it like the rest of the optimizer's state.
+
+Partners:
+
+- `"adam"` (the default): Adam with decoupled weight decay (AdamW when the optimizer
+  has `weight_decay`). Per-coordinate scaling lets rare embedding rows and small
+  normalisation parameters learn; momentum SGD at the curvature step size was
+  measured to leave a transformer's embeddings and LayerNorms, and a bidirectional
+  LSTM, at chance.
+- `"sgd"`: heavy-ball momentum SGD, `m <- momentum * m + g`, the update of the
+  preconditioned weights applied to the raw gradient (this package's behaviour before
+  the partner existed, with `fallback_lr_ratio=1`).
+- a `keras.optimizers.Adam`, `AdamW` or `SGD` instance: its hyperparameters, learning
+  rate (a number or a schedule) included, are copied into the partner; the instance
+  itself is not used to train.
+
+For a name, the partner's learning rate is `fallback_lr_ratio * learning_rate`, so a
+learning-rate schedule of the curvature optimizer also drives the partner.
+"""
+
+import tensorflow as tf
+import keras
+
+NAMES = ("adam", "sgd")
+_INSTANCE_KINDS = {"Adam": "adam", "AdamW": "adam", "SGD": "sgd"}
+
+
+class Partner:
+    """The first-order update of the variables no curvature block covers.
+
+    Args:
+        fallback: `"adam"`, `"sgd"`, or a `keras.optimizers.Adam`, `AdamW` or `SGD`
+            instance.
+        lr_ratio: the partner's learning rate relative to the curvature optimizer's
+            (names only).
+        momentum: the curvature optimizer's momentum, used by `"sgd"`.
+    """
+
+    def __init__(self, fallback, lr_ratio, momentum):
+        self.fallback = fallback
+        self.lr_ratio = float(lr_ratio)
+        self.learning_rate = None
+        self.beta_1, self.beta_2, self.epsilon = 0.9, 0.999, 1e-7
+        self.momentum = float(momentum)
+        if isinstance(fallback, str):
+            if fallback not in NAMES:
+                raise ValueError(
+                    f"`fallback` must be one of {NAMES} or a keras.optimizers.Adam, "
+                    f"AdamW or SGD instance. Received: fallback={fallback!r}"
+                )
+            self.kind = fallback
+            return
+        kind = _INSTANCE_KINDS.get(type(fallback).__name__)
+        if kind is None or not isinstance(fallback, keras.optimizers.Optimizer):
+            raise ValueError(
+                f"`fallback` must be one of {NAMES} or a keras.optimizers.Adam, AdamW "
+                f"or SGD instance. Received: fallback={fallback!r}"
+            )
+        if getattr(fallback, "amsgrad", False) or getattr(fallback, "nesterov", False):
+            raise ValueError(
+                "`fallback` optimizers with amsgrad or nesterov are not supported. "
+                f"Received: fallback={fallback!r}"
+            )
+        self.kind = kind
+        self.learning_rate = fallback._learning_rate
+        if kind == "adam":
+            self.beta_1 = float(fallback.beta_1)
+            self.beta_2 = float(fallback.beta_2)
+            self.epsilon = float(fallback.epsilon)
+        else:
+            self.momentum = float(fallback.momentum)
+
+    def slot_names(self):
+        """Names of the per-variable state the partner keeps."""
+        if self.kind == "adam":
+            return ("partner_m", "partner_v")
+        return ("partner_momentum",) if self.momentum > 0 else ()
+
+    def current_learning_rate(self, learning_rate, iterations):
+        """The partner's learning rate, given the curvature optimizer's."""
+        if self.learning_rate is None:
+            return learning_rate * self.lr_ratio
+        if isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            return self.learning_rate(iterations)
+        if callable(self.learning_rate):
+            return self.learning_rate()
+        return self.learning_rate
+
+    def step(self, gradient, slots, iterations):
+        """The direction `d` (the variable moves by `-learning_rate * d`).
+
+        Args:
+            gradient: the raw gradient, in the variable's dtype.
+            slots: the partner's state of this variable (`slot_names()` order).
+            iterations: the optimizer's step counter before this step.
+
+        Returns:
+            `(direction, new_slot_values)`.
+        """
+        if self.kind == "adam":
+            m, v = slots
+            dtype = gradient.dtype
+            t = tf.cast(iterations + 1, dtype)
+            m = m + (gradient - m) * (1.0 - self.beta_1)
+            v = v + (tf.square(gradient) - v) * (1.0 - self.beta_2)
+            correction = tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), t)) / (
+                1.0 - tf.pow(tf.cast(self.beta_1, dtype), t)
+            )
+            return correction * m / (tf.sqrt(v) + self.epsilon), [m, v]
+        if not slots:
+            return gradient, []
+        m = self.momentum * slots[0] + gradient
+        return m, [m]
+
+    def get_config(self):
+        """The `fallback` argument, serialisable."""
+        if isinstance(self.fallback, str):
+            return self.fallback
+        return keras.saving.serialize_keras_object(self.fallback)
+
+
+def from_config(value, custom_objects=None):
+    """The `fallback` argument from `Partner.get_config()`."""
+    if isinstance(value, dict):
+        return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
+    return value
