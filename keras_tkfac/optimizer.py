@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_tkfac import cadence
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import ops
@@ -163,6 +164,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         factor_decay,
         factor_update_freq,
         inverse_update_freq,
+        inverse_warmup,
         kl_clip,
         fisher,
         inverse_dtype,
@@ -182,6 +184,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         _check_real("factor_decay", factor_decay, low=0.0, high=1.0)
         _check_int("factor_update_freq", factor_update_freq)
         _check_int("inverse_update_freq", inverse_update_freq)
+        _check_choice("inverse_warmup", inverse_warmup, (True, False))
         if kl_clip is not None:
             _check_real("kl_clip", kl_clip, low=0.0, low_open=True)
         _check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
@@ -198,6 +201,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.factor_decay = float(factor_decay)
         self.factor_update_freq = int(factor_update_freq)
         self.inverse_update_freq = int(inverse_update_freq)
+        self.inverse_warmup = bool(inverse_warmup)
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
@@ -444,12 +448,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
         step = self.iterations
         distributed.cond_assign(
-            tf.equal(step % self.factor_update_freq, 0), factor_vars, new_factors
+            cadence.statistics_due(step, self.factor_update_freq), factor_vars,
+            new_factors,
         )
         inverse_vars = [v for slot in slots for v in slot.inverses]
         inverse_vars.append(self.inverse_failures)
         distributed.cond_assign(
-            tf.equal(step % self.inverse_update_freq, 0),
+            cadence.inverse_due(step, self.factor_update_freq,
+                                self.inverse_update_freq, self.inverse_warmup),
             inverse_vars,
             self._new_inverses,
         )
@@ -611,6 +617,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "factor_decay": self.factor_decay,
                 "factor_update_freq": self.factor_update_freq,
                 "inverse_update_freq": self.inverse_update_freq,
+                "inverse_warmup": self.inverse_warmup,
                 "kl_clip": self.kl_clip,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
@@ -698,6 +705,9 @@ _COMMON_ARGS = """
             (the sampled-label backward pass runs only then). Defaults to `10`.
         inverse_update_freq: int, damped inverses are recomputed every this many
             steps. Defaults to `100`.
+        inverse_warmup: bool; also recompute the inverses at the statistics steps
+            `factor_update_freq * 2^j` before `inverse_update_freq` (see
+            `keras_tkfac.cadence`). Defaults to `False`.
         kl_clip: float or `None`, the KL-clipping bound `kappa`; `None` disables it.
             Defaults to `1e-3`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
@@ -785,6 +795,7 @@ class TKFAC(CurvatureOptimizer):
         factor_decay=0.95,
         factor_update_freq=10,
         inverse_update_freq=100,
+        inverse_warmup=False,
         kl_clip=1e-3,
         fisher="true",
         conv_damping="trace",
@@ -807,6 +818,7 @@ class TKFAC(CurvatureOptimizer):
             factor_decay=factor_decay,
             factor_update_freq=factor_update_freq,
             inverse_update_freq=inverse_update_freq,
+            inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
@@ -883,6 +895,7 @@ class KFAC(CurvatureOptimizer):
         factor_decay=0.95,
         factor_update_freq=10,
         inverse_update_freq=100,
+        inverse_warmup=False,
         kl_clip=1e-3,
         fisher="true",
         inverse_dtype="float32",
@@ -901,6 +914,7 @@ class KFAC(CurvatureOptimizer):
             factor_decay=factor_decay,
             factor_update_freq=factor_update_freq,
             inverse_update_freq=inverse_update_freq,
+            inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
