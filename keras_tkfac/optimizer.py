@@ -427,8 +427,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 batch.extend(s * count for s in statistics)
             bad = tf.cast(tf.logical_not(loss_ok), tf.float32)
             *batch, count, bad = distributed.all_reduce("sum", batch + [count, bad])
+            # An empty global batch (count 0) has no statistics to fold in.
             finite = tf.logical_and(
-                tf.equal(bad, 0.0),
+                tf.logical_and(tf.equal(bad, 0.0), count > 0.0),
                 tf.reduce_all([tf.reduce_all(tf.math.is_finite(b)) for b in batch]),
             )
             decay = self.factor_decay

@@ -240,3 +240,20 @@ def test_empty_replica_batch_gives_no_nan(mirrored):
     assert int(model.optimizer.skipped_statistics.numpy()) == 0
     for variable in model.weights + model.optimizer.variables:
         assert np.all(np.isfinite(variable.numpy())), variable.path
+
+
+def test_empty_batch_keeps_the_factors_finite():
+    """A batch with no examples (a custom loop slicing past the end of its data) folds
+    nothing into the moving averages instead of 0/0."""
+    x, y = helpers.classification_data(n=8)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=1, inverse_update_freq=1)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.train_on_batch(x, y)
+    before = [v.numpy() for v in optimizer._slots[0].factors]
+    model.train_on_batch(x[8:], y[8:])
+    for variable in optimizer.variables + model.weights:
+        assert np.all(np.isfinite(variable.numpy())), variable.path
+    for a, b in zip(before, optimizer._slots[0].factors):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(optimizer.skipped_statistics.numpy()) == 1
