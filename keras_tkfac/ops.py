@@ -189,13 +189,15 @@ def tkfac_damped_factors(delta, n_phi, n_psi, damping):
     return phi_hat, psi_hat
 
 
-def trace_relative_damping(delta, dim, floor):
-    """The TKFAC trace-relative damping `lambda = max(delta, floor) / dim`.
+def trace_relative_damping(delta, dim, floor, scale=1.0):
+    """The TKFAC trace-relative damping `lambda = scale * max(delta, floor) / dim`.
 
     `delta / dim` is the mean eigenvalue of the Fisher block of a layer with `dim`
     parameters. Used for convolution layers (`conv_damping="trace"`).
     """
-    return tf.maximum(delta, tf.cast(floor, delta.dtype)) / tf.cast(dim, delta.dtype)
+    dtype = delta.dtype
+    return tf.cast(scale, dtype) * tf.maximum(delta, tf.cast(floor, dtype)) / tf.cast(
+        dim, dtype)
 
 
 def kfac_damped_factors(a_factor, g_factor, damping, min_trace=1e-12):

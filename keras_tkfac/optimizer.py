@@ -14,6 +14,7 @@ from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
+from keras_tkfac import step_size
 
 _Slot = collections.namedtuple(
     "_Slot", ["block", "kernel_key", "bias_key", "factors", "inverses"]
@@ -166,6 +167,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         inverse_update_freq,
         inverse_warmup,
         kl_clip,
+        step_control,
         fisher,
         inverse_dtype,
         split_inverses,
@@ -187,6 +189,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         _check_choice("inverse_warmup", inverse_warmup, (True, False))
         if kl_clip is not None:
             _check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+        _check_choice("step_control", step_control, step_size.STEP_CONTROLS)
         _check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         _check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
         _check_choice("split_inverses", split_inverses, (True, False))
@@ -203,6 +206,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.inverse_update_freq = int(inverse_update_freq)
         self.inverse_warmup = bool(inverse_warmup)
         self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.step_control = step_control
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.split_inverses = bool(split_inverses)
@@ -524,12 +528,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             used.append((slot, k, b, grad, update))
         if not used:
             return grads
-        scale = tf.constant(1.0)
-        if self.kl_clip is not None:
-            scale = ops.kl_clip_factor(
-                [u for *_, u in used], [g for *_, g, _ in used],
-                learning_rate, self.kl_clip,
-            )
+        scale = step_size.update_scale(
+            self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
+            learning_rate, self.kl_clip,
+        )
         ratios = [tf.constant(0.0)] * len(self._slots)
         for slot, _, _, grad, update in used:
             ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
@@ -620,6 +622,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "inverse_update_freq": self.inverse_update_freq,
                 "inverse_warmup": self.inverse_warmup,
                 "kl_clip": self.kl_clip,
+                "step_control": self.step_control,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "split_inverses": self.split_inverses,
@@ -709,8 +712,13 @@ _COMMON_ARGS = """
         inverse_warmup: bool; also recompute the inverses at the statistics steps
             `factor_update_freq * 2^j` before `inverse_update_freq` (see
             `keras_tkfac.cadence`). Defaults to `False`.
-        kl_clip: float or `None`, the KL-clipping bound `kappa`; `None` disables it.
-            Defaults to `1e-3`.
+        kl_clip: float or `None`, the bound `kappa` on the (approximate) KL
+            divergence of a step; `None` disables it. Defaults to `0.1`.
+        step_control: `"trust_region"`: `kl_clip` bounds the unit step
+            `nu = min(1, sqrt(kappa / <U, G>))` and the learning rate scales every
+            step; `"kl_clip"`: Ba et al.'s `nu = min(1, sqrt(kappa / (eta^2 <U, G>)))`,
+            under which a binding clip makes the learning rate irrelevant. See
+            `keras_tkfac.step_size`. Defaults to `"trust_region"`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
@@ -797,10 +805,12 @@ class TKFAC(CurvatureOptimizer):
         factor_update_freq=10,
         inverse_update_freq=100,
         inverse_warmup=False,
-        kl_clip=1e-3,
+        kl_clip=0.1,
+        step_control="trust_region",
         fisher="true",
         conv_damping="trace",
         trace_damping_floor=1e-3,
+        trace_damping_scale=100.0,
         inverse_dtype="float32",
         split_inverses=True,
         max_factor_dim=4096,
@@ -812,6 +822,7 @@ class TKFAC(CurvatureOptimizer):
     ):
         _check_choice("conv_damping", conv_damping, ("trace", "fixed"))
         _check_real("trace_damping_floor", trace_damping_floor, low=0.0)
+        _check_real("trace_damping_scale", trace_damping_scale, low=0.0, low_open=True)
         super().__init__(
             learning_rate,
             damping=damping,
@@ -821,6 +832,7 @@ class TKFAC(CurvatureOptimizer):
             inverse_update_freq=inverse_update_freq,
             inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
+            step_control=step_control,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,
@@ -833,6 +845,7 @@ class TKFAC(CurvatureOptimizer):
         )
         self.conv_damping = conv_damping
         self.trace_damping_floor = float(trace_damping_floor)
+        self.trace_damping_scale = float(trace_damping_scale)
 
     def _factor_specs(self, block):
         return [
@@ -852,7 +865,8 @@ class TKFAC(CurvatureOptimizer):
     def _layer_damping(self, block, factors, damping):
         if block.is_conv and self.conv_damping == "trace":
             return ops.trace_relative_damping(
-                factors[0], block.d_in * block.d_out, self.trace_damping_floor
+                factors[0], block.d_in * block.d_out, self.trace_damping_floor,
+                self.trace_damping_scale,
             )
         return damping
 
@@ -867,6 +881,7 @@ class TKFAC(CurvatureOptimizer):
         config = super().get_config()
         config["conv_damping"] = self.conv_damping
         config["trace_damping_floor"] = self.trace_damping_floor
+        config["trace_damping_scale"] = self.trace_damping_scale
         return config
 
 
@@ -897,7 +912,8 @@ class KFAC(CurvatureOptimizer):
         factor_update_freq=10,
         inverse_update_freq=100,
         inverse_warmup=False,
-        kl_clip=1e-3,
+        kl_clip=0.1,
+        step_control="trust_region",
         fisher="true",
         inverse_dtype="float32",
         split_inverses=True,
@@ -917,6 +933,7 @@ class KFAC(CurvatureOptimizer):
             inverse_update_freq=inverse_update_freq,
             inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
+            step_control=step_control,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             split_inverses=split_inverses,

@@ -127,6 +127,12 @@ def test_trace_relative_damping_floor():
     np.testing.assert_allclose(value.numpy(), 1e-4)
 
 
+def test_trace_relative_damping_scale():
+    """`scale` times the block's mean eigenvalue `delta / dim` (floored)."""
+    value = ops.trace_relative_damping(tf.constant([0.5, 1e-6]), 100, 1e-2, 100.0)
+    np.testing.assert_allclose(value.numpy(), [0.5, 1e-2], rtol=1e-6)
+
+
 @pytest.mark.parametrize("damping", [1e-3, 0.5])
 def test_kfac_preconditioning_equals_kronecker_solve(damping):
     a, g, _ = _rows(num_examples=10, locations=3, d_in=5, d_out=4)

@@ -39,8 +39,8 @@ def _transform_parameters(grads, transform):
 
 def reference_training(params, x, y, steps, *, approximation, learning_rate, damping,
                        momentum, factor_decay, factor_update_freq,
-                       inverse_update_freq, kl_clip, weight_decay=None,
-                       grad_transform=None, decay_bias=True):
+                       inverse_update_freq, kl_clip, step_control="trust_region",
+                       weight_decay=None, grad_transform=None, decay_bias=True):
     """The algorithm of TKFAC_MATH.md, empirical Fisher, float64.
 
     `grad_transform` maps the list of raw per-variable gradients (Keras's gradient
@@ -85,7 +85,8 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
         nu = 1.0
         if kl_clip is not None:
             inner = sum(np.sum(u * grad) for u, grad in zip(updates, grads))
-            nu = min(1.0, np.sqrt(kl_clip / (lr**2 * inner)))
+            eta = lr if step_control == "kl_clip" else 1.0
+            nu = min(1.0, np.sqrt(kl_clip / (eta**2 * inner)))
         nus.append(nu)
         for l in range(layers):
             if weight_decay:
@@ -104,11 +105,15 @@ CONFIGS = {
         factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=None),
     "kfac_one_step_clipped": dict(
         approximation="kfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
-        factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-4),
+        factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-4,
+        step_control="kl_clip"),
+    "tkfac_one_step_trust_region": dict(
+        approximation="tkfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
+        factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-3),
     "tkfac_six_steps": dict(
         approximation="tkfac", steps=6, learning_rate=0.2, damping=1e-1, momentum=0.9,
         factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
-        weight_decay=0.05),
+        step_control="kl_clip", weight_decay=0.05),
     "kfac_six_steps": dict(
         approximation="kfac", steps=6, learning_rate=0.2, damping=1e-1, momentum=0.9,
         factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
@@ -118,6 +123,10 @@ CONFIGS = {
         factor_update_freq=1, inverse_update_freq=2, kl_clip=None,
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.7),
         damping=keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)),
+    "tkfac_schedule_trust_region": dict(
+        approximation="tkfac", steps=5, momentum=0.5, factor_decay=0.8, damping=0.1,
+        factor_update_freq=1, inverse_update_freq=2, kl_clip=1e-3,
+        learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.7)),
 }
 
 
@@ -274,3 +283,31 @@ def test_custom_training_loop_matches_fit():
 def test_record_requires_a_wrapped_model():
     with pytest.raises(ValueError, match="keras_tkfac.wrap"):
         keras_tkfac.record(helpers.tiny_mlp())
+
+
+def _weights_after(steps=5, **kwargs):
+    x, y = helpers.classification_data(n=32)
+    base = helpers.tiny_mlp()
+    model = keras_tkfac.wrap(base)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=3, **kwargs), loss=LOSS)
+    model.fit(x, y, batch_size=32, epochs=steps, shuffle=False, verbose=0)
+    return np.concatenate([w.numpy().ravel() for w in base.weights]), model.optimizer
+
+
+@pytest.mark.parametrize("kl_clip", [0.1, 1e-3])
+def test_learning_rate_changes_the_trajectory(kl_clip):
+    """Under the default trust-region control the learning rate scales every step,
+    also where the KL bound is active (`kl_clip=1e-3` here); under Ba et al.'s clip a
+    binding bound makes learning rates above it give identical weights."""
+    start = np.concatenate([w.numpy().ravel() for w in helpers.tiny_mlp().weights])
+    base, optimizer = _weights_after(kl_clip=kl_clip)
+    if kl_clip < 0.1:
+        assert optimizer.curvature_report()["kl_clip_scale"] < 1.0, "must bind"
+    half, _ = _weights_after(learning_rate=0.05, kl_clip=kl_clip)
+    assert np.linalg.norm(half - start) < 0.75 * np.linalg.norm(base - start)
+    warmup = keras.optimizers.schedules.PolynomialDecay(0.01, 5, 0.1, power=1.0)
+    scheduled, _ = _weights_after(learning_rate=warmup, kl_clip=kl_clip)
+    assert not np.allclose(scheduled, base)
+    clipped = [_weights_after(learning_rate=lr, kl_clip=1e-6, step_control="kl_clip")[0]
+               for lr in (0.1, 1.0)]
+    np.testing.assert_allclose(clipped[0], clipped[1], rtol=1e-6, atol=1e-7)
