@@ -93,8 +93,8 @@ class CurvatureBlock:
         """Stacks kernel and bias gradients into `[d_in', d_out]` (`[groups, ...]`)."""
         kernel_grad = tf.convert_to_tensor(kernel_grad)  # IndexedSlices -> dense
         if self.groups > 1:
-            # Keras's grouped kernels end in `[..., groups * d_out]`, channel-major
-            # by group; the bias has the same layout.
+            # Keras's grouped kernels end in `[..., groups * d_out]` with each
+            # group's outputs contiguous; the bias has the same layout.
             k = tf.reshape(kernel_grad, [self.kernel_rows(), self.groups, self.d_out])
             matrix = tf.transpose(k, [1, 0, 2])
             if bias_grad is not None:
@@ -110,13 +110,12 @@ class CurvatureBlock:
         """Inverse of `grad_matrix`: `(kernel_update, bias_update or None)`."""
         n = self.kernel_rows()
         if self.groups > 1:
-            kernel = tf.transpose(matrix[:, :n], [1, 0, 2])
-            bias = matrix[:, n] if self.bias is not None else None
-        else:
-            kernel, bias = matrix[:n], matrix[n] if self.bias is not None else None
-        kernel_update = tf.reshape(kernel, self.kernel.shape)
-        bias_update = None if bias is None else tf.reshape(bias, self.bias.shape)
-        return kernel_update, bias_update
+            # `[groups, rows, d_out]` back to Keras's `[rows, groups * d_out]`.
+            matrix = tf.transpose(matrix, [1, 0, 2])
+        kernel_update = tf.reshape(matrix[:n], self.kernel.shape)
+        if self.bias is None:
+            return kernel_update, None
+        return kernel_update, tf.reshape(matrix[n], self.bias.shape)
 
     def _with_bias(self, a):
         return ops.append_homogeneous(a) if self.bias is not None else a
@@ -304,8 +303,9 @@ class ConvTransposeBlock(CurvatureBlock):
         super().__init__(layer)
         if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
             raise ValueError(
-                f"Layer {layer.name!r}: Conv3DTranspose is supported without dilation "
-                f"only; exclude the layer. Received: dilation_rate={layer.dilation_rate}"
+                f"Layer {layer.name!r}: Conv3DTranspose is supported without "
+                "dilation only; exclude the layer. Received: "
+                f"dilation_rate={layer.dilation_rate}"
             )
 
     @property
@@ -333,7 +333,8 @@ class ConvTransposeBlock(CurvatureBlock):
         return _add_channel_bias(s, bias, self._data_format)
 
     def rows(self, inputs, output_grads):
-        a = tf.reshape(_channels_last(inputs, self._data_format), [-1, self.kernel_rows()])
+        a = _channels_last(inputs, self._data_format)
+        a = tf.reshape(a, [-1, self.kernel_rows()])
         patches = _patches(_channels_last(output_grads, self._data_format),
                            self.layer.kernel_size, self.layer.strides,
                            self.layer.dilation_rate, self.layer.padding)

@@ -199,12 +199,13 @@ SINGLE_ROW = {
 
 @pytest.mark.parametrize("case", sorted(SINGLE_ROW))
 def test_tkfac_is_exact_for_one_example_with_one_row(case):
-    """`delta Phi ⊗ Psi = F` for `M = 1` and one row, with `F` from Keras's gradient."""
+    """`delta Phi ⊗ Psi = F` for `M = 1` and one row; `F` from Keras's gradient."""
     shape, make_layer = SINGLE_ROW[case]
     keras.utils.set_random_seed(0)
     layer = make_layer()
     inputs = keras.Input(shape)
-    model = keras_tkfac.wrap(keras.Model(inputs, L.Dense(3)(L.Flatten()(layer(inputs)))))
+    outputs = L.Dense(3)(L.Flatten()(layer(inputs)))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1, *shape)).astype("float32")
     y = np.array([1], dtype="int32")
@@ -315,7 +316,8 @@ def test_two_replicas_match_one_device(mirrored):
     replicated = _fit_on(mirrored, keras_tkfac.TKFAC, x, y)
     assert replicated.distribute_strategy.num_replicas_in_sync == 2
     for variable in replicated.weights + replicated.optimizer.variables:
-        values = [v.numpy() for v in getattr(variable.value, "values", (variable.value,))]
+        value = variable.value
+        values = [v.numpy() for v in getattr(value, "values", (value,))]
         for other in values[1:]:
             np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
     # Float32 summation order differs (per-replica partial sums).
