@@ -22,8 +22,9 @@ class CurvatureBlock:
     Subclasses implement `preactivation`, `rows`, `kernel_rows` and `is_conv`.
     `input_kind` is `"dense"`, or `"diagonal"` for layers whose inputs are one-hot
     (their rows' `a` are then integer ids and the input factor is a vector).
-    `groups > 1` splits the layer into independent blocks (depthwise convolutions):
-    rows are then `[rows, groups, d]` and the gradient matrix `[groups, d_in', d_out]`.
+    `groups > 1` splits the layer into independent blocks (grouped and depthwise
+    convolutions): rows are then `[rows, groups, d]` and the gradient matrix
+    `[groups, d_in', d_out]`.
 
     Args:
         layer: the built Keras layer this block describes.
@@ -89,8 +90,17 @@ class CurvatureBlock:
         return s if activation is None else activation(s)
 
     def grad_matrix(self, kernel_grad, bias_grad):
-        """Stacks kernel and bias gradients into `[d_in', d_out]`."""
+        """Stacks kernel and bias gradients into `[d_in', d_out]` (`[groups, ...]`)."""
         kernel_grad = tf.convert_to_tensor(kernel_grad)  # IndexedSlices -> dense
+        if self.groups > 1:
+            # Keras's grouped kernels end in `[..., groups * d_out]` with each
+            # group's outputs contiguous; the bias has the same layout.
+            k = tf.reshape(kernel_grad, [self.kernel_rows(), self.groups, self.d_out])
+            matrix = tf.transpose(k, [1, 0, 2])
+            if bias_grad is not None:
+                bias = tf.reshape(bias_grad, [self.groups, 1, self.d_out])
+                matrix = tf.concat([matrix, bias], axis=1)
+            return matrix
         matrix = tf.reshape(kernel_grad, [self.kernel_rows(), self.d_out])
         if bias_grad is not None:
             matrix = tf.concat([matrix, tf.reshape(bias_grad, [1, self.d_out])], 0)
@@ -99,26 +109,83 @@ class CurvatureBlock:
     def split_matrix(self, matrix):
         """Inverse of `grad_matrix`: `(kernel_update, bias_update or None)`."""
         n = self.kernel_rows()
+        if self.groups > 1:
+            # `[groups, rows, d_out]` back to Keras's `[rows, groups * d_out]`.
+            matrix = tf.transpose(matrix, [1, 0, 2])
         kernel_update = tf.reshape(matrix[:n], self.kernel.shape)
-        bias_update = None
-        if self.bias is not None:
-            bias_update = tf.reshape(matrix[n], self.bias.shape)
-        return kernel_update, bias_update
+        if self.bias is None:
+            return kernel_update, None
+        return kernel_update, tf.reshape(matrix[n], self.bias.shape)
 
     def _with_bias(self, a):
         return ops.append_homogeneous(a) if self.bias is not None else a
 
     def _add_bias(self, s):
-        return s if self.bias is None else s + self.bias
+        return _add_channel_bias(s, self.bias, self._data_format)
+
+    @property
+    def _data_format(self):
+        return getattr(self.layer, "data_format", "channels_last")
 
 
-def _require_channels_last(layer):
-    if layer.data_format != "channels_last":
-        raise ValueError(
-            f"Layer {layer.name!r}: keras_tkfac supports only channels_last "
-            "convolutions; exclude the layer or use channels_last. Received: "
-            f"data_format={layer.data_format!r}"
+def _add_channel_bias(s, bias, data_format):
+    """`s + bias` along the channel axis of `data_format`, as Keras's layers add it."""
+    if bias is None:
+        return s
+    if data_format == "channels_first":
+        bias = tf.reshape(bias, [-1] + [1] * (len(s.shape) - 2))
+    return s + bias
+
+
+def _channels_last(x, data_format):
+    """`x` with its channel axis last (recorded rows have one canonical layout)."""
+    if data_format == "channels_last":
+        return x
+    rank = len(x.shape)
+    return tf.transpose(x, [0, *range(2, rank), 1])
+
+
+def _patches(x, kernel_size, strides, rates, padding):
+    """im2col of a channels_last `x` with 1, 2 or 3 spatial axes.
+
+    Returns `[batch, *locations, prod(kernel_size) * channels]`, each patch in the
+    `(*kernel_size, channels)` order of Keras kernels. Volumes need `rates` of 1
+    (TensorFlow's volume-patch extraction has no dilation).
+    """
+    kernel_size, strides, rates = list(kernel_size), list(strides), list(rates)
+    if len(kernel_size) == 3:
+        return tf.extract_volume_patches(
+            x, ksizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
+            padding=padding.upper(),
         )
+    if len(kernel_size) == 1:
+        x = x[:, None]
+        kernel_size, strides, rates = [1] + kernel_size, [1] + strides, [1] + rates
+    return tf.image.extract_patches(
+        x, sizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
+        rates=[1, *rates, 1], padding=padding.upper(),
+    )
+
+
+def _group_rows(patches, taps, groups, with_bias):
+    """`[..., taps * channels]` patches as `[rows, groups, taps * channels / groups]`.
+
+    Input channel `c` belongs to group `c // (channels / groups)`, as in Keras's
+    grouped and depthwise convolutions; a column of ones is appended per group when
+    the layer has a bias.
+    """
+    a = tf.reshape(patches, [-1, taps, groups, patches.shape[-1] // (taps * groups)])
+    a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, groups, a.shape[1] * a.shape[3]])
+    if with_bias:
+        a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+    return a
+
+
+def _taps(kernel_size):
+    n = 1
+    for k in kernel_size:
+        n *= int(k)
+    return n
 
 
 class DenseBlock(CurvatureBlock):
@@ -140,10 +207,15 @@ class DenseBlock(CurvatureBlock):
 
 
 class ConvBlock(CurvatureBlock):
-    """`keras.layers.Conv1D`, `Conv2D` and `Conv3D` (channels_last, `groups=1`).
+    """`keras.layers.Conv1D`, `Conv2D` and `Conv3D`.
 
     Rows are (example, output location) pairs; the input rows are image patches
-    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel. `Conv3D` needs
+    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel. A grouped convolution
+    (`groups > 1`) is one block per group: group `j`'s filters see only its input
+    channels' patches and produce only its outputs, so its Fisher block is
+    approximated on its own (`[groups, d, d]` factors) and cross-group curvature is
+    dropped, as K-FAC drops cross-layer curvature. `channels_first` layers compute as
+    Keras does; only their recorded rows are moved to channels_last. `Conv3D` needs
     `dilation_rate=1` (TensorFlow's volume-patch extraction has no dilation).
     """
 
@@ -151,73 +223,130 @@ class ConvBlock(CurvatureBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
-        _require_channels_last(layer)
-        if getattr(layer, "groups", 1) != 1:
-            raise ValueError(
-                f"Layer {layer.name!r}: grouped convolutions are not supported; "
-                f"exclude the layer. Received: groups={layer.groups}"
-            )
         if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
             raise ValueError(
                 f"Layer {layer.name!r}: Conv3D is supported without dilation only; "
                 f"exclude the layer. Received: dilation_rate={layer.dilation_rate}"
             )
 
-    def kernel_rows(self):
-        shape = self.kernel.shape
-        n = 1
-        for dim in shape[:-1]:
-            n *= int(dim)
-        return n
+    @property
+    def groups(self):
+        return int(self.layer.groups)
 
-    def _padded(self, inputs):
-        """Applies causal padding (Conv1D) and returns `(inputs, padding)`."""
+    @property
+    def d_out(self):
+        return int(self.kernel.shape[-1]) // self.groups
+
+    def kernel_rows(self):
+        return _taps(self.kernel.shape[:-1])
+
+    def _causal_padding(self, inputs, data_format):
+        """`(inputs, padding)`, with Conv1D's causal padding applied."""
         padding = self.layer.padding
         if padding == "causal":
             left = self.layer.dilation_rate[0] * (self.layer.kernel_size[0] - 1)
-            inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+            pads = [[0, 0], [0, 0], [0, 0]]
+            pads[1 if data_format == "channels_last" else 2] = [left, 0]
+            inputs = tf.pad(inputs, pads)
             padding = "valid"
         return inputs, padding
 
     def preactivation(self, inputs):
-        inputs, padding = self._padded(inputs)
+        inputs, padding = self._causal_padding(inputs, self._data_format)
         s = keras.ops.conv(
             inputs,
             self.layer.kernel,
             strides=list(self.layer.strides),
             padding=padding,
             dilation_rate=self.layer.dilation_rate,
-            data_format="channels_last",
+            data_format=self._data_format,
         )
         return self._add_bias(s)
 
     def rows(self, inputs, output_grads):
-        inputs, padding = self._padded(inputs)
-        kernel_size = list(self.layer.kernel_size)
-        strides = list(self.layer.strides)
-        rates = list(self.layer.dilation_rate)
-        if self.layer.rank == 3:
-            patches = tf.extract_volume_patches(
-                inputs,
-                ksizes=[1, *kernel_size, 1],
-                strides=[1, *strides, 1],
-                padding=padding.upper(),
-            )
-        else:
-            if self.layer.rank == 1:
-                inputs = inputs[:, None]
-                kernel_size = [1] + kernel_size
-                strides, rates = [1] + strides, [1] + rates
-            patches = tf.image.extract_patches(
-                inputs,
-                sizes=[1, *kernel_size, 1],
-                strides=[1, *strides, 1],
-                rates=[1, *rates, 1],
-                padding=padding.upper(),
-            )
+        inputs = _channels_last(inputs, self._data_format)
+        inputs, padding = self._causal_padding(inputs, "channels_last")
+        patches = _patches(inputs, self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, padding)
+        output_grads = _channels_last(output_grads, self._data_format)
+        if self.groups > 1:
+            a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
+                            self.bias is not None)
+            return a, tf.reshape(output_grads, [-1, self.groups, self.d_out])
         a = tf.reshape(patches, [-1, self.kernel_rows()])
         g = tf.reshape(output_grads, [-1, self.d_out])
         return self._with_bias(a), g
+
+
+class ConvTransposeBlock(CurvatureBlock):
+    """`keras.layers.Conv1DTranspose`, `Conv2DTranspose` and `Conv3DTranspose`.
+
+    A transposed convolution `y = C(W)^T x` is the adjoint of the convolution `C(W)`
+    (same kernel, strides, padding and dilation) that maps the output space back to
+    the input space, so its kernel gradient is that convolution's filter gradient
+    with the roles swapped: `dW = sum_t x_t ⊗ P_t(g)`, where `t` runs over *input*
+    locations and `P_t(g)` is the patch of output gradients (im2col of `g` with the
+    layer's strides and padding) that input location `t` writes to. Rows are
+    therefore (example, input location) pairs with `a = x_t` (`c_in`) and
+    `g = P_t(g)` (`kh * kw * c_out`, in the Keras kernel's `(kh, kw, c_out)` order);
+    the gradient matrix is the kernel `(kh, kw, c_out, c_in)` as `[c_in, kh*kw*c_out]`.
+    `output_padding` only changes the output size, which the patches follow.
+
+    The bias is added per *output* location, which these rows do not enumerate, so
+    only the kernel is preconditioned: the bias takes the first-order fallback.
+    `Conv3DTranspose` needs `dilation_rate=1`.
+    """
+
+    is_conv = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
+            raise ValueError(
+                f"Layer {layer.name!r}: Conv3DTranspose is supported without "
+                "dilation only; exclude the layer. Received: "
+                f"dilation_rate={layer.dilation_rate}"
+            )
+
+    @property
+    def bias(self):
+        return None
+
+    @property
+    def d_out(self):
+        return _taps(self.kernel.shape[:-1])
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[-1])
+
+    def preactivation(self, inputs):
+        s = keras.ops.conv_transpose(
+            inputs,
+            self.layer.kernel,
+            strides=list(self.layer.strides),
+            padding=self.layer.padding,
+            output_padding=self.layer.output_padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format=self._data_format,
+        )
+        bias = self.layer.bias if self.layer.use_bias else None
+        return _add_channel_bias(s, bias, self._data_format)
+
+    def rows(self, inputs, output_grads):
+        a = _channels_last(inputs, self._data_format)
+        a = tf.reshape(a, [-1, self.kernel_rows()])
+        patches = _patches(_channels_last(output_grads, self._data_format),
+                           self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, self.layer.padding)
+        return a, tf.reshape(patches, [-1, self.d_out])
+
+    def grad_matrix(self, kernel_grad, bias_grad):
+        kernel_grad = tf.reshape(tf.convert_to_tensor(kernel_grad),
+                                 [self.d_out, self.kernel_rows()])
+        return tf.transpose(kernel_grad)
+
+    def split_matrix(self, matrix):
+        return tf.reshape(tf.transpose(matrix), self.kernel.shape), None
 
 
 class EinsumDenseBlock(DenseBlock):
@@ -283,19 +412,16 @@ class EinsumDenseBlock(DenseBlock):
 
 
 class DepthwiseConvBlock(CurvatureBlock):
-    """`keras.layers.DepthwiseConv2D` (channels_last): one block per input channel.
+    """`keras.layers.DepthwiseConv2D`: one block per input channel.
 
     Channel `c`'s filters see only channel `c`'s patches, so its Fisher block is
     approximated on its own: input factor over the `kh * kw` patch (plus bias),
     output factor over its `depth_multiplier` outputs. Cross-channel curvature is
-    dropped, as K-FAC drops cross-layer curvature.
+    dropped, as K-FAC drops cross-layer curvature. `channels_first` rows are moved
+    to channels_last.
     """
 
     is_conv = True
-
-    def __init__(self, layer):
-        super().__init__(layer)
-        _require_channels_last(layer)
 
     @property
     def groups(self):
@@ -315,40 +441,18 @@ class DepthwiseConvBlock(CurvatureBlock):
             strides=self.layer.strides,
             padding=self.layer.padding,
             dilation_rate=self.layer.dilation_rate,
-            data_format="channels_last",
+            data_format=self._data_format,
         )
         return self._add_bias(s)
 
     def rows(self, inputs, output_grads):
-        patches = tf.image.extract_patches(
-            inputs,
-            sizes=[1, *self.layer.kernel_size, 1],
-            strides=[1, *self.layer.strides, 1],
-            rates=[1, *self.layer.dilation_rate, 1],
-            padding=self.layer.padding.upper(),
-        )
-        a = tf.reshape(patches, [-1, self.kernel_rows(), self.groups])
-        a = tf.transpose(a, [0, 2, 1])
-        if self.bias is not None:
-            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
-        g = tf.reshape(output_grads, [-1, self.groups, self.d_out])
+        patches = _patches(_channels_last(inputs, self._data_format),
+                           self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, self.layer.padding)
+        a = _group_rows(patches, self.kernel_rows(), self.groups, self.bias is not None)
+        g = tf.reshape(_channels_last(output_grads, self._data_format),
+                       [-1, self.groups, self.d_out])
         return a, g
-
-    def grad_matrix(self, kernel_grad, bias_grad):
-        k = tf.reshape(kernel_grad, [self.kernel_rows(), self.groups, self.d_out])
-        matrix = tf.transpose(k, [1, 0, 2])
-        if bias_grad is not None:
-            bias = tf.reshape(bias_grad, [self.groups, 1, self.d_out])
-            matrix = tf.concat([matrix, bias], axis=1)
-        return matrix
-
-    def split_matrix(self, matrix):
-        n = self.kernel_rows()
-        kernel = tf.reshape(tf.transpose(matrix[:, :n], [1, 0, 2]), self.kernel.shape)
-        bias = None
-        if self.bias is not None:
-            bias = tf.reshape(matrix[:, n], self.bias.shape)
-        return kernel, bias
 
 
 class EmbeddingBlock(CurvatureBlock):
@@ -386,6 +490,9 @@ BLOCKS = {
     keras.layers.Conv1D: ConvBlock,
     keras.layers.Conv2D: ConvBlock,
     keras.layers.Conv3D: ConvBlock,
+    keras.layers.Conv1DTranspose: ConvTransposeBlock,
+    keras.layers.Conv2DTranspose: ConvTransposeBlock,
+    keras.layers.Conv3DTranspose: ConvTransposeBlock,
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
 }

@@ -202,19 +202,6 @@ def test_layers_inside_nested_models_are_found_and_recorded():
     np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_unsupported_conv_configurations_raise():
-    with pytest.raises(ValueError, match="groups"):
-        keras_tkfac.wrap(
-            keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 3, groups=2)])
-        )
-    with pytest.raises(ValueError, match="channels_last"):
-        keras_tkfac.wrap(
-            keras.Sequential(
-                [keras.Input((2, 6, 6)), keras.layers.Conv2D(4, 3, data_format="channels_first")]
-            )
-        )
-
-
 def test_excluded_and_unregistered_layers_are_not_blocks():
     model = keras.Sequential(
         [

@@ -1,0 +1,327 @@
+"""Transposed, grouped and channels_first convolutions against Keras's own gradients.
+
+TensorFlow's CPU kernels run neither `channels_first` convolutions nor dilated
+transposed ones, so Keras cannot either; those cases run inside an XLA-compiled
+function (`xla=True`), where they compile on CPU.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import blocks, fisher, ops
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+L = keras.layers
+
+# name: (input shape without batch, layer factory, needs XLA on CPU)
+CASES = {
+    "transpose2d_stride2_same": (
+        (4, 5, 3), lambda: L.Conv2DTranspose(2, 3, strides=2, padding="same",
+                                             activation="tanh"), False),
+    "transpose2d_stride1_valid_no_bias": (
+        (4, 5, 3), lambda: L.Conv2DTranspose(2, (3, 2), use_bias=False), False),
+    "transpose2d_stride2_valid_output_padding": (
+        (4, 4, 3), lambda: L.Conv2DTranspose(2, 3, strides=2, output_padding=1), False),
+    "transpose2d_stride2_same_output_padding": (
+        (3, 4, 2), lambda: L.Conv2DTranspose(2, 3, strides=2, padding="same",
+                                             output_padding=(0, 1)), False),
+    "transpose2d_kernel_below_stride": (
+        (3, 3, 2), lambda: L.Conv2DTranspose(2, 2, strides=3), False),
+    "transpose1d_stride2_same": (
+        (5, 3), lambda: L.Conv1DTranspose(2, 3, strides=2, padding="same"), False),
+    "transpose3d_stride2_valid": (
+        (3, 3, 2, 2), lambda: L.Conv3DTranspose(2, 2, strides=(2, 1, 2)), False),
+    "transpose2d_dilation2": (
+        (4, 5, 2), lambda: L.Conv2DTranspose(2, 3, dilation_rate=2, padding="same"),
+        True),
+    "transpose2d_channels_first": (
+        (3, 4, 5), lambda: L.Conv2DTranspose(2, 3, strides=2, padding="same",
+                                             data_format="channels_first"), True),
+    "grouped2d_same": (
+        (5, 6, 4), lambda: L.Conv2D(6, 3, groups=2, padding="same", activation="relu"),
+        False),
+    "grouped2d_stride2_valid_no_bias": (
+        (7, 7, 6), lambda: L.Conv2D(3, 3, strides=2, groups=3, use_bias=False), False),
+    "grouped1d_causal": (
+        (8, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal", dilation_rate=2),
+        False),
+    "grouped3d": ((4, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2), False),
+    "grouped2d_channels_first": (
+        (4, 5, 6), lambda: L.Conv2D(4, 3, groups=2, data_format="channels_first"),
+        False),
+    "conv1d_channels_first_causal": (
+        (3, 8), lambda: L.Conv1D(4, 3, padding="causal",
+                                 data_format="channels_first"), True),
+    "conv2d_channels_first_stride2": (
+        (2, 7, 6), lambda: L.Conv2D(3, 3, strides=2, padding="same",
+                                    data_format="channels_first"), True),
+    "conv3d_channels_first": (
+        (2, 4, 4, 3), lambda: L.Conv3D(3, 2, data_format="channels_first",
+                                       activation="tanh"), False),
+    "depthwise_channels_first": (
+        (3, 6, 5), lambda: L.DepthwiseConv2D(3, depth_multiplier=2,
+                                             data_format="channels_first"), False),
+}
+
+
+def _model(case, seed=1):
+    shape, make_layer, xla = CASES[case]
+    keras.utils.set_random_seed(seed)
+    layer = make_layer()
+    inputs = keras.Input(shape)
+    outputs = L.Dense(3)(L.Flatten()(layer(inputs)))
+    return keras_tkfac.wrap(keras.Model(inputs, outputs)), layer, xla
+
+
+def _data(case, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *CASES[case][0])).astype("float32")
+    return x, rng.integers(0, 3, size=(n,)).astype("int32")
+
+
+def _record(model, layer, x, y, xla):
+    """Empirical-Fisher rows of `layer`'s block and Keras's gradients of its weights.
+
+    Returns:
+        `(block, a, g, num_examples, keras_grads, y_pred, plain_y_pred)` as numpy,
+        `plain_y_pred` from the model called without recording.
+    """
+    block = next(b for b in model.blocks if b.layer is layer)
+
+    def run(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = LOSS(y, y_pred)
+        spec = fisher.resolve_loss(LOSS, "empirical")
+        source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred,
+                                                       None)
+        grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+        a, g = recording.rows(grads)[model.blocks.index(block)]
+        keras_grads = tape.gradient(loss, layer.trainable_weights)
+        return a, g, m, keras_grads, y_pred, model(x)
+
+    if xla:
+        run = tf.function(run, jit_compile=True)
+    a, g, m, keras_grads, y_pred, plain = run(tf.constant(x), tf.constant(y))
+    return (block, a.numpy().astype(np.float64), g.numpy().astype(np.float64),
+            int(m), [k.numpy() for k in keras_grads], y_pred.numpy(), plain.numpy())
+
+
+def _sum_of_outer_products(a, g):
+    return np.einsum("rgi,rgo->gio", a, g) if a.ndim == 3 else a.T @ g
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rows_reproduce_keras_gradient(case):
+    model, layer, xla = _model(case)
+    x, y = _data(case, 4)
+    block, a, g, m, keras_grads, y_pred, plain = _record(model, layer, x, y, xla)
+    # Recording does not change the forward pass.
+    np.testing.assert_allclose(y_pred, plain, rtol=1e-5, atol=1e-6)
+    assert m == 4
+    # Sum over rows of a g^T is the gradient of the summed loss; Keras's is the mean.
+    matrix = _sum_of_outer_products(a, g) / m
+    kernel, bias = block.split_matrix(tf.constant(matrix, tf.float32))
+    np.testing.assert_allclose(kernel.numpy(), keras_grads[0], rtol=1e-4, atol=1e-6)
+    if block.bias is not None:
+        np.testing.assert_allclose(bias.numpy(), keras_grads[1], rtol=1e-4, atol=1e-6)
+    else:
+        assert bias is None
+    np.testing.assert_allclose(
+        block.grad_matrix(kernel, bias).numpy(), matrix.astype(np.float32))
+
+
+@pytest.mark.parametrize("case", ["transpose2d_stride2_same", "grouped2d_same"])
+def test_rows_are_per_example_gradients(case):
+    model, layer, _ = _model(case)
+    x, y = _data(case, 3, seed=2)
+    block, a, g, m, _, _, _ = _record(model, layer, x, y, False)
+    per_example = len(a) // m
+    for n in range(m):
+        with tf.GradientTape() as tape:
+            loss_n = LOSS(y[n:n + 1], model(x[n:n + 1], training=True))
+        grads = tape.gradient(loss_n, block.variables)
+        expected = block.grad_matrix(grads[0], grads[1] if len(grads) > 1 else None)
+        part = slice(n * per_example, (n + 1) * per_example)
+        np.testing.assert_allclose(_sum_of_outer_products(a[part], g[part]),
+                                   expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["transpose2d_stride2_valid_output_padding",
+                                  "grouped2d_stride2_valid_no_bias"])
+def test_tkfac_statistics_against_location_uncorrelated_fisher(case):
+    model, layer, _ = _model(case)
+    x, y = _data(case, 3, seed=3)
+    block, a, g, m, _, _, _ = _record(model, layer, x, y, False)
+    a_groups = a[:, None] if a.ndim == 2 else a
+    g_groups = g[:, None] if g.ndim == 2 else g
+    grouped = ops.tkfac_statistics_grouped(
+        tf.constant(a_groups), tf.constant(g_groups), m)
+    a_factor, g_factor = ops.kfac_statistics_grouped(
+        tf.constant(a_groups), tf.constant(g_groups), m)
+    if block.groups == 1:
+        # The ungrouped ops the optimizer uses for this block give the same numbers.
+        for single, batched in zip(
+                ops.tkfac_statistics(tf.constant(a), tf.constant(g), m), grouped):
+            np.testing.assert_allclose(single.numpy(), batched.numpy()[0], rtol=1e-10)
+    delta, n_phi, n_psi = (t.numpy() for t in grouped)
+    example = np.repeat(np.arange(m), len(a) // m)
+    for j in range(block.groups):
+        exact = helpers.exact_fisher(a_groups[:, j], g_groups[:, j], example, m)
+        tr_out, tr_in = helpers.partial_traces(exact, block.d_in, block.d_out)
+        # delta is the trace of the location-uncorrelated block, and delta Phi, delta
+        # Psi its partial traces, so tr(delta Phi ⊗ Psi) = tr(F).
+        np.testing.assert_allclose(delta[j], np.trace(exact), rtol=1e-10)
+        np.testing.assert_allclose(n_phi[j], tr_out, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(n_psi[j], tr_in, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(np.trace(np.kron(n_phi[j], n_psi[j])) / delta[j],
+                                   np.trace(exact), rtol=1e-10)
+        np.testing.assert_allclose(a_factor[j].numpy(),
+                                   a_groups[:, j].T @ a_groups[:, j] / m, rtol=1e-10)
+        np.testing.assert_allclose(g_factor[j].numpy(),
+                                   g_groups[:, j].T @ g_groups[:, j] / len(a),
+                                   rtol=1e-10)
+
+
+SINGLE_ROW = {
+    # One input location: the transposed convolution has one row per example.
+    "transpose": ((1, 1, 2), lambda: L.Conv2DTranspose(2, 3, strides=2,
+                                                       activation="tanh")),
+    # One output location per group.
+    "grouped": ((3, 3, 4), lambda: L.Conv2D(4, 3, groups=2, activation="tanh")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SINGLE_ROW))
+def test_tkfac_is_exact_for_one_example_with_one_row(case):
+    """`delta Phi ⊗ Psi = F` for `M = 1` and one row; `F` from Keras's gradient."""
+    shape, make_layer = SINGLE_ROW[case]
+    keras.utils.set_random_seed(0)
+    layer = make_layer()
+    inputs = keras.Input(shape)
+    outputs = L.Dense(3)(L.Flatten()(layer(inputs)))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, *shape)).astype("float32")
+    y = np.array([1], dtype="int32")
+    block, a, g, m, keras_grads, _, _ = _record(model, layer, x, y, False)
+    assert len(a) == 1
+    bias_grad = None if block.bias is None else keras_grads[1]
+    matrix = block.grad_matrix(keras_grads[0], bias_grad).numpy().astype(np.float64)
+    matrix = matrix.reshape(block.groups, block.d_in, block.d_out)
+    a_groups = a[:, None] if a.ndim == 2 else a
+    g_groups = g[:, None] if g.ndim == 2 else g
+    delta, n_phi, n_psi = (t.numpy() for t in ops.tkfac_statistics_grouped(
+        tf.constant(a_groups), tf.constant(g_groups), 1))
+    for j in range(block.groups):
+        v = matrix[j].reshape(-1)  # row-major [d_in, d_out] is the a ⊗ g ordering
+        np.testing.assert_allclose(np.kron(n_phi[j], n_psi[j]) / delta[j],
+                                   np.outer(v, v), rtol=1e-4, atol=1e-10)
+
+
+def test_unsupported_configurations_raise():
+    with pytest.raises(ValueError, match="dilation_rate"):
+        keras_tkfac.wrap(keras.Sequential([
+            keras.Input((3, 3, 3, 1)), L.Conv3DTranspose(2, 2, dilation_rate=2)]))
+
+
+def _conv_model():
+    """A grouped channels_first convolution, then a transposed convolution."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((4, 6, 6)),
+        L.Conv2D(4, 3, groups=2, padding="same", activation="relu",
+                 data_format="channels_first", name="grouped"),
+        L.Permute((2, 3, 1)),
+        L.Conv2DTranspose(2, 3, strides=2, padding="same", activation="tanh",
+                          name="transpose"),
+        L.Flatten(),
+        L.Dense(3, name="classifier"),
+    ])
+
+
+def _conv_data(n=128):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 4, 6, 6)).astype("float32")
+    y = (x[:, 0].mean(axis=(1, 2)) > 0).astype("int32") + (
+        x[:, 3].mean(axis=(1, 2)) > 0.1).astype("int32")
+    return x, y
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_model_with_new_blocks_trains(cls):
+    x, y = _conv_data()
+    model = keras_tkfac.wrap(_conv_model())
+    assert [b.name for b in model.blocks] == ["grouped", "transpose", "classifier"]
+    model.compile(optimizer=cls(seed=0), loss=LOSS)
+    losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
+    assert losses[-1] < 0.8 * losses[0]
+    optimizer = model.optimizer
+    report = optimizer.curvature_report()
+    for block in model.blocks:
+        assert np.isfinite(report[block.name]["cond_left"]), block.name
+        assert report[block.name]["update_ratio"] > 0, block.name
+    inverses = {s.block.name: [v.shape for v in s.inverses] for s in optimizer._slots}
+    # Two groups of (3 * 3 * 2 + 1) x (2 outputs); the transposed kernel as
+    # [c_in = 4, 3 * 3 * c_out = 18], its bias on the fallback.
+    assert inverses["grouped"] == [(2, 19, 19), (2, 2, 2)]
+    assert inverses["transpose"] == [(4, 4), (18, 18)]
+    covered = {s.kernel_key for s in optimizer._slots} | {
+        s.bias_key for s in optimizer._slots}
+    transpose = model.model.get_layer("transpose")
+    assert optimizer._var_key(transpose.bias) not in covered
+
+
+def test_keras_file_round_trip_keeps_curvature_state(tmp_path):
+    x, y = _conv_data(n=48)
+    model = keras_tkfac.wrap(_conv_model())
+    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
+                                              inverse_update_freq=2, seed=3),
+                  loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(b) for b in loaded.blocks] == [type(b) for b in model.blocks]
+    assert blocks.ConvTransposeBlock in [type(b) for b in loaded.blocks]
+    assert loaded.blocks[0].groups == 2
+    for a, b in zip(model.weights + model.optimizer.variables,
+                    loaded.weights + loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.weights + model.optimizer.variables,
+                    loaded.weights + loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def _fit_on(strategy, cls, x, y):
+    with strategy.scope():
+        model = keras_tkfac.wrap(_conv_model())
+        model.compile(optimizer=cls(fisher="empirical", factor_update_freq=2,
+                                    inverse_update_freq=3, seed=0), loss=LOSS)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+def test_two_replicas_match_one_device(mirrored):
+    x, y = _conv_data()
+    single = _fit_on(tf.distribute.get_strategy(), keras_tkfac.TKFAC, x, y)
+    replicated = _fit_on(mirrored, keras_tkfac.TKFAC, x, y)
+    assert replicated.distribute_strategy.num_replicas_in_sync == 2
+    for variable in replicated.weights + replicated.optimizer.variables:
+        value = variable.value
+        values = [v.numpy() for v in getattr(value, "values", (value,))]
+        for other in values[1:]:
+            np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
+    # Float32 summation order differs (per-replica partial sums).
+    for a, b in zip(single.weights + single.optimizer.variables,
+                    replicated.weights + replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
