@@ -115,21 +115,45 @@ def sample_targets(spec, y_pred, seed):
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
 
 
-_CROSS_ENTROPIES = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-)
+# The TensorFlow op whose output Keras's cross-entropies read the logits behind.
+_LOGIT_OPS = {
+    "sparse_categorical_crossentropy": "Softmax",
+    "categorical_crossentropy": "Softmax",
+    "binary_crossentropy": "Sigmoid",
+}
+
+
+def _logits_source(spec, y_pred):
+    """The tensor Keras's loss differentiates through: `y_pred` or its logits.
+
+    Keras's rule (`keras/src/backend/tensorflow/nn.py`, `_get_logits`): the logits
+    kept by a Keras softmax/sigmoid activation (`_keras_logits`), else the input of
+    a graph `Softmax`/`Sigmoid` op (a raw `tf.nn.softmax`/`tf.nn.sigmoid` output).
+    """
+    op_type = _LOGIT_OPS.get(spec.kind)
+    if op_type is None or spec.from_logits:
+        return y_pred
+    if hasattr(y_pred, "_keras_logits"):
+        return y_pred._keras_logits
+    if (
+        hasattr(y_pred, "op")
+        and not isinstance(y_pred, (tf.__internal__.EagerTensor, tf.Variable))
+        and y_pred.op.type == op_type
+        and len(y_pred.op.inputs) == 1
+    ):
+        return y_pred.op.inputs[0]
+    return y_pred
 
 
 def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     """Gradient of the summed per-example loss with respect to the model output.
 
     Backpropagating it from the output to a layer's pre-activation output gives that
-    layer's per-example `g`. When `y_pred` is the output of a Keras softmax or sigmoid
-    activation, Keras's cross-entropies read the logits behind it; the cotangent is
-    then taken with respect to those logits, which is exact and avoids differentiating
-    through clipped probabilities.
+    layer's per-example `g`. When `y_pred` is the output of a softmax or sigmoid (a
+    Keras activation or a raw `tf.nn.softmax`/`tf.nn.sigmoid`), Keras's
+    cross-entropies read the logits behind it; the cotangent is then taken with
+    respect to those logits, which is exact and avoids differentiating through
+    clipped probabilities.
 
     Args:
         spec: a `LossSpec`.
@@ -139,6 +163,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         seed: `[2]` int32 seed of the sampler.
         sample_weight: optional per-example weights `w_n`; example `n` then
             contributes `w_n g_n g_n^T` (its cotangent is scaled by `sqrt(w_n)`).
+            A negative weight counts as zero: it would make the Fisher indefinite.
 
     Returns:
         `(source, cotangent, num_examples)`: the tensor to backpropagate from
@@ -149,9 +174,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         targets = sample_targets(spec, y_pred, seed)
     else:
         targets = y_true
-    source = y_pred
-    if spec.kind in _CROSS_ENTROPIES and not spec.from_logits:
-        source = getattr(y_pred, "_keras_logits", y_pred)
+    source = _logits_source(spec, y_pred)
     with tf.GradientTape() as tape:
         tape.watch(source)
         losses = spec.fn(targets, y_pred)
@@ -168,5 +191,5 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     if sample_weight is not None:
         weight = tf.cast(tf.reshape(sample_weight, [-1]), cotangent.dtype)
         shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(cotangent) - 1], tf.int32)], 0)
-        cotangent *= tf.reshape(tf.sqrt(weight), shape)
+        cotangent *= tf.reshape(tf.sqrt(tf.maximum(weight, 0.0)), shape)
     return source, cotangent, tf.size(losses)

@@ -1,8 +1,10 @@
 """The Keras optimizers: `TKFAC` and `KFAC`, one engine with two approximations."""
 
 import collections
+import math
 import numbers
 import random
+import weakref
 
 from absl import logging
 import numpy as np
@@ -112,7 +114,11 @@ def _is_schedule(value):
 
 def _check_real(name, value, low=None, high=None, low_open=False, high_open=True):
     """Raises a `ValueError` naming `name` unless `value` is a real number in range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -123,7 +129,8 @@ def _check_real(name, value, low=None, high=None, low_open=False, high_open=True
         bounds = f"{left}{low if low is not None else '-inf'}, "
         bounds += f"{high if high is not None else 'inf'}{right}"
         raise ValueError(
-            f"`{name}` must be a number in {bounds}. Received: {name}={value!r}"
+            f"`{name}` must be a finite number in {bounds}. "
+            f"Received: {name}={value!r}"
         )
 
 
@@ -152,6 +159,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     stands for a diagonal matrix), `_trace(factors)` and optionally
     `_layer_damping`.
     """
+
+    # Python-side count of `update_curvature` calls (traced or eager), so that a
+    # model's own `train_step` that never feeds curvature is caught.
+    curvature_updates = 0
 
     def __init__(
         self,
@@ -201,38 +212,59 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.max_factor_dim = int(max_factor_dim)
         self.seed = int(seed)
         self._blocks = None
+        self._owner = None
         self._slots = []
         self._jit_math = False
         self._step_is_finite = None
 
     # Set-up -------------------------------------------------------------------
 
-    def attach(self, blocks, *, jit_compile=False):
+    def attach(self, blocks, *, jit_compile=False, owner=None):
         """Tells the optimizer which layers it preconditions.
 
-        `keras_tkfac.wrap` models call this from `compile`, and `update_curvature`
-        calls it on first use; users do not need to.
+        `keras_tkfac.wrap` models call this from `compile` and before their first
+        step, and `update_curvature` calls it on first use; users do not need to.
+        Until the optimizer is built, attaching again replaces the blocks (layers
+        added to the model after `compile`).
 
         Args:
             blocks: the model's `CurvatureBlock`s.
             jit_compile: whether to XLA-compile the statistics and preconditioning
                 (set by the model when whole-step XLA is not possible).
+            owner: optional, the model the blocks belong to; attaching blocks of
+                another model raises.
         """
-        self._jit_math = bool(jit_compile)
         blocks = list(blocks)
+        previous = self._owner() if self._owner is not None else None
+        if owner is not None and previous is not None and previous is not owner:
+            raise ValueError(
+                f"Optimizer {self.name!r} is already used by model "
+                f"{previous.name!r}; create one optimizer per model. "
+                f"Received: model={owner.name!r}"
+            )
         if self.built and self._blocks is not None:
             old = [id(b.layer) for b in self._blocks]
             if old != [id(b.layer) for b in blocks]:
                 raise ValueError(
-                    f"Optimizer {self.name!r} is already built for another model; "
-                    "create one optimizer per model."
+                    f"Optimizer {self.name!r} is already built for other layers "
+                    "(another model, or layers added since it was built); create "
+                    "one optimizer per model, and a new one after changing the "
+                    "model's layers."
                 )
             return
+        self._jit_math = bool(jit_compile)
+        if owner is not None:
+            self._owner = weakref.ref(owner)
         self._blocks = blocks
 
     def build(self, var_list):
         if self.built:
             return
+        owner = self._owner() if self._owner is not None else None
+        if not var_list and owner is not None:
+            # Keras's legacy `.h5` loader builds the optimizer with the wrapper's
+            # own variables (none); the wrapped model's are meant.
+            var_list = owner.trainable_variables
         if self._blocks is None:
             raise ValueError(
                 f"{type(self).__name__} needs the model's curvature: wrap the model "
@@ -307,7 +339,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (len(self._slots) + 1,), initializer="ones", name="last_update",
             aggregation="only_first_replica",
         )
-        fallback = [v.path for v in var_list if self._var_key(v) not in covered]
+        fallback = [getattr(v, "path", v.name) for v in var_list
+                    if self._var_key(v) not in covered]
         if fallback:
             logging.warning(
                 "keras_tkfac: %d of %d variable(s) take the momentum-SGD fallback "
@@ -357,8 +390,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         y_pred = _single(y_pred, "y_pred")
         if y_true is not None:
             y_true = _single(y_true, "y_true")
+        self.curvature_updates += 1
         if self._blocks is None:
-            self.attach(recording.blocks)
+            self.attach(recording.blocks, owner=recording.owner)
         if not self.built:
             self.build(recording.variables)
         if not self._slots:
@@ -675,7 +709,8 @@ _COMMON_ARGS = """
             (128 MiB for the largest factor).
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
-        name: string. Defaults to `"{name}"`.
+        name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
+            ... as Keras does. Defaults to `None`.
         **kwargs: the base Keras optimizer arguments (`weight_decay`, `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, ...).
 """
@@ -748,7 +783,7 @@ class TKFAC(CurvatureOptimizer):
         split_inverses=True,
         max_factor_dim=4096,
         seed=None,
-        name="tkfac",
+        name=None,
         **kwargs,
     ):
         _check_choice("conv_damping", conv_damping, ("trace", "fixed"))
@@ -840,7 +875,7 @@ class KFAC(CurvatureOptimizer):
         split_inverses=True,
         max_factor_dim=4096,
         seed=None,
-        name="kfac",
+        name=None,
         **kwargs,
     ):
         super().__init__(
