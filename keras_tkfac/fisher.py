@@ -16,6 +16,7 @@ Gauss-Newton matrix):
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 import keras
 
@@ -88,29 +89,59 @@ def resolve_loss(loss, fisher):
     return LossSpec(kind, from_logits, per_example)
 
 
+def _mix(x):
+    """A 32-bit integer hash (`lowbias32`), bit-exact in TensorFlow and XLA."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def _uniform(shape, seed, stream=0):
+    """Uniform samples in `(0, 1)` from a counter-based hash of `seed` (`[2]` int32).
+
+    TensorFlow's stateless random ops draw different numbers with and without XLA
+    for the same seed (measured on TF 2.21), so `jit_compile=True` would sample
+    other labels; integer hashing gives the same bits on every device and compiler.
+    """
+    seed = tf.cast(seed, tf.uint32)
+    key = _mix(seed[0] ^ _mix(seed[1] + tf.constant(0x9E3779B9 + stream, tf.uint32)))
+    counter = tf.cast(tf.range(tf.reduce_prod(shape)), tf.uint32)
+    bits = tf.bitwise.right_shift(_mix(counter ^ key), 8)
+    uniform = (tf.cast(bits, tf.float32) + 0.5) * (1.0 / 2**24)
+    return tf.reshape(uniform, shape)
+
+
 def sample_targets(spec, y_pred, seed):
-    """Labels drawn from the model's predictive distribution (no gradient)."""
+    """Labels drawn from the model's predictive distribution (no gradient).
+
+    The draws depend only on `seed` and are the same with and without XLA.
+    """
     y_pred = tf.stop_gradient(y_pred)
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         num_classes = tf.shape(y_pred)[-1]
-        logits = tf.reshape(y_pred, [-1, num_classes])
+        logits = tf.cast(tf.reshape(y_pred, [-1, num_classes]), tf.float32)
         if not spec.from_logits:
             logits = tf.math.log(tf.maximum(logits, 1e-12))
-        labels = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
-        # Non-finite logits draw the out-of-range class `num_classes`; keep labels
-        # valid so the step can be skipped cleanly instead of failing.
-        labels = tf.minimum(tf.cast(labels, tf.int32), num_classes - 1)
+        # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
+        gumbel = -tf.math.log(-tf.math.log(_uniform(tf.shape(logits), seed)))
+        labels = tf.argmax(logits + gumbel, axis=-1, output_type=tf.int32)
+        labels = tf.minimum(labels, num_classes - 1)
         labels = tf.reshape(labels, tf.shape(y_pred)[:-1])
         if spec.kind == "categorical_crossentropy":
             return tf.one_hot(labels, num_classes, dtype=y_pred.dtype)
         return labels
     if spec.kind == "binary_crossentropy":
         probs = tf.sigmoid(y_pred) if spec.from_logits else y_pred
-        noise = tf.random.stateless_uniform(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        noise = tf.cast(_uniform(tf.shape(y_pred), seed), y_pred.dtype)
         return tf.cast(noise < probs, y_pred.dtype)
     if spec.kind == "mean_squared_error":
         width = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
-        noise = tf.random.stateless_normal(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        # Box-Muller from two independent uniform streams.
+        radius = tf.sqrt(-2.0 * tf.math.log(_uniform(tf.shape(y_pred), seed, 0)))
+        angle = 2.0 * np.pi * _uniform(tf.shape(y_pred), seed, 1)
+        noise = tf.cast(radius * tf.cos(angle), y_pred.dtype)
         return y_pred + tf.sqrt(width / 2.0) * noise
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
 
