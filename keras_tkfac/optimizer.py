@@ -711,8 +711,6 @@ _COMMON_ARGS = """
             part of the config). Defaults to `None`.
         name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
             ... as Keras does. Defaults to `None`.
-        **kwargs: the base Keras optimizer arguments (`weight_decay`, `clipnorm`,
-            `clipvalue`, `global_clipnorm`, `use_ema`, ...).
 """
 
 
@@ -751,7 +749,7 @@ class TKFAC(CurvatureOptimizer):
             layers). Defaults to `"trace"`.
         trace_damping_floor: float >= 0, the floor `nu` on `delta` in the
             trace-relative damping. Defaults to `1e-3`.
-
+{kwargs}
     Example:
 
     ```python
@@ -853,7 +851,7 @@ class KFAC(CurvatureOptimizer):
     `A + pi sqrt(lambda) I`, `G + sqrt(lambda) / pi I`,
     `pi = sqrt((tr A / dim A) / (tr G / dim G))`. The update, KL clipping and
     momentum are those of `TKFAC`.
-{args}
+{args}{kwargs}
     References:
         - [Martens & Grosse, 2015](https://arxiv.org/abs/1503.05671)
         - [Grosse & Martens, 2016](https://arxiv.org/abs/1602.01407)
@@ -913,6 +911,11 @@ class KFAC(CurvatureOptimizer):
         return ops.kfac_damped_factors(factors[0], factors[1], damping)
 
 
+_KWARGS_ARG = """        **kwargs: the base Keras optimizer arguments (`weight_decay`, `clipnorm`,
+            `clipvalue`, `global_clipnorm`, `use_ema`, ...).
+"""
+
 TKFAC.__doc__ = TKFAC.__doc__.format(
-    args=_COMMON_ARGS.format(lr=0.1, name="tkfac"))
-KFAC.__doc__ = KFAC.__doc__.format(args=_COMMON_ARGS.format(lr=0.1, name="kfac"))
+    args=_COMMON_ARGS.format(lr=0.1, name="tkfac"), kwargs=_KWARGS_ARG)
+KFAC.__doc__ = KFAC.__doc__.format(
+    args=_COMMON_ARGS.format(lr=0.1, name="kfac"), kwargs=_KWARGS_ARG)

@@ -404,3 +404,17 @@ def test_legacy_h5_round_trip_restores_the_optimizer_state(cls, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# Item 13 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_docstring_lists_kwargs_after_every_named_argument(cls):
+    doc = cls.__doc__
+    args = doc[doc.index("    Args:"):]
+    names = re.findall(r"^        (\*\*kwargs|\w+):", args, re.M)
+    assert names[-1] == "**kwargs"
+    assert "name" in names and "seed" in names
+    if cls is keras_tkfac.TKFAC:
+        assert names.index("trace_damping_floor") < names.index("**kwargs")

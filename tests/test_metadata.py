@@ -32,3 +32,11 @@ def test_tools_and_examples_parse_flags_with_absl():
         assert not re.search(r"^\s*(import|from) argparse", source, re.M), path
         if "__main__" in source:
             assert "app.run(" in source, path
+
+
+def test_make_test_all_has_slow_tests_to_run():
+    # `make test-all` claims to run the tests marked slow; there must be some.
+    marked = [path for path in (ROOT / "tests").glob("test_*.py")
+              if "@pytest.mark.slow" in path.read_text()]
+    assert marked
+    assert "-m \"not slow\"" in (ROOT / "Makefile").read_text()
