@@ -12,10 +12,31 @@ its rows are concatenated, so the statistics sum over calls.
 
 import functools
 import threading
+import weakref
 
+from absl import logging
 import tensorflow as tf
 
 _STATE = threading.local()
+
+# Inner model -> its `keras_tkfac.wrap` model, so that `record(self)` works inside
+# the inner model's own `train_step`.
+_WRAPPERS = weakref.WeakKeyDictionary()
+
+# Layers already reported as not recordable (called inside a loop or nested function).
+_WARNED = weakref.WeakSet()
+
+
+def register_wrapper(model, wrapper):
+    """Lets `record(model)` find the curvature blocks of `wrapper`, which wraps it."""
+    _WRAPPERS[model] = wrapper
+
+
+def wrapper_of(model):
+    """The model returned by `keras_tkfac.wrap` for `model` (itself if it is one)."""
+    if getattr(type(model), "_keras_tkfac_wrapper", False):
+        return model
+    return _WRAPPERS.get(model)
 
 
 class Recording:
@@ -23,13 +44,23 @@ class Recording:
 
     Args:
         blocks: the `CurvatureBlock`s to record.
-        variables: the trainable variables of the recorded model.
+        variables: the trainable variables of the recorded model, or a callable
+            returning them (read after the forward pass, which may create them).
+        owner: optional, the wrapped model the blocks belong to.
     """
 
-    def __init__(self, blocks, variables):
+    def __init__(self, blocks, variables, owner=None):
         self.blocks = list(blocks)
-        self.variables = list(variables)
+        self._variables = variables
+        self.owner = owner
+        self.graph = tf.compat.v1.get_default_graph()
         self._calls = {id(block.layer): [] for block in self.blocks}
+
+    @property
+    def variables(self):
+        if callable(self._variables):
+            return list(self._variables())
+        return list(self._variables)
 
     def wants(self, layer):
         return id(layer) in self._calls
@@ -97,17 +128,20 @@ class record:
     ```
 
     Args:
-        model: a model returned by `keras_tkfac.wrap`.
+        model: a model returned by `keras_tkfac.wrap`, or the model it wraps (for
+            use inside that model's own `train_step`).
     """
 
     def __init__(self, model):
-        blocks = getattr(model, "blocks", None)
-        if blocks is None:
+        wrapper = wrapper_of(model)
+        if wrapper is None:
             raise ValueError(
                 "keras_tkfac.record needs a model returned by keras_tkfac.wrap(model). "
                 f"Received: model={model!r}"
             )
-        self._recording = Recording(blocks, model.trainable_variables)
+        self._recording = Recording(
+            wrapper.blocks, lambda: model.trainable_variables, owner=wrapper
+        )
 
     def __enter__(self):
         self._previous = getattr(_STATE, "recording", None)
@@ -130,6 +164,18 @@ def install(block):
     def recording_call(inputs, *args, **kwargs):
         recording = getattr(_STATE, "recording", None)
         if recording is None or not recording.wants(layer):
+            return original(inputs, *args, **kwargs)
+        if tf.compat.v1.get_default_graph() is not recording.graph:
+            # Called inside a `tf.while_loop` (an RNN cell) or a nested function:
+            # its tensors cannot leave that graph, so the layer is not recorded.
+            if layer not in _WARNED:
+                _WARNED.add(layer)
+                logging.warning(
+                    "keras_tkfac: layer %r is called inside a loop or nested "
+                    "function and cannot be recorded; its curvature is not "
+                    "updated. Exclude it: keras_tkfac.wrap(model, exclude=[%r]).",
+                    layer.name, layer.name,
+                )
             return original(inputs, *args, **kwargs)
         s = block.preactivation(inputs)
         recording.add(layer, inputs, s)

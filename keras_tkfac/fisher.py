@@ -16,6 +16,7 @@ Gauss-Newton matrix):
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 import keras
 
@@ -88,48 +89,102 @@ def resolve_loss(loss, fisher):
     return LossSpec(kind, from_logits, per_example)
 
 
+def _mix(x):
+    """A 32-bit integer hash (`lowbias32`), bit-exact in TensorFlow and XLA."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def _uniform(shape, seed, stream=0):
+    """Uniform samples in `(0, 1)` from a counter-based hash of `seed` (`[2]` int32).
+
+    TensorFlow's stateless random ops draw different numbers with and without XLA
+    for the same seed (measured on TF 2.21), so `jit_compile=True` would sample
+    other labels; integer hashing gives the same bits on every device and compiler.
+    """
+    seed = tf.cast(seed, tf.uint32)
+    key = _mix(seed[0] ^ _mix(seed[1] + tf.constant(0x9E3779B9 + stream, tf.uint32)))
+    counter = tf.cast(tf.range(tf.reduce_prod(shape)), tf.uint32)
+    bits = tf.bitwise.right_shift(_mix(counter ^ key), 8)
+    uniform = (tf.cast(bits, tf.float32) + 0.5) * (1.0 / 2**24)
+    return tf.reshape(uniform, shape)
+
+
 def sample_targets(spec, y_pred, seed):
-    """Labels drawn from the model's predictive distribution (no gradient)."""
+    """Labels drawn from the model's predictive distribution (no gradient).
+
+    The draws depend only on `seed` and are the same with and without XLA.
+    """
     y_pred = tf.stop_gradient(y_pred)
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         num_classes = tf.shape(y_pred)[-1]
-        logits = tf.reshape(y_pred, [-1, num_classes])
+        logits = tf.cast(tf.reshape(y_pred, [-1, num_classes]), tf.float32)
         if not spec.from_logits:
             logits = tf.math.log(tf.maximum(logits, 1e-12))
-        labels = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
-        # Non-finite logits draw the out-of-range class `num_classes`; keep labels
-        # valid so the step can be skipped cleanly instead of failing.
-        labels = tf.minimum(tf.cast(labels, tf.int32), num_classes - 1)
+        # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
+        gumbel = -tf.math.log(-tf.math.log(_uniform(tf.shape(logits), seed)))
+        labels = tf.argmax(logits + gumbel, axis=-1, output_type=tf.int32)
+        labels = tf.minimum(labels, num_classes - 1)
         labels = tf.reshape(labels, tf.shape(y_pred)[:-1])
         if spec.kind == "categorical_crossentropy":
             return tf.one_hot(labels, num_classes, dtype=y_pred.dtype)
         return labels
     if spec.kind == "binary_crossentropy":
         probs = tf.sigmoid(y_pred) if spec.from_logits else y_pred
-        noise = tf.random.stateless_uniform(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        noise = tf.cast(_uniform(tf.shape(y_pred), seed), y_pred.dtype)
         return tf.cast(noise < probs, y_pred.dtype)
     if spec.kind == "mean_squared_error":
         width = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
-        noise = tf.random.stateless_normal(tf.shape(y_pred), seed, dtype=y_pred.dtype)
+        # Box-Muller from two independent uniform streams.
+        radius = tf.sqrt(-2.0 * tf.math.log(_uniform(tf.shape(y_pred), seed, 0)))
+        angle = 2.0 * np.pi * _uniform(tf.shape(y_pred), seed, 1)
+        noise = tf.cast(radius * tf.cos(angle), y_pred.dtype)
         return y_pred + tf.sqrt(width / 2.0) * noise
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
 
 
-_CROSS_ENTROPIES = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-)
+# The TensorFlow op whose output Keras's cross-entropies read the logits behind.
+_LOGIT_OPS = {
+    "sparse_categorical_crossentropy": "Softmax",
+    "categorical_crossentropy": "Softmax",
+    "binary_crossentropy": "Sigmoid",
+}
+
+
+def _logits_source(spec, y_pred):
+    """The tensor Keras's loss differentiates through: `y_pred` or its logits.
+
+    Keras's rule (`keras/src/backend/tensorflow/nn.py`, `_get_logits`): the logits
+    kept by a Keras softmax/sigmoid activation (`_keras_logits`), else the input of
+    a graph `Softmax`/`Sigmoid` op (a raw `tf.nn.softmax`/`tf.nn.sigmoid` output).
+    """
+    op_type = _LOGIT_OPS.get(spec.kind)
+    if op_type is None or spec.from_logits:
+        return y_pred
+    if hasattr(y_pred, "_keras_logits"):
+        return y_pred._keras_logits
+    if (
+        hasattr(y_pred, "op")
+        and not isinstance(y_pred, (tf.__internal__.EagerTensor, tf.Variable))
+        and y_pred.op.type == op_type
+        and len(y_pred.op.inputs) == 1
+    ):
+        return y_pred.op.inputs[0]
+    return y_pred
 
 
 def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     """Gradient of the summed per-example loss with respect to the model output.
 
     Backpropagating it from the output to a layer's pre-activation output gives that
-    layer's per-example `g`. When `y_pred` is the output of a Keras softmax or sigmoid
-    activation, Keras's cross-entropies read the logits behind it; the cotangent is
-    then taken with respect to those logits, which is exact and avoids differentiating
-    through clipped probabilities.
+    layer's per-example `g`. When `y_pred` is the output of a softmax or sigmoid (a
+    Keras activation or a raw `tf.nn.softmax`/`tf.nn.sigmoid`), Keras's
+    cross-entropies read the logits behind it; the cotangent is then taken with
+    respect to those logits, which is exact and avoids differentiating through
+    clipped probabilities.
 
     Args:
         spec: a `LossSpec`.
@@ -139,6 +194,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         seed: `[2]` int32 seed of the sampler.
         sample_weight: optional per-example weights `w_n`; example `n` then
             contributes `w_n g_n g_n^T` (its cotangent is scaled by `sqrt(w_n)`).
+            A negative weight counts as zero: it would make the Fisher indefinite.
 
     Returns:
         `(source, cotangent, num_examples)`: the tensor to backpropagate from
@@ -149,9 +205,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         targets = sample_targets(spec, y_pred, seed)
     else:
         targets = y_true
-    source = y_pred
-    if spec.kind in _CROSS_ENTROPIES and not spec.from_logits:
-        source = getattr(y_pred, "_keras_logits", y_pred)
+    source = _logits_source(spec, y_pred)
     with tf.GradientTape() as tape:
         tape.watch(source)
         losses = spec.fn(targets, y_pred)
@@ -168,5 +222,5 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     if sample_weight is not None:
         weight = tf.cast(tf.reshape(sample_weight, [-1]), cotangent.dtype)
         shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(cotangent) - 1], tf.int32)], 0)
-        cotangent *= tf.reshape(tf.sqrt(weight), shape)
+        cotangent *= tf.reshape(tf.sqrt(tf.maximum(weight, 0.0)), shape)
     return source, cotangent, tf.size(losses)

@@ -1,8 +1,10 @@
 """The Keras optimizers: `TKFAC` and `KFAC`, one engine with two approximations."""
 
 import collections
+import math
 import numbers
 import random
+import weakref
 
 from absl import logging
 import numpy as np
@@ -115,7 +117,11 @@ def _is_schedule(value):
 
 def _check_real(name, value, low=None, high=None, low_open=False, high_open=True):
     """Raises a `ValueError` naming `name` unless `value` is a real number in range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -126,7 +132,8 @@ def _check_real(name, value, low=None, high=None, low_open=False, high_open=True
         bounds = f"{left}{low if low is not None else '-inf'}, "
         bounds += f"{high if high is not None else 'inf'}{right}"
         raise ValueError(
-            f"`{name}` must be a number in {bounds}. Received: {name}={value!r}"
+            f"`{name}` must be a finite number in {bounds}. "
+            f"Received: {name}={value!r}"
         )
 
 
@@ -155,6 +162,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     stands for a diagonal matrix), `_trace(factors)` and optionally
     `_layer_damping`.
     """
+
+    # Python-side count of `update_curvature` calls (traced or eager), so that a
+    # model's own `train_step` that never feeds curvature is caught.
+    curvature_updates = 0
 
     def __init__(
         self,
@@ -216,38 +227,59 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.seed = int(seed)
         self._blocks = None
+        self._owner = None
         self._slots = []
         self._jit_math = False
         self._step_is_finite = None
 
     # Set-up -------------------------------------------------------------------
 
-    def attach(self, blocks, *, jit_compile=False):
+    def attach(self, blocks, *, jit_compile=False, owner=None):
         """Tells the optimizer which layers it preconditions.
 
-        `keras_tkfac.wrap` models call this from `compile`, and `update_curvature`
-        calls it on first use; users do not need to.
+        `keras_tkfac.wrap` models call this from `compile` and before their first
+        step, and `update_curvature` calls it on first use; users do not need to.
+        Until the optimizer is built, attaching again replaces the blocks (layers
+        added to the model after `compile`).
 
         Args:
             blocks: the model's `CurvatureBlock`s.
             jit_compile: whether to XLA-compile the statistics and preconditioning
                 (set by the model when whole-step XLA is not possible).
+            owner: optional, the model the blocks belong to; attaching blocks of
+                another model raises.
         """
-        self._jit_math = bool(jit_compile)
         blocks = list(blocks)
+        previous = self._owner() if self._owner is not None else None
+        if owner is not None and previous is not None and previous is not owner:
+            raise ValueError(
+                f"Optimizer {self.name!r} is already used by model "
+                f"{previous.name!r}; create one optimizer per model. "
+                f"Received: model={owner.name!r}"
+            )
         if self.built and self._blocks is not None:
             old = [id(b.layer) for b in self._blocks]
             if old != [id(b.layer) for b in blocks]:
                 raise ValueError(
-                    f"Optimizer {self.name!r} is already built for another model; "
-                    "create one optimizer per model."
+                    f"Optimizer {self.name!r} is already built for other layers "
+                    "(another model, or layers added since it was built); create "
+                    "one optimizer per model, and a new one after changing the "
+                    "model's layers."
                 )
             return
+        self._jit_math = bool(jit_compile)
+        if owner is not None:
+            self._owner = weakref.ref(owner)
         self._blocks = blocks
 
     def build(self, var_list):
         if self.built:
             return
+        owner = self._owner() if self._owner is not None else None
+        if not var_list and owner is not None:
+            # Keras's legacy `.h5` loader builds the optimizer with the wrapper's
+            # own variables (none); the wrapped model's are meant.
+            var_list = owner.trainable_variables
         if self._blocks is None:
             raise ValueError(
                 f"{type(self).__name__} needs the model's curvature: wrap the model "
@@ -333,7 +365,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     self._momentums[index] = self.add_variable_from_reference(
                         variable, "momentum")
                 continue
-            fallback.append(variable.path)
+            fallback.append(getattr(variable, "path", variable.name))
             self._partner_slots[index] = [
                 self.add_variable_from_reference(variable, slot_name)
                 for slot_name in self._partner.slot_names()
@@ -387,8 +419,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         y_pred = _single(y_pred, "y_pred")
         if y_true is not None:
             y_true = _single(y_true, "y_true")
+        self.curvature_updates += 1
         if self._blocks is None:
-            self.attach(recording.blocks)
+            self.attach(recording.blocks, owner=recording.owner)
         if not self.built:
             self.build(recording.variables)
         if not self._slots:
@@ -739,9 +772,8 @@ _COMMON_ARGS = """
             `learning_rate` when `fallback` is a name. Defaults to `0.01`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
-        name: string. Defaults to `"{name}"`.
-        **kwargs: the base Keras optimizer arguments (`weight_decay`, `clipnorm`,
-            `clipvalue`, `global_clipnorm`, `use_ema`, ...).
+        name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
+            ... as Keras does. Defaults to `None`.
 """
 
 
@@ -781,7 +813,7 @@ class TKFAC(CurvatureOptimizer):
     proportional to the trace over the dimension; its constant could not be read
     here. With a constant of 1 TKFAC diverged or oscillated on a convolutional
     autoencoder and a Conv1D + BatchNorm classifier (updates 300-9000 times the
-    gradient's norm in conv layers); 100 was measured best of {1, 10, 100, 1000} on a
+    gradient's norm in conv layers); 100 was measured best of 1, 10, 100 and 1000 on a
     conv autoencoder, a convnet and a Conv1D classifier (README, "Damping of
     convolution layers").
     Variables without a curvature block take the first-order partner (`fallback`,
@@ -792,7 +824,7 @@ class TKFAC(CurvatureOptimizer):
             trace-relative damping. Defaults to `1e-3`.
         trace_damping_scale: float > 0, the multiple of the block's mean eigenvalue
             used as the damping of convolution layers. Defaults to `100`.
-
+{kwargs}
     Example:
 
     ```python
@@ -829,7 +861,7 @@ class TKFAC(CurvatureOptimizer):
         fallback="adam",
         fallback_lr_ratio=0.01,
         seed=None,
-        name="tkfac",
+        name=None,
         **kwargs,
     ):
         _check_choice("conv_damping", conv_damping, ("trace", "fixed"))
@@ -908,7 +940,7 @@ class KFAC(CurvatureOptimizer):
     `pi = sqrt((tr A / dim A) / (tr G / dim G))`. The update, KL clipping and
     momentum, the step-size control and the first-order partner are those of
     `TKFAC`.
-{args}
+{args}{kwargs}
     References:
         - [Martens & Grosse, 2015](https://arxiv.org/abs/1503.05671)
         - [Grosse & Martens, 2016](https://arxiv.org/abs/1602.01407)
@@ -934,7 +966,7 @@ class KFAC(CurvatureOptimizer):
         fallback="adam",
         fallback_lr_ratio=0.01,
         seed=None,
-        name="kfac",
+        name=None,
         **kwargs,
     ):
         super().__init__(
@@ -976,6 +1008,11 @@ class KFAC(CurvatureOptimizer):
         return ops.kfac_damped_factors(factors[0], factors[1], damping)
 
 
+_KWARGS_ARG = """        **kwargs: the base Keras optimizer arguments (`weight_decay`, `clipnorm`,
+            `clipvalue`, `global_clipnorm`, `use_ema`, ...).
+"""
+
 TKFAC.__doc__ = TKFAC.__doc__.format(
-    args=_COMMON_ARGS.format(lr=0.1, name="tkfac"))
-KFAC.__doc__ = KFAC.__doc__.format(args=_COMMON_ARGS.format(lr=0.1, name="kfac"))
+    args=_COMMON_ARGS.format(lr=0.1, name="tkfac"), kwargs=_KWARGS_ARG)
+KFAC.__doc__ = KFAC.__doc__.format(
+    args=_COMMON_ARGS.format(lr=0.1, name="kfac"), kwargs=_KWARGS_ARG)

@@ -1,5 +1,7 @@
 """`keras_tkfac.wrap`: a model whose training step feeds curvature to the optimizer."""
 
+import inspect
+
 from absl import logging
 import tensorflow as tf
 import keras
@@ -15,12 +17,32 @@ def _curvature_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
-def _find_blocks(model, exclude):
+def _recurrent_sublayers(layers):
+    """Ids of the layers called inside a recurrent layer's loop (its cell's layers)."""
+    found = set()
+    for layer in layers:
+        if isinstance(layer, keras.layers.RNN):
+            found.update(
+                id(sub) for sub in layer._flatten_layers(include_self=False)
+            )
+    return found
+
+
+def _find_blocks(model, exclude, known=None):
+    """The blocks of `model`'s layers, reusing those in `known` (`{id(layer): block}`).
+
+    Returns:
+        `(blocks, recurrent)`: the blocks, and the names of layers that have a
+        block class but run inside a recurrent layer's loop (left to the fallback).
+    """
+    known = known or {}
     excluded_names = {e for e in exclude if isinstance(e, str)}
     excluded_types = tuple(e for e in exclude if isinstance(e, type))
-    found = []
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    recurrent = _recurrent_sublayers(layers)
+    found, skipped = [], []
     seen = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in layers:
         # Frozen layers get blocks too: they may be unfrozen later, and the
         # optimizer's `build` only preconditions trainable variables.
         if id(layer) in seen:
@@ -30,10 +52,24 @@ def _find_blocks(model, exclude):
             excluded_types and isinstance(layer, excluded_types)
         ):
             continue
-        block = blocks_lib.block_for(layer)
-        if block is not None:
-            found.append(block)
-    return found
+        block = known.get(id(layer)) or blocks_lib.block_for(layer)
+        if block is None:
+            continue
+        if id(layer) in recurrent:
+            # A recurrent layer calls its cell inside a `tf.while_loop`, whose
+            # tensors cannot be recorded for the step's tape.
+            skipped.append(layer.name)
+            continue
+        found.append(block)
+    return found, skipped
+
+
+def _overrides(model, method):
+    """Whether `model`'s class overrides `keras.Model.<method>`."""
+    return getattr(type(model), method) is not getattr(keras.Model, method)
+
+
+_COMPILE_SIGNATURE = inspect.signature(keras.Model.compile)
 
 
 @keras.saving.register_keras_serializable(package="keras_tkfac")
@@ -54,6 +90,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         **kwargs: base `keras.Model` arguments such as `name`.
     """
 
+    _keras_tkfac_wrapper = True
+
     def __init__(self, model, exclude=(), **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
@@ -68,22 +106,68 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                 )
         self.model = model
         self._exclude = tuple(exclude)
-        self.blocks = _find_blocks(model, self._exclude)
-        for block in self.blocks:
-            capture.install(block)
+        # Blocks are found again whenever the wrapped model's layers change (layers
+        # added after `wrap`, an unbuilt model), until the optimizer is built.
+        object.__setattr__(self, "_block_cache", ((), []))
+        object.__setattr__(self, "_recurrent_warned", False)
+        object.__setattr__(self, "_inner_jit", False)
+        capture.register_wrapper(model, self)
+        self.blocks  # Finds the blocks now, so unsupported layers raise at `wrap`.
         if model.built:
             self.built = True
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: the wrapped model's own public
+        # attributes and methods (sub-networks, helpers) are reachable through
+        # the wrapper. Private names stay the wrapper's (Keras probes them).
+        model = self.__dict__.get("model")
+        if model is None or name.startswith("_"):
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+            )
+        return getattr(model, name)
+
+    @property
+    def blocks(self):
+        """The curvature blocks of the wrapped model's current layers."""
+        layers = self.model._flatten_layers(include_self=False, recursive=True)
+        key = tuple(id(layer) for layer in layers)
+        cached_key, cached = self._block_cache
+        if key == cached_key:
+            return list(cached)
+        known = {id(block.layer): block for block in cached}
+        found, recurrent = _find_blocks(self.model, self._exclude, known)
+        for block in found:
+            capture.install(block)
+        if recurrent and not self._recurrent_warned:
+            object.__setattr__(self, "_recurrent_warned", True)
+            logging.warning(
+                "keras_tkfac: layer(s) %s run inside a recurrent layer's loop and "
+                "take the momentum-SGD fallback.", ", ".join(recurrent)
+            )
+        object.__setattr__(self, "_block_cache", (key, found))
+        return list(found)
+
+    @property
+    def delegates_steps(self):
+        """Whether the wrapped model has its own `train_step` (it then runs it)."""
+        return _overrides(self.model, "train_step")
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
     def build(self, input_shape):
-        if not self.model.built:
+        # A model without its own `build` (a subclassed one) builds on its first
+        # call; Keras warns when such a model is built from a shape.
+        if not self.model.built and not getattr(type(self.model).build, "_is_default",
+                                                False):
             self.model.build(input_shape)
         self.built = True
 
-    def compile(self, optimizer="rmsprop", **kwargs):
-        super().compile(optimizer=optimizer, **kwargs)
+    def compile(self, *args, **kwargs):
+        arguments = _COMPILE_SIGNATURE.bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        super().compile(**arguments)
         inner_jit = False
         if self.jit_compile is True and self._distribute_strategy is not None:
             # Keras cannot XLA-compile a replica's step that touches mirrored
@@ -94,9 +178,26 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             )
             self.jit_compile = False
             inner_jit = True
-        attach = getattr(_curvature_optimizer(self.optimizer), "attach", None)
+        object.__setattr__(self, "_inner_jit", inner_jit)
+        if self.delegates_steps:
+            # The wrapped model's own `train_step` runs; it reads the optimizer,
+            # loss and metrics from the wrapped model, so compile it alike.
+            arguments["optimizer"] = self.optimizer
+            self.model.compile(**arguments)
+        self._attach()
+
+    def _attach(self):
+        """Hands the current blocks to a curvature optimizer not yet built."""
+        curvature = _curvature_optimizer(self.optimizer)
+        attach = getattr(curvature, "attach", None)
         if attach is not None:
-            attach(self.blocks, jit_compile=inner_jit)
+            attach(self.blocks, jit_compile=self._inner_jit, owner=self)
+
+    @property
+    def metrics(self):
+        if self.compiled and self.delegates_steps:
+            return self.model.metrics
+        return super().metrics
 
     def compile_from_config(self, config):
         # Keras skips compiling models whose `compile` is overridden; ours only adds
@@ -110,7 +211,15 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         optimizer = self.optimizer
         curvature = _curvature_optimizer(optimizer)
         if not hasattr(curvature, "update_curvature"):
+            if self.delegates_steps:
+                return keras_compat.multi_worker_logs(self.model.train_step(data))
             return keras_compat.multi_worker_logs(super().train_step(data))
+        if not curvature.built:
+            self._attach()
+        if self.delegates_steps:
+            return keras_compat.multi_worker_logs(
+                self._delegated_train_step(curvature, data)
+            )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
             with capture.record(self) as recording:
@@ -135,8 +244,36 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return keras_compat.multi_worker_logs(logs)
 
+    def _delegated_train_step(self, curvature, data):
+        before = curvature.curvature_updates
+        logs = self.model.train_step(data)
+        if curvature.curvature_updates == before:
+            raise ValueError(
+                f"{type(self.model).__name__} has its own `train_step`, which "
+                f"keras_tkfac runs, but it does not feed curvature to "
+                f"{type(curvature).__name__}. Record the forward pass and call "
+                "`update_curvature` before `apply_gradients`:\n"
+                "    with tf.GradientTape(persistent=True) as tape:\n"
+                "        with keras_tkfac.record(self) as recording:\n"
+                "            y_pred = self(x, training=True)\n"
+                "        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)\n"
+                "    grads = tape.gradient(loss, self.trainable_variables)\n"
+                "    self.optimizer.update_curvature(recording, tape, y_pred, "
+                "y_true=y, loss=self.loss)\n"
+                "    self.optimizer.apply_gradients(zip(grads, "
+                "self.trainable_variables))\n"
+                f"Received: train_step of {type(self.model).__name__}"
+            )
+        return logs
+
     def test_step(self, data):
+        if self.delegates_steps:
+            return keras_compat.multi_worker_logs(self.model.test_step(data))
         return keras_compat.multi_worker_logs(super().test_step(data))
+
+    def export(self, filepath, *args, **kwargs):
+        """Exports the wrapped model (the wrapper adds no inference computation)."""
+        return self.model.export(filepath, *args, **kwargs)
 
     def get_config(self):
         exclude = [
@@ -144,10 +281,22 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             else {"layer_class": keras.saving.get_registered_name(e)}
             for e in self._exclude
         ]
+        # The block class of each covered layer, so that loading can tell which
+        # `register_block` calls the file needs (without them the optimizer's
+        # state would not match and Keras would skip loading it).
+        blocks = [
+            {
+                "layer": block.layer.name,
+                "layer_class": keras.saving.get_registered_name(type(block.layer)),
+                "block_class": f"{type(block).__module__}.{type(block).__qualname__}",
+            }
+            for block in self.blocks
+        ]
         return {
             "name": self.name,
             "model": keras.saving.serialize_keras_object(self.model),
             "exclude": exclude,
+            "blocks": blocks,
         }
 
     @classmethod
@@ -160,7 +309,20 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             e if isinstance(e, str) else _layer_class(e["layer_class"], custom_objects)
             for e in config.get("exclude", [])
         ]
-        return cls(model, **config)
+        saved_blocks = config.pop("blocks", [])
+        wrapper = cls(model, **config)
+        covered = {block.layer.name for block in wrapper.blocks}
+        for saved in saved_blocks:
+            if saved["layer"] not in covered:
+                raise ValueError(
+                    f"The saved model preconditions layer {saved['layer']!r} (class "
+                    f"{saved['layer_class']!r}) with block {saved['block_class']!r}, "
+                    "which is not registered now, so the optimizer's state cannot "
+                    "be restored. Call `keras_tkfac.register_block(<layer class>, "
+                    f"{saved['block_class']})` before loading. Received: "
+                    f"layer_class={saved['layer_class']!r}"
+                )
+        return wrapper
 
 
 def _layer_class(name, custom_objects):
@@ -204,3 +366,7 @@ def wrap(model, *, exclude=()):
         A `CurvatureModel`.
     """
     return CurvatureModel(model, exclude=exclude)
+
+
+# Legacy `.h5` files name classes without their package: register that name too.
+keras.saving.get_custom_objects().setdefault("CurvatureModel", CurvatureModel)

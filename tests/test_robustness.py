@@ -121,9 +121,7 @@ VALID = st.fixed_dictionaries({
 })
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
-@hypothesis.given(config=VALID, kfac=st.booleans())
-def test_fuzzed_valid_configurations_train_without_nan(config, kfac):
+def _train_fuzzed(config, kfac):
     x, y = helpers.classification_data(n=32)
     model = keras_tkfac.wrap(helpers.tiny_mlp())
     cls = keras_tkfac.KFAC if kfac else keras_tkfac.TKFAC
@@ -131,6 +129,20 @@ def test_fuzzed_valid_configurations_train_without_nan(config, kfac):
     history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(config=VALID, kfac=st.booleans())
+def test_fuzzed_valid_configurations_train_without_nan(config, kfac):
+    _train_fuzzed(config, kfac)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(config=VALID, kfac=st.booleans())
+def test_many_fuzzed_valid_configurations_train_without_nan(config, kfac):
+    """`make test-all` only: ten times the configurations of the test above."""
+    _train_fuzzed(config, kfac)
 
 
 INVALID = st.one_of(

@@ -125,3 +125,36 @@ def test_excluded_layer_names_and_classes_survive_saving(tmp_path):
     loaded = keras.models.load_model(path)
     assert [b.name for b in loaded.blocks] == ["last"]
     _assert_same_state(model, loaded)
+
+
+@keras.saving.register_keras_serializable(package="keras_tkfac_tests")
+class RegisteredDense(keras.layers.Dense):
+    pass
+
+
+def test_layer_kind_registered_with_register_block_survives_saving(tmp_path):
+    x, y = helpers.classification_data(n=16)
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((5,)), RegisteredDense(4, name="custom"),
+                             keras.layers.Dense(3)])
+    keras_tkfac.register_block(RegisteredDense, keras_tkfac.blocks.DenseBlock)
+    try:
+        model = keras_tkfac.wrap(base)
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert len(model.optimizer._slots) == 2
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+    finally:
+        del keras_tkfac.blocks.BLOCKS[RegisteredDense]
+    # Without the registration the optimizer's state cannot be restored: say so.
+    with pytest.raises(ValueError, match=r"register_block\(.*DenseBlock") as error:
+        keras.models.load_model(path)
+    assert "custom" in str(error.value)
+    keras_tkfac.register_block(RegisteredDense, keras_tkfac.blocks.DenseBlock)
+    try:
+        loaded = keras.models.load_model(path)
+    finally:
+        del keras_tkfac.blocks.BLOCKS[RegisteredDense]
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    _assert_same_state(model, loaded)

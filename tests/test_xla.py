@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import optimizer as optimizer_lib
 from keras_tkfac import wrapping
 from tests import helpers
@@ -13,12 +14,12 @@ from tests import helpers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _fit(strategy, jit_compile, epochs=2):
+def _fit(strategy, jit_compile, epochs=2, fisher="empirical"):
     x, y = helpers.classification_data(n=64)
     with strategy.scope():
         model = keras_tkfac.wrap(helpers.tiny_mlp())
         model.compile(
-            optimizer=keras_tkfac.TKFAC(fisher="empirical", factor_update_freq=2,
+            optimizer=keras_tkfac.TKFAC(fisher=fisher, factor_update_freq=2,
                                         inverse_update_freq=3, seed=0),
             loss=LOSS, jit_compile=jit_compile,
         )
@@ -75,3 +76,34 @@ def test_no_retracing_after_the_second_step(request, trace_counter, distributed)
     assert len(trace_counter) == traces
     for fn, f in optimizer_lib._jit_cache.items():
         assert f.experimental_get_tracing_count() == jit_traces.get(fn, 0), fn
+
+
+@pytest.mark.parametrize("loss", ["sparse_categorical_crossentropy",
+                                  "categorical_crossentropy", "binary_crossentropy",
+                                  "mean_squared_error"])
+def test_sampled_labels_are_the_same_with_and_without_xla(loss):
+    spec = fisher_lib.resolve_loss(loss, "true")
+    logits = tf.random.stateless_normal([256, 5], [1, 2])
+    y_pred = logits if loss == "mean_squared_error" else tf.nn.softmax(logits)
+    if loss == "binary_crossentropy":
+        y_pred = tf.nn.sigmoid(logits)
+    seed = tf.constant([7, 3], tf.int32)
+
+    def sample(y_pred, seed):
+        return fisher_lib.sample_targets(spec, y_pred, seed)
+
+    plain = tf.function(sample)(y_pred, seed).numpy()
+    compiled = tf.function(sample, jit_compile=True)(y_pred, seed).numpy()
+    if loss == "mean_squared_error":
+        np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(compiled, plain)
+    other_seed = tf.function(sample)(y_pred, tf.constant([7, 4], tf.int32)).numpy()
+    assert np.any(other_seed != plain)
+
+
+def test_jit_compile_with_the_true_fisher_trains_like_without():
+    compiled = _fit(tf.distribute.get_strategy(), True, fisher="true")
+    plain = _fit(tf.distribute.get_strategy(), False, fisher="true")
+    for a, b in zip(plain.weights, compiled.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)

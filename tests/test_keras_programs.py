@@ -1,0 +1,420 @@
+"""Keras programs that train with Adam train with TKFAC/KFAC (issue 10)."""
+
+import re
+
+from absl import logging
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _fit(model, x, y, optimizer=None, **kwargs):
+    model.compile(optimizer=optimizer or keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    return model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, **kwargs)
+
+
+class TwoDense(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body = keras.layers.Dense(4, activation="tanh")
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.head(self.body(x))
+
+    def describe(self):
+        return "two dense layers"
+
+
+def _preconditioned(model):
+    return sorted(slot.block.name for slot in model.optimizer._slots)
+
+
+# Item 1: blocks are found when the model is built -------------------------------
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_sequential_without_input_trains_with_every_layer_preconditioned(cls):
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(3)])
+    model = keras_tkfac.wrap(inner)
+    x, y = helpers.classification_data(n=16)
+    history = _fit(model, x, y, optimizer=cls(seed=0))
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert _preconditioned(model) == sorted(layer.name for layer in inner.layers)
+    assert np.any(model.optimizer._slots[0].factors[0].numpy() != 0)
+
+
+def test_subclassed_model_never_called_trains():
+    keras.utils.set_random_seed(0)
+    inner = TwoDense()
+    model = keras_tkfac.wrap(inner)
+    x, y = helpers.classification_data(n=16)
+    before = None
+    _fit(model, x, y)
+    assert _preconditioned(model) == sorted([inner.body.name, inner.head.name])
+    before = [w.numpy() for w in inner.weights]
+    _fit(model, x, y)
+    assert any(np.any(a != b.numpy()) for a, b in zip(before, inner.weights))
+
+
+def test_layers_added_after_wrap_are_preconditioned():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
+    model = keras_tkfac.wrap(inner)
+    inner.add(keras.layers.Dense(3, name="added"))
+    x, y = helpers.classification_data(n=16)
+    _fit(model, x, y)
+    assert "added" in _preconditioned(model)
+    assert len(model.optimizer._slots) == 2
+
+
+def test_readme_custom_loop_runs_on_an_unbuilt_model():
+    with open("README.md") as f:
+        readme = f.read()
+    section = readme[readme.index("### Custom training loops"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    keras.utils.set_random_seed(0)
+
+    def build_model():
+        return keras.Sequential([keras.layers.Dense(4, activation="tanh"),
+                                 keras.layers.Dense(3)])
+
+    namespace = {"build_model": build_model}
+    exec(snippet, namespace)  # The snippet imports what it uses.
+    x, y = helpers.classification_data(n=16)
+    losses = [float(namespace["train_step"](x, y)) for _ in range(3)]
+    assert np.all(np.isfinite(losses))
+    assert len(namespace["optimizer"]._slots) == 2
+
+
+# Item 3: one optimizer per model, in every order ---------------------------------
+
+
+def test_one_optimizer_compiled_into_two_models_raises_before_fit():
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    first = keras_tkfac.wrap(helpers.tiny_mlp())
+    second = keras_tkfac.wrap(helpers.tiny_mlp())
+    first.compile(optimizer=optimizer, loss=LOSS)
+    with pytest.raises(ValueError, match="create one optimizer per model"):
+        second.compile(optimizer=optimizer, loss=LOSS)
+
+
+def test_one_optimizer_compiled_into_two_models_raises_after_fit():
+    optimizer = keras_tkfac.KFAC(seed=0)
+    first = keras_tkfac.wrap(helpers.tiny_mlp())
+    second = keras_tkfac.wrap(helpers.tiny_mlp())
+    x, y = helpers.classification_data(n=16)
+    _fit(first, x, y, optimizer=optimizer)
+    with pytest.raises(ValueError, match="create one optimizer per model"):
+        second.compile(optimizer=optimizer, loss=LOSS)
+
+
+# Item 4: the wrapped model's own train_step and attributes ----------------------
+
+
+class OwnStep(TwoDense):
+    """The README recipe: a train_step that feeds curvature itself."""
+
+    def __init__(self, feed_curvature=True, **kwargs):
+        super().__init__(**kwargs)
+        self.feed_curvature = feed_curvature
+        self.steps_run = keras.metrics.Sum(name="steps_run")
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(self) as recording:
+                y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        grads = tape.gradient(loss, self.trainable_variables)
+        if self.feed_curvature:
+            self.optimizer.update_curvature(recording, tape, y_pred, y_true=y,
+                                            loss=self.loss)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self.steps_run.update_state(1.0)
+        return {"loss": loss, "steps_run": self.steps_run.result()}
+
+
+def test_model_train_step_runs_with_the_record_recipe():
+    keras.utils.set_random_seed(0)
+    inner = OwnStep()
+    model = keras_tkfac.wrap(inner)
+    x, y = helpers.classification_data(n=16)
+    history = _fit(model, x, y, optimizer=keras_tkfac.TKFAC(factor_update_freq=1, seed=0))
+    assert history.history["steps_run"] == [2.0]
+    assert _preconditioned(model) == sorted([inner.body.name, inner.head.name])
+    assert int(model.optimizer.iterations.numpy()) == 2
+    # Curvature was fed: the moving averages hold two steps' statistics.
+    np.testing.assert_allclose(model.optimizer._factor_weight.numpy(),
+                               1 - 0.95**2, rtol=1e-6)
+
+
+def test_model_train_step_that_does_not_feed_curvature_raises_with_the_recipe():
+    model = keras_tkfac.wrap(OwnStep(feed_curvature=False))
+    x, y = helpers.classification_data(n=16)
+    with pytest.raises(ValueError, match=r"keras_tkfac\.record\(self\)") as error:
+        _fit(model, x, y)
+    assert "update_curvature" in str(error.value)
+
+
+def test_model_train_step_runs_with_a_first_order_optimizer():
+    class LossInStep(TwoDense):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean(LOSS(y, self(x, training=True)))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {"own_loss": loss}
+
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(LossInStep())
+    model.compile(optimizer="adam")  # No loss: it lives in the model's train_step.
+    x, y = helpers.classification_data(n=16)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert set(history.history) == {"own_loss"}
+    assert history.history["own_loss"][1] < history.history["own_loss"][0]
+
+
+def test_wrapped_model_attributes_are_reachable_through_the_wrapper():
+    inner = TwoDense()
+    model = keras_tkfac.wrap(inner)
+    assert model.body is inner.body
+    assert model.describe() == "two dense layers"
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        model.no_such_thing
+    with pytest.raises(AttributeError):
+        model._private_of_the_inner_model
+
+
+# Item 5: layers inside a recurrent loop ------------------------------------------
+
+
+class DenseCell(keras.layers.Layer):
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.state_size = units
+        self.dense = keras.layers.Dense(units, activation="tanh")
+
+    def build(self, input_shape):
+        self.dense.build((None, input_shape[-1] + self.state_size))
+
+    def call(self, inputs, states):
+        h = self.dense(tf.concat([inputs, states[0]], -1))
+        return h, [h]
+
+
+@pytest.mark.parametrize("recurrent", ["cell_with_dense", "lstm"])
+def test_recurrent_models_train_and_leave_their_cells_to_the_fallback(recurrent, caplog):
+    keras.utils.set_random_seed(0)
+    layer = (keras.layers.RNN(DenseCell()) if recurrent == "cell_with_dense"
+             else keras.layers.LSTM(4))
+    inner = keras.Sequential([keras.Input((6, 5)), layer,
+                              keras.layers.Dense(3, name="head")])
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        model = keras_tkfac.wrap(inner)
+    x = np.random.default_rng(0).normal(size=(16, 6, 5)).astype("float32")
+    y = np.arange(16) % 3
+    history = _fit(model, x, y)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert _preconditioned(model) == ["head"]
+    if recurrent == "cell_with_dense":
+        assert [r for r in caplog.records if "recurrent layer's loop" in r.getMessage()]
+
+
+def test_layer_called_in_a_custom_loop_is_not_recorded_and_training_works(caplog):
+    class Looped(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(5, activation="tanh", name="looped_dense")
+
+        def call(self, x):
+            _, h = tf.while_loop(lambda i, h: i < 2,
+                                 lambda i, h: (i + 1, self.dense(h)), (0, x))
+            return h
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((5,)), Looped(), keras.layers.Dense(3)])
+    model = keras_tkfac.wrap(inner)
+    logging.get_absl_logger().propagate = True
+    x, y = helpers.classification_data(n=16)
+    with caplog.at_level("WARNING"):
+        history = _fit(model, x, y)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert [r for r in caplog.records if "cannot be recorded" in r.getMessage()]
+
+
+# Items 6, 7, 11 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("name", ["learning_rate", "damping", "kl_clip"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_hyperparameters_raise(cls, name, value):
+    with pytest.raises(ValueError, match=f"{name}="):
+        cls(**{name: value})
+
+
+def test_non_finite_trace_damping_floor_raises():
+    with pytest.raises(ValueError, match="trace_damping_floor="):
+        keras_tkfac.TKFAC(trace_damping_floor=float("inf"))
+
+
+def test_compile_takes_positional_arguments():
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    model.compile(optimizer, LOSS, metrics=["accuracy"])
+    assert model.optimizer is optimizer and model.loss is LOSS
+    x, y = helpers.classification_data(n=16)
+    history = model.fit(x, y, batch_size=8, verbose=0)
+    assert "accuracy" in history.history
+    assert len(optimizer._slots) == 2
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_optimizers_get_distinct_names(cls):
+    first, second = cls(), cls()
+    prefix = cls.__name__.lower()
+    assert re.fullmatch(rf"{prefix}(_\d+)?", first.name)
+    assert first.name != second.name
+    assert cls(name="mine").name == "mine"
+    reloaded = keras.optimizers.deserialize(keras.optimizers.serialize(second))
+    assert reloaded.name == second.name
+
+
+def test_raw_tf_variable_in_apply_gradients():
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    extra = tf.Variable(np.ones(3, "float32"))
+    optimizer = keras_tkfac.TKFAC(momentum=0.0, learning_rate=0.5, kl_clip=None, seed=0)
+    x, y = helpers.classification_data(n=8)
+    variables = model.trainable_variables + [extra]
+    optimizer.attach(model.blocks)
+    optimizer.build(variables)
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = keras.ops.mean(LOSS(y, y_pred)) + tf.reduce_sum(extra)
+    grads = tape.gradient(loss, variables)
+    optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+    optimizer.apply_gradients(zip(grads, variables))
+    np.testing.assert_allclose(extra.numpy(), [0.5, 0.5, 0.5])
+    assert len(optimizer._slots) == 2
+
+
+# Items 8, 9 ----------------------------------------------------------------------
+
+
+def test_negative_sample_weights_count_as_zero_in_the_fisher():
+    x, y = helpers.classification_data(n=8)
+
+    def factors(sample_weight):
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0)
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                                   sample_weight=sample_weight)
+        assert int(optimizer.skipped_statistics.numpy()) == 0
+        return [f.numpy() for slot in optimizer._slots for f in slot.factors]
+
+    weights = np.array([1, 2, 1, 1, 0.5, 1, 1, 1], dtype="float32")
+    negative = weights.copy()
+    negative[[1, 5]] = [-1.0, -3.0]
+    zero = weights.copy()
+    zero[[1, 5]] = 0.0
+    for a, b in zip(factors(negative), factors(zero)):
+        assert np.any(a != 0)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+class RawActivation(keras.Model):
+    def __init__(self, units, activation, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units)
+        self.activation = activation
+
+    def call(self, x):
+        s = self.dense(x)
+        return tf.nn.sigmoid(s) if self.activation == "sigmoid" else tf.nn.softmax(s)
+
+
+@pytest.mark.parametrize("activation,loss,units", [
+    ("sigmoid", "binary_crossentropy", 1),
+    ("softmax", "sparse_categorical_crossentropy", 3),
+])
+def test_raw_tf_activation_output_gives_the_keras_activation_statistics(
+        activation, loss, units):
+    x, y = helpers.classification_data(n=16)
+    if units == 1:
+        y = (y > 0).astype("float32")[:, None]
+
+    def factors(inner):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(inner)
+        model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=1, seed=0),
+                      loss=loss)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return [f.numpy() for f in model.optimizer._slots[0].factors]
+
+    keras.utils.set_random_seed(0)
+    raw = factors(RawActivation(units, activation))
+    keras.utils.set_random_seed(0)
+    fused = factors(keras.Sequential([keras.layers.Dense(units, activation=activation)]))
+    for a, b in zip(raw, fused):
+        assert np.any(a != 0)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# Item 10: export and legacy .h5 ------------------------------------------------
+
+
+def test_export_of_a_wrapped_model_serves_its_predictions(tmp_path):
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    x, y = helpers.classification_data(n=16)
+    _fit(model, x, y)
+    path = str(tmp_path / "exported")
+    model.export(path)
+    reloaded = tf.saved_model.load(path)
+    served = reloaded.serve(x)
+    np.testing.assert_allclose(served.numpy(), model.predict(x, verbose=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_legacy_h5_round_trip_restores_the_optimizer_state(cls, tmp_path):
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    x, y = helpers.classification_data(n=16)
+    _fit(model, x, y, optimizer=cls(factor_update_freq=1, inverse_update_freq=1, seed=0))
+    path = str(tmp_path / "model.h5")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, keras_tkfac.CurvatureModel)
+    assert type(loaded.optimizer) is cls
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# Item 13 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_docstring_lists_kwargs_after_every_named_argument(cls):
+    doc = cls.__doc__
+    args = doc[doc.index("    Args:"):]
+    names = re.findall(r"^        (\*\*kwargs|\w+):", args, re.M)
+    assert names[-1] == "**kwargs"
+    assert "name" in names and "seed" in names
+    if cls is keras_tkfac.TKFAC:
+        assert names.index("trace_damping_floor") < names.index("**kwargs")
