@@ -12,7 +12,7 @@ Public API:
 from keras_tkfac.blocks import register_block
 from keras_tkfac.capture import record
 from keras_tkfac.monitor import CurvatureMonitor
-from keras_tkfac.optimizer import KFAC, TKFAC
+from keras_tkfac.approximations import KFAC, TKFAC
 from keras_tkfac.wrapping import CurvatureModel, wrap
 
 __version__ = "0.1.0"
