@@ -21,11 +21,12 @@ Workloads (`--workloads`), each a fresh Keras model and its data:
 - `lstm`: keras-io `bidirectional_lstm_imdb` (Embedding 20k x 128, two bidirectional
   LSTM(64), sigmoid) on synthetic sequences of 50-80 tokens.
 
-The token data: Zipf-distributed tokens over the 20k vocabulary; each class owns 40
+The token data: Zipf-distributed tokens over the 20k vocabulary; each class owns 20
 indicative tokens, half of them frequent (ranks 50-500) and half rare (ranks
-2,000-20,000, which the Zipf background almost never draws), and a few are inserted
-into each sequence; the label is the class whose indicative tokens occur more often
-(ties go to the class that was inserted more). So the embedding's rare rows must learn.
+2,000-20,000, which the Zipf background almost never draws), and 5-12% of each
+sequence's positions get its class's tokens (fewer the other class's); the label is the
+class whose indicative tokens occur more often (ties go to the class that was inserted
+more). So the embedding's rare rows must learn.
 
 Optimizers (`--optimizers`): `TKFAC` and `KFAC` at their defaults (`--tkfac` and
 `--kfac` take constructor keyword arguments as JSON), Adam and AdamW (Keras defaults)
@@ -141,10 +142,11 @@ def _mnist(seed):
     return benchlib.load_data("mnist5k", seed)
 
 
-def _images(smoke, seed):
-    """MNIST-5k `(x_train, y_train), (x_val, y_val)`; 128/64 examples in smoke mode."""
+def _images(smoke, seed, n_val=1000):
+    """MNIST-5k `(x_train, y_train), (x_val, y_val)`: 4,000 training images and
+    `n_val` of the other 1,000; 128/64 in smoke mode."""
     data = _mnist(seed)
-    n_train, n_val = (128, 64) if smoke else (len(data.x_train), len(data.x_test))
+    n_train, n_val = (128, 64) if smoke else (len(data.x_train), n_val)
     return ((data.x_train[:n_train], data.y_train[:n_train]),
             (data.x_test[:n_val], data.y_test[:n_val]))
 
@@ -179,13 +181,14 @@ def synthetic_series(n, length, seed):
     return x[..., None].astype("float32"), y.astype("int32")
 
 
-def synthetic_tokens(n, lengths, vocab, seed, indicative=40):
+def synthetic_tokens(n, lengths, vocab, seed, indicative=20):
     """`n` pre-padded token sequences `[n, lengths[1]]` (0 pads) and labels in {0, 1}.
 
     Background tokens follow a Zipf-Mandelbrot law over ids `1..vocab-1` (id = rank).
     Each class owns `indicative` tokens, half frequent (ranks 50-500), half rare (ranks
-    2,000 and up). A sequence of its drawn class gets 2-5 of its class's tokens and
-    fewer of the other class's at random positions; the label is the class whose
+    2,000 and up). A sequence of its drawn class gets 5-12% of its positions replaced
+    by its class's tokens (at least 2) and fewer by the other class's at random
+    positions; the label is the class whose
     tokens occur more often in the final sequence (background draws included), the
     drawn class on a tie.
     """
@@ -205,7 +208,7 @@ def synthetic_tokens(n, lengths, vocab, seed, indicative=40):
     for i in range(n):
         length = rng.integers(lengths[0], lengths[1] + 1)
         seq = background[i, :length]
-        major = rng.integers(2, 6)
+        major = max(2, round(length * rng.uniform(0.05, 0.12)))
         minor = rng.integers(0, major - 1)
         where = rng.choice(length, major + minor, replace=False)
         seq[where[:major]] = rng.choice(owned[drawn[i]], major)
@@ -237,29 +240,29 @@ def mlp(smoke, seed):
 
     flat = lambda images: images.reshape(len(images), -1)
     return Workload(build, keras.losses.SparseCategoricalCrossentropy(),
-                    (flat(x), y), (flat(xv), yv), 150, 256, 10, "sparse",
+                    (flat(x), y), (flat(xv), yv), 120, 256, 10, "sparse",
                     f"MLP 784-{width}-{width}-10, MNIST-5k")
 
 
 def autoencoder(smoke, seed):
     (x, _), (xv, _) = _images(smoke, seed)
-    widths = (32, 16, 4) if smoke else (1000, 500, 250, 30)
+    widths = (32, 16, 4) if smoke else (500, 250, 125, 30)
     x, xv = x.reshape(len(x), -1), xv.reshape(len(xv), -1)
     return Workload(lambda: benchlib.autoencoder(784, widths),
                     keras.losses.BinaryCrossentropy(from_logits=True), (x, x),
-                    (xv, xv), 200, 128, 20, None,
+                    (xv, xv), 150, 128, 15, None,
                     f"autoencoder 784-{'-'.join(map(str, widths))}, MNIST-5k")
 
 
 def conv_autoencoder(smoke, seed):
-    (x, _), (xv, _) = _images(smoke, seed)
+    (x, _), (xv, _) = _images(smoke, seed, n_val=500)
     rng = np.random.default_rng(seed)
 
     def noisy(images):
         noise = 0.4 * rng.standard_normal(images.shape).astype("float32")
         return np.clip(images + noise, 0.0, 1.0)
 
-    filters = 4 if smoke else 32
+    filters = 4 if smoke else 16
 
     def build():
         inputs = keras.Input((28, 28, 1))
@@ -275,7 +278,7 @@ def conv_autoencoder(smoke, seed):
         return keras.Model(inputs, outputs, name="conv_autoencoder")
 
     return Workload(build, keras.losses.BinaryCrossentropy(), (noisy(x), x),
-                    (noisy(xv), xv), 100, 64, 10, None,
+                    (noisy(xv), xv), 100, 32, 10, None,
                     f"denoising conv autoencoder, {filters} filters, MNIST-5k + "
                     "N(0, 0.4) noise")
 
@@ -297,21 +300,21 @@ def convnet(smoke, seed):
         ], name="convnet")
 
     return Workload(build, keras.losses.SparseCategoricalCrossentropy(), train, val,
-                    150, 128, 10, "sparse",
+                    100, 64, 10, "sparse",
                     f"mnist_convnet {filters[0]}-{filters[1]} filters, MNIST-5k")
 
 
 def resnet(smoke, seed):
-    train, val = _images(smoke, seed)
-    width = 4 if smoke else 16
+    train, val = _images(smoke, seed, n_val=500)
+    width = 4 if smoke else 8
     return Workload(lambda: benchlib.resnet8((28, 28, 1), 10, width),
                     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    train, val, 100, 64, 10, "sparse",
+                    train, val, 100, 64, 20, "sparse",
                     f"ResNet-8 width {width}, MNIST-5k")
 
 
 def timeseries(smoke, seed):
-    n, n_val, length = (128, 64, 32) if smoke else (3000, 1000, 500)
+    n, n_val, length = (128, 64, 32) if smoke else (2000, 500, 256)
     train, val = _split(*synthetic_series(n + n_val, length, seed), n_val)
     filters = 8 if smoke else 64
 
@@ -329,7 +332,7 @@ def timeseries(smoke, seed):
         return keras.Model(inputs, outputs, name="timeseries")
 
     return Workload(build, keras.losses.SparseCategoricalCrossentropy(), train, val,
-                    150, 32, 10, "sparse",
+                    120, 32, 15, "sparse",
                     f"Conv1D x3 ({filters} filters), {n} synthetic series of {length}, "
                     "3 classes")
 
@@ -368,8 +371,8 @@ class TransformerBlock(layers.Layer):
 
 
 def transformer(smoke, seed):
-    vocab, lengths = 20000, ((8, 16) if smoke else (100, 200))
-    n, n_val = (128, 64) if smoke else (4000, 1000)
+    vocab, lengths = 20000, ((8, 16) if smoke else (64, 128))
+    n, n_val = (128, 64) if smoke else (3000, 500)
     train, val = _split(*synthetic_tokens(n + n_val, lengths, vocab, seed), n_val)
     maxlen, embed_dim = lengths[1], 8 if smoke else 32
 
@@ -385,14 +388,14 @@ def transformer(smoke, seed):
         return keras.Model(inputs, outputs, name="transformer")
 
     return Workload(build, keras.losses.SparseCategoricalCrossentropy(), train, val,
-                    150, 32, 10, "sparse",
+                    150, 32, 15, "sparse",
                     f"transformer, vocabulary {vocab}, width {embed_dim}, {n} "
                     f"synthetic sequences of {lengths[0]}-{lengths[1]} tokens")
 
 
 def lstm(smoke, seed):
-    vocab, lengths = 20000, ((10, 12) if smoke else (50, 80))
-    n, n_val = (128, 64) if smoke else (3000, 1000)
+    vocab, lengths = 20000, ((10, 12) if smoke else (24, 40))
+    n, n_val = (128, 64) if smoke else (2000, 500)
     (x, y), (xv, yv) = _split(*synthetic_tokens(n + n_val, lengths, vocab, seed), n_val)
     embed_dim, units = (8, 4) if smoke else (128, 64)
 
@@ -406,7 +409,7 @@ def lstm(smoke, seed):
 
     column = lambda labels: labels[:, None].astype("float32")
     return Workload(build, keras.losses.BinaryCrossentropy(), (x, column(y)),
-                    (xv, column(yv)), 100, 32, 10, "binary",
+                    (xv, column(yv)), 80, 32, 10, "binary",
                     f"BiLSTM({units}) x2, Embedding {vocab}x{embed_dim}, {n} "
                     f"synthetic sequences of {lengths[0]}-{lengths[1]} tokens")
 
