@@ -545,7 +545,8 @@ def _cell(run):
     if run is None:
         return "n/a"
     if run.status != "ok":
-        return run.status if run.status == "diverged" else "error"
+        status = run.status.replace("|", "/")
+        return status if len(status) <= 80 else status[:77] + "..."
     return f"{best_val(run):.4g}"
 
 
@@ -593,7 +594,7 @@ def summarize(results, steps_of):
                 not_reached += mine[1] is None
                 faster += mine[1] is not None and seconds_ratio < 1
         problems += [f"{workload}/{r.optimizer} ({_config_text(r.config)}): "
-                     f"{r.status}" for r in runs if r.status != "ok"]
+                     f"{r.status.replace('|', '/')}" for r in runs if r.status != "ok"]
     n = sum(1 for _, best, _ in results.values() if "TKFAC" in best and "Adam" in best)
     geomean = f"{math.exp(np.mean(logs)):.2f}" if logs else "n/a"
     final = (
@@ -616,7 +617,7 @@ def workload_table(target, best, runs):
         steps, seconds = reached(run, target)
         first = run.step_seconds[0] if len(run.step_seconds) else math.nan
         lines.append(
-            f"| {name} | {_config_text(run.config)} | {run.status} | "
+            f"| {name} | {_config_text(run.config)} | {run.status.replace('|', '/')} | "
             f"{_fmt(best_val(run), '.4g')} | {_fmt(best_accuracy(run))} | "
             f"{steps or 'not reached'} | "
             f"{_fmt(seconds, '.1f') if seconds is not None else 'not reached'} | "
