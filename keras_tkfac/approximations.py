@@ -26,7 +26,7 @@ _COMMON_ARGS = """
             steps. Defaults to `100`.
         inverse_warmup: bool; also recompute the inverses at the statistics steps
             `factor_update_freq * 2^j` before `inverse_update_freq` (see
-            `keras_tkfac.cadence`). Defaults to `False`.
+            `keras_tkfac.cadence`). Defaults to `True`.
         kl_clip: float or `None`, the bound `kappa` on the (approximate) KL
             divergence of a step; `None` disables it. Defaults to `0.1`.
         step_control: `"trust_region"`: `kl_clip` bounds the unit step
@@ -130,7 +130,7 @@ class TKFAC(CurvatureOptimizer):
         factor_decay=0.95,
         factor_update_freq=10,
         inverse_update_freq=100,
-        inverse_warmup=False,
+        inverse_warmup=True,
         kl_clip=0.1,
         step_control="trust_region",
         fisher="true",
@@ -239,7 +239,7 @@ class KFAC(CurvatureOptimizer):
         factor_decay=0.95,
         factor_update_freq=10,
         inverse_update_freq=100,
-        inverse_warmup=False,
+        inverse_warmup=True,
         kl_clip=0.1,
         step_control="trust_region",
         fisher="true",

@@ -40,6 +40,7 @@ def _transform_parameters(grads, transform):
 def reference_training(params, x, y, steps, *, approximation, learning_rate, damping,
                        momentum, factor_decay, factor_update_freq,
                        inverse_update_freq, kl_clip, step_control="trust_region",
+                       inverse_warmup=True,
                        weight_decay=None, grad_transform=None, decay_bias=True):
     """The algorithm of TKFAC_MATH.md, empirical Fisher, float64.
 
@@ -72,7 +73,11 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
                 ema[l] = [factor_decay * e + (1 - factor_decay) * s
                           for e, s in zip(ema[l], stats)]
             weight = factor_decay * weight + (1 - factor_decay)
-        if step % inverse_update_freq == 0:
+        k = step // factor_update_freq
+        warmup_step = (inverse_warmup and step < inverse_update_freq
+                       and step % factor_update_freq == 0 and k > 0
+                       and (k & (k - 1)) == 0)
+        if step % inverse_update_freq == 0 or warmup_step:
             lam = _value(damping, step)
             for l in range(layers):
                 corrected = [e / weight for e in ema[l]]
