@@ -86,7 +86,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     Args:
         model: the Keras model to wrap (Sequential, functional or subclassed).
         exclude: layer names or classes that are not preconditioned (they take the
-            momentum-SGD fallback). Defaults to `()`.
+            first-order fallback). Defaults to `()`.
         **kwargs: base `keras.Model` arguments such as `name`.
     """
 
@@ -143,7 +143,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             object.__setattr__(self, "_recurrent_warned", True)
             logging.warning(
                 "keras_tkfac: layer(s) %s run inside a recurrent layer's loop and "
-                "take the momentum-SGD fallback.", ", ".join(recurrent)
+                "take the first-order fallback.", ", ".join(recurrent)
             )
         object.__setattr__(self, "_block_cache", (key, found))
         return list(found)
@@ -346,7 +346,9 @@ def wrap(model, *, exclude=()):
     restores the wrapping (import `keras_tkfac` first).
 
     Supported layers are those registered in `keras_tkfac.blocks.BLOCKS` (`Dense`,
-    `Conv1D`, `Conv2D`); every other trainable variable takes the momentum-SGD fallback.
+    `EinsumDense`, convolutions and transposed convolutions, `DepthwiseConv2D`,
+    `Embedding`); every other trainable variable takes the optimizer's first-order
+    partner (`fallback`, Adam by default).
     A subclassed model works like any other as long as its layers are Keras layers
     tracked as attributes; to save and load it, give it a `get_config` as Keras asks.
 
