@@ -1,7 +1,8 @@
 """Keras's own optimizer tests (keras/src/optimizers/optimizer_test.py) for TKFAC/KFAC.
 
 Ported are the tests that apply to any optimizer. Without curvature blocks
-(`attach([])`) and with `momentum=0`, every variable takes the fallback, which is
+(`attach([])`), with the momentum-SGD partner at the curvature learning rate
+(`fallback="sgd", fallback_lr_ratio=1`) and `momentum=0`, every variable takes plain
 SGD: Keras's expected values for `SGD` hold unchanged.
 """
 
@@ -22,7 +23,8 @@ CLASSES = [keras_tkfac.TKFAC, keras_tkfac.KFAC]
 def _sgd_like(cls, **kwargs):
     """`cls` behaving as SGD: no blocks, no momentum."""
     kwargs.setdefault("learning_rate", 1.0)
-    optimizer = cls(momentum=0.0, seed=0, **kwargs)
+    optimizer = cls(momentum=0.0, fallback="sgd", fallback_lr_ratio=1.0, seed=0,
+                    **kwargs)
     optimizer.attach([])
     return optimizer
 
