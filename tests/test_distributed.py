@@ -78,6 +78,32 @@ def test_two_replicas_match_one_device(mirrored, build, shape, cls, kl_clip):
                                    err_msg=a.path)
 
 
+def _normed():
+    """A LayerNormalization between Dense layers: its scale and offset take the Adam
+    partner."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+                             keras.layers.LayerNormalization(), keras.layers.Dense(3)])
+
+
+def test_partner_under_mirrored_strategy_matches_one_device(mirrored):
+    x, y = _data((8,), n=256)
+
+    def optimizer():
+        return keras_tkfac.TKFAC(fisher="empirical", factor_update_freq=2,
+                                 inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _normed, x, y, optimizer)
+    replicated = _train(mirrored, _normed, x, y, optimizer)
+    assert any("partner_v" in v.path for v in replicated.optimizer.variables)
+    _assert_identical_on_replicas(replicated)
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
 def test_true_fisher_under_mirrored_strategy_keeps_replicas_identical(mirrored):
     x, y = _data((8,), n=256)
     model = _train(mirrored, _mlp, x, y,
