@@ -44,8 +44,9 @@ _COMMON_ARGS = """
         max_factor_dim: int; a layer whose input (plus bias) or output dimension
             exceeds it is not preconditioned but takes the first-order fallback,
             logged at build: a factor of dimension `d` costs `8 d^2` bytes (factor
-            and inverse, float32) and `d^3` flops to invert. Defaults to `4096`
-            (128 MiB for the largest factor).
+            and inverse, float32) and `d^3` flops to invert. An `Embedding`'s
+            vocabulary does not count (its input factor is a `[vocab]` vector).
+            Defaults to `4096` (128 MiB for the largest factor).
         fallback: the first-order partner of the variables that no curvature block
             covers (see `keras_tkfac.partner`): `"adam"`, `"sgd"` (momentum SGD),
             or a `keras.optimizers.Adam`, `AdamW` or `SGD` instance whose

@@ -91,6 +91,18 @@ def output_factor_shape(block):
     return group_shape(block) + (block.d_out, block.d_out)
 
 
+def matrix_factor_dims(block):
+    """The dimensions of `block`'s factors that are kept as dense matrices.
+
+    A diagonal input factor (an `Embedding`'s `[vocab]` vector) costs `d` floats and
+    `d` flops to invert, so its dimension does not count against `max_factor_dim`.
+    """
+    dims = [block.d_out]
+    if block.input_kind != "diagonal":
+        dims.append(block.d_in)
+    return dims
+
+
 def _inverse_cost(matrix):
     """Flops model of inverting `matrix` (`d^3` per group; a diagonal costs `d`)."""
     d = int(matrix.shape[-1])
@@ -257,7 +269,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             kernel_key = self._var_key(block.kernel)
             if kernel_key not in keys:
                 continue
-            if max(block.d_in, block.d_out) > self.max_factor_dim:
+            if max(matrix_factor_dims(block)) > self.max_factor_dim:
                 logging.warning(
                     "keras_tkfac: layer %r has factors of dimension %d x %d, more "
                     "than max_factor_dim=%d; it takes the first-order fallback.",

@@ -90,3 +90,17 @@ def test_embedding_model_trains_without_a_vocab_squared_factor(cls):
     shapes = [tuple(v.shape) for v in model.optimizer.variables]
     assert (VOCAB, VOCAB) not in shapes and (VOCAB,) in shapes
     assert history.history["accuracy"][-1] > 0.9
+
+
+@pytest.mark.parametrize("max_factor_dim, covered", [(8, True), (3, False)])
+def test_vocabulary_does_not_count_against_max_factor_dim(max_factor_dim, covered):
+    # VOCAB = 11 > 8: the [vocab] input factor is a vector, only d_out = 4 counts.
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, VOCAB, size=(16, 5)), rng.integers(0, 3, size=(16,))
+    model = _model()
+    embedding = model.model.layers[0]
+    model.compile(optimizer=keras_tkfac.TKFAC(max_factor_dim=max_factor_dim, seed=0),
+                  loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    report = model.optimizer.curvature_report()
+    assert (embedding.name in report) == covered
