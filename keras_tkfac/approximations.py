@@ -14,10 +14,15 @@ from keras_tkfac.optimizer import output_factor_shape
 _COMMON_ARGS = """
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
-            the step size `eta`. Defaults to `{lr}`.
+            the step size `eta`, or `None` for the step control's default: `3e-3`
+            under `"graft"` (Adam's scale: each layer moves as far as RMSProp would
+            at this learning rate), `0.1` under `"trust_region"` and `"kl_clip"`.
+            Defaults to `None`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
             Fisher block. Defaults to `0.1`.
-        momentum: float in `[0, 1)`, `tau`; `0` disables momentum. Defaults to `0.9`.
+        momentum: float in `[0, 1)`, `tau`; `0` disables momentum. Under `"graft"`
+            it is an average, `m <- tau m + (1 - tau) u` (Adam's `beta_1`), else a
+            sum, `m <- tau m + u`. Defaults to `0.9`.
         factor_decay: float in `[0, 1)`, the decay `epsilon` of the factor moving
             averages (bias-corrected). Defaults to `0.95`.
         factor_update_freq: int, statistics are refreshed every this many steps
@@ -28,12 +33,16 @@ _COMMON_ARGS = """
             `factor_update_freq * 2^j` before `inverse_update_freq` (see
             `keras_tkfac.cadence`). Defaults to `True`.
         kl_clip: float or `None`, the bound `kappa` on the (approximate) KL
-            divergence of a step; `None` disables it. Defaults to `0.1`.
-        step_control: `"trust_region"`: `kl_clip` bounds the unit step
+            divergence of a step under `"trust_region"` and `"kl_clip"` (unused by
+            `"graft"`); `None` disables it. Defaults to `0.1`.
+        step_control: `"graft"`: each layer's update `U_l` is rescaled to the norm
+            of RMSProp's step `G_l / sqrt(v_l)` (Adam without its first moment), so
+            the curvature gives the direction and the gradient's statistics the
+            length; `"trust_region"`: `kl_clip` bounds the unit step
             `nu = min(1, sqrt(kappa / <U, G>))` and the learning rate scales every
             step; `"kl_clip"`: Ba et al.'s `nu = min(1, sqrt(kappa / (eta^2 <U, G>)))`,
             under which a binding clip makes the learning rate irrelevant. See
-            `keras_tkfac.step_size`. Defaults to `"trust_region"`.
+            `keras_tkfac.step_size`. Defaults to `"graft"`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
@@ -52,7 +61,9 @@ _COMMON_ARGS = """
             or a `keras.optimizers.Adam`, `AdamW` or `SGD` instance whose
             hyperparameters and learning rate are used. Defaults to `"adam"`.
         fallback_lr_ratio: float > 0, the partner's learning rate relative to
-            `learning_rate` when `fallback` is a name. Defaults to `0.01`.
+            `learning_rate` when `fallback` is a name, or `None` for the step
+            control's default: `1` under `"graft"` (the partner is Adam at the same
+            learning rate), `0.01` otherwise. Defaults to `None`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
@@ -80,14 +91,19 @@ class TKFAC(CurvatureOptimizer):
 
     ```
     U  = Phi^^-1 G Psi^^-1
-    nu = min(1, sqrt(kl_clip / sum_l <U_l, G_l>))       (step_control="trust_region")
-    m  = momentum * m + nu U
+    v  = 0.999 v + 0.001 G^2,  R = G / (sqrt(v / (1 - 0.999^t)) + 1e-7)
+    u  = U |R| / |U|                                     (step_control="graft")
+    m  = momentum * m + (1 - momentum) u
     theta = theta - learning_rate * m
     ```
 
-    `kl_clip` bounds the approximate KL divergence of the unit step and the learning
-    rate scales every step (see `keras_tkfac.step_size` for Ba et al.'s clip,
-    `step_control="kl_clip"`).
+    The curvature chooses each layer's direction; its length is RMSProp's, so the
+    learning rate has Adam's scale (default `3e-3`). `step_control="trust_region"`
+    instead bounds the approximate KL divergence of the unit step,
+    `u = min(1, sqrt(kl_clip / sum_l <U_l, G_l>)) U`, with `m = momentum * m + u`
+    and a default learning rate of `0.1`; see `keras_tkfac.step_size` (and Ba et
+    al.'s clip, `step_control="kl_clip"`) for both and for how the default was
+    measured.
 
     Convolution layers use the trace-relative damping
     `lambda_l = trace_damping_scale * max(delta_l, trace_damping_floor) / dim_l`
@@ -120,11 +136,12 @@ class TKFAC(CurvatureOptimizer):
         - [Martens & Grosse, 2015](https://arxiv.org/abs/1503.05671)
         - [Grosse & Martens, 2016](https://arxiv.org/abs/1602.01407)
         - [Ba et al., 2017](https://openreview.net/forum?id=SkkTMpjex)
+        - [Agarwal et al., 2020](https://arxiv.org/abs/2002.11803) (grafting)
     """
 
     def __init__(
         self,
-        learning_rate=0.1,
+        learning_rate=None,
         *,
         damping=0.1,
         momentum=0.9,
@@ -133,7 +150,7 @@ class TKFAC(CurvatureOptimizer):
         inverse_update_freq=100,
         inverse_warmup=True,
         kl_clip=0.1,
-        step_control="trust_region",
+        step_control="graft",
         fisher="true",
         conv_damping="trace",
         trace_damping_floor=1e-3,
@@ -142,7 +159,7 @@ class TKFAC(CurvatureOptimizer):
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
-        fallback_lr_ratio=0.01,
+        fallback_lr_ratio=None,
         seed=None,
         name=None,
         **kwargs,
@@ -233,7 +250,7 @@ class KFAC(CurvatureOptimizer):
 
     def __init__(
         self,
-        learning_rate=0.1,
+        learning_rate=None,
         *,
         damping=0.1,
         momentum=0.9,
@@ -242,13 +259,13 @@ class KFAC(CurvatureOptimizer):
         inverse_update_freq=100,
         inverse_warmup=True,
         kl_clip=0.1,
-        step_control="trust_region",
+        step_control="graft",
         fisher="true",
         inverse_dtype="float32",
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
-        fallback_lr_ratio=0.01,
+        fallback_lr_ratio=None,
         seed=None,
         name=None,
         **kwargs,
@@ -297,6 +314,6 @@ _KWARGS_ARG = """        **kwargs: the base Keras optimizer arguments (`weight_d
 """
 
 TKFAC.__doc__ = TKFAC.__doc__.format(
-    args=_COMMON_ARGS.format(lr=0.1, name="tkfac"), kwargs=_KWARGS_ARG)
+    args=_COMMON_ARGS.format(name="tkfac"), kwargs=_KWARGS_ARG)
 KFAC.__doc__ = KFAC.__doc__.format(
-    args=_COMMON_ARGS.format(lr=0.1, name="kfac"), kwargs=_KWARGS_ARG)
+    args=_COMMON_ARGS.format(name="kfac"), kwargs=_KWARGS_ARG)

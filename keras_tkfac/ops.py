@@ -283,3 +283,32 @@ def kl_clip_factor_from_inner(inner, learning_rate, kl_clip):
     denom = tf.square(eta) * inner
     nu = tf.sqrt(tf.math.divide_no_nan(kappa, denom))
     return tf.where(denom > 0.0, tf.minimum(nu, 1.0), tf.ones_like(nu))
+
+
+def rms_step_norm(grad, second_moment, step, beta_2, epsilon):
+    """The norm of RMSProp's bias-corrected step, and its new second moment.
+
+    `v' = beta_2 v + (1 - beta_2) G^2` and `R = G / (sqrt(v' / (1 - beta_2^t)) + eps)`:
+    Adam's step without its first moment (`|R|` is the norm Adam would move the
+    layer by at learning rate 1, before momentum).
+
+    Args:
+        grad: the layer's gradient `G` (any shape).
+        second_moment: `v`, same shape.
+        step: `t >= 1`, the step count of the bias correction.
+        beta_2: the decay of the second moment.
+        epsilon: added to the root of the second moment.
+
+    Returns:
+        `(|R|, v')`.
+    """
+    new = beta_2 * second_moment + (1.0 - beta_2) * tf.square(grad)
+    correction = 1.0 - tf.pow(tf.cast(beta_2, grad.dtype), tf.cast(step, grad.dtype))
+    rms = grad / (tf.sqrt(new / correction) + epsilon)
+    return tf.norm(rms), new
+
+
+def graft(update, norm):
+    """`update` rescaled to the norm `norm` (zero stays zero)."""
+    return update * tf.math.divide_no_nan(norm, tf.norm(update))
+

@@ -91,6 +91,12 @@ def output_factor_shape(block):
     return group_shape(block) + (block.d_out, block.d_out)
 
 
+def _grad_matrix_shape(block):
+    """The shape of `block.grad_matrix`: the stacked kernel-and-bias gradient."""
+    bias = None if block.bias is None else tf.zeros(block.bias.shape)
+    return tuple(block.grad_matrix(tf.zeros(block.kernel.shape), bias).shape)
+
+
 def matrix_factor_dims(block):
     """The dimensions of `block`'s factors that are kept as dense matrices.
 
@@ -163,6 +169,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         name,
         **kwargs,
     ):
+        validation.check_choice("step_control", step_control, step_size.STEP_CONTROLS)
+        if learning_rate is None:
+            learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
+        if fallback_lr_ratio is None:
+            fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
         if not (validation.is_schedule(learning_rate) or callable(learning_rate)):
             validation.check_real("learning_rate", learning_rate, low=0.0, low_open=True)
         if not validation.is_schedule(damping):
@@ -174,7 +185,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         validation.check_choice("inverse_warmup", inverse_warmup, (True, False))
         if kl_clip is not None:
             validation.check_real("kl_clip", kl_clip, low=0.0, low_open=True)
-        validation.check_choice("step_control", step_control, step_size.STEP_CONTROLS)
         validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         validation.check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
         validation.check_choice("split_inverses", split_inverses, (True, False))
@@ -325,6 +335,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (len(self._slots) + 1,), initializer="ones", name="last_update",
             aggregation="only_first_replica",
         )
+        # `step_control="graft"`: RMSProp's second moment of each layer's gradient.
+        self._graft_moments = []
+        if step_size.uses_moments(self.step_control):
+            self._graft_moments = [
+                self.add_variable(
+                    _grad_matrix_shape(slot.block), initializer="zeros",
+                    name=f"{slot.block.name}_graft_moment",
+                    aggregation="only_first_replica",
+                )
+                for slot in self._slots
+            ]
         self._build_update_state(var_list, covered)
 
     def _build_update_state(self, var_list, covered):
@@ -535,6 +556,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             used.append((slot, k, b, grad, update))
         if not used:
             return grads
+        if step_size.uses_moments(self.step_control):
+            moments = [self._graft_moments[self._slots.index(slot)]
+                       for slot, *_ in used]
+            updates, new_moments = step_size.graft_updates(
+                [u for *_, u in used], [g for *_, g, _ in used],
+                [m.value for m in moments], self.iterations + 1,
+            )
+            ok = self._step_is_finite
+            for moment, new in zip(moments, new_moments):
+                moment.assign(new if ok is None else tf.where(ok, new, moment))
+            used = [(*rest, u) for (*rest, _), u in zip(used, updates)]
         scale = step_size.update_scale(
             self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
             learning_rate, self.kl_clip,
@@ -583,7 +615,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         pass
 
     def update_step(self, gradient, variable, learning_rate):
-        """Preconditioned variables: decoupled weight decay, `m <- momentum * m + u`,
+        """Preconditioned variables: decoupled weight decay, `m <- momentum * m + u`
+        (`momentum * m + (1 - momentum) * u` under `step_control="graft"`),
         `theta -= lr * m`. The others: the first-order partner's step."""
         ok = self._step_is_finite
         if ok is None:
@@ -595,7 +628,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             momentum = self._momentums[index]
             slots = [] if momentum is None else [momentum]
             step = gradient
-            if momentum is not None:
+            if momentum is not None and step_size.averages_momentum(self.step_control):
+                step = self.momentum * momentum + (1.0 - self.momentum) * gradient
+            elif momentum is not None:
                 step = self.momentum * momentum + gradient
             new_slots = [step] if momentum is not None else []
         else:

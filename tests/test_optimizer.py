@@ -55,6 +55,7 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
     inverses = [None] * layers
     velocity = [np.zeros((params[2 * l].shape[0] + 1, params[2 * l].shape[1]))
                 for l in range(layers)]
+    moments = [np.zeros_like(v) for v in velocity]
     nus = []
     for step in range(steps):
         lr = _value(learning_rate, step)
@@ -88,7 +89,13 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
                 inverses[l] = (np.linalg.inv(left), np.linalg.inv(right))
         updates = [inv[0] @ grad @ inv[1] for inv, grad in zip(inverses, grads)]
         nu = 1.0
-        if kl_clip is not None:
+        if step_control == "graft":
+            # RMSProp's step length, TKFAC's direction; momentum is an average.
+            for l, grad in enumerate(grads):
+                moments[l] = 0.999 * moments[l] + 0.001 * grad**2
+                rms = grad / (np.sqrt(moments[l] / (1 - 0.999 ** (step + 1))) + 1e-7)
+                updates[l] *= np.linalg.norm(rms) / np.linalg.norm(updates[l])
+        elif kl_clip is not None:
             inner = sum(np.sum(u * grad) for u, grad in zip(updates, grads))
             eta = lr if step_control == "kl_clip" else 1.0
             nu = min(1.0, np.sqrt(kl_clip / (eta**2 * inner)))
@@ -98,7 +105,10 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
                 params[2 * l] -= lr * weight_decay * params[2 * l]
                 if decay_bias:
                     params[2 * l + 1] -= lr * weight_decay * params[2 * l + 1]
-            velocity[l] = momentum * velocity[l] + nu * updates[l]
+            if step_control == "graft":
+                velocity[l] = momentum * velocity[l] + (1 - momentum) * updates[l]
+            else:
+                velocity[l] = momentum * velocity[l] + nu * updates[l]
             params[2 * l] -= lr * velocity[l][:-1]
             params[2 * l + 1] -= lr * velocity[l][-1]
     return params, nus
@@ -106,6 +116,7 @@ def reference_training(params, x, y, steps, *, approximation, learning_rate, dam
 
 CONFIGS = {
     "tkfac_one_step": dict(
+        step_control="trust_region",
         approximation="tkfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
         factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=None),
     "kfac_one_step_clipped": dict(
@@ -113,6 +124,7 @@ CONFIGS = {
         factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-4,
         step_control="kl_clip"),
     "tkfac_one_step_trust_region": dict(
+        step_control="trust_region",
         approximation="tkfac", steps=1, learning_rate=0.5, damping=1e-2, momentum=0.0,
         factor_decay=0.95, factor_update_freq=1, inverse_update_freq=1, kl_clip=1e-3),
     "tkfac_six_steps": dict(
@@ -120,18 +132,30 @@ CONFIGS = {
         factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
         step_control="kl_clip", weight_decay=0.05),
     "kfac_six_steps": dict(
+        step_control="trust_region",
         approximation="kfac", steps=6, learning_rate=0.2, damping=1e-1, momentum=0.9,
         factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3, kl_clip=1e-2,
         weight_decay=0.05),
     "tkfac_schedules": dict(
+        step_control="trust_region",
         approximation="tkfac", steps=5, momentum=0.5, factor_decay=0.8,
         factor_update_freq=1, inverse_update_freq=2, kl_clip=None,
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.7),
         damping=keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)),
     "tkfac_schedule_trust_region": dict(
+        step_control="trust_region",
         approximation="tkfac", steps=5, momentum=0.5, factor_decay=0.8, damping=0.1,
         factor_update_freq=1, inverse_update_freq=2, kl_clip=1e-3,
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.7)),
+    "tkfac_graft": dict(
+        approximation="tkfac", steps=6, learning_rate=0.05, damping=1e-2,
+        momentum=0.9, factor_decay=0.5, factor_update_freq=2, inverse_update_freq=3,
+        kl_clip=1e-3, step_control="graft", weight_decay=0.05),
+    "kfac_graft_schedule": dict(
+        approximation="kfac", steps=5, momentum=0.5, factor_decay=0.8, damping=0.1,
+        factor_update_freq=1, inverse_update_freq=2, kl_clip=None,
+        step_control="graft",
+        learning_rate=keras.optimizers.schedules.ExponentialDecay(0.03, 1, 0.7)),
 }
 
 
@@ -150,7 +174,7 @@ def test_training_matches_numpy_reference(name):
     expected, nus = reference_training(
         initial, x.astype(np.float64), y, steps, approximation=approximation, **config
     )
-    if config["kl_clip"] is not None:
+    if config["kl_clip"] is not None and config.get("step_control") != "graft":
         assert min(nus) < 1.0, "the configuration must exercise KL clipping"
     for got, want in zip(model.weights, expected):
         # float32 against float64 over a few steps: relative error ~1e-5.
@@ -299,19 +323,22 @@ def _weights_after(steps=5, **kwargs):
     return np.concatenate([w.numpy().ravel() for w in base.weights]), model.optimizer
 
 
-@pytest.mark.parametrize("kl_clip", [0.1, 1e-3])
-def test_learning_rate_changes_the_trajectory(kl_clip):
-    """Under the default trust-region control the learning rate scales every step,
-    also where the KL bound is active (`kl_clip=1e-3` here); under Ba et al.'s clip a
-    binding bound makes learning rates above it give identical weights."""
+@pytest.mark.parametrize("step_control, kl_clip, lr", [
+    ("trust_region", 0.1, 0.1), ("trust_region", 1e-3, 0.1), ("graft", 0.1, 3e-3)])
+def test_learning_rate_changes_the_trajectory(step_control, kl_clip, lr):
+    """Under the trust-region control the learning rate scales every step, also where
+    the KL bound is active (`kl_clip=1e-3` here), and under grafting (the default);
+    under Ba et al.'s clip a binding bound makes learning rates above it give
+    identical weights."""
     start = np.concatenate([w.numpy().ravel() for w in helpers.tiny_mlp().weights])
-    base, optimizer = _weights_after(kl_clip=kl_clip)
+    kwargs = dict(kl_clip=kl_clip, step_control=step_control)
+    base, optimizer = _weights_after(learning_rate=lr, **kwargs)
     if kl_clip < 0.1:
         assert optimizer.curvature_report()["kl_clip_scale"] < 1.0, "must bind"
-    half, _ = _weights_after(learning_rate=0.05, kl_clip=kl_clip)
+    half, _ = _weights_after(learning_rate=lr / 2, **kwargs)
     assert np.linalg.norm(half - start) < 0.75 * np.linalg.norm(base - start)
-    warmup = keras.optimizers.schedules.PolynomialDecay(0.01, 5, 0.1, power=1.0)
-    scheduled, _ = _weights_after(learning_rate=warmup, kl_clip=kl_clip)
+    warmup = keras.optimizers.schedules.PolynomialDecay(lr / 10, 5, lr, power=1.0)
+    scheduled, _ = _weights_after(learning_rate=warmup, **kwargs)
     assert not np.allclose(scheduled, base)
     clipped = [_weights_after(learning_rate=lr, kl_clip=1e-6, step_control="kl_clip")[0]
                for lr in (0.1, 1.0)]
