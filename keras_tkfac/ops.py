@@ -303,7 +303,7 @@ def rms_step_norm(grad, second_moment, step, beta_2, epsilon):
         `(|R|, v')`.
     """
     new = beta_2 * second_moment + (1.0 - beta_2) * tf.square(grad)
-    correction = 1.0 - tf.pow(tf.cast(beta_2, grad.dtype), tf.cast(step, grad.dtype))
+    correction = 1.0 - tf.pow(tf.constant(beta_2, grad.dtype), tf.cast(step, grad.dtype))
     rms = grad / (tf.sqrt(new / correction) + epsilon)
     return tf.norm(rms), new
 
