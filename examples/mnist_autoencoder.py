@@ -26,8 +26,9 @@ _DATASET = flags.DEFINE_enum(
 _EPOCHS = flags.DEFINE_integer("epochs", 25, "Epochs.")
 # The best TKFAC/KFAC configuration of `tools/benchmark.py --problem=autoencoder`; the
 # package defaults (0.1, 0.1) were tuned on classifiers and are slower here.
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.3, "TKFAC/KFAC learning rate.")
-_DAMPING = flags.DEFINE_float("damping", 0.01, "TKFAC/KFAC damping.")
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", None, "TKFAC/KFAC learning rate (default: the optimizer's).")
+_DAMPING = flags.DEFINE_float("damping", None, "TKFAC/KFAC damping (default: the optimizer's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Examples per step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, batch order and sampler.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "One epoch of a 784-32-8-32-784 network.")
@@ -72,8 +73,11 @@ def main(argv):
     keras.utils.set_random_seed(_SEED.value)
     widths = (32, 8) if _SMOKE.value else (1000, 500, 250, 30)
     model = keras_tkfac.wrap(autoencoder(x.shape[1], widths))
-    curvature = dict(learning_rate=_LEARNING_RATE.value, damping=_DAMPING.value,
-                     seed=_SEED.value)
+    curvature = dict(seed=_SEED.value)
+    if _LEARNING_RATE.value is not None:
+        curvature["learning_rate"] = _LEARNING_RATE.value
+    if _DAMPING.value is not None:
+        curvature["damping"] = _DAMPING.value
     optimizer = {
         "tkfac": lambda: keras_tkfac.TKFAC(**curvature),
         "kfac": lambda: keras_tkfac.KFAC(**curvature),

@@ -50,8 +50,8 @@ PROBLEMS = {
 # SGD uses momentum 0.9; Muon its Keras defaults (AdamW on the output layer and on
 # variables that are not 2-D); TKFAC/KFAC their defaults for everything not listed.
 GRIDS = {
-    "TKFAC": {"learning_rate": [0.1, 0.3], "damping": [0.01, 0.1]},
-    "KFAC": {"learning_rate": [0.1, 0.3], "damping": [0.01, 0.1]},
+    "TKFAC": {"learning_rate": [1e-3, 3e-3, 1e-2], "damping": [0.01, 0.1]},
+    "KFAC": {"learning_rate": [1e-3, 3e-3, 1e-2], "damping": [0.01, 0.1]},
     "Adam": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]},
     "SGD": {"learning_rate": [0.01, 0.03, 0.1, 0.3]},
     "Muon": {"learning_rate": [1e-3, 3e-3, 1e-2]},
