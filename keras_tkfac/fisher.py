@@ -431,7 +431,8 @@ def output_cotangents(outputs, fisher, y_true, y_pred, seed, sample_weight=None)
     sources, cotangents, counts = [], [], []
     for k, (output, label, weight) in enumerate(zip(outputs, labels, weights)):
         source, cotangent, count = output_cotangent(
-            output.spec, fisher, label, flat[output.index], _output_seed(seed, k), weight
+            output.spec, fisher, label, flat[output.index], _output_seed(seed, k),
+            weight,
         )
         sources.append(source)
         cotangents.append(cotangent)

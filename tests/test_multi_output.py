@@ -49,7 +49,8 @@ def _forward(model, x):
     coordinate), the Jacobians `J[layer][head]` of each head's pre-activation output
     with respect to the layer's, the class probabilities and the regression output."""
     model = getattr(model, "model", model)  # the wrapped model
-    params = {name: [w.numpy().astype(np.float64) for w in model.get_layer(name).weights]
+    params = {name: [w.numpy().astype(np.float64)
+                     for w in model.get_layer(name).weights]
               for name in ("trunk", "cls", "reg")}
     (w1, b1), (wc, bc), (wr, br) = params["trunk"], params["cls"], params["reg"]
     x = x.astype(np.float64)
@@ -86,16 +87,17 @@ def _output_hessians(p, weights):
 
 
 def _exact_ggn(model, x, weights):
-    """Per layer, the exact GGN block `sum_n (a a^T) ⊗ sum_k J_k^T H_k J_k` of the total
-    loss, in the `vec(g a^T)` ordering, and the per-example `Gamma_n` (times the batch
-    size: the per-example loss scale of the statistics)."""
+    """Per layer, the exact GGN block `sum_n (a a^T) ⊗ sum_k J_k^T H_k J_k` of the
+    total loss, in the `vec(g a^T)` ordering, and the per-example `Gamma_n` times the
+    batch size (the per-example loss scale of the statistics)."""
     rows, jacobians, _, p, _ = _forward(model, x)
     hessians = _output_hessians(p, weights)
     blocks, gammas = {}, {}
     for layer, a in rows.items():
         gamma = sum(np.einsum("nol,nop,npm->nlm", jacobians[layer][k], hessians[k],
                               jacobians[layer][k]) for k in hessians)
-        blocks[layer] = sum(np.kron(np.outer(a_n, a_n), g_n) for a_n, g_n in zip(a, gamma))
+        blocks[layer] = sum(np.kron(np.outer(a_n, a_n), g_n)
+                            for a_n, g_n in zip(a, gamma))
         gammas[layer] = gamma * len(x)
     return rows, blocks, gammas
 
@@ -103,8 +105,9 @@ def _exact_ggn(model, x, weights):
 def _statistics(optimizer):
     """Per layer name, the bias-corrected moving averages of the statistics."""
     return {
-        slot.block.name: [f.numpy().astype(np.float64) / optimizer._factor_weight[i].numpy()
-                          for f in slot.factors]
+        slot.block.name: [
+            f.numpy().astype(np.float64) / optimizer._factor_weight[i].numpy()
+            for f in slot.factors]
         for i, slot in enumerate(optimizer._slots)
     }
 
@@ -297,7 +300,8 @@ def test_output_without_loss_adds_no_curvature(structure, loss):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     assert np.all(one["cls"][0] == 0.0) and np.all(one["trunk"][0] > 0.0)
     model, _ = model_and_optimizer(loss, None, "true")
-    losses = model.fit(x, reg_labels, batch_size=16, epochs=3, verbose=0).history["loss"]
+    history = model.fit(x, reg_labels, batch_size=16, epochs=3, verbose=0)
+    losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
