@@ -12,6 +12,16 @@ Gauss-Newton matrix):
 - mean squared error: `y = f(x) + sqrt(D / 2) * eps`, `eps ~ N(0, I)`, with `D` the
   size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
   normalisation this is the unit-variance Gaussian of the specification.
+
+Models with several outputs: Keras's loss is `L = sum_k w_k L_k`, each output's loss
+`L_k` a mean over its `M_k` loss terms and `w_k` its `loss_weights` entry. Each output
+samples from its own predictive distribution with its own stream of random numbers, so
+that the samples of different outputs are independent; the Fisher of `L` is then the
+weighted sum of the outputs' Fishers (the cross terms vanish in expectation), and one
+backward pass of the cotangents `sqrt(w_k M / M_k) * c_k` (with `M` the count of the
+first output with a loss, by which the statistics are divided) gives it exactly:
+`(1 / M) E[g g^T] = sum_k (w_k / M_k) J_k^T H_k J_k`. The empirical Fisher uses the
+same cotangents with each output's real labels.
 """
 
 import collections
@@ -33,20 +43,26 @@ LossSpec = collections.namedtuple("LossSpec", ["kind", "from_logits", "fn"])
 """A resolved loss: its kind (`None` if it cannot be sampled), whether it takes
 logits, and the per-example loss function `fn(y_true, y_pred)`."""
 
+OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight"])
+"""One output's part of the training loss: its position in the flattened model output
+(`tf.nest.flatten(y_pred)`), its name, its `LossSpec` and its loss weight."""
 
-def resolve_loss(loss, fisher):
-    """Resolves a `compile`-style loss into a `LossSpec`.
+
+def resolve_loss(loss, fisher, output=None):
+    """Resolves one output's `compile`-style loss into a `LossSpec`.
 
     Args:
-        loss: a loss name, a loss function or a `keras.losses.Loss` instance.
+        loss: a loss name, a loss function or a `keras.losses.Loss` instance (or a
+            list or dict holding one of them).
         fisher: `"true"` or `"empirical"`.
+        output: optional, the name of the output the loss belongs to, for errors.
 
     Returns:
         A `LossSpec`.
 
     Raises:
-        ValueError: for a missing or multi-output loss, or a loss that the true
-            Fisher cannot sample from.
+        ValueError: for a missing loss, several losses (use `resolve_losses`), or a
+            loss that the true Fisher cannot sample from.
     """
     if loss is None:
         raise ValueError(
@@ -60,8 +76,8 @@ def resolve_loss(loss, fisher):
         loss = loss[0]
     if isinstance(loss, (list, tuple, dict)):
         raise ValueError(
-            "keras_tkfac supports single-output models with one loss. "
-            f"Received: loss={loss!r}"
+            "resolve_loss resolves a single-output loss; `resolve_losses` matches "
+            f"several losses to a model's outputs. Received: loss={loss!r}"
         )
     fn_kwargs = {}
     if isinstance(loss, str):
@@ -76,10 +92,11 @@ def resolve_loss(loss, fisher):
     kind = _KINDS.get(fn)
     from_logits = bool(fn_kwargs.get("from_logits", False))
     if fisher == "true" and kind is None:
+        where = "" if output is None else f" (output {output!r})"
         raise ValueError(
             "The true Fisher can only sample labels for sparse/categorical "
             "cross-entropy, binary cross-entropy and mean squared error. For this "
-            "loss pass `fisher=\"empirical\"` to the optimizer (real labels). "
+            f"loss{where} pass `fisher=\"empirical\"` to the optimizer (real labels). "
             f"Received: loss={loss!r}"
         )
 
@@ -87,6 +104,105 @@ def resolve_loss(loss, fisher):
         return fn(y_true, y_pred, **fn_kwargs)
 
     return LossSpec(kind, from_logits, per_example)
+
+
+def _is_structure(value):
+    return isinstance(value, (list, tuple, dict))
+
+
+def _output_names(y_pred, output_names=None):
+    """Names of the flattened model outputs, in `tf.nest.flatten(y_pred)` order.
+
+    A dict output is named by its keys; a list, tuple or single output by
+    `output_names` (the model's `output_names`) when they match, else by position.
+    """
+    if isinstance(y_pred, dict):
+        names = sorted(y_pred)
+        values = [y_pred[name] for name in names]
+    elif isinstance(y_pred, (list, tuple)):
+        names, values = None, list(y_pred)
+    else:
+        names, values = None, [y_pred]
+    if any(_is_structure(value) for value in values):
+        raise ValueError(
+            "keras_tkfac supports a single output or a flat list or dict of outputs. "
+            f"Received: y_pred={tf.nest.map_structure(lambda _: '*', y_pred)}"
+        )
+    if names is None:
+        if output_names is not None and len(output_names) == len(values):
+            names = list(output_names)
+        elif len(values) == 1:
+            names = ["output"]
+        else:
+            names = [f"output_{i}" for i in range(len(values))]
+    return [str(name) for name in names]
+
+
+def _per_output(value, names, argument, default):
+    """One entry of `value` (a single value, a list or a dict) per named output."""
+    if not _is_structure(value):
+        return [value] * len(names)
+    if isinstance(value, dict):
+        if len(names) == 1 and len(value) == 1:
+            return list(value.values())
+        unknown = sorted(str(key) for key in value if str(key) not in names)
+        if unknown:
+            raise ValueError(
+                f"`{argument}` names output(s) {unknown} that the model does not have "
+                f"(its outputs: {names}). Received: {argument}={value!r}"
+            )
+        by_name = {str(key): entry for key, entry in value.items()}
+        return [by_name.get(name, default) for name in names]
+    if len(value) != len(names):
+        raise ValueError(
+            f"`{argument}` has {len(value)} entries for {len(names)} model outputs "
+            f"{names}. Received: {argument}={value!r}"
+        )
+    return list(value)
+
+
+def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None):
+    """Matches `compile`-style losses and loss weights to a model's outputs.
+
+    As in Keras, `loss` is one loss applied to every output, a list in the order of
+    the outputs, or a dict keyed by output name; an output whose loss is `None` (or
+    missing from the dict) has no loss and gives no curvature. `loss_weights` is a
+    number, a list in the order of the outputs, or a dict keyed by output name
+    (missing names weigh 1).
+
+    Args:
+        loss: the loss or losses.
+        fisher: `"true"` or `"empirical"`.
+        y_pred: the model output: a tensor, or a flat list or dict of tensors.
+        loss_weights: optional loss weights `w_k`. Defaults to `None` (all 1).
+        output_names: optional, the model's `output_names`, naming the outputs of a
+            list `y_pred` (needed to match a dict `loss` to it).
+
+    Returns:
+        A list of `OutputLoss`, one per output with a loss, in output order.
+
+    Raises:
+        ValueError: when the losses or weights do not match the outputs, no output
+            has a loss, or an output's loss cannot be sampled by the true Fisher.
+    """
+    if loss is None:
+        resolve_loss(None, fisher)
+    names = _output_names(y_pred, output_names)
+    losses = _per_output(loss, names, "loss", None)
+    weights = _per_output(
+        1.0 if loss_weights is None else loss_weights, names, "loss_weights", 1.0
+    )
+    outputs = [
+        OutputLoss(index, name, resolve_loss(entry, fisher, output=name), weight)
+        for index, (name, entry, weight) in enumerate(zip(names, losses, weights))
+        if entry is not None
+    ]
+    if not outputs:
+        raise ValueError(
+            "keras_tkfac needs a loss on at least one output to estimate the Fisher. "
+            f"Received: loss={loss!r}"
+        )
+    return outputs
 
 
 def _mix(x):
@@ -224,3 +340,107 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(cotangent) - 1], tf.int32)], 0)
         cotangent *= tf.reshape(tf.sqrt(tf.maximum(weight, 0.0)), shape)
     return source, cotangent, tf.size(losses)
+
+
+def _output_seed(seed, index):
+    """The sampler seed of output `index`: `seed` itself for the first output, an
+    integer hash of `(seed, index)` for the others, so that the outputs' samples are
+    independent (two outputs of the same kind and shape would otherwise draw the same
+    numbers)."""
+    if index == 0:
+        return seed
+    seed = tf.cast(seed, tf.uint32)
+    mixed = _mix(seed[0] ^ _mix(tf.constant(index, tf.uint32)))
+    return tf.bitcast(tf.stack([mixed, seed[1]]), tf.int32)
+
+
+def _per_output_values(values, outputs, num_outputs, argument):
+    """`values` (labels or sample weights) split over `outputs`.
+
+    A single value goes to every output; a dict is read by output name; a list or
+    tuple has one entry per model output, or one per output with a loss (Keras
+    accepts both for labels).
+    """
+    if values is None or not _is_structure(values):
+        return [values] * len(outputs)
+    if isinstance(values, dict):
+        if len(values) == 1 and len(outputs) == 1:
+            return list(values.values())
+        by_name = {str(key): value for key, value in values.items()}
+        return [by_name.get(output.name) for output in outputs]
+    values = list(values)
+    if len(values) == num_outputs:
+        return [values[output.index] for output in outputs]
+    if len(values) == len(outputs):
+        return values
+    raise ValueError(
+        f"`{argument}` has {len(values)} entries for {num_outputs} model outputs, "
+        f"{len(outputs)} of them with a loss ({[o.name for o in outputs]}). "
+        f"Received: {argument} with {len(values)} entries"
+    )
+
+
+def output_cotangents(outputs, fisher, y_true, y_pred, seed, sample_weight=None):
+    """Cotangents of every output with a loss, weighted to give the Fisher of the
+    total loss in one backward pass.
+
+    Keras's loss is `L = sum_k w_k L_k` with `L_k` the mean of output `k`'s `M_k` loss
+    terms. Output `k`'s cotangent `c_k` (`output_cotangent`, its own labels and
+    sampler seed) is scaled by `sqrt(w_k M / M_k)`, with `M` the count of the first
+    output. Backpropagating all of them at once gives rows `g` whose statistics,
+    divided by `M`, are in expectation (true Fisher)
+
+    ```
+    E[g g^T] / M = sum_k (w_k / M_k) J_k^T H_k J_k
+    ```
+
+    the generalised Gauss-Newton matrix of `L`: the outputs' samples are independent,
+    so their cross terms vanish. For one output with weight 1 this is exactly
+    `output_cotangent`. A negative loss weight counts as zero.
+
+    Args:
+        outputs: the `OutputLoss`es of `resolve_losses`.
+        fisher: `"true"` (sampled labels) or `"empirical"` (`y_true`).
+        y_true: the real labels: one tensor (a model with one loss), or a list or
+            dict matching the outputs (see `resolve_losses`).
+        y_pred: the model output, a tensor or a flat list or dict of tensors.
+        seed: `[2]` int32 seed of the sampler.
+        sample_weight: optional per-example weights: one tensor for every output,
+            or a list or dict with one per output.
+
+    Returns:
+        `(sources, cotangents, num_examples)`: lists of the tensors to backpropagate
+        from and their cotangents, and the count `M` to divide the statistics by.
+    """
+    flat = tf.nest.flatten(y_pred)
+    labels = [None] * len(outputs)
+    if fisher == "empirical":
+        if y_true is None:
+            raise ValueError(
+                "fisher=\"empirical\" needs the real labels: pass `y_true` to "
+                "`update_curvature`. Received: y_true=None"
+            )
+        labels = _per_output_values(y_true, outputs, len(flat), "y_true")
+        for output, label in zip(outputs, labels):
+            if label is None:
+                raise ValueError(
+                    f"fisher=\"empirical\" needs the labels of output {output.name!r}. "
+                    f"Received: y_true={tf.nest.map_structure(lambda _: '*', y_true)}"
+                )
+    weights = _per_output_values(sample_weight, outputs, len(flat), "sample_weight")
+    sources, cotangents, counts = [], [], []
+    for k, (output, label, weight) in enumerate(zip(outputs, labels, weights)):
+        source, cotangent, count = output_cotangent(
+            output.spec, fisher, label, flat[output.index], _output_seed(seed, k),
+            weight,
+        )
+        sources.append(source)
+        cotangents.append(cotangent)
+        counts.append(count)
+    reference = tf.cast(counts[0], tf.float32)
+    for k, (output, count) in enumerate(zip(outputs, counts)):
+        # 1 exactly for one output of weight 1: `output_cotangent`'s, bit for bit.
+        ratio = tf.math.divide_no_nan(reference, tf.cast(count, tf.float32))
+        weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+        cotangents[k] *= tf.cast(tf.sqrt(weight * ratio), cotangents[k].dtype)
+    return sources, cotangents, counts[0]

@@ -59,17 +59,6 @@ def _jit(fn):
     return _jit_cache[fn]
 
 
-def _single(value, name):
-    """The one tensor of a single-output structure (a dict or list of one)."""
-    flat = tf.nest.flatten(value)
-    if len(flat) != 1:
-        raise ValueError(
-            "keras_tkfac supports models with a single output. "
-            f"Received: {name} with {len(flat)} tensors"
-        )
-    return flat[0]
-
-
 def _identity(shape, dtype=None):
     """Initial inverses: identity matrices, or ones for a diagonal."""
     if len(shape) == 1:
@@ -383,7 +372,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return tf.constant(self.damping, tf.float32)
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
-                         sample_weight=None, loss_value=None, loss_scale=None):
+                         loss_weights=None, sample_weight=None, loss_value=None,
+                         loss_scale=None):
         """Updates the factor statistics and inverses when they are due.
 
         Call it after the forward pass and before `apply_gradients`, in the same
@@ -393,14 +383,24 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         and folds the batch statistics into the moving averages; on steps where
         `iterations % inverse_update_freq == 0` it recomputes the damped inverses.
 
+        A model with several outputs gives the Fisher of Keras's total loss
+        `sum_k w_k L_k`: each output samples from its own predictive distribution
+        and all outputs share one backward pass (`keras_tkfac.fisher`).
+
         Args:
             recording: the `Recording` of this step (`keras_tkfac.record(model)`).
             tape: the persistent `tf.GradientTape` that recorded the forward pass.
-            y_pred: the model output.
-            y_true: the real labels (used by `fisher="empirical"`).
-            loss: the training loss (a name, function or `keras.losses.Loss`).
+            y_pred: the model output: a tensor, or a flat list or dict of tensors.
+            y_true: the real labels (used by `fisher="empirical"`), structured like
+                `y_pred` (or a list with one entry per output with a loss).
+            loss: the training loss, as in `compile`: a name, function or
+                `keras.losses.Loss`, applied to every output, or a list or dict of
+                them (keyed by output name); an output whose loss is `None` adds no
+                curvature.
+            loss_weights: optional, the weights of the outputs' losses, as in
+                `compile` (a number, list or dict). Defaults to `None` (all 1).
             sample_weight: optional per-example weights, applied to the Fisher as
-                to the loss.
+                to the loss: one tensor for every output, or a list or dict of them.
             loss_value: optional, this step's loss; statistics are not updated
                 when it is not finite.
             loss_scale: optional, the loss-scaling factor of mixed precision; the
@@ -410,10 +410,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         Statistics that are not finite (on any replica) are not folded into the
         moving averages; `skipped_statistics` counts such updates.
         """
-        spec = fisher_lib.resolve_loss(loss, self.fisher)
-        y_pred = _single(y_pred, "y_pred")
-        if y_true is not None:
-            y_true = _single(y_true, "y_true")
+        outputs = fisher_lib.resolve_losses(
+            loss, self.fisher, y_pred, loss_weights=loss_weights,
+            output_names=getattr(recording.owner, "output_names", None),
+        )
         self.curvature_updates += 1
         if self._blocks is None:
             self.attach(recording.blocks, owner=recording.owner)
@@ -431,12 +431,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         def new_factors():
             step = tf.cast(self.iterations, tf.int32)
             seed = tf.stack([self.seed + distributed.replica_id(), step])
-            source, cotangent, num_examples = fisher_lib.output_cotangent(
-                spec, self.fisher, y_true, y_pred, seed, sample_weight
+            sources, cotangents, num_examples = fisher_lib.output_cotangents(
+                outputs, self.fisher, y_true, y_pred, seed, sample_weight
             )
             grads = tape.gradient(
-                source, recording.outputs(),
-                output_gradients=cotangent * tf.cast(scale, cotangent.dtype),
+                sources, recording.outputs(),
+                output_gradients=[c * tf.cast(scale, c.dtype) for c in cotangents],
             )
             wanted = {id(slot.block.layer) for slot in slots}
             rows = dict(zip([id(b.layer) for b in recording.blocks],

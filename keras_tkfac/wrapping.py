@@ -64,6 +64,13 @@ def _find_blocks(model, exclude, known=None):
     return found, skipped
 
 
+def _loss_weights(model):
+    """The `loss_weights` `model` was compiled with (Keras keeps them on its
+    `CompileLoss`)."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    return getattr(compile_loss, "_user_loss_weights", None)
+
+
 def _overrides(model, method):
     """Whether `model`'s class overrides `keras.Model.<method>`."""
     return getattr(type(model), method) is not getattr(keras.Model, method)
@@ -236,7 +243,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         grads = tape.gradient(scaled_loss, variables)
         curvature.update_curvature(
             recording, tape, y_pred, y_true=y, loss=self.loss,
-            sample_weight=sample_weight, loss_value=loss,
+            loss_weights=_loss_weights(self), sample_weight=sample_weight,
+            loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
         )
         optimizer.apply_gradients(zip(grads, variables))
