@@ -27,6 +27,7 @@ _Slot = collections.namedtuple(
 )
 
 _INVERSE_DTYPES = ("float32", "float64")
+_PRECONDITION_DTYPES = ("float32", "bfloat16")
 
 
 def _inverse(matrices, dtype):
@@ -143,6 +144,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         step_control,
         fisher,
         inverse_dtype,
+        precondition_dtype,
         split_inverses,
         max_factor_dim,
         fallback,
@@ -165,6 +167,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         validation.check_choice("step_control", step_control, step_size.STEP_CONTROLS)
         validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         validation.check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
+        validation.check_choice("precondition_dtype", precondition_dtype,
+                                _PRECONDITION_DTYPES)
         validation.check_choice("split_inverses", split_inverses, (True, False))
         validation.check_int("max_factor_dim", max_factor_dim)
         validation.check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
@@ -182,6 +186,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.step_control = step_control
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
+        self.precondition_dtype = precondition_dtype
         self.split_inverses = bool(split_inverses)
         self.max_factor_dim = int(max_factor_dim)
         self._partner = partner_lib.Partner(fallback, fallback_lr_ratio, momentum)
@@ -507,7 +512,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _precondition(self, grads, variables, learning_rate):
         position = {self._var_key(v): i for i, v in enumerate(variables)}
-        used = []
+        found = []
         for slot in self._slots:
             k = position.get(slot.kernel_key)
             b = position.get(slot.bias_key) if slot.bias_key is not None else None
@@ -517,10 +522,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 tf.cast(grads[k], tf.float32),
                 None if b is None else tf.cast(grads[b], tf.float32),
             )
-            update = self._math(ops.precondition)(
-                slot.inverses[0].value, grad, slot.inverses[1].value
-            )
-            used.append((slot, k, b, grad, update))
+            found.append((slot, k, b, grad))
+        updates = self._math(ops.precondition_many)(
+            [slot.inverses[0].value for slot, *_ in found],
+            [grad for *_, grad in found],
+            [slot.inverses[1].value for slot, *_ in found],
+            self.precondition_dtype,
+        ) if found else []
+        used = [(*item, update) for item, update in zip(found, updates)]
         if not used:
             return grads
         scale = step_size.update_scale(
@@ -620,6 +629,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "step_control": self.step_control,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
+                "precondition_dtype": self.precondition_dtype,
                 "split_inverses": self.split_inverses,
                 "max_factor_dim": self.max_factor_dim,
                 "fallback": self._partner.get_config(),

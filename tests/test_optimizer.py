@@ -222,6 +222,7 @@ BAD_ARGUMENTS = [
     ("kl_clip", 0.0),
     ("fisher", "exact"),
     ("inverse_dtype", "float16"),
+    ("precondition_dtype", "float16"),
     ("seed", -3),
 ]
 
@@ -246,7 +247,8 @@ def test_get_config_round_trip(cls):
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9),
         damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5),
         momentum=0.5, factor_decay=0.9, factor_update_freq=2, inverse_update_freq=4,
-        kl_clip=None, fisher="empirical", inverse_dtype="float64", seed=11,
+        kl_clip=None, fisher="empirical", inverse_dtype="float64",
+        precondition_dtype="bfloat16", seed=11,
         weight_decay=1e-4,
     )
     config = optimizer.get_config()
