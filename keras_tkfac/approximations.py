@@ -44,6 +44,12 @@ _COMMON_ARGS = """
             halves their cost where the hardware has bfloat16 matmuls, at a relative
             error of the update of about 1e-2 (README, "Cost of a step").
             Defaults to `"float32"`.
+        conv_location_stride: int >= 1; convolution layers' statistics use the
+            output locations on a grid of this stride along each spatial axis (the
+            im2col rows of a statistics step shrink by about `stride^2` for a 2-D
+            convolution), rescaled to estimate the sums over all locations. `1`
+            uses every location. Its effect on the approximation error: README,
+            "Cost of a step". Defaults to `1`.
         split_inverses: bool; under a `tf.distribute` strategy, each replica
             inverts about `1/R` of the factors (balanced by `d^3`) and the results
             are shared with one all-reduce. Defaults to `True`.
@@ -145,6 +151,7 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_scale=100.0,
         inverse_dtype="float32",
         precondition_dtype="float32",
+        conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
@@ -170,6 +177,7 @@ class TKFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
+            conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
             fallback=fallback,
@@ -253,6 +261,7 @@ class KFAC(CurvatureOptimizer):
         fisher="true",
         inverse_dtype="float32",
         precondition_dtype="float32",
+        conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
@@ -274,6 +283,7 @@ class KFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
+            conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
             fallback=fallback,

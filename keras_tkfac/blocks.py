@@ -278,6 +278,49 @@ class ConvBlock(CurvatureBlock):
         return self._with_bias(a), g
 
 
+    def sampled_rows(self, inputs, output_grads, stride):
+        """`rows` at every `stride`-th output location along each spatial axis.
+
+        For cheaper statistics (`conv_location_stride`): patches are extracted only
+        at the sampled locations, a grid starting at `stride // 2` on each axis. The
+        input rows are scaled by `sqrt(locations / sampled locations)`, so that sums
+        over rows that are quadratic in `a` (TKFAC's `delta`, `n_phi`, `n_psi`,
+        K-FAC's `A`) estimate the sums over all locations, and means over rows
+        (K-FAC's `G`) are means over the sample.
+        """
+        if stride == 1:
+            return self.rows(inputs, output_grads)
+        inputs = _channels_last(inputs, self._data_format)
+        inputs, padding = self._causal_padding(inputs, "channels_last")
+        output_grads = _channels_last(output_grads, self._data_format)
+        pads, crop, offsets, total, sampled = [[0, 0]], [slice(None)], [], 1, 1
+        for out, size, k, s, r in zip(
+            output_grads.shape[1:-1], inputs.shape[1:-1], self.layer.kernel_size,
+            self.layer.strides, self.layer.dilation_rate,
+        ):
+            extent = (k - 1) * r + 1
+            # The padding of the layer's own convolution (TensorFlow's "same").
+            pad = max((out - 1) * s + extent - size, 0) if padding == "same" else 0
+            pads.append([pad // 2, pad - pad // 2])
+            offset = min(stride // 2, out - 1)
+            crop.append(slice(offset * s, (out - 1) * s + extent))
+            offsets.append(slice(offset, None, stride))
+            total *= out
+            sampled *= -(-(out - offset) // stride)
+        x = tf.pad(inputs, pads + [[0, 0]])[tuple(crop)]
+        patches = _patches(x, self.layer.kernel_size,
+                           [s * stride for s in self.layer.strides],
+                           self.layer.dilation_rate, "valid")
+        g = output_grads[(slice(None), *offsets)]
+        scale = (total / sampled) ** 0.5
+        if self.groups > 1:
+            a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
+                            self.bias is not None)
+            return scale * a, tf.reshape(g, [-1, self.groups, self.d_out])
+        a = self._with_bias(tf.reshape(patches, [-1, self.kernel_rows()]))
+        return scale * a, tf.reshape(g, [-1, self.d_out])
+
+
 class ConvTransposeBlock(CurvatureBlock):
     """`keras.layers.Conv1DTranspose`, `Conv2DTranspose` and `Conv3DTranspose`.
 

@@ -145,6 +145,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         fisher,
         inverse_dtype,
         precondition_dtype,
+        conv_location_stride,
         split_inverses,
         max_factor_dim,
         fallback,
@@ -169,6 +170,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         validation.check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
         validation.check_choice("precondition_dtype", precondition_dtype,
                                 _PRECONDITION_DTYPES)
+        validation.check_int("conv_location_stride", conv_location_stride)
         validation.check_choice("split_inverses", split_inverses, (True, False))
         validation.check_int("max_factor_dim", max_factor_dim)
         validation.check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
@@ -187,6 +189,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.precondition_dtype = precondition_dtype
+        self.conv_location_stride = int(conv_location_stride)
         self.split_inverses = bool(split_inverses)
         self.max_factor_dim = int(max_factor_dim)
         self._partner = partner_lib.Partner(fallback, fallback_lr_ratio, momentum)
@@ -412,7 +415,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             )
             wanted = {id(slot.block.layer) for slot in slots}
             rows = dict(zip([id(b.layer) for b in recording.blocks],
-                            recording.rows(grads, wanted)))
+                            recording.rows(grads, wanted, self.conv_location_stride)))
             # Sums over this replica's examples; one SUM all-reduce and a division
             # by the global count give the mean over all examples of all replicas.
             count = tf.cast(num_examples, tf.float32)
@@ -630,6 +633,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "precondition_dtype": self.precondition_dtype,
+                "conv_location_stride": self.conv_location_stride,
                 "split_inverses": self.split_inverses,
                 "max_factor_dim": self.max_factor_dim,
                 "fallback": self._partner.get_config(),

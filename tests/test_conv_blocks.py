@@ -188,6 +188,46 @@ def test_tkfac_statistics_against_location_uncorrelated_fisher(case):
                                    rtol=1e-10)
 
 
+SAMPLED = {
+    "conv2d_same": ((7, 6, 2), lambda: L.Conv2D(3, 3, padding="same")),
+    "conv2d_same_stride2_even": ((8, 8, 2), lambda: L.Conv2D(3, 3, strides=2,
+                                                             padding="same")),
+    "conv2d_same_stride2_odd_1x1": ((7, 9, 2), lambda: L.Conv2D(3, 1, strides=2,
+                                                                padding="same")),
+    "conv2d_valid_dilated": ((9, 8, 2), lambda: L.Conv2D(2, 3, dilation_rate=2)),
+    "conv2d_same_dilated_stride1": ((6, 7, 2), lambda: L.Conv2D(
+        2, 3, dilation_rate=(2, 1), padding="same", use_bias=False)),
+    "conv1d_same_stride2": ((9, 3), lambda: L.Conv1D(2, 3, strides=2, padding="same")),
+    **{case: CASES[case][:2] for case in CASES
+       if not case.startswith(("transpose", "depthwise"))},
+}
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("case", sorted(SAMPLED))
+def test_sampled_rows_are_the_rows_at_sampled_locations(case, stride):
+    shape, make_layer = SAMPLED[case]
+    keras.utils.set_random_seed(0)
+    layer = make_layer()
+    model = keras_tkfac.wrap(keras.Sequential([keras.Input(shape), layer]))
+    block = model.blocks[0]
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(2, *shape)), tf.float32)
+    grads = tf.constant(rng.normal(size=(2, *layer.output.shape[1:])), tf.float32)
+    a, g = (t.numpy() for t in block.rows(x, grads))
+    sampled_a, sampled_g = (t.numpy() for t in block.sampled_rows(x, grads, stride))
+    if block.layer.data_format == "channels_first":
+        grads = tf.transpose(grads, [0, *range(2, len(grads.shape)), 1])
+    spatial = grads.shape[1:-1]
+    picks = tuple(slice(min(stride // 2, n - 1), None, stride) for n in spatial)
+    a = a.reshape(2, *spatial, *a.shape[1:])[(slice(None), *picks)]
+    g = g.reshape(2, *spatial, *g.shape[1:])[(slice(None), *picks)]
+    scale = np.sqrt(np.prod(spatial) / np.prod(g.shape[1:len(spatial) + 1]))
+    np.testing.assert_allclose(sampled_g, g.reshape(sampled_g.shape))
+    np.testing.assert_allclose(sampled_a, scale * a.reshape(sampled_a.shape),
+                               rtol=1e-6)
+
+
 SINGLE_ROW = {
     # One input location: the transposed convolution has one row per example.
     "transpose": ((1, 1, 2), lambda: L.Conv2DTranspose(2, 3, strides=2,
@@ -251,6 +291,23 @@ def _conv_data(n=128):
     y = (x[:, 0].mean(axis=(1, 2)) > 0).astype("int32") + (
         x[:, 3].mean(axis=(1, 2)) > 0.1).astype("int32")
     return x, y
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_sampled_locations_give_factors_of_the_same_scale_and_train(cls):
+    x, y = _conv_data()
+    traces = []
+    for stride in (1, 2):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(_conv_model())
+        model.compile(optimizer=cls(seed=0, conv_location_stride=stride), loss=LOSS)
+        losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
+        assert losses[-1] < 0.8 * losses[0]
+        slot = model.optimizer._slots[0]  # the grouped Conv2D
+        traces.append(float(model.optimizer._trace(
+            [f.value / model.optimizer._factor_weight[0] for f in slot.factors])))
+    # The sampled sums estimate the sums over all locations: same order of magnitude.
+    assert 0.5 < traces[1] / traces[0] < 2.0, traces
 
 
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
