@@ -76,7 +76,7 @@ class Recording:
         """Every recorded `s`, flattened in block order."""
         return [s for block in self.blocks for _, s in self.calls(block)]
 
-    def rows(self, output_grads, layers=None, location_stride=1):
+    def rows(self, output_grads, layers=None, location_stride=1, location_phase=0):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
@@ -87,6 +87,8 @@ class Recording:
             location_stride: blocks with a `sampled_rows` method (convolutions)
                 give the rows of every `location_stride`-th output location along
                 each spatial axis. Defaults to `1` (all locations).
+            location_phase: the grid's offsets (`ConvBlock.sampled_rows`); an
+                integer or an integer scalar tensor. Defaults to `0`.
 
         Returns:
             A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
@@ -107,7 +109,8 @@ class Recording:
                 if grad is None:
                     grad = tf.zeros_like(s)
                 if location_stride > 1 and hasattr(block, "sampled_rows"):
-                    a, g = block.sampled_rows(inputs, grad, location_stride)
+                    a, g = block.sampled_rows(inputs, grad, location_stride,
+                                              location_phase)
                 else:
                     a, g = block.rows(inputs, grad)
                 a_parts.append(a)

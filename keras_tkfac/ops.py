@@ -292,9 +292,11 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
             for matrices in (left_inverses, grad_matrices, right_inverses)
         ]
         if len(indices) == 1:
-            stacked = precondition(*(o[0] for o in operands))[None]
-        else:
-            stacked = precondition(*(tf.stack(o) for o in operands))
+            (i,) = indices
+            update = precondition(*(o[0] for o in operands))
+            updates[i] = tf.cast(update, grad_matrices[i].dtype)
+            continue
+        stacked = precondition(*(tf.stack(o) for o in operands))
         for j, i in enumerate(indices):
             updates[i] = tf.cast(stacked[j], grad_matrices[i].dtype)
     return updates

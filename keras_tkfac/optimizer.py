@@ -414,8 +414,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 output_gradients=cotangent * tf.cast(scale, cotangent.dtype),
             )
             wanted = {id(slot.block.layer) for slot in slots}
+            # Sampled conv locations: the grid moves on at each statistics step.
+            phase = step // self.factor_update_freq
             rows = dict(zip([id(b.layer) for b in recording.blocks],
-                            recording.rows(grads, wanted, self.conv_location_stride)))
+                            recording.rows(grads, wanted, self.conv_location_stride,
+                                           phase)))
             # Sums over this replica's examples; one SUM all-reduce and a division
             # by the global count give the mean over all examples of all replicas.
             count = tf.cast(num_examples, tf.float32)

@@ -212,20 +212,46 @@ def test_sampled_rows_are_the_rows_at_sampled_locations(case, stride):
     model = keras_tkfac.wrap(keras.Sequential([keras.Input(shape), layer]))
     block = model.blocks[0]
     rng = np.random.default_rng(5)
-    x = tf.constant(rng.normal(size=(2, *shape)), tf.float32)
-    grads = tf.constant(rng.normal(size=(2, *layer.output.shape[1:])), tf.float32)
+    batch = 5
+    x = tf.constant(rng.normal(size=(batch, *shape)), tf.float32)
+    grads = tf.constant(rng.normal(size=(batch, *layer.output.shape[1:])), tf.float32)
     a, g = (t.numpy() for t in block.rows(x, grads))
-    sampled_a, sampled_g = (t.numpy() for t in block.sampled_rows(x, grads, stride))
+    spatial = layer.output.shape[1:-1]
     if block.layer.data_format == "channels_first":
-        grads = tf.transpose(grads, [0, *range(2, len(grads.shape)), 1])
-    spatial = grads.shape[1:-1]
-    picks = tuple(slice(min(stride // 2, n - 1), None, stride) for n in spatial)
-    a = a.reshape(2, *spatial, *a.shape[1:])[(slice(None), *picks)]
-    g = g.reshape(2, *spatial, *g.shape[1:])[(slice(None), *picks)]
-    scale = np.sqrt(np.prod(spatial) / np.prod(g.shape[1:len(spatial) + 1]))
-    np.testing.assert_allclose(sampled_g, g.reshape(sampled_g.shape))
-    np.testing.assert_allclose(sampled_a, scale * a.reshape(sampled_a.shape),
-                               rtol=1e-6)
+        spatial = layer.output.shape[2:]
+    a = a.reshape(batch, *spatial, *a.shape[1:])
+    g = g.reshape(batch, *spatial, *g.shape[1:])
+    steps = [min(stride, n) for n in spatial]
+    counts = [-(-n // step) for n, step in zip(spatial, steps)]
+    cycle = int(np.prod(steps))
+    seen = np.zeros((batch, *spatial))
+    for phase in range(cycle):
+        sampled_a, sampled_g = (t.numpy() for t in block.sampled_rows(
+            x, grads, stride, tf.constant(phase)))
+        # Rows come grouped by phase: examples p, p + cycle, ... take phase + p.
+        order = [n for p in range(cycle) for n in range(p, batch, cycle)]
+        sampled_a = sampled_a.reshape(batch, *counts, *a.shape[1 + len(spatial):])
+        sampled_g = sampled_g.reshape(batch, *counts, *g.shape[1 + len(spatial):])
+        for row, n in enumerate(order):
+            own = (phase + n % cycle) % cycle
+            offsets = [(own // int(np.prod(steps[:i]))) % steps[i]
+                       for i in range(len(spatial))]
+            picks = tuple(slice(o, None, step) for o, step in zip(offsets, steps))
+            sizes = [len(range(o, m, step))
+                     for o, m, step in zip(offsets, spatial, steps)]
+            inside = tuple(slice(0, size) for size in sizes)
+            scale = np.sqrt(np.prod(spatial) / np.prod(sizes))
+            np.testing.assert_allclose(sampled_g[row][inside], g[n][picks])
+            np.testing.assert_allclose(sampled_a[row][inside], scale * a[n][picks],
+                                       rtol=1e-6)
+            # Points past the edge are rows of zeros.
+            edge_a, edge_g = sampled_a[row].copy(), sampled_g[row].copy()
+            edge_a[inside] = 0
+            edge_g[inside] = 0
+            assert not edge_a.any() and not edge_g.any()
+            seen[n][picks] += 1
+    # Over a cycle of phases every location of every example is visited once.
+    np.testing.assert_array_equal(seen, 1)
 
 
 SINGLE_ROW = {
