@@ -16,7 +16,7 @@ in the steady state (after the inverse warm-up):
 For every configuration with `precondition_dtype="bfloat16"` the relative error of
 its update against float32 is measured on the same state and gradients.
 
-    python tools/step_costs.py --problem=resnet [--rounds=30]
+    python tools/step_costs.py --problem=resnet [--rounds=30] [--smoke]
         [--configs='{"TKFAC": {}, "TKFAC bf16": {"precondition_dtype": "bfloat16"}}']
 """
 
@@ -42,19 +42,26 @@ _CONFIGS = flags.DEFINE_string(
     "'KFAC' uses KFAC. Default: TKFAC at its defaults, and with bfloat16 products.",
 )
 _OUT = flags.DEFINE_string("out", None, "Also write the table to this file.")
+# `--problem` and `--smoke` (here: digits, tiny models, batch 32, 2 rounds) are
+# benchmark.py's flags.
+_SMOKE = benchmark._SMOKE
 
 DEFAULT_CONFIGS = {"TKFAC": {}, "TKFAC bf16": {"precondition_dtype": "bfloat16"}}
 
 
-def _model(problem, data, seed):
+def _model(problem, data, seed, smoke):
     keras.utils.set_random_seed(seed)
     dim = int(np.prod(data.x_train.shape[1:]))
     classes = int(data.y_train.max()) + 1
     if problem == "mlp":
-        return benchlib.mlp(dim, (512, 512), classes)
+        return benchlib.mlp(dim, (32,) if smoke else (512, 512), classes)
     if problem == "autoencoder":
-        return benchlib.autoencoder(dim, (1000, 500, 250, 30))
-    return benchlib.resnet8(data.x_train.shape[1:], classes, 16)
+        return benchlib.autoencoder(dim, (32, 16, 4) if smoke else (1000, 500, 250, 30))
+    return benchlib.resnet8(data.x_train.shape[1:], classes, 4 if smoke else 16)
+
+
+def _batch_size(problem):
+    return 32 if _SMOKE.value else benchmark.PROBLEMS[problem].batch_size
 
 
 def _setup(name, config, initial, train, problem):
@@ -69,7 +76,7 @@ def _setup(name, config, initial, train, problem):
     loss = (keras.losses.BinaryCrossentropy(from_logits=True) if problem == "autoencoder"
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     wrapped.compile(optimizer=optimizer, loss=loss)
-    data = benchlib.batches(train, benchmark.PROBLEMS[problem].batch_size, 0)
+    data = benchlib.batches(train, _batch_size(problem), 0)
     # Builds the optimizer and traces the step (with inverses and statistics).
     wrapped.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
     return wrapped, iter(data)
@@ -97,7 +104,7 @@ def _time_step(wrapped, iterator, counter):
 def _bf16_error(wrapped, train, problem):
     """Relative Frobenius error of bfloat16 updates against float32, per layer."""
     optimizer = wrapped.optimizer
-    n = benchmark.PROBLEMS[problem].batch_size
+    n = _batch_size(problem)
     x, y = train[0][:n], train[1][:n]
     with tf.GradientTape() as tape:
         loss = wrapped.compute_loss(x=x, y=y, y_pred=wrapped(x, training=True))
@@ -118,8 +125,10 @@ def _bf16_error(wrapped, train, problem):
 def main(argv):
     del argv
     problem = benchmark._PROBLEM.value
-    data = benchlib.load_data("mnist5k", 0)
-    initial = _model(problem, data, 0)
+    smoke = _SMOKE.value
+    data = benchlib.load_data("digits" if smoke else "mnist5k", 0)
+    initial = _model(problem, data, 0, smoke)
+    rounds = 2 if smoke else _ROUNDS.value
     x = data.x_train
     if problem != "resnet":
         x = x.reshape(len(x), -1)
@@ -130,7 +139,7 @@ def main(argv):
             for name, config in configs.items()}
     times = {(name, kind): [] for name, (wrapped, _) in runs.items()
              for kind in _kinds(wrapped.optimizer)}
-    for _ in range(_ROUNDS.value):
+    for _ in range(rounds):
         for name, (wrapped, iterator) in runs.items():
             for kind, counter in _kinds(wrapped.optimizer).items():
                 times[name, kind].append(_time_step(wrapped, iterator, counter))
@@ -138,8 +147,8 @@ def main(argv):
     adam = med["Adam", "plain"]
     lines = [
         f"`python tools/step_costs.py {' '.join(sys.argv[1:])}`", "",
-        f"{problem}, batch {benchmark.PROBLEMS[problem].batch_size}, "
-        f"{_ROUNDS.value} interleaved rounds, {os.cpu_count()} CPU cores, TensorFlow "
+        f"{problem}, batch {_batch_size(problem)}, "
+        f"{rounds} interleaved rounds, {os.cpu_count()} CPU cores, TensorFlow "
         f"{tf.__version__}, keras_tkfac {benchlib.source_version()}; medians in ms "
         "(× Adam's step).", "",
         "| configuration | plain | statistics | inverse | statistics / plain | "
