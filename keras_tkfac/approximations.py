@@ -39,16 +39,18 @@ _COMMON_ARGS = """
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
         precondition_dtype: `"float32"` or `"bfloat16"`, the precision of the
-            preconditioning products `Phi^^-1 G Psi^^-1` (the inverses and gradients
-            are rounded to bfloat16, the products accumulate in float32). bfloat16
-            halves their cost where the hardware has bfloat16 matmuls, at a relative
-            error of the update of about 1e-2 (README, "Cost of a step").
+            preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and the
+            intermediate product rounded to bfloat16; float32 updates). Meant for
+            hardware with bfloat16 matmul units (on a CPU without them it was not
+            faster); the update's relative error was 1e-2 to 3e-2 (README, "Cost of
+            a step").
             Defaults to `"float32"`.
         conv_location_stride: int >= 1; convolution layers' statistics use the
             output locations on a grid of this stride along each spatial axis (the
             im2col rows of a statistics step shrink by about `stride^2` for a 2-D
-            convolution), rescaled to estimate the sums over all locations. `1`
-            uses every location. Its effect on the approximation error: README,
+            convolution), rescaled to estimate the sums over all locations; the
+            grid's offsets differ between the examples of a batch and move at
+            every statistics step. `1` uses every location. Its effect on the approximation error: README,
             "Cost of a step". Defaults to `1`.
         split_inverses: bool; under a `tf.distribute` strategy, each replica
             inverts about `1/R` of the factors (balanced by `d^3`) and the results

@@ -269,9 +269,8 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
     Layers whose `(L^{-1}, G, R^{-1})` have the same shapes are stacked and
     multiplied by one batched matmul. The products run in `dtype` (`bfloat16`
     halves the bytes moved and uses the low-precision matmul units where there
-    are some: each factor is rounded to 8 significant bits, the sums are
-    accumulated in float32 by oneDNN and cuBLAS) and the updates are returned in
-    the gradients' dtype.
+    are some; every operand and the intermediate product `G R^{-1}` are rounded
+    to 8 significant bits) and the updates are returned in the gradients' dtype.
 
     Args:
         left_inverses: list of `L^{-1}`, one per layer.
