@@ -2,8 +2,8 @@
 
 On symmetric positive-definite matrices of the MLP's and the deep autoencoder's factor
 sizes (`benchmark.py`'s problems: 1001, 1000, 785, 784, 513, 512, 501, 500, 251, 250,
-31, 30, 11, 10, damped by 1e-3: condition numbers up to ~3e3), times the inversion of all of
-them, round after round with the methods interleaved (medians reported), and the
+31, 30, 11, 10, damped by 1e-3: condition numbers up to ~3e3), times the inversion
+of all of them, round after round with the methods interleaved (medians reported), and the
 largest relative Frobenius error against float64 numpy:
 
 - Cholesky and `cholesky_solve` with the identity (the package's method),
