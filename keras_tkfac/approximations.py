@@ -47,6 +47,20 @@ _COMMON_ARGS = """
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
+        precondition_dtype: `"float32"` or `"bfloat16"`, the precision of the
+            preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and the
+            intermediate product rounded to bfloat16; float32 updates). Meant for
+            hardware with bfloat16 matmul units (on a CPU without them it was not
+            faster); the update's relative error was 1e-2 to 3e-2 (README, "Cost of
+            a step").
+            Defaults to `"float32"`.
+        conv_location_stride: int >= 1; convolution layers' statistics use the
+            output locations on a grid of this stride along each spatial axis (the
+            im2col rows of a statistics step shrink by about `stride^2` for a 2-D
+            convolution), rescaled to estimate the sums over all locations; the
+            grid's offsets differ between the examples of a batch and move at
+            every statistics step. `1` uses every location. Its effect on the approximation error: README,
+            "Cost of a step". Defaults to `1`.
         split_inverses: bool; under a `tf.distribute` strategy, each replica
             inverts about `1/R` of the factors (balanced by `d^3`) and the results
             are shared with one all-reduce. Defaults to `True`.
@@ -156,6 +170,8 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_floor=1e-3,
         trace_damping_scale=100.0,
         inverse_dtype="float32",
+        precondition_dtype="float32",
+        conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
@@ -180,6 +196,8 @@ class TKFAC(CurvatureOptimizer):
             step_control=step_control,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            precondition_dtype=precondition_dtype,
+            conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
             fallback=fallback,
@@ -262,6 +280,8 @@ class KFAC(CurvatureOptimizer):
         step_control="graft",
         fisher="true",
         inverse_dtype="float32",
+        precondition_dtype="float32",
+        conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
         fallback="adam",
@@ -282,6 +302,8 @@ class KFAC(CurvatureOptimizer):
             step_control=step_control,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            precondition_dtype=precondition_dtype,
+            conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
             fallback=fallback,

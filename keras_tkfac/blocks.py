@@ -278,6 +278,96 @@ class ConvBlock(CurvatureBlock):
         return self._with_bias(a), g
 
 
+    def sampled_rows(self, inputs, output_grads, stride, phase=0):
+        """`rows` at every `stride`-th output location along each spatial axis.
+
+        For cheaper statistics (`conv_location_stride`): patches are extracted only
+        on grids of output locations, every `stride`-th along each spatial axis
+        (every location of an axis shorter than `stride`). A grid's offsets are
+        the digits of its phase in the mixed radix of the axes' steps, and the
+        `cycle` phases visit every location once. Example `n` of the batch takes
+        phase `phase + n`, so that every batch covers all phases: one fixed grid
+        would be biased (behind a stride-2 consumer the gradients at even and odd
+        locations differ systematically), and moving one grid at each statistics
+        step would leave each step's estimate biased. The input rows are scaled by
+        `sqrt(locations / sampled locations)`, so that sums over rows that are
+        quadratic in `a` (TKFAC's `delta`, `n_phi`, `n_psi`, K-FAC's `A`) estimate
+        the sums over all locations. Grid points past the edge (when an output size
+        is not a multiple of `stride`) are rows of zeros, which add nothing to those
+        sums but count in K-FAC's mean `G`.
+
+        Args:
+            inputs: the layer's input, as `rows` takes it.
+            output_grads: the gradients with respect to its pre-activation output.
+            stride: int >= 1, the grid's step along each spatial axis.
+            phase: integer or integer scalar tensor, the phase of example 0.
+
+        Returns:
+            `(a, g)` rows as `rows` returns them, grouped by phase.
+        """
+        if stride == 1:
+            return self.rows(inputs, output_grads)
+        inputs = _channels_last(inputs, self._data_format)
+        inputs, padding = self._causal_padding(inputs, "channels_last")
+        output_grads = _channels_last(output_grads, self._data_format)
+        steps = [min(stride, out) for out in output_grads.shape[1:-1]]
+        cycle = 1
+        for step in steps:
+            cycle *= step
+        phase = tf.cast(phase, tf.int32)
+        parts = [self._grid_rows(inputs[p::cycle], output_grads[p::cycle], steps,
+                                 padding, phase + p) for p in range(cycle)]
+        return tuple(tf.concat(rows, 0) for rows in zip(*parts))
+
+    def _grid_rows(self, inputs, output_grads, steps, padding, phase):
+        """The rows of one grid of `sampled_rows` (channels_last tensors)."""
+        pads, g_pads, begins, g_begins, sizes, g_sizes, masks = [], [], [], [], [], [], []
+        total, radix = 1, 1
+        for out, size, k, s, r, step in zip(
+            output_grads.shape[1:-1], inputs.shape[1:-1], self.layer.kernel_size,
+            self.layer.strides, self.layer.dilation_rate, steps,
+        ):
+            extent = (k - 1) * r + 1
+            count = -(-out // step)
+            # The padding of the layer's own convolution (TensorFlow's "same"), and
+            # room for the grid of `count` points at the largest offset.
+            pad = max((out - 1) * s + extent - size, 0) if padding == "same" else 0
+            needed = (step - 1) * s + (count - 1) * step * s + extent
+            pads.append([pad // 2, max(needed - size - pad // 2, pad - pad // 2)])
+            g_pads.append([0, max((step - 1) + (count - 1) * step + 1 - out, 0)])
+            offset = (phase // radix) % step
+            radix *= step
+            begins.append(offset * s)
+            sizes.append((count - 1) * step * s + extent)
+            g_begins.append(offset)
+            g_sizes.append((count - 1) * step + 1)
+            masks.append(tf.range(count) * step + offset < out)
+            total *= out
+        x = tf.pad(inputs, [[0, 0], *pads, [0, 0]])
+        x = tf.slice(x, [0, *begins, 0], [-1, *sizes, -1])
+        patches = _patches(x, self.layer.kernel_size,
+                           [s * step for s, step in zip(self.layer.strides, steps)],
+                           self.layer.dilation_rate, "valid")
+        g = tf.pad(output_grads, [[0, 0], *g_pads, [0, 0]])
+        g = tf.slice(g, [0, *g_begins, 0], [-1, *g_sizes, -1])
+        g = g[(slice(None), *[slice(None, None, step) for step in steps])]
+        valid = masks[0]
+        for mask in masks[1:]:
+            valid = tf.logical_and(valid[..., None], mask)
+        scale = tf.sqrt(total / tf.reduce_sum(tf.cast(valid, tf.float32)))
+        valid = tf.cast(valid, patches.dtype)[..., None]
+        # One weight per row: 0 past the edge, the rescaling elsewhere.
+        weight = tf.ones_like(patches[..., :1]) * valid * tf.cast(scale, patches.dtype)
+        g = g * tf.cast(valid, g.dtype)
+        if self.groups > 1:
+            a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
+                            self.bias is not None)
+            return (a * tf.reshape(weight, [-1, 1, 1]),
+                    tf.reshape(g, [-1, self.groups, self.d_out]))
+        a = self._with_bias(tf.reshape(patches, [-1, self.kernel_rows()]))
+        return a * tf.reshape(weight, [-1, 1]), tf.reshape(g, [-1, self.d_out])
+
+
 class ConvTransposeBlock(CurvatureBlock):
     """`keras.layers.Conv1DTranspose`, `Conv2DTranspose` and `Conv3DTranspose`.
 

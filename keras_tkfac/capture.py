@@ -76,7 +76,7 @@ class Recording:
         """Every recorded `s`, flattened in block order."""
         return [s for block in self.blocks for _, s in self.calls(block)]
 
-    def rows(self, output_grads, layers=None):
+    def rows(self, output_grads, layers=None, location_stride=1, location_phase=0):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
@@ -84,6 +84,11 @@ class Recording:
                 entries (a call that does not reach the loss) count as zeros.
             layers: optional set of `id(layer)`; other blocks get `None` (their
                 rows, e.g. im2col patches, are not built).
+            location_stride: blocks with a `sampled_rows` method (convolutions)
+                give the rows of every `location_stride`-th output location along
+                each spatial axis. Defaults to `1` (all locations).
+            location_phase: the grid's offsets (`ConvBlock.sampled_rows`); an
+                integer or an integer scalar tensor. Defaults to `0`.
 
         Returns:
             A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
@@ -103,7 +108,11 @@ class Recording:
                 position += 1
                 if grad is None:
                     grad = tf.zeros_like(s)
-                a, g = block.rows(inputs, grad)
+                if location_stride > 1 and hasattr(block, "sampled_rows"):
+                    a, g = block.sampled_rows(inputs, grad, location_stride,
+                                              location_phase)
+                else:
+                    a, g = block.rows(inputs, grad)
                 a_parts.append(a)
                 g_parts.append(g)
             if not a_parts:

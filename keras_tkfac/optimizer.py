@@ -27,6 +27,7 @@ _Slot = collections.namedtuple(
 )
 
 _INVERSE_DTYPES = ("float32", "float64")
+_PRECONDITION_DTYPES = ("float32", "bfloat16")
 
 
 def _inverse(matrices, dtype):
@@ -150,6 +151,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         step_control,
         fisher,
         inverse_dtype,
+        precondition_dtype,
+        conv_location_stride,
         split_inverses,
         max_factor_dim,
         fallback,
@@ -176,6 +179,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             validation.check_real("kl_clip", kl_clip, low=0.0, low_open=True)
         validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
         validation.check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
+        validation.check_choice("precondition_dtype", precondition_dtype,
+                                _PRECONDITION_DTYPES)
+        validation.check_int("conv_location_stride", conv_location_stride)
         validation.check_choice("split_inverses", split_inverses, (True, False))
         validation.check_int("max_factor_dim", max_factor_dim)
         validation.check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
@@ -193,6 +199,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.step_control = step_control
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
+        self.precondition_dtype = precondition_dtype
+        self.conv_location_stride = int(conv_location_stride)
         self.split_inverses = bool(split_inverses)
         self.max_factor_dim = int(max_factor_dim)
         self._partner = partner_lib.Partner(fallback, fallback_lr_ratio, momentum)
@@ -439,8 +447,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 output_gradients=[c * tf.cast(scale, c.dtype) for c in cotangents],
             )
             wanted = {id(slot.block.layer) for slot in slots}
+            # Sampled conv locations: the grid moves on at each statistics step.
+            phase = step // self.factor_update_freq
             rows = dict(zip([id(b.layer) for b in recording.blocks],
-                            recording.rows(grads, wanted)))
+                            recording.rows(grads, wanted, self.conv_location_stride,
+                                           phase)))
             # Sums over this replica's examples; one SUM all-reduce and a division
             # by the global count give the mean over all examples of all replicas.
             count = tf.cast(num_examples, tf.float32)
@@ -540,7 +551,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _precondition(self, grads, variables, learning_rate):
         position = {self._var_key(v): i for i, v in enumerate(variables)}
-        used = []
+        found = []
         for slot in self._slots:
             k = position.get(slot.kernel_key)
             b = position.get(slot.bias_key) if slot.bias_key is not None else None
@@ -550,10 +561,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 tf.cast(grads[k], tf.float32),
                 None if b is None else tf.cast(grads[b], tf.float32),
             )
-            update = self._math(ops.precondition)(
-                slot.inverses[0].value, grad, slot.inverses[1].value
-            )
-            used.append((slot, k, b, grad, update))
+            found.append((slot, k, b, grad))
+        updates = self._math(ops.precondition_many)(
+            [slot.inverses[0].value for slot, *_ in found],
+            [grad for *_, grad in found],
+            [slot.inverses[1].value for slot, *_ in found],
+            self.precondition_dtype,
+        ) if found else []
+        used = [(*item, update) for item, update in zip(found, updates)]
         if not used:
             return grads
         if step_size.uses_moments(self.step_control):
@@ -667,6 +682,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "step_control": self.step_control,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
+                "precondition_dtype": self.precondition_dtype,
+                "conv_location_stride": self.conv_location_stride,
                 "split_inverses": self.split_inverses,
                 "max_factor_dim": self.max_factor_dim,
                 "fallback": self._partner.get_config(),

@@ -188,6 +188,72 @@ def test_tkfac_statistics_against_location_uncorrelated_fisher(case):
                                    rtol=1e-10)
 
 
+SAMPLED = {
+    "conv2d_same": ((7, 6, 2), lambda: L.Conv2D(3, 3, padding="same")),
+    "conv2d_same_stride2_even": ((8, 8, 2), lambda: L.Conv2D(3, 3, strides=2,
+                                                             padding="same")),
+    "conv2d_same_stride2_odd_1x1": ((7, 9, 2), lambda: L.Conv2D(3, 1, strides=2,
+                                                                padding="same")),
+    "conv2d_valid_dilated": ((9, 8, 2), lambda: L.Conv2D(2, 3, dilation_rate=2)),
+    "conv2d_same_dilated_stride1": ((6, 7, 2), lambda: L.Conv2D(
+        2, 3, dilation_rate=(2, 1), padding="same", use_bias=False)),
+    "conv1d_same_stride2": ((9, 3), lambda: L.Conv1D(2, 3, strides=2, padding="same")),
+    **{case: CASES[case][:2] for case in CASES
+       if not case.startswith(("transpose", "depthwise"))},
+}
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("case", sorted(SAMPLED))
+def test_sampled_rows_are_the_rows_at_sampled_locations(case, stride):
+    shape, make_layer = SAMPLED[case]
+    keras.utils.set_random_seed(0)
+    layer = make_layer()
+    model = keras_tkfac.wrap(keras.Sequential([keras.Input(shape), layer]))
+    block = model.blocks[0]
+    rng = np.random.default_rng(5)
+    batch = 5
+    x = tf.constant(rng.normal(size=(batch, *shape)), tf.float32)
+    grads = tf.constant(rng.normal(size=(batch, *layer.output.shape[1:])), tf.float32)
+    a, g = (t.numpy() for t in block.rows(x, grads))
+    spatial = layer.output.shape[1:-1]
+    if block.layer.data_format == "channels_first":
+        spatial = layer.output.shape[2:]
+    a = a.reshape(batch, *spatial, *a.shape[1:])
+    g = g.reshape(batch, *spatial, *g.shape[1:])
+    steps = [min(stride, n) for n in spatial]
+    counts = [-(-n // step) for n, step in zip(spatial, steps)]
+    cycle = int(np.prod(steps))
+    seen = np.zeros((batch, *spatial))
+    for phase in range(cycle):
+        sampled_a, sampled_g = (t.numpy() for t in block.sampled_rows(
+            x, grads, stride, tf.constant(phase)))
+        # Rows come grouped by phase: examples p, p + cycle, ... take phase + p.
+        order = [n for p in range(cycle) for n in range(p, batch, cycle)]
+        sampled_a = sampled_a.reshape(batch, *counts, *a.shape[1 + len(spatial):])
+        sampled_g = sampled_g.reshape(batch, *counts, *g.shape[1 + len(spatial):])
+        for row, n in enumerate(order):
+            own = (phase + n % cycle) % cycle
+            offsets = [(own // int(np.prod(steps[:i]))) % steps[i]
+                       for i in range(len(spatial))]
+            picks = tuple(slice(o, None, step) for o, step in zip(offsets, steps))
+            sizes = [len(range(o, m, step))
+                     for o, m, step in zip(offsets, spatial, steps)]
+            inside = tuple(slice(0, size) for size in sizes)
+            scale = np.sqrt(np.prod(spatial) / np.prod(sizes))
+            np.testing.assert_allclose(sampled_g[row][inside], g[n][picks])
+            np.testing.assert_allclose(sampled_a[row][inside], scale * a[n][picks],
+                                       rtol=1e-6)
+            # Points past the edge are rows of zeros.
+            edge_a, edge_g = sampled_a[row].copy(), sampled_g[row].copy()
+            edge_a[inside] = 0
+            edge_g[inside] = 0
+            assert not edge_a.any() and not edge_g.any()
+            seen[n][picks] += 1
+    # Over a cycle of phases every location of every example is visited once.
+    np.testing.assert_array_equal(seen, 1)
+
+
 SINGLE_ROW = {
     # One input location: the transposed convolution has one row per example.
     "transpose": ((1, 1, 2), lambda: L.Conv2DTranspose(2, 3, strides=2,
@@ -251,6 +317,23 @@ def _conv_data(n=128):
     y = (x[:, 0].mean(axis=(1, 2)) > 0).astype("int32") + (
         x[:, 3].mean(axis=(1, 2)) > 0.1).astype("int32")
     return x, y
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_sampled_locations_give_factors_of_the_same_scale_and_train(cls):
+    x, y = _conv_data()
+    traces = []
+    for stride in (1, 2):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(_conv_model())
+        model.compile(optimizer=cls(seed=0, conv_location_stride=stride), loss=LOSS)
+        losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
+        assert losses[-1] < 0.8 * losses[0]
+        slot = model.optimizer._slots[0]  # the grouped Conv2D
+        traces.append(float(model.optimizer._trace(
+            [f.value / model.optimizer._factor_weight[0] for f in slot.factors])))
+    # The sampled sums estimate the sums over all locations: same order of magnitude.
+    assert 0.5 < traces[1] / traces[0] < 2.0, traces
 
 
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])

@@ -99,6 +99,19 @@ def test_benchmark_smoke(problem, names, tmp_path):
     assert (tmp_path / f"benchmark_{problem}.png").stat().st_size > 0
 
 
+def test_step_costs_smoke(tmp_path):
+    out = tmp_path / "costs.md"
+    result = _run("tools/step_costs.py", "--smoke", "--problem=mlp",
+                  f"--out={out}", '--configs={"TKFAC": {"conv_location_stride": 2}, '
+                  '"TKFAC bf16": {"precondition_dtype": "bfloat16"}}')
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| TKFAC")]
+    assert len(rows) == 2
+    # The bfloat16 update is within the stated 1e-2..3e-2 of float32, and not equal.
+    assert 0 < float(rows[1][-1].strip(" |")) < 0.1
+
+
 def test_fisher_report_smoke(tmp_path):
     result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-5000:]

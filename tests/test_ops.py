@@ -102,6 +102,53 @@ def test_tkfac_preconditioning_equals_kronecker_solve(damping):
     assert np.linalg.eigvalsh(np.kron(ref_left, ref_right)).min() >= damping * 0.999
 
 
+def _damped_problem(d_in, d_out, damping, seed):
+    """float32 inverses of a TKFAC block, its numpy oracle and a gradient."""
+    a, g, _ = _rows(num_examples=40, d_in=d_in, d_out=d_out, seed=seed)
+    grad = np.random.default_rng(seed + 1).normal(size=(d_in, d_out))
+    delta, n_phi, n_psi = ops.tkfac_statistics(
+        tf.constant(a, tf.float32), tf.constant(g, tf.float32), 40)
+    phi_hat, psi_hat = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+    left_inv, _ = ops.symmetric_inverse(phi_hat)
+    right_inv, _ = ops.symmetric_inverse(psi_hat)
+    ref_left, ref_right = helpers.tkfac_damped_numpy(
+        *helpers.tkfac_numpy(a, g, 40), damping)
+    expected = helpers.kron_solve(ref_left, ref_right, grad)
+    return left_inv, tf.constant(grad, tf.float32), right_inv, expected
+
+
+def test_precondition_many_batches_equal_shapes_and_keeps_order():
+    # Two layers of one shape (one batched product), one of another, one diagonal.
+    problems = [_damped_problem(6, 4, 0.1, seed) for seed in (0, 1)]
+    problems.append(_damped_problem(3, 5, 0.1, 2))
+    lefts, grads, rights, expected = (list(x) for x in zip(*problems))
+    lefts.append(tf.constant([2.0, 4.0, 8.0]))  # the diagonal of L^-1
+    grads.append(tf.ones([3, 2]))
+    rights.append(tf.eye(2) * 0.5)
+    expected.append(np.array([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]))
+    updates = ops.precondition_many(lefts, grads, rights)
+    for i, (update, want) in enumerate(zip(updates, expected)):
+        single = ops.precondition(lefts[i], grads[i], rights[i])
+        np.testing.assert_allclose(update.numpy(), single.numpy(), rtol=1e-6, atol=0)
+        np.testing.assert_allclose(update.numpy(), want,
+                                   atol=1e-4 * np.abs(want).max())
+
+
+def test_bfloat16_preconditioning_is_close_to_kronecker_solve():
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operand);
+    # the product sums over d_in and d_out terms, so the update's relative error
+    # (Frobenius) stays within a few times that: 1e-2 is the stated tolerance.
+    for d_in, d_out, seed in ((30, 20, 0), (65, 10, 3)):
+        left, grad, right, expected = _damped_problem(d_in, d_out, 1e-2, seed)
+        (update,) = ops.precondition_many([left], [grad], [right], tf.bfloat16)
+        assert update.dtype == tf.float32
+        error = np.linalg.norm(update.numpy() - expected) / np.linalg.norm(expected)
+        assert error < 1e-2, error
+        (exact,) = ops.precondition_many([left], [grad], [right])
+        exact_error = np.linalg.norm(exact.numpy() - expected) / np.linalg.norm(expected)
+        assert exact_error < 1e-4 < error
+
+
 def test_trace_relative_damping_preconditioning_equals_kronecker_solve():
     a, g, _ = _rows(num_examples=4, locations=9, d_in=6, d_out=3)
     grad = np.random.default_rng(4).normal(size=(6, 3))

@@ -246,6 +246,8 @@ BAD_ARGUMENTS = [
     ("kl_clip", 0.0),
     ("fisher", "exact"),
     ("inverse_dtype", "float16"),
+    ("precondition_dtype", "float16"),
+    ("conv_location_stride", 0),
     ("seed", -3),
 ]
 
@@ -270,7 +272,8 @@ def test_get_config_round_trip(cls):
         learning_rate=keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9),
         damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5),
         momentum=0.5, factor_decay=0.9, factor_update_freq=2, inverse_update_freq=4,
-        kl_clip=None, fisher="empirical", inverse_dtype="float64", seed=11,
+        kl_clip=None, fisher="empirical", inverse_dtype="float64",
+        precondition_dtype="bfloat16", conv_location_stride=2, seed=11,
         weight_decay=1e-4,
     )
     config = optimizer.get_config()

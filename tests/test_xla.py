@@ -107,3 +107,26 @@ def test_jit_compile_with_the_true_fisher_trains_like_without():
     plain = _fit(tf.distribute.get_strategy(), False, fisher="true")
     for a, b in zip(plain.weights, compiled.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_jit_compile_with_sampled_conv_locations_and_bfloat16_matches_eager():
+    # The grid's phase moves the slices at every statistics step: shapes stay
+    # static, so XLA compiles one step for every phase.
+    x = np.random.default_rng(0).normal(size=(32, 6, 7, 2)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, size=(32,)).astype("int32")
+    weights = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((6, 7, 2)), keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.Flatten(), keras.layers.Dense(3)]))
+        model.compile(optimizer=keras_tkfac.TKFAC(
+            conv_location_stride=2, precondition_dtype="bfloat16",
+            factor_update_freq=1, inverse_update_freq=2, seed=0),
+            loss=LOSS, jit_compile=jit_compile)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        assert np.all(np.isfinite(b))
+        # bfloat16 products may round differently once XLA fuses them.
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-3)

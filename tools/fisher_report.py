@@ -14,9 +14,14 @@ statistics (`keras_tkfac.record` and `keras_tkfac.ops`): TKFAC `delta Phi ⊗ Ps
 approximations assume that gradients at distinct locations are uncorrelated; `F` does
 not.
 
+With `--location_stride=s`, TKFAC is also built from the convolution rows of one
+statistics step with `conv_location_stride=s` (grid phase 0; the optimizer moves the
+grid at every statistics step, and its moving average covers every location).
+
 Writes `<output_dir>/fisher_report_<model>.md` (also printed) and `.png`.
 
     python tools/fisher_report.py [--model=cnn] [--at_steps=0,300] [--smoke]
+        [--location_stride=2]
 """
 
 import os
@@ -43,8 +48,17 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Training batch size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batch order.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results", "Output directory.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Steps 0 and 20, 100 examples.")
+_LOCATION_STRIDE = flags.DEFINE_integer(
+    "location_stride", 1, "With n > 1, also TKFAC from convolution statistics at every "
+    "n-th output location per spatial axis (the optimizer's conv_location_stride).",
+)
 
 _NAMES = ("TKFAC", "KFAC", "diagonal")
+
+
+def _names():
+    stride = _LOCATION_STRIDE.value
+    return _NAMES + ((f"TKFAC stride {stride}, one step",) if stride > 1 else ())
 
 
 def _model(input_shape, classes):
@@ -90,22 +104,31 @@ def _approximations(wrapped, x, probs):
     with tf.GradientTape(persistent=True) as tape:
         with keras_tkfac.record(wrapped) as recording:
             logits = wrapped(x, training=False)
-    rows = []
+    stride = _LOCATION_STRIDE.value
+    rows, sampled = [], []
     for c in range(probs.shape[1]):
         # d(-log p_c)/d logits = p - e_c, weighted so that rows sum over classes.
         cotangent = np.sqrt(probs[:, c:c + 1]) * (probs - np.eye(probs.shape[1])[c])
         cotangent = cotangent.astype(np.float32)
         grads = tape.gradient(logits, recording.outputs(), output_gradients=cotangent)
         rows.append(recording.rows(grads))
-    result = []
-    for i in range(len(recording.blocks)):
-        a = tf.concat([r[i][0] for r in rows], 0)
-        g = tf.concat([r[i][1] for r in rows], 0)
+        if stride > 1:
+            sampled.append(recording.rows(grads, location_stride=stride))
+
+    def tkfac(parts, i):
+        a = tf.concat([r[i][0] for r in parts], 0)
+        g = tf.concat([r[i][1] for r in parts], 0)
         delta, n_phi, n_psi = (t.numpy().astype(np.float64)
                                for t in ops.tkfac_statistics(a, g, len(x)))
+        return np.kron(n_phi, n_psi) / delta, a, g
+
+    result = []
+    for i in range(len(recording.blocks)):
+        product, a, g = tkfac(rows, i)
         a_factor, g_factor = (t.numpy().astype(np.float64)
                               for t in ops.kfac_statistics(a, g, len(x)))
-        result.append((np.kron(n_phi, n_psi) / delta, np.kron(a_factor, g_factor)))
+        extra = (tkfac(sampled, i)[0],) if stride > 1 else ()
+        result.append((product, np.kron(a_factor, g_factor), *extra))
     return result
 
 
@@ -116,9 +139,9 @@ def _report(wrapped, x, step):
     probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
     exact = _exact_fishers(wrapped.model, wrapped.blocks, x, probs)
     rows = []
-    for block, fisher, (tkfac, kfac) in zip(
+    for block, fisher, (tkfac, kfac, *sampled) in zip(
             wrapped.blocks, exact, _approximations(wrapped, x, probs)):
-        approx = (tkfac, kfac, np.diag(np.diag(fisher)))
+        approx = (tkfac, kfac, np.diag(np.diag(fisher)), *sampled)
         norm, trace = np.linalg.norm(fisher), np.trace(fisher)
         rows.append((step, block.name, f"{block.d_in}×{block.d_out}",
                      *(np.linalg.norm(f - fisher) / norm for f in approx),
@@ -133,15 +156,17 @@ def _plot(rows, path):
     for ax, step in zip(axes, steps):
         layers = [r for r in rows if r[0] == step]
         positions = np.arange(len(layers))
-        for j, name in enumerate(_NAMES):
-            ax.bar(positions + (j - 1) * 0.27, [r[3 + j] for r in layers], 0.27,
-                   label=name)
+        names = _names()
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            ax.bar(positions + (j - (len(names) - 1) / 2) * width,
+                   [r[3 + j] for r in layers], width, label=name)
         ax.set_xticks(positions, [f"{r[1]}\n{r[2]}" for r in layers], fontsize=8)
         ax.set(title=f"after {step} steps", ylim=(0, None))
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set(ylabel="relative Frobenius error |F~ - F| / |F|")
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-                  ncols=len(_NAMES))
+                  ncols=len(_names()))
     figure.savefig(path, dpi=110)
 
 
@@ -173,10 +198,11 @@ def main(argv):
         rows.extend(_report(wrapped, x, step))
     loss = wrapped.evaluate(data.x_train, data.y_train, batch_size=1000, verbose=0)
     closer = sum(r[3] < r[4] for r in rows)
+    names = _names()
     header = ("| step | layer | d_in'×d_out | " + " | ".join(
-        f"{name} error" for name in _NAMES) + " | " + " | ".join(
-        f"{name} trace ratio" for name in _NAMES) + " |")
-    table = [header, "|---:|---|---|" + "---:|" * 6]
+        f"{name} error" for name in names) + " | " + " | ".join(
+        f"{name} trace ratio" for name in names) + " |")
+    table = [header, "|---:|---|---|" + "---:|" * (2 * len(names))]
     table += ["| " + " | ".join([str(r[0]), r[1], r[2]] + [f"{v:.3g}" for v in r[3:]])
               + " |" for r in rows]
     report = "\n".join([
