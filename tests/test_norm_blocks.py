@@ -1,5 +1,8 @@
 """LayerNormalization and BatchNormalization: per-channel scale-and-shift blocks.
 
+The blocks are off by default (`keras_tkfac.register_normalization_blocks()`); every
+test here registers them.
+
 Per channel `c` the layer computes `y = gamma_c * xhat + beta_c`, so each channel is a
 dense layer with input row `[xhat, 1]` and one output. The oracles are Keras's own
 gradients (summed and per example), the exact per-channel Fisher built from them, and
@@ -17,6 +20,25 @@ from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 L = keras.layers
+
+
+@pytest.fixture(autouse=True)
+def normalization_blocks(monkeypatch):
+    """The blocks are off by default; register them for this module only."""
+    for layer_class, block_class in blocks.NORMALIZATION_BLOCKS.items():
+        monkeypatch.setitem(blocks.BLOCKS, layer_class, block_class)
+
+
+def test_off_by_default_and_registered_on_request(monkeypatch):
+    for layer_class in blocks.NORMALIZATION_BLOCKS:
+        monkeypatch.delitem(blocks.BLOCKS, layer_class)
+    assert blocks.block_for(L.LayerNormalization()) is None
+    assert blocks.block_for(L.BatchNormalization()) is None
+    keras_tkfac.register_normalization_blocks()
+    assert isinstance(blocks.block_for(L.LayerNormalization()),
+                      blocks.LayerNormalizationBlock)
+    assert isinstance(blocks.block_for(L.BatchNormalization()),
+                      blocks.BatchNormalizationBlock)
 
 # name: (input shape without batch, normalisation layer factory)
 CASES = {

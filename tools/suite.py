@@ -60,7 +60,7 @@ against steps and seconds, one pair of panels per workload).
 
     python tools/suite.py [--workloads=mlp,lstm] [--optimizers=TKFAC,Adam]
         [--steps_scale=0.5] [--tkfac='{"learning_rate": 0.03}'] [--smoke]
-        [--exclude=LayerNormalization,BatchNormalization]
+        [--normalization_blocks] [--exclude=LayerNormalization,BatchNormalization]
 """
 
 import collections
@@ -120,6 +120,10 @@ _EXCLUDE = flags.DEFINE_list(
     "exclude", [], "Layer classes (names in keras.layers) or layer names that "
     "keras_tkfac.wrap leaves to the first-order fallback, e.g. "
     "LayerNormalization,BatchNormalization.",
+)
+_NORMALIZATION_BLOCKS = flags.DEFINE_bool(
+    "normalization_blocks", False, "Precondition LayerNormalization and "
+    "BatchNormalization (keras_tkfac.register_normalization_blocks()).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, weights, batches, samplers.")
 _RUN_EAGERLY = flags.DEFINE_bool(
@@ -702,6 +706,8 @@ def _plain(value):
 def main(argv):
     del argv
     started = time.perf_counter()
+    if _NORMALIZATION_BLOCKS.value:
+        keras_tkfac.register_normalization_blocks()
     # Every run traces new functions; TensorFlow's retracing warnings are expected.
     tf.get_logger().setLevel("ERROR")
     smoke, seed = _SMOKE.value, _SEED.value
