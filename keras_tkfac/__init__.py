@@ -6,10 +6,13 @@ Public API:
 - `TKFAC`, `KFAC`: `keras.optimizers.Optimizer` subclasses.
 - `record(model)`: context manager for custom training loops.
 - `register_block(layer_class, block_class)`: precondition a custom layer kind.
+- `register_normalization_blocks()`: precondition `LayerNormalization` and
+  `BatchNormalization` too (off by default).
 - `CurvatureMonitor`: a callback logging per-layer curvature diagnostics.
 """
 
 from keras_tkfac.blocks import register_block
+from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record
 from keras_tkfac.monitor import CurvatureMonitor
 from keras_tkfac.approximations import KFAC, TKFAC
@@ -24,5 +27,6 @@ __all__ = [
     "TKFAC",
     "record",
     "register_block",
+    "register_normalization_blocks",
     "wrap",
 ]

@@ -1,8 +1,9 @@
 """Recording of each covered layer's input `a` and pre-activation output `s`.
 
 `install(block)` gives the block's layer a `call` that, while a `Recording` is active
-in the current thread, computes the pre-activation output itself, records `(a, s)`
-and then applies the layer's fused activation. Outside a recording the layer's own
+in the current thread, lets the block compute and record `(a, s)` (`block.record`:
+for most blocks the layer's input and its pre-activation output, computed by the
+block) and then applies the layer's fused activation. Outside a recording the layer's own
 `call` runs unchanged. Recordings are thread-local because `tf.distribute` traces each
 replica's step in its own thread.
 
@@ -186,8 +187,8 @@ def install(block):
                     layer.name, layer.name,
                 )
             return original(inputs, *args, **kwargs)
-        s = block.preactivation(inputs)
-        recording.add(layer, inputs, s)
+        a, s = block.record(original, inputs, *args, **kwargs)
+        recording.add(layer, a, s)
         return block.activate(s)
 
     recording_call._keras_tkfac_recording = True

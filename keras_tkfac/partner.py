@@ -1,9 +1,10 @@
 """The first-order partner: how variables without a curvature block are updated.
 
-Embeddings that are too large for a block, normalisation scales and offsets, recurrent
-weights and custom layers have no Kronecker-factored curvature. The curvature
-optimizer routes them, once, at `build`, to a first-order partner, as Keras's `Muon`
-routes non-matrix weights to AdamW. The partner's state lives in the curvature
+Embeddings that are too large for a block, normalisation scales and offsets (unless
+`register_normalization_blocks()` gave `LayerNormalization` and `BatchNormalization`
+blocks), recurrent weights and custom layers have no Kronecker-factored curvature. The curvature optimizer routes them, once, at
+`build`, to a first-order partner, as Keras's `Muon` routes non-matrix weights to
+AdamW. The partner's state lives in the curvature
 optimizer's own variables, so `.keras` files, checkpoints, strategies and mixed
 precision treat it like the rest of the optimizer's state.
 

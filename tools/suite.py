@@ -60,6 +60,7 @@ against steps and seconds, one pair of panels per workload).
 
     python tools/suite.py [--workloads=mlp,lstm] [--optimizers=TKFAC,Adam]
         [--steps_scale=0.5] [--tkfac='{"learning_rate": 0.03}'] [--smoke]
+        [--normalization_blocks] [--exclude=LayerNormalization,BatchNormalization]
 """
 
 import collections
@@ -114,6 +115,15 @@ _KFAC = flags.DEFINE_string("kfac", "{}", "KFAC keyword arguments as JSON.")
 _GRID = flags.DEFINE_string(
     "grid", None, 'JSON replacing grids, e.g. \'{"Adam": {"learning_rate": [3e-3]}, '
     '"TKFAC": {"damping": [0.01, 0.1]}}\' (on top of --tkfac/--kfac).',
+)
+_EXCLUDE = flags.DEFINE_list(
+    "exclude", [], "Layer classes (names in keras.layers) or layer names that "
+    "keras_tkfac.wrap leaves to the first-order fallback, e.g. "
+    "LayerNormalization,BatchNormalization.",
+)
+_NORMALIZATION_BLOCKS = flags.DEFINE_bool(
+    "normalization_blocks", False, "Precondition LayerNormalization and "
+    "BatchNormalization (keras_tkfac.register_normalization_blocks()).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, weights, batches, samplers.")
 _RUN_EAGERLY = flags.DEFINE_bool(
@@ -450,11 +460,16 @@ def _make_optimizer(name, config, seed):
     return getattr(keras.optimizers, name)(**config)
 
 
+def _excluded():
+    """`--exclude` as `wrap`'s argument: `keras.layers` classes, else layer names."""
+    return tuple(getattr(layers, e, e) for e in _EXCLUDE.value)
+
+
 def _train(workload_name, workload, weights, name, config, steps, seed):
     keras.utils.set_random_seed(seed)  # The same dropout seeds in every run.
     model = workload.build()
     model.set_weights(weights)
-    wrapped = keras_tkfac.wrap(model)
+    wrapped = keras_tkfac.wrap(model, exclude=_excluded())
     recorder = benchlib.Recorder(
         _evaluator(wrapped, workload), workload.eval_every, stop_on_nonfinite=True)
     status = "ok"
@@ -691,6 +706,8 @@ def _plain(value):
 def main(argv):
     del argv
     started = time.perf_counter()
+    if _NORMALIZATION_BLOCKS.value:
+        keras_tkfac.register_normalization_blocks()
     # Every run traces new functions; TensorFlow's retracing warnings are expected.
     tf.get_logger().setLevel("ERROR")
     smoke, seed = _SMOKE.value, _SEED.value
