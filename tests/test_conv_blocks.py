@@ -326,7 +326,8 @@ def test_sampled_locations_give_factors_of_the_same_scale_and_train(cls):
     for stride in (1, 2):
         keras.utils.set_random_seed(0)
         model = keras_tkfac.wrap(_conv_model())
-        model.compile(optimizer=cls(seed=0, conv_location_stride=stride), loss=LOSS)
+        model.compile(optimizer=cls(seed=0, conv_location_stride=stride,
+                                         step_control="trust_region"), loss=LOSS)
         losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
         assert losses[-1] < 0.8 * losses[0]
         slot = model.optimizer._slots[0]  # the grouped Conv2D
@@ -341,7 +342,7 @@ def test_model_with_new_blocks_trains(cls):
     x, y = _conv_data()
     model = keras_tkfac.wrap(_conv_model())
     assert [b.name for b in model.blocks] == ["grouped", "transpose", "classifier"]
-    model.compile(optimizer=cls(seed=0), loss=LOSS)
+    model.compile(optimizer=cls(seed=0, step_control="trust_region"), loss=LOSS)
     losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
     assert losses[-1] < 0.8 * losses[0]
     optimizer = model.optimizer

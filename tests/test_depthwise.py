@@ -79,7 +79,8 @@ def test_depthwise_model_trains(cls):
     x = rng.normal(size=(128, 6, 7, 3)).astype("float32")
     y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype("int32")
     model = _model()
-    model.compile(optimizer=cls(seed=0), loss=LOSS, metrics=["accuracy"])
+    model.compile(optimizer=cls(seed=0, step_control="trust_region"), loss=LOSS,
+                  metrics=["accuracy"])
     history = model.fit(x, y, batch_size=32, epochs=10, verbose=0)
     assert history.history["accuracy"][-1] > 0.9
     assert model.optimizer._slots[0].inverses[0].shape == (3, 10, 10)

@@ -107,7 +107,8 @@ def test_partner_under_mirrored_strategy_matches_one_device(mirrored):
 def test_true_fisher_under_mirrored_strategy_keeps_replicas_identical(mirrored):
     x, y = _data((8,), n=256)
     model = _train(mirrored, _mlp, x, y,
-                   lambda: keras_tkfac.TKFAC(seed=0), epochs=4)
+                   lambda: keras_tkfac.TKFAC(seed=0, step_control="trust_region"),
+                   epochs=4)
     _assert_identical_on_replicas(model)
     assert model.evaluate(x, y, verbose=0) < 1.0
 

@@ -85,7 +85,8 @@ def test_embedding_model_trains_without_a_vocab_squared_factor(cls):
     # How many of the 5 tokens are among the first 3 ids (0, 1, 2+): a bag of words.
     y = np.minimum((x < 3).sum(axis=1), 2).astype("int32")
     model = _model()
-    model.compile(optimizer=cls(seed=0), loss=LOSS, metrics=["accuracy"])
+    model.compile(optimizer=cls(seed=0, step_control="trust_region"), loss=LOSS,
+                  metrics=["accuracy"])
     history = model.fit(x, y, batch_size=64, epochs=15, verbose=0)
     shapes = [tuple(v.shape) for v in model.optimizer.variables]
     assert (VOCAB, VOCAB) not in shapes and (VOCAB,) in shapes

@@ -19,7 +19,8 @@ ONE_STEP = dict(learning_rate=0.5, damping=1e-2, momentum=0.0, factor_decay=0.95
 def _fit(steps=1, batch=16, **optimizer_args):
     x, y = helpers.classification_data(n=16)
     model = keras_tkfac.wrap(helpers.tiny_mlp())
-    optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, **optimizer_args)
+    optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, step_control="trust_region",
+                                  **optimizer_args)
     model.compile(optimizer=optimizer, loss=LOSS)
     model.fit(x, y, batch_size=batch, epochs=steps, shuffle=False, verbose=0)
     return model, x, y
@@ -61,7 +62,7 @@ def test_weight_decay_respects_exclude_from_weight_decay():
     x, y = helpers.classification_data(n=16)
     model = keras_tkfac.wrap(helpers.tiny_mlp())
     optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, weight_decay=0.3,
-                                  **ONE_STEP)
+                                  step_control="trust_region", **ONE_STEP)
     optimizer.exclude_from_weight_decay(var_names=["bias"])
     model.compile(optimizer=optimizer, loss=LOSS)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)

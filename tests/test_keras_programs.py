@@ -294,7 +294,8 @@ def test_optimizers_get_distinct_names(cls):
 def test_raw_tf_variable_in_apply_gradients():
     model = keras_tkfac.wrap(helpers.tiny_mlp())
     extra = tf.Variable(np.ones(3, "float32"))
-    optimizer = keras_tkfac.TKFAC(momentum=0.0, learning_rate=0.5, kl_clip=None, seed=0)
+    optimizer = keras_tkfac.TKFAC(momentum=0.0, learning_rate=0.5, kl_clip=None, seed=0,
+                                  fallback_lr_ratio=0.01)
     x, y = helpers.classification_data(n=8)
     variables = model.trainable_variables + [extra]
     optimizer.attach(model.blocks)

@@ -325,7 +325,7 @@ def test_model_with_norms_trains(norm, cls):
     model = keras_tkfac.wrap(_norm_model(norm))
     names = [b.name for b in model.blocks]
     assert names == ["conv", "norm_seq", "hidden", "norm_vec", "classifier"]
-    model.compile(optimizer=cls(seed=0), loss=LOSS)
+    model.compile(optimizer=cls(seed=0, step_control="trust_region"), loss=LOSS)
     losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history["loss"]
     assert losses[-1] < 0.8 * losses[0]
     optimizer = model.optimizer
