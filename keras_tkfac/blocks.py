@@ -102,6 +102,15 @@ class CurvatureBlock:
         """The layer's output before its fused activation."""
         raise NotImplementedError
 
+    def record_call(self, call, inputs, *args, **kwargs):
+        """One recorded call: `(a, s, outputs)`, `outputs` being the layer's output.
+
+        The default is `record` followed by `activate`; blocks whose output is not
+        a function of `s` alone (recurrent layers) override it.
+        """
+        a, s = self.record(call, inputs, *args, **kwargs)
+        return a, s, self.activate(s)
+
     def rows(self, inputs, output_grads):
         """Turns one call's `(a, g)` into `([rows, d_in'], [rows, d_out])`."""
         raise NotImplementedError
@@ -110,8 +119,9 @@ class CurvatureBlock:
         activation = getattr(self.layer, "activation", None)
         return s if activation is None else activation(s)
 
-    def grad_matrix(self, kernel_grad, bias_grad):
-        """Stacks kernel and bias gradients into `[d_in', d_out]` (`[groups, ...]`)."""
+    def grad_matrix(self, kernel_grad, bias_grad=None):
+        """Stacks the gradients of `variables` (in that order) into `[d_in', d_out]`
+        (`[groups, d_in', d_out]` when `groups > 1`)."""
         kernel_grad = tf.convert_to_tensor(kernel_grad)  # IndexedSlices -> dense
         if self.groups > 1:
             # Keras's grouped kernels end in `[..., groups * d_out]` with each
@@ -128,7 +138,8 @@ class CurvatureBlock:
         return matrix
 
     def split_matrix(self, matrix):
-        """Inverse of `grad_matrix`: `(kernel_update, bias_update or None)`."""
+        """Inverse of `grad_matrix`: one update per variable, `None` for a variable
+        the layer lacks (here `(kernel_update, bias_update or None)`)."""
         n = self.kernel_rows()
         if self.groups > 1:
             # `[groups, rows, d_out]` back to Keras's `[rows, groups * d_out]`.
@@ -451,7 +462,7 @@ class ConvTransposeBlock(CurvatureBlock):
                            self.layer.dilation_rate, self.layer.padding)
         return a, tf.reshape(patches, [-1, self.d_out])
 
-    def grad_matrix(self, kernel_grad, bias_grad):
+    def grad_matrix(self, kernel_grad, bias_grad=None):
         kernel_grad = tf.reshape(tf.convert_to_tensor(kernel_grad),
                                  [self.d_out, self.kernel_rows()])
         return tf.transpose(kernel_grad)
@@ -685,8 +696,10 @@ class ScaleAndShiftBlock(CurvatureBlock):
         return tf.reshape(x, [-1, self.groups])
 
     def rows(self, inputs, output_grads):
-        """`inputs` is what `record` recorded: `(layer input, training, mask)`."""
-        xhat = self._channel_rows(tf.stop_gradient(self.normalized(*inputs)))
+        """`inputs` is what `record` recorded: `(layer input, training, mask)`, or
+        `(xhat,)` when `record` computed it."""
+        xhat = inputs[0] if len(inputs) == 1 else self.normalized(*inputs)
+        xhat = self._channel_rows(tf.stop_gradient(xhat))
         columns = [xhat] if self._gamma is not None else []
         if self._beta is not None:
             columns.append(tf.ones_like(xhat))
@@ -745,6 +758,14 @@ class BatchNormalizationBlock(ScaleAndShiftBlock):
 
     def norm_axes(self, rank):
         return [self.layer.axis % rank]
+
+    def record(self, call, inputs, *args, **kwargs):
+        recorded, outputs = super().record(call, inputs, *args, **kwargs)
+        if getattr(self.layer, "synchronized", False) and tf.distribute.has_strategy():
+            # Synchronized moments all-reduce, which cannot happen inside the
+            # statistics' `tf.cond`: `xhat` is computed with the forward pass.
+            recorded = (tf.stop_gradient(self.normalized(*recorded)),)
+        return recorded, outputs
 
     def normalized(self, inputs, training=None, mask=None):
         x = tf.cast(inputs, tf.float32) if inputs.dtype != tf.float64 else inputs

@@ -1,9 +1,11 @@
 """Recording of each covered layer's input `a` and pre-activation output `s`.
 
 `install(block)` gives the block's layer a `call` that, while a `Recording` is active
-in the current thread, lets the block compute and record `(a, s)` (`block.record`:
-for most blocks the layer's input and its pre-activation output, computed by the
-block) and then applies the layer's fused activation. Outside a recording the layer's own
+in the current thread, lets the block compute the layer's output and record `(a, s)`
+(`block.record_call`: for most blocks the layer's input and its pre-activation
+output, computed by the block, followed by the layer's fused activation; for a
+recurrent layer its inputs and its gates' input projections, computed outside its
+loop). Outside a recording the layer's own
 `call` runs unchanged. Recordings are thread-local because `tf.distribute` traces each
 replica's step in its own thread.
 
@@ -187,9 +189,9 @@ def install(block):
                     layer.name, layer.name,
                 )
             return original(inputs, *args, **kwargs)
-        a, s = block.record(original, inputs, *args, **kwargs)
+        a, s, outputs = block.record_call(original, inputs, *args, **kwargs)
         recording.add(layer, a, s)
-        return block.activate(s)
+        return outputs
 
     recording_call._keras_tkfac_recording = True
     object.__setattr__(layer, "call", recording_call)

@@ -24,6 +24,7 @@ collective instance"): create one strategy per process.
 """
 
 import tensorflow as tf
+import keras
 
 
 def num_replicas():
@@ -124,6 +125,19 @@ def split_work(costs, replicas):
         owner[i] = target
         loads[target] += costs[i]
     return owner
+
+
+def syncs_in_backward(model):
+    """Whether `model`'s backward pass all-reduces across replicas: a
+    `BatchNormalization(synchronized=True)` under a strategy. Such a pass cannot run
+    inside a `tf.cond` branch (`merge_call`)."""
+    if model is None or not is_distributed():
+        return False
+    return any(
+        isinstance(layer, keras.layers.BatchNormalization)
+        and getattr(layer, "synchronized", False)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
 
 
 def cond_assign(pred, variables, compute):

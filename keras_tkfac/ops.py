@@ -285,7 +285,9 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
 
     Args:
         left_inverses: list of `L^{-1}`, one per layer.
-        grad_matrices: list of gradient matrices `G`, same order.
+        grad_matrices: list of gradient matrices `G`, same order; a
+            `tf.IndexedSlices` (an embedding's gradient, with a diagonal `L^{-1}`)
+            is preconditioned by `precondition_rows`.
         right_inverses: list of `R^{-1}`, same order.
         dtype: the dtype of the products. Defaults to `float32`.
 
@@ -293,9 +295,12 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
         The list of updates `U`, in the order of the inputs.
     """
     groups = collections.defaultdict(list)
-    for i, triple in enumerate(zip(left_inverses, grad_matrices, right_inverses)):
-        groups[tuple(tuple(m.shape) for m in triple)].append(i)
     updates = [None] * len(grad_matrices)
+    for i, triple in enumerate(zip(left_inverses, grad_matrices, right_inverses)):
+        if isinstance(triple[1], tf.IndexedSlices):
+            updates[i] = precondition_rows(*triple, dtype)
+            continue
+        groups[tuple(tuple(m.shape) for m in triple)].append(i)
     for indices in groups.values():
         operands = [
             [tf.cast(matrices[i], dtype) for i in indices]
@@ -310,6 +315,31 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
         for j, i in enumerate(indices):
             updates[i] = tf.cast(stacked[j], grad_matrices[i].dtype)
     return updates
+
+
+def precondition_rows(left_diagonal, grad_rows, right_inverse, dtype=tf.float32):
+    """`diag(L^{-1}) G R^{-1}` for a `G` whose only non-zero rows are `grad_rows`.
+
+    An embedding's gradient is non-zero only in the rows of the batch's ids, and a
+    diagonal left factor keeps the other rows zero, so only those rows are
+    multiplied: `k d_out^2` flops for `k` looked-up ids instead of
+    `vocab d_out^2`. Repeated ids are summed, as in the dense gradient.
+
+    Args:
+        left_diagonal: `[vocab]`, the diagonal of `L^{-1}`.
+        grad_rows: `tf.IndexedSlices` of `G`: `values [k, d_out]`, `indices [k]`.
+        right_inverse: `[d_out, d_out]`.
+        dtype: the dtype of the product. Defaults to `float32`.
+
+    Returns:
+        The dense `[vocab, d_out]` update, in the gradient's dtype.
+    """
+    values = tf.reshape(grad_rows.values, [-1, right_inverse.shape[-1]])
+    rows = tf.gather(left_diagonal, grad_rows.indices)[:, None] * tf.cast(
+        values, left_diagonal.dtype)
+    product = tf.matmul(tf.cast(rows, dtype), tf.cast(right_inverse, dtype))
+    return tf.math.unsorted_segment_sum(
+        tf.cast(product, values.dtype), grad_rows.indices, left_diagonal.shape[0])
 
 
 def kl_clip_factor(updates, grads, learning_rate, kl_clip):

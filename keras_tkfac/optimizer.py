@@ -17,37 +17,16 @@ import keras
 from keras_tkfac import cadence
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import inverses as inverses_lib
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
 from keras_tkfac import step_size
 from keras_tkfac import validation
 
-_Slot = collections.namedtuple(
-    "_Slot", ["block", "kernel_key", "bias_key", "factors", "inverses"]
-)
+# `keys`: the variable keys of `block.variables`, in that order.
+_Slot = collections.namedtuple("_Slot", ["block", "keys", "factors", "inverses"])
 
-_INVERSE_DTYPES = ("float32", "float64")
 _PRECONDITION_DTYPES = ("float32", "bfloat16")
-
-
-def _inverse(matrices, dtype):
-    inverses, ok = ops.symmetric_inverse(tf.cast(matrices, dtype))
-    return tf.cast(inverses, tf.float32), ok
-
-
-_jit_inverse = tf.function(_inverse, jit_compile=True, reduce_retracing=True)
-
-
-def _inverse_for_device():
-    """XLA-compiled inversion on accelerators, TensorFlow's kernels on CPU.
-
-    Measured on 2 CPU cores (TF 2.21), Cholesky inverses under XLA are 3-10x slower
-    than TensorFlow's CPU kernels (785x785: 64 ms vs 18 ms) and cost 1-2 s of
-    compilation per shape, so XLA is used only where a GPU or TPU is present.
-    """
-    accelerators = tf.config.list_logical_devices("GPU")
-    accelerators += tf.config.list_logical_devices("TPU")
-    return _jit_inverse if accelerators else _inverse
 
 
 _jit_cache = {}
@@ -82,9 +61,9 @@ def output_factor_shape(block):
 
 
 def _grad_matrix_shape(block):
-    """The shape of `block.grad_matrix`: the stacked kernel-and-bias gradient."""
-    bias = None if block.bias is None else tf.zeros(block.bias.shape)
-    return tuple(block.grad_matrix(tf.zeros(block.kernel.shape), bias).shape)
+    """The shape of `block.grad_matrix`: the block's variables' gradients stacked."""
+    zeros = [tf.zeros(v.shape) for v in block.variables]
+    return tuple(block.grad_matrix(*zeros).shape)
 
 
 def matrix_factor_dims(block):
@@ -99,13 +78,14 @@ def matrix_factor_dims(block):
     return dims
 
 
-def _inverse_cost(matrix):
-    """Flops model of inverting `matrix` (`d^3` per group; a diagonal costs `d`)."""
-    d = int(matrix.shape[-1])
-    if matrix.shape.rank == 1:
-        return d
-    groups = int(np.prod(matrix.shape[:-2]))
-    return groups * d**3
+def _sparse_rows(block, grads, grad_matrix):
+    """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`), which
+    `ops.precondition_many` multiplies alone; any other gradient as `grad_matrix`."""
+    if (block.input_kind == "diagonal" and len(grads) == 1
+            and isinstance(grads[0], tf.IndexedSlices)):
+        return tf.IndexedSlices(tf.cast(grads[0].values, tf.float32),
+                                grads[0].indices, grads[0].dense_shape)
+    return grad_matrix
 
 
 def factor_trace(factor):
@@ -166,28 +146,21 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
         if fallback_lr_ratio is None:
             fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
-        if not (validation.is_schedule(learning_rate) or callable(learning_rate)):
-            validation.check_real("learning_rate", learning_rate, low=0.0, low_open=True)
-        if not validation.is_schedule(damping):
-            validation.check_real("damping", damping, low=0.0, low_open=True)
-        validation.check_real("momentum", momentum, low=0.0, high=1.0)
-        validation.check_real("factor_decay", factor_decay, low=0.0, high=1.0)
-        validation.check_int("factor_update_freq", factor_update_freq)
-        validation.check_int("inverse_update_freq", inverse_update_freq)
-        validation.check_choice("inverse_warmup", inverse_warmup, (True, False))
-        if kl_clip is not None:
-            validation.check_real("kl_clip", kl_clip, low=0.0, low_open=True)
-        validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
-        validation.check_choice("inverse_dtype", inverse_dtype, _INVERSE_DTYPES)
-        validation.check_choice("precondition_dtype", precondition_dtype,
-                                _PRECONDITION_DTYPES)
-        validation.check_int("conv_location_stride", conv_location_stride)
-        validation.check_choice("split_inverses", split_inverses, (True, False))
-        validation.check_int("max_factor_dim", max_factor_dim)
-        validation.check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
         if seed is None:
             seed = random.randrange(2**31 - 1)
-        validation.check_int("seed", seed, low=0)
+        validation.check_curvature_arguments(
+            learning_rate=learning_rate, damping=damping, momentum=momentum,
+            factor_decay=factor_decay, factor_update_freq=factor_update_freq,
+            inverse_update_freq=inverse_update_freq, inverse_warmup=inverse_warmup,
+            kl_clip=kl_clip, conv_location_stride=conv_location_stride,
+            split_inverses=split_inverses, max_factor_dim=max_factor_dim,
+            fallback_lr_ratio=fallback_lr_ratio, seed=seed,
+        )
+        validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
+        validation.check_choice("inverse_dtype", inverse_dtype,
+                                inverses_lib.INVERSE_DTYPES)
+        validation.check_choice("precondition_dtype", precondition_dtype,
+                                _PRECONDITION_DTYPES)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.damping = damping
         self.momentum = float(momentum)
@@ -273,8 +246,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         covered = set()
         self._slots = []
         for block in self._blocks:
-            kernel_key = self._var_key(block.kernel)
-            if kernel_key not in keys:
+            block_keys = [self._var_key(v) for v in block.variables]
+            if block_keys[0] not in keys:
                 continue
             if max(matrix_factor_dims(block)) > self.max_factor_dim:
                 logging.warning(
@@ -283,16 +256,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     block.name, block.d_in, block.d_out, self.max_factor_dim,
                 )
                 continue
-            bias_key = None
-            if block.bias is not None:
-                bias_key = self._var_key(block.bias)
-                if bias_key not in keys:
-                    logging.warning(
-                        "keras_tkfac: layer %r has a non-trainable bias; it is not "
-                        "preconditioned.", block.name
-                    )
-                    continue
-            covered.update(k for k in (kernel_key, bias_key) if k is not None)
+            if any(key not in keys for key in block_keys[1:]):
+                logging.warning(
+                    "keras_tkfac: layer %r has a non-trainable bias or recurrent "
+                    "kernel; it is not preconditioned.", block.name
+                )
+                continue
+            covered.update(block_keys)
             factors = [
                 self.add_variable(
                     shape, initializer="zeros", name=f"{block.name}_{factor_name}",
@@ -308,7 +278,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 for side, shape in (("left", input_factor_shape(block)),
                                     ("right", output_factor_shape(block)))
             ]
-            self._slots.append(_Slot(block, kernel_key, bias_key, factors, inverses))
+            self._slots.append(_Slot(block, tuple(block_keys), factors, inverses))
         # Per layer, the weight of the moving averages (bias correction): a layer
         # that is not called on a statistics step keeps its averages and weight.
         self._factor_weight = self.add_variable(
@@ -436,7 +406,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         loss_ok = tf.constant(True) if loss_value is None else tf.reduce_all(
             tf.math.is_finite(loss_value))
 
-        def new_factors():
+        def sampled_grads():
             step = tf.cast(self.iterations, tf.int32)
             seed = tf.stack([self.seed + distributed.replica_id(), step])
             sources, cotangents, num_examples = fisher_lib.output_cotangents(
@@ -446,6 +416,16 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 sources, recording.outputs(),
                 output_gradients=[c * tf.cast(scale, c.dtype) for c in cotangents],
             )
+            return grads, num_examples
+
+        # A backward pass that all-reduces (synchronized BatchNormalization under a
+        # strategy) cannot run inside the statistics' `tf.cond`: it runs every step.
+        ahead = (sampled_grads() if distributed.syncs_in_backward(recording.owner)
+                 else None)
+
+        def new_factors():
+            step = tf.cast(self.iterations, tf.int32)
+            grads, num_examples = ahead if ahead is not None else sampled_grads()
             wanted = {id(slot.block.layer) for slot in slots}
             # Sampled conv locations: the grid moves on at each statistics step.
             phase = step // self.factor_update_freq
@@ -513,38 +493,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             left, right = self._damped_factors(slot.block, factors, damping)
             targets.extend(slot.inverses)
             matrices.extend((left, right))
-        # Under a strategy each replica inverts its share (balanced by d^3); the
-        # others' entries are zero, and one SUM all-reduce gives everyone all.
         split = self.split_inverses and distributed.is_distributed()
-        replicas = distributed.num_replicas() if split else 1
-        owner = distributed.split_work([_inverse_cost(m) for m in matrices], replicas)
-        mine = distributed.replica_index() if split else 0
-        by_shape = collections.defaultdict(list)
-        for i, matrix in enumerate(matrices):
-            if owner[i] == mine:
-                by_shape[tuple(matrix.shape)].append(i)
-        new_values = [tf.zeros_like(target.value) for target in targets]
-        failures = tf.constant(0.0)
-        # One failure per factor, whatever its number of groups.
-        invert = _inverse_for_device()
-        for shape, indices in by_shape.items():
-            stacked = tf.stack([matrices[i] for i in indices])
-            if len(shape) == 1:
-                inverses, ok = ops.diagonal_inverse(stacked)
-            else:
-                inverses, ok = invert(stacked, self.inverse_dtype)
-            for j, i in enumerate(indices):
-                new_values[i] = tf.where(
-                    tf.reduce_all(ok[j]), inverses[j], targets[i].value
-                )
-            ok = tf.reshape(ok, [len(indices), -1])
-            failures += tf.reduce_sum(
-                tf.cast(tf.logical_not(tf.reduce_all(ok, axis=1)), tf.float32)
-            )
-        if split:
-            *new_values, failures = distributed.all_reduce(
-                "sum", new_values + [failures]
-            )
+        new_values, failures = inverses_lib.invert_all(
+            matrices, [t.value for t in targets], self.inverse_dtype, split)
         return new_values + [self.inverse_failures + tf.cast(failures, tf.int32)]
 
     # Update -------------------------------------------------------------------
@@ -553,18 +504,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         position = {self._var_key(v): i for i, v in enumerate(variables)}
         found = []
         for slot in self._slots:
-            k = position.get(slot.kernel_key)
-            b = position.get(slot.bias_key) if slot.bias_key is not None else None
-            if k is None or (slot.bias_key is not None and b is None):
+            indices = [position.get(key) for key in slot.keys]
+            if None in indices:
                 continue
             grad = slot.block.grad_matrix(
-                tf.cast(grads[k], tf.float32),
-                None if b is None else tf.cast(grads[b], tf.float32),
+                *[tf.cast(grads[i], tf.float32) for i in indices]
             )
-            found.append((slot, k, b, grad))
+            found.append((slot, indices, grad))
         updates = self._math(ops.precondition_many)(
             [slot.inverses[0].value for slot, *_ in found],
-            [grad for *_, grad in found],
+            [_sparse_rows(slot.block, [grads[i] for i in indices], grad)
+             for slot, indices, grad in found],
             [slot.inverses[1].value for slot, *_ in found],
             self.precondition_dtype,
         ) if found else []
@@ -587,7 +537,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             learning_rate, self.kl_clip,
         )
         ratios = [tf.constant(0.0)] * len(self._slots)
-        for slot, _, _, grad, update in used:
+        for slot, _, grad, update in used:
             ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
             ratios[self._slots.index(slot)] = scale * ratio
         last = tf.stack([scale] + ratios)
@@ -595,11 +545,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             last = tf.where(self._step_is_finite, last, self._last_update)
         self._last_update.assign(last)
         grads = list(grads)
-        for slot, k, b, _, update in used:
-            kernel_update, bias_update = slot.block.split_matrix(update * scale)
-            grads[k] = tf.cast(kernel_update, grads[k].dtype)
-            if b is not None:
-                grads[b] = tf.cast(bias_update, grads[b].dtype)
+        for slot, indices, _, update in used:
+            parts = [p for p in slot.block.split_matrix(update * scale)
+                     if p is not None]
+            for i, part in zip(indices, parts):
+                grads[i] = tf.cast(part, grads[i].dtype)
         return grads
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):

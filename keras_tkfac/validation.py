@@ -47,3 +47,27 @@ def check_choice(name, value, choices):
         raise ValueError(
             f"`{name}` must be one of {choices}. Received: {name}={value!r}"
         )
+
+
+def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
+                              factor_update_freq, inverse_update_freq, inverse_warmup,
+                              kl_clip, conv_location_stride, split_inverses,
+                              max_factor_dim, fallback_lr_ratio, seed):
+    """The numeric and boolean arguments of `TKFAC`/`KFAC` (learning rate and damping
+    may also be schedules; the learning rate also a callable)."""
+    if not (is_schedule(learning_rate) or callable(learning_rate)):
+        check_real("learning_rate", learning_rate, low=0.0, low_open=True)
+    if not is_schedule(damping):
+        check_real("damping", damping, low=0.0, low_open=True)
+    check_real("momentum", momentum, low=0.0, high=1.0)
+    check_real("factor_decay", factor_decay, low=0.0, high=1.0)
+    check_int("factor_update_freq", factor_update_freq)
+    check_int("inverse_update_freq", inverse_update_freq)
+    check_choice("inverse_warmup", inverse_warmup, (True, False))
+    if kl_clip is not None:
+        check_real("kl_clip", kl_clip, low=0.0, low_open=True)
+    check_int("conv_location_stride", conv_location_stride)
+    check_choice("split_inverses", split_inverses, (True, False))
+    check_int("max_factor_dim", max_factor_dim)
+    check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
+    check_int("seed", seed, low=0)

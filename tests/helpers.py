@@ -122,3 +122,95 @@ def recorded_rows(model, x, y, block_index=0):
         keras_grads[0], keras_grads[1] if len(keras_grads) > 1 else None
     )
     return block, a.numpy(), g.numpy(), int(m), expected.numpy()
+
+
+def assert_same_state(model, other):
+    """`model` and `other` have equal weights and optimizer variables, bit for bit."""
+    for a, b in zip(model.weights + model.optimizer.variables,
+                    other.weights + other.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def assert_identical_on_replicas(variables):
+    """Every replica holds the same value of each (mirrored) variable."""
+    for variable in variables:
+        value = variable.value
+        values = [v.numpy() for v in getattr(value, "values", (value,))]
+        for other in values[1:]:
+            np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
+
+
+def assert_replicas_match_one_device(single, replicated):
+    """A two-replica run equals the one-device run up to float32 summation order."""
+    assert replicated.distribute_strategy.num_replicas_in_sync == 2
+    assert_identical_on_replicas(replicated.weights + replicated.optimizer.variables)
+    # Float32 summation order differs (per-replica partial sums).
+    for a, b in zip(single.weights + single.optimizer.variables,
+                    replicated.weights + replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
+def empirical_rows(model, block, x, y, loss, variables=None, xla=False):
+    """One recorded training-mode pass: `block`'s empirical-Fisher rows and Keras's
+    gradients of `variables` (default: the block's) for the mean `loss`.
+
+    Returns:
+        `(a, g, num_examples, keras_grads, y_pred, plain_y_pred)` as numpy (`a`, `g`
+        in float64), `plain_y_pred` from the model called in inference mode without
+        recording.
+    """
+    variables = block.variables if variables is None else variables
+
+    def run(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss_value = loss(y, y_pred)
+        spec = fisher.resolve_loss(loss, "empirical")
+        source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred,
+                                                       None)
+        grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+        a, g = recording.rows(grads)[model.blocks.index(block)]
+        keras_grads = tape.gradient(loss_value, variables)
+        return a, g, m, keras_grads, y_pred, model(x)
+
+    if xla:
+        run = tf.function(run, jit_compile=True)
+    x = [tf.constant(v) for v in x] if isinstance(x, list) else tf.constant(x)
+    a, g, m, keras_grads, y_pred, plain = run(x, tf.constant(y))
+    return (a.numpy().astype(np.float64), g.numpy().astype(np.float64), int(m),
+            [k.numpy() for k in keras_grads], y_pred.numpy(), plain.numpy())
+
+
+def keras_round_trip(inner, x, y, loss, path):
+    """Wraps `inner`, fits one epoch with TKFAC (statistics and inverses every two
+    steps), saves to `path` and loads; checks that the loaded model has the same
+    state and takes the same next epoch. Returns the loaded model."""
+    model = keras_tkfac.wrap(inner)
+    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
+                                              inverse_update_freq=2, seed=3),
+                  loss=loss)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(b) for b in loaded.blocks] == [type(b) for b in model.blocks]
+    assert_same_state(model, loaded)
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_same_state(model, loaded)
+    return loaded
+
+
+def assert_tkfac_is_uncorrelated_fisher(statistics, a, g, num_examples):
+    """`statistics = (delta, n_phi, n_psi)` of one group against the exact
+    location-uncorrelated Fisher of the rows `a`, `g` (equal rows per example):
+    delta is its trace and delta Phi, delta Psi its partial traces."""
+    delta, n_phi, n_psi = statistics
+    example = np.repeat(np.arange(num_examples), len(a) // num_examples)
+    exact = exact_fisher(a, g, example, num_examples)
+    tr_out, tr_in = partial_traces(exact, a.shape[1], g.shape[1])
+    np.testing.assert_allclose(delta, np.trace(exact), rtol=1e-10)
+    np.testing.assert_allclose(n_phi, tr_out, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(n_psi, tr_in, rtol=1e-10, atol=1e-14)
+    return exact

@@ -11,7 +11,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import blocks, fisher, ops
+from keras_tkfac import blocks, ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -84,32 +84,10 @@ def _data(case, n, seed=0):
 
 
 def _record(model, layer, x, y, xla):
-    """Empirical-Fisher rows of `layer`'s block and Keras's gradients of its weights.
-
-    Returns:
-        `(block, a, g, num_examples, keras_grads, y_pred, plain_y_pred)` as numpy,
-        `plain_y_pred` from the model called without recording.
-    """
+    """`(block, a, g, num_examples, keras_grads, y_pred, plain_y_pred)` of `layer`."""
     block = next(b for b in model.blocks if b.layer is layer)
-
-    def run(x, y):
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = LOSS(y, y_pred)
-        spec = fisher.resolve_loss(LOSS, "empirical")
-        source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred,
-                                                       None)
-        grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
-        a, g = recording.rows(grads)[model.blocks.index(block)]
-        keras_grads = tape.gradient(loss, layer.trainable_weights)
-        return a, g, m, keras_grads, y_pred, model(x)
-
-    if xla:
-        run = tf.function(run, jit_compile=True)
-    a, g, m, keras_grads, y_pred, plain = run(tf.constant(x), tf.constant(y))
-    return (block, a.numpy().astype(np.float64), g.numpy().astype(np.float64),
-            int(m), [k.numpy() for k in keras_grads], y_pred.numpy(), plain.numpy())
+    return (block, *helpers.empirical_rows(model, block, x, y, LOSS,
+                                           layer.trainable_weights, xla))
 
 
 def _sum_of_outer_products(a, g):
@@ -170,15 +148,11 @@ def test_tkfac_statistics_against_location_uncorrelated_fisher(case):
                 ops.tkfac_statistics(tf.constant(a), tf.constant(g), m), grouped):
             np.testing.assert_allclose(single.numpy(), batched.numpy()[0], rtol=1e-10)
     delta, n_phi, n_psi = (t.numpy() for t in grouped)
-    example = np.repeat(np.arange(m), len(a) // m)
     for j in range(block.groups):
-        exact = helpers.exact_fisher(a_groups[:, j], g_groups[:, j], example, m)
-        tr_out, tr_in = helpers.partial_traces(exact, block.d_in, block.d_out)
         # delta is the trace of the location-uncorrelated block, and delta Phi, delta
         # Psi its partial traces, so tr(delta Phi ⊗ Psi) = tr(F).
-        np.testing.assert_allclose(delta[j], np.trace(exact), rtol=1e-10)
-        np.testing.assert_allclose(n_phi[j], tr_out, rtol=1e-10, atol=1e-14)
-        np.testing.assert_allclose(n_psi[j], tr_in, rtol=1e-10, atol=1e-14)
+        exact = helpers.assert_tkfac_is_uncorrelated_fisher(
+            (delta[j], n_phi[j], n_psi[j]), a_groups[:, j], g_groups[:, j], m)
         np.testing.assert_allclose(np.trace(np.kron(n_phi[j], n_psi[j])) / delta[j],
                                    np.trace(exact), rtol=1e-10)
         np.testing.assert_allclose(a_factor[j].numpy(),
@@ -355,33 +329,17 @@ def test_model_with_new_blocks_trains(cls):
     # [c_in = 4, 3 * 3 * c_out = 18], its bias on the fallback.
     assert inverses["grouped"] == [(2, 19, 19), (2, 2, 2)]
     assert inverses["transpose"] == [(4, 4), (18, 18)]
-    covered = {s.kernel_key for s in optimizer._slots} | {
-        s.bias_key for s in optimizer._slots}
+    covered = {key for s in optimizer._slots for key in s.keys}
     transpose = model.model.get_layer("transpose")
     assert optimizer._var_key(transpose.bias) not in covered
 
 
 def test_keras_file_round_trip_keeps_curvature_state(tmp_path):
     x, y = _conv_data(n=48)
-    model = keras_tkfac.wrap(_conv_model())
-    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
-                                              inverse_update_freq=2, seed=3),
-                  loss=LOSS)
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    assert [type(b) for b in loaded.blocks] == [type(b) for b in model.blocks]
+    loaded = helpers.keras_round_trip(_conv_model(), x, y, LOSS,
+                                      str(tmp_path / "model.keras"))
     assert blocks.ConvTransposeBlock in [type(b) for b in loaded.blocks]
     assert loaded.blocks[0].groups == 2
-    for a, b in zip(model.weights + model.optimizer.variables,
-                    loaded.weights + loaded.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    for m in (model, loaded):
-        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    for a, b in zip(model.weights + model.optimizer.variables,
-                    loaded.weights + loaded.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def _fit_on(strategy, cls, x, y):
@@ -398,14 +356,4 @@ def test_two_replicas_match_one_device(mirrored):
     x, y = _conv_data()
     single = _fit_on(tf.distribute.get_strategy(), keras_tkfac.TKFAC, x, y)
     replicated = _fit_on(mirrored, keras_tkfac.TKFAC, x, y)
-    assert replicated.distribute_strategy.num_replicas_in_sync == 2
-    for variable in replicated.weights + replicated.optimizer.variables:
-        value = variable.value
-        values = [v.numpy() for v in getattr(value, "values", (value,))]
-        for other in values[1:]:
-            np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
-    # Float32 summation order differs (per-replica partial sums).
-    for a, b in zip(single.weights + single.optimizer.variables,
-                    replicated.weights + replicated.optimizer.variables):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
-                                   err_msg=a.path)
+    helpers.assert_replicas_match_one_device(single, replicated)

@@ -114,10 +114,10 @@ def test_true_fisher_under_mirrored_strategy_keeps_replicas_identical(mirrored):
 
 
 def test_split_inverses_equal_unsplit(mirrored, monkeypatch):
-    from keras_tkfac import optimizer as optimizer_lib
+    from keras_tkfac import inverses as inverses_lib
 
     inverted = []
-    real = optimizer_lib._inverse_for_device
+    real = inverses_lib.inverse_for_device
 
     def counting():
         invert = real()
@@ -128,7 +128,7 @@ def test_split_inverses_equal_unsplit(mirrored, monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(optimizer_lib, "_inverse_for_device", counting)
+    monkeypatch.setattr(inverses_lib, "inverse_for_device", counting)
     x, y = _data((6, 6, 2))
     factors = 2 * 3  # three layers, two factors each
     models = []

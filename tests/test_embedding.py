@@ -105,3 +105,39 @@ def test_vocabulary_does_not_count_against_max_factor_dim(max_factor_dim, covere
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     report = model.optimizer.curvature_report()
     assert (embedding.name in report) == covered
+
+
+def test_fit_preconditions_only_the_looked_up_rows(monkeypatch):
+    """In `fit` an embedding's gradient arrives as `tf.IndexedSlices` and only its
+    rows are preconditioned; the weights equal those of the dense product."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 300, size=(128, 10)).astype("int32")
+    y = rng.integers(0, 2, size=128).astype("int32")
+
+    def fit():
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((10,), dtype="int32"), keras.layers.Embedding(300, 8),
+            keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0, factor_update_freq=2,
+                                                  inverse_update_freq=2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        return model
+
+    sparse_calls = []
+    real = ops.precondition_rows
+
+    def counting(*args):
+        sparse_calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(ops, "precondition_rows", counting)
+    sparse = fit()
+    assert sparse_calls and all(isinstance(g, tf.IndexedSlices) for g in sparse_calls)
+    monkeypatch.setattr(ops, "precondition_rows", lambda left, rows, right, dtype: (
+        ops.precondition(left, tf.convert_to_tensor(rows), right)))
+    dense = fit()
+    for a, b in zip(sparse.weights, dense.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7,
+                                   err_msg=a.path)

@@ -134,6 +134,24 @@ def test_precondition_many_batches_equal_shapes_and_keeps_order():
                                    atol=1e-4 * np.abs(want).max())
 
 
+def test_precondition_rows_equals_dense_product_with_repeated_ids():
+    rng = np.random.default_rng(7)
+    vocab, d_out = 9, 4
+    left = tf.constant(rng.uniform(0.5, 2.0, size=vocab))
+    right = tf.constant(rng.normal(size=(d_out, d_out)))
+    ids = tf.constant([3, 0, 3, 8, 3])
+    values = tf.constant(rng.normal(size=(5, d_out)))
+    slices = tf.IndexedSlices(values, ids, tf.constant([vocab, d_out]))
+    dense = np.zeros((vocab, d_out))
+    np.add.at(dense, ids.numpy(), values.numpy())
+    expected = np.diag(left.numpy()) @ dense @ right.numpy()
+    np.testing.assert_allclose(ops.precondition_rows(left, slices, right,
+                                                     tf.float64).numpy(),
+                               expected, rtol=1e-12, atol=1e-15)
+    (batched,) = ops.precondition_many([left], [slices], [right], tf.float64)
+    np.testing.assert_allclose(batched.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
 def test_bfloat16_preconditioning_is_close_to_kronecker_solve():
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operand);
     # the product sums over d_in and d_out terms, so the update's relative error

@@ -113,8 +113,7 @@ def _bf16_error(wrapped, train, problem):
                      tape.gradient(loss, variables)))
     errors = []
     for slot in optimizer._slots:
-        bias = None if slot.bias_key is None else grads[slot.bias_key]
-        grad = slot.block.grad_matrix(grads[slot.kernel_key], bias)
+        grad = slot.block.grad_matrix(*[grads[key] for key in slot.keys])
         args = ([slot.inverses[0]], [grad], [slot.inverses[1]])
         (exact,) = ops.precondition_many(*args)
         (low,) = ops.precondition_many(*args, tf.bfloat16)
