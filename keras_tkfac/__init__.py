@@ -8,6 +8,8 @@ Public API:
 - `register_block(layer_class, block_class)`: precondition a custom layer kind.
 - `register_normalization_blocks()`: precondition `LayerNormalization` and
   `BatchNormalization` too (off by default).
+- `register_recurrent_blocks()`: precondition `SimpleRNN`, `LSTM` and `GRU` too
+  (off by default).
 - `CurvatureMonitor`: a callback logging per-layer curvature diagnostics.
 """
 
@@ -16,6 +18,7 @@ from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record
 from keras_tkfac.monitor import CurvatureMonitor
 from keras_tkfac.approximations import KFAC, TKFAC
+from keras_tkfac.recurrent import register_recurrent_blocks
 from keras_tkfac.wrapping import CurvatureModel, wrap
 
 __version__ = "0.1.0"
@@ -28,5 +31,6 @@ __all__ = [
     "record",
     "register_block",
     "register_normalization_blocks",
+    "register_recurrent_blocks",
     "wrap",
 ]

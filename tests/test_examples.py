@@ -125,3 +125,14 @@ def test_fisher_report_smoke(tmp_path):
         # TKFAC keeps the trace of a dense layer's Fisher block exactly.
         assert float(row[6]) == pytest.approx(1, abs=1e-3)
     assert (tmp_path / "fisher_report_mlp.png").stat().st_size > 0
+
+
+def test_recurrent_costs_smoke(tmp_path):
+    out = tmp_path / "costs.md"
+    result = _run("tools/recurrent_costs.py", "--smoke", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in
+            out.read_text().splitlines() if line.startswith("| TKFAC")}
+    # The embedding and the head, then also the four LSTMs of the two Bidirectionals.
+    assert int(rows["| TKFAC"][1]) == 2
+    assert int(rows["| TKFAC recurrent"][1]) == 6

@@ -226,6 +226,7 @@ def test_recurrent_models_train_and_leave_their_cells_to_the_fallback(recurrent,
     y = np.arange(16) % 3
     history = _fit(model, x, y)
     assert np.all(np.isfinite(history.history["loss"]))
+    # Recurrent blocks are off by default; a Dense in a custom cell runs in its loop.
     assert _preconditioned(model) == ["head"]
     if recurrent == "cell_with_dense":
         assert [r for r in caplog.records if "recurrent layer's loop" in r.getMessage()]

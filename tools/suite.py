@@ -60,7 +60,8 @@ against steps and seconds, one pair of panels per workload).
 
     python tools/suite.py [--workloads=mlp,lstm] [--optimizers=TKFAC,Adam]
         [--steps_scale=0.5] [--tkfac='{"learning_rate": 0.03}'] [--smoke]
-        [--normalization_blocks] [--exclude=LayerNormalization,BatchNormalization]
+        [--normalization_blocks] [--recurrent_blocks]
+        [--exclude=LayerNormalization,BatchNormalization]
 """
 
 import collections
@@ -124,6 +125,10 @@ _EXCLUDE = flags.DEFINE_list(
 _NORMALIZATION_BLOCKS = flags.DEFINE_bool(
     "normalization_blocks", False, "Precondition LayerNormalization and "
     "BatchNormalization (keras_tkfac.register_normalization_blocks()).",
+)
+_RECURRENT_BLOCKS = flags.DEFINE_bool(
+    "recurrent_blocks", False, "Precondition SimpleRNN, LSTM and GRU "
+    "(keras_tkfac.register_recurrent_blocks()).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, weights, batches, samplers.")
 _RUN_EAGERLY = flags.DEFINE_bool(
@@ -708,6 +713,8 @@ def main(argv):
     started = time.perf_counter()
     if _NORMALIZATION_BLOCKS.value:
         keras_tkfac.register_normalization_blocks()
+    if _RECURRENT_BLOCKS.value:
+        keras_tkfac.register_recurrent_blocks()
     # Every run traces new functions; TensorFlow's retracing warnings are expected.
     tf.get_logger().setLevel("ERROR")
     smoke, seed = _SMOKE.value, _SEED.value

@@ -1,0 +1,105 @@
+"""What preconditioning recurrent layers costs: step times of a BiLSTM classifier.
+
+The suite's text classifier (Embedding, two bidirectional LSTMs, a dense head) on
+synthetic token sequences, trained by Adam, by TKFAC with the LSTMs on its Adam
+partner (the default) and by TKFAC with the recurrent blocks registered
+(`keras_tkfac.register_recurrent_blocks()`). As `step_costs.py` does, one step of
+every kind (plain, statistics, inverse) of every configuration is timed in turn,
+round after round, and medians are reported with their ratio to Adam's step; a
+statistics step of the recurrent blocks runs the layers' recurrence as a `tf.scan`
+outside Keras's loop (`keras_tkfac.recurrent`).
+
+    python tools/recurrent_costs.py [--rounds=30] [--smoke] [--out=FILE]
+"""
+
+import os
+import sys
+
+from absl import app
+import numpy as np
+import tensorflow as tf
+import keras
+
+import benchlib
+import step_costs
+import keras_tkfac
+
+# `--rounds`, `--out` and `--smoke` (tiny model and data, 2 rounds) are the flags
+# of step_costs.py; its other flags are ignored.
+_ROUNDS, _OUT, _SMOKE = step_costs._ROUNDS, step_costs._OUT, step_costs._SMOKE
+
+
+def _model(vocab, embed_dim, units, steps):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((steps,), dtype="int32")
+    h = keras.layers.Embedding(vocab, embed_dim)(inputs)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True))(h)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(units))(h)
+    return keras.Model(inputs, keras.layers.Dense(1)(h))
+
+
+def _setup(name, initial, data, batch_size):
+    model = keras.models.clone_model(initial)
+    model.set_weights(initial.get_weights())
+    exclude = [keras.layers.LSTM] if name == "TKFAC" else []
+    wrapped = keras_tkfac.wrap(model, exclude=exclude)
+    optimizer = (keras.optimizers.Adam(1e-3) if name == "Adam"
+                 else keras_tkfac.TKFAC(seed=0))
+    wrapped.compile(optimizer=optimizer,
+                    loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    batches = benchlib.batches(data, batch_size, 0)
+    # Builds the optimizer and traces the step (with inverses and statistics).
+    wrapped.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
+    return wrapped, iter(batches)
+
+
+def main(argv):
+    del argv
+    smoke = _SMOKE.value
+    vocab, embed_dim, units, steps, batch_size = ((50, 8, 4, 6, 8) if smoke
+                                                  else (20000, 128, 64, 40, 32))
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, vocab, size=(512, steps)).astype("int32")
+    y = rng.integers(0, 2, size=(512, 1)).astype("float32")
+    keras_tkfac.register_recurrent_blocks()
+    initial = _model(vocab, embed_dim, units, steps)
+    runs = {name: _setup(name, initial, (x, y), batch_size)
+            for name in ("Adam", "TKFAC", "TKFAC recurrent")}
+    rounds = 2 if smoke else _ROUNDS.value
+    times = {(name, kind): [] for name, (wrapped, _) in runs.items()
+             for kind in step_costs._kinds(wrapped.optimizer)}
+    for _ in range(rounds):
+        for name, (wrapped, iterator) in runs.items():
+            for kind, counter in step_costs._kinds(wrapped.optimizer).items():
+                times[name, kind].append(step_costs._time_step(wrapped, iterator,
+                                                               counter))
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    adam = med["Adam", "plain"]
+    lines = [
+        f"`python tools/recurrent_costs.py {' '.join(sys.argv[1:])}`", "",
+        f"BiLSTM({units}) x2, Embedding {vocab}x{embed_dim}, {steps} time steps, "
+        f"batch {batch_size}; {rounds} interleaved rounds, {os.cpu_count()} CPU "
+        f"cores, TensorFlow {tf.__version__}, keras_tkfac "
+        f"{benchlib.source_version()}; medians in ms (× Adam's step).", "",
+        "| configuration | preconditioned layers | plain | statistics | inverse | "
+        "statistics / plain |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| Adam | | {adam:.1f} (1.00) | | | |",
+    ]
+    for name in ("TKFAC", "TKFAC recurrent"):
+        optimizer = runs[name][0].optimizer
+        plain, stats = med[name, "plain"], med[name, "statistics"]
+        inverse = med[name, "inverse"]
+        lines.append(
+            f"| {name} | {len(optimizer._slots)} | {plain:.1f} ({plain / adam:.2f}) | "
+            f"{stats:.1f} ({stats / adam:.2f}) | {inverse:.1f} ({inverse / adam:.2f}) "
+            f"| {stats / plain:.2f} |")
+    report = "\n".join(lines)
+    print(report)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
