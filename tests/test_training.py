@@ -163,3 +163,72 @@ def test_wrap_keeps_predict_evaluate_and_plain_optimizers_working(digits):
     np.testing.assert_allclose(model.predict(x[:5], verbose=0),
                                base.predict(x[:5], verbose=0), rtol=1e-6)
     assert not np.allclose(base.predict(x[:5], verbose=0), expected)
+
+
+def _image_blocks():
+    """Every convolution block kind on 8x8 digits: grouped, depthwise, transposed."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(8, 3, groups=2, padding="same", activation="relu"),
+            keras.layers.DepthwiseConv2D(3, strides=2, padding="same",
+                                         activation="relu"),
+            keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same",
+                                         activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def test_defaults_train_every_convolution_block_kind_like_adam(digits):
+    """At their defaults (grafting, learning rate 3e-3) TKFAC and KFAC train a model
+    with grouped, depthwise and transposed convolutions at least as well as Adam at
+    its defaults, at equal steps."""
+    x, y = digits
+    x = x.reshape(-1, 8, 8, 1)
+    losses = {
+        name: _train_loss(_image_blocks, optimizer, x, y)
+        for name, optimizer in [
+            ("tkfac", keras_tkfac.TKFAC(seed=0)),
+            ("kfac", keras_tkfac.KFAC(seed=0)),
+            ("adam", keras.optimizers.Adam()),
+        ]
+    }
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    assert losses["tkfac"] < losses["adam"], losses
+    assert losses["kfac"] < losses["adam"], losses
+
+
+def _attention_classifier():
+    """Embedding, self-attention (EinsumDense projections) and a dense head."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((12,), dtype="int32")
+    h = keras.layers.Embedding(64, 16)(tokens)
+    h = h + keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(h, h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    h = keras.layers.Dense(16, activation="relu")(h)
+    return keras.Model(tokens, keras.layers.Dense(2)(h))
+
+
+def test_defaults_train_embedding_and_attention_blocks_like_adam():
+    """Whether token 1 occurs in a sequence of 12 tokens from 64: TKFAC and KFAC at
+    their defaults against Adam at its defaults, at equal steps."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(2, 64, size=(1024, 12))
+    y = rng.integers(0, 2, size=1024)
+    x[y == 1, rng.integers(0, 12, size=int(y.sum()))] = 1
+    x, y = x.astype("int32"), y.astype("int32")
+    losses = {
+        name: _train_loss(_attention_classifier, optimizer, x, y)
+        for name, optimizer in [
+            ("tkfac", keras_tkfac.TKFAC(seed=0)),
+            ("kfac", keras_tkfac.KFAC(seed=0)),
+            ("adam", keras.optimizers.Adam()),
+        ]
+    }
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    assert losses["tkfac"] < losses["adam"], losses
+    assert losses["kfac"] < losses["adam"], losses
