@@ -127,6 +127,7 @@ def test_fisher_report_smoke(tmp_path):
     assert (tmp_path / "fisher_report_mlp.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_recurrent_costs_smoke(tmp_path):
     out = tmp_path / "costs.md"
     result = _run("tools/recurrent_costs.py", "--smoke", f"--out={out}")

@@ -312,9 +312,17 @@ def test_keras_file_round_trip_keeps_recurrent_curvature_state(tmp_path):
     assert recurrent.GRUBlock in [type(b) for b in loaded.blocks]
 
 
+def _small_sequence_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None,), dtype="int32")
+    h = L.Embedding(30, 8, mask_zero=True, name="embedding")(inputs)
+    h = L.LSTM(6, name="lstm")(h)
+    return keras.Model(inputs, L.Dense(2, name="head")(h))
+
+
 def _fit_on(strategy, x, y):
     with strategy.scope():
-        model = keras_tkfac.wrap(_sequence_model())
+        model = keras_tkfac.wrap(_small_sequence_model())
         model.compile(optimizer=keras_tkfac.TKFAC(
             fisher="empirical", factor_update_freq=2, inverse_update_freq=3, seed=0),
             loss=LOSS)
@@ -327,4 +335,6 @@ def test_two_replicas_match_one_device(mirrored):
     x, y = _sequence_data(n=64)
     single = _fit_on(tf.distribute.get_strategy(), x, y)
     replicated = _fit_on(mirrored, x, y)
+    assert {slot.block.name for slot in replicated.optimizer._slots} == {
+        "embedding", "lstm", "head"}
     helpers.assert_replicas_match_one_device(single, replicated)
