@@ -145,13 +145,12 @@ class RecurrentBlock(blocks.CurvatureBlock):
         if layer.go_backwards:
             # Rows pair `z_x[t]` (input order) with the step that consumed it.
             extras = [tf.reverse(e, [1]) for e in extras]
-        if mask is not None:
-            keep = tf.cast(mask, x.dtype)[:, :, None]
-            x = x * keep
-            extras = [e * keep for e in extras]
+        # Masked time steps give zero rows (their `g` is zero already).
+        keep = (tf.ones_like(x[:, :, :1]) if mask is None
+                else tf.cast(mask, x.dtype)[:, :, None])
         output = outputs if layer.return_sequences else outputs[:, -1]
         result = (output, *new_states) if layer.return_state else output
-        return (x, *extras), z_x, result
+        return (keep, x, *extras), z_x, result
 
     def _scan(self, z_x, states, rec_mask, mask, go_backwards, zero_output):
         """The recurrence over time, as Keras's `backend.rnn` runs it.
@@ -195,11 +194,11 @@ class _JointBlock(RecurrentBlock):
         return self.input_dim + self.units
 
     def rows(self, inputs, output_grads):
-        x, h_prev = inputs
+        keep, x, h_prev = inputs
         a = tf.concat([x, tf.cast(h_prev, x.dtype)], axis=-1)
-        a = tf.reshape(a, [-1, self.kernel_rows()])
+        a = self._with_bias(tf.reshape(a, [-1, self.kernel_rows()]))
         g = tf.reshape(output_grads, [-1, self.d_out])
-        return self._with_bias(a), g
+        return a * tf.reshape(keep, [-1, 1]), g
 
     def grad_matrix(self, kernel_grad, recurrent_grad, bias_grad=None):
         parts = [tf.convert_to_tensor(kernel_grad), tf.convert_to_tensor(recurrent_grad)]
@@ -288,14 +287,14 @@ class GRUBlock(RecurrentBlock):
         return self._with_bias(a)
 
     def rows(self, inputs, output_grads):
-        x, h_prev, r = inputs
+        keep, x, h_prev, r = inputs
         g = tf.reshape(output_grads, [-1, self.d_out])
         ones = tf.ones_like(tf.reshape(r, [-1, self.units]))
         g_rec = g * tf.cast(tf.concat([ones, ones, tf.reshape(r, [-1, self.units])],
                                       axis=-1), g.dtype)
         a = tf.stack([self._pad(x, self.input_dim),
                       self._pad(tf.cast(h_prev, x.dtype), self.units)], axis=1)
-        return a, tf.stack([g, g_rec], axis=1)
+        return a * tf.reshape(keep, [-1, 1, 1]), tf.stack([g, g_rec], axis=1)
 
     def _group(self, weight_grad, rows, bias_grad):
         weight = tf.reshape(tf.convert_to_tensor(weight_grad), [rows, self.d_out])

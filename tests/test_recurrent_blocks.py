@@ -145,6 +145,19 @@ def test_rows_reproduce_keras_gradient(case):
         block.grad_matrix(*keras_grads).numpy(), matrix, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["lstm_masked_backwards", "gru_sequences_masked"])
+def test_masked_time_steps_give_zero_rows(case):
+    model, layer = _model(case)
+    block = _block(model, layer)
+    x, y = _data(case, 4)
+    a, g, _, _, _, _ = _record(model, block, x, y)
+    masked = ~x[1].reshape(-1)
+    assert masked.any() and not masked.all()
+    np.testing.assert_array_equal(a[masked], 0.0)
+    np.testing.assert_array_equal(g[masked], 0.0)
+    assert np.all(np.abs(a[~masked]).reshape(int((~masked).sum()), -1).max(1) > 0)
+
+
 @pytest.mark.parametrize("case", ["lstm", "gru_sequences_masked"])
 def test_rows_reproduce_keras_gradient_under_xla(case):
     model, layer = _model(case)

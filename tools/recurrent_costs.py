@@ -26,7 +26,7 @@ import keras_tkfac
 
 # `--rounds`, `--out` and `--smoke` (tiny model and data, 2 rounds) are the flags
 # of step_costs.py; its other flags are ignored.
-_ROUNDS, _OUT, _SMOKE = step_costs._ROUNDS, step_costs._OUT, step_costs._SMOKE
+_ROUNDS, _SMOKE = step_costs._ROUNDS, step_costs._SMOKE
 
 
 def _model(vocab, embed_dim, units, steps):
@@ -66,14 +66,7 @@ def main(argv):
     runs = {name: _setup(name, initial, (x, y), batch_size)
             for name in ("Adam", "TKFAC", "TKFAC recurrent")}
     rounds = 2 if smoke else _ROUNDS.value
-    times = {(name, kind): [] for name, (wrapped, _) in runs.items()
-             for kind in step_costs._kinds(wrapped.optimizer)}
-    for _ in range(rounds):
-        for name, (wrapped, iterator) in runs.items():
-            for kind, counter in step_costs._kinds(wrapped.optimizer).items():
-                times[name, kind].append(step_costs._time_step(wrapped, iterator,
-                                                               counter))
-    med = {key: float(np.median(v)) for key, v in times.items()}
+    med = step_costs.interleaved_medians(runs, rounds)
     adam = med["Adam", "plain"]
     lines = [
         f"`python tools/recurrent_costs.py {' '.join(sys.argv[1:])}`", "",
@@ -94,11 +87,7 @@ def main(argv):
             f"| {name} | {len(optimizer._slots)} | {plain:.1f} ({plain / adam:.2f}) | "
             f"{stats:.1f} ({stats / adam:.2f}) | {inverse:.1f} ({inverse / adam:.2f}) "
             f"| {stats / plain:.2f} |")
-    report = "\n".join(lines)
-    print(report)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(report + "\n")
+    step_costs.report(lines)
 
 
 if __name__ == "__main__":

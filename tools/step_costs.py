@@ -101,6 +101,27 @@ def _time_step(wrapped, iterator, counter):
     return 1e3 * (time.perf_counter() - start)
 
 
+def report(lines):
+    """Prints the table `lines` and writes it to `--out` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+def interleaved_medians(runs, rounds):
+    """`{(name, kind): median ms}`: one step of every kind of every run of `runs`
+    (`{name: (wrapped model, batch iterator)}`) timed in turn, `rounds` times."""
+    times = {(name, kind): [] for name, (wrapped, _) in runs.items()
+             for kind in _kinds(wrapped.optimizer)}
+    for _ in range(rounds):
+        for name, (wrapped, iterator) in runs.items():
+            for kind, counter in _kinds(wrapped.optimizer).items():
+                times[name, kind].append(_time_step(wrapped, iterator, counter))
+    return {key: float(np.median(v)) for key, v in times.items()}
+
+
 def _bf16_error(wrapped, train, problem):
     """Relative Frobenius error of bfloat16 updates against float32, per layer."""
     optimizer = wrapped.optimizer
@@ -136,13 +157,7 @@ def main(argv):
                               else DEFAULT_CONFIGS)}
     runs = {name: _setup(name, config, initial, train, problem)
             for name, config in configs.items()}
-    times = {(name, kind): [] for name, (wrapped, _) in runs.items()
-             for kind in _kinds(wrapped.optimizer)}
-    for _ in range(rounds):
-        for name, (wrapped, iterator) in runs.items():
-            for kind, counter in _kinds(wrapped.optimizer).items():
-                times[name, kind].append(_time_step(wrapped, iterator, counter))
-    med = {key: float(np.median(v)) for key, v in times.items()}
+    med = interleaved_medians(runs, rounds)
     adam = med["Adam", "plain"]
     lines = [
         f"`python tools/step_costs.py {' '.join(sys.argv[1:])}`", "",
@@ -172,11 +187,7 @@ def main(argv):
             f"| {name} | {plain:.1f} ({plain / adam:.2f}) | {stats:.1f} "
             f"({stats / adam:.2f}) | {inverse:.1f} ({inverse / adam:.2f}) | "
             f"{stats / plain:.2f} | {mean:.1f} ({mean / adam:.2f}) | {error} |")
-    report = "\n".join(lines)
-    print(report)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(report + "\n")
+    report(lines)
 
 
 if __name__ == "__main__":
