@@ -54,6 +54,16 @@ _COMMON_ARGS = """
             faster); the update's relative error was 1e-2 to 3e-2 (README, "Cost of
             a step").
             Defaults to `"float32"`.
+        precondition_form: `"auto"` or `"full"`. Under `"auto"`, a `Dense` or
+            `EinsumDense` layer whose batch has fewer rows than about its widths
+            is preconditioned as `(Phi^^-1 A^T)(G_out Psi^^-1)` from its inputs `A`
+            and output gradients `G_out` (fewer flops; the same update up to
+            rounding), when `wrap`'s training step provides them and the layer's
+            gradient is exactly `A^T G_out` (see `keras_tkfac.factored`): one
+            replica, no regularizer on the layer, no gradient clipping or
+            accumulation. `"full"` always multiplies the gradient matrix; use it
+            for models with an `add_loss` on a covered layer's weights. Defaults to
+            `"auto"`.
         conv_location_stride: int >= 1; convolution layers' statistics use the
             output locations on a grid of this stride along each spatial axis (the
             im2col rows of a statistics step shrink by about `stride^2` for a 2-D
@@ -171,6 +181,7 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_scale=100.0,
         inverse_dtype="float32",
         precondition_dtype="float32",
+        precondition_form="auto",
         conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
@@ -197,6 +208,7 @@ class TKFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
+            precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,
@@ -281,6 +293,7 @@ class KFAC(CurvatureOptimizer):
         fisher="true",
         inverse_dtype="float32",
         precondition_dtype="float32",
+        precondition_form="auto",
         conv_location_stride=1,
         split_inverses=True,
         max_factor_dim=4096,
@@ -303,6 +316,7 @@ class KFAC(CurvatureOptimizer):
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
+            precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
             max_factor_dim=max_factor_dim,

@@ -39,6 +39,9 @@ class CurvatureBlock:
     is_conv = False
     input_kind = "dense"
     groups = 1
+    # Whether the gradient of the kernel and bias is exactly `rows`' `a^T g` summed
+    # over the recorded calls (which `keras_tkfac.factored` relies on).
+    exact_rows = False
 
     def __init__(self, layer):
         self.layer = layer
@@ -222,6 +225,8 @@ def _taps(kernel_size):
 
 class DenseBlock(CurvatureBlock):
     """`keras.layers.Dense`; inputs of rank > 2 contribute one row per position."""
+
+    exact_rows = True
 
     def kernel_rows(self):
         return int(self.kernel.shape[0])

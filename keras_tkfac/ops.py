@@ -274,6 +274,64 @@ def precondition(left_inverse, grad_matrix, right_inverse):
     return tf.matmul(left_inverse, right)
 
 
+FactoredGradient = collections.namedtuple("FactoredGradient", ["a", "g", "matrix"])
+FactoredGradient.__doc__ = """A layer's gradient matrix with the rows it is the sum of.
+
+`matrix = a^T g`: `a` `[rows, d_in]` are the layer's inputs (with the bias column)
+and `g` `[rows, d_out]` the loss's gradients with respect to its outputs, one row
+per example (per position, for a dense layer applied to sequences).
+"""
+
+
+def full_precondition_flops(d_in, d_out):
+    """Multiply-adds x 2 of `L^{-1} G R^{-1}` for a `[d_in, d_out]` `G`."""
+    return 2 * d_in * d_out * (d_in + d_out)
+
+
+def factored_precondition_flops(rows, d_in, d_out):
+    """Multiply-adds x 2 of `(L^{-1} a^T)(g R^{-1})` for `rows` rows."""
+    return 2 * rows * (d_in * d_in + d_out * d_out + d_in * d_out)
+
+
+def precondition_factored(left_inverse, a, g, right_inverse):
+    """`U = L^{-1} (a^T g) R^{-1}`, computed as `(L^{-1} a^T)(g R^{-1})`.
+
+    Fewer flops than forming `G = a^T g` first when the rows are fewer than about
+    `d_in d_out (d_in + d_out) / (d_in^2 + d_out^2 + d_in d_out)` (see
+    `factored_precondition_flops`); the same `U` up to float rounding.
+    """
+    left = tf.matmul(left_inverse, a, transpose_b=True)
+    return tf.matmul(left, tf.matmul(g, right_inverse))
+
+
+def precondition_factored_or_full(left_inverse, grad, right_inverse, dtype=tf.float32):
+    """`L^{-1} G R^{-1}` for a `FactoredGradient`, in the form with fewer flops.
+
+    With a static number of rows the form is chosen when tracing; otherwise a
+    `tf.cond` chooses it at run time.
+    """
+    d_in, d_out = (int(d) for d in grad.matrix.shape)
+    full_flops = full_precondition_flops(d_in, d_out)
+    left, right = tf.cast(left_inverse, dtype), tf.cast(right_inverse, dtype)
+
+    def factored():
+        return precondition_factored(left, tf.cast(grad.a, dtype),
+                                     tf.cast(grad.g, dtype), right)
+
+    def full():
+        return precondition(left, tf.cast(grad.matrix, dtype), right)
+
+    rows = grad.a.shape[0]
+    if rows is not None:
+        cheaper = factored_precondition_flops(rows, d_in, d_out) < full_flops
+        update = factored() if cheaper else full()
+    else:
+        rows = tf.cast(tf.shape(grad.a)[0], tf.float64)
+        cheaper = factored_precondition_flops(rows, d_in, d_out) < full_flops
+        update = tf.cond(cheaper, factored, full)
+    return tf.cast(update, grad.matrix.dtype)
+
+
 def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.float32):
     """`precondition` of many layers: one batched product per group of equal shapes.
 
@@ -287,7 +345,8 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
         left_inverses: list of `L^{-1}`, one per layer.
         grad_matrices: list of gradient matrices `G`, same order; a
             `tf.IndexedSlices` (an embedding's gradient, with a diagonal `L^{-1}`)
-            is preconditioned by `precondition_rows`.
+            is preconditioned by `precondition_rows`, a `FactoredGradient` by
+            `precondition_factored_or_full`.
         right_inverses: list of `R^{-1}`, same order.
         dtype: the dtype of the products. Defaults to `float32`.
 
@@ -299,6 +358,9 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
     for i, triple in enumerate(zip(left_inverses, grad_matrices, right_inverses)):
         if isinstance(triple[1], tf.IndexedSlices):
             updates[i] = precondition_rows(*triple, dtype)
+            continue
+        if isinstance(triple[1], FactoredGradient):
+            updates[i] = precondition_factored_or_full(*triple, dtype)
             continue
         groups[tuple(tuple(m.shape) for m in triple)].append(i)
     for indices in groups.values():

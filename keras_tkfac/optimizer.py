@@ -16,6 +16,7 @@ import keras
 
 from keras_tkfac import cadence
 from keras_tkfac import distributed
+from keras_tkfac import factored
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import inverses as inverses_lib
 from keras_tkfac import ops
@@ -132,6 +133,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         fisher,
         inverse_dtype,
         precondition_dtype,
+        precondition_form,
         conv_location_stride,
         split_inverses,
         max_factor_dim,
@@ -161,6 +163,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                                 inverses_lib.INVERSE_DTYPES)
         validation.check_choice("precondition_dtype", precondition_dtype,
                                 _PRECONDITION_DTYPES)
+        validation.check_choice("precondition_form", precondition_form,
+                                factored.FORMS)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.damping = damping
         self.momentum = float(momentum)
@@ -173,6 +177,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.precondition_dtype = precondition_dtype
+        self.precondition_form = precondition_form
         self.conv_location_stride = int(conv_location_stride)
         self.split_inverses = bool(split_inverses)
         self.max_factor_dim = int(max_factor_dim)
@@ -185,6 +190,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._slots = []
         self._jit_math = False
         self._step_is_finite = None
+        # Trace-time hand-over from `update_curvature` to `apply_gradients` of the
+        # rows of the layers preconditioned in factored form (`factored`).
+        self._loss_rows = {}
 
     # Set-up -------------------------------------------------------------------
 
@@ -351,7 +359,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
                          loss_weights=None, sample_weight=None, loss_value=None,
-                         loss_scale=None):
+                         loss_scale=None, loss_output_gradients=None):
         """Updates the factor statistics and inverses when they are due.
 
         Call it after the forward pass and before `apply_gradients`, in the same
@@ -384,6 +392,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             loss_scale: optional, the loss-scaling factor of mixed precision; the
                 sampled-label backward pass is scaled by it (so float16 gradients do
                 not underflow) and the statistics are unscaled.
+            loss_output_gradients: optional, the gradients of the (scaled) training
+                loss with respect to `recording.outputs()`, computed by the same
+                `tape.gradient` call as the gradients then passed, unchanged, to
+                `apply_gradients`. With them dense layers may be preconditioned in
+                the factored form (`keras_tkfac.factored`), fewer flops when the
+                batch is smaller than the layers' widths. `wrap`'s training step
+                passes them.
 
         Statistics that are not finite (on any replica) are not folded into the
         moving averages; `skipped_statistics` counts such updates.
@@ -393,6 +408,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             output_names=getattr(recording.owner, "output_names", None),
         )
         self.curvature_updates += 1
+        self._loss_rows = {}
         if self._blocks is None:
             self.attach(recording.blocks, owner=recording.owner)
         if not self.built:
@@ -403,6 +419,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         factor_vars = [v for slot in slots for v in slot.factors]
         factor_vars += [self._factor_weight, self.skipped_statistics]
         scale = tf.constant(1.0) if loss_scale is None else tf.cast(loss_scale, tf.float32)
+        self._loss_rows = factored.loss_rows(
+            self, [slot.block for slot in slots], recording, loss_output_gradients,
+            scale)
         loss_ok = tf.constant(True) if loss_value is None else tf.reduce_all(
             tf.math.is_finite(loss_value))
 
@@ -513,7 +532,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             found.append((slot, indices, grad))
         updates = self._math(ops.precondition_many)(
             [slot.inverses[0].value for slot, *_ in found],
-            [_sparse_rows(slot.block, [grads[i] for i in indices], grad)
+            [factored.gradient(self._loss_rows.get(id(slot.block.layer)),
+                               _sparse_rows(slot.block, [grads[i] for i in indices],
+                                            grad))
              for slot, indices, grad in found],
             [slot.inverses[1].value for slot, *_ in found],
             self.precondition_dtype,
@@ -569,8 +590,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         grads = self._precondition(grads, list(trainable_variables), learning_rate)
         super()._backend_update_step(grads, trainable_variables, learning_rate)
-        # Trace-time hand-over to `update_step` only; not kept between steps.
+        # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
+        self._loss_rows = {}
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
@@ -633,6 +655,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "precondition_dtype": self.precondition_dtype,
+                "precondition_form": self.precondition_form,
                 "conv_location_stride": self.conv_location_stride,
                 "split_inverses": self.split_inverses,
                 "max_factor_dim": self.max_factor_dim,

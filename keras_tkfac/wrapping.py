@@ -240,12 +240,16 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             )
             scaled_loss = optimizer.scale_loss(loss)
         variables = self.trainable_variables
-        grads = tape.gradient(scaled_loss, variables)
+        # One backward pass: the gradients, and the loss's gradients with respect to
+        # the recorded outputs (the factored preconditioning's rows).
+        grads, output_grads = tape.gradient(
+            scaled_loss, (variables, recording.outputs()))
         curvature.update_curvature(
             recording, tape, y_pred, y_true=y, loss=self.loss,
             loss_weights=_loss_weights(self), sample_weight=sample_weight,
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
+            loss_output_gradients=output_grads,
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape
