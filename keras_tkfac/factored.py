@@ -44,19 +44,22 @@ def _static_rows(block, calls):
     return total
 
 
-def may_factor(block, rows):
-    """Whether `block`'s rows give its gradient exactly and (for a known number of
-    `rows`; `None` if unknown) save flops."""
+def exact(block):
+    """Whether `block`'s rows give its gradient exactly: `G = a^T g`."""
     layer = block.layer
     if (not getattr(block, "exact_rows", False) or block.groups > 1
             or block.input_kind != "dense"):
         return False
-    if any(getattr(layer, name, None) is not None
-           for name in ("kernel_regularizer", "bias_regularizer")):
-        return False
-    return rows is None or (
+    return all(getattr(layer, name, None) is None
+               for name in ("kernel_regularizer", "bias_regularizer"))
+
+
+def may_factor(block, rows):
+    """Whether `block` may use the factored form: its rows give its gradient exactly
+    and, for a known number of `rows` (`None` if unknown), save flops."""
+    return exact(block) and (rows is None or (
         ops.factored_precondition_flops(rows, block.d_in, block.d_out)
-        < ops.full_precondition_flops(block.d_in, block.d_out))
+        < ops.full_precondition_flops(block.d_in, block.d_out)))
 
 
 def _optimizer_allows(optimizer):
@@ -85,7 +88,7 @@ def loss_rows(optimizer, blocks, recording, output_grads, scale):
     if output_grads is None or not _optimizer_allows(optimizer):
         return {}
     wanted = {id(block.layer) for block in blocks
-              if recording.calls(block)
+              if exact(block) and recording.calls(block)
               and may_factor(block, _static_rows(block, recording.calls(block)))}
     if not wanted:
         return {}

@@ -589,7 +589,18 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             tf.cast(tf.logical_not(self._step_is_finite), tf.int32)
         )
         grads = self._precondition(grads, list(trainable_variables), learning_rate)
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        update = super()._backend_update_step
+        if distributed.is_distributed():
+            # A `tf.cond` in a replica's context cannot hold Keras's `merge_call`:
+            # `update_step` guards each update with `tf.where` instead.
+            update(grads, trainable_variables, learning_rate)
+        else:
+            # One `tf.cond` skips every update of a non-finite step; `update_step`
+            # then updates in place without per-element guards.
+            finite, self._step_is_finite = self._step_is_finite, None
+            tf.cond(finite,
+                    lambda: update(grads, trainable_variables, learning_rate),
+                    lambda: None)
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
         self._loss_rows = {}
@@ -605,10 +616,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """Preconditioned variables: decoupled weight decay, `m <- momentum * m + u`
         (`momentum * m + (1 - momentum) * u` under `step_control="graft"`),
         `theta -= lr * m`. The others: the first-order partner's step."""
-        ok = self._step_is_finite
-        if ok is None:
-            ok = tf.constant(True)
-        gradient = tf.where(ok, tf.cast(gradient, variable.dtype), 0.0)
+        ok = self._step_is_finite  # `None`: the step is known to be finite
+        gradient = tf.cast(gradient, variable.dtype)
+        if ok is not None:
+            gradient = tf.where(ok, gradient, 0.0)
         index = self._get_variable_index(variable)
         partner_slots = self._partner_slots[index]
         if partner_slots is None:
@@ -627,9 +638,18 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             step, new_slots = self._partner.step(
                 gradient, [s.value for s in slots], self.iterations)
         learning_rate = tf.cast(learning_rate, variable.dtype)
-        value = tf.convert_to_tensor(variable)
+        decay = None
         if self.weight_decay and self._use_weight_decay(variable):
             decay = tf.cast(self.weight_decay, variable.dtype)
+        if ok is None:
+            for slot, new in zip(slots, new_slots):
+                self.assign(slot, new)
+            if decay is not None:
+                self.assign_sub(variable, learning_rate * decay * variable)
+            self.assign_sub(variable, learning_rate * step)
+            return
+        value = tf.convert_to_tensor(variable)
+        if decay is not None:
             value = value - learning_rate * decay * value
         for slot, new in zip(slots, new_slots):
             self.assign(slot, tf.where(ok, new, slot))
