@@ -49,9 +49,13 @@ def main(argv):
             with keras_tkfac.record(model) as recording:
                 logits = model(x, training=True)
             loss = loss_fn(y, logits)
-        grads = tape.gradient(loss, model.trainable_variables)
+        # One backward pass: the gradients, and the loss's gradients with respect to the
+        # recorded layer outputs (dense layers then take the cheaper factored form).
+        grads, output_grads = tape.gradient(
+            loss, (model.trainable_variables, recording.outputs()))
         # Uses `tape` again for the sampled-label backward pass on statistics steps.
-        optimizer.update_curvature(recording, tape, logits, y_true=y, loss=loss_fn)
+        optimizer.update_curvature(recording, tape, logits, y_true=y, loss=loss_fn,
+                                   loss_output_gradients=output_grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 

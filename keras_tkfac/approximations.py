@@ -61,9 +61,9 @@ _COMMON_ARGS = """
             rounding), when `wrap`'s training step provides them and the layer's
             gradient is exactly `A^T G_out` (see `keras_tkfac.factored`): one
             replica, no regularizer on the layer, no gradient clipping or
-            accumulation. `"full"` always multiplies the gradient matrix; use it
-            for models with an `add_loss` on a covered layer's weights. Defaults to
-            `"auto"`.
+            accumulation, and a run-time check along a random direction (tied
+            weights, an `add_loss` on a kernel: the full form for that step).
+            `"full"` always multiplies the gradient matrix. Defaults to `"auto"`.
         conv_location_stride: int >= 1; convolution layers' statistics use the
             output locations on a grid of this stride along each spatial axis (the
             im2col rows of a statistics step shrink by about `stride^2` for a 2-D

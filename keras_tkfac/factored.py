@@ -18,11 +18,14 @@ holds for the gradient the optimizer receives. The rows are therefore used only:
 - for layers whose blocks have `exact_rows` (`Dense`, `EinsumDense`), ungrouped, with
   no kernel or bias regularizer (its gradient is not part of `a^T g`);
 - on one replica (under a strategy the gradient is summed over replicas);
-- when the optimizer neither clips nor accumulates gradients.
+- when the optimizer neither clips nor accumulates gradients;
+- and, at run time, when `G r = a^T (g r)` along a fixed random direction `r`
+  (`ops.rows_give_gradient`, Freivalds' test: `O(d_in d_out)` flops), which catches
+  what the static rules cannot see: a kernel shared with another layer (tied
+  weights), an `add_loss` on the kernel, a gradient changed between `tape.gradient`
+  and `apply_gradients`. The full form is used for that step instead.
 
-A loss term that depends on a covered layer's weights other than through its
-outputs and regularizers (an `add_loss` on the kernel) breaks the identity; for such
-models pass `precondition_form="full"`.
+`precondition_form="full"` turns the factored form off.
 """
 
 import tensorflow as tf

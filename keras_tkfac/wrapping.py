@@ -330,11 +330,21 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                     f"The saved model preconditions layer {saved['layer']!r} (class "
                     f"{saved['layer_class']!r}) with block {saved['block_class']!r}, "
                     "which is not registered now, so the optimizer's state cannot "
-                    "be restored. Call `keras_tkfac.register_block(<layer class>, "
-                    f"{saved['block_class']})` before loading. Received: "
-                    f"layer_class={saved['layer_class']!r}"
+                    f"be restored. Call {_registration_advice(saved['block_class'])} "
+                    f"before loading. Received: layer_class={saved['layer_class']!r}"
                 )
         return wrapper
+
+
+def _registration_advice(block_class):
+    """The call that registers `block_class` (a saved `module.qualname`) again."""
+    module, _, name = block_class.rpartition(".")
+    if module == "keras_tkfac.recurrent":
+        return "`keras_tkfac.register_recurrent_blocks()`"
+    if module == "keras_tkfac.blocks" and name in ("LayerNormalizationBlock",
+                                                   "BatchNormalizationBlock"):
+        return "`keras_tkfac.register_normalization_blocks()`"
+    return f"`keras_tkfac.register_block(<layer class>, {block_class})`"
 
 
 def _layer_class(name, custom_objects):

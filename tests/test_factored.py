@@ -92,6 +92,22 @@ def test_unknown_number_of_rows_chooses_at_run_time():
                                    atol=1e-8 * np.abs(expected).max())
 
 
+def test_rows_give_gradient_catches_a_term_the_rows_do_not_carry():
+    rng = np.random.default_rng(6)
+    a, g = rng.normal(size=(8, 30)), rng.normal(size=(8, 20))
+    matrix = a.T @ g
+    check = lambda m: bool(ops.rows_give_gradient(  # noqa: E731
+        ops.FactoredGradient(tf.constant(a, tf.float32), tf.constant(g, tf.float32),
+                             tf.constant(m, tf.float32))))
+    assert check(matrix)
+    assert not check(np.zeros_like(matrix))  # rows without their gradient
+    # A tied decoder's gradient, 10% of the rows' term, and a clipped gradient.
+    assert not check(matrix + 0.1 * rng.normal(size=matrix.shape) * np.abs(matrix).mean())
+    assert not check(0.5 * matrix)
+    zeros = ops.FactoredGradient(tf.zeros([8, 30]), tf.zeros([8, 20]), tf.zeros([30, 20]))
+    assert bool(ops.rows_give_gradient(zeros))
+
+
 def test_which_layers_may_use_rows():
     x = keras.Input((40,))
     dense = keras.layers.Dense(30)
@@ -132,7 +148,8 @@ def _fit(form, loss_scale, step_control):
         **({} if step_control == "graft" else {"kl_clip": None, "learning_rate": 0.01}))
     if loss_scale:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer,
+    # Not XLA-compiled: compiling costs more than these 16 steps.
+    model.compile(optimizer=optimizer, jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(7).normal(size=(64, 12)).astype("float32")
     y = np.arange(64) % 5
@@ -154,5 +171,71 @@ def test_fit_with_the_factored_form_takes_the_same_steps(loss_scale, step_contro
     # layer (its gradient is not a^T g) and the 49 x 5 logits layer (the full form
     # has fewer flops) do not.
     assert used == [(8, 13), (16, 25), (16, 65)]
+    for w_auto, w_full in zip(auto, full):
+        np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_loop_with_loss_output_gradients_matches_fit(factored_calls):
+    fitted = _fit("auto", False, "graft")
+    assert factored_calls
+    factored_calls.clear()
+    model = keras_tkfac.wrap(_model())
+    optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=2, inverse_update_freq=4)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = loss_fn(y, y_pred) + tf.add_n(model.losses)
+        grads, output_grads = tape.gradient(
+            loss, (model.trainable_variables, recording.outputs()))
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=loss_fn,
+                                   loss_output_gradients=output_grads)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    x = np.random.default_rng(7).normal(size=(64, 12)).astype("float32")
+    y = np.arange(64) % 5
+    for _ in range(2):
+        for start in range(0, 64, 8):
+            train_step(x[start:start + 8], y[start:start + 8])
+    assert sorted(set(factored_calls)) == [(8, 13), (16, 25), (16, 65)]
+    for w_loop, w_fit in zip(model.get_weights(), fitted):
+        np.testing.assert_allclose(w_loop, w_fit, rtol=1e-4, atol=1e-5)
+
+
+class _TiedDecoder(keras.layers.Layer):
+    """Decodes with the transpose of an encoder `Dense`'s kernel (tied weights)."""
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+
+    def call(self, h):
+        return keras.ops.matmul(h, keras.ops.transpose(self.encoder.kernel))
+
+
+def _tied_fit(form):
+    keras.utils.set_random_seed(2)
+    x = keras.Input((40,))
+    encoder = keras.layers.Dense(48, activation="tanh", name="encoder")
+    h = encoder(x)
+    model = keras_tkfac.wrap(keras.Model(x, _TiedDecoder(encoder)(h)))
+    model.compile(optimizer=keras_tkfac.TKFAC(
+        seed=0, precondition_form=form, factor_update_freq=2, inverse_update_freq=4,
+        step_control="trust_region", kl_clip=None, learning_rate=0.01), loss="mse",
+        jit_compile=False)
+    data = np.random.default_rng(8).normal(size=(32, 40)).astype("float32")
+    model.fit(data, data, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def test_tied_weights_take_the_full_form(factored_calls):
+    # The encoder's kernel also gets the decoder's gradient, which its rows do not
+    # carry: the run-time check must send it to the full form.
+    auto = _tied_fit("auto")
+    assert factored_calls == [(8, 41)] * len(factored_calls) and factored_calls
+    full = _tied_fit("full")
     for w_auto, w_full in zip(auto, full):
         np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)

@@ -325,6 +325,18 @@ def test_keras_file_round_trip_keeps_recurrent_curvature_state(tmp_path):
     assert recurrent.GRUBlock in [type(b) for b in loaded.blocks]
 
 
+def test_loading_without_the_recurrent_blocks_names_their_registration(
+        tmp_path, monkeypatch):
+    model = keras_tkfac.wrap(_small_sequence_model())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    for layer_class in REGISTERED:
+        monkeypatch.delitem(blocks.BLOCKS, layer_class)
+    with pytest.raises(ValueError, match=r"register_recurrent_blocks\(\)"):
+        keras.models.load_model(path)
+
+
 def _small_sequence_model():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None,), dtype="int32")

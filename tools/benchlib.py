@@ -17,6 +17,9 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_tkfac import factored
+from keras_tkfac import ops
+
 OFFLINE_DATASETS = ("mnist5k", "digits")
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
@@ -178,10 +181,12 @@ def resnet8(input_shape, classes, width=16):
 
 # Cost models -----------------------------------------------------------------
 
-LayerShape = collections.namedtuple("LayerShape", ["d_in", "d_out", "rows", "first"])
+LayerShape = collections.namedtuple("LayerShape",
+                                    ["d_in", "d_out", "rows", "first", "exact"])
 LayerShape.__doc__ = """A covered layer: gradient-matrix shape `[d_in, d_out]` (bias
-row included), Fisher rows per example (output locations) and whether it reads the
-model input (then no input gradient is computed)."""
+row included), Fisher rows per example (output locations), whether it reads the
+model input (then no input gradient is computed) and whether its rows give its
+gradient exactly (then it may be preconditioned in factored form)."""
 
 
 def layer_shapes(wrapped):
@@ -192,13 +197,15 @@ def layer_shapes(wrapped):
             block.d_in, block.d_out,
             int(np.prod(block.layer.output.shape[1:-1], dtype=np.int64)),
             id(block.layer.input) in inputs,
+            factored.exact(block),
         )
         for block in wrapped.blocks
     ]
 
 
 def step_flops(
-    shapes, batch_size, *, factor_update_freq=None, inverse_update_freq=None
+    shapes, batch_size, *, factor_update_freq=None, inverse_update_freq=None,
+    factored_form=False,
 ):
     """Matmul FLOPs of one training step, by part, amortised over the update periods.
 
@@ -206,7 +213,9 @@ def step_flops(
     the forward pass and the gradients (weights, and inputs except for the first
     layer): the whole step of a first-order optimizer. With `factor_update_freq` the
     curvature parts of TKFAC/KFAC are added: per step the preconditioning
-    `2 d_in^2 d_out + 2 d_in d_out^2`; every `factor_update_freq` steps the
+    `2 d_in^2 d_out + 2 d_in d_out^2` (with `factored_form`, for layers whose rows
+    are exact, the smaller of that and the factored form's
+    `2 R (d_in^2 + d_out^2 + d_in d_out)`); every `factor_update_freq` steps the
     sampled-label backward pass and the statistics `2 R (d_in^2 + d_out^2)` over `R`
     rows; every `inverse_update_freq` steps a Cholesky inverse (`7/3 d^3`) of each
     factor.
@@ -218,7 +227,10 @@ def step_flops(
         flops["forward_backward"] += product * (2 if s.first else 3)
         if factor_update_freq is None:
             continue
-        flops["preconditioning"] += 2.0 * s.d_in * s.d_out * (s.d_in + s.d_out)
+        full = ops.full_precondition_flops(s.d_in, s.d_out)
+        if factored_form and s.exact:
+            full = min(full, ops.factored_precondition_flops(r, s.d_in, s.d_out))
+        flops["preconditioning"] += float(full)
         statistics = 2.0 * r * (s.d_in**2 + s.d_out**2) + (0 if s.first else product)
         flops["statistics"] += statistics / factor_update_freq
         flops["inversion"] += 7.0 / 3.0 * (s.d_in**3 + s.d_out**3) / inverse_update_freq

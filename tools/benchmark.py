@@ -143,8 +143,10 @@ def _train(name, config, initial, train, test, problem, steps, batch_size, eval_
     periods = None
     if name in ("TKFAC", "KFAC"):
         periods = (optimizer.factor_update_freq, optimizer.inverse_update_freq)
-        flops = benchlib.step_flops(shapes, batch_size, factor_update_freq=periods[0],
-                                    inverse_update_freq=periods[1])
+        flops = benchlib.step_flops(
+            shapes, batch_size, factor_update_freq=periods[0],
+            inverse_update_freq=periods[1],
+            factored_form=optimizer.precondition_form == "auto")
     else:
         flops = benchlib.step_flops(shapes, batch_size)
         if name == "Muon":
