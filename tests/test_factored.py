@@ -175,6 +175,8 @@ def test_fit_with_the_factored_form_takes_the_same_steps(loss_scale, step_contro
         np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
 
 
+# 28 s (a fit and a custom loop); `make test-all` runs it.
+@pytest.mark.slow
 def test_custom_loop_with_loss_output_gradients_matches_fit(factored_calls):
     fitted = _fit("auto", False, "graft")
     assert factored_calls
