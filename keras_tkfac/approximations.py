@@ -6,10 +6,10 @@ import keras
 from keras_tkfac import ops
 from keras_tkfac import validation
 from keras_tkfac.optimizer import CurvatureOptimizer
-from keras_tkfac.optimizer import factor_trace
-from keras_tkfac.optimizer import group_shape
-from keras_tkfac.optimizer import input_factor_shape
-from keras_tkfac.optimizer import output_factor_shape
+from keras_tkfac.shapes import factor_trace
+from keras_tkfac.shapes import group_shape
+from keras_tkfac.shapes import input_factor_shape
+from keras_tkfac.shapes import output_factor_shape
 
 _COMMON_ARGS = """
     Args:

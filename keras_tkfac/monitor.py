@@ -1,7 +1,40 @@
 """`CurvatureMonitor`: per-layer curvature diagnostics for History and TensorBoard."""
 
+import numpy as np
 import tensorflow as tf
 import keras
+
+
+def _condition_number(matrix):
+    """The condition number; of a `[G, d, d]` batch, the worst group's."""
+    matrix = matrix.astype(np.float64)
+    if matrix.ndim == 1:
+        return float(np.max(np.abs(matrix)) / np.min(np.abs(matrix)))
+    return float(np.max(np.linalg.cond(matrix)))
+
+
+def curvature_report(optimizer):
+    """`optimizer.curvature_report()`: per-layer diagnostics of a built
+    `CurvatureOptimizer`, computed eagerly from its current state."""
+    if not optimizer.built:
+        return {}
+    damping = optimizer._current_damping()
+    last = optimizer._last_update.numpy()
+    report = {"kl_clip_scale": float(last[0])}
+    for i, slot in enumerate(optimizer._slots):
+        weight = optimizer._factor_weight[i]
+        factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
+        left, right = optimizer._damped_factors(slot.block, factors, damping)
+        conds = [_condition_number(m.numpy()) for m in (left, right)]
+        report[slot.block.name] = {
+            "trace": float(optimizer._trace(factors)),
+            "damping": float(tf.reduce_mean(
+                optimizer._layer_damping(slot.block, factors, damping))),
+            "cond_left": float(conds[0]),
+            "cond_right": float(conds[1]),
+            "update_ratio": float(last[i + 1]),
+        }
+    return report
 
 
 class CurvatureMonitor(keras.callbacks.Callback):

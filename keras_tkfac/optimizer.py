@@ -10,7 +10,6 @@ import random
 import weakref
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 import keras
 
@@ -19,8 +18,10 @@ from keras_tkfac import distributed
 from keras_tkfac import factored
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import inverses as inverses_lib
+from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
+from keras_tkfac import shapes
 from keras_tkfac import step_size
 from keras_tkfac import validation
 
@@ -40,45 +41,6 @@ def _jit(fn):
     return _jit_cache[fn]
 
 
-def _identity(shape, dtype=None):
-    """Initial inverses: identity matrices, or ones for a diagonal."""
-    if len(shape) == 1:
-        return tf.ones(shape, dtype=dtype)
-    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype)
-
-
-def group_shape(block):
-    return (block.groups,) if block.groups > 1 else ()
-
-
-def input_factor_shape(block):
-    if block.input_kind == "diagonal":
-        return (block.d_in,)
-    return group_shape(block) + (block.d_in, block.d_in)
-
-
-def output_factor_shape(block):
-    return group_shape(block) + (block.d_out, block.d_out)
-
-
-def _grad_matrix_shape(block):
-    """The shape of `block.grad_matrix`: the block's variables' gradients stacked."""
-    zeros = [tf.zeros(v.shape) for v in block.variables]
-    return tuple(block.grad_matrix(*zeros).shape)
-
-
-def matrix_factor_dims(block):
-    """The dimensions of `block`'s factors that are kept as dense matrices.
-
-    A diagonal input factor (an `Embedding`'s `[vocab]` vector) costs `d` floats and
-    `d` flops to invert, so its dimension does not count against `max_factor_dim`.
-    """
-    dims = [block.d_out]
-    if block.input_kind != "diagonal":
-        dims.append(block.d_in)
-    return dims
-
-
 def _sparse_rows(block, grads, grad_matrix):
     """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`), which
     `ops.precondition_many` multiplies alone; any other gradient as `grad_matrix`."""
@@ -87,21 +49,6 @@ def _sparse_rows(block, grads, grad_matrix):
         return tf.IndexedSlices(tf.cast(grads[0].values, tf.float32),
                                 grads[0].indices, grads[0].dense_shape)
     return grad_matrix
-
-
-def factor_trace(factor):
-    """The trace; of a diagonal vector, its sum; of a `[G, d, d]` batch, the total."""
-    if factor.shape.rank == 1:
-        return tf.reduce_sum(factor)
-    return tf.reduce_sum(tf.linalg.trace(factor))
-
-
-def _condition_number(matrix):
-    """The condition number; of a `[G, d, d]` batch, the worst group's."""
-    matrix = matrix.astype(np.float64)
-    if matrix.ndim == 1:
-        return float(np.max(np.abs(matrix)) / np.min(np.abs(matrix)))
-    return float(np.max(np.linalg.cond(matrix)))
 
 
 class CurvatureOptimizer(keras.optimizers.Optimizer):
@@ -257,7 +204,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             block_keys = [self._var_key(v) for v in block.variables]
             if block_keys[0] not in keys:
                 continue
-            if max(matrix_factor_dims(block)) > self.max_factor_dim:
+            if max(shapes.matrix_factor_dims(block)) > self.max_factor_dim:
                 logging.warning(
                     "keras_tkfac: layer %r has factors of dimension %d x %d, more "
                     "than max_factor_dim=%d; it takes the first-order fallback.",
@@ -280,11 +227,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             ]
             inverses = [
                 self.add_variable(
-                    shape, initializer=_identity,
+                    shape, initializer=shapes.identity,
                     name=f"{block.name}_{side}_inv", aggregation="only_first_replica",
                 )
-                for side, shape in (("left", input_factor_shape(block)),
-                                    ("right", output_factor_shape(block)))
+                for side, shape in (("left", shapes.input_factor_shape(block)),
+                                    ("right", shapes.output_factor_shape(block)))
             ]
             self._slots.append(_Slot(block, tuple(block_keys), factors, inverses))
         # Per layer, the weight of the moving averages (bias correction): a layer
@@ -315,7 +262,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if step_size.uses_moments(self.step_control):
             self._graft_moments = [
                 self.add_variable(
-                    _grad_matrix_shape(slot.block), initializer="zeros",
+                    shapes.grad_matrix_shape(slot.block), initializer="zeros",
                     name=f"{slot.block.name}_graft_moment",
                     aggregation="only_first_replica",
                 )
@@ -710,25 +657,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             and `cond_right` (condition numbers of the damped factors) and
             `update_ratio` (`|nu U| / |G|` of the last step).
         """
-        if not self.built:
-            return {}
-        damping = self._current_damping()
-        last = self._last_update.numpy()
-        report = {"kl_clip_scale": float(last[0])}
-        for i, slot in enumerate(self._slots):
-            weight = self._factor_weight[i]
-            factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
-            left, right = self._damped_factors(slot.block, factors, damping)
-            conds = [_condition_number(m.numpy()) for m in (left, right)]
-            report[slot.block.name] = {
-                "trace": float(self._trace(factors)),
-                "damping": float(tf.reduce_mean(
-                    self._layer_damping(slot.block, factors, damping))),
-                "cond_left": float(conds[0]),
-                "cond_right": float(conds[1]),
-                "update_ratio": float(last[i + 1]),
-            }
-        return report
+        return monitor.curvature_report(self)
 
     # Approximation-specific ---------------------------------------------------
 

@@ -1,0 +1,49 @@
+"""Shapes of a curvature block's factors, inverses and gradient matrix."""
+
+import tensorflow as tf
+
+
+def identity(shape, dtype=None):
+    """Initial inverses: identity matrices, or ones for a diagonal."""
+    if len(shape) == 1:
+        return tf.ones(shape, dtype=dtype)
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype)
+
+
+def group_shape(block):
+    return (block.groups,) if block.groups > 1 else ()
+
+
+def input_factor_shape(block):
+    if block.input_kind == "diagonal":
+        return (block.d_in,)
+    return group_shape(block) + (block.d_in, block.d_in)
+
+
+def output_factor_shape(block):
+    return group_shape(block) + (block.d_out, block.d_out)
+
+
+def grad_matrix_shape(block):
+    """The shape of `block.grad_matrix`: the block's variables' gradients stacked."""
+    zeros = [tf.zeros(v.shape) for v in block.variables]
+    return tuple(block.grad_matrix(*zeros).shape)
+
+
+def matrix_factor_dims(block):
+    """The dimensions of `block`'s factors that are kept as dense matrices.
+
+    A diagonal input factor (an `Embedding`'s `[vocab]` vector) costs `d` floats and
+    `d` flops to invert, so its dimension does not count against `max_factor_dim`.
+    """
+    dims = [block.d_out]
+    if block.input_kind != "diagonal":
+        dims.append(block.d_in)
+    return dims
+
+
+def factor_trace(factor):
+    """The trace; of a diagonal vector, its sum; of a `[G, d, d]` batch, the total."""
+    if factor.shape.rank == 1:
+        return tf.reduce_sum(factor)
+    return tf.reduce_sum(tf.linalg.trace(factor))
