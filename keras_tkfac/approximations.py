@@ -16,13 +16,15 @@ _COMMON_ARGS = """
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
             the step size `eta`, or `None` for the step control's default: `3e-3`
             under `"graft"` (Adam's scale: each layer moves as far as RMSProp would
-            at this learning rate), `0.1` under `"trust_region"` and `"kl_clip"`.
+            at this learning rate), `0.1` under `"trust_region"` and `"kl_clip"`,
+            `1.0` under `"quadratic"` (the fraction of the quadratic model's step).
             Defaults to `None`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
             Fisher block. Defaults to `0.1`.
         momentum: float in `[0, 1)`, `tau`; `0` disables momentum. Under `"graft"`
             it is an average, `m <- tau m + (1 - tau) u` (Adam's `beta_1`), else a
-            sum, `m <- tau m + u`. Defaults to `0.9`.
+            sum, `m <- tau m + u`; unused by `"quadratic"`, which chooses the
+            previous step's coefficient itself. Defaults to `0.9`.
         factor_decay: float in `[0, 1)`, the decay `epsilon` of the factor moving
             averages (bias-corrected). Defaults to `0.95`.
         factor_update_freq: int, statistics are refreshed every this many steps
@@ -33,16 +35,21 @@ _COMMON_ARGS = """
             `factor_update_freq * 2^j` before `inverse_update_freq` (see
             `keras_tkfac.cadence`). Defaults to `True`.
         kl_clip: float or `None`, the bound `kappa` on the (approximate) KL
-            divergence of a step under `"trust_region"` and `"kl_clip"` (unused by
-            `"graft"`); `None` disables it. Defaults to `0.1`.
+            divergence of a step under `"trust_region"` and `"kl_clip"`, and on the
+            predicted KL `(1/2) s^T C s` of the exact curvature under `"quadratic"`
+            (unused by `"graft"`); `None` disables it. Defaults to `0.1`.
         step_control: `"graft"`: each layer's update `U_l` is rescaled to the norm
             of RMSProp's step `G_l / sqrt(v_l)` (Adam without its first moment), so
             the curvature gives the direction and the gradient's statistics the
             length; `"trust_region"`: `kl_clip` bounds the unit step
             `nu = min(1, sqrt(kappa / <U, G>))` and the learning rate scales every
             step; `"kl_clip"`: Ba et al.'s `nu = min(1, sqrt(kappa / (eta^2 <U, G>)))`,
-            under which a binding clip makes the learning rate irrelevant. See
-            `keras_tkfac.step_size`. Defaults to `"graft"`.
+            under which a binding clip makes the learning rate irrelevant;
+            `"quadratic"` (Martens & Grosse, 2015, §7): the step `a U + b M` (`M`
+            the previous step) minimises the quadratic model of the loss built on
+            the exact Gauss-Newton matrix of the batch (one extra forward-mode
+            pass per direction, `keras_tkfac.quadratic`), times the learning rate.
+            See `keras_tkfac.step_size`. Defaults to `"graft"`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.

@@ -481,3 +481,54 @@ def graft(update, norm):
     """`update` rescaled to the norm `norm` (zero stays zero)."""
     return update * tf.math.divide_no_nan(norm, tf.norm(update))
 
+
+
+def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
+    """Coefficients `(a, b)` of the step `s = a U + b M` that minimises the model
+    `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` (Martens & Grosse, 2015, §7).
+
+    `U` is the preconditioned gradient, `M` the previous step, `G` the gradient and
+    `C` the exact curvature (generalised Gauss-Newton) of the loss; the weights move by
+    `-s`. With `K = [<x, C y>]` and `N = [<x, y>]` over `x, y in (U, M)` and
+    `r = [<U, G>, <M, G>]`, the minimiser is `(a, b) = (K + lambda N)^{-1} r`. Where
+    that 2 x 2 system is singular (the first step, `M = 0`, or `M` parallel to `U`)
+    the step is `a = <U, G> / (<U, C U> + lambda |U|^2)`, `b = 0`. A non-finite or
+    non-positive curvature gives `(0, 0)`: no step rather than a wrong one. With
+    `max_kl`, a step whose predicted KL divergence `(1/2) s^T C s` exceeds it is
+    shortened to it (a safeguard; the model's minimiser is not changed otherwise).
+
+    Args:
+        curvature: `[2, 2]`, `K`.
+        norms: `[2, 2]`, `N`.
+        slopes: `[2]`, `r`.
+        damping: `lambda`, a scalar.
+        max_kl: optional bound on `(1/2) s^T C s`.
+
+    Returns:
+        `(a, b, q)`: scalars, with `q <= 0` the model's value at the (unshortened)
+        step.
+    """
+    matrix = tf.cast(curvature, tf.float64) + tf.cast(damping, tf.float64) * tf.cast(
+        norms, tf.float64)
+    slopes = tf.cast(slopes, tf.float64)
+    a_only = tf.math.divide_no_nan(slopes[0], matrix[0, 0])
+    det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]
+    solvable = tf.logical_and(matrix[1, 1] > 0.0,
+                              det > 1e-6 * tf.abs(matrix[0, 0] * matrix[1, 1]))
+    safe_det = tf.where(solvable, det, tf.ones_like(det))
+    a_pair = (matrix[1, 1] * slopes[0] - matrix[0, 1] * slopes[1]) / safe_det
+    b_pair = (matrix[0, 0] * slopes[1] - matrix[1, 0] * slopes[0]) / safe_det
+    a = tf.where(solvable, a_pair, a_only)
+    b = tf.where(solvable, b_pair, tf.zeros_like(b_pair))
+    value = -0.5 * (a * slopes[0] + b * slopes[1])
+    ok = tf.logical_and(matrix[0, 0] > 0.0, tf.math.is_finite(value))
+    ok = tf.logical_and(ok, value <= 0.0)
+    if max_kl is not None:
+        coefficients = tf.stack([a, b])
+        kl = 0.5 * tf.reduce_sum(coefficients * tf.linalg.matvec(
+            tf.cast(curvature, tf.float64), coefficients))
+        shorten = tf.sqrt(tf.math.divide_no_nan(tf.cast(max_kl, tf.float64), kl))
+        shorten = tf.where(kl > max_kl, shorten, tf.ones_like(shorten))
+        a, b = a * shorten, b * shorten
+    zero = tf.zeros_like(a)
+    return tuple(tf.cast(tf.where(ok, x, zero), tf.float32) for x in (a, b, value))

@@ -21,6 +21,7 @@ from keras_tkfac import inverses as inverses_lib
 from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
+from keras_tkfac import quadratic
 from keras_tkfac import shapes
 from keras_tkfac import step_size
 from keras_tkfac import validation
@@ -137,9 +138,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._slots = []
         self._jit_math = False
         self._step_is_finite = None
-        # Trace-time hand-over from `update_curvature` to `apply_gradients` of the
-        # rows of the layers preconditioned in factored form (`factored`).
-        self._loss_rows = {}
+        # Trace-time hand-overs from `update_curvature` to `apply_gradients`: rows
+        # of the factored form (`factored`), the `quadratic` step's products.
+        self._loss_rows, self._products = {}, None
 
     # Set-up -------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         for variable in var_list:
             index = self._get_variable_index(variable)
             if self._var_key(variable) in covered:
-                if self.momentum > 0:
+                if self.momentum > 0 or step_size.uses_products(self.step_control):
                     self._momentums[index] = self.add_variable_from_reference(
                         variable, "momentum")
                 continue
@@ -306,7 +307,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
                          loss_weights=None, sample_weight=None, loss_value=None,
-                         loss_scale=None, loss_output_gradients=None):
+                         loss_scale=None, loss_output_gradients=None, forward=None):
         """Updates the factor statistics and inverses when they are due.
 
         Call it after the forward pass and before `apply_gradients`, in the same
@@ -346,6 +347,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 the factored form (`keras_tkfac.factored`), fewer flops when the
                 batch is smaller than the layers' widths. `wrap`'s training step
                 passes them.
+            forward: optional, `() -> y_pred`, the model's forward pass on this
+                step's batch in training mode (`lambda: model(x, training=True)`),
+                which `step_control="quadratic"` needs for its exact curvature
+                products (`keras_tkfac.quadratic`). `wrap`'s training step passes it.
 
         Statistics that are not finite (on any replica) are not folded into the
         moving averages; `skipped_statistics` counts such updates.
@@ -356,6 +361,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         self.curvature_updates += 1
         self._loss_rows = {}
+        self._products = quadratic.hand_over(
+            self, forward, outputs, y_true, sample_weight, recording.owner)
         if self._blocks is None:
             self.attach(recording.blocks, owner=recording.owner)
         if not self.built:
@@ -490,20 +497,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if not used:
             return grads
         if step_size.uses_moments(self.step_control):
-            moments = [self._graft_moments[self._slots.index(slot)]
-                       for slot, *_ in used]
-            updates, new_moments = step_size.graft_updates(
-                [u for *_, u in used], [g for *_, g, _ in used],
-                [m.value for m in moments], self.iterations + 1,
+            used = step_size.graft_step(self, used)
+        if step_size.uses_products(self.step_control):
+            used, scale = quadratic.steps(self, used, variables)
+        else:
+            scale = step_size.update_scale(
+                self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
+                learning_rate, self.kl_clip,
             )
-            ok = self._step_is_finite
-            for moment, new in zip(moments, new_moments):
-                moment.assign(new if ok is None else tf.where(ok, new, moment))
-            used = [(*rest, u) for (*rest, _), u in zip(used, updates)]
-        scale = step_size.update_scale(
-            self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
-            learning_rate, self.kl_clip,
-        )
         ratios = [tf.constant(0.0)] * len(self._slots)
         for slot, _, grad, update in used:
             ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
@@ -551,6 +552,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
         self._loss_rows = {}
+        self._products = None
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
@@ -572,11 +574,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if partner_slots is None:
             momentum = self._momentums[index]
             slots = [] if momentum is None else [momentum]
-            step = gradient
-            if momentum is not None and step_size.averages_momentum(self.step_control):
-                step = self.momentum * momentum + (1.0 - self.momentum) * gradient
-            elif momentum is not None:
-                step = self.momentum * momentum + gradient
+            step = step_size.momentum_step(self.step_control, self.momentum,
+                                           momentum, gradient)
             new_slots = [step] if momentum is not None else []
         else:
             slots = partner_slots

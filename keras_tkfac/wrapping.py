@@ -250,6 +250,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
             loss_output_gradients=output_grads,
+            forward=lambda: self(x, training=True),
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape

@@ -1,0 +1,246 @@
+"""Exact curvature products for the quadratic-model step (`step_control="quadratic"`).
+
+The step `s = a U + b M` (`U` the preconditioned gradient, `M` the previous step) has
+its coefficients chosen by minimising the quadratic model of the loss along the two
+directions (Martens & Grosse, 2015, §7; `ops.quadratic_model_step`). The model's
+curvature is the exact generalised Gauss-Newton matrix `C = J^T H J` of this step's
+batch, not the Kronecker-factored approximation: `J` is the Jacobian of the model
+output (the logits behind a softmax or sigmoid, where Keras's loss reads them) with
+respect to the weights, and `H` the Fisher of the model's predictive distribution
+in that output, which for the cross-entropies on logits and for mean squared error
+is the Hessian of the loss (the Gauss-Newton matrix) and does not depend on the
+labels:
+
+- categorical (sparse or one-hot) cross-entropy: `diag(p) - p p^T` on logits,
+  `diag(1 / p)` on probabilities (a softmax output whose logits are not visible);
+- binary cross-entropy: `p (1 - p)` on logits, `1 / (p (1 - p))` on probabilities,
+  divided by the `D` units Keras averages over;
+- mean squared error: `2 / D`;
+- any other loss (`fisher="empirical"`): the Hessian of the loss at the real labels
+  with respect to the output, by a Hessian-vector product (positive semi-definite
+  for losses convex in the output).
+
+`curvature_gram` computes `[<x, C y>]` for `x, y` among the directions with one
+forward-mode pass per direction (`tf.autodiff.ForwardAccumulator`: `J x`). It is a
+mean over the batch's loss terms, weighted as Keras's loss is (`loss_weights`,
+sample weights).
+
+The forward passes run in training mode (dropout, batch statistics) like the step's
+own; the model's non-trainable variables (BatchNormalization's moving statistics)
+are restored after them, so they move once per step as without this control.
+"""
+
+import functools
+
+from absl import logging
+import tensorflow as tf
+
+from keras_tkfac import distributed
+from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import step_size
+
+
+def _weighted_mean(losses, weight):
+    """Keras's `sum_over_batch_size` of `losses` under per-example `weight`."""
+    losses = tf.cast(losses, tf.float32)
+    if weight is not None:
+        weight = tf.cast(tf.reshape(weight, [-1]), tf.float32)
+        shape = tf.concat(
+            [tf.shape(weight), tf.ones([tf.rank(losses) - 1], tf.int32)], 0)
+        losses = losses * tf.reshape(weight, shape)
+    return tf.math.divide_no_nan(tf.reduce_sum(losses),
+                                 tf.cast(tf.size(losses), tf.float32))
+
+
+_EPSILON = 1e-7
+
+
+def _bilinear(spec, logits, y_pred, x, y):
+    """Per loss term, `x^T H y` for the Fisher `H` of `spec`'s distribution in the
+    output it is differentiated through (`logits`: the logits behind `y_pred`)."""
+    x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
+    if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+        if logits:
+            probs = tf.nn.softmax(tf.cast(y_pred, tf.float32), axis=-1)
+            return (tf.reduce_sum(probs * x * y, -1)
+                    - tf.reduce_sum(probs * x, -1) * tf.reduce_sum(probs * y, -1))
+        probs = tf.maximum(tf.cast(y_pred, tf.float32), _EPSILON)
+        return tf.reduce_sum(x * y / probs, -1)
+    if spec.kind == "binary_crossentropy":
+        if logits:
+            probs = tf.sigmoid(tf.cast(y_pred, tf.float32))
+            return tf.reduce_mean(probs * (1.0 - probs) * x * y, -1)
+        probs = tf.clip_by_value(tf.cast(y_pred, tf.float32), _EPSILON, 1.0 - _EPSILON)
+        return tf.reduce_mean(x * y / (probs * (1.0 - probs)), -1)
+    return 2.0 * tf.reduce_mean(x * y, -1)  # mean_squared_error
+
+
+def _hessian_products(output, label, source, y_pred, jvps):
+    """`H J x` for each `J x` in `jvps`: the Hessian of the loss at the real labels
+    with respect to `source` (losses the Fisher has no formula for)."""
+    products = []
+    for jvp in jvps:
+        with tf.GradientTape() as outer:
+            outer.watch(source)
+            with tf.GradientTape() as inner:
+                inner.watch(source)
+                total = tf.reduce_sum(tf.cast(output.spec.fn(label, y_pred), tf.float32))
+            grad = inner.gradient(total, source,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            along = tf.reduce_sum(tf.cast(grad, tf.float32) * tf.stop_gradient(jvp))
+        products.append(tf.cast(outer.gradient(
+            along, source, unconnected_gradients=tf.UnconnectedGradients.ZERO),
+            tf.float32))
+    return products
+
+
+def _sources(outputs, y_pred):
+    flat = tf.nest.flatten(y_pred)
+    return [fisher_lib._logits_source(o.spec, flat[o.index]) for o in outputs], flat
+
+
+def _forward_mode(forward, outputs, primals, directions):
+    """`(J x for x in directions, sources, flat y_pred)` by forward-mode passes."""
+    jvps, first = [], None
+    for direction in directions:
+        tangents = [tf.cast(d, p.dtype) for d, p in zip(direction, primals)]
+        with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+            found, flat = _sources(outputs, forward())
+        jvps.append([
+            tf.cast(accumulator.jvp(s, tf.UnconnectedGradients.ZERO), tf.float32)
+            for s in found
+        ])
+        first = first or (found, flat)
+    return jvps, *first
+
+
+def _reverse_mode(forward, outputs, primals, directions):
+    """`_forward_mode`'s result as `d/du <J^T u, x>` (one forward pass)."""
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(primals)
+            found, flat = _sources(outputs, forward())
+        dummies = [tf.zeros_like(s) for s in found]
+        outer.watch(dummies)
+        transposed = inner.gradient(
+            found, primals, output_gradients=dummies,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        dots = [tf.add_n([tf.reduce_sum(t * tf.cast(d, t.dtype))
+                          for t, d in zip(transposed, direction)])
+                for direction in directions]
+    jvps = [[tf.cast(j, tf.float32) for j in outer.gradient(
+        dot, dummies, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+        for dot in dots]
+    return jvps, found, flat
+
+
+def curvature_gram(forward, outputs, y_true, sample_weight, variables, directions,
+                   state=()):
+    """`[<x, C y>]` over `x, y` in `directions`, `C` the batch's Gauss-Newton matrix.
+
+    Args:
+        forward: `() -> y_pred`, the model's forward pass on this step's batch in
+            training mode.
+        outputs: the `fisher.OutputLoss`es of the training loss.
+        y_true: the real labels, structured as for `fisher.output_cotangents` (only
+            losses without a Fisher formula read them).
+        sample_weight: optional per-example weights.
+        variables: the variables the directions move (Keras or TF variables).
+        directions: a list of lists of tensors, each aligned with `variables`.
+        state: variables to restore after the forward passes.
+
+    Returns:
+        A symmetric `[len(directions), len(directions)]` float32 tensor, the mean
+        over the replicas' batches under a strategy.
+    """
+    saved = [tf.identity(v) for v in state]
+    primals = [getattr(v, "value", v) for v in variables]
+    try:
+        jvps, sources, flat = _forward_mode(forward, outputs, primals, directions)
+    except Exception as error:  # pylint: disable=broad-except
+        # Forward mode cannot pass some layers (Keras's LSTM loop): `J x` as the
+        # gradient of `J^T u` with respect to `u` (two backward passes) instead.
+        logging.log_first_n(
+            logging.INFO, "keras_tkfac: forward-mode products failed (%s); using "
+            "reverse-over-reverse products.", 1, type(error).__name__)
+        jvps, sources, flat = _reverse_mode(forward, outputs, primals, directions)
+    for variable, value in zip(state, saved):
+        variable.assign(value)
+    labels = fisher_lib._per_output_values(y_true, outputs, len(flat), "y_true")
+    weights = fisher_lib._per_output_values(
+        sample_weight, outputs, len(flat), "sample_weight")
+    count = len(directions)
+    gram = [[0.0] * count for _ in range(count)]
+    for k, (output, label, weight) in enumerate(zip(outputs, labels, weights)):
+        source, y_pred = sources[k], flat[output.index]
+        output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+        along = [jvp[k] for jvp in jvps]
+        if output.spec.kind is None:
+            products = _hessian_products(output, label, source, y_pred, along)
+            size = tf.cast(tf.size(output.spec.fn(label, y_pred)), tf.float32)
+        for i in range(count):
+            for j in range(i, count):
+                if output.spec.kind is None:
+                    value = tf.math.divide_no_nan(
+                        tf.reduce_sum(along[i] * products[j]), size)
+                else:
+                    value = _weighted_mean(_bilinear(
+                        output.spec, source is not y_pred or output.spec.from_logits,
+                        source, along[i], along[j]), weight)
+                gram[i][j] = gram[i][j] + output_weight * value
+    gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
+                     for i in range(count)])
+    return distributed.all_reduce("mean", [gram])[0]
+
+
+def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
+    """`(variables, directions) -> Gram` for this step, or `None` when the
+    optimizer's step control needs no products or no `forward` was given."""
+    if forward is None or not step_size.uses_products(optimizer.step_control):
+        return None
+    state = owner.non_trainable_variables if owner is not None else ()
+    return functools.partial(curvature_gram, forward, outputs, y_true, sample_weight,
+                             state=state)
+
+
+def steps(optimizer, used, variables):
+    """The optimizer's `step_control="quadratic"` steps.
+
+    Args:
+        optimizer: the `CurvatureOptimizer`.
+        used: its `(slot, indices, G_l, U_l)` of the preconditioned layers.
+        variables: the variables being updated, which `indices` index.
+
+    Returns:
+        `(used with a U_l + b M_l in place of U_l, 1)`; `M_l` is the momentum slot,
+        which holds the previous step.
+    """
+    if optimizer._products is None:
+        raise ValueError(
+            'step_control="quadratic" needs exact curvature products: pass '
+            "`forward=lambda: model(x, training=True)` to `update_curvature` "
+            "(keras_tkfac.wrap's training step does). Received: forward=None")
+    covered = [variables[i] for _, indices, *_ in used for i in indices]
+    momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
+                 for v in variables]
+    previous = [slot.block.grad_matrix(*[tf.cast(momentums[i], tf.float32)
+                                         for i in indices])
+                for slot, indices, *_ in used]
+
+    def products(directions):
+        return optimizer._products(covered, [
+            [p for (slot, *_), d in zip(used, direction)
+             for p in slot.block.split_matrix(d) if p is not None]
+            for direction in directions])
+
+    damping = optimizer._current_damping()
+    dampings = []
+    for slot, *_ in used:
+        weight = optimizer._factor_weight[optimizer._slots.index(slot)]
+        factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
+        dampings.append(tf.reduce_mean(
+            optimizer._layer_damping(slot.block, factors, damping)))
+    found = step_size.quadratic_updates(
+        products, dampings, [u for *_, u in used],
+        [g for *_, g, _ in used], previous, optimizer.kl_clip)
+    return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)

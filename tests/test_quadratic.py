@@ -1,0 +1,285 @@
+"""The quadratic-model step (`step_control="quadratic"`, `keras_tkfac.quadratic`)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from keras_tkfac import fisher
+from keras_tkfac import ops
+from keras_tkfac import quadratic
+
+RNG = np.random.default_rng(0)
+
+
+def test_model_step_solves_the_two_by_two_system():
+    basis = RNG.normal(size=(2, 5))
+    c = RNG.normal(size=(5, 5))
+    curvature = basis @ (c @ c.T) @ basis.T
+    norms = basis @ basis.T
+    slopes = RNG.normal(size=2)
+    a, b, value = ops.quadratic_model_step(curvature, norms, slopes, 0.3)
+    expected = np.linalg.solve(curvature + 0.3 * norms, slopes)
+    np.testing.assert_allclose([a, b], expected, rtol=1e-5)
+    np.testing.assert_allclose(value, -0.5 * slopes @ expected, rtol=1e-5)
+    assert value < 0
+
+
+def test_model_step_without_a_previous_step_is_one_dimensional():
+    curvature = np.array([[2.0, 0.0], [0.0, 0.0]])
+    norms = np.array([[3.0, 0.0], [0.0, 0.0]])
+    a, b, value = ops.quadratic_model_step(curvature, norms, [1.5, 0.0], 0.5)
+    np.testing.assert_allclose([a, b, value], [1.5 / 3.5, 0.0, -0.5 * 1.5**2 / 3.5],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("curvature", [[[0.0, 0.0], [0.0, 0.0]],
+                                       [[np.nan, 0.0], [0.0, 1.0]]])
+def test_model_step_without_positive_curvature_is_no_step(curvature):
+    a, b, _ = ops.quadratic_model_step(curvature, np.zeros((2, 2)), [1.0, 0.0], 0.0)
+    assert float(a) == 0.0 and float(b) == 0.0
+
+
+def _two_head_model():
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="hidden")(inputs)
+    classes = keras.layers.Dense(3, activation="softmax", name="classes")(hidden)
+    values = keras.layers.Dense(2, name="values")(hidden)
+    return keras.Model(inputs, {"classes": classes, "values": values})
+
+
+def _explicit_gauss_newton(model, x, weights, loss_weights):
+    """`sum_k w_k / B sum_n s_n J_nk^T H_nk J_nk` with `J` by `tape.jacobian`."""
+    variables = model.trainable_variables
+    hidden, classes, values = (model.get_layer(n) for n in ("hidden", "classes",
+                                                             "values"))
+    with tf.GradientTape(persistent=True) as tape:
+        h = tf.tanh(x @ hidden.kernel.value + hidden.bias.value)
+        logits = h @ classes.kernel.value + classes.bias.value
+        outputs = h @ values.kernel.value + values.bias.value
+    np.testing.assert_allclose(tf.nn.softmax(logits), model(x)["classes"], atol=1e-6)
+
+    def jacobian(target):
+        parts = [tape.jacobian(target, v.value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                 for v in variables]
+        return np.concatenate(
+            [np.reshape(p, (*target.shape, -1)) for p in parts], axis=-1
+        ).astype(np.float64)
+
+    j_classes, j_values = jacobian(logits), jacobian(outputs)
+    probs = tf.nn.softmax(logits).numpy().astype(np.float64)
+    size = j_classes.shape[-1]
+    gauss_newton = np.zeros((size, size))
+    for n in range(len(x)):
+        h_classes = np.diag(probs[n]) - np.outer(probs[n], probs[n])
+        h_values = 2.0 / 2 * np.eye(2)  # Keras's MSE averages over the 2 units.
+        gauss_newton += weights[n] * (
+            loss_weights["classes"] * j_classes[n].T @ h_classes @ j_classes[n]
+            + loss_weights["values"] * j_values[n].T @ h_values @ j_values[n]
+        ) / len(x)
+    return gauss_newton
+
+
+def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
+    keras.utils.set_random_seed(1)
+    model = _two_head_model()
+    x = RNG.normal(size=(6, 3)).astype("float32")
+    y = {"classes": RNG.integers(0, 3, size=6), "values": RNG.normal(size=(6, 2))}
+    weights = RNG.uniform(0.2, 2.0, size=6).astype("float32")
+    loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
+    loss_weights = {"classes": 0.3, "values": 2.0}
+    outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
+                                    output_names=["classes", "values"])
+    variables = model.trainable_variables
+    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
+                  for _ in range(2)]
+    gram = quadratic.curvature_gram(lambda: model(x, training=True), outputs, y,
+                                    weights, variables, directions)
+    flat = np.array([np.concatenate([np.ravel(d) for d in direction])
+                     for direction in directions], dtype=np.float64)
+    expected = flat @ _explicit_gauss_newton(model, x, weights, loss_weights) @ flat.T
+    np.testing.assert_allclose(gram, expected, rtol=1e-4)
+
+
+def _classifier(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(6, activation="tanh"),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+
+
+def _data():
+    rng = np.random.default_rng(3)
+    return rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, size=16)
+
+
+def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None):
+    """The weights after each of `steps` quadratic-model steps on one batch."""
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    optimizer = keras_tkfac.TKFAC(
+        learning_rate=learning_rate, step_control="quadratic", damping=damping,
+        kl_clip=kl_clip, factor_update_freq=1, inverse_update_freq=1, seed=0)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    trajectory = [[v.numpy().astype(np.float64) for v in model.trainable_variables]]
+    for _ in range(steps):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        trajectory.append(
+            [v.numpy().astype(np.float64) for v in model.trainable_variables])
+    return trajectory
+
+
+def _gradient_and_curvature(weights):
+    """The batch gradient and explicit Gauss-Newton matrix at `weights`."""
+    x, y = _data()
+    model = _classifier(0)
+    model.set_weights([w.astype("float32") for w in weights])
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    variables = model.trainable_variables
+    kernel_1, bias_1, kernel_2, bias_2 = (v.value for v in variables)
+    with tf.GradientTape(persistent=True) as tape:
+        hidden = tf.tanh(x @ kernel_1 + bias_1)
+        logits = hidden @ kernel_2 + bias_2
+        value = loss(y, tf.nn.softmax(logits))
+    grad = np.concatenate([np.ravel(g) for g in tape.gradient(
+        value, [v.value for v in variables])])
+    jac = np.concatenate([np.reshape(tape.jacobian(logits, v.value), (16, 3, -1))
+                          for v in variables], axis=-1).astype(np.float64)
+    probs = tf.nn.softmax(logits).numpy().astype(np.float64)
+    curvature = sum(j.T @ (np.diag(p) - np.outer(p, p)) @ j
+                    for j, p in zip(jac, probs)) / 16
+    return grad.astype(np.float64), curvature
+
+
+def _flat(weights):
+    return np.concatenate([np.ravel(w) for w in weights])
+
+
+def test_steps_minimise_the_damped_model_along_their_directions():
+    damping = 0.1
+    trajectory = _fit_steps(2, damping=damping)
+    first = _flat(trajectory[0]) - _flat(trajectory[1])
+    second = _flat(trajectory[1]) - _flat(trajectory[2])
+    grad, curvature = _gradient_and_curvature(trajectory[0])
+    damped = curvature + damping * np.eye(len(grad))
+    # First step: s = a U minimises q along U, so q'(s) is orthogonal to s.
+    np.testing.assert_allclose(first @ grad, first @ damped @ first, rtol=2e-3)
+    # Second step: s = a U + b M with M the first step; q'(s) is orthogonal to both.
+    grad, curvature = _gradient_and_curvature(trajectory[1])
+    damped = curvature + damping * np.eye(len(grad))
+    residual = grad - damped @ second
+    for direction in (first, second):
+        assert abs(direction @ residual) < 2e-3 * np.linalg.norm(
+            direction) * np.linalg.norm(grad)
+    assert np.all(np.isfinite(second)) and np.abs(second).max() > 0
+
+
+def test_kl_bound_shortens_a_long_step():
+    free = _fit_steps(1)
+    bounded = _fit_steps(1, kl_clip=1e-3)
+    step = _flat(bounded[0]) - _flat(bounded[1])
+    _, curvature = _gradient_and_curvature(bounded[0])
+    np.testing.assert_allclose(0.5 * step @ curvature @ step, 1e-3, rtol=2e-3)
+    # The same direction, shortened.
+    unbounded = _flat(free[0]) - _flat(free[1])
+    assert 0.5 * unbounded @ curvature @ unbounded > 1e-3
+    np.testing.assert_allclose(
+        step / np.linalg.norm(step), unbounded / np.linalg.norm(unbounded), atol=1e-5)
+
+
+def test_learning_rate_scales_the_model_step():
+    full = _fit_steps(1, learning_rate=1.0)
+    half = _fit_steps(1, learning_rate=0.5)
+    np.testing.assert_allclose(
+        _flat(half[0]) - _flat(half[1]),
+        0.5 * (_flat(full[0]) - _flat(full[1])), rtol=1e-4, atol=1e-7)
+
+
+def test_batch_statistics_move_once_per_step():
+    x, y = _data()
+
+    def moving_mean(step_control):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((5,)), keras.layers.Dense(4),
+            keras.layers.BatchNormalization(), keras.layers.Dense(3,
+                                                                  activation="softmax"),
+        ]))
+        model.compile(optimizer=keras_tkfac.TKFAC(step_control=step_control, seed=0),
+                      loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        return model.model.layers[1].moving_mean.numpy()
+
+    np.testing.assert_allclose(moving_mean("quadratic"), moving_mean("graft"),
+                               rtol=1e-6)
+
+
+def test_custom_loop_without_forward_says_what_to_pass():
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    optimizer = keras_tkfac.TKFAC(step_control="quadratic")
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.update_curvature(recording, tape, y_pred, y_true=y,
+                               loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="forward"):
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+
+def test_custom_loop_with_forward_trains():
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    optimizer = keras_tkfac.TKFAC(step_control="quadratic", seed=0)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    losses = []
+    for _ in range(5):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = loss_fn(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=loss_fn,
+                                   forward=lambda: model(x, training=True))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_reverse_mode_products_equal_forward_mode():
+    keras.utils.set_random_seed(2)
+    model = _two_head_model()
+    x = RNG.normal(size=(5, 3)).astype("float32")
+    outputs = fisher.resolve_losses(
+        {"classes": "sparse_categorical_crossentropy", "values": "mse"}, "true",
+        model(x), output_names=["classes", "values"])
+    primals = [v.value for v in model.trainable_variables]
+    directions = [[RNG.normal(size=p.shape).astype("float32") for p in primals]
+                  for _ in range(2)]
+    forward = lambda: model(x, training=True)  # noqa: E731
+    expected, _, _ = quadratic._forward_mode(forward, outputs, primals, directions)
+    found, _, _ = quadratic._reverse_mode(forward, outputs, primals, directions)
+    for want, got in zip(expected, found):
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_through_a_recurrent_layer():
+    # Forward mode cannot pass Keras's LSTM loop; the products take reverse mode.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, 6, 3)).astype("float32")
+    y = rng.integers(0, 2, size=16)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((6, 3)), keras.layers.LSTM(4),
+        keras.layers.Dense(2, activation="softmax")]))
+    model.compile(optimizer=keras_tkfac.TKFAC(step_control="quadratic", seed=0),
+                  loss="sparse_categorical_crossentropy")
+    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
