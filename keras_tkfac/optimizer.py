@@ -139,8 +139,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._jit_math = False
         self._step_is_finite = None
         # Trace-time hand-overs from `update_curvature` to `apply_gradients`: rows
-        # of the factored form (`factored`), the `quadratic` step's products.
-        self._loss_rows, self._products = {}, None
+        # of the factored form (`factored`), the `quadratic` step's products (per
+        # replica: replicas trace their steps concurrently).
+        self._loss_rows, self._products = {}, {}
 
     # Set-up -------------------------------------------------------------------
 
@@ -361,7 +362,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         self.curvature_updates += 1
         self._loss_rows = {}
-        self._products = quadratic.hand_over(
+        self._products[distributed.replica_index()] = quadratic.hand_over(
             self, forward, outputs, y_true, sample_weight, recording.owner)
         if self._blocks is None:
             self.attach(recording.blocks, owner=recording.owner)
@@ -552,7 +553,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
         self._loss_rows = {}
-        self._products = None
+        self._products.pop(distributed.replica_index(), None)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars

@@ -215,7 +215,8 @@ def steps(optimizer, used, variables):
         `(used with a U_l + b M_l in place of U_l, 1)`; `M_l` is the momentum slot,
         which holds the previous step.
     """
-    if optimizer._products is None:
+    products_of_batch = optimizer._products.get(distributed.replica_index())
+    if products_of_batch is None:
         raise ValueError(
             'step_control="quadratic" needs exact curvature products: pass '
             "`forward=lambda: model(x, training=True)` to `update_curvature` "
@@ -228,7 +229,7 @@ def steps(optimizer, used, variables):
                 for slot, indices, *_ in used]
 
     def products(directions):
-        return optimizer._products(covered, [
+        return products_of_batch(covered, [
             [p for (slot, *_), d in zip(used, direction)
              for p in slot.block.split_matrix(d) if p is not None]
             for direction in directions])

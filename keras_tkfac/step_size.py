@@ -32,6 +32,11 @@ Three controls, chosen with `step_control`:
   schedules act on it. `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
   safeguard. No Levenberg-Marquardt adaptation of the damping is built: the
   damping stays the preconditioner's.
+- `"graft_quadratic"`: `"quadratic"` over grafted directions: each layer's `U_l` is
+  first rescaled to RMSProp's step length `|R_l|` (as under `"graft"`), then
+  `s = a u + b M` with `(a, b)` from the same model. The curvature gives each layer's
+  direction, RMSProp the layers' relative step lengths, the exact quadratic model
+  the overall length and the momentum coefficient.
 
 At `learning_rate=0.1`, `"trust_region"` with `kl_clip=0.1` and `"kl_clip"` with
 `kl_clip=1e-3` take the same steps; they part when the learning rate changes.
@@ -54,14 +59,14 @@ import tensorflow as tf
 
 from keras_tkfac import ops
 
-STEP_CONTROLS = ("graft", "trust_region", "kl_clip", "quadratic")
+STEP_CONTROLS = ("graft", "trust_region", "kl_clip", "quadratic", "graft_quadratic")
 
 # The defaults that depend on the step control: `learning_rate` and the first-order
 # partner's `fallback_lr_ratio`.
 DEFAULT_LEARNING_RATE = {"graft": 3e-3, "trust_region": 0.1, "kl_clip": 0.1,
-                         "quadratic": 1.0}
+                         "quadratic": 1.0, "graft_quadratic": 1.0}
 DEFAULT_FALLBACK_LR_RATIO = {"graft": 1.0, "trust_region": 0.01, "kl_clip": 0.01,
-                             "quadratic": 1e-3}
+                             "quadratic": 1e-3, "graft_quadratic": 1e-3}
 
 # RMSProp's second moment in `"graft"`: Adam's (and Keras's) defaults.
 GRAFT_BETA_2 = 0.999
@@ -70,12 +75,12 @@ GRAFT_EPSILON = 1e-7
 
 def uses_moments(control):
     """Whether `control` keeps a second moment per preconditioned layer."""
-    return control == "graft"
+    return control in ("graft", "graft_quadratic")
 
 
 def uses_products(control):
     """Whether `control` needs exact curvature products (a second forward pass)."""
-    return control == "quadratic"
+    return control in ("quadratic", "graft_quadratic")
 
 
 def momentum_step(control, momentum, velocity, update):
@@ -85,7 +90,7 @@ def momentum_step(control, momentum, velocity, update):
     `u` itself (it already holds `b M`); otherwise heavy ball, `momentum * m + u`.
     `velocity` is `None` without momentum.
     """
-    if velocity is None or control == "quadratic":
+    if velocity is None or uses_products(control):
         return update
     if control == "graft":
         return momentum * velocity + (1.0 - momentum) * update
@@ -139,7 +144,7 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
     Returns:
         A scalar float32 tensor in `(0, 1]`.
     """
-    if kl_clip is None or control in ("graft", "quadratic"):
+    if kl_clip is None or control != "trust_region" and control != "kl_clip":
         return tf.constant(1.0)
     if control == "kl_clip":
         return ops.kl_clip_factor(updates, grads, learning_rate, kl_clip)

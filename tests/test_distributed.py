@@ -185,3 +185,23 @@ def test_multi_worker_workarounds_do_nothing_elsewhere(mirrored):
     assert keras_compat.multi_worker_logs(logs) is logs
     assert not keras_compat.is_multi_worker(mirrored)
     assert not keras_compat.is_multi_worker(tf.distribute.get_strategy())
+
+
+@pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
+def test_quadratic_step_under_mirrored_strategy_matches_one_device(mirrored,
+                                                                    step_control):
+    # The exact curvature products are per replica's batch, then averaged.
+    x, y = _data((8,), n=128)
+
+    def optimizer():
+        return keras_tkfac.TKFAC(fisher="empirical", step_control=step_control,
+                                 factor_update_freq=2, inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
+    replicated = _train(mirrored, _mlp, x, y, optimizer, epochs=2)
+    _assert_identical_on_replicas(replicated)
+    moved = [np.abs(w.numpy() - v).max()
+             for w, v in zip(single.weights, _mlp().get_weights())]
+    assert max(moved) > 1e-3
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)

@@ -116,12 +116,13 @@ def _data():
     return rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, size=16)
 
 
-def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None):
+def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None,
+               step_control="quadratic"):
     """The weights after each of `steps` quadratic-model steps on one batch."""
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
     optimizer = keras_tkfac.TKFAC(
-        learning_rate=learning_rate, step_control="quadratic", damping=damping,
+        learning_rate=learning_rate, step_control=step_control, damping=damping,
         kl_clip=kl_clip, factor_update_freq=1, inverse_update_freq=1, seed=0)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     trajectory = [[v.numpy().astype(np.float64) for v in model.trainable_variables]]
@@ -158,9 +159,10 @@ def _flat(weights):
     return np.concatenate([np.ravel(w) for w in weights])
 
 
-def test_steps_minimise_the_damped_model_along_their_directions():
+@pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
+def test_steps_minimise_the_damped_model_along_their_directions(step_control):
     damping = 0.1
-    trajectory = _fit_steps(2, damping=damping)
+    trajectory = _fit_steps(2, damping=damping, step_control=step_control)
     first = _flat(trajectory[0]) - _flat(trajectory[1])
     second = _flat(trajectory[1]) - _flat(trajectory[2])
     grad, curvature = _gradient_and_curvature(trajectory[0])
@@ -177,9 +179,23 @@ def test_steps_minimise_the_damped_model_along_their_directions():
     assert np.all(np.isfinite(second)) and np.abs(second).max() > 0
 
 
-def test_kl_bound_shortens_a_long_step():
-    free = _fit_steps(1)
-    bounded = _fit_steps(1, kl_clip=1e-3)
+def test_graft_quadratic_spreads_the_step_over_layers_as_rmsprop():
+    # The step's per-layer lengths are in the ratio of RMSProp's first step,
+    # R_l = G_l / (|G_l| + eps) elementwise; the quadratic model sets the total.
+    trajectory = _fit_steps(1, step_control="graft_quadratic")
+    step = _flat(trajectory[0]) - _flat(trajectory[1])
+    grad, _ = _gradient_and_curvature(trajectory[0])
+    first = 5 * 6 + 6  # Dense(6) kernel and bias; then Dense(3)'s
+    rms = grad / (np.abs(grad) + 1e-7)
+    np.testing.assert_allclose(
+        np.linalg.norm(step[:first]) / np.linalg.norm(step[first:]),
+        np.linalg.norm(rms[:first]) / np.linalg.norm(rms[first:]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
+def test_kl_bound_shortens_a_long_step(step_control):
+    free = _fit_steps(1, step_control=step_control)
+    bounded = _fit_steps(1, kl_clip=1e-3, step_control=step_control)
     step = _flat(bounded[0]) - _flat(bounded[1])
     _, curvature = _gradient_and_curvature(bounded[0])
     np.testing.assert_allclose(0.5 * step @ curvature @ step, 1e-3, rtol=2e-3)
@@ -190,9 +206,10 @@ def test_kl_bound_shortens_a_long_step():
         step / np.linalg.norm(step), unbounded / np.linalg.norm(unbounded), atol=1e-5)
 
 
-def test_learning_rate_scales_the_model_step():
-    full = _fit_steps(1, learning_rate=1.0)
-    half = _fit_steps(1, learning_rate=0.5)
+@pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
+def test_learning_rate_scales_the_model_step(step_control):
+    full = _fit_steps(1, learning_rate=1.0, step_control=step_control)
+    half = _fit_steps(1, learning_rate=0.5, step_control=step_control)
     np.testing.assert_allclose(
         _flat(half[0]) - _flat(half[1]),
         0.5 * (_flat(full[0]) - _flat(full[1])), rtol=1e-4, atol=1e-7)
