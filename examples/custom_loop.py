@@ -54,8 +54,10 @@ def main(argv):
         grads, output_grads = tape.gradient(
             loss, (model.trainable_variables, recording.outputs()))
         # Uses `tape` again for the sampled-label backward pass on statistics steps.
+        # `forward` is used only by the quadratic-model step controls.
         optimizer.update_curvature(recording, tape, logits, y_true=y, loss=loss_fn,
-                                   loss_output_gradients=output_grads)
+                                   loss_output_gradients=output_grads,
+                                   forward=lambda: model(x, training=True))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 

@@ -42,3 +42,18 @@ def test_suite_smoke(tmp_path):
             assert f"## {workload}" in report
         assert len(summary["runs"]) == len(group) * len(_OPTIMIZERS)
         assert (tmp_path / str(i) / "suite.png").stat().st_size > 0
+    # `tools/compare_suites.py` recomputes the suite's summary from its json.
+    sys.path.insert(0, str(_ROOT / "tools"))
+    import compare_suites  # pylint: disable=import-outside-toplevel
+
+    for i in range(len(_GROUPS)):
+        report = (tmp_path / str(i) / "suite.md").read_text()
+        final = next(line for line in report.splitlines()
+                     if line.startswith("**TKFAC best validation loss"))
+        better, faster = (int(part.split("/")[0].split()[-1]) for part in
+                          final.split(": ")[1:3])
+        geomean = final.split("seconds to target: ")[1].split()[0]
+        lines = compare_suites.compare([str(tmp_path / str(i))])
+        assert lines[-1].endswith(
+            f"on {better}/4, less wall-clock to target on {faster}/4, geometric mean "
+            f"of seconds to target over Adam's {geomean}."), (lines[-1], final)
