@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+from absl import app
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,11 @@ def compare(directories):
     return lines
 
 
+def main(argv):
+    if len(argv) < 2:
+        raise app.UsageError("Pass one or more suite output directories.")
+    print("\n".join(compare(argv[1:])))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    print("\n".join(compare(sys.argv[1:])))
+    app.run(main)
