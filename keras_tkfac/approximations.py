@@ -17,7 +17,8 @@ _COMMON_ARGS = """
             the step size `eta`, or `None` for the step control's default: `3e-3`
             under `"graft"` (Adam's scale: each layer moves as far as RMSProp would
             at this learning rate), `0.1` under `"trust_region"` and `"kl_clip"`,
-            `1.0` under `"quadratic"` (the fraction of the quadratic model's step).
+            `1.0` under `"quadratic"` and `"graft_quadratic"` (the fraction of the
+            quadratic model's step).
             Defaults to `None`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
             Fisher block. Defaults to `0.1`.
@@ -48,8 +49,9 @@ _COMMON_ARGS = """
             `"quadratic"` (Martens & Grosse, 2015, §7): the step `a U + b M` (`M`
             the previous step) minimises the quadratic model of the loss built on
             the exact Gauss-Newton matrix of the batch (one extra forward-mode
-            pass per direction, `keras_tkfac.quadratic`), times the learning rate.
-            See `keras_tkfac.step_size`. Defaults to `"graft"`.
+            pass per direction, `keras_tkfac.quadratic`), times the learning rate;
+            `"graft_quadratic"`: the same over directions grafted as under
+            `"graft"`. See `keras_tkfac.step_size`. Defaults to `"graft"`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.

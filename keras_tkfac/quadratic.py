@@ -75,16 +75,16 @@ def _bilinear(spec, logits, y_pred, x, y):
     return 2.0 * tf.reduce_mean(x * y, -1)  # mean_squared_error
 
 
-def _hessian_products(output, label, source, y_pred, jvps):
-    """`H J x` for each `J x` in `jvps`: the Hessian of the loss at the real labels
-    with respect to `source` (losses the Fisher has no formula for)."""
+def _hessian_products(output, label, weight, source, y_pred, jvps):
+    """`H J x` for each `J x` in `jvps`: the Hessian of the (weighted mean) loss at
+    the real labels with respect to `source` (losses the Fisher has no formula for)."""
     products = []
     for jvp in jvps:
         with tf.GradientTape() as outer:
             outer.watch(source)
             with tf.GradientTape() as inner:
                 inner.watch(source)
-                total = tf.reduce_sum(tf.cast(output.spec.fn(label, y_pred), tf.float32))
+                total = _weighted_mean(output.spec.fn(label, y_pred), weight)
             grad = inner.gradient(total, source,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             along = tf.reduce_sum(tf.cast(grad, tf.float32) * tf.stop_gradient(jvp))
@@ -176,13 +176,11 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
         output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
         along = [jvp[k] for jvp in jvps]
         if output.spec.kind is None:
-            products = _hessian_products(output, label, source, y_pred, along)
-            size = tf.cast(tf.size(output.spec.fn(label, y_pred)), tf.float32)
+            products = _hessian_products(output, label, weight, source, y_pred, along)
         for i in range(count):
             for j in range(i, count):
                 if output.spec.kind is None:
-                    value = tf.math.divide_no_nan(
-                        tf.reduce_sum(along[i] * products[j]), size)
+                    value = tf.reduce_sum(along[i] * products[j])
                 else:
                     value = _weighted_mean(_bilinear(
                         output.spec, source is not y_pred or output.spec.from_logits,

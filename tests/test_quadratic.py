@@ -102,6 +102,33 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
     np.testing.assert_allclose(gram, expected, rtol=1e-4)
 
 
+def test_a_loss_without_a_fisher_formula_uses_its_hessian_at_the_labels():
+    # A plain function is a loss of unknown kind (`fisher="empirical"`); its Hessian
+    # with respect to the output, weighted like the loss, is MSE's 2 / D.
+    keras.utils.set_random_seed(1)
+    model = _two_head_model()
+    x = RNG.normal(size=(6, 3)).astype("float32")
+    y = {"classes": RNG.integers(0, 3, size=6), "values": RNG.normal(size=(6, 2))}
+    weights = RNG.uniform(0.2, 2.0, size=6).astype("float32")
+
+    def squared_error(y_true, y_pred):
+        return tf.reduce_mean(tf.square(tf.cast(y_true, y_pred.dtype) - y_pred), -1)
+
+    variables = model.trainable_variables
+    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
+                  for _ in range(2)]
+    grams = []
+    for loss in (squared_error, "mse"):
+        outputs = fisher.resolve_losses(
+            {"classes": None, "values": loss}, "empirical", model(x),
+            output_names=["classes", "values"])
+        assert outputs[0].spec.kind is None or loss == "mse"
+        grams.append(quadratic.curvature_gram(
+            lambda: model(x, training=True), outputs, y, weights, variables,
+            directions))
+    np.testing.assert_allclose(grams[0], grams[1], rtol=1e-5)
+
+
 def _classifier(seed):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
