@@ -81,19 +81,25 @@ def _explicit_gauss_newton(model, x, weights, loss_weights):
     return gauss_newton
 
 
-def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
+def _two_head_problem():
+    """`(model, x, y, sample weights, variables, two random directions)`."""
     keras.utils.set_random_seed(1)
     model = _two_head_model()
     x = RNG.normal(size=(6, 3)).astype("float32")
     y = {"classes": RNG.integers(0, 3, size=6), "values": RNG.normal(size=(6, 2))}
     weights = RNG.uniform(0.2, 2.0, size=6).astype("float32")
+    variables = model.trainable_variables
+    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
+                  for _ in range(2)]
+    return model, x, y, weights, variables, directions
+
+
+def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
+    model, x, y, weights, variables, directions = _two_head_problem()
     loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
     loss_weights = {"classes": 0.3, "values": 2.0}
     outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
                                     output_names=["classes", "values"])
-    variables = model.trainable_variables
-    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
-                  for _ in range(2)]
     gram = quadratic.curvature_gram(lambda: model(x, training=True), outputs, y,
                                     weights, variables, directions)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
@@ -105,18 +111,11 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
 def test_a_loss_without_a_fisher_formula_uses_its_hessian_at_the_labels():
     # A plain function is a loss of unknown kind (`fisher="empirical"`); its Hessian
     # with respect to the output, weighted like the loss, is MSE's 2 / D.
-    keras.utils.set_random_seed(1)
-    model = _two_head_model()
-    x = RNG.normal(size=(6, 3)).astype("float32")
-    y = {"classes": RNG.integers(0, 3, size=6), "values": RNG.normal(size=(6, 2))}
-    weights = RNG.uniform(0.2, 2.0, size=6).astype("float32")
+    model, x, y, weights, variables, directions = _two_head_problem()
 
     def squared_error(y_true, y_pred):
         return tf.reduce_mean(tf.square(tf.cast(y_true, y_pred.dtype) - y_pred), -1)
 
-    variables = model.trainable_variables
-    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
-                  for _ in range(2)]
     grams = []
     for loss in (squared_error, "mse"):
         outputs = fisher.resolve_losses(
