@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "examples", "distributed_fit.py")
 ROOT = os.path.dirname(EXAMPLE.rsplit(os.sep, 1)[0])
@@ -33,6 +35,9 @@ def test_one_device_and_two_logical_devices():
     assert single[1] < 2.3 and mirrored[1] < 2.3  # below log(10): it learns
 
 
+# Two worker processes (~40 s); tests/test_multi_worker.py covers the engine's
+# multi-worker path in `make test`.
+@pytest.mark.slow
 def test_two_workers_on_localhost(tmp_path):
     ports = []
     for _ in range(2):
@@ -50,6 +55,8 @@ def test_two_workers_on_localhost(tmp_path):
     assert results[0][2] == results[1][2]  # identical weights on both workers
 
 
+# The benchmark tool under MultiWorkerMirroredStrategy (~80 s): `make test-all`.
+@pytest.mark.slow
 def test_distributed_benchmark_smoke():
     tool = os.path.join(ROOT, "tools", "distributed_benchmark.py")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)

@@ -48,8 +48,11 @@ def _run(script, *args, timeout=300):
         ("examples/mnist_mlp.py", [], r"tkfac: train loss .* test accuracy 0\.\d+"),
         ("examples/mnist_autoencoder.py", [], r"tkfac: train loss .* test loss 0\.\d+"),
         ("examples/custom_loop.py", [], r"after 20 steps: .* failed inverses 0"),
-        ("examples/cifar10_resnet.py", ["--dataset=digits"],
-         r"\| tkfac \|.*\n\| kfac \|.*\n\| sgd \|"),
+        # The ResNet example takes ~45 s; the ResNet benchmark smoke (slow too)
+        # and the conv tests cover its layers.
+        pytest.param("examples/cifar10_resnet.py", ["--dataset=digits"],
+                     r"\| tkfac \|.*\n\| kfac \|.*\n\| sgd \|",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_example_smoke(script, args, expected):
@@ -76,9 +79,10 @@ def test_tfds_dataset_unavailable_says_so_in_one_line(script):
     "problem, names",
     [
         ("mlp", ["TKFAC", "KFAC", "Adam", "SGD", "Muon"]),
-        # Fewer optimizers: each one traces for seconds.
-        ("autoencoder", ["TKFAC", "Adam"]),
-        ("resnet", ["TKFAC", "Adam"]),
+        # Fewer optimizers: each one traces for seconds. The same tool as the MLP's
+        # on bigger models (~25-35 s each): `make test-all`.
+        pytest.param("autoencoder", ["TKFAC", "Adam"], marks=pytest.mark.slow),
+        pytest.param("resnet", ["TKFAC", "Adam"], marks=pytest.mark.slow),
     ],
 )
 def test_benchmark_smoke(problem, names, tmp_path):

@@ -422,7 +422,9 @@ def _ticket_data(n=256):
     return inputs, targets
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+# KFAC's run (~35 s) is in `make test-all`; the engine's multi-output path is the same.
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC,
+                                 pytest.param(keras_tkfac.KFAC, marks=pytest.mark.slow)])
 def test_keras_io_multi_input_multi_output_model(cls, tmp_path):
     inputs, targets = _ticket_data()
     model = keras_tkfac.wrap(_ticket_model())

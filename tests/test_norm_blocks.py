@@ -410,7 +410,8 @@ def _adam_on(strategy, x, y):
     return model
 
 
-@pytest.mark.parametrize("registered", [True, False])
+# Unregistered (the layer on the partner; ~30 s) in `make test-all`.
+@pytest.mark.parametrize("registered", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_synchronized_batch_norm_under_mirrored_strategy(mirrored, registered,
                                                          monkeypatch):
     """Its backward pass all-reduces, which cannot happen inside the statistics'

@@ -299,7 +299,9 @@ def _sequence_data(n=128, seed=0):
     return x.astype("int32"), y.astype("int32")
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+# KFAC's run (~30 s) is in `make test-all`; the recurrent blocks are the same.
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC,
+                                 pytest.param(keras_tkfac.KFAC, marks=pytest.mark.slow)])
 def test_recurrent_model_trains_with_its_layers_preconditioned(cls):
     x, y = _sequence_data()
     model = keras_tkfac.wrap(_sequence_model())
