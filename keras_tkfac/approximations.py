@@ -3,6 +3,7 @@
 import tensorflow as tf
 import keras
 
+from keras_tkfac import damping as damping_lib
 from keras_tkfac import ops
 from keras_tkfac import validation
 from keras_tkfac.optimizer import CurvatureOptimizer
@@ -52,6 +53,14 @@ _COMMON_ARGS = """
             pass per direction, `keras_tkfac.quadratic`), times the learning rate;
             `"graft_quadratic"`: the same over directions grafted as under
             `"graft"`. See `keras_tkfac.step_size`. Defaults to `"graft"`.
+        adaptive_damping: bool or `None`; under `"quadratic"` and
+            `"graft_quadratic"`, adapt the damping of every layer (model and
+            preconditioner) every 5 steps from the ratio of the batch's actual
+            loss change to the model's prediction (Levenberg-Marquardt, Martens &
+            Grosse 2015, §6.5; one more forward pass then; `keras_tkfac.damping`).
+            `None`: on under those two controls (measured on the suite: README,
+            "Levenberg-Marquardt damping"), off under the others, which have no
+            model to compare with. Defaults to `None`.
         fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
             labels). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
@@ -184,6 +193,7 @@ class TKFAC(CurvatureOptimizer):
         inverse_warmup=True,
         kl_clip=0.1,
         step_control="graft",
+        adaptive_damping=None,
         fisher="true",
         conv_damping="trace",
         trace_damping_floor=1e-3,
@@ -214,6 +224,7 @@ class TKFAC(CurvatureOptimizer):
             inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
             step_control=step_control,
+            adaptive_damping=adaptive_damping,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
@@ -251,7 +262,7 @@ class TKFAC(CurvatureOptimizer):
             return ops.trace_relative_damping(
                 factors[0], block.d_in * block.d_out, self.trace_damping_floor,
                 self.trace_damping_scale,
-            )
+            ) * damping_lib.scale(self)
         return damping
 
     def _trace(self, factors):
@@ -299,6 +310,7 @@ class KFAC(CurvatureOptimizer):
         inverse_warmup=True,
         kl_clip=0.1,
         step_control="graft",
+        adaptive_damping=None,
         fisher="true",
         inverse_dtype="float32",
         precondition_dtype="float32",
@@ -322,6 +334,7 @@ class KFAC(CurvatureOptimizer):
             inverse_warmup=inverse_warmup,
             kl_clip=kl_clip,
             step_control=step_control,
+            adaptive_damping=adaptive_damping,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,

@@ -111,3 +111,13 @@ def gradient(rows, grad_matrix):
     if rows is None:
         return grad_matrix
     return ops.FactoredGradient(rows[0], rows[1], grad_matrix)
+
+
+def sparse_rows(block, grads, grad_matrix):
+    """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`), which
+    `ops.precondition_many` multiplies alone; any other gradient as `grad_matrix`."""
+    if (block.input_kind == "diagonal" and len(grads) == 1
+            and isinstance(grads[0], tf.IndexedSlices)):
+        return tf.IndexedSlices(tf.cast(grads[0].values, tf.float32),
+                                grads[0].indices, grads[0].dense_shape)
+    return grad_matrix

@@ -4,6 +4,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_tkfac import damping as damping_lib
+
 
 def _condition_number(matrix):
     """The condition number; of a `[G, d, d]` batch, the worst group's."""
@@ -18,7 +20,7 @@ def curvature_report(optimizer):
     `CurvatureOptimizer`, computed eagerly from its current state."""
     if not optimizer.built:
         return {}
-    damping = optimizer._current_damping()
+    damping = damping_lib.current(optimizer)
     last = optimizer._last_update.numpy()
     report = {"kl_clip_scale": float(last[0])}
     for i, slot in enumerate(optimizer._slots):

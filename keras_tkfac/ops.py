@@ -532,3 +532,25 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
         a, b = a * shorten, b * shorten
     zero = tf.zeros_like(a)
     return tuple(tf.cast(tf.where(ok, x, zero), tf.float32) for x in (a, b, value))
+
+
+def quadratic_model_value(curvature, norms, slopes, damping, coefficients):
+    """The quadratic model `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` at the step
+    `s = c_0 U + c_1 M`, from the same `K`, `N`, `r` as `quadratic_model_step`."""
+    c = tf.cast(coefficients, tf.float64)
+    matrix = tf.cast(curvature, tf.float64) + tf.cast(damping, tf.float64) * tf.cast(
+        norms, tf.float64)
+    value = -tf.reduce_sum(c * tf.cast(slopes, tf.float64)) + 0.5 * tf.reduce_sum(
+        c * tf.linalg.matvec(matrix, c))
+    return tf.cast(value, tf.float32)
+
+
+def levenberg_marquardt(scale, ratio, decay, low, high):
+    """Martens & Grosse's (2015, §6.5) damping rule: `scale * decay` when the
+    reduction ratio `ratio > 3/4`, `scale / decay` when `ratio < 1/4` or it is not
+    finite, else `scale`; clipped to `[low, high]`."""
+    ratio = tf.cast(ratio, tf.float32)
+    poor = tf.logical_or(tf.logical_not(tf.math.is_finite(ratio)), ratio < 0.25)
+    new = tf.where(ratio > 0.75, scale * decay, scale)
+    new = tf.where(poor, scale / decay, new)
+    return tf.clip_by_value(new, low, high)

@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras
 
 from keras_tkfac import cadence
+from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import factored
 from keras_tkfac import fisher as fisher_lib
@@ -42,16 +43,6 @@ def _jit(fn):
     return _jit_cache[fn]
 
 
-def _sparse_rows(block, grads, grad_matrix):
-    """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`), which
-    `ops.precondition_many` multiplies alone; any other gradient as `grad_matrix`."""
-    if (block.input_kind == "diagonal" and len(grads) == 1
-            and isinstance(grads[0], tf.IndexedSlices)):
-        return tf.IndexedSlices(tf.cast(grads[0].values, tf.float32),
-                                grads[0].indices, grads[0].dense_shape)
-    return grad_matrix
-
-
 class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
@@ -78,6 +69,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         inverse_warmup,
         kl_clip,
         step_control,
+        adaptive_damping,
         fisher,
         inverse_dtype,
         precondition_dtype,
@@ -107,6 +99,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             fallback_lr_ratio=fallback_lr_ratio, seed=seed,
         )
         validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
+        if adaptive_damping is None:
+            adaptive_damping = step_size.uses_products(step_control)
+        validation.check_adaptive_damping(adaptive_damping, step_control,
+                                          step_size.uses_products(step_control))
         validation.check_choice("inverse_dtype", inverse_dtype,
                                 inverses_lib.INVERSE_DTYPES)
         validation.check_choice("precondition_dtype", precondition_dtype,
@@ -122,6 +118,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.inverse_warmup = bool(inverse_warmup)
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.step_control = step_control
+        self.adaptive_damping = adaptive_damping
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.precondition_dtype = precondition_dtype
@@ -139,9 +136,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._jit_math = False
         self._step_is_finite = None
         # Trace-time hand-overs from `update_curvature` to `apply_gradients`: rows
-        # of the factored form (`factored`), the `quadratic` step's products (per
-        # replica: replicas trace their steps concurrently).
-        self._loss_rows, self._products = {}, {}
+        # of the factored form (`factored`), the `quadratic` step's batch and its
+        # predicted change (per replica: replicas trace their steps concurrently).
+        self._loss_rows, self._products, self._model_change = {}, {}, {}
 
     # Set-up -------------------------------------------------------------------
 
@@ -270,6 +267,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 )
                 for slot in self._slots
             ]
+        damping_lib.build(self)
         self._build_update_state(var_list, covered)
 
     def _build_update_state(self, var_list, covered):
@@ -300,11 +298,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _math(self, fn):
         return _jit(fn) if self._jit_math else fn
-
-    def _current_damping(self):
-        if validation.is_schedule(self.damping):
-            return tf.cast(self.damping(self.iterations), tf.float32)
-        return tf.constant(self.damping, tf.float32)
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
                          loss_weights=None, sample_weight=None, loss_value=None,
@@ -459,7 +452,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
 
     def _new_inverses(self):
-        damping = self._current_damping()
+        damping = damping_lib.current(self)
         targets, matrices = [], []
         for i, slot in enumerate(self._slots):
             weight = self._factor_weight[i]
@@ -487,9 +480,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             found.append((slot, indices, grad))
         updates = self._math(ops.precondition_many)(
             [slot.inverses[0].value for slot, *_ in found],
-            [factored.gradient(self._loss_rows.get(id(slot.block.layer)),
-                               _sparse_rows(slot.block, [grads[i] for i in indices],
-                                            grad))
+            [factored.gradient(
+                self._loss_rows.get(id(slot.block.layer)),
+                factored.sparse_rows(slot.block, [grads[i] for i in indices], grad))
              for slot, indices, grad in found],
             [slot.inverses[1].value for slot, *_ in found],
             self.precondition_dtype,
@@ -500,7 +493,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if step_size.uses_moments(self.step_control):
             used = step_size.graft_step(self, used)
         if step_size.uses_products(self.step_control):
-            used, scale = quadratic.steps(self, used, variables)
+            used, scale = quadratic.steps(self, used, variables, learning_rate)
         else:
             scale = step_size.update_scale(
                 self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
@@ -539,6 +532,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         grads = self._precondition(grads, list(trainable_variables), learning_rate)
         update = super()._backend_update_step
+        finite = self._step_is_finite
         if distributed.is_distributed():
             # A `tf.cond` in a replica's context cannot hold Keras's `merge_call`:
             # `update_step` guards each update with `tf.where` instead.
@@ -546,14 +540,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         else:
             # One `tf.cond` skips every update of a non-finite step; `update_step`
             # then updates in place without per-element guards.
-            finite, self._step_is_finite = self._step_is_finite, None
+            self._step_is_finite = None
             tf.cond(finite,
                     lambda: update(grads, trainable_variables, learning_rate),
                     lambda: None)
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
         self._loss_rows = {}
-        self._products.pop(distributed.replica_index(), None)
+        damping_lib.adapt(self, self._products.pop(distributed.replica_index(), None),
+                          finite)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
@@ -619,6 +614,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "inverse_warmup": self.inverse_warmup,
                 "kl_clip": self.kl_clip,
                 "step_control": self.step_control,
+                "adaptive_damping": self.adaptive_damping,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "precondition_dtype": self.precondition_dtype,

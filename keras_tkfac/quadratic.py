@@ -30,11 +30,10 @@ own; the model's non-trainable variables (BatchNormalization's moving statistics
 are restored after them, so they move once per step as without this control.
 """
 
-import functools
-
 from absl import logging
 import tensorflow as tf
 
+from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import step_size
@@ -153,68 +152,117 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
         A symmetric `[len(directions), len(directions)]` float32 tensor, the mean
         over the replicas' batches under a strategy.
     """
-    saved = [tf.identity(v) for v in state]
-    primals = [getattr(v, "value", v) for v in variables]
-    try:
-        jvps, sources, flat = _forward_mode(forward, outputs, primals, directions)
-    except Exception as error:  # pylint: disable=broad-except
-        # Forward mode cannot pass some layers (Keras's LSTM loop): `J x` as the
-        # gradient of `J^T u` with respect to `u` (two backward passes) instead.
-        logging.log_first_n(
-            logging.INFO, "keras_tkfac: forward-mode products failed (%s); using "
-            "reverse-over-reverse products.", 1, type(error).__name__)
-        jvps, sources, flat = _reverse_mode(forward, outputs, primals, directions)
-    for variable, value in zip(state, saved):
-        variable.assign(value)
-    labels = fisher_lib._per_output_values(y_true, outputs, len(flat), "y_true")
-    weights = fisher_lib._per_output_values(
-        sample_weight, outputs, len(flat), "sample_weight")
-    count = len(directions)
-    gram = [[0.0] * count for _ in range(count)]
-    for k, (output, label, weight) in enumerate(zip(outputs, labels, weights)):
-        source, y_pred = sources[k], flat[output.index]
-        output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
-        along = [jvp[k] for jvp in jvps]
-        if output.spec.kind is None:
-            products = _hessian_products(output, label, weight, source, y_pred, along)
-        for i in range(count):
-            for j in range(i, count):
-                if output.spec.kind is None:
-                    value = tf.reduce_sum(along[i] * products[j])
-                else:
-                    value = _weighted_mean(_bilinear(
-                        output.spec, source is not y_pred or output.spec.from_logits,
-                        source, along[i], along[j]), weight)
-                gram[i][j] = gram[i][j] + output_weight * value
-    gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
-                     for i in range(count)])
-    return distributed.all_reduce("mean", [gram])[0]
+    return Batch(forward, outputs, y_true, sample_weight, state).gram(
+        variables, directions)
+
+
+class Batch:
+    """One step's batch as the quadratic model sees it: the exact curvature
+    products along directions, and the data loss before and after the step."""
+
+    def __init__(self, forward, outputs, y_true, sample_weight, state=()):
+        self.forward, self.outputs, self.state = forward, outputs, tuple(state)
+        self.y_true, self.sample_weight = y_true, sample_weight
+        self.predictions = None  # the flat outputs of the products' forward pass
+
+    def _restoring(self, run):
+        saved = [tf.identity(v) for v in self.state]
+        result = run()
+        for variable, value in zip(self.state, saved):
+            variable.assign(value)
+        return result
+
+    def _per_output(self, count):
+        return (fisher_lib._per_output_values(self.y_true, self.outputs, count,
+                                              "y_true"),
+                fisher_lib._per_output_values(self.sample_weight, self.outputs,
+                                              count, "sample_weight"))
+
+    def gram(self, variables, directions):
+        """`curvature_gram`'s Gram of `directions`; keeps the predictions."""
+        primals = [getattr(v, "value", v) for v in variables]
+
+        def run():
+            try:
+                return _forward_mode(self.forward, self.outputs, primals, directions)
+            except Exception as error:  # pylint: disable=broad-except
+                # Forward mode cannot pass some layers (Keras's LSTM loop): `J x`
+                # as the gradient of `J^T u` with respect to `u` instead.
+                logging.log_first_n(
+                    logging.INFO, "keras_tkfac: forward-mode products failed (%s); "
+                    "using reverse-over-reverse products.", 1, type(error).__name__)
+                return _reverse_mode(self.forward, self.outputs, primals, directions)
+
+        jvps, sources, flat = self._restoring(run)
+        self.predictions = flat
+        labels, weights = self._per_output(len(flat))
+        count = len(directions)
+        gram = [[0.0] * count for _ in range(count)]
+        for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
+            source, y_pred = sources[k], flat[output.index]
+            output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+            along = [jvp[k] for jvp in jvps]
+            if output.spec.kind is None:
+                products = _hessian_products(output, label, weight, source, y_pred,
+                                             along)
+            for i in range(count):
+                for j in range(i, count):
+                    if output.spec.kind is None:
+                        value = tf.reduce_sum(along[i] * products[j])
+                    else:
+                        value = _weighted_mean(_bilinear(
+                            output.spec, source is not y_pred or output.spec.from_logits,
+                            source, along[i], along[j]), weight)
+                    gram[i][j] = gram[i][j] + output_weight * value
+        gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
+                         for i in range(count)])
+        return distributed.all_reduce("mean", [gram])[0]
+
+    def loss(self, predictions=None):
+        """The data loss `sum_k w_k L_k` of the batch at `predictions` (flat outputs),
+        or after a new forward pass at the current weights; the mean over replicas.
+        """
+        if predictions is None:
+            predictions = self._restoring(
+                lambda: tf.nest.flatten(self.forward()))
+        if self.y_true is None:
+            raise ValueError(
+                "adaptive_damping=True compares the batch's loss before and after "
+                "the step: pass `y_true` to `update_curvature`. Received: "
+                "y_true=None")
+        labels, weights = self._per_output(len(predictions))
+        total = tf.add_n([
+            tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * _weighted_mean(
+                output.spec.fn(label, predictions[output.index]), weight)
+            for output, label, weight in zip(self.outputs, labels, weights)])
+        return distributed.all_reduce("mean", [total])[0]
 
 
 def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
-    """`(variables, directions) -> Gram` for this step, or `None` when the
-    optimizer's step control needs no products or no `forward` was given."""
+    """This step's `Batch`, or `None` when the optimizer's step control needs no
+    products or no `forward` was given."""
     if forward is None or not step_size.uses_products(optimizer.step_control):
         return None
     state = owner.non_trainable_variables if owner is not None else ()
-    return functools.partial(curvature_gram, forward, outputs, y_true, sample_weight,
-                             state=state)
+    return Batch(forward, outputs, y_true, sample_weight, state)
 
 
-def steps(optimizer, used, variables):
+def steps(optimizer, used, variables, learning_rate):
     """The optimizer's `step_control="quadratic"` steps.
 
     Args:
         optimizer: the `CurvatureOptimizer`.
         used: its `(slot, indices, G_l, U_l)` of the preconditioned layers.
         variables: the variables being updated, which `indices` index.
+        learning_rate: this step's learning rate (the weights move by it times the
+            step), for the predicted change that `adaptive_damping` compares.
 
     Returns:
         `(used with a U_l + b M_l in place of U_l, 1)`; `M_l` is the momentum slot,
         which holds the previous step.
     """
-    products_of_batch = optimizer._products.get(distributed.replica_index())
-    if products_of_batch is None:
+    batch = optimizer._products.get(distributed.replica_index())
+    if batch is None:
         raise ValueError(
             'step_control="quadratic" needs exact curvature products: pass '
             "`forward=lambda: model(x, training=True)` to `update_curvature` "
@@ -227,19 +275,22 @@ def steps(optimizer, used, variables):
                 for slot, indices, *_ in used]
 
     def products(directions):
-        return products_of_batch(covered, [
+        return batch.gram(covered, [
             [p for (slot, *_), d in zip(used, direction)
              for p in slot.block.split_matrix(d) if p is not None]
             for direction in directions])
 
-    damping = optimizer._current_damping()
+    damping = damping_lib.current(optimizer)
     dampings = []
     for slot, *_ in used:
         weight = optimizer._factor_weight[optimizer._slots.index(slot)]
         factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
         dampings.append(tf.reduce_mean(
             optimizer._layer_damping(slot.block, factors, damping)))
-    found = step_size.quadratic_updates(
+    found, predicted = step_size.quadratic_updates(
         products, dampings, [u for *_, u in used],
         [g for *_, g, _ in used], previous, optimizer.kl_clip)
+    if optimizer.adaptive_damping:
+        damping_lib.hand_over(optimizer, predicted(learning_rate),
+                              batch.loss(batch.predictions))
     return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)

@@ -71,3 +71,15 @@ def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
     check_int("max_factor_dim", max_factor_dim)
     check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
     check_int("seed", seed, low=0)
+
+
+def check_adaptive_damping(value, step_control, has_model):
+    """`adaptive_damping` is a bool, and needs a step control with a quadratic
+    model (`has_model`) to compare the loss's change with."""
+    check_choice("adaptive_damping", value, (True, False))
+    if value and not has_model:
+        raise ValueError(
+            "`adaptive_damping=True` adapts the damping from the quadratic model's "
+            'predicted change: use step_control="quadratic" or '
+            f'"graft_quadratic". Received: adaptive_damping=True with '
+            f"step_control={step_control!r}")

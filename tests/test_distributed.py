@@ -187,15 +187,18 @@ def test_multi_worker_workarounds_do_nothing_elsewhere(mirrored):
     assert not keras_compat.is_multi_worker(tf.distribute.get_strategy())
 
 
-@pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
-def test_quadratic_step_under_mirrored_strategy_matches_one_device(mirrored,
-                                                                    step_control):
-    # The exact curvature products are per replica's batch, then averaged.
+@pytest.mark.parametrize("step_control, adaptive", [
+    ("quadratic", False), ("graft_quadratic", False), ("graft_quadratic", True)])
+def test_quadratic_step_under_mirrored_strategy_matches_one_device(
+        mirrored, step_control, adaptive):
+    # The exact curvature products are per replica's batch, then averaged; so are
+    # the losses that adapt the damping.
     x, y = _data((8,), n=128)
 
     def optimizer():
         return keras_tkfac.TKFAC(fisher="empirical", step_control=step_control,
-                                 factor_update_freq=2, inverse_update_freq=3, seed=0)
+                                 adaptive_damping=adaptive, factor_update_freq=2,
+                                 inverse_update_freq=3, seed=0)
 
     single = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
     replicated = _train(mirrored, _mlp, x, y, optimizer, epochs=2)
@@ -205,3 +208,8 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(mirrored,
     assert max(moved) > 1e-3
     for a, b in zip(single.weights, replicated.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    if adaptive:
+        scale = float(single.optimizer.damping_scale.numpy())
+        assert scale != 1.0
+        np.testing.assert_allclose(_replica_values(
+            replicated.optimizer.damping_scale)[0], scale, rtol=1e-5)

@@ -143,19 +143,27 @@ def _data():
 
 
 def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None,
-               step_control="quadratic"):
-    """The weights after each of `steps` quadratic-model steps on one batch."""
+               step_control="quadratic", adaptive_damping=False, scales=None):
+    """The weights after each of `steps` quadratic-model steps on one batch.
+
+    The damping is fixed unless `adaptive_damping` (the oracles here use the given
+    one; `tests/test_damping.py` checks the adaptation, appending `damping_scale`
+    after each step to the list `scales`).
+    """
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
     optimizer = keras_tkfac.TKFAC(
         learning_rate=learning_rate, step_control=step_control, damping=damping,
-        kl_clip=kl_clip, factor_update_freq=1, inverse_update_freq=1, seed=0)
+        kl_clip=kl_clip, adaptive_damping=adaptive_damping, factor_update_freq=1,
+        inverse_update_freq=1, seed=0)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     trajectory = [[v.numpy().astype(np.float64) for v in model.trainable_variables]]
     for _ in range(steps):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
         trajectory.append(
             [v.numpy().astype(np.float64) for v in model.trainable_variables])
+        if scales is not None:
+            scales.append(float(optimizer.damping_scale.numpy()))
     return trajectory
 
 
