@@ -78,7 +78,8 @@ def test_damping_follows_the_explicit_reduction_ratio(step_control, given,
         curvature + given * np.eye(len(grad))) @ step
     ratio = (_loss(weights[1]) - _loss(weights[0])) / predicted
     assert predicted < 0 and min(abs(ratio - 0.25), abs(ratio - 0.75)) > 0.02
-    expected = float(ops.levenberg_marquardt(1.0, ratio, damping.DECAY, 1e-4, 1e4))
+    expected = float(ops.levenberg_marquardt(1.0, ratio, damping.DECAY,
+                                             *damping.SCALE_BOUNDS))
     np.testing.assert_allclose(scales[0], expected, rtol=1e-5)
     assert {"shrink": expected < 1.0, "keep": expected == 1.0,
             "grow": expected > 1.0}[change]

@@ -86,11 +86,16 @@ def test_tfds_dataset_unavailable_says_so_in_one_line(script):
     ],
 )
 def test_benchmark_smoke(problem, names, tmp_path):
+    # A grid may hold strings and booleans (step controls, switches), not only numbers.
+    grid = '{"KFAC": {"step_control": ["trust_region"], "inverse_warmup": [false]}}'
     result = _run("tools/benchmark.py", "--smoke", f"--problem={problem}",
-                  f"--optimizers={','.join(names)}", f"--output_dir={tmp_path}")
+                  f"--optimizers={','.join(names)}", f"--output_dir={tmp_path}",
+                  f"--grid={grid}")
     assert result.returncode == 0, result.stderr[-5000:]
     report = (tmp_path / f"benchmark_{problem}.md").read_text()
     assert report in result.stdout
+    if "KFAC" in names:
+        assert "| KFAC | step_control=trust_region, inverse_warmup=False |" in report
     for name in names:
         # In the convergence, cost and grid tables; TKFAC/KFAC also by kind of step.
         rows = len(re.findall(rf"^\| {name} \|", report, re.MULTILINE))

@@ -172,8 +172,13 @@ def _reached(run, target):
 
 
 def _config_text(config):
+    """`lr=0.003, step_control=graft`: numbers in `g` format, other values as
+    they are (a grid may hold strings, such as step controls)."""
     short = {"learning_rate": "lr"}
-    return ", ".join(f"{short.get(k, k)}={v:g}" for k, v in config.items())
+    return ", ".join(
+        f"{short.get(k, k)}={v:g}" if isinstance(v, (int, float))
+        and not isinstance(v, bool) else f"{short.get(k, k)}={v}"
+        for k, v in config.items())
 
 
 def _fmt(value, spec=".3g"):
