@@ -227,9 +227,10 @@ class Batch:
                 lambda: tf.nest.flatten(self.forward()))
         if self.y_true is None:
             raise ValueError(
-                "adaptive_damping=True compares the batch's loss before and after "
-                "the step: pass `y_true` to `update_curvature`. Received: "
-                "y_true=None")
+                "adaptive_damping (on by default under the quadratic step controls) "
+                "compares the batch's loss before and after the step: pass `y_true` "
+                "to `update_curvature`, or `adaptive_damping=False` to the optimizer. "
+                "Received: y_true=None")
         labels, weights = self._per_output(len(predictions))
         total = tf.add_n([
             tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * _weighted_mean(

@@ -122,6 +122,22 @@ def test_damping_scale_is_saved_with_the_model(tmp_path):
     assert float(loaded.optimizer.damping_scale.numpy()) == scale
 
 
+def test_custom_loop_without_labels_says_what_to_pass():
+    x, y = quadratic_tests._data()
+    model = keras_tkfac.wrap(quadratic_tests._classifier(0))
+    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0)
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.update_curvature(recording, tape, y_pred,
+                               loss="sparse_categorical_crossentropy",
+                               forward=lambda: model(x, training=True))
+    with pytest.raises(ValueError, match="y_true=None"):
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+
 @pytest.mark.parametrize("options, match", [
     ({"adaptive_damping": True}, "step_control='graft'"),
     ({"adaptive_damping": True, "step_control": "trust_region"}, "trust_region"),

@@ -105,8 +105,12 @@ def digits():
     return (x / 16.0).astype("float32"), y.astype("int32")
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_keeps_curvature_in_float32(digits, policy):
+# The quadratic-model step (its products, losses and adapted damping) under a
+# LossScaleOptimizer too.
+@pytest.mark.parametrize("policy, step_control", [
+    ("mixed_float16", "graft"), ("mixed_bfloat16", "graft"),
+    ("mixed_float16", "graft_quadratic")])
+def test_mixed_precision_keeps_curvature_in_float32(digits, policy, step_control):
     x, y = digits
 
     def train():
@@ -117,8 +121,8 @@ def test_mixed_precision_keeps_curvature_in_float32(digits, policy):
             keras.layers.Dense(10),
             keras.layers.Activation("linear", dtype="float32"),
         ]))
-        model.compile(optimizer=keras_tkfac.TKFAC(fisher="empirical", seed=0),
-                      loss=LOSS)
+        model.compile(optimizer=keras_tkfac.TKFAC(
+            fisher="empirical", step_control=step_control, seed=0), loss=LOSS)
         model.fit(x, y, batch_size=128, epochs=2, shuffle=False, verbose=0)
         return model
 
@@ -134,6 +138,8 @@ def test_mixed_precision_keeps_curvature_in_float32(digits, policy):
         for variable in slot.factors + slot.inverses:
             assert variable.dtype == "float32"
     assert int(optimizer.skipped_statistics.numpy()) == 0
+    if step_control == "graft_quadratic":
+        assert float(optimizer.damping_scale.numpy()) != 1.0
     # 28 steps in 16-bit activations: bfloat16 keeps 8 mantissa bits (~0.4%),
     # float16 11; the training losses agree within 5% of the float32 run's.
     expected = reference.evaluate(x, y, verbose=0)

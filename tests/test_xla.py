@@ -14,13 +14,14 @@ from tests import helpers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _fit(strategy, jit_compile, epochs=2, fisher="empirical"):
+def _fit(strategy, jit_compile, epochs=2, fisher="empirical", step_control="graft"):
     x, y = helpers.classification_data(n=64)
     with strategy.scope():
         model = keras_tkfac.wrap(helpers.tiny_mlp())
         model.compile(
             optimizer=keras_tkfac.TKFAC(fisher=fisher, factor_update_freq=2,
-                                        inverse_update_freq=3, seed=0),
+                                        inverse_update_freq=3,
+                                        step_control=step_control, seed=0),
             loss=LOSS, jit_compile=jit_compile,
         )
     model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
@@ -41,10 +42,13 @@ def trace_counter(monkeypatch):
     return counts
 
 
-def test_jit_compile_on_one_device_matches_eager_kernels():
-    compiled = _fit(tf.distribute.get_strategy(), True)
+# graft_quadratic: forward-mode products, the loss after the step and the damping's
+# adaptation inside the compiled step.
+@pytest.mark.parametrize("step_control", ["graft", "graft_quadratic"])
+def test_jit_compile_on_one_device_matches_eager_kernels(step_control):
+    compiled = _fit(tf.distribute.get_strategy(), True, step_control=step_control)
     assert compiled.jit_compile is True
-    plain = _fit(tf.distribute.get_strategy(), False)
+    plain = _fit(tf.distribute.get_strategy(), False, step_control=step_control)
     # XLA fuses and reorders float32 arithmetic; 8 steps stay within 1e-4.
     for a, b in zip(plain.weights, compiled.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
