@@ -10,8 +10,9 @@ Measured per run: the loss of every step; every `--eval_every` steps the trainin
 both outside the clock; the time of every step (the first one traces and compiles and
 is reported apart; medians and means exclude the first `--warmup_steps`); optimizer
 state and peak resident memory. Runs go round robin over the optimizers, and step
-times come from each optimizer's least disturbed run (lowest median), so that other
-load on a shared machine distorts the ratios less. The FLOP model
+times come from each optimizer's least disturbed run (lowest median) among those that
+do its best configuration's work, so that other load on a shared machine distorts
+the ratios less. The FLOP model
 (`benchlib.step_flops`) gives the step-time ratio to Adam that matmul arithmetic alone
 predicts, and a bound: Adam's measured step plus the extra FLOPs at this machine's
 best matmul rate.
@@ -185,14 +186,26 @@ def _fmt(value, spec=".3g"):
     return "n/a" if value is None else format(value, spec)
 
 
-def _timing_runs(runs, warmup):
-    """Per optimizer, its grid run with the lowest median step time.
+# Grid keys that do not change what a step computes (only its numbers).
+_SAME_WORK = ("learning_rate", "damping")
 
-    A step does the same work for every configuration of an optimizer, and other load
-    on the machine only adds time, so the least disturbed run measures the cost best.
+
+def _timing_runs(runs, warmup, best):
+    """Per optimizer, its grid run with the lowest median step time among the runs
+    that do the best configuration's work.
+
+    Configurations that differ only in `_SAME_WORK` keys do the same work a step, and
+    other load on the machine only adds time, so the least disturbed of them measures
+    the cost best. A grid over other keys (a step control) changes the work: those
+    runs are not timed for the best one.
     """
+    def work(config):
+        return {k: v for k, v in config.items() if k not in _SAME_WORK}
+
     timing = {}
     for run in runs:
+        if work(run.config) != work(best[run.optimizer].config):
+            continue
         ms = 1e3 * run.step_seconds[warmup:]
         fastest = timing.get(run.optimizer)
         if fastest is None or np.median(ms) < np.median(fastest):
@@ -201,7 +214,7 @@ def _timing_runs(runs, warmup):
 
 
 def _tables(best, runs, target, metric, rate, warmup):
-    step_ms = _timing_runs(runs, warmup)
+    step_ms = _timing_runs(runs, warmup, best)
     pooled = {n: 1e3 * np.concatenate([r.step_seconds[warmup:] for r in runs
                                        if r.optimizer == n]) for n in best}
     adam = best.get("Adam")
@@ -372,8 +385,9 @@ def main(argv):
         f"{' (final loss of the best Adam run)' if target_text == 'adam' else ''}. "
         f"Seconds exclude step 1 (tracing) and evaluations. Step times leave out the "
         f"first {warmup} steps and come from the grid run of each optimizer with the "
-        f"lowest median (a step does the same work in every configuration; other load "
-        f"only adds time); the medians of all runs are shown too. FLOP model: matmul "
+        f"lowest median among those that differ from its best configuration only in "
+        f"learning rate or damping (they do the same work a step; other load only adds "
+        f"time); the medians of all runs are shown too. FLOP model: matmul "
         f"FLOPs of a step relative to Adam's; bound: Adam's measured median plus the "
         f"extra FLOPs at this machine's best matmul rate ({rate / 1e9:.0f} GFLOP/s).",
         "", *rows, "", *cost, "", "Milliseconds per kind of step (the same runs):", "",
