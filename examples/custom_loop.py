@@ -54,10 +54,12 @@ def main(argv):
         grads, output_grads = tape.gradient(
             loss, (model.trainable_variables, recording.outputs()))
         # Uses `tape` again for the sampled-label backward pass on statistics steps.
-        # `forward` is used only by the quadratic-model step controls.
+        # `forward` gives the default step control ("graft_quadratic") the batch's
+        # exact curvature products (on the first quarter of the batch); without it
+        # the step is the "graft" step.
         optimizer.update_curvature(recording, tape, logits, y_true=y, loss=loss_fn,
                                    loss_output_gradients=output_grads,
-                                   forward=lambda: model(x, training=True))
+                                   forward=keras_tkfac.ModelForward(model, x))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 

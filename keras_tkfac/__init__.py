@@ -5,6 +5,8 @@ Public API:
 - `wrap(model)`: a model whose training step feeds curvature to the optimizer.
 - `TKFAC`, `KFAC`: `keras.optimizers.Optimizer` subclasses.
 - `record(model)`: context manager for custom training loops.
+- `ModelForward(model, x)`: a custom loop's `forward=` for the curvature products
+  of the quadratic step controls (which can then use a sub-batch).
 - `register_block(layer_class, block_class)`: precondition a custom layer kind.
 - `register_normalization_blocks()`: precondition `LayerNormalization` and
   `BatchNormalization` too (off by default).
@@ -17,6 +19,7 @@ from keras_tkfac.blocks import register_block
 from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record
 from keras_tkfac.monitor import CurvatureMonitor
+from keras_tkfac.quadratic import ModelForward
 from keras_tkfac.approximations import KFAC, TKFAC
 from keras_tkfac.recurrent import register_recurrent_blocks
 from keras_tkfac.wrapping import CurvatureModel, wrap
@@ -27,6 +30,7 @@ __all__ = [
     "CurvatureModel",
     "CurvatureMonitor",
     "KFAC",
+    "ModelForward",
     "TKFAC",
     "record",
     "register_block",

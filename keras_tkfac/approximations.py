@@ -16,17 +16,19 @@ _COMMON_ARGS = """
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
             the step size `eta`, or `None` for the step control's default: `3e-3`
-            under `"graft"` (Adam's scale: each layer moves as far as RMSProp would
-            at this learning rate), `0.1` under `"trust_region"` and `"kl_clip"`,
-            `1.0` under `"quadratic"` and `"graft_quadratic"` (the fraction of the
-            quadratic model's step).
+            (Adam's scale) under `"graft_quadratic"` and `"quadratic"` (the
+            weights move by `eta / 3e-3` times the quadratic model's step: the
+            default takes it whole, `1e-3` a third of it) and under `"graft"`
+            (each layer moves as far as RMSProp would at this learning rate);
+            `0.1` under `"trust_region"` and `"kl_clip"`.
             Defaults to `None`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
             Fisher block. Defaults to `0.1`.
         momentum: float in `[0, 1)`, `tau`; `0` disables momentum. Under `"graft"`
             it is an average, `m <- tau m + (1 - tau) u` (Adam's `beta_1`), else a
-            sum, `m <- tau m + u`; unused by `"quadratic"`, which chooses the
-            previous step's coefficient itself. Defaults to `0.9`.
+            sum, `m <- tau m + u`; unused by `"graft_quadratic"` and
+            `"quadratic"`, which choose the previous step's coefficient
+            themselves. Defaults to `0.9`.
         factor_decay: float in `[0, 1)`, the decay `epsilon` of the factor moving
             averages (bias-corrected). Defaults to `0.95`.
         factor_update_freq: int, statistics are refreshed every this many steps
@@ -40,19 +42,22 @@ _COMMON_ARGS = """
             divergence of a step under `"trust_region"` and `"kl_clip"`, and on the
             predicted KL `(1/2) s^T C s` of the exact curvature under `"quadratic"`
             (unused by `"graft"`); `None` disables it. Defaults to `0.1`.
-        step_control: `"graft"`: each layer's update `U_l` is rescaled to the norm
-            of RMSProp's step `G_l / sqrt(v_l)` (Adam without its first moment), so
-            the curvature gives the direction and the gradient's statistics the
-            length; `"trust_region"`: `kl_clip` bounds the unit step
+        step_control: `"graft_quadratic"`: each layer's update `U_l` is first
+            rescaled to the norm of RMSProp's step `G_l / sqrt(v_l)` (Adam without
+            its first moment), then the step `a u + b M` (`M` the previous step)
+            minimises the quadratic model of the loss built on the exact
+            Gauss-Newton matrix of (a quarter of) the batch (one extra
+            forward-mode pass per direction, `keras_tkfac.quadratic`; without
+            `forward=` in a custom loop, the `"graft"` step), scaled by the
+            learning rate; `"quadratic"`: the same without grafting; `"graft"`:
+            the grafted `u` with Adam's momentum, so the curvature gives each
+            layer's direction and the gradient's statistics the length;
+            `"trust_region"`: `kl_clip` bounds the unit step
             `nu = min(1, sqrt(kappa / <U, G>))` and the learning rate scales every
             step; `"kl_clip"`: Ba et al.'s `nu = min(1, sqrt(kappa / (eta^2 <U, G>)))`,
-            under which a binding clip makes the learning rate irrelevant;
-            `"quadratic"` (Martens & Grosse, 2015, §7): the step `a U + b M` (`M`
-            the previous step) minimises the quadratic model of the loss built on
-            the exact Gauss-Newton matrix of the batch (one extra forward-mode
-            pass per direction, `keras_tkfac.quadratic`), times the learning rate;
-            `"graft_quadratic"`: the same over directions grafted as under
-            `"graft"`. See `keras_tkfac.step_size`. Defaults to `"graft"`.
+            under which a binding clip makes the learning rate irrelevant. See
+            `keras_tkfac.step_size` for how the default was chosen. Defaults to
+            `"graft_quadratic"`.
         adaptive_damping: bool or `None`; under `"quadratic"` and
             `"graft_quadratic"`, adapt the damping of every layer (model and
             preconditioner) every 5 steps from the ratio of the batch's actual
@@ -105,7 +110,9 @@ _COMMON_ARGS = """
         fallback_lr_ratio: float > 0, the partner's learning rate relative to
             `learning_rate` when `fallback` is a name, or `None` for the step
             control's default: `1` under `"graft"` (the partner is Adam at the same
-            learning rate), `0.01` otherwise. Defaults to `None`.
+            learning rate), `1/3` under `"graft_quadratic"` and `"quadratic"` (Adam
+            at `1e-3` for the default learning rate), `0.01` otherwise. Defaults
+            to `None`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
@@ -134,18 +141,22 @@ class TKFAC(CurvatureOptimizer):
     ```
     U  = Phi^^-1 G Psi^^-1
     v  = 0.999 v + 0.001 G^2,  R = G / (sqrt(v / (1 - 0.999^t)) + 1e-7)
-    u  = U |R| / |U|                                     (step_control="graft")
-    m  = momentum * m + (1 - momentum) u
-    theta = theta - learning_rate * m
+    u  = U |R| / |U|
+    (a, b) = argmin q(a u + b s_prev),  q(s) = -<s, G> + (1/2) s^T (C + lambda I) s
+    s  = a u + b s_prev
+    theta = theta - (learning_rate / 3e-3) * s
     ```
 
-    The curvature chooses each layer's direction; its length is RMSProp's, so the
-    learning rate has Adam's scale (default `3e-3`). `step_control="trust_region"`
-    instead bounds the approximate KL divergence of the unit step,
-    `u = min(1, sqrt(kl_clip / sum_l <U_l, G_l>)) U`, with `m = momentum * m + u`
-    and a default learning rate of `0.1`; see `keras_tkfac.step_size` (and Ba et
-    al.'s clip, `step_control="kl_clip"`) for both and for how the default was
-    measured.
+    with `C` the exact Gauss-Newton matrix of a quarter of the batch (forward-mode
+    products) and `lambda` adapted every 5 steps from the model's reduction ratio
+    (`step_control="graft_quadratic"`, the default; `keras_tkfac.step_size`,
+    `keras_tkfac.quadratic`, `keras_tkfac.damping`). The curvature chooses each
+    layer's direction, RMSProp the layers' relative step lengths, the quadratic
+    model the overall length and the momentum; the learning rate has Adam's scale
+    (default `3e-3`, the model's whole step). `step_control="graft"` drops the
+    model (`m = momentum * m + (1 - momentum) u`, `theta -= learning_rate * m`: one
+    forward pass less per step); `"trust_region"` and `"kl_clip"` bound the
+    approximate KL divergence of the step instead (default learning rate `0.1`).
 
     Convolution layers use the trace-relative damping
     `lambda_l = trace_damping_scale * max(delta_l, trace_damping_floor) / dim_l`
@@ -192,7 +203,7 @@ class TKFAC(CurvatureOptimizer):
         inverse_update_freq=100,
         inverse_warmup=True,
         kl_clip=0.1,
-        step_control="graft",
+        step_control="graft_quadratic",
         adaptive_damping=None,
         fisher="true",
         conv_damping="trace",
@@ -309,7 +320,7 @@ class KFAC(CurvatureOptimizer):
         inverse_update_freq=100,
         inverse_warmup=True,
         kl_clip=0.1,
-        step_control="graft",
+        step_control="graft_quadratic",
         adaptive_damping=None,
         fisher="true",
         inverse_dtype="float32",

@@ -104,8 +104,10 @@ def adapt(optimizer, batch, finite):
     if finite is not None:
         ok = tf.logical_and(ok, finite)
 
+    after = batch.loss() if batch.syncs else None  # see `quadratic.Batch.syncs`
+
     def new_scale():
-        ratio = (batch.loss() - loss_before) / predicted
+        ratio = ((batch.loss() if after is None else after) - loss_before) / predicted
         return [ops.levenberg_marquardt(optimizer.damping_scale.value, ratio, DECAY,
                                         *SCALE_BOUNDS)]
 

@@ -341,10 +341,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 the factored form (`keras_tkfac.factored`), fewer flops when the
                 batch is smaller than the layers' widths. `wrap`'s training step
                 passes them.
-            forward: optional, `() -> y_pred`, the model's forward pass on this
-                step's batch in training mode (`lambda: model(x, training=True)`),
-                which `step_control="quadratic"` needs for its exact curvature
-                products (`keras_tkfac.quadratic`). `wrap`'s training step passes it.
+            forward: optional, `keras_tkfac.ModelForward(model, x)` (or `lambda:
+                model(x, training=True)`, products on the whole batch): the quadratic
+                step controls' exact curvature products (`keras_tkfac.quadratic`);
+                without it their step is `quadratic.FALLBACK`'s. `wrap` passes it.
 
         Statistics that are not finite (on any replica) are not folded into the
         moving averages; `skipped_statistics` counts such updates.
@@ -518,10 +518,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # Sum the replicas' gradients first, so that preconditioning and the KL-clip
         # inner product see the global gradient; Keras's own all-reduce is skipped.
-        reduced = super()._all_reduce_sum_gradients(
-            list(zip(grads, trainable_variables))
-        )
-        grads = [g for g, _ in reduced]
+        grads = [g for g, _ in super()._all_reduce_sum_gradients(
+            list(zip(grads, trainable_variables)))]
         # A step whose (global) gradient is not finite changes nothing but the
         # counters: `update_step` keeps every weight and momentum as they are.
         self._step_is_finite = tf.reduce_all(
@@ -558,9 +556,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         pass
 
     def update_step(self, gradient, variable, learning_rate):
-        """Preconditioned variables: decoupled weight decay, `m <- momentum * m + u`
-        (`momentum * m + (1 - momentum) * u` under `step_control="graft"`),
-        `theta -= lr * m`. The others: the first-order partner's step."""
+        """Preconditioned variables: weight decay, `m` by `step_size.momentum_step`,
+        `theta -= step_size.step_learning_rate(lr) * m`; others: the partner's step."""
         ok = self._step_is_finite  # `None`: the step is known to be finite
         gradient = tf.cast(gradient, variable.dtype)
         if ok is not None:
@@ -573,6 +570,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             step = step_size.momentum_step(self.step_control, self.momentum,
                                            momentum, gradient)
             new_slots = [step] if momentum is not None else []
+            learning_rate = step_size.step_learning_rate(self.step_control,
+                                                         learning_rate)
         else:
             slots = partner_slots
             learning_rate = self._partner.current_learning_rate(

@@ -156,21 +156,89 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
         variables, directions)
 
 
+# The Gram's sub-batch: this fraction of the (per-replica) batch's examples, at
+# least `PRODUCT_MIN_EXAMPLES` (all of a smaller batch).
+PRODUCT_FRACTION = 0.25
+PRODUCT_MIN_EXAMPLES = 32
+
+
+class ModelForward:
+    """`model(x, training=True)` on this step's batch, or on its first rows.
+
+    `wrap`'s training step passes one as `update_curvature`'s `forward`, so that the
+    curvature products can run on a sub-batch; a plain `lambda: model(x,
+    training=True)` also works, and its products then cover the whole batch.
+    """
+
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+
+    def __call__(self):
+        return self.model(self.x, training=True)
+
+    def examples(self):
+        """The number of examples in the batch (a scalar int32 tensor)."""
+        return tf.shape(tf.nest.flatten(self.x)[0])[0]
+
+    def head(self, rows):
+        """The forward pass on the batch's first `rows` examples."""
+        return self.model(tf.nest.map_structure(lambda t: t[:rows], self.x),
+                          training=True)
+
+
+def _product_rows(examples):
+    """The Gram's sub-batch size for a batch of `examples`."""
+    wanted = tf.cast(tf.math.ceil(PRODUCT_FRACTION * tf.cast(examples, tf.float32)),
+                     tf.int32)
+    return tf.minimum(examples, tf.maximum(wanted, PRODUCT_MIN_EXAMPLES))
+
+
+def _head(values, rows):
+    """Each per-example tensor of `values` (a list, entries may be `None`)
+    restricted to its first `rows` examples."""
+    def cut(value):
+        if value is None or not hasattr(value, "shape") or len(value.shape) == 0:
+            return value
+        return value[:rows]
+    return [tf.nest.map_structure(cut, v) if v is not None else None for v in values]
+
+
 class Batch:
     """One step's batch as the quadratic model sees it: the exact curvature
-    products along directions, and the data loss before and after the step."""
+    products along directions, and the data loss before and after the step.
 
-    def __init__(self, forward, outputs, y_true, sample_weight, state=()):
+    With a `ModelForward`, the products run on a sub-batch (`PRODUCT_FRACTION` of
+    the examples, at least `PRODUCT_MIN_EXAMPLES`): the model's curvature is then
+    the Gauss-Newton matrix of those examples, its gradient still the whole batch's
+    (Martens, 2010, computes the curvature-vector products of Hessian-free
+    optimisation on a smaller batch than the gradient for the same reason). The
+    losses before and after the step are the whole batch's.
+
+    Every pass restores the model's non-trainable variables, which hold Keras's
+    seed generators as well as BatchNormalization's moving statistics: the passes
+    of one step all draw the same dropout masks, so the losses before and after
+    the step differ only by the step (as kfac-jax's, which reuse the batch's
+    random key).
+    """
+
+    def __init__(self, forward, outputs, y_true, sample_weight, state=(),
+                 syncs=False):
         self.forward, self.outputs, self.state = forward, outputs, tuple(state)
         self.y_true, self.sample_weight = y_true, sample_weight
-        self.predictions = None  # the flat outputs of the products' forward pass
+        # A forward pass that all-reduces (synchronized BatchNormalization under a
+        # strategy) cannot run inside a `tf.cond`: the losses are then taken every
+        # step and used where due.
+        self.syncs = syncs
+        # The flat outputs of the products' forward pass, when it saw the whole batch.
+        self.predictions = None
 
     def _restoring(self, run):
         saved = [tf.identity(v) for v in self.state]
-        result = run()
-        for variable, value in zip(self.state, saved):
-            variable.assign(value)
-        return result
+        try:
+            return run()
+        finally:  # also when `run` fails while tracing: its ops may still run
+            for variable, value in zip(self.state, saved):
+                variable.assign(value)
 
     def _per_output(self, count):
         return (fisher_lib._per_output_values(self.y_true, self.outputs, count,
@@ -179,23 +247,29 @@ class Batch:
                                               count, "sample_weight"))
 
     def gram(self, variables, directions):
-        """`curvature_gram`'s Gram of `directions`; keeps the predictions."""
+        """`curvature_gram`'s Gram of `directions` (on the sub-batch, if any)."""
         primals = [getattr(v, "value", v) for v in variables]
+        forward, rows = self.forward, None
+        if hasattr(forward, "head"):
+            rows = _product_rows(forward.examples())
+            forward = lambda: self.forward.head(rows)  # pylint: disable=unnecessary-lambda-assignment
 
         def run():
             try:
-                return _forward_mode(self.forward, self.outputs, primals, directions)
+                return _forward_mode(forward, self.outputs, primals, directions)
             except Exception as error:  # pylint: disable=broad-except
                 # Forward mode cannot pass some layers (Keras's LSTM loop): `J x`
                 # as the gradient of `J^T u` with respect to `u` instead.
                 logging.log_first_n(
                     logging.INFO, "keras_tkfac: forward-mode products failed (%s); "
                     "using reverse-over-reverse products.", 1, type(error).__name__)
-                return _reverse_mode(self.forward, self.outputs, primals, directions)
+                return _reverse_mode(forward, self.outputs, primals, directions)
 
         jvps, sources, flat = self._restoring(run)
-        self.predictions = flat
+        self.predictions = flat if rows is None else None
         labels, weights = self._per_output(len(flat))
+        if rows is not None:
+            labels, weights = _head(labels, rows), _head(weights, rows)
         count = len(directions)
         gram = [[0.0] * count for _ in range(count)]
         for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
@@ -225,12 +299,6 @@ class Batch:
         if predictions is None:
             predictions = self._restoring(
                 lambda: tf.nest.flatten(self.forward()))
-        if self.y_true is None:
-            raise ValueError(
-                "adaptive_damping (on by default under the quadratic step controls) "
-                "compares the batch's loss before and after the step: pass `y_true` "
-                "to `update_curvature`, or `adaptive_damping=False` to the optimizer. "
-                "Received: y_true=None")
         labels, weights = self._per_output(len(predictions))
         total = tf.add_n([
             tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * _weighted_mean(
@@ -239,13 +307,24 @@ class Batch:
         return distributed.all_reduce("mean", [total])[0]
 
 
+    def loss_before(self, due):
+        """The batch's loss at the current weights where `due` holds (else 0): from
+        the products' pass when it saw the whole batch, else by a new pass."""
+        if self.predictions is not None:
+            return self.loss(self.predictions)
+        if self.syncs:
+            return self.loss()
+        return tf.cond(due, self.loss, lambda: tf.constant(0.0))
+
+
 def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
     """This step's `Batch`, or `None` when the optimizer's step control needs no
     products or no `forward` was given."""
     if forward is None or not step_size.uses_products(optimizer.step_control):
         return None
     state = owner.non_trainable_variables if owner is not None else ()
-    return Batch(forward, outputs, y_true, sample_weight, state)
+    return Batch(forward, outputs, y_true, sample_weight, state,
+                 distributed.syncs_in_backward(owner))
 
 
 def steps(optimizer, used, variables, learning_rate):
@@ -260,14 +339,12 @@ def steps(optimizer, used, variables, learning_rate):
 
     Returns:
         `(used with a U_l + b M_l in place of U_l, 1)`; `M_l` is the momentum slot,
-        which holds the previous step.
+        which holds the previous step (the weights moved by
+        `step_size.step_learning_rate` times it).
     """
     batch = optimizer._products.get(distributed.replica_index())
     if batch is None:
-        raise ValueError(
-            'step_control="quadratic" needs exact curvature products: pass '
-            "`forward=lambda: model(x, training=True)` to `update_curvature` "
-            "(keras_tkfac.wrap's training step does). Received: forward=None")
+        return _without_products(optimizer, used, variables, learning_rate)
     covered = [variables[i] for _, indices, *_ in used for i in indices]
     momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
                  for v in variables]
@@ -288,10 +365,64 @@ def steps(optimizer, used, variables, learning_rate):
         factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
         dampings.append(tf.reduce_mean(
             optimizer._layer_damping(slot.block, factors, damping)))
-    found, predicted = step_size.quadratic_updates(
-        products, dampings, [u for *_, u in used],
-        [g for *_, g, _ in used], previous, optimizer.kl_clip)
-    if optimizer.adaptive_damping:
-        damping_lib.hand_over(optimizer, predicted(learning_rate),
-                              batch.loss(batch.predictions))
+    try:
+        found, predicted = step_size.quadratic_updates(
+            products, dampings, [u for *_, u in used],
+            [g for *_, g, _ in used], previous, optimizer.kl_clip)
+    except Exception as error:  # pylint: disable=broad-except
+        # Neither forward nor reverse mode passes the model: no products.
+        logging.log_first_n(
+            logging.WARNING, "keras_tkfac: the curvature products failed (%s: %s).",
+            1, type(error).__name__, error)
+        return _without_products(optimizer, used, variables, learning_rate)
+    # `update_step` moves the weights by this fraction of the returned step.
+    fraction = step_size.step_learning_rate(optimizer.step_control, learning_rate)
+    if optimizer.adaptive_damping and batch.y_true is None:
+        logging.log_first_n(
+            logging.WARNING, "keras_tkfac: adaptive_damping compares the batch's "
+            "loss before and after the step, which needs `y_true` in "
+            "`update_curvature`; none was given, so the damping is not adapted.", 1)
+    elif optimizer.adaptive_damping:
+        damping_lib.hand_over(optimizer, predicted(fraction),
+                              batch.loss_before(damping_lib.due(optimizer)))
     return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)
+
+
+# The step control taken on a step without curvature products, and the factor that
+# maps the quadratic control's learning rate onto its scale (the ratio of defaults).
+FALLBACK = {"graft_quadratic": "graft", "quadratic": "trust_region"}
+
+
+def _without_products(optimizer, used, variables, learning_rate):
+    """`steps` when no `forward` was given (a custom loop or a model's own
+    `train_step` that does not pass it) or the products failed to trace: the
+    non-quadratic sibling of the step control (`FALLBACK`) at the learning rate
+    scaled by the ratio of their defaults, so that the default learning rate gives
+    the sibling's default step. The momentum slot still holds the previous step,
+    so the two kinds of step can alternate."""
+    control = optimizer.step_control
+    sibling = FALLBACK[control]
+    logging.log_first_n(
+        logging.WARNING, 'keras_tkfac: step_control="%s" needs curvature products, '
+        "which need `forward=` in `update_curvature` (keras_tkfac.wrap's training "
+        'step passes it) and a model they can pass; without them the step is a '
+        '"%s" step.', 1, control, sibling)
+    ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
+             / step_size.DEFAULT_LEARNING_RATE[control])
+    # `update_step` moves by `step_size.step_learning_rate`: `learning_rate / 3e-3`.
+    factor = ratio * step_size.MODEL_STEP_LEARNING_RATE
+    scale = step_size.update_scale(sibling, [u for *_, u in used],
+                                   [g for *_, g, _ in used], learning_rate * ratio,
+                                   optimizer.kl_clip)
+    momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
+                 for v in variables]
+    found = []
+    for slot, indices, grad, update in used:
+        update = factor * scale * update
+        if optimizer.momentum > 0:
+            previous = slot.block.grad_matrix(
+                *[tf.cast(momentums[i], tf.float32) for i in indices])
+            update = step_size.momentum_step(sibling, optimizer.momentum, previous,
+                                             update)
+        found.append((slot, indices, grad, update))
+    return found, tf.constant(1.0)

@@ -1,8 +1,8 @@
 """Step-size control: how far a preconditioned update `U = F^-1 G` moves the weights.
 
-Three controls, chosen with `step_control`:
+Five controls, chosen with `step_control`:
 
-- `"graft"` (the default): each layer moves in TKFAC's (or KFAC's) direction `U_l` by
+- `"graft"`: each layer moves in TKFAC's (or KFAC's) direction `U_l` by
   the distance RMSProp would move it, `|R_l|` with
   `R_l = G_l / (sqrt(v_l / (1 - beta_2^t)) + eps)` and `v_l` the moving average of
   `G_l^2` (Adam's step without its first moment; Agarwal et al., 2020, "grafting";
@@ -26,40 +26,44 @@ Three controls, chosen with `step_control`:
   momentum): the step `s = a U + b M`, `M` the previous step, whose coefficients
   minimise the quadratic model `-<s, G> + (1/2) s^T (C + lambda_l I) s` with `C` the
   exact generalised Gauss-Newton matrix of the batch (`keras_tkfac.quadratic`: one
-  forward-mode pass per direction, so about a forward and a half more per step) and
-  `lambda_l` each layer's damping; the weights move by `learning_rate * s`, so the
-  learning rate (default 1) is the fraction of the model's step taken, and
-  schedules act on it. `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
+  forward-mode pass per direction) and `lambda_l` each layer's damping; the weights
+  move by `(min(learning_rate, 3e-3) / 3e-3) * s` (`MODEL_STEP_LEARNING_RATE`):
+  the default learning rate, `3e-3`, takes the model's whole step, a learning rate
+  or schedule written for Adam keeps its meaning below it (`1e-3`: a third of the
+  step), and a larger one takes the whole step (`step_learning_rate`). `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
   safeguard. `adaptive_damping=True` adapts the damping of the model and the
   preconditioner from the model's reduction ratio (Levenberg-Marquardt;
   `keras_tkfac.damping`).
-- `"graft_quadratic"`: `"quadratic"` over grafted directions: each layer's `U_l` is
-  first rescaled to RMSProp's step length `|R_l|` (as under `"graft"`), then
-  `s = a u + b M` with `(a, b)` from the same model. The curvature gives each layer's
-  direction, RMSProp the layers' relative step lengths, the exact quadratic model
-  the overall length and the momentum coefficient.
+- `"graft_quadratic"` (the default): `"quadratic"` over grafted directions: each
+  layer's `U_l` is first rescaled to RMSProp's step length `|R_l|` (as under
+  `"graft"`), then `s = a u + b M` with `(a, b)` from the same model. The curvature
+  gives each layer's direction, RMSProp the layers' relative step lengths, the exact
+  quadratic model the overall length and the momentum coefficient.
+
+The quadratic controls need `forward=` in `update_curvature` (`wrap`'s training step
+passes a `quadratic.ModelForward`, whose products take a quarter of the batch).
+Without it, or where the products cannot be traced, a step is their sibling's
+(`quadratic.FALLBACK`: `"graft"` and `"trust_region"`) at the learning rate scaled
+by the ratio of the two defaults, with a warning logged once.
 
 At `learning_rate=0.1`, `"trust_region"` with `kl_clip=0.1` and `"kl_clip"` with
 `kl_clip=1e-3` take the same steps; they part when the learning rate changes.
 
-Why grafting is the default (measured 2026-11-29 with `tools/suite.py`, figures in the
-README): under a fixed damping `lambda`, a layer whose curvature is far below
-`lambda` gets `U = G / lambda`, momentum SGD. On the transformer text classifier
-every layer is in that regime (Fisher traces 1e-8 to 4 against damping 0.1 on
-blocks of hundreds of dimensions) and the KL bound never binds, so TKFAC stayed at
-chance as momentum SGD does; lowering the damping, or making it relative to each
-layer's trace, made the steps of the attention queries and keys 1e4-2e5 times their
-gradient and training unstable. Grafting keeps TKFAC's direction and takes the length
-from the gradient's own statistics. The quadratic-model steps are opt-in
-(measured 2026-11-29, README "Quadratic-model step"): `"graft_quadratic"` was at
-least as good as the best Adam on 5 of the suite's 8 programs (`"graft"`: 3, plain
-`"quadratic"`: 3, with the transformer at chance), but its two forward-mode passes
-made its steps 1.5-2.8x as long as `"graft"`'s and its wall-clock to target worse.
-With the Levenberg-Marquardt damping (`keras_tkfac.damping`, on by default under
-both quadratic controls since 2026-11-30) it was at least as good as the best Adam
-on 7 of 8 at two seeds (`"graft"`: 3 of 8 at both), still at 2-3.6x Adam's step
-time on this CPU, so `"graft"` stays the default (README, "Levenberg-Marquardt
-damping").
+How the default was chosen (`tools/suite.py`, figures in the README): `"graft"` was
+the default from 2026-11-29. Under a fixed damping `lambda`, a layer whose curvature
+is far below `lambda` gets `U = G / lambda`, momentum SGD: on the transformer text
+classifier every layer is in that regime (Fisher traces 1e-8 to 4 against damping
+0.1 on blocks of hundreds of dimensions) and the KL bound never binds, so the trust
+region stayed at chance as momentum SGD does; lowering the damping, or making it
+relative to each layer's trace, made the steps of the attention queries and keys
+1e4-2e5 times their gradient and training unstable. Grafting keeps TKFAC's direction
+and takes the length from the gradient's own statistics; it matched or beat the
+best-of-grid Adam on 3 of the suite's 8 programs. `"graft_quadratic"` with the
+Levenberg-Marquardt damping (`keras_tkfac.damping`) did on 7 of 8 at two seeds, in
+fewer steps, at 2-3.6x Adam's step time on this CPU; with its products on a quarter
+of the batch (2026-11-30) its steps cost ~25% less on the MNIST-5k MLP and it still
+matched 7 of 8, so it became the default. `"graft"` remains the choice where a
+step's seconds matter more than the number of steps.
 """
 
 import tensorflow as tf
@@ -71,9 +75,15 @@ STEP_CONTROLS = ("graft", "trust_region", "kl_clip", "quadratic", "graft_quadrat
 # The defaults that depend on the step control: `learning_rate` and the first-order
 # partner's `fallback_lr_ratio`.
 DEFAULT_LEARNING_RATE = {"graft": 3e-3, "trust_region": 0.1, "kl_clip": 0.1,
-                         "quadratic": 1.0, "graft_quadratic": 1.0}
+                         "quadratic": 3e-3, "graft_quadratic": 3e-3}
 DEFAULT_FALLBACK_LR_RATIO = {"graft": 1.0, "trust_region": 0.01, "kl_clip": 0.01,
-                             "quadratic": 1e-3, "graft_quadratic": 1e-3}
+                             "quadratic": 1.0 / 3.0, "graft_quadratic": 1.0 / 3.0}
+
+# The learning rate at which the quadratic controls move the weights by the model's
+# whole step: `learning_rate / MODEL_STEP_LEARNING_RATE` is the fraction taken. It
+# is Adam's scale, so that a learning rate copied from an Adam program (1e-3: a
+# third of the model's step) or a schedule written for one behaves as there.
+MODEL_STEP_LEARNING_RATE = 3e-3
 
 # RMSProp's second moment in `"graft"`: Adam's (and Keras's) defaults.
 GRAFT_BETA_2 = 0.999
@@ -88,6 +98,23 @@ def uses_moments(control):
 def uses_products(control):
     """Whether `control` needs exact curvature products (a second forward pass)."""
     return control in ("quadratic", "graft_quadratic")
+
+
+def step_learning_rate(control, learning_rate):
+    """The factor by which a preconditioned variable's step moves it: the learning
+    rate; under the quadratic controls, whose steps are the model's, the fraction
+    `min(learning_rate, MODEL_STEP_LEARNING_RATE) / MODEL_STEP_LEARNING_RATE`.
+
+    The cap: the model's step minimises the model along its directions, and
+    beyond twice that step the model predicts the loss to rise, so the reduction
+    ratio cannot adapt the damping (measured: `learning_rate=1e-2`, 3.3 model
+    steps, left a recurrent classifier at chance, loss 0.70 after 48 steps, where
+    the default reached 0.001). A learning rate above `3e-3` takes the whole step.
+    """
+    if uses_products(control):
+        return tf.minimum(tf.cast(learning_rate, tf.float32),
+                          MODEL_STEP_LEARNING_RATE) / MODEL_STEP_LEARNING_RATE
+    return learning_rate
 
 
 def momentum_step(control, momentum, velocity, update):

@@ -10,6 +10,7 @@ from keras_tkfac import blocks as blocks_lib
 from keras_tkfac import capture
 from keras_tkfac import distributed
 from keras_tkfac import keras_compat
+from keras_tkfac import quadratic
 
 
 def _curvature_optimizer(optimizer):
@@ -250,7 +251,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
             loss_output_gradients=output_grads,
-            forward=lambda: self(x, training=True),
+            forward=quadratic.ModelForward(self, x),
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape

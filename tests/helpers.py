@@ -183,13 +183,15 @@ def empirical_rows(model, block, x, y, loss, variables=None, xla=False):
             [k.numpy() for k in keras_grads], y_pred.numpy(), plain.numpy())
 
 
-def keras_round_trip(inner, x, y, loss, path):
+def keras_round_trip(inner, x, y, loss, path, **optimizer_args):
     """Wraps `inner`, fits one epoch with TKFAC (statistics and inverses every two
-    steps), saves to `path` and loads; checks that the loaded model has the same
-    state and takes the same next epoch. Returns the loaded model."""
+    steps; `optimizer_args` added), saves to `path` and loads; checks that the
+    loaded model has the same state and takes the same next epoch. Returns the
+    loaded model."""
     model = keras_tkfac.wrap(inner)
     model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
-                                              inverse_update_freq=2, seed=3),
+                                              inverse_update_freq=2, seed=3,
+                                              **optimizer_args),
                   loss=loss)
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     model.save(path)

@@ -46,11 +46,12 @@ def test_model_value_is_the_explicit_quadratic():
         rtol=1e-5)
 
 
-def _adapting_run(steps, learning_rate, step_control="graft_quadratic", given=0.1):
-    """`(weights after each step, damping_scale after each step)` on one batch."""
+def _adapting_run(steps, fraction, step_control="graft_quadratic", given=0.1):
+    """`(weights after each step, damping_scale after each step)` on one batch,
+    each step `fraction` of the model's."""
     scales = []
     weights = quadratic_tests._fit_steps(
-        steps, learning_rate, damping=given, step_control=step_control,
+        steps, fraction, damping=given, step_control=step_control,
         adaptive_damping=True, scales=scales)
     return weights, scales
 
@@ -63,14 +64,14 @@ def _loss(weights):
 
 
 # Each branch of the rule: the model step with damping 0.1 predicts well (ratio
-# ~0.96: shrink), with damping 0.01 less so (~0.57: keep); 1.9 times that step
-# raises the loss where the model predicted a fall (~-1: grow).
+# ~0.96: shrink), with damping 0.01 less so (~0.57: keep); with damping 1e-5 the
+# model trusts the Gauss-Newton matrix too far (~0.15, and -0.35 grafted: grow).
 @pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
-@pytest.mark.parametrize("given, learning_rate, change", [
-    (0.1, 1.0, "shrink"), (0.01, 1.0, "keep"), (0.01, 1.9, "grow")])
+@pytest.mark.parametrize("given, fraction, change", [
+    (0.1, 1.0, "shrink"), (0.01, 1.0, "keep"), (1e-5, 1.0, "grow")])
 def test_damping_follows_the_explicit_reduction_ratio(step_control, given,
-                                                      learning_rate, change):
-    weights, scales = _adapting_run(2, learning_rate, step_control, given)
+                                                      fraction, change):
+    weights, scales = _adapting_run(2, fraction, step_control, given)
     step = quadratic_tests._flat(weights[0]) - quadratic_tests._flat(weights[1])
     grad, curvature = quadratic_tests._gradient_and_curvature(weights[0])
     # Dense layers' damping is the given one for every weight.
@@ -101,10 +102,37 @@ def test_adapted_damping_enters_the_next_model():
         assert holds == tolerance_holds
 
 
-def test_no_adaptation_on_a_step_predicted_to_increase_the_loss():
-    # At 2.5 times the model's minimiser q(2.5 s) > 0: no ratio to read.
-    _, scales = _adapting_run(1, 2.5, "quadratic")
-    assert scales == [1.0]
+def test_a_learning_rate_above_the_model_step_takes_the_model_step():
+    # Beyond twice the model's minimiser the model predicts a rise and the ratio
+    # cannot adapt the damping: learning rates above 3e-3 take the whole step.
+    for control in ("quadratic", "graft_quadratic"):
+        whole = _adapting_run(1, 1.0, control)[0][1]
+        for got, want in zip(_adapting_run(1, 2.5, control)[0][1], whole):
+            np.testing.assert_array_equal(got, want)
+
+
+class _Batch:
+    syncs = False
+
+    def __init__(self, after):
+        self.after = after
+
+    def loss(self):
+        return tf.constant(self.after)
+
+
+@pytest.mark.parametrize("predicted, expected", [(0.5, 1.0), (0.0, 1.0),
+                                                 (-0.5, damping.DECAY)])
+def test_no_adaptation_on_a_step_predicted_not_to_decrease_the_loss(predicted,
+                                                                     expected):
+    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic")
+    optimizer.attach([])  # no curvature blocks: only the damping's state
+    optimizer.build([keras.Variable(np.ones((2, 2), "float32"))])
+    # Loss 1 -> 0.5: ratio 1 (shrink) where the model predicted -0.5.
+    damping.hand_over(optimizer, tf.constant(predicted), tf.constant(1.0))
+    damping.adapt(optimizer, _Batch(0.5), None)
+    np.testing.assert_allclose(float(optimizer.damping_scale.numpy()), expected,
+                               rtol=1e-6)
 
 
 def test_damping_scale_is_saved_with_the_model(tmp_path):
@@ -122,24 +150,39 @@ def test_damping_scale_is_saved_with_the_model(tmp_path):
     assert float(loaded.optimizer.damping_scale.numpy()) == scale
 
 
-def test_custom_loop_without_labels_says_what_to_pass():
+def _custom_loop(adaptive_damping, labels, steps=6):
     x, y = quadratic_tests._data()
     model = keras_tkfac.wrap(quadratic_tests._classifier(0))
-    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0)
-    with tf.GradientTape(persistent=True) as tape:
-        with keras_tkfac.record(model) as recording:
-            y_pred = model(x, training=True)
-        loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
-    grads = tape.gradient(loss, model.trainable_variables)
-    optimizer.update_curvature(recording, tape, y_pred,
-                               loss="sparse_categorical_crossentropy",
-                               forward=lambda: model(x, training=True))
-    with pytest.raises(ValueError, match="y_true=None"):
+    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", damping=10.0,
+                                  adaptive_damping=adaptive_damping, seed=0)
+    for _ in range(steps):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred,
+                                   y_true=y if labels else None,
+                                   loss="sparse_categorical_crossentropy",
+                                   forward=lambda: model(x, training=True))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return optimizer, [v.numpy() for v in model.trainable_variables]
+
+
+def test_custom_loop_without_labels_keeps_the_damping():
+    # The ratio needs the batch's loss, which needs `y_true`: without it the damping
+    # stays as given (a warning says why) and the steps are the fixed-damping ones.
+    adapted, _ = _custom_loop(None, labels=True)
+    assert float(adapted.damping_scale.numpy()) != 1.0
+    kept, found = _custom_loop(None, labels=False)
+    assert float(kept.damping_scale.numpy()) == 1.0
+    _, expected = _custom_loop(False, labels=False)
+    for got, want in zip(found, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"adaptive_damping": True}, "step_control='graft'"),
+    ({"adaptive_damping": True, "step_control": "graft"}, "step_control='graft'"),
     ({"adaptive_damping": True, "step_control": "trust_region"}, "trust_region"),
     ({"adaptive_damping": "yes", "step_control": "quadratic"}, "adaptive_damping"),
 ])

@@ -57,12 +57,12 @@ def _assert_identical_on_replicas(model):
 @pytest.mark.parametrize("build,shape", [(_mlp, (8,)), (_convnet, (6, 6, 2))],
                          ids=["mlp", "convnet"])
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
-@pytest.mark.parametrize("kl_clip", [None, 1e-3])
-def test_two_replicas_match_one_device(mirrored, build, shape, cls, kl_clip):
+@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft"])
+def test_two_replicas_match_one_device(mirrored, build, shape, cls, step_control):
     x, y = _data(shape, n=256)
 
     def optimizer():
-        return cls(fisher="empirical", kl_clip=kl_clip, factor_update_freq=2,
+        return cls(fisher="empirical", step_control=step_control, factor_update_freq=2,
                    inverse_update_freq=3, seed=0)
 
     single = _train(tf.distribute.get_strategy(), build, x, y, optimizer)

@@ -184,10 +184,14 @@ def test_curvature_monitor_logs_to_history_and_tensorboard(digits, tmp_path):
     assert 0 < history.history["curvature/kl_clip_scale"][-1] <= 1
     assert history.history["curvature/skipped_steps"][-1] == 0
     report = model.optimizer.curvature_report()
-    # Trace-relative damping of the convolution: scale * max(delta, floor) / dim.
+    # Trace-relative damping of the convolution: scale * max(delta, floor) / dim,
+    # times the adapted factor (Levenberg-Marquardt, on under the default).
     dim = model.blocks[0].d_in * model.blocks[0].d_out
+    adapted = float(model.optimizer.damping_scale.numpy())
+    assert adapted != 1.0
     np.testing.assert_allclose(report[conv]["damping"],
-                               100 * max(report[conv]["trace"], 1e-3) / dim, rtol=1e-5)
+                               adapted * 100 * max(report[conv]["trace"], 1e-3) / dim,
+                               rtol=1e-5)
     assert report[conv]["cond_left"] >= 1
     assert os.listdir(tmp_path / "tb")
     with pytest.raises(ValueError, match="freq"):

@@ -302,7 +302,8 @@ def test_custom_training_loop_matches_fit():
                 y_pred = model(x, training=True)
             loss = LOSS(y, y_pred)
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                                   forward=keras_tkfac.ModelForward(model, x))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 

@@ -9,6 +9,7 @@ import keras_tkfac
 from keras_tkfac import fisher
 from keras_tkfac import ops
 from keras_tkfac import quadratic
+from keras_tkfac import step_size
 
 RNG = np.random.default_rng(0)
 
@@ -142,9 +143,10 @@ def _data():
     return rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, size=16)
 
 
-def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None,
+def _fit_steps(steps, fraction=1.0, damping=0.1, kl_clip=None,
                step_control="quadratic", adaptive_damping=False, scales=None):
-    """The weights after each of `steps` quadratic-model steps on one batch.
+    """The weights after each of `steps` quadratic-model steps on one batch, each
+    `fraction` of the model's step.
 
     The damping is fixed unless `adaptive_damping` (the oracles here use the given
     one; `tests/test_damping.py` checks the adaptation, appending `damping_scale`
@@ -153,7 +155,8 @@ def _fit_steps(steps, learning_rate=1.0, damping=0.1, kl_clip=None,
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
     optimizer = keras_tkfac.TKFAC(
-        learning_rate=learning_rate, step_control=step_control, damping=damping,
+        learning_rate=fraction * step_size.MODEL_STEP_LEARNING_RATE,
+        step_control=step_control, damping=damping,
         kl_clip=kl_clip, adaptive_damping=adaptive_damping, factor_update_freq=1,
         inverse_update_freq=1, seed=0)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
@@ -242,8 +245,8 @@ def test_kl_bound_shortens_a_long_step(step_control):
 
 @pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
 def test_learning_rate_scales_the_model_step(step_control):
-    full = _fit_steps(1, learning_rate=1.0, step_control=step_control)
-    half = _fit_steps(1, learning_rate=0.5, step_control=step_control)
+    full = _fit_steps(1, fraction=1.0, step_control=step_control)
+    half = _fit_steps(1, fraction=0.5, step_control=step_control)
     np.testing.assert_allclose(
         _flat(half[0]) - _flat(half[1]),
         0.5 * (_flat(full[0]) - _flat(full[1])), rtol=1e-4, atol=1e-7)
@@ -268,19 +271,121 @@ def test_batch_statistics_move_once_per_step():
                                rtol=1e-6)
 
 
-def test_custom_loop_without_forward_says_what_to_pass():
+def _custom_loop_weights(optimizer, steps, forward):
+    """The weights after `steps` custom-loop steps with or without `forward`."""
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
-    optimizer = keras_tkfac.TKFAC(step_control="quadratic")
-    with tf.GradientTape(persistent=True) as tape:
-        with keras_tkfac.record(model) as recording:
-            y_pred = model(x, training=True)
-        loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
-    grads = tape.gradient(loss, model.trainable_variables)
-    optimizer.update_curvature(recording, tape, y_pred, y_true=y,
-                               loss="sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="forward"):
+    for _ in range(steps):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(
+            recording, tape, y_pred, y_true=y, loss="sparse_categorical_crossentropy",
+            forward=(lambda: model(x, training=True)) if forward else None)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize("control, sibling", [("graft_quadratic", "graft"),
+                                              ("quadratic", "trust_region")])
+@pytest.mark.parametrize("forward", [False, True], ids=["no_forward", "failing"])
+def test_without_products_the_step_is_the_sibling_step(control, sibling, forward,
+                                                        monkeypatch):
+    # Without `forward`, or with a model neither forward nor reverse mode passes,
+    # there are no products: the step is the sibling control's at the learning rate
+    # scaled by the ratio of their defaults (1 for graft, 0.1 / 3e-3 for
+    # trust_region).
+    if forward:
+        def fail(*args):
+            raise NotImplementedError("no products here")
+        monkeypatch.setattr(quadratic, "_forward_mode", fail)
+        monkeypatch.setattr(quadratic, "_reverse_mode", fail)
+    ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
+             / step_size.DEFAULT_LEARNING_RATE[control])
+    options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
+    found = _custom_loop_weights(
+        keras_tkfac.TKFAC(step_control=control, learning_rate=1e-3, **options), 3,
+        forward=forward)
+    expected = _custom_loop_weights(
+        keras_tkfac.TKFAC(step_control=sibling, learning_rate=1e-3 * ratio, **options),
+        3, forward=False)
+    for got, want in zip(found, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_steps_with_and_without_forward_can_alternate():
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0)
+    losses = []
+    for step in range(8):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(
+            recording, tape, y_pred, y_true=y, loss="sparse_categorical_crossentropy",
+            forward=(lambda: model(x, training=True)) if step % 2 else None)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(tf.reduce_mean(loss)))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("examples, rows", [(16, 16), (40, 32), (129, 33), (256, 64)])
+def test_product_sub_batch_size(examples, rows):
+    assert int(quadratic._product_rows(tf.constant(examples))) == rows
+
+
+def test_a_model_forward_takes_the_products_on_its_first_rows():
+    keras.utils.set_random_seed(1)
+    model = _two_head_model()
+    x = RNG.normal(size=(40, 3)).astype("float32")
+    y = {"classes": RNG.integers(0, 3, size=40), "values": RNG.normal(size=(40, 2))}
+    weights = RNG.uniform(0.2, 2.0, size=40).astype("float32")
+    variables = model.trainable_variables
+    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
+                  for _ in range(2)]
+    loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
+    loss_weights = {"classes": 0.3, "values": 2.0}
+    outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
+                                    output_names=["classes", "values"])
+    batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, weights)
+    gram = batch.gram(variables, directions)
+    flat = np.array([np.concatenate([np.ravel(d) for d in direction])
+                     for direction in directions], dtype=np.float64)
+    rows = 32  # max(40 / 4, PRODUCT_MIN_EXAMPLES)
+    expected = flat @ _explicit_gauss_newton(model, x[:rows], weights[:rows],
+                                             loss_weights) @ flat.T
+    np.testing.assert_allclose(gram, expected, rtol=1e-4)
+    # The loss before the step is the whole batch's, by a pass of its own.
+    whole = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, weights)
+    whole.gram(variables, directions)
+    full = quadratic.Batch(lambda: model(x, training=True), outputs, y, weights)
+    full.gram(variables, directions)
+    assert whole.predictions is None and full.predictions is not None
+    np.testing.assert_allclose(whole.loss_before(tf.constant(True)),
+                               full.loss_before(tf.constant(True)), rtol=1e-6)
+    assert float(whole.loss_before(tf.constant(False))) == 0.0
+
+
+def test_the_passes_of_a_step_draw_the_same_dropout_masks():
+    # Restoring the seed generators makes the losses before and after a step differ
+    # by the step alone (an unchanged model gives the same loss twice).
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(3, activation="softmax")])
+    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+                                    model(x))
+    batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, None,
+                            model.non_trainable_variables)
+    first, second = float(batch.loss()), float(batch.loss())
+    assert first == second
+    unrestored = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, None)
+    assert float(unrestored.loss()) != float(unrestored.loss())
 
 
 def test_custom_loop_with_forward_trains():

@@ -322,8 +322,10 @@ def test_recurrent_model_trains_with_its_layers_preconditioned(cls):
 
 def test_keras_file_round_trip_keeps_recurrent_curvature_state(tmp_path):
     x, y = _sequence_data(n=48)
+    # The "graft" step: see `_fit_on`.
     loaded = helpers.keras_round_trip(_sequence_model(), x, y, LOSS,
-                                      str(tmp_path / "model.keras"))
+                                      str(tmp_path / "model.keras"),
+                                      step_control="graft")
     assert recurrent.GRUBlock in [type(b) for b in loaded.blocks]
 
 
@@ -348,11 +350,14 @@ def _small_sequence_model():
 
 
 def _fit_on(strategy, x, y):
+    # The recurrent blocks' statistics are the subject: the "graft" step saves the
+    # products, which pass Keras's LSTM loop only in reverse-over-reverse mode
+    # (~40 s more here; `tests/test_quadratic.py` covers them).
     with strategy.scope():
         model = keras_tkfac.wrap(_small_sequence_model())
         model.compile(optimizer=keras_tkfac.TKFAC(
-            fisher="empirical", factor_update_freq=2, inverse_update_freq=3, seed=0),
-            loss=LOSS)
+            fisher="empirical", factor_update_freq=2, inverse_update_freq=3, seed=0,
+            step_control="graft"), loss=LOSS)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     model.fit(dataset, epochs=2, shuffle=False, verbose=0)
     return model

@@ -22,17 +22,22 @@ def _compiled(**optimizer_args):
     return model, optimizer
 
 
+def _skipped(optimizer):
+    return {id(v) for v in (optimizer.iterations, optimizer.skipped_steps,
+                            optimizer.skipped_statistics, optimizer._last_update)}
+
+
 def _state(model):
     optimizer = model.optimizer
-    skip = {id(v) for v in (optimizer.iterations, optimizer.skipped_steps,
-                            optimizer.skipped_statistics, optimizer._last_update)}
     return [v.numpy().copy() for v in model.weights + optimizer.variables
-            if id(v) not in skip]
+            if id(v) not in _skipped(optimizer)]
 
 
-def test_non_finite_batch_is_skipped_and_counted():
+@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft"])
+def test_non_finite_batch_is_skipped_and_counted(step_control):
     x, y = helpers.classification_data(n=16)
-    model, optimizer = _compiled(factor_update_freq=1, inverse_update_freq=1)
+    model, optimizer = _compiled(factor_update_freq=1, inverse_update_freq=1,
+                                 step_control=step_control)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     before = _state(model)
     bad = x.copy()
@@ -40,8 +45,19 @@ def test_non_finite_batch_is_skipped_and_counted():
     model.fit(bad, y, batch_size=16, epochs=1, verbose=0)
     assert int(optimizer.skipped_steps.numpy()) == 1
     assert int(optimizer.skipped_statistics.numpy()) == 1
-    for old, new in zip(before, _state(model)):
-        np.testing.assert_array_equal(new, old)
+    # The inverses, recomputed at every step here, take the damping adapted at the
+    # step before (graft_quadratic); the factors, the damping factor, the weights
+    # and every other slot are kept.
+    inverses = [v for slot in optimizer._slots for v in slot.inverses]
+    adapted = step_control == "graft_quadratic"
+    if adapted:
+        assert float(optimizer.damping_scale.numpy()) != 1.0
+    kept = [not (adapted and any(v is w for w in inverses))
+            for v in model.weights + optimizer.variables
+            if id(v) not in _skipped(optimizer)]
+    for old, new, check in zip(before, _state(model), kept):
+        if check:
+            np.testing.assert_array_equal(new, old)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert int(optimizer.skipped_steps.numpy()) == 1
     assert all(np.all(np.isfinite(s)) for s in _state(model))
