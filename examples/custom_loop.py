@@ -55,8 +55,7 @@ def main(argv):
             loss, (model.trainable_variables, recording.outputs()))
         # Uses `tape` again for the sampled-label backward pass on statistics steps.
         # `forward` gives the default step control ("graft_quadratic") the batch's
-        # exact curvature products (on the first quarter of the batch); without it
-        # the step is the "graft" step.
+        # exact curvature products; without it the step is the "graft" step.
         optimizer.update_curvature(recording, tape, logits, y_true=y, loss=loss_fn,
                                    loss_output_gradients=output_grads,
                                    forward=keras_tkfac.ModelForward(model, x))

@@ -6,7 +6,7 @@ Public API:
 - `TKFAC`, `KFAC`: `keras.optimizers.Optimizer` subclasses.
 - `record(model)`: context manager for custom training loops.
 - `ModelForward(model, x)`: a custom loop's `forward=` for the curvature products
-  of the quadratic step controls (which can then use a sub-batch).
+  of the quadratic step controls.
 - `register_block(layer_class, block_class)`: precondition a custom layer kind.
 - `register_normalization_blocks()`: precondition `LayerNormalization` and
   `BatchNormalization` too (off by default).

@@ -46,9 +46,9 @@ _COMMON_ARGS = """
             rescaled to the norm of RMSProp's step `G_l / sqrt(v_l)` (Adam without
             its first moment), then the step `a u + b M` (`M` the previous step)
             minimises the quadratic model of the loss built on the exact
-            Gauss-Newton matrix of (a quarter of) the batch (one extra
-            forward-mode pass per direction, `keras_tkfac.quadratic`; without
-            `forward=` in a custom loop, the `"graft"` step), scaled by the
+            Gauss-Newton matrix of the batch (one extra forward-mode pass per
+            direction, `keras_tkfac.quadratic`; without `forward=` in a custom
+            loop, the `"graft"` step), scaled by the
             learning rate; `"quadratic"`: the same without grafting; `"graft"`:
             the grafted `u` with Adam's momentum, so the curvature gives each
             layer's direction and the gradient's statistics the length;
@@ -147,7 +147,7 @@ class TKFAC(CurvatureOptimizer):
     theta = theta - (learning_rate / 3e-3) * s
     ```
 
-    with `C` the exact Gauss-Newton matrix of a quarter of the batch (forward-mode
+    with `C` the exact Gauss-Newton matrix of the batch (forward-mode
     products) and `lambda` adapted every 5 steps from the model's reduction ratio
     (`step_control="graft_quadratic"`, the default; `keras_tkfac.step_size`,
     `keras_tkfac.quadratic`, `keras_tkfac.damping`). The curvature chooses each

@@ -26,10 +26,13 @@ none, and the loss fell below 1e-4 (the default `"graft"`: 1.4e-4 after 300 step
 
 `L` is the data loss of the batch as the quadratic model sees it (Keras's weighted
 losses of the outputs; regularization terms are not in the model and not in `L`),
-both before the step (from the forward-mode pass of the products) and after it (one
-more forward pass in training mode; BatchNormalization's moving statistics are
-restored after it). The extra pass costs about a third of a plain step every
-`INTERVAL` steps.
+before the step (from the products' forward-mode pass when it saw the whole batch,
+else by a forward pass of its own) and after it (one more forward pass), all in
+training mode with the model's non-trainable variables restored after each pass:
+BatchNormalization's moving statistics move once per step, and Keras's seed
+generators give every pass the same dropout masks, so the ratio compares the step
+alone (`quadratic.Batch`). The extra passes cost up to two thirds of a plain step
+every `INTERVAL` steps.
 
 On by default under the quadratic controls (`adaptive_damping=None`), chosen on the
 workload suite (2026-11-30, README "Levenberg-Marquardt damping"): with it

@@ -41,7 +41,7 @@ Five controls, chosen with `step_control`:
   quadratic model the overall length and the momentum coefficient.
 
 The quadratic controls need `forward=` in `update_curvature` (`wrap`'s training step
-passes a `quadratic.ModelForward`, whose products take a quarter of the batch).
+passes a `quadratic.ModelForward`).
 Without it, or where the products cannot be traced, a step is their sibling's
 (`quadratic.FALLBACK`: `"graft"` and `"trust_region"`) at the learning rate scaled
 by the ratio of the two defaults, with a warning logged once.
@@ -60,10 +60,10 @@ relative to each layer's trace, made the steps of the attention queries and keys
 and takes the length from the gradient's own statistics; it matched or beat the
 best-of-grid Adam on 3 of the suite's 8 programs. `"graft_quadratic"` with the
 Levenberg-Marquardt damping (`keras_tkfac.damping`) did on 7 of 8 at two seeds, in
-fewer steps, at 2-3.6x Adam's step time on this CPU; with its products on a quarter
-of the batch (2026-11-30) its steps cost ~25% less on the MNIST-5k MLP and it still
-matched 7 of 8, so it became the default. `"graft"` remains the choice where a
-step's seconds matter more than the number of steps.
+fewer steps, at 2-3.6x Adam's step time on this CPU, so it became the default on
+2026-11-30 (products on a sub-batch were cheaper but unstable late in training:
+`quadratic.PRODUCT_FRACTION`). `"graft"` remains the choice where a step's seconds
+matter more than the number of steps.
 """
 
 import tensorflow as tf

@@ -123,9 +123,9 @@ def test_one_optimizer_compiled_into_two_models_raises_after_fit():
 class OwnStep(TwoDense):
     """The README recipe: a train_step that feeds curvature itself."""
 
-    def __init__(self, feed_curvature=True, **kwargs):
+    def __init__(self, feed_curvature=True, forward=True, **kwargs):
         super().__init__(**kwargs)
-        self.feed_curvature = feed_curvature
+        self.feed_curvature, self.forward = feed_curvature, forward
         self.steps_run = keras.metrics.Sum(name="steps_run")
 
     def train_step(self, data):
@@ -136,16 +136,18 @@ class OwnStep(TwoDense):
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
         grads = tape.gradient(loss, self.trainable_variables)
         if self.feed_curvature:
-            self.optimizer.update_curvature(recording, tape, y_pred, y_true=y,
-                                            loss=self.loss)
+            self.optimizer.update_curvature(
+                recording, tape, y_pred, y_true=y, loss=self.loss,
+                forward=keras_tkfac.ModelForward(self, x) if self.forward else None)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.steps_run.update_state(1.0)
         return {"loss": loss, "steps_run": self.steps_run.result()}
 
 
-def test_model_train_step_runs_with_the_record_recipe():
+@pytest.mark.parametrize("forward", [True, False])
+def test_model_train_step_runs_with_the_record_recipe(forward):
     keras.utils.set_random_seed(0)
-    inner = OwnStep()
+    inner = OwnStep(forward=forward)
     model = keras_tkfac.wrap(inner)
     x, y = helpers.classification_data(n=16)
     history = _fit(model, x, y, optimizer=keras_tkfac.TKFAC(factor_update_freq=1, seed=0))
@@ -155,6 +157,9 @@ def test_model_train_step_runs_with_the_record_recipe():
     # Curvature was fed: the moving averages hold two steps' statistics.
     np.testing.assert_allclose(model.optimizer._factor_weight.numpy(),
                                1 - 0.95**2, rtol=1e-6)
+    # With `forward` the default step control took the quadratic model's steps and
+    # adapted its damping at step 0; without, "graft" steps (no products).
+    assert (float(model.optimizer.damping_scale.numpy()) != 1.0) == forward
 
 
 def test_model_train_step_that_does_not_feed_curvature_raises_with_the_recipe():

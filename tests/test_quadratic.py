@@ -335,11 +335,13 @@ def test_steps_with_and_without_forward_can_alternate():
 
 
 @pytest.mark.parametrize("examples, rows", [(16, 16), (40, 32), (129, 33), (256, 64)])
-def test_product_sub_batch_size(examples, rows):
+def test_product_sub_batch_size(examples, rows, monkeypatch):
+    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
     assert int(quadratic._product_rows(tf.constant(examples))) == rows
 
 
-def test_a_model_forward_takes_the_products_on_its_first_rows():
+def test_a_model_forward_takes_the_products_on_its_first_rows(monkeypatch):
+    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
     keras.utils.set_random_seed(1)
     model = _two_head_model()
     x = RNG.normal(size=(40, 3)).astype("float32")
@@ -357,6 +359,14 @@ def test_a_model_forward_takes_the_products_on_its_first_rows():
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)
     rows = 32  # max(40 / 4, PRODUCT_MIN_EXAMPLES)
+    whole_batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y,
+                                  weights)
+    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 1.0)  # the default
+    np.testing.assert_allclose(
+        whole_batch.gram(variables, directions),
+        flat @ _explicit_gauss_newton(model, x, weights, loss_weights) @ flat.T,
+        rtol=1e-4)
+    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
     expected = flat @ _explicit_gauss_newton(model, x[:rows], weights[:rows],
                                              loss_weights) @ flat.T
     np.testing.assert_allclose(gram, expected, rtol=1e-4)
