@@ -151,22 +151,11 @@ def test_damping_scale_is_saved_with_the_model(tmp_path):
 
 
 def _custom_loop(adaptive_damping, labels, steps=6):
-    x, y = quadratic_tests._data()
-    model = keras_tkfac.wrap(quadratic_tests._classifier(0))
     optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", damping=10.0,
                                   adaptive_damping=adaptive_damping, seed=0)
-    for _ in range(steps):
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(recording, tape, y_pred,
-                                   y_true=y if labels else None,
-                                   loss="sparse_categorical_crossentropy",
-                                   forward=lambda: model(x, training=True))
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return optimizer, [v.numpy() for v in model.trainable_variables]
+    weights = quadratic_tests._custom_loop_weights(optimizer, steps, forward=True,
+                                                   labels=labels)
+    return optimizer, weights
 
 
 def test_custom_loop_without_labels_keeps_the_damping():

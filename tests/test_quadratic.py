@@ -82,13 +82,13 @@ def _explicit_gauss_newton(model, x, weights, loss_weights):
     return gauss_newton
 
 
-def _two_head_problem():
+def _two_head_problem(n=6):
     """`(model, x, y, sample weights, variables, two random directions)`."""
     keras.utils.set_random_seed(1)
     model = _two_head_model()
-    x = RNG.normal(size=(6, 3)).astype("float32")
-    y = {"classes": RNG.integers(0, 3, size=6), "values": RNG.normal(size=(6, 2))}
-    weights = RNG.uniform(0.2, 2.0, size=6).astype("float32")
+    x = RNG.normal(size=(n, 3)).astype("float32")
+    y = {"classes": RNG.integers(0, 3, size=n), "values": RNG.normal(size=(n, 2))}
+    weights = RNG.uniform(0.2, 2.0, size=n).astype("float32")
     variables = model.trainable_variables
     directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
@@ -271,20 +271,26 @@ def test_batch_statistics_move_once_per_step():
                                rtol=1e-6)
 
 
-def _custom_loop_weights(optimizer, steps, forward):
-    """The weights after `steps` custom-loop steps with or without `forward`."""
+def _custom_loop_weights(optimizer, steps, forward, labels=True, losses=None):
+    """The weights after `steps` custom-loop steps, passing `forward` on the steps
+    where `forward` (a bool, or `step -> bool`) holds and `y_true` if `labels`;
+    each step's mean loss is appended to the list `losses`."""
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
-    for _ in range(steps):
+    for step in range(steps):
         with tf.GradientTape(persistent=True) as tape:
             with keras_tkfac.record(model) as recording:
                 y_pred = model(x, training=True)
             loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
         grads = tape.gradient(loss, model.trainable_variables)
+        passes = forward(step) if callable(forward) else forward
         optimizer.update_curvature(
-            recording, tape, y_pred, y_true=y, loss="sparse_categorical_crossentropy",
-            forward=(lambda: model(x, training=True)) if forward else None)
+            recording, tape, y_pred, y_true=y if labels else None,
+            loss="sparse_categorical_crossentropy",
+            forward=(lambda: model(x, training=True)) if passes else None)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        if losses is not None:
+            losses.append(float(tf.reduce_mean(loss)))
     return [v.numpy() for v in model.trainable_variables]
 
 
@@ -316,21 +322,9 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
 
 
 def test_steps_with_and_without_forward_can_alternate():
-    x, y = _data()
-    model = keras_tkfac.wrap(_classifier(0))
-    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0)
     losses = []
-    for step in range(8):
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = keras.losses.sparse_categorical_crossentropy(y, y_pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(
-            recording, tape, y_pred, y_true=y, loss="sparse_categorical_crossentropy",
-            forward=(lambda: model(x, training=True)) if step % 2 else None)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        losses.append(float(tf.reduce_mean(loss)))
+    _custom_loop_weights(keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0), 8,
+                         forward=lambda step: step % 2 == 1, losses=losses)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
@@ -342,14 +336,7 @@ def test_product_sub_batch_size(examples, rows, monkeypatch):
 
 def test_a_model_forward_takes_the_products_on_its_first_rows(monkeypatch):
     monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
-    keras.utils.set_random_seed(1)
-    model = _two_head_model()
-    x = RNG.normal(size=(40, 3)).astype("float32")
-    y = {"classes": RNG.integers(0, 3, size=40), "values": RNG.normal(size=(40, 2))}
-    weights = RNG.uniform(0.2, 2.0, size=40).astype("float32")
-    variables = model.trainable_variables
-    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
-                  for _ in range(2)]
+    model, x, y, weights, variables, directions = _two_head_problem(n=40)
     loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
     loss_weights = {"classes": 0.3, "values": 2.0}
     outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
