@@ -144,7 +144,7 @@ class TKFAC(CurvatureOptimizer):
     u  = U |R| / |U|
     (a, b) = argmin q(a u + b s_prev),  q(s) = -<s, G> + (1/2) s^T (C + lambda I) s
     s  = a u + b s_prev
-    theta = theta - (learning_rate / 3e-3) * s
+    theta = theta - (min(learning_rate, 3e-3) / 3e-3) * s
     ```
 
     with `C` the exact Gauss-Newton matrix of the batch (forward-mode

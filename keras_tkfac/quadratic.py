@@ -164,7 +164,7 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
 # least `PRODUCT_MIN_EXAMPLES` (all of a smaller batch); 1 (the default): the whole
 # batch. Measured (README, "Workload suite"): a quarter cut the MNIST-5k MLP's step
 # by ~20% and kept the suite's 7 of 8, but over 300 steps of that MLP its loss,
-# 0.05 by step 60, then jumped between 0.02 and 1.5 (the whole batch: a smooth fall
+# 0.05 by step 65, then jumped between 0.02 and 1.5 (the whole batch: a smooth fall
 # to 1e-5). A sub-batch's curvature along the step is an unbiased but noisy estimate,
 # and the model's step divides by it: late in training, when a few examples carry
 # the curvature, a sub-batch without them overshoots.
