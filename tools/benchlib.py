@@ -17,8 +17,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_tkfac import damping
 from keras_tkfac import factored
 from keras_tkfac import ops
+from keras_tkfac import step_size
 
 OFFLINE_DATASETS = ("mnist5k", "digits")
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -205,7 +207,7 @@ def layer_shapes(wrapped):
 
 def step_flops(
     shapes, batch_size, *, factor_update_freq=None, inverse_update_freq=None,
-    factored_form=False,
+    factored_form=False, product_directions=0, loss_check_freq=None,
 ):
     """Matmul FLOPs of one training step, by part, amortised over the update periods.
 
@@ -218,13 +220,22 @@ def step_flops(
     `2 R (d_in^2 + d_out^2 + d_in d_out)`); every `factor_update_freq` steps the
     sampled-label backward pass and the statistics `2 R (d_in^2 + d_out^2)` over `R`
     rows; every `inverse_update_freq` steps a Cholesky inverse (`7/3 d^3`) of each
-    factor.
+    factor. With `product_directions` (2 under the quadratic step controls) the
+    curvature products: per direction a forward-mode pass, the forward pass and its
+    tangent (`x dW`, and `dx W` except for the first layer), as many FLOPs as
+    `forward_backward`; with `loss_check_freq` (the adaptive damping's interval) one
+    more forward pass every that many steps.
     """
     flops = collections.Counter()
     for s in shapes:
         r = batch_size * s.rows
         product = 2.0 * r * s.d_in * s.d_out
         flops["forward_backward"] += product * (2 if s.first else 3)
+        if product_directions:
+            flops["curvature_products"] += (product_directions * product
+                                            * (2 if s.first else 3))
+        if loss_check_freq:
+            flops["curvature_products"] += product / loss_check_freq
         if factor_update_freq is None:
             continue
         full = ops.full_precondition_flops(s.d_in, s.d_out)
@@ -235,6 +246,16 @@ def step_flops(
         flops["statistics"] += statistics / factor_update_freq
         flops["inversion"] += 7.0 / 3.0 * (s.d_in**3 + s.d_out**3) / inverse_update_freq
     return flops
+
+
+def product_arguments(optimizer):
+    """`step_flops`'s `product_directions` and `loss_check_freq` for a TKFAC/KFAC
+    optimizer: two directions under the quadratic step controls, and the adaptive
+    damping's extra forward pass every `damping.INTERVAL` steps."""
+    if not step_size.uses_products(optimizer.step_control):
+        return {}
+    return {"product_directions": 2,
+            "loss_check_freq": damping.INTERVAL if optimizer.adaptive_damping else None}
 
 
 def muon_flops(variables, excluded, ns_steps=5):

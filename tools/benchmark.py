@@ -13,8 +13,9 @@ state and peak resident memory. Runs go round robin over the optimizers, and ste
 times come from each optimizer's least disturbed run (lowest median) among those that
 do its best configuration's work, so that other load on a shared machine distorts
 the ratios less. The FLOP model
-(`benchlib.step_flops`) gives the step-time ratio to Adam that matmul arithmetic alone
-predicts, and a bound: Adam's measured step plus the extra FLOPs at this machine's
+(`benchlib.step_flops`, with the curvature products of the quadratic step controls:
+a forward-mode pass per direction) gives the step-time ratio to Adam that matmul
+arithmetic alone predicts, and a bound: Adam's measured step plus the extra FLOPs at this machine's
 best matmul rate.
 
 Writes `<output_dir>/benchmark_<problem>.md` (the tables, also printed), `.png` (loss
@@ -147,7 +148,8 @@ def _train(name, config, initial, train, test, problem, steps, batch_size, eval_
         flops = benchlib.step_flops(
             shapes, batch_size, factor_update_freq=periods[0],
             inverse_update_freq=periods[1],
-            factored_form=optimizer.precondition_form == "auto")
+            factored_form=optimizer.precondition_form == "auto",
+            **benchlib.product_arguments(optimizer))
     else:
         flops = benchlib.step_flops(shapes, batch_size)
         if name == "Muon":
@@ -388,7 +390,8 @@ def main(argv):
         f"lowest median among those that differ from its best configuration only in "
         f"learning rate or damping (they do the same work a step; other load only adds "
         f"time); the medians of all runs are shown too. FLOP model: matmul "
-        f"FLOPs of a step relative to Adam's; bound: Adam's measured median plus the "
+        f"FLOPs of a step (with the quadratic step controls' curvature products) "
+        f"relative to Adam's; bound: Adam's measured median plus the "
         f"extra FLOPs at this machine's best matmul rate ({rate / 1e9:.0f} GFLOP/s).",
         "", *rows, "", *cost, "", "Milliseconds per kind of step (the same runs):", "",
         *kinds, "", "Grid (the best configuration of each optimizer has the lowest "
