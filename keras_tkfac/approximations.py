@@ -66,8 +66,9 @@ _COMMON_ARGS = """
             `None`: on under those two controls (measured on the suite: README,
             "Levenberg-Marquardt damping"), off under the others, which have no
             model to compare with. Defaults to `None`.
-        fisher: `"true"` (labels sampled from the model) or `"empirical"` (real
-            labels). Defaults to `"true"`.
+        fisher: `"true"` (labels sampled from the model; an output whose loss has
+            no sampling rule, e.g. Huber, takes its real labels, logged once) or
+            `"empirical"` (real labels for every output). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
         precondition_dtype: `"float32"` or `"bfloat16"`, the precision of the

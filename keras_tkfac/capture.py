@@ -35,6 +35,33 @@ def register_wrapper(model, wrapper):
     _WRAPPERS[model] = wrapper
 
 
+def unattached_wrapper(optimizer_name, variables):
+    """The `keras_tkfac.wrap` model that trains `variables`, for an optimizer whose
+    `apply_gradients` runs before any `compile` or `update_curvature` attached it.
+
+    A custom loop over a wrapped model that calls `apply_gradients` alone trains
+    (its factors are never fed: identity preconditioners), with a warning logged.
+
+    Raises:
+        ValueError: when no wrapped model trains `variables` (the model was not
+            wrapped).
+    """
+    keys = {id(v) for v in variables}
+    for wrapper in list(_WRAPPERS.values()):
+        if keys and keys <= {id(v) for v in wrapper.trainable_variables}:
+            logging.warning(
+                "keras_tkfac: %s.apply_gradients was called before any "
+                "update_curvature, so no layer is preconditioned until it is: record "
+                "the forward pass with keras_tkfac.record(model) and call "
+                "optimizer.update_curvature(...) before apply_gradients (README, "
+                "\"Custom training loops\").", optimizer_name)
+            return wrapper
+    raise ValueError(
+        f"{optimizer_name} needs the model's curvature: wrap the model with `model = "
+        "keras_tkfac.wrap(model)` before `compile`/`fit` (custom loops: "
+        "`keras_tkfac.record(model)` and `optimizer.update_curvature(...)`).")
+
+
 def wrapper_of(model):
     """The model returned by `keras_tkfac.wrap` for `model` (itself if it is one)."""
     if getattr(type(model), "_keras_tkfac_wrapper", False):
@@ -177,9 +204,14 @@ def install(block):
         recording = getattr(_STATE, "recording", None)
         if recording is None or not recording.wants(layer):
             return original(inputs, *args, **kwargs)
-        if tf.compat.v1.get_default_graph() is not recording.graph:
+        graph = tf.compat.v1.get_default_graph()
+        if graph is not recording.graph:
             # Called inside a `tf.while_loop` (an RNN cell) or a nested function:
             # its tensors cannot leave that graph, so the layer is not recorded.
+            # Keras's shape inference (building an unbuilt model inside the step:
+            # `compute_output_spec`'s scratch graph) is not a training call.
+            if str(getattr(graph, "name", "")).startswith("scratch_graph"):
+                return original(inputs, *args, **kwargs)
             if layer not in _WARNED:
                 _WARNED.add(layer)
                 logging.warning(

@@ -13,6 +13,11 @@ Gauss-Newton matrix):
   size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
   normalisation this is the unit-variance Gaussian of the specification.
 
+Any other loss (Huber, MAE, log-cosh, focal cross-entropy, a user's function) has no
+predictive distribution to sample from: with `fisher="true"` its output takes the
+empirical Fisher (its real labels) instead, logged once per loss, so that any loss
+Keras trains with trains here too.
+
 Models with several outputs: Keras's loss is `L = sum_k w_k L_k`, each output's loss
 `L_k` a mean over its `M_k` loss terms and `w_k` its `loss_weights` entry. Each output
 samples from its own predictive distribution with its own stream of random numbers, so
@@ -26,6 +31,7 @@ same cotangents with each output's real labels.
 
 import collections
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import keras
@@ -60,9 +66,11 @@ def resolve_loss(loss, fisher, output=None):
     Returns:
         A `LossSpec`.
 
+    A loss the true Fisher cannot sample from resolves to `kind=None`; its output
+    then takes the empirical Fisher (`output_fisher`), logged once per loss.
+
     Raises:
-        ValueError: for a missing loss, several losses (use `resolve_losses`), or a
-            loss that the true Fisher cannot sample from.
+        ValueError: for a missing loss or several losses (use `resolve_losses`).
     """
     if loss is None:
         raise ValueError(
@@ -92,18 +100,58 @@ def resolve_loss(loss, fisher, output=None):
     kind = _KINDS.get(fn)
     from_logits = bool(fn_kwargs.get("from_logits", False))
     if fisher == "true" and kind is None:
-        where = "" if output is None else f" (output {output!r})"
-        raise ValueError(
-            "The true Fisher can only sample labels for sparse/categorical "
-            "cross-entropy, binary cross-entropy and mean squared error. For this "
-            f"loss{where} pass `fisher=\"empirical\"` to the optimizer (real labels). "
-            f"Received: loss={loss!r}"
-        )
+        _warn_empirical(loss, output)
 
     def per_example(y_true, y_pred):
+        # As Keras's `Loss.__call__`: labels in the predictions' float dtype, same rank.
+        y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
+        if y_pred.dtype.is_floating:
+            y_true = tf.cast(y_true, y_pred.dtype)
+        y_true, y_pred = same_rank(y_true, y_pred)
         return fn(y_true, y_pred, **fn_kwargs)
 
     return LossSpec(kind, from_logits, per_example)
+
+
+_WARNED = set()
+
+
+def _warn_empirical(loss, output):
+    name = loss if isinstance(loss, str) else (
+        getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss))
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    where = "" if output is None else f" on output {output!r}"
+    logging.warning(
+        f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its real "
+        "labels): the true Fisher samples labels for sparse/categorical "
+        "cross-entropy, binary cross-entropy and mean squared error only (pass "
+        "fisher=\"empirical\" to use the empirical Fisher for every output).")
+
+
+def output_fisher(spec, fisher):
+    """The Fisher an output takes: `fisher`, or `"empirical"` where its loss has no
+    sampling rule (`spec.kind` is `None`)."""
+    return "empirical" if spec.kind is None else fisher
+
+
+def same_rank(y_true, y_pred):
+    """Labels and predictions brought to the same rank as Keras's losses do
+    (`squeeze_or_expand_to_same_rank`): labels `[B]` against predictions `[B, 1]`
+    gain a last axis; a trailing axis of size 1 is squeezed otherwise."""
+    true_rank, pred_rank = len(y_true.shape), len(y_pred.shape)
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1:
+            y_pred = tf.expand_dims(y_pred, -1)
+        else:
+            y_true = tf.squeeze(y_true, -1)
+    elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1:
+            y_true = tf.expand_dims(y_true, -1)
+        else:
+            y_pred = tf.squeeze(y_pred, -1)
+    return y_true, y_pred
 
 
 def _is_structure(value):
@@ -182,8 +230,8 @@ def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None
         A list of `OutputLoss`, one per output with a loss, in output order.
 
     Raises:
-        ValueError: when the losses or weights do not match the outputs, no output
-            has a loss, or an output's loss cannot be sampled by the true Fisher.
+        ValueError: when the losses or weights do not match the outputs, or no output
+            has a loss.
     """
     if loss is None:
         resolve_loss(None, fisher)
@@ -317,9 +365,15 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         (`y_pred` or its logits), `d(sum_n l_n)/d source`, and the number of loss
         terms `M` that the Keras mean loss averages over.
     """
-    if fisher == "true":
+    if output_fisher(spec, fisher) == "true":
         targets = sample_targets(spec, y_pred, seed)
     else:
+        if y_true is None:
+            raise ValueError(
+                "The empirical Fisher (fisher=\"empirical\", or a loss the true "
+                "Fisher cannot sample from) needs the real labels: pass `y_true` to "
+                f"`update_curvature`. Received: y_true=None, loss={spec.fn!r}"
+            )
         targets = y_true
     source = _logits_source(spec, y_pred)
     with tf.GradientTape() as tape:
@@ -332,7 +386,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
             "The loss does not depend on the model output, so it gives no curvature. "
             f"Received: loss={spec.fn!r}"
         )
-    if spec.kind == "binary_crossentropy" and fisher == "true":
+    if spec.kind == "binary_crossentropy" and output_fisher(spec, fisher) == "true":
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
         cotangent *= tf.sqrt(tf.cast(tf.shape(y_pred)[-1], cotangent.dtype))
     if sample_weight is not None:
@@ -414,15 +468,17 @@ def output_cotangents(outputs, fisher, y_true, y_pred, seed, sample_weight=None)
     """
     flat = tf.nest.flatten(y_pred)
     labels = [None] * len(outputs)
-    if fisher == "empirical":
+    empirical = [output_fisher(o.spec, fisher) == "empirical" for o in outputs]
+    if any(empirical):
         if y_true is None:
             raise ValueError(
-                "fisher=\"empirical\" needs the real labels: pass `y_true` to "
+                "The empirical Fisher (fisher=\"empirical\", or a loss the true "
+                "Fisher cannot sample from) needs the real labels: pass `y_true` to "
                 "`update_curvature`. Received: y_true=None"
             )
         labels = _per_output_values(y_true, outputs, len(flat), "y_true")
-        for output, label in zip(outputs, labels):
-            if label is None:
+        for output, label, needed in zip(outputs, labels, empirical):
+            if needed and label is None:
                 raise ValueError(
                     f"fisher=\"empirical\" needs the labels of output {output.name!r}. "
                     f"Received: y_true={tf.nest.map_structure(lambda _: '*', y_true)}"

@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras
 
 from keras_tkfac import cadence
+from keras_tkfac import capture
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import factored
@@ -189,12 +190,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             # own variables (none); the wrapped model's are meant.
             var_list = owner.trainable_variables
         if self._blocks is None:
-            raise ValueError(
-                f"{type(self).__name__} needs the model's curvature: wrap the model "
-                "with `model = keras_tkfac.wrap(model)` before `compile`/`fit` "
-                "(custom loops: `keras_tkfac.record(model)` and "
-                "`optimizer.update_curvature(...)`)."
-            )
+            wrapper = capture.unattached_wrapper(type(self).__name__, var_list)
+            self.attach(wrapper.blocks, owner=wrapper)
         super().build(var_list)
         keys = {self._var_key(v) for v in var_list}
         covered = set()

@@ -119,6 +119,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         object.__setattr__(self, "_block_cache", ((), []))
         object.__setattr__(self, "_recurrent_warned", False)
         object.__setattr__(self, "_inner_jit", False)
+        object.__setattr__(self, "_warned_unfed", False)
         capture.register_wrapper(model, self)
         self.blocks  # Finds the blocks now, so unsupported layers raise at `wrap`.
         if model.built:
@@ -245,6 +246,13 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # the recorded outputs (the factored preconditioning's rows).
         grads, output_grads = tape.gradient(
             scaled_loss, (variables, recording.outputs()))
+        if self.loss is None:
+            # The loss comes from `add_loss` alone: no output distribution, no Fisher.
+            self._warn_unfed(curvature, "is compiled without a `loss` (its loss comes "
+                             "from `add_loss` alone; no Fisher to estimate)")
+            optimizer.apply_gradients(zip(grads, variables))
+            return keras_compat.multi_worker_logs(
+                self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         curvature.update_curvature(
             recording, tape, y_pred, y_true=y, loss=self.loss,
             loss_weights=_loss_weights(self), sample_weight=sample_weight,
@@ -262,24 +270,38 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         before = curvature.curvature_updates
         logs = self.model.train_step(data)
         if curvature.curvature_updates == before:
-            raise ValueError(
-                f"{type(self.model).__name__} has its own `train_step`, which "
-                f"keras_tkfac runs, but it does not feed curvature to "
-                f"{type(curvature).__name__}. Record the forward pass and call "
-                "`update_curvature` before `apply_gradients`:\n"
-                "    with tf.GradientTape(persistent=True) as tape:\n"
-                "        with keras_tkfac.record(self) as recording:\n"
-                "            y_pred = self(x, training=True)\n"
-                "        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)\n"
-                "    grads = tape.gradient(loss, self.trainable_variables)\n"
-                "    self.optimizer.update_curvature(recording, tape, y_pred, "
-                "y_true=y, loss=self.loss,\n"
-                "        forward=keras_tkfac.ModelForward(self, x))\n"
-                "    self.optimizer.apply_gradients(zip(grads, "
-                "self.trainable_variables))\n"
-                f"Received: train_step of {type(self.model).__name__}"
-            )
+            self._warn_unfed(
+                curvature, f"has its own `train_step`, which keras_tkfac runs, but it "
+                f"does not feed curvature to {type(curvature).__name__}")
         return logs
+
+    def _warn_unfed(self, curvature, why):
+        """Logs once that no layer is preconditioned, and how to change that.
+
+        Training goes on: the factors never update, so every covered layer's step
+        is the step control's fallback with the initial (identity) preconditioner.
+        """
+        if self._warned_unfed:
+            return
+        object.__setattr__(self, "_warned_unfed", True)
+        logging.warning(
+            f"keras_tkfac: {type(self.model).__name__} {why}, so no layer is "
+            f"preconditioned by {type(curvature).__name__}: every covered layer takes "
+            "a first-order step (its step control's, with the identity as "
+            "preconditioner) and the other weights the partner's step. To "
+            "precondition, compile with the loss of the model's output and, in a "
+            "model's own `train_step`, record the forward pass and call "
+            "`update_curvature` before `apply_gradients`:\n"
+            "    with tf.GradientTape(persistent=True) as tape:\n"
+            "        with keras_tkfac.record(self) as recording:\n"
+            "            y_pred = self(x, training=True)\n"
+            "        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)\n"
+            "    grads = tape.gradient(loss, self.trainable_variables)\n"
+            "    self.optimizer.update_curvature(recording, tape, y_pred, "
+            "y_true=y, loss=self.loss,\n"
+            "        forward=keras_tkfac.ModelForward(self, x))\n"
+            "    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))"
+        )
 
     def test_step(self, data):
         if self.delegates_steps:

@@ -96,15 +96,59 @@ def test_gaussian_sampler_matches_mse_hessian():
     np.testing.assert_allclose(_per_example_second_moment(g, 2), expected, atol=TOLERANCE)
 
 
-def test_true_fisher_with_unsupported_loss_names_the_option():
-    with pytest.raises(ValueError, match='fisher="empirical"'):
-        fisher.resolve_loss(keras.losses.Huber(), "true")
-    spec = fisher.resolve_loss(keras.losses.Huber(), "empirical")
+def test_loss_without_sampling_rule_takes_the_empirical_fisher():
+    """Huber has no predictive distribution: under the true Fisher its cotangent is
+    the gradient of the summed loss at the real labels (numpy oracle)."""
+    spec = fisher.resolve_loss(keras.losses.Huber(delta=1.0), "true")
     assert spec.kind is None
+    assert fisher.output_fisher(spec, "true") == "empirical"
+    y_pred = np.array([[0.3, -2.0], [1.5, 0.1]], np.float32)
+    y_true = np.array([[0.0, 0.5], [0.2, 0.1]], np.float32)
+    residual = y_pred - y_true
+    # Keras's Huber is the mean over the last axis of 0.5 r^2 (|r| <= delta) or
+    # delta (|r| - 0.5 delta): its gradient is clip(r, -delta, delta) / D.
+    expected = np.clip(residual, -1.0, 1.0) / 2.0
+    for mode in ("true", "empirical"):
+        _, cotangent, m = fisher.output_cotangent(
+            spec, mode, tf.constant(y_true), tf.constant(y_pred), tf.constant([1, 2]))
+        np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-6)
+        assert int(m) == 2
+    with pytest.raises(ValueError, match="y_true=None"):
+        fisher.output_cotangent(spec, "true", None, tf.constant(y_pred),
+                                tf.constant([1, 2]))
     with pytest.raises(ValueError, match="loss=None"):
         fisher.resolve_loss(None, "true")
     with pytest.raises(ValueError, match="single-output"):
         fisher.resolve_loss(["mse", "mse"], "true")
+
+
+def test_outputs_mix_sampled_and_empirical_fisher():
+    """One output with a sampling rule, one without: each gets its own cotangent,
+    as if it were alone (the second with its own sampler seed)."""
+    y_pred = [tf.constant([[0.5, -1.0, 2.0]]), tf.constant([[0.4]])]
+    y_true = [tf.constant([2]), tf.constant([[1.0]])]
+    losses = [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mae"]
+    outputs = fisher.resolve_losses(losses, "true", y_pred)
+    seed = tf.constant([3, 4])
+    _, cotangents, _ = fisher.output_cotangents(outputs, "true", y_true, y_pred, seed)
+    _, sampled, _ = fisher.output_cotangent(outputs[0].spec, "true", None, y_pred[0],
+                                            seed)
+    np.testing.assert_allclose(cotangents[0].numpy(), sampled.numpy())
+    # MAE at the real label: sign(f - y) = -1.
+    np.testing.assert_allclose(cotangents[1].numpy(), [[-1.0]])
+
+
+def test_labels_of_lower_rank_are_matched_as_keras_does():
+    """Labels `[B]` against an output `[B, 1]`: the per-example loss is Keras's."""
+    logits = tf.constant([[0.3], [-1.2], [2.0]])
+    labels = tf.constant([1, 0, 1])  # integer and of lower rank, as users pass them
+    keras_loss = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
+    spec = fisher.resolve_loss(keras_loss, "empirical")
+    np.testing.assert_allclose(spec.fn(labels, logits).numpy(),
+                               keras_loss(labels, logits).numpy(), rtol=1e-6)
+    _, cotangent, _ = fisher.output_cotangent(spec, "empirical", labels, logits, None)
+    expected = tf.sigmoid(logits).numpy() - labels.numpy()[:, None]
+    np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-5)
 
 
 def test_empirical_fisher_uses_the_real_labels():

@@ -9,6 +9,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import fisher
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -52,14 +53,20 @@ def test_sequential_without_input_trains_with_every_layer_preconditioned(cls):
     assert np.any(model.optimizer._slots[0].factors[0].numpy() != 0)
 
 
-def test_subclassed_model_never_called_trains():
+def test_subclassed_model_never_called_trains(caplog):
     keras.utils.set_random_seed(0)
     inner = TwoDense()
     model = keras_tkfac.wrap(inner)
     x, y = helpers.classification_data(n=16)
     before = None
-    _fit(model, x, y)
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        _fit(model, x, y)
     assert _preconditioned(model) == sorted([inner.body.name, inner.head.name])
+    # Keras builds the model inside the first step (shape inference in a scratch
+    # graph): that call is not a training call, and no layer is said to be lost.
+    assert not [r for r in caplog.records if "cannot be recorded" in r.getMessage()]
+    assert model.optimizer._factor_weight.numpy().min() > 0
     before = [w.numpy() for w in inner.weights]
     _fit(model, x, y)
     assert any(np.any(a != b.numpy()) for a, b in zip(before, inner.weights))
@@ -162,12 +169,129 @@ def test_model_train_step_runs_with_the_record_recipe(forward):
     assert (float(model.optimizer.damping_scale.numpy()) != 1.0) == forward
 
 
-def test_model_train_step_that_does_not_feed_curvature_raises_with_the_recipe():
-    model = keras_tkfac.wrap(OwnStep(feed_curvature=False))
-    x, y = helpers.classification_data(n=16)
-    with pytest.raises(ValueError, match=r"keras_tkfac\.record\(self\)") as error:
-        _fit(model, x, y)
-    assert "update_curvature" in str(error.value)
+def _unfed_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if "no layer is preconditioned" in r.getMessage()]
+
+
+def test_model_train_step_that_does_not_feed_curvature_trains_and_logs_the_recipe(
+        caplog):
+    x, _ = helpers.classification_data(n=64)
+    y = np.argmax(x[:, :3], axis=1)  # learnable labels
+    logging.get_absl_logger().propagate = True
+    changes = {}
+    for name in ("adam", "tkfac"):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(OwnStep(feed_curvature=False))
+        optimizer = (keras_tkfac.TKFAC(seed=0) if name == "tkfac"
+                     else keras.optimizers.Adam(1e-3))
+        model.compile(optimizer=optimizer, loss=LOSS)
+        before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+        with caplog.at_level("WARNING"):
+            model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+        assert np.isfinite(after)
+        changes[name] = after - before
+    # It trains, as fast as Adam(1e-3) (the partner at the default learning rate).
+    assert changes["tkfac"] < min(changes["adam"], 0.0)
+    warnings = _unfed_warnings(caplog)
+    assert len(warnings) == 1  # once, not every step
+    assert "keras_tkfac.record(self)" in warnings[0]
+    assert "update_curvature" in warnings[0]
+    # Nothing was fed: the factors hold no statistics, the inverses stay the identity.
+    np.testing.assert_array_equal(optimizer._factor_weight.numpy(), 0.0)
+    assert int(optimizer.iterations.numpy()) == 24
+
+
+def test_custom_loop_with_apply_gradients_alone_trains_and_logs(caplog):
+    """A custom loop over a wrapped model that never records or feeds curvature
+    (keras-io's GAN and RL loops call `apply_gradients` alone) trains like Adam."""
+    x, _ = helpers.classification_data(n=64)
+    y = np.argmax(x[:, :3], axis=1)
+    logging.get_absl_logger().propagate = True
+    changes = {}
+    for name in ("adam", "tkfac"):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(TwoDense())
+        optimizer = (keras_tkfac.TKFAC(seed=0) if name == "tkfac"
+                     else keras.optimizers.Adam(1e-3))
+
+        @tf.function
+        def step(x, y, model=model, optimizer=optimizer):
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean(LOSS(y, model(x, training=True)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        with caplog.at_level("WARNING"):
+            losses = [float(step(x[i:i + 8], y[i:i + 8]))
+                      for _ in range(3) for i in range(0, 64, 8)]
+        assert np.all(np.isfinite(losses))
+        changes[name] = np.mean(losses[-8:]) - np.mean(losses[:8])
+    assert changes["tkfac"] < min(changes["adam"], 0.0)
+    warned = [r.getMessage() for r in caplog.records
+              if "before any update_curvature" in r.getMessage()]
+    assert len(warned) == 1 and "keras_tkfac.record(model)" in warned[0]
+
+
+class AddedLoss(keras.layers.Layer):
+    """Makes the reconstruction error of its two inputs the model's loss."""
+
+    def call(self, inputs):
+        target, reconstruction = inputs
+        self.add_loss(keras.ops.mean(keras.ops.square(reconstruction - target)))
+        return reconstruction
+
+
+def test_model_compiled_without_a_loss_trains_on_its_added_loss(caplog):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    code = keras.layers.Dense(3, activation="tanh")(inputs)
+    outputs = AddedLoss()([inputs, keras.layers.Dense(6)(code)])
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0))
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        history = model.fit(x, batch_size=16, epochs=4, shuffle=False, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert len(_unfed_warnings(caplog)) == 1
+    assert "without a `loss`" in _unfed_warnings(caplog)[0]
+
+
+def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
+    """Huber, log-cosh and a user's function take the empirical Fisher (logged once
+    per loss); labels `[B]` against outputs `[B, 1]` are matched as Keras does."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x[:, 0] - 2 * x[:, 1]).astype("float32")  # [B], the outputs are [B, 1]
+
+    def squared(y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    outputs = {name: keras.layers.Dense(1, name=name)(hidden)
+               for name in ("huber", "log_cosh", "own")}
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                  loss={"huber": keras.losses.Huber(), "log_cosh": "log_cosh",
+                        "own": squared})
+    logging.get_absl_logger().propagate = True
+    fisher._WARNED.clear()  # logged once per loss and process
+    with caplog.at_level("WARNING"):
+        history = model.fit(x, {k: y for k in outputs}, batch_size=16, epochs=4,
+                            shuffle=False, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    warned = [r.getMessage() for r in caplog.records
+              if "takes the empirical Fisher" in r.getMessage()]
+    assert len(warned) == 3
+    # The statistics were updated (from the real labels).
+    assert float(model.optimizer._factor_weight.numpy()[0]) > 0
 
 
 def test_model_train_step_runs_with_a_first_order_optimizer():

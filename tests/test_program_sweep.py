@@ -1,0 +1,32 @@
+"""`tools/program_sweep.py`: Keras programs that train with Adam train with
+`wrap` + `TKFAC()` / `KFAC()` at their defaults (no error, finite losses)."""
+
+import math
+import sys
+
+import pytest
+
+from tests.test_examples import _ROOT
+
+sys.path.insert(0, str(_ROOT / "tools"))
+import program_sweep  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _check(names, optimizers, steps):
+    for name in names:
+        result = program_sweep.run(name, steps, optimizers)
+        for optimizer in ("Adam", *optimizers):
+            entry = result[optimizer]
+            assert entry["status"] == "ok", (name, optimizer, entry)
+            assert math.isfinite(entry["first"]) and math.isfinite(entry["last"])
+
+
+def test_programs_that_used_to_fail_train():
+    # Labels of lower rank than the output, a loss without a sampling rule, a
+    # model's own train_step that does not feed curvature.
+    _check(["siamese_shared", "regression_losses", "own_train_step"], ["TKFAC"], 8)
+
+
+@pytest.mark.slow
+def test_every_program_trains_with_tkfac_and_kfac():
+    _check(list(program_sweep.PROGRAMS), ["TKFAC", "KFAC"], 16)

@@ -1,0 +1,690 @@
+"""Small Keras programs shaped like the keras-io examples and the Keras guides, for
+`tools/program_sweep.py`, on data they make (no downloads).
+
+Each program is a function `() -> (model, x, y, compile_kwargs, fit_kwargs)`; `x`
+may be a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`). `PROGRAMS` maps
+their names to them.
+"""
+
+import numpy as np
+import keras
+from keras import layers
+import tensorflow as tf
+
+BATCH = 32
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _images(n, size=16, channels=1, classes=4, seed=0):
+    """Images whose class is which quadrant holds a bright blob."""
+    rng = _rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.normal(0, 0.3, (n, size, size, channels)).astype("float32")
+    half = size // 2
+    for i, c in enumerate(y):
+        r, k = divmod(int(c) % 4, 2)
+        x[i, r * half:(r + 1) * half, k * half:(k + 1) * half] += 1.0
+    return x, y.astype("int32")
+
+
+def _series(n, steps=64, channels=1, classes=3, seed=0):
+    """Sinusoids whose class is the frequency band."""
+    rng = _rng(seed)
+    y = rng.integers(0, classes, n)
+    t = np.arange(steps)[None, :, None]
+    freq = (0.05 + 0.1 * y[:, None, None] + 0.02 * rng.random((n, 1, 1)))
+    x = np.sin(2 * np.pi * freq * t + rng.random((n, 1, channels)) * 6.28)
+    x = x + rng.normal(0, 0.2, (n, steps, channels))
+    return x.astype("float32"), y.astype("int32")
+
+
+def _tokens(n, length=24, vocab=500, classes=2, seed=0, pad=True):
+    """Token sequences whose class decides which indicative tokens appear;
+    with `pad`, sequences are zero-padded to `length` (token 0 is padding)."""
+    rng = _rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.integers(3, vocab, (n, length))
+    for i, c in enumerate(y):
+        positions = rng.choice(length, 4, replace=False)
+        x[i, positions] = 1 + int(c)
+        if pad:
+            x[i, rng.integers(length // 2, length):] = 0
+    return x.astype("int32"), y.astype("int32")
+
+
+# Each program: () -> (model, x, y, compile keyword arguments, fit keyword arguments).
+
+def gru_classifier():
+    x, y = _tokens(BATCH * 8)
+    model = keras.Sequential([
+        layers.Embedding(500, 16), layers.GRU(16), layers.Dense(2)])
+    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)}, {}
+
+
+def masked_lstm():
+    x, y = _tokens(BATCH * 8)
+    inputs = keras.Input((None,), dtype="int32")
+    h = layers.Embedding(500, 16, mask_zero=True)(inputs)
+    h = layers.LSTM(16)(h)
+    outputs = layers.Dense(1, activation="sigmoid")(h)
+    return keras.Model(inputs, outputs), x, y.astype("float32"), {
+        "loss": "binary_crossentropy", "metrics": ["accuracy"]}, {}
+
+
+def simple_rnn_tagger():
+    x, y = _tokens(BATCH * 8, pad=False)
+    tags = (x % 3).astype("int32")
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"), layers.Embedding(500, 16),
+        layers.SimpleRNN(16, return_sequences=True),
+        layers.TimeDistributed(layers.Dense(3))])
+    return model, x, tags, {"loss": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)}, {}
+
+
+def causal_transformer():
+    """A next-token model: token + position embeddings, causal self-attention."""
+    x, _ = _tokens(BATCH * 8, length=16, vocab=64, pad=False)
+    x = np.cumsum(x % 5, axis=1) % 64
+    inputs = keras.Input((15,), dtype="int32")
+    tok = layers.Embedding(64, 32)(inputs)
+    pos = layers.Embedding(15, 32)(keras.ops.arange(15))
+    h = tok + pos
+    att = layers.MultiHeadAttention(2, 16)(h, h, use_causal_mask=True)
+    h = layers.LayerNormalization()(h + att)
+    f = layers.Dense(64, activation="gelu")(h)
+    h = layers.LayerNormalization()(h + layers.Dense(32)(f))
+    outputs = layers.Dense(64)(h)
+    return keras.Model(inputs, outputs), x[:, :-1], x[:, 1:], {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def separable_grouped_dilated():
+    x, y = _images(BATCH * 8, channels=4)
+    model = keras.Sequential([
+        keras.Input((16, 16, 4)),
+        layers.SeparableConv2D(8, 3, padding="same", activation="relu"),
+        layers.Conv2D(8, 3, groups=2, padding="same", activation="relu"),
+        layers.Conv2D(8, 3, dilation_rate=2, padding="same"),
+        layers.GroupNormalization(groups=4), layers.PReLU(),
+        layers.DepthwiseConv2D(3, padding="same"),
+        layers.GlobalAveragePooling2D(), layers.Dense(4)])
+    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)}, {}
+
+
+def wavenet_causal():
+    x, y = _series(BATCH * 8)
+    inputs = keras.Input((64, 1))
+    h = inputs
+    for rate in (1, 2, 4):
+        h = layers.Conv1D(8, 2, padding="causal", dilation_rate=rate,
+                          activation="relu")(h)
+    h = layers.GlobalMaxPooling1D()(h)
+    outputs = layers.Dense(3, activation="softmax")(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": "sparse_categorical_crossentropy"}, {}
+
+
+def conv3d_video():
+    rng = _rng(1)
+    y = rng.integers(0, 2, BATCH * 8)
+    x = rng.normal(0, 0.3, (BATCH * 8, 4, 8, 8, 1)).astype("float32")
+    x[y == 1, :, :4] += 0.8
+    model = keras.Sequential([
+        keras.Input((4, 8, 8, 1)), layers.Conv3D(4, 3, padding="same", activation="relu"),
+        layers.MaxPooling3D(2), layers.Flatten(), layers.Dense(1)])
+    return model, x, y.astype("float32"), {
+        "loss": keras.losses.BinaryCrossentropy(from_logits=True)}, {}
+
+
+def conv1d_transpose_autoencoder():
+    x, _ = _series(BATCH * 8)
+    model = keras.Sequential([
+        keras.Input((64, 1)),
+        layers.Conv1D(8, 3, strides=2, padding="same", activation="relu"),
+        layers.Conv1DTranspose(8, 3, strides=2, padding="same", activation="relu"),
+        layers.Conv1D(1, 3, padding="same")])
+    return model, x, x, {"loss": "mse"}, {}
+
+
+def siamese_shared():
+    """One encoder applied to two inputs (shared layers), distance to a sigmoid."""
+    rng = _rng(2)
+    a = rng.normal(size=(BATCH * 8, 10)).astype("float32")
+    same = rng.integers(0, 2, BATCH * 8)
+    b = np.where(same[:, None] == 1, a + rng.normal(0, 0.1, a.shape),
+                 rng.normal(size=a.shape)).astype("float32")
+    encoder = keras.Sequential([layers.Dense(16, activation="relu"), layers.Dense(8)])
+    ia, ib = keras.Input((10,)), keras.Input((10,))
+    distance = layers.Lambda(
+        lambda t: keras.ops.sum(keras.ops.square(t[0] - t[1]), axis=1, keepdims=True)
+    )([encoder(ia), encoder(ib)])
+    outputs = layers.Dense(1, activation="sigmoid")(distance)
+    return keras.Model([ia, ib], outputs), [a, b], same.astype("float32"), {
+        "loss": "binary_crossentropy"}, {}
+
+
+def nested_augmented():
+    """Augmentation layers and a nested Sequential backbone inside a functional model."""
+    x, y = _images(BATCH * 8, channels=3)
+    backbone = keras.Sequential([
+        layers.Conv2D(8, 3, activation="relu"), layers.BatchNormalization(),
+        layers.MaxPooling2D(), layers.Conv2D(8, 3, activation="relu")], name="backbone")
+    inputs = keras.Input((16, 16, 3))
+    h = layers.RandomFlip("horizontal")(inputs)
+    h = layers.RandomTranslation(0.1, 0.1)(h)
+    h = layers.Rescaling(0.5)(h)
+    h = backbone(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    h = layers.Dropout(0.2)(h)
+    outputs = layers.Dense(4)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "metrics": ["accuracy"]}, {}
+
+
+class Scale(layers.Layer):
+    """A custom layer with its own weight."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+class ActivityPenalty(layers.Layer):
+    def call(self, x):
+        self.add_loss(1e-3 * keras.ops.mean(keras.ops.square(x)))
+        return x
+
+
+def custom_layers_add_loss():
+    rng = _rng(3)
+    x = rng.normal(size=(BATCH * 8, 12)).astype("float32")
+    y = (x[:, :3] @ rng.normal(size=(3, 2))).astype("float32")
+    model = keras.Sequential([
+        keras.Input((12,)), layers.Dense(32, activation="swish"), Scale(),
+        ActivityPenalty(), layers.UnitNormalization(), layers.Dense(2)])
+    return model, x, y, {"loss": keras.losses.Huber()}, {}
+
+
+def regression_losses():
+    rng = _rng(4)
+    x = rng.normal(size=(BATCH * 8, 8)).astype("float32")
+    y = (np.abs(x[:, :2]).sum(1, keepdims=True) + 0.1 * rng.normal(size=(BATCH * 8, 1)))
+    inputs = keras.Input((8,))
+    h = layers.Dense(32, activation="relu",
+                     kernel_constraint=keras.constraints.MaxNorm(2.0),
+                     kernel_regularizer=keras.regularizers.L2(1e-4))(inputs)
+    mae = layers.Dense(1, name="mae")(h)
+    logcosh = layers.Dense(1, name="logcosh")(h)
+    return keras.Model(inputs, {"mae": mae, "logcosh": logcosh}), x, {
+        "mae": y.astype("float32"), "logcosh": y.astype("float32")}, {
+        "loss": {"mae": "mae", "logcosh": keras.losses.LogCosh()}}, {}
+
+
+def multilabel_class_weight():
+    rng = _rng(5)
+    x = rng.normal(size=(BATCH * 8, 20)).astype("float32")
+    y = (x[:, :5] > 0.3).astype("float32")
+    model = keras.Sequential([
+        keras.Input((20,)), layers.Dense(32, activation="relu"), layers.Dense(5)])
+    return model, x, y, {"loss": keras.losses.BinaryFocalCrossentropy(from_logits=True),
+                         "metrics": [keras.metrics.AUC(multi_label=True)]}, {}
+
+
+def smoothing_and_class_weight():
+    x, y = _images(BATCH * 8)
+    x = x.reshape(len(x), -1)
+    model = keras.Sequential([
+        keras.Input((256,)), layers.Dense(32, activation="relu"), layers.Dense(4)])
+    onehot = np.eye(4, dtype="float32")[y]
+    return model, x, onehot, {"loss": keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=0.1)}, {
+        "class_weight": {0: 1.0, 1: 2.0, 2: 1.0, 3: 0.5}}
+
+
+def ignore_class_tagger():
+    x, _ = _tokens(BATCH * 8, pad=True)
+    tags = np.where(x == 0, -1, x % 4).astype("int32")
+    model = keras.Sequential([
+        keras.Input((24,), dtype="int32"), layers.Embedding(500, 16),
+        layers.Conv1D(16, 3, padding="same", activation="relu"), layers.Dense(4)])
+    return model, x, tags, {"loss": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1)}, {}
+
+
+def python_loss_function():
+    x, y = _images(BATCH * 8)
+    x = x.reshape(len(x), -1)
+
+    def loss(y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(
+            keras.ops.one_hot(keras.ops.cast(y_true, "int32"), 4) - y_pred), axis=-1)
+
+    model = keras.Sequential([
+        keras.Input((256,)), layers.Dense(32, activation="tanh"),
+        layers.Dense(4, activation="softmax")])
+    return model, x, y, {"loss": loss}, {}
+
+
+class OwnTrainStep(keras.Model):
+    """A model whose own `train_step` computes its loss and applies gradients
+    (the shape of keras-io's VAE and "customizing what happens in fit" examples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(32, activation="relu")
+        self.out = layers.Dense(4)
+        self.tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            logits = self(x, training=True)
+            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.tracker]
+
+
+def own_train_step():
+    x, y = _images(BATCH * 8)
+    return OwnTrainStep(), x.reshape(len(x), -1), y, {}, {}
+
+
+class ReconstructionLoss(layers.Layer):
+    """Adds the reconstruction error of its two inputs as the model's loss."""
+
+    def call(self, inputs):
+        target, reconstruction = inputs
+        self.add_loss(keras.ops.mean(keras.ops.square(reconstruction - target)))
+        return reconstruction
+
+
+def add_loss_only():
+    """A denoising objective given by `add_loss` alone (`compile` without a loss)."""
+    rng = _rng(6)
+    x = rng.normal(size=(BATCH * 8, 16)).astype("float32")
+    inputs = keras.Input((16,))
+    code = layers.Dense(4, activation="relu")(inputs)
+    recon = ReconstructionLoss()([inputs, layers.Dense(16)(code)])
+    return keras.Model(inputs, recon), x, None, {}, {}
+
+
+class Sampling(layers.Layer):
+    """The keras-io VAE's reparameterisation, with its KL term as an added loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1337)
+
+    def call(self, inputs):
+        mean, log_var = inputs
+        self.add_loss(-0.5e-3 * keras.ops.mean(
+            1 + log_var - keras.ops.square(mean) - keras.ops.exp(log_var)))
+        noise = keras.random.normal(keras.ops.shape(mean), seed=self.seed_generator)
+        return mean + keras.ops.exp(0.5 * log_var) * noise
+
+
+def vae_added_kl():
+    x, _ = _images(BATCH * 8)
+    x = (x > 0.5).astype("float32").reshape(len(x), -1)
+    inputs = keras.Input((256,))
+    h = layers.Dense(64, activation="relu")(inputs)
+    z = Sampling()([layers.Dense(4)(h), layers.Dense(4)(h)])
+    h = layers.Dense(64, activation="relu")(z)
+    outputs = layers.Dense(256, activation="sigmoid")(h)
+    return keras.Model(inputs, outputs), x, x, {"loss": "binary_crossentropy"}, {}
+
+
+class RecommenderNet(keras.Model):
+    """keras-io collaborative filtering: user and movie embeddings, their dot
+    product and biases, a sigmoid rating."""
+
+    def __init__(self, users, movies, size):
+        super().__init__()
+        self.user_embedding = layers.Embedding(
+            users, size, embeddings_regularizer=keras.regularizers.l2(1e-6))
+        self.user_bias = layers.Embedding(users, 1)
+        self.movie_embedding = layers.Embedding(
+            movies, size, embeddings_regularizer=keras.regularizers.l2(1e-6))
+        self.movie_bias = layers.Embedding(movies, 1)
+
+    def call(self, inputs):
+        user = self.user_embedding(inputs[:, 0])
+        movie = self.movie_embedding(inputs[:, 1])
+        dot = keras.ops.sum(user * movie, axis=1, keepdims=True)
+        return keras.ops.sigmoid(dot + self.user_bias(inputs[:, 0])
+                                 + self.movie_bias(inputs[:, 1]))
+
+
+def collaborative_filtering():
+    rng = _rng(7)
+    users, movies = 50, 80
+    pairs = np.stack([rng.integers(0, users, BATCH * 8),
+                      rng.integers(0, movies, BATCH * 8)], 1).astype("int64")
+    taste = rng.normal(size=(users, 3)) @ rng.normal(size=(3, movies))
+    ratings = 1 / (1 + np.exp(-taste[pairs[:, 0], pairs[:, 1]]))
+    return RecommenderNet(users, movies, 8), pairs, ratings.astype("float32"), {
+        "loss": keras.losses.BinaryCrossentropy()}, {}
+
+
+def string_features():
+    """keras-io structured data: a string feature through StringLookup and
+    CategoryEncoding, a numeric feature through an adapted Normalization."""
+    rng = _rng(8)
+    n = BATCH * 8
+    colors = np.array(["red", "green", "blue", "teal"])[rng.integers(0, 4, n)]
+    age = rng.normal(50, 10, (n, 1)).astype("float32")
+    y = ((colors == "red") | (age[:, 0] > 55)).astype("float32")
+    lookup = layers.StringLookup(vocabulary=["red", "green", "blue"],
+                                 output_mode="one_hot")
+    norm = layers.Normalization()
+    norm.adapt(age)
+    color_in = keras.Input((1,), dtype="string", name="color")
+    age_in = keras.Input((1,), name="age")
+    h = layers.concatenate([layers.Reshape((4,))(lookup(color_in)), norm(age_in)])
+    h = layers.Dense(16, activation="relu")(h)
+    outputs = layers.Dense(1, activation="sigmoid")(h)
+    data = tf.data.Dataset.from_tensor_slices(
+        ({"color": colors[:, None], "age": age}, y)).batch(BATCH)
+    return keras.Model({"color": color_in, "age": age_in}, outputs), data, None, {
+        "loss": "binary_crossentropy", "metrics": ["accuracy"]}, {}
+
+
+def text_vectorization():
+    rng = _rng(9)
+    words = np.array([f"w{i}" for i in range(60)])
+    n = BATCH * 8
+    y = rng.integers(0, 2, n)
+    texts = [" ".join(list(words[rng.integers(2, 60, 10)]) + [words[int(c)]] * 2)
+             for c in y]
+    vectorize = layers.TextVectorization(max_tokens=80, output_sequence_length=12)
+    vectorize.adapt(texts)
+    inputs = keras.Input((1,), dtype="string")
+    h = layers.Embedding(80, 16)(vectorize(inputs))
+    h = layers.GlobalAveragePooling1D()(h)
+    outputs = layers.Dense(1)(h)
+    data = tf.data.Dataset.from_tensor_slices(
+        (np.array(texts)[:, None], y.astype("float32"))).batch(BATCH)
+    return keras.Model(inputs, outputs), data, None, {
+        "loss": keras.losses.BinaryCrossentropy(from_logits=True)}, {}
+
+
+def unet_segmentation():
+    """Per-pixel classes, labels `[B, H, W, 1]` as keras-io's oxford_pets loads them."""
+    x, _ = _images(BATCH * 8, size=16, channels=3)
+    y = (x[..., :1] > 0.5).astype("int32")
+    inputs = keras.Input((16, 16, 3))
+    c1 = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    p1 = layers.MaxPooling2D()(c1)
+    c2 = layers.SeparableConv2D(16, 3, padding="same", activation="relu")(p1)
+    c2 = layers.BatchNormalization()(c2)
+    u1 = layers.Conv2DTranspose(8, 3, strides=2, padding="same")(c2)
+    u1 = layers.concatenate([u1, c1])
+    u1 = layers.UpSampling2D()(layers.MaxPooling2D()(u1))
+    outputs = layers.Conv2D(2, 1, activation="softmax")(u1)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": "sparse_categorical_crossentropy"}, {}
+
+
+def masked_attention():
+    """Padding mask from `Embedding(mask_zero=True)` into self-attention."""
+    x, y = _tokens(BATCH * 8, vocab=200)
+    inputs = keras.Input((24,), dtype="int32")
+    h = layers.Embedding(200, 16, mask_zero=True)(inputs)
+    h = layers.MultiHeadAttention(2, 8)(h, h)
+    h = layers.GlobalAveragePooling1D()(h)
+    outputs = layers.Dense(2)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def squeeze_excitation():
+    x, y = _images(BATCH * 8, channels=3)
+    inputs = keras.Input((16, 16, 3))
+    h = layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    h = layers.BatchNormalization()(h)
+    h = layers.Activation("swish")(h)
+    se = layers.GlobalAveragePooling2D(keepdims=True)(h)
+    se = layers.Conv2D(4, 1, activation="relu")(se)
+    se = layers.Conv2D(16, 1, activation="sigmoid")(se)
+    h = layers.multiply([h, se])
+    h = layers.DepthwiseConv2D(3, padding="same")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    outputs = layers.Dense(4, activation="softmax")(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": "sparse_categorical_crossentropy"}, {}
+
+
+def conv_lstm():
+    """keras-io next-frame prediction: ConvLSTM2D, per-pixel binary cross-entropy."""
+    rng = _rng(10)
+    frames = (rng.random((BATCH * 8, 5, 8, 8, 1)) > 0.8).astype("float32")
+    model = keras.Sequential([
+        keras.Input((None, 8, 8, 1)),
+        layers.ConvLSTM2D(4, 3, padding="same", return_sequences=True),
+        layers.BatchNormalization(),
+        layers.Conv3D(1, 3, padding="same", activation="sigmoid")])
+    return model, frames[:, :-1], frames[:, 1:], {"loss": "binary_crossentropy"}, {}
+
+
+def other_keras_losses():
+    """Losses with no sampling rule: Poisson, KL divergence, cosine similarity,
+    squared hinge, MAPE, on four outputs."""
+    rng = _rng(11)
+    x = rng.normal(size=(BATCH * 8, 6)).astype("float32")
+    counts = rng.poisson(np.exp(0.3 * x[:, :1])).astype("float32")
+    dist = np.abs(x[:, :3]) / np.abs(x[:, :3]).sum(1, keepdims=True)
+    sign = np.where(x[:, :1] > 0, 1.0, -1.0).astype("float32")
+    inputs = keras.Input((6,))
+    h = layers.Dense(16, activation="relu")(inputs)
+    outputs = {
+        "poisson": layers.Dense(1, activation="softplus", name="poisson")(h),
+        "kl": layers.Dense(3, activation="softmax", name="kl")(h),
+        "cosine": layers.Dense(3, name="cosine")(h),
+        "hinge": layers.Dense(1, name="hinge")(h),
+        "mape": layers.Dense(1, name="mape")(h)}
+    y = {"poisson": counts, "kl": dist.astype("float32"), "cosine": x[:, :3],
+         "hinge": sign, "mape": 5 + x[:, :1]}
+    return keras.Model(inputs, outputs), x, y, {"loss": {
+        "poisson": "poisson", "kl": "kl_divergence", "cosine": "cosine_similarity",
+        "hinge": "squared_hinge", "mape": "mape"}}, {}
+
+
+def callbacks_and_schedules():
+    """ReduceLROnPlateau and EarlyStopping on validation data, sample weights,
+    `steps_per_execution`, `jit_compile=True`."""
+    x, y = _images(BATCH * 8)
+    x = x.reshape(len(x), -1)
+    weights = np.where(y == 0, 2.0, 1.0).astype("float32")
+    model = keras.Sequential([
+        keras.Input((256,)), layers.Dense(32, activation="relu"),
+        layers.Dropout(0.1), layers.Dense(4)])
+    return model, x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "steps_per_execution": 4, "jit_compile": True}, {
+        "sample_weight": weights, "validation_split": 0.25,
+        "callbacks": [keras.callbacks.ReduceLROnPlateau(patience=1, factor=0.5),
+                      keras.callbacks.EarlyStopping(patience=5)]}
+
+
+def partial_losses_bias_free():
+    """Two outputs, a loss on one only; layers without biases; a `training`
+    branch in a custom layer."""
+
+    class NoisyInTraining(layers.Layer):
+        def call(self, x, training=None):
+            if training:
+                return x + keras.random.normal(keras.ops.shape(x), stddev=0.05)
+            return x
+
+    x, y = _images(BATCH * 8)
+    x = x.reshape(len(x), -1)
+    inputs = keras.Input((256,))
+    h = NoisyInTraining()(inputs)
+    h = layers.Dense(32, activation="relu", use_bias=False)(h)
+    cls = layers.Dense(4, name="cls", use_bias=False)(h)
+    aux = layers.Dense(2, name="aux")(h)
+    return keras.Model(inputs, {"cls": cls, "aux": aux}), x, {"cls": y}, {
+        "loss": {"cls": keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True)}}, {}
+
+
+def mobilenet_v2():
+    """`keras.applications.MobileNetV2` (random weights, alpha 0.35) at 32 x 32:
+    inverted residuals, ReLU6, depthwise convolutions, batch normalisation."""
+    x, y = _images(BATCH * 8, size=32, channels=3, classes=4)
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4)
+    return model, x, y, {"loss": "sparse_categorical_crossentropy"}, {}
+
+
+def efficientnet_b0():
+    """`keras.applications.EfficientNetB0` (random weights) at 32 x 32: squeeze-and-
+    excitation, swish, stochastic depth, its built-in rescaling and normalisation."""
+    x, y = _images(BATCH * 8, size=32, channels=3, classes=4)
+    model = keras.applications.EfficientNetB0(
+        input_shape=(32, 32, 3), weights=None, classes=4)
+    return model, 127.0 * (x + 1.0), y, {"loss": "sparse_categorical_crossentropy"}, {}
+
+
+def frozen_base_fine_tuning():
+    """keras-io transfer learning: a frozen convolutional base (here trained for
+    nothing: random filters, batch normalisation in inference mode), a new head."""
+    x, y = _images(BATCH * 8, channels=3)
+    base = keras.Sequential([
+        keras.Input((16, 16, 3)), layers.Conv2D(16, 3, activation="relu"),
+        layers.BatchNormalization(), layers.MaxPooling2D(),
+        layers.Conv2D(16, 3, activation="relu")], name="base")
+    base.trainable = False
+    inputs = keras.Input((16, 16, 3))
+    h = base(inputs, training=False)
+    h = layers.GlobalAveragePooling2D()(h)
+    h = layers.Dropout(0.2)(h)
+    outputs = layers.Dense(4)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class Patches(layers.Layer):
+    """keras-io ViT: non-overlapping patches, flattened."""
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = size
+
+    def call(self, images):
+        patches = keras.ops.image.extract_patches(images, self.size)
+        shape = keras.ops.shape(patches)
+        return keras.ops.reshape(patches, (shape[0], -1, shape[-1]))
+
+
+class PatchEncoder(layers.Layer):
+    """A projection and a learned position embedding of its own (`add_weight`)."""
+
+    def __init__(self, patches, width, **kwargs):
+        super().__init__(**kwargs)
+        self.projection = layers.Dense(width)
+        self.position = self.add_weight(shape=(patches, width),
+                                        initializer="random_normal")
+
+    def call(self, patch):
+        return self.projection(patch) + self.position
+
+
+def vision_transformer():
+    x, y = _images(BATCH * 8, size=16, channels=3)
+    inputs = keras.Input((16, 16, 3))
+    h = PatchEncoder(16, 32)(Patches(4)(inputs))
+    for _ in range(2):
+        n = layers.LayerNormalization(epsilon=1e-6)(h)
+        h = h + layers.MultiHeadAttention(4, 8, dropout=0.1)(n, n)
+        n = layers.LayerNormalization(epsilon=1e-6)(h)
+        h = h + layers.Dense(32)(layers.Dropout(0.1)(
+            layers.Dense(64, activation="gelu")(n)))
+    h = layers.Flatten()(layers.LayerNormalization(epsilon=1e-6)(h))
+    outputs = layers.Dense(4)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class Distiller(keras.Model):
+    """keras-io knowledge distillation: a student trained by its own `train_step`
+    against a teacher's softened predictions."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, x):
+        return self.student(x)
+
+    def train_step(self, data):
+        x, y = data
+        soft = keras.ops.softmax(self.teacher(x, training=False) / 3.0)
+        with tf.GradientTape() as tape:
+            logits = self.student(x, training=True)
+            loss = 0.5 * keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True)) + 0.5 * keras.ops.mean(
+                keras.losses.kl_divergence(soft, keras.ops.softmax(logits / 3.0)))
+        grads = tape.gradient(loss, self.student.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.student.trainable_variables))
+        self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.tracker]
+
+
+def distiller():
+    x, y = _images(BATCH * 8)
+    x = x.reshape(len(x), -1)
+    teacher = keras.Sequential([keras.Input((256,)), layers.Dense(64, activation="relu"),
+                                layers.Dense(4)])
+    student = keras.Sequential([keras.Input((256,)), layers.Dense(16, activation="relu"),
+                                layers.Dense(4)])
+    return Distiller(student, teacher), x, y, {}, {}
+
+
+def mixed_precision_convnet():
+    """The global `mixed_float16` policy (reset to float32 after the run), a Huber
+    loss on a float32 output."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x, y = _images(BATCH * 8)
+    model = keras.Sequential([
+        keras.Input((16, 16, 1)), layers.Conv2D(8, 3, activation="relu"),
+        layers.BatchNormalization(), layers.GlobalAveragePooling2D(),
+        layers.Dense(4), layers.Activation("linear", dtype="float32")])
+    onehot = np.eye(4, dtype="float32")[y]
+    return model, x, onehot, {"loss": keras.losses.Huber()}, {}
+
+
+PROGRAMS = {f.__name__: f for f in (
+    gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
+    separable_grouped_dilated, wavenet_causal, conv3d_video,
+    conv1d_transpose_autoencoder, siamese_shared, nested_augmented,
+    custom_layers_add_loss, regression_losses, multilabel_class_weight,
+    smoothing_and_class_weight, ignore_class_tagger, python_loss_function,
+    own_train_step, add_loss_only, vae_added_kl, collaborative_filtering,
+    string_features, text_vectorization, unet_segmentation, masked_attention,
+    squeeze_excitation, conv_lstm, other_keras_losses, callbacks_and_schedules,
+    partial_losses_bias_free, mobilenet_v2, efficientnet_b0, frozen_base_fine_tuning,
+    vision_transformer, distiller, mixed_precision_convnet)}
