@@ -109,24 +109,29 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
     np.testing.assert_allclose(gram, expected, rtol=1e-4)
 
 
-def test_a_loss_without_a_fisher_formula_uses_its_hessian_at_the_labels():
-    # A plain function is a loss of unknown kind (`fisher="empirical"`); its Hessian
-    # with respect to the output, weighted like the loss, is MSE's 2 / D.
+def test_a_loss_without_a_fisher_formula_uses_its_empirical_fisher():
+    """Huber has no sampling rule: the Gram is the explicit empirical Fisher
+    `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T` of its loss terms at the labels,
+    `g_n` the gradient of Keras's Huber (the mean over the 2 units) in numpy."""
     model, x, y, weights, variables, directions = _two_head_problem()
-
-    def squared_error(y_true, y_pred):
-        return tf.reduce_mean(tf.square(tf.cast(y_true, y_pred.dtype) - y_pred), -1)
-
-    grams = []
-    for loss in (squared_error, "mse"):
-        outputs = fisher.resolve_losses(
-            {"classes": None, "values": loss}, "empirical", model(x),
-            output_names=["classes", "values"])
-        assert outputs[0].spec.kind is None or loss == "mse"
-        grams.append(quadratic.curvature_gram(
-            lambda: model(x, training=True), outputs, y, weights, variables,
-            directions))
-    np.testing.assert_allclose(grams[0], grams[1], rtol=1e-5)
+    outputs = fisher.resolve_losses({"classes": None, "values": keras.losses.Huber()},
+                                    "true", model(x), output_names=["classes", "values"])
+    assert outputs[0].spec.kind is None
+    gram = quadratic.curvature_gram(lambda: model(x, training=True), outputs, y,
+                                    weights, variables, directions)
+    with tf.GradientTape() as tape:
+        values = model(x, training=True)["values"]
+    parts = tape.jacobian(values, [v.value for v in variables],
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    jacobian = np.concatenate([np.reshape(p, (*values.shape, -1)) for p in parts],
+                              axis=-1).astype(np.float64)
+    residual = values.numpy().astype(np.float64) - y["values"]
+    grad = np.clip(residual, -1.0, 1.0) / 2.0
+    scores = np.einsum("nd,ndp->np", grad, jacobian)
+    empirical = np.einsum("n,np,nq->pq", weights, scores, scores) / len(x)
+    flat = np.array([np.concatenate([np.ravel(d) for d in direction])
+                     for direction in directions], dtype=np.float64)
+    np.testing.assert_allclose(gram, flat @ empirical @ flat.T, rtol=1e-4)
 
 
 def _classifier(seed):
