@@ -38,12 +38,17 @@ import keras_tkfac  # noqa: E402
 from sweep_programs import BATCH, PROGRAMS  # noqa: E402  (tools/, the script's folder)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("programs", "", "comma-separated program names (default: all)")
-flags.DEFINE_integer("steps", 24, "training steps per run (batch 32)")
-flags.DEFINE_list("optimizers", ["TKFAC", "KFAC"],
-                  "curvature optimizers to check, each at its defaults, against Adam")
-flags.DEFINE_string("output", "", "write the table (markdown) to this file, and the "
-                    "results as JSON next to it")
+
+
+def _define_flags():
+    """Defined when run as a script only: importing the module (its test, next to
+    `tools/suite.py`'s in one process) must not define absl flags twice."""
+    flags.DEFINE_string("programs", "", "comma-separated program names (default: all)")
+    flags.DEFINE_integer("steps", 24, "training steps per run (batch 32)")
+    flags.DEFINE_list("optimizers", ["TKFAC", "KFAC"],
+                      "curvature optimizers to check, each at its defaults, against Adam")
+    flags.DEFINE_string("output", "", "write the table (markdown) to this file, and the "
+                        "results as JSON next to it")
 
 
 class _Messages(py_logging.Handler):
@@ -177,4 +182,5 @@ def _commit():
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
