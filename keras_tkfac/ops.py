@@ -483,7 +483,8 @@ def graft(update, norm):
 
 
 
-def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
+def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
+                         max_decrease=None):
     """Coefficients `(a, b)` of the step `s = a U + b M` that minimises the model
     `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` (Martens & Grosse, 2015, §7).
 
@@ -496,6 +497,15 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
     non-positive curvature gives `(0, 0)`: no step rather than a wrong one. With
     `max_kl`, a step whose predicted KL divergence `(1/2) s^T C s` exceeds it is
     shortened to it (a safeguard; the model's minimiser is not changed otherwise).
+    With `max_decrease` (a multiple of the loss, for a loss that cannot fall
+    below zero), a step whose predicted decrease `-q` exceeds it is shortened to
+    where the model predicts that decrease: along the minimiser `s*`,
+    `q(t s*) = q(s*) (2t - t^2)`, so `t = 1 - sqrt(1 - max_decrease / -q(s*))`.
+    Where the model's curvature vanishes (a saturated softmax, whose Gauss-Newton
+    matrix is ~0 while the cross-entropy's gradient is not) only the damping bounds
+    `s*`, and the model extrapolates the loss far below zero; a KL bound cannot
+    help there, since the predicted KL is ~0 too. (With the loss itself as the
+    bound this is Polyak's step length for a loss whose minimum is 0.)
 
     Args:
         curvature: `[2, 2]`, `K`.
@@ -503,6 +513,8 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
         slopes: `[2]`, `r`.
         damping: `lambda`, a scalar.
         max_kl: optional bound on `(1/2) s^T C s`.
+        max_decrease: optional bound `L >= 0` on the predicted decrease `-q(s)`
+            (ignored where not positive and finite).
 
     Returns:
         `(a, b, q)`: scalars, with `q <= 0` the model's value at the (unshortened)
@@ -523,13 +535,22 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None):
     value = -0.5 * (a * slopes[0] + b * slopes[1])
     ok = tf.logical_and(matrix[0, 0] > 0.0, tf.math.is_finite(value))
     ok = tf.logical_and(ok, value <= 0.0)
+    shorten = tf.ones_like(a)
     if max_kl is not None:
         coefficients = tf.stack([a, b])
         kl = 0.5 * tf.reduce_sum(coefficients * tf.linalg.matvec(
             tf.cast(curvature, tf.float64), coefficients))
-        shorten = tf.sqrt(tf.math.divide_no_nan(tf.cast(max_kl, tf.float64), kl))
-        shorten = tf.where(kl > max_kl, shorten, tf.ones_like(shorten))
-        a, b = a * shorten, b * shorten
+        shorten = tf.where(kl > max_kl, tf.sqrt(tf.math.divide_no_nan(
+            tf.cast(max_kl, tf.float64), kl)), shorten)
+    if max_decrease is not None:
+        ratio = tf.math.divide_no_nan(tf.cast(max_decrease, tf.float64), -value)
+        binds = tf.logical_and(tf.logical_and(ratio > 0.0, ratio < 1.0),
+                               tf.math.is_finite(ratio))
+        ratio = tf.where(binds, ratio, tf.zeros_like(ratio))
+        # `1 - sqrt(1 - ratio)`, written to keep its digits at small ratios.
+        shorten = tf.where(binds, tf.minimum(
+            shorten, ratio / (1.0 + tf.sqrt(1.0 - ratio))), shorten)
+    a, b = a * shorten, b * shorten
     zero = tf.zeros_like(a)
     return tuple(tf.cast(tf.where(ok, x, zero), tf.float32) for x in (a, b, value))
 

@@ -31,7 +31,9 @@ Five controls, chosen with `step_control`:
   the default learning rate, `3e-3`, takes the model's whole step, a learning rate
   or schedule written for Adam keeps its meaning below it (`1e-3`: a third of the
   step), and a larger one takes the whole step (`step_learning_rate`). `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
-  safeguard. `adaptive_damping=True` adapts the damping of the model and the
+  safeguard; twice the loss bounds the predicted decrease, for losses that
+  cannot fall below zero (`quadratic.LOSS_BOUND_FACTOR`).
+  `adaptive_damping=True` adapts the damping of the model and the
   preconditioner from the model's reduction ratio (Levenberg-Marquardt;
   `keras_tkfac.damping`).
 - `"graft_quadratic"` (the default): `"quadratic"` over grafted directions: each
@@ -185,7 +187,8 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
     return ops.kl_clip_factor(updates, grads, 1.0, kl_clip)
 
 
-def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None):
+def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None,
+                      max_decrease=None):
     """The quadratic-model steps `a U_l + b M_l` of every preconditioned layer.
 
     The model's curvature is the exact one plus each layer's damping, `C + λ_l I` on
@@ -199,6 +202,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None)
         grads: list of the gradients `G_l`, same shapes.
         previous: list of the previous steps `M_l`, same shapes.
         max_kl: optional bound on the step's predicted KL, `(1/2) s^T C s`.
+        max_decrease: optional `() -> L or None`, called after `products`: a bound
+            on the step's predicted decrease of the loss (`ops.quadratic_model_step`).
 
     Returns:
         `(steps, predicted)`: the list of steps, and `eta -> q(eta s)`, the model's
@@ -213,7 +218,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None)
                       tf.stack([cross, inner(previous, previous, dampings)])])
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
     curvature = products([updates, previous])
-    a, b, _ = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl)
+    a, b, _ = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
+                                       max_decrease() if max_decrease else None)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])

@@ -35,6 +35,43 @@ def test_model_step_without_a_previous_step_is_one_dimensional():
                                rtol=1e-6)
 
 
+def test_model_step_predicting_a_decrease_beyond_the_loss_is_shortened_to_it():
+    # A saturated softmax: the Gauss-Newton curvature along the step is ~0, so only
+    # the damping bounds the model's minimiser, whose predicted decrease (~1e3)
+    # exceeds the loss (2.0) of a loss that cannot fall below zero.
+    basis = RNG.normal(size=(2, 5))
+    curvature = 1e-9 * basis @ basis.T
+    norms = basis @ basis.T
+    slopes = 30.0 * RNG.normal(size=2)
+    free = np.linalg.solve(curvature + 0.3 * norms, slopes)
+    assert 0.5 * slopes @ free > 2.0
+    a, b, value = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+                                           max_decrease=2.0)
+    # Same direction as the minimiser, and the model predicts exactly the loss.
+    np.testing.assert_allclose(np.array([a, b]) / np.linalg.norm([a, b]),
+                               free / np.linalg.norm(free), rtol=1e-5)
+    model = curvature + 0.3 * norms
+    step = np.array([a, b], np.float64)
+    np.testing.assert_allclose(-slopes @ step + 0.5 * step @ model @ step, -2.0,
+                               rtol=1e-5)
+    np.testing.assert_allclose(value, -0.5 * slopes @ free, rtol=1e-5)
+    # A bound the minimiser's decrease is within changes nothing; nor do a
+    # non-positive or non-finite one.
+    for bound in (1e9, 0.0, -1.0, np.nan):
+        np.testing.assert_allclose(
+            ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+                                     max_decrease=bound)[:2], free, rtol=1e-5)
+    # With a KL bound as well, the shorter of the two steps.
+    kl_free = 0.5 * free @ curvature @ free
+    a_kl, b_kl, _ = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+                                             max_kl=kl_free / 4.0, max_decrease=2.0)
+    np.testing.assert_allclose([a_kl, b_kl], [a, b], rtol=1e-5)
+    a_kl, b_kl, _ = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+                                             max_kl=kl_free * 1e-12,
+                                             max_decrease=2.0)
+    np.testing.assert_allclose([a_kl, b_kl], free * 1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("curvature", [[[0.0, 0.0], [0.0, 0.0]],
                                        [[np.nan, 0.0], [0.0, 1.0]]])
 def test_model_step_without_positive_curvature_is_no_step(curvature):
