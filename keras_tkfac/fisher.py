@@ -340,6 +340,31 @@ def _logits_source(spec, y_pred):
     return y_pred
 
 
+def term_weights(sample_weight, losses):
+    """`sample_weight` as float weights of `losses`' rank: per term where it has
+    their rank (`[B, T]` for a sequence output), else per example, `[B, 1, ...]`.
+    """
+    weight = tf.cast(sample_weight, tf.float32)
+    if weight.shape.rank == losses.shape.rank and weight.shape.rank > 1:
+        return weight
+    weight = tf.reshape(weight, [-1])
+    return tf.reshape(weight, tf.concat(
+        [tf.shape(weight), tf.ones([tf.rank(losses) - 1], tf.int32)], 0))
+
+
+def loss_mask(y_pred, losses):
+    """Keras's mask on `y_pred` (a sequence output behind `mask_zero=True` or a
+    `Masking` layer) as floats of `losses`' shape, or `None`.
+
+    Keras's losses weight the terms by it and average over the unmasked ones
+    (`Loss.__call__`); a mask whose rank is not the loss terms' is not applied.
+    """
+    mask = getattr(y_pred, "_keras_mask", None)
+    if mask is None or mask.shape.rank != losses.shape.rank:
+        return None
+    return tf.cast(mask, tf.float32)
+
+
 def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     """Gradient of the summed per-example loss with respect to the model output.
 
@@ -356,9 +381,14 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         y_true: the real labels.
         y_pred: the model output.
         seed: `[2]` int32 seed of the sampler.
-        sample_weight: optional per-example weights `w_n`; example `n` then
+        sample_weight: optional per-example weights `w_n` (or per loss term, of
+            the terms' shape: `[B, T]` for a sequence output); example `n` then
             contributes `w_n g_n g_n^T` (its cotangent is scaled by `sqrt(w_n)`).
             A negative weight counts as zero: it would make the Fisher indefinite.
+
+    Where `y_pred` carries Keras's mask (`loss_mask`), masked terms contribute
+    nothing (their cotangent is zero) and `M` counts the unmasked ones, as Keras's
+    loss does: padding does not enter the statistics.
 
     Returns:
         `(source, cotangent, num_examples)`: the tensor to backpropagate from
@@ -389,11 +419,19 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     if spec.kind == "binary_crossentropy" and output_fisher(spec, fisher) == "true":
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
         cotangent *= tf.sqrt(tf.cast(tf.shape(y_pred)[-1], cotangent.dtype))
+    def expand(weight):  # weights of the loss terms, onto the cotangent's rank
+        weight = tf.cast(weight, cotangent.dtype)
+        return tf.reshape(weight, tf.concat(
+            [tf.shape(weight),
+             tf.ones([tf.rank(cotangent) - tf.rank(weight)], tf.int32)], 0))
+
     if sample_weight is not None:
-        weight = tf.cast(tf.reshape(sample_weight, [-1]), cotangent.dtype)
-        shape = tf.concat([tf.shape(weight), tf.ones([tf.rank(cotangent) - 1], tf.int32)], 0)
-        cotangent *= tf.reshape(tf.sqrt(tf.maximum(weight, 0.0)), shape)
-    return source, cotangent, tf.size(losses)
+        cotangent *= expand(tf.sqrt(tf.maximum(term_weights(sample_weight, losses),
+                                               0.0)))
+    mask = loss_mask(y_pred, losses)
+    if mask is None:
+        return source, cotangent, tf.size(losses)
+    return source, cotangent * expand(mask), tf.reduce_sum(mask)
 
 
 def _output_seed(seed, index):

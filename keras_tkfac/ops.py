@@ -537,11 +537,12 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     ok = tf.logical_and(ok, value <= 0.0)
     shorten = tf.ones_like(a)
     if max_kl is not None:
+        max_kl = tf.cast(max_kl, tf.float64)
         coefficients = tf.stack([a, b])
         kl = 0.5 * tf.reduce_sum(coefficients * tf.linalg.matvec(
             tf.cast(curvature, tf.float64), coefficients))
-        shorten = tf.where(kl > max_kl, tf.sqrt(tf.math.divide_no_nan(
-            tf.cast(max_kl, tf.float64), kl)), shorten)
+        shorten = tf.where(kl > max_kl, tf.sqrt(tf.math.divide_no_nan(max_kl, kl)),
+                           shorten)
     if max_decrease is not None:
         ratio = tf.math.divide_no_nan(tf.cast(max_decrease, tf.float64), -value)
         binds = tf.logical_and(tf.logical_and(ratio > 0.0, ratio < 1.0),

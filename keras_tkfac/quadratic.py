@@ -73,14 +73,14 @@ from keras_tkfac import step_size
 LOSS_BOUND_FACTOR = 2.0
 
 
-def _weighted_mean(losses, weight):
-    """Keras's `sum_over_batch_size` of `losses` under per-example `weight`."""
+def _weighted_mean(losses, weight, mask=None):
+    """Keras's `sum_over_batch_size` of `losses` under `weight` (per example or
+    per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`: the mean over the unmasked terms)."""
     losses = tf.cast(losses, tf.float32)
     if weight is not None:
-        weight = tf.cast(tf.reshape(weight, [-1]), tf.float32)
-        shape = tf.concat(
-            [tf.shape(weight), tf.ones([tf.rank(losses) - 1], tf.int32)], 0)
-        losses = losses * tf.reshape(weight, shape)
+        losses = losses * fisher_lib.term_weights(weight, losses)
+    if mask is not None:
+        return tf.math.divide_no_nan(tf.reduce_sum(losses * mask), tf.reduce_sum(mask))
     return tf.math.divide_no_nan(tf.reduce_sum(losses),
                                  tf.cast(tf.size(losses), tf.float32))
 
@@ -320,11 +320,13 @@ class Batch:
             for i in range(count):
                 for j in range(i, count):
                     if output.spec.kind is None:
-                        value = _weighted_mean(projections[i] * projections[j], weight)
+                        terms = projections[i] * projections[j]
                     else:
-                        value = _weighted_mean(_bilinear(
+                        terms = _bilinear(
                             output.spec, source is not y_pred or output.spec.from_logits,
-                            source, along[i], along[j]), weight)
+                            source, along[i], along[j])
+                    value = _weighted_mean(terms, weight,
+                                           fisher_lib.loss_mask(y_pred, terms))
                     gram[i][j] = gram[i][j] + output_weight * value
         gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
                          for i in range(count)])
@@ -338,9 +340,14 @@ class Batch:
             predictions = self._restoring(
                 lambda: tf.nest.flatten(self.forward()))
         labels, weights = self._per_output(len(predictions))
+        def mean(output, label, weight):
+            y_pred = predictions[output.index]
+            terms = output.spec.fn(label, y_pred)
+            return _weighted_mean(terms, weight, fisher_lib.loss_mask(y_pred, terms))
+
         total = tf.add_n([
-            tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * _weighted_mean(
-                output.spec.fn(label, predictions[output.index]), weight)
+            tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+            * mean(output, label, weight)
             for output, label, weight in zip(self.outputs, labels, weights)])
         return distributed.all_reduce("mean", [total])[0]
 
@@ -405,18 +412,18 @@ def steps(optimizer, used, variables, learning_rate):
             optimizer._layer_damping(slot.block, factors, damping)))
     before = {}
 
-    def max_decrease():
+    def bounds():
         # Where the loss is known to be nonnegative and the products' pass gave
         # it for free (`LOSS_BOUND_FACTOR`).
         if batch.predictions is None or any(o.spec.kind is None for o in batch.outputs):
-            return None
+            return optimizer.kl_clip, None
         before["loss"] = batch.loss(batch.predictions)
-        return LOSS_BOUND_FACTOR * before["loss"]
+        return optimizer.kl_clip, LOSS_BOUND_FACTOR * before["loss"]
 
     try:
         found, predicted = step_size.quadratic_updates(
             products, dampings, [u for *_, u in used],
-            [g for *_, g, _ in used], previous, optimizer.kl_clip, max_decrease)
+            [g for *_, g, _ in used], previous, bounds)
     except Exception as error:  # pylint: disable=broad-except
         # Neither forward nor reverse mode passes the model: no products.
         logging.log_first_n(

@@ -187,8 +187,7 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
     return ops.kl_clip_factor(updates, grads, 1.0, kl_clip)
 
 
-def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None,
-                      max_decrease=None):
+def quadratic_updates(products, dampings, updates, grads, previous, bounds=None):
     """The quadratic-model steps `a U_l + b M_l` of every preconditioned layer.
 
     The model's curvature is the exact one plus each layer's damping, `C + λ_l I` on
@@ -201,9 +200,9 @@ def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None,
         updates: list of preconditioned gradients `U_l`.
         grads: list of the gradients `G_l`, same shapes.
         previous: list of the previous steps `M_l`, same shapes.
-        max_kl: optional bound on the step's predicted KL, `(1/2) s^T C s`.
-        max_decrease: optional `() -> L or None`, called after `products`: a bound
-            on the step's predicted decrease of the loss (`ops.quadratic_model_step`).
+        bounds: optional `() -> (max_kl, max_decrease)`, called after `products`:
+            bounds (or `None`) on the step's predicted KL, `(1/2) s^T C s`, and on
+            its predicted decrease of the loss (`ops.quadratic_model_step`).
 
     Returns:
         `(steps, predicted)`: the list of steps, and `eta -> q(eta s)`, the model's
@@ -218,8 +217,9 @@ def quadratic_updates(products, dampings, updates, grads, previous, max_kl=None,
                       tf.stack([cross, inner(previous, previous, dampings)])])
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
     curvature = products([updates, previous])
+    max_kl, max_decrease = bounds() if bounds else (None, None)
     a, b, _ = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
-                                       max_decrease() if max_decrease else None)
+                                       max_decrease)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])

@@ -160,3 +160,49 @@ def test_empirical_fisher_uses_the_real_labels():
     p = tf.nn.softmax(y_pred).numpy()
     np.testing.assert_allclose(cotangent.numpy(), p - np.array([[0, 1, 0]]), rtol=1e-5)
     assert int(m) == 1
+
+
+def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
+    """`mask_zero=True` puts Keras's mask on the sequence output; Keras's loss then
+    averages over the unmasked terms. The Fisher's cotangents (summed terms) are
+    that loss's gradient times the count of unmasked terms, padding rows are zero,
+    and the quadratic model's batch loss is Keras's."""
+    from keras_tkfac import quadratic  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(7, 4, mask_zero=True),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    x = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [6, 1, 2, 3, 4]])
+    y = tf.constant(np.random.default_rng(0).integers(0, 3, size=(3, 5)))
+    mask = (x != 0).astype("float32")
+    y_pred = model(x)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    spec = fisher.resolve_loss(loss, "empirical")
+    source, cotangent, count = fisher.output_cotangent(spec, "empirical", y, y_pred,
+                                                       None)
+    assert float(count) == mask.sum()
+    with tf.GradientTape() as tape:
+        tape.watch(source)
+        keras_value = loss(y, y_pred)  # reads the logits behind the softmax
+    expected = tape.gradient(keras_value, source).numpy() * mask.sum()
+    np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert np.all(cotangent.numpy()[mask == 0] == 0.0)
+    # The quadratic model's loss of the batch (its reduction ratio and loss bound).
+    outputs = fisher.resolve_losses(loss, "true", y_pred)
+    batch = quadratic.Batch(lambda: model(x), outputs, y, None)
+    np.testing.assert_allclose(batch.loss([y_pred]).numpy(), keras_value.numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(batch.loss().numpy(), keras_value.numpy(), rtol=1e-6)
+    # Per-term sample weights (`[B, T]`, Keras's temporal weights) with the mask.
+    weights = tf.constant(np.random.default_rng(1).random((3, 5)), tf.float32)
+    _, weighted, count = fisher.output_cotangent(spec, "empirical", y, y_pred, None,
+                                                 weights)
+    assert float(count) == mask.sum()
+    np.testing.assert_allclose(weighted.numpy(),
+                               cotangent.numpy() * np.sqrt(weights.numpy())[..., None],
+                               rtol=1e-5, atol=1e-7)
+    batch = quadratic.Batch(lambda: model(x), outputs, y, weights)
+    np.testing.assert_allclose(batch.loss([y_pred]).numpy(),
+                               loss(y, y_pred, sample_weight=weights).numpy(), rtol=1e-6)
