@@ -206,3 +206,41 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     batch = quadratic.Batch(lambda: model(x), outputs, y, weights)
     np.testing.assert_allclose(batch.loss([y_pred]).numpy(),
                                loss(y, y_pred, sample_weight=weights).numpy(), rtol=1e-6)
+
+
+def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
+    """The quadratic model's Gram `[<x, C y>]` of a masked sequence output against
+    an explicit `sum over unmasked terms of (J x)^T H (J y) / count` from
+    `tape.jacobian`, `H = diag(p) - p p^T` on the logits."""
+    from keras_tkfac import quadratic  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((4,), dtype="int32"),
+        keras.layers.Embedding(6, 3, mask_zero=True),
+        keras.layers.Dense(3),
+    ])
+    x = np.array([[1, 2, 0, 0], [3, 4, 5, 0]])
+    y = tf.constant([[0, 1, 2, 0], [2, 2, 1, 1]])
+    valid = (x != 0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    outputs = fisher.resolve_losses(loss, "true", model(x))
+    variables = model.trainable_variables
+    rng = np.random.default_rng(2)
+    directions = [[tf.constant(rng.normal(size=v.shape), tf.float32) for v in variables]
+                  for _ in range(2)]
+    gram = quadratic.Batch(lambda: model(x), outputs, y, None).gram(variables,
+                                                                     directions)
+    with tf.GradientTape() as tape:
+        logits = model(x)
+    jacobians = tape.jacobian(logits, variables)
+    moves = [sum(np.tensordot(j.numpy(), d.numpy(), axes=d.shape.rank)
+                 for j, d in zip(jacobians, direction)) for direction in directions]
+    p = tf.nn.softmax(logits).numpy()
+    expected = np.zeros((2, 2))
+    for n, t in zip(*np.nonzero(valid)):
+        h = np.diag(p[n, t]) - np.outer(p[n, t], p[n, t])
+        for i in range(2):
+            for j in range(2):
+                expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
+    np.testing.assert_allclose(gram.numpy(), expected / valid.sum(), rtol=1e-4,
+                               atol=1e-6)
