@@ -419,6 +419,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     if spec.kind == "binary_crossentropy" and output_fisher(spec, fisher) == "true":
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
         cotangent *= tf.sqrt(tf.cast(tf.shape(y_pred)[-1], cotangent.dtype))
+
     def expand(weight):  # weights of the loss terms, onto the cotangent's rank
         weight = tf.cast(weight, cotangent.dtype)
         return tf.reshape(weight, tf.concat(

@@ -64,7 +64,7 @@ from keras_tkfac import step_size
 # The model's predicted decrease of a nonnegative loss is bounded by this multiple
 # of the batch's loss. Measured (`tools/suite.py`, seed 0, and the saturated
 # classifier of `tests/test_robustness.py`, inputs of scale 1e4): at 1 the bound
-# bound on most of the convnet's steps (its softmax model predicts 1.5-6 times
+# was binding on most of the convnet's steps (its softmax model predicts 1.5-6 times
 # the batch loss: confidently wrong examples under dropout) and its best
 # validation loss rose from 0.1535 to 0.1709, the LSTM's from 0.053 to 0.063; at 2
 # the suite's losses were those without the bound (0.1536 on the convnet); at 10
@@ -75,7 +75,8 @@ LOSS_BOUND_FACTOR = 2.0
 
 def _weighted_mean(losses, weight, mask=None):
     """Keras's `sum_over_batch_size` of `losses` under `weight` (per example or
-    per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`: the mean over the unmasked terms)."""
+    per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`:
+    the mean over the unmasked terms)."""
     losses = tf.cast(losses, tf.float32)
     if weight is not None:
         losses = losses * fisher_lib.term_weights(weight, losses)
@@ -340,6 +341,7 @@ class Batch:
             predictions = self._restoring(
                 lambda: tf.nest.flatten(self.forward()))
         labels, weights = self._per_output(len(predictions))
+
         def mean(output, label, weight):
             y_pred = predictions[output.index]
             terms = output.spec.fn(label, y_pred)
