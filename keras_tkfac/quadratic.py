@@ -36,7 +36,8 @@ the batch's loss, from the products' forward pass, bounds the model's predicted
 decrease (`ops.quadratic_model_step`'s `max_decrease`; `LOSS_BOUND_FACTOR`): a
 safeguard for saturated outputs, whose Gauss-Newton curvature vanishes while the
 gradient does not; for other losses, which may be negative (cosine similarity),
-there is no bound.
+there is no bound. Where the minimiser predicts more than `UNTRUSTED_DECREASE`
+times the loss, the model is not trusted at all and the step is `FALLBACK`'s.
 
 `curvature_gram` computes `[<x, C y>]` for `x, y` among the directions with one
 forward-mode pass per direction (`tf.autodiff.ForwardAccumulator`: `J x`). It is a
@@ -71,6 +72,22 @@ from keras_tkfac import step_size
 # the saturated classifier diverged (loss 3e11 after 20 steps), at 2 and 5 its
 # loss reached 0 within 10 steps, at 1 it fell from 5772 to 411 in 20.
 LOSS_BOUND_FACTOR = 2.0
+
+# Where the model's minimiser predicts a decrease of more than this multiple of the
+# batch's (nonnegative) loss, the model is not trusted: the step is its sibling's
+# (`FALLBACK`: `"graft"` for the default control), as without products, rather than
+# the model's step shortened to `LOSS_BOUND_FACTOR` times the loss, and its
+# prediction does not adapt the damping. Measured (2026-11-30): on `tools/suite.py`
+# (seed 0) the ratio's largest value per workload was 0.13-1.41 on five of the eight
+# and 2.1-6.0 on the convnet, the transformer and the BiLSTM; at 2 the convnet's best
+# validation loss rose from 0.1536 to 0.274, at 10 no suite workload changed (seeds
+# 0 and 1). Of `tools/program_sweep.py`'s 36 programs two reach it:
+# `efficientnet_b0` (softmax saturated at the start; the model predicts decreases
+# of 27-250 on losses of 4-8), whose last epoch's loss went from 4.31 to 2.23
+# (`KFAC()`: 4.45 to 2.33; Adam(1e-3): 1.57), and `unnormalised_mlp` (44.7 to 45.9;
+# `KFAC()` 24.7 to 20.2; Adam 54.5). Raising the damping on untrusted steps instead
+# (as a reduction ratio of 0 would) gave 2.39 and 49.0 (`KFAC()` 2.27 and 8.8).
+UNTRUSTED_DECREASE = 10.0
 
 
 def _weighted_mean(losses, weight, mask=None):
@@ -423,7 +440,7 @@ def steps(optimizer, used, variables, learning_rate):
         return optimizer.kl_clip, LOSS_BOUND_FACTOR * before["loss"]
 
     try:
-        found, predicted = step_size.quadratic_updates(
+        found, predicted, minimum = step_size.quadratic_updates(
             products, dampings, [u for *_, u in used],
             [g for *_, g, _ in used], previous, bounds)
     except Exception as error:  # pylint: disable=broad-except
@@ -432,6 +449,14 @@ def steps(optimizer, used, variables, learning_rate):
             logging.WARNING, "keras_tkfac: the curvature products failed (%s: %s).",
             1, type(error).__name__, error)
         return _without_products(optimizer, used, variables, learning_rate)
+    if "loss" in before:
+        # A model that predicts far more than the loss can fall is not trusted
+        # (`UNTRUSTED_DECREASE`): that step is the sibling's, and its prediction
+        # does not adapt the damping.
+        trusted = -minimum <= UNTRUSTED_DECREASE * before["loss"]
+        sibling, _ = _sibling_steps(optimizer, used, variables, learning_rate)
+        found = [tf.where(trusted, s, other) for s, (*_, other) in zip(found, sibling)]
+        predicted = _trusted_only(predicted, trusted)
     # `update_step` moves the weights by this fraction of the returned step.
     fraction = step_size.step_learning_rate(optimizer.step_control, learning_rate)
     if optimizer.adaptive_damping and batch.y_true is None:
@@ -444,6 +469,13 @@ def steps(optimizer, used, variables, learning_rate):
                        else batch.loss_before(damping_lib.due(optimizer)))
         damping_lib.hand_over(optimizer, predicted(fraction), loss_before)
     return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)
+
+
+def _trusted_only(predicted, trusted):
+    """`predicted` where the model is `trusted`, else 0 (no damping adaptation)."""
+    def change(learning_rate):
+        return tf.where(trusted, predicted(learning_rate), 0.0)
+    return change
 
 
 # The step control taken on a step without curvature products, and the factor that
@@ -459,12 +491,18 @@ def _without_products(optimizer, used, variables, learning_rate):
     the sibling's default step. The momentum slot still holds the previous step,
     so the two kinds of step can alternate."""
     control = optimizer.step_control
-    sibling = FALLBACK[control]
     logging.log_first_n(
         logging.WARNING, 'keras_tkfac: step_control="%s" needs curvature products, '
         "which need `forward=` in `update_curvature` (keras_tkfac.wrap's training "
         'step passes it) and a model they can pass; without them the step is a '
-        '"%s" step.', 1, control, sibling)
+        '"%s" step.', 1, control, FALLBACK[control])
+    return _sibling_steps(optimizer, used, variables, learning_rate)
+
+
+def _sibling_steps(optimizer, used, variables, learning_rate):
+    """The steps of the step control's sibling (`FALLBACK`), in `steps`'s form."""
+    control = optimizer.step_control
+    sibling = FALLBACK[control]
     ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
              / step_size.DEFAULT_LEARNING_RATE[control])
     # `update_step` moves by `step_size.step_learning_rate`: `learning_rate / 3e-3`.

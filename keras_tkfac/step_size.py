@@ -205,8 +205,9 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None)
             its predicted decrease of the loss (`ops.quadratic_model_step`).
 
     Returns:
-        `(steps, predicted)`: the list of steps, and `eta -> q(eta s)`, the model's
-        predicted change of the loss for the step `eta s`.
+        `(steps, predicted, minimum)`: the list of steps, `eta -> q(eta s)`, the
+        model's predicted change of the loss for the step `eta s`, and `q(s*)`, its
+        value at its minimiser before the bounds shortened it (`<= 0`).
     """
     def inner(xs, ys, weights=None):
         weights = weights or [1.0] * len(xs)
@@ -218,11 +219,11 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None)
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
     curvature = products([updates, previous])
     max_kl, max_decrease = bounds() if bounds else (None, None)
-    a, b, _ = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
-                                       max_decrease)
+    a, b, minimum = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
+                                             max_decrease)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])
         return ops.quadratic_model_value(curvature, norms, slopes, 1.0, coefficients)
 
-    return [a * u + b * m for u, m in zip(updates, previous)], predicted
+    return [a * u + b * m for u, m in zip(updates, previous)], predicted, minimum

@@ -363,6 +363,51 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("threshold", ["default", "infinite"])
+def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
+    # On this tiny classifier (16 random examples, random labels) the minimiser of
+    # the quadratic model predicts a decrease of ~100 on a loss of ~1.3: beyond
+    # `UNTRUSTED_DECREASE` times the loss, so every step is the sibling's, exactly
+    # as without products, and the damping is not adapted from the model's
+    # prediction. Without the threshold the steps are the model's.
+    default = quadratic.UNTRUSTED_DECREASE
+    if threshold == "infinite":
+        monkeypatch.setattr(quadratic, "UNTRUSTED_DECREASE", np.inf)
+    ratios = []
+    updates = step_size.quadratic_updates
+
+    def spy(products, dampings, us, grads, previous, bounds):
+        limits = []
+
+        def recorded():
+            limits.append(bounds())
+            return limits[-1]
+
+        found, predicted, minimum = updates(products, dampings, us, grads, previous,
+                                            recorded)
+        ratios.append(-minimum / (limits[0][1] / quadratic.LOSS_BOUND_FACTOR))
+        return found, predicted, minimum
+
+    monkeypatch.setattr(step_size, "quadratic_updates", spy)
+    options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
+    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", learning_rate=1e-3,
+                                  **options)
+    found = _custom_loop_weights(optimizer, 3, forward=True)
+    assert len(ratios) == 3
+    assert all(float(r) > default for r in ratios)
+    expected = _custom_loop_weights(
+        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3, **options), 3,
+        forward=False)
+    same = [np.allclose(got, want, rtol=1e-5, atol=1e-7)
+            for got, want in zip(found, expected)]
+    if threshold == "default":
+        assert all(same)
+        assert float(optimizer.damping_scale.numpy()) == 1.0
+    else:
+        assert not any(same)
+        assert float(optimizer.damping_scale.numpy()) != 1.0
+
+
 def test_steps_with_and_without_forward_can_alternate():
     losses = []
     _custom_loop_weights(keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0), 8,

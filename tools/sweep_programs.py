@@ -546,6 +546,17 @@ def partial_losses_bias_free():
             from_logits=True)}}, {}
 
 
+def unnormalised_mlp():
+    """keras-io's MNIST MLP (two `Dense(512)`) without its `/ 255`: pixel values up
+    to ~300, so the softmax starts saturated."""
+    x, y = _images(BATCH * 8, size=28, classes=10)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)), layers.Flatten(),
+        layers.Dense(512, activation="relu"), layers.Dense(512, activation="relu"),
+        layers.Dense(10, activation="softmax")])
+    return model, 255.0 * x, y, {"loss": "sparse_categorical_crossentropy"}, {}
+
+
 def mobilenet_v2():
     """`keras.applications.MobileNetV2` (random weights, alpha 0.35) at 32 x 32:
     inverted residuals, ReLU6, depthwise convolutions, batch normalisation."""
@@ -686,5 +697,5 @@ PROGRAMS = {f.__name__: f for f in (
     own_train_step, add_loss_only, vae_added_kl, collaborative_filtering,
     string_features, text_vectorization, unet_segmentation, masked_attention,
     squeeze_excitation, conv_lstm, other_keras_losses, callbacks_and_schedules,
-    partial_losses_bias_free, mobilenet_v2, efficientnet_b0, frozen_base_fine_tuning,
-    vision_transformer, distiller, mixed_precision_convnet)}
+    partial_losses_bias_free, unnormalised_mlp, mobilenet_v2, efficientnet_b0,
+    frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet)}
