@@ -435,8 +435,9 @@ def steps(optimizer, used, variables, learning_rate):
 
     def bounds():
         # Where the loss is known to be nonnegative and the products' pass gave
-        # it for free (`LOSS_BOUND_FACTOR`).
-        if batch.predictions is None or any(o.spec.kind is None for o in batch.outputs):
+        # it for free (`LOSS_BOUND_FACTOR`); the loss needs the labels.
+        if (batch.predictions is None or batch.y_true is None
+                or any(o.spec.kind is None for o in batch.outputs)):
             return optimizer.kl_clip, None
         before["loss"] = batch.loss(batch.predictions)
         return optimizer.kl_clip, LOSS_BOUND_FACTOR * before["loss"]

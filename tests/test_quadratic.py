@@ -408,6 +408,25 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
         assert float(optimizer.damping_scale.numpy()) != 1.0
 
 
+def test_without_labels_the_steps_are_the_models_without_the_loss_rules(monkeypatch):
+    # `y_true` gives the batch's loss: without it the products still make the step
+    # (not the sibling's), only the rules that need the loss are off: the loss bound,
+    # the untrusted-model rule and the damping's adaptation. So the steps equal a
+    # labelled run with those three switched off.
+    options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
+    found = _custom_loop_weights(keras_tkfac.TKFAC(**options), 3, forward=True,
+                                 labels=False)
+    sibling = _custom_loop_weights(keras_tkfac.TKFAC(step_control="graft", **options),
+                                   3, forward=False)
+    monkeypatch.setattr(quadratic, "LOSS_BOUND_FACTOR", np.inf)
+    monkeypatch.setattr(quadratic, "UNTRUSTED_DECREASE", np.inf)
+    expected = _custom_loop_weights(
+        keras_tkfac.TKFAC(adaptive_damping=False, **options), 3, forward=True)
+    for got, want, other in zip(found, expected, sibling):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(got, other, rtol=1e-5, atol=1e-7)
+
+
 def test_steps_with_and_without_forward_can_alternate():
     losses = []
     _custom_loop_weights(keras_tkfac.TKFAC(step_control="graft_quadratic", seed=0), 8,
