@@ -579,6 +579,9 @@ class DepthwiseConvBlock(CurvatureBlock):
         a = _group_rows(patches, self.kernel_rows(), self.groups, self.bias is not None)
         g = tf.reshape(_channels_last(output_grads, self._data_format),
                        [-1, self.groups, self.d_out])
+        if self.groups == 1:
+            # One input channel: one block, ungrouped rows (as `groups` promises).
+            return a[:, 0], g[:, 0]
         return a, g
 
 

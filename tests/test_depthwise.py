@@ -12,10 +12,10 @@ from tests import helpers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _model(**conv_args):
+def _model(channels=3, **conv_args):
     keras.utils.set_random_seed(0)
     return keras_tkfac.wrap(keras.Sequential([
-        keras.Input((6, 7, 3)),
+        keras.Input((6, 7, channels)),
         keras.layers.DepthwiseConv2D(3, depth_multiplier=2, activation="tanh",
                                      **conv_args),
         keras.layers.Flatten(),
@@ -86,3 +86,20 @@ def test_depthwise_model_trains(cls):
     assert model.optimizer._slots[0].inverses[0].shape == (3, 10, 10)
     report = model.optimizer.curvature_report()
     assert np.isfinite(report[model.blocks[0].name]["cond_left"])
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_one_input_channel_is_one_ungrouped_block(cls):
+    # One channel is one block: 2-D rows, as for an ordinary convolution.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6, 7, 1)).astype("float32")
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype("int32")
+    block, a, g, m, expected = _rows(_model(channels=1), x[:4], y[:4])
+    assert a.shape[1:] == (10,) and g.shape[1:] == (2,)
+    np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
+    model = _model(channels=1)
+    model.compile(optimizer=cls(seed=0, factor_update_freq=1, inverse_update_freq=2),
+                  loss=LOSS)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.optimizer._slots[0].inverses[0].shape == (10, 10)
