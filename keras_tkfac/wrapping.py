@@ -174,7 +174,13 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         self.built = True
 
     def compile(self, *args, **kwargs):
-        arguments = _COMPILE_SIGNATURE.bind(self, *args, **kwargs).arguments
+        try:
+            arguments = _COMPILE_SIGNATURE.bind(self, *args, **kwargs).arguments
+        except TypeError:
+            if not _overrides(self.model, "compile"):
+                raise
+            self._compile_own(args, kwargs)
+            return
         arguments.pop("self")
         super().compile(**arguments)
         inner_jit = False
@@ -194,6 +200,19 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             arguments["optimizer"] = self.optimizer
             self.model.compile(**arguments)
         self._attach()
+
+    def _compile_own(self, args, kwargs):
+        """`compile` of a model whose own `compile` takes other arguments (keras-io's
+        GAN: `compile(d_optimizer, g_optimizer, loss_fn)`): they go to it unchanged,
+        and the wrapper compiles with Keras's defaults. Its own `train_step` then
+        runs with its own optimizers; curvature optimizers among them are fed only
+        where that step calls `update_curvature` (README, "Keras programs that
+        work")."""
+        super().compile()
+        object.__setattr__(self, "_inner_jit", False)
+        logging.info("keras_tkfac: %s has its own `compile`; its arguments go to it "
+                     "unchanged.", type(self.model).__name__)
+        self.model.compile(*args, **kwargs)
 
     def _attach(self):
         """Hands the current blocks to a curvature optimizer not yet built."""

@@ -313,6 +313,70 @@ def test_model_train_step_runs_with_a_first_order_optimizer():
     assert history.history["own_loss"][1] < history.history["own_loss"][0]
 
 
+class GAN(keras.Model):
+    """keras-io's GAN shape: its own `compile(d_optimizer, g_optimizer, loss_fn)`
+    and a `train_step` that steps both optimizers."""
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = keras.Sequential([
+            keras.Input((2,)), keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid")])
+        self.generator = keras.Sequential([
+            keras.Input((3,)), keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(2)])
+        self.seed_generator = keras.random.SeedGenerator(7)
+
+    def compile(self, d_optimizer, g_optimizer, loss_fn):
+        super().compile()
+        self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+        self.loss_fn = loss_fn
+
+    def train_step(self, real):
+        batch = keras.ops.shape(real)[0]
+        noise = keras.random.normal((batch, 3), seed=self.seed_generator)
+        both = keras.ops.concatenate([self.generator(noise), real], axis=0)
+        labels = keras.ops.concatenate([keras.ops.ones((batch, 1)),
+                                        keras.ops.zeros((batch, 1))], axis=0)
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(both))
+        d_vars = self.discriminator.trainable_variables
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
+        noise = keras.random.normal((batch, 3), seed=self.seed_generator)
+        with tf.GradientTape() as tape:
+            g_loss = self.loss_fn(keras.ops.zeros((batch, 1)),
+                                  self.discriminator(self.generator(noise)))
+        g_vars = self.generator.trainable_variables
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def _gan_history(model, d_optimizer):
+    model.compile(d_optimizer=d_optimizer, g_optimizer=keras.optimizers.Adam(1e-3),
+                  loss_fn=keras.losses.BinaryCrossentropy())
+    real = np.random.default_rng(0).normal(1.0, 0.2, size=(64, 2)).astype("float32")
+    return model.fit(real, batch_size=16, epochs=3, shuffle=False, verbose=0).history
+
+
+def test_a_model_with_its_own_compile_arguments_gets_them():
+    # keras-io's GAN compiles with its own arguments: the wrapper hands them over.
+    # With first-order optimizers it trains exactly as unwrapped; with TKFAC (its
+    # step does not feed curvature) it trains on the fallback step.
+    keras.utils.set_random_seed(0)
+    plain = _gan_history(GAN(), keras.optimizers.Adam(1e-3))
+    keras.utils.set_random_seed(0)
+    wrapped = _gan_history(keras_tkfac.wrap(GAN()), keras.optimizers.Adam(1e-3))
+    for key in ("d_loss", "g_loss"):
+        np.testing.assert_allclose(wrapped[key], plain[key], rtol=1e-6)
+    keras.utils.set_random_seed(0)
+    curvature = _gan_history(keras_tkfac.wrap(GAN()), keras_tkfac.TKFAC(seed=0))
+    assert np.all(np.isfinite(curvature["d_loss"] + curvature["g_loss"]))
+    assert not np.allclose(curvature["d_loss"], plain["d_loss"])
+    # A model with Keras's own `compile` still rejects arguments Keras rejects.
+    with pytest.raises(TypeError):
+        keras_tkfac.wrap(TwoDense()).compile(d_optimizer="adam")
+
+
 def test_wrapped_model_attributes_are_reachable_through_the_wrapper():
     inner = TwoDense()
     model = keras_tkfac.wrap(inner)
