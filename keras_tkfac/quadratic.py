@@ -60,6 +60,7 @@ from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import step_size
+from keras_tkfac import tangents as tangents_lib
 
 
 # The model's predicted decrease of a nonnegative loss is bounded by this multiple
@@ -154,8 +155,12 @@ def _forward_mode(forward, outputs, primals, directions):
     jvps, first = [], None
     for direction in directions:
         tangents = [tf.cast(d, p.dtype) for d, p in zip(direction, primals)]
+        start = tangents_lib.operation_count() if first is None else None
         with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
             found, flat = _sources(outputs, forward())
+        lost = tangents_lib.dropped(accumulator, start, found)
+        if lost:
+            raise tangents_lib.DroppedTangents(lost)
         jvps.append([
             tf.cast(accumulator.jvp(s, tf.UnconnectedGradients.ZERO), tf.float32)
             for s in found
@@ -315,6 +320,8 @@ class Batch:
         def run():
             try:
                 return _forward_mode(forward, self.outputs, primals, directions)
+            except tangents_lib.DroppedTangents:
+                raise  # Reverse-over-reverse products drop them too.
             except Exception as error:  # pylint: disable=broad-except
                 # Forward mode cannot pass some layers (Keras's LSTM loop): `J x`
                 # as the gradient of `J^T u` with respect to `u` instead.

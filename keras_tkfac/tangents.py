@@ -1,0 +1,128 @@
+"""Finding the ops whose forward-mode derivative TensorFlow silently drops.
+
+`tf.autodiff.ForwardAccumulator` computes an op's Jacobian-vector product from its
+registered gradient (the gradient of the gradient, where no special rule exists).
+Where that second gradient is registered as not differentiable, the accumulator
+does not raise: the op's output simply has no tangent, and everything downstream
+treats it as zero. The curvature products of the layers before such an op are then
+silently missing. Measured on TensorFlow 2.21 (`tests/test_tangents.py`):
+`tf.image.resize(..., "bilinear")` (Keras's `UpSampling2D(interpolation=
+"bilinear")`, `Resizing`, DeepLabV3+'s decoder) gives no tangent; its reverse-over-
+reverse product is zero as well. With its products missing, a model with trainable
+layers before a bilinear resize diverged under the quadratic step (loss 2e3 to 1e4
+in 24 steps where Adam trained). Other resize methods, and the other ops checked,
+raise or are exact.
+
+`dropped` finds such ops in a traced forward pass: an op that the pass's results
+are computed from (not one of the accumulator's tangent computations) that has a
+floating input with a tangent, floating outputs without any, and a gradient in
+reverse mode, unless its derivative is zero wherever it exists (`ZERO_DERIVATIVE`:
+`floor`, `round`, `sign`, ...) or it belongs to a `tf.custom_gradient` body (whose
+ops run unrecorded; the body's result carries its tangent). In eager execution
+nothing is traced and nothing is found.
+"""
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # pylint: disable=no-name-in-module
+
+# Ops whose derivative is zero wherever it exists: no tangent is the right one.
+ZERO_DERIVATIVE = frozenset({
+    "Floor", "Ceil", "Round", "Rint", "Sign", "FloorDiv", "FloorMod", "TruncateDiv",
+    "TruncateMod", "StopGradient", "PreventGradient", "ZerosLike", "OnesLike",
+})
+_CALLS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
+def operation_count():
+    """The number of ops in the graph being traced (`None` when executing eagerly):
+    `dropped` looks at the ops created after this count."""
+    if tf.executing_eagerly():
+        return None
+    return len(tf.compat.v1.get_default_graph().get_operations())
+
+
+class DroppedTangents(ValueError):
+    """Forward mode dropped the tangent at ops of these types (`dropped`)."""
+
+    def __init__(self, op_types):
+        super().__init__(
+            "TensorFlow's forward mode gives no derivative through %s (its reverse "
+            "mode does), so the curvature products would miss the layers before it"
+            % ", ".join(op_types))
+        self.op_types = list(op_types)
+
+
+def _differentiable(op_type):
+    """Whether reverse mode has a gradient for `op_type`."""
+    try:
+        return tf_ops._gradient_registry.lookup(op_type) is not None  # pylint: disable=protected-access
+    except LookupError:
+        return False
+
+
+def _floating(tensors):
+    return [t for t in tensors if t.dtype.is_floating or t.dtype.is_complex]
+
+
+def _custom_gradient_bodies(operations, carries):
+    """The ops of `tf.custom_gradient` bodies (Keras's `swish`, `gelu`, ...) among
+    `operations`: they run with recording stopped, so their outputs carry no
+    tangent; the `IdentityN` that ends each body carries the body's tangent from
+    its custom gradient. Found by walking back from those `IdentityN`s through ops
+    whose outputs carry none."""
+    created = set(operations)
+    stack = [t.op for op in operations
+             if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr
+             for t in op.inputs]
+    body = set()
+    while stack:
+        op = stack.pop()
+        if op in body or op not in created or any(
+                carries(t) for t in _floating(op.outputs)):
+            continue
+        body.add(op)
+        stack.extend(t.op for t in op.inputs)
+    return body
+
+
+def _ancestors(tensors, created):
+    """The ops among `created` that `tensors` are computed from."""
+    stack, found = [t.op for t in tensors], set()
+    while stack:
+        op = stack.pop()
+        if op in found or op not in created:
+            continue
+        found.add(op)
+        stack.extend(t.op for t in op.inputs)
+    return found
+
+
+def dropped(accumulator, start, results):
+    """The types of the ops that `results` (tensors) were computed from, created
+    since `start` (`operation_count()`), whose outputs lost the tangent
+    `accumulator` carried into them; `[]` when eager. Only the ops `results` are
+    computed from count: the accumulator's own tangent computations (its function
+    calls, and the gradient functions of custom gradients it traces inline) are not
+    among them."""
+    if start is None:
+        return []
+    created = tf.compat.v1.get_default_graph().get_operations()[start:]
+    primal = _ancestors(results, set(created))
+    operations = [op for op in created if op in primal]
+
+    def carries(tensor):
+        return accumulator.jvp(tensor) is not None
+
+    bodies = _custom_gradient_bodies(operations, carries)
+    found = []
+    for op in operations:
+        if op.type in _CALLS or op.type in ZERO_DERIVATIVE or op in bodies:
+            continue
+        outputs = _floating(op.outputs)
+        if not outputs or any(carries(t) for t in outputs):
+            continue
+        if not any(carries(t) for t in _floating(op.inputs)):
+            continue
+        if _differentiable(op.type) and op.type not in found:
+            found.append(op.type)
+    return found
