@@ -330,6 +330,7 @@ class Batch:
                     "using reverse-over-reverse products.", 1, type(error).__name__)
                 return _reverse_mode(forward, self.outputs, primals, directions)
 
+        tangents_lib.install_jvps()
         jvps, sources, flat = self._restoring(run)
         self.predictions = flat if rows is None else None
         labels, weights = self._per_output(len(flat))

@@ -7,11 +7,17 @@ does not raise: the op's output simply has no tangent, and everything downstream
 treats it as zero. The curvature products of the layers before such an op are then
 silently missing. Measured on TensorFlow 2.21 (`tests/test_tangents.py`):
 `tf.image.resize(..., "bilinear")` (Keras's `UpSampling2D(interpolation=
-"bilinear")`, `Resizing`, DeepLabV3+'s decoder) gives no tangent; its reverse-over-
-reverse product is zero as well. With its products missing, a model with trainable
-layers before a bilinear resize diverged under the quadratic step (loss 2e3 to 1e4
-in 24 steps where Adam trained). Other resize methods, and the other ops checked,
-raise or are exact.
+"bilinear")`, `Resizing`, DeepLabV3+'s decoder) gives no tangent, because TensorFlow
+registers the gradient of `ResizeBilinearGrad` as not differentiable; its reverse-
+over-reverse product is zero as well. With its products missing, a model with
+trainable layers before a bilinear resize diverged under the quadratic step (loss
+2e3 to 1e4 in 24 steps where Adam trained). `fake_quant_with_min_max_args` drops
+its tangent the same way. Other resize methods, and the other ops checked, raise
+(the products then take reverse mode or none) or are exact.
+
+`install_jvps` gives TensorFlow's forward mode the rule it lacks for the bilinear
+resize (linear in the images: the tangent's resize is the output's tangent), so the
+products pass through it; `dropped` remains the safeguard for the others.
 
 `dropped` finds such ops in a traced forward pass: an op that the pass's results
 are computed from (not one of the accumulator's tangent computations) that has a
@@ -126,3 +132,37 @@ def dropped(accumulator, start, results):
         if _differentiable(op.type) and op.type not in found:
             found.append(op.type)
     return found
+
+
+def _resize_bilinear_jvp(attr_tuple, inputs, outputs, tangents):
+    """Forward mode through `ResizeBilinear(images, size)`: linear in `images`, so
+    the tangent is the resize of the images' tangent."""
+    del outputs
+    attributes = dict(zip(attr_tuple[::2], attr_tuple[1::2]))
+    images = tangents[0]
+    if images is None:
+        return [None]
+    return [tf.raw_ops.ResizeBilinear(
+        images=images, size=inputs[1], align_corners=attributes["align_corners"],
+        half_pixel_centers=attributes["half_pixel_centers"])]
+
+
+# Forward-mode rules for ops whose derivative TensorFlow's forward mode drops.
+JVPS = {"ResizeBilinear": _resize_bilinear_jvp}
+
+
+def install_jvps():
+    """Adds `JVPS` to TensorFlow's forward mode (its table of special-cased
+    Jacobian-vector products, `forwardprop._SPECIAL_CASES`) where it has no rule of
+    its own. This only gives forward mode a derivative it would otherwise drop
+    without an error; reverse mode is unchanged. Where TensorFlow's forward mode
+    has another layout, nothing is added (and `dropped` still finds the ops that
+    lose their tangent). Idempotent."""
+    try:
+        from tensorflow.python.eager import forwardprop  # pylint: disable=import-outside-toplevel,no-name-in-module
+        special = forwardprop._SPECIAL_CASES  # pylint: disable=protected-access
+    except (ImportError, AttributeError):
+        return
+    if isinstance(special, dict):
+        for name, rule in JVPS.items():
+            special.setdefault(name, rule)

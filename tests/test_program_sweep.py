@@ -27,6 +27,15 @@ def test_programs_that_used_to_fail_train():
     _check(["siamese_shared", "regression_losses", "own_train_step"], ["TKFAC"], 8)
 
 
+def test_a_bilinear_decoder_trains_with_the_quadratic_step():
+    # Forward mode dropped the bilinear resize's derivative: the products missed
+    # the encoder and the default step diverged (727 -> 4212 over three epochs).
+    result = program_sweep.run("deeplab_bilinear_decoder", 16, ["TKFAC"])
+    entry = result["TKFAC"]
+    assert entry["status"] == "ok" and entry["last"] < entry["first"] < 1.0
+    assert not any("products failed" in m for m in entry["messages"])
+
+
 @pytest.mark.slow
 def test_every_program_trains_with_tkfac_and_kfac():
     _check(list(program_sweep.PROGRAMS), ["TKFAC", "KFAC"], 16)

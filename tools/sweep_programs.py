@@ -688,6 +688,27 @@ def mixed_precision_convnet():
     return model, x, onehot, {"loss": keras.losses.Huber()}, {}
 
 
+def deeplab_bilinear_decoder():
+    """keras-io DeepLabV3+ shape: a strided, dilated encoder, bilinear
+    `UpSampling2D` of the deep features concatenated with low-level ones, bilinear
+    upsampling to the input size, per-pixel sparse softmax cross-entropy. Forward
+    mode drops the bilinear resize's derivative unless `keras_tkfac.tangents` gives
+    it one; without it `TKFAC()` diverged here (first epoch 727, third 4212)."""
+    x, _ = _images(BATCH * 8, size=16, channels=3)
+    y = (x[..., :1] > 0.5).astype("int32")
+    inputs = keras.Input((16, 16, 3))
+    low = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
+    deep = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(low)
+    deep = layers.Conv2D(16, 3, dilation_rate=2, padding="same", activation="relu")(deep)
+    up = layers.UpSampling2D(2, interpolation="bilinear")(deep)
+    h = layers.concatenate([up, layers.Conv2D(4, 1, activation="relu")(low)])
+    h = layers.Conv2D(16, 3, padding="same", activation="relu")(h)
+    h = layers.UpSampling2D(2, interpolation="bilinear")(h)
+    outputs = layers.Conv2D(2, 1)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -698,4 +719,5 @@ PROGRAMS = {f.__name__: f for f in (
     string_features, text_vectorization, unet_segmentation, masked_attention,
     squeeze_excitation, conv_lstm, other_keras_losses, callbacks_and_schedules,
     partial_losses_bias_free, unnormalised_mlp, mobilenet_v2, efficientnet_b0,
-    frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet)}
+    frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet,
+    deeplab_bilinear_decoder)}
