@@ -14,10 +14,16 @@ own layers with `register_block`. A block may decline a configuration of its lay
 
 import inspect
 
+from absl import logging
 import tensorflow as tf
 import keras
 
 from keras_tkfac import ops
+
+
+class UnsupportedLayer(ValueError):
+    """A block cannot precondition this configuration of its layer; the layer then
+    takes the first-order fallback (`block_for`)."""
 
 
 class CurvatureBlock:
@@ -46,13 +52,12 @@ class CurvatureBlock:
     def __init__(self, layer):
         self.layer = layer
         if getattr(layer, "lora_enabled", False):
-            raise ValueError(
+            raise UnsupportedLayer(
                 f"Layer {layer.name!r} has LoRA enabled, which keras_tkfac does not "
-                "precondition. Exclude it: keras_tkfac.wrap(model, exclude=["
-                f"{layer.name!r}]). Received: lora_enabled=True"
+                "precondition. Received: lora_enabled=True"
             )
         if getattr(layer, "quantization_mode", None):
-            raise ValueError(
+            raise UnsupportedLayer(
                 f"Layer {layer.name!r} is quantized, which keras_tkfac does not "
                 "precondition. Received: "
                 f"quantization_mode={layer.quantization_mode!r}"
@@ -261,9 +266,9 @@ class ConvBlock(CurvatureBlock):
     def __init__(self, layer):
         super().__init__(layer)
         if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
-            raise ValueError(
-                f"Layer {layer.name!r}: Conv3D is supported without dilation only; "
-                f"exclude the layer. Received: dilation_rate={layer.dilation_rate}"
+            raise UnsupportedLayer(
+                f"Layer {layer.name!r}: Conv3D is supported without dilation only. "
+                f"Received: dilation_rate={layer.dilation_rate}"
             )
 
     @property
@@ -429,10 +434,9 @@ class ConvTransposeBlock(CurvatureBlock):
     def __init__(self, layer):
         super().__init__(layer)
         if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
-            raise ValueError(
+            raise UnsupportedLayer(
                 f"Layer {layer.name!r}: Conv3DTranspose is supported without "
-                "dilation only; exclude the layer. Received: "
-                f"dilation_rate={layer.dilation_rate}"
+                f"dilation only. Received: dilation_rate={layer.dilation_rate}"
             )
 
     @property
@@ -484,8 +488,8 @@ class EinsumDenseBlock(DenseBlock):
     leading `...`: `abc,cd->abd`, `abc,cde->abde` (the query/key/value projections of
     `MultiHeadAttention`) and `abcd,cde->abe` (its output projection). The kernel is
     then a `[d_in, d_out]` matrix and the leading axes are extra rows, as for `Dense`
-    on sequences. A bias must cover all the kernel's output axes. Other equations
-    raise a `ValueError` at `wrap`; exclude such layers.
+    on sequences. A bias must cover all the kernel's output axes. Layers with other
+    equations take the first-order fallback (logged at `wrap`).
     """
 
     def __init__(self, layer):
@@ -508,11 +512,11 @@ class EinsumDenseBlock(DenseBlock):
             or output != batch + new
             or (bias_axes and sorted(bias_axes) != sorted(new))
         ):
-            raise ValueError(
+            raise UnsupportedLayer(
                 f"Layer {layer.name!r}: keras_tkfac supports EinsumDense equations "
                 "that map trailing input axes to trailing output axes (such as "
-                "'abc,cde->abde'), with a bias on all output axes or none; exclude "
-                f"the layer. Received: equation={layer.equation!r}, "
+                "'abc,cde->abde'), with a bias on all output axes or none. "
+                f"Received: equation={layer.equation!r}, "
                 f"bias_axes={layer.bias_axes!r}"
             )
         self._contracted = len(contracted)
@@ -844,8 +848,21 @@ def register_normalization_blocks():
 
 
 def block_for(layer):
-    """The block for `layer`, or `None` when its class is not registered."""
+    """The block for `layer`, or `None` when its class is not registered or its
+    block declines the layer's configuration (`accepts`, or `UnsupportedLayer`
+    from the block, logged once per layer: the layer takes the first-order
+    fallback)."""
     block_class = BLOCKS.get(type(layer))
     if block_class is None or not block_class.accepts(layer):
         return None
-    return block_class(layer)
+    try:
+        return block_class(layer)
+    except UnsupportedLayer as error:
+        if layer.name not in _DECLINED:
+            _DECLINED.add(layer.name)
+            logging.warning("keras_tkfac: %s It takes the first-order fallback.",
+                            error)
+        return None
+
+
+_DECLINED = set()

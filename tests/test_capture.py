@@ -177,14 +177,34 @@ def test_attention_projections_are_preconditioned():
         np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_unsupported_einsum_and_conv3d_configurations_raise():
-    with pytest.raises(ValueError, match="equation"):
-        keras_tkfac.wrap(keras.Sequential([
-            keras.Input((3, 4)),
-            keras.layers.EinsumDense("abc,bd->acd", output_shape=(4, 5))]))
-    with pytest.raises(ValueError, match="dilation"):
-        keras_tkfac.wrap(keras.Sequential([
-            keras.Input((5, 5, 5, 1)), keras.layers.Conv3D(2, 2, dilation_rate=2)]))
+@pytest.mark.parametrize("layer, shape, reason", [
+    (lambda: keras.layers.EinsumDense("abc,bd->acd", output_shape=(4, 5)), (3, 4),
+     "equation"),
+    (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 4),
+                                      bias_axes="e"), (3, 4), "bias_axes"),
+    (lambda: keras.layers.Conv3D(2, 2, dilation_rate=2), (5, 5, 5, 1), "dilation"),
+])
+def test_unsupported_configurations_take_the_fallback(layer, shape, reason, caplog):
+    # A Keras program that trains with Adam trains: the layer the blocks cannot
+    # precondition goes to the first-order partner, with the reason logged.
+    keras.utils.set_random_seed(0)
+    unsupported = layer()
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input(shape), unsupported, keras.layers.Flatten(),
+        keras.layers.Dense(3)]))
+    assert [b.layer for b in model.blocks] == [model.model.layers[-1]]
+    assert any(unsupported.name in r.getMessage() and reason in r.getMessage()
+               and "first-order fallback" in r.getMessage() for r in caplog.records)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16,) + shape).astype("float32")
+    y = rng.integers(0, 3, size=(16,))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [v.numpy() for v in unsupported.trainable_variables]
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert all(not np.allclose(b, v.numpy())
+               for b, v in zip(before, unsupported.trainable_variables))
 
 
 def test_layers_inside_nested_models_are_found_and_recorded():

@@ -264,10 +264,10 @@ def test_tkfac_is_exact_for_one_example_with_one_row(case):
                                    np.outer(v, v), rtol=1e-4, atol=1e-10)
 
 
-def test_unsupported_configurations_raise():
-    with pytest.raises(ValueError, match="dilation_rate"):
-        keras_tkfac.wrap(keras.Sequential([
-            keras.Input((3, 3, 3, 1)), L.Conv3DTranspose(2, 2, dilation_rate=2)]))
+def test_unsupported_configurations_take_the_fallback():
+    layer = L.Conv3DTranspose(2, 2, dilation_rate=2)
+    model = keras_tkfac.wrap(keras.Sequential([keras.Input((3, 3, 3, 1)), layer]))
+    assert model.blocks == []
 
 
 def _conv_model():
