@@ -567,28 +567,30 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             step = step_size.momentum_step(self.step_control, self.momentum,
                                            momentum, gradient)
             new_slots = [step] if momentum is not None else []
+            decay_rate = learning_rate  # AdamW's, not the model step's fraction
             learning_rate = step_size.step_learning_rate(self.step_control,
                                                          learning_rate)
         else:
             slots = partner_slots
             learning_rate = self._partner.current_learning_rate(
                 learning_rate, self.iterations)
+            decay_rate = learning_rate
             step, new_slots = self._partner.step(
                 gradient, [s.value for s in slots], self.iterations)
         learning_rate = tf.cast(learning_rate, variable.dtype)
         decay = None
         if self.weight_decay and self._use_weight_decay(variable):
-            decay = tf.cast(self.weight_decay, variable.dtype)
+            decay = tf.cast(decay_rate * self.weight_decay, variable.dtype)
         if ok is None:
             for slot, new in zip(slots, new_slots):
                 self.assign(slot, new)
             if decay is not None:
-                self.assign_sub(variable, learning_rate * decay * variable)
+                self.assign_sub(variable, decay * variable)
             self.assign_sub(variable, learning_rate * step)
             return
         value = tf.convert_to_tensor(variable)
         if decay is not None:
-            value = value - learning_rate * decay * value
+            value = value - decay * value
         for slot, new in zip(slots, new_slots):
             self.assign(slot, tf.where(ok, new, slot))
         self.assign(variable, tf.where(ok, value - learning_rate * step, variable))

@@ -70,6 +70,30 @@ def test_weight_decay_respects_exclude_from_weight_decay():
                                       **ONE_STEP))
 
 
+@pytest.mark.parametrize("options", [{}, {"step_control": "graft"},
+                                     {"learning_rate": 1e-3}, {"learning_rate": 1e-2}],
+                         ids=["default", "graft", "lr_1e-3", "lr_1e-2"])
+def test_weight_decay_is_decoupled_at_the_learning_rate(options):
+    # AdamW's rule: the decay moves each weight by `lr * weight_decay * w` on top of
+    # the same step, whatever fraction of the model's step `lr` takes (it took the
+    # fraction, 1 at the default, until 2026-11-30: 333 times too strong).
+    x, y = helpers.classification_data(n=16)
+
+    def one_step(weight_decay):
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0, weight_decay=weight_decay,
+                                                  **options), loss=LOSS)
+        before = [w.numpy() for w in model.trainable_weights]
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return before, [w.numpy() for w in model.trainable_weights]
+
+    before, plain = one_step(None)
+    _, decayed = one_step(0.5)
+    rate = options.get("learning_rate", 3e-3)
+    for w0, a, b in zip(before, plain, decayed):
+        np.testing.assert_allclose(a - b, rate * 0.5 * w0, rtol=1e-4, atol=1e-8)
+
+
 def test_loss_scale_factor_gives_the_same_training():
     plain, _, _ = _fit(steps=4)
     scaled, _, _ = _fit(steps=4, loss_scale_factor=1024.0)
