@@ -161,6 +161,9 @@ def _forward_mode(forward, outputs, primals, directions):
         lost = tangents_lib.dropped(accumulator, start, found)
         if lost:
             raise tangents_lib.DroppedTangents(lost)
+        hidden = tangents_lib.hidden_reads(primals, start, found)
+        if hidden:
+            raise tangents_lib.HiddenReads(hidden)
         jvps.append([
             tf.cast(accumulator.jvp(s, tf.UnconnectedGradients.ZERO), tf.float32)
             for s in found
@@ -456,10 +459,8 @@ def steps(optimizer, used, variables, learning_rate):
             [g for *_, g, _ in used], previous, bounds)
     except Exception as error:  # pylint: disable=broad-except
         # Neither forward nor reverse mode passes the model: no products.
-        logging.log_first_n(
-            logging.WARNING, "keras_tkfac: the curvature products failed (%s: %s).",
-            1, type(error).__name__, error)
-        return _without_products(optimizer, used, variables, learning_rate)
+        return _without_products(optimizer, used, variables, learning_rate,
+                                 "%s: %s" % (type(error).__name__, error))
     if "loss" in before:
         # A model that predicts far more than the loss can fall is not trusted
         # (`UNTRUSTED_DECREASE`): that step is the sibling's, and its prediction
@@ -471,10 +472,10 @@ def steps(optimizer, used, variables, learning_rate):
     # `update_step` moves the weights by this fraction of the returned step.
     fraction = step_size.step_learning_rate(optimizer.step_control, learning_rate)
     if optimizer.adaptive_damping and batch.y_true is None:
-        logging.log_first_n(
-            logging.WARNING, "keras_tkfac: adaptive_damping compares the batch's "
-            "loss before and after the step, which needs `y_true` in "
-            "`update_curvature`; none was given, so the damping is not adapted.", 1)
+        _warn_once(optimizer, "keras_tkfac: adaptive_damping compares the batch's "
+                   "loss before and after the step, which needs `y_true` in "
+                   "`update_curvature`; none was given, so the damping is not "
+                   "adapted.")
     elif optimizer.adaptive_damping:
         loss_before = (before["loss"] if "loss" in before
                        else batch.loss_before(damping_lib.due(optimizer)))
@@ -494,19 +495,31 @@ def _trusted_only(predicted, trusted):
 FALLBACK = {"graft_quadratic": "graft", "quadratic": "trust_region"}
 
 
-def _without_products(optimizer, used, variables, learning_rate):
+def _warn_once(optimizer, message):
+    """Logs `message` once per optimizer (not once per process: a notebook or a
+    sweep builds many)."""
+    warned = optimizer.__dict__.setdefault("_keras_tkfac_warned", set())
+    if message not in warned:
+        warned.add(message)
+        logging.warning(message)
+
+
+def _without_products(optimizer, used, variables, learning_rate, failure=None):
     """`steps` when no `forward` was given (a custom loop or a model's own
-    `train_step` that does not pass it) or the products failed to trace: the
-    non-quadratic sibling of the step control (`FALLBACK`) at the learning rate
-    scaled by the ratio of their defaults, so that the default learning rate gives
-    the sibling's default step. The momentum slot still holds the previous step,
-    so the two kinds of step can alternate."""
+    `train_step` that does not pass it) or the products failed (`failure`, the
+    reason): the non-quadratic sibling of the step control (`FALLBACK`) at the
+    learning rate scaled by the ratio of their defaults, so that the default
+    learning rate gives the sibling's default step. The momentum slot still holds
+    the previous step, so the two kinds of step can alternate."""
     control = optimizer.step_control
-    logging.log_first_n(
-        logging.WARNING, 'keras_tkfac: step_control="%s" needs curvature products, '
-        "which need `forward=` in `update_curvature` (keras_tkfac.wrap's training "
-        'step passes it) and a model they can pass; without them the step is a '
-        '"%s" step.', 1, control, FALLBACK[control])
+    if failure is None:
+        _warn_once(optimizer, 'keras_tkfac: step_control="%s" needs curvature '
+                   "products, which need `forward=` in `update_curvature` "
+                   "(keras_tkfac.wrap's training step passes it); without them "
+                   'the step is a "%s" step.' % (control, FALLBACK[control]))
+    else:
+        _warn_once(optimizer, 'keras_tkfac: the curvature products failed (%s), so '
+                   'the step is a "%s" step.' % (failure, FALLBACK[control]))
     return _sibling_steps(optimizer, used, variables, learning_rate)
 
 

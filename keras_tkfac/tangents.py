@@ -103,6 +103,41 @@ def _ancestors(tensors, created):
     return found
 
 
+class HiddenReads(DroppedTangents):
+    """Variables whose tangents forward mode cannot follow: they are read inside
+    a function the forward pass calls (Keras runs grouped and channels-first 3-D
+    convolutions on CPU in a nested XLA function that reads the kernel). Measured:
+    reverse-over-reverse products through such a call are wrong too (`J d` off
+    against `tape.jacobian`), so these also take the sibling step."""
+
+    def __init__(self, names):
+        ValueError.__init__(  # pylint: disable=non-parent-init-called
+            self, "forward mode cannot follow %s into the function that reads it"
+            % ", ".join(names))
+        self.op_types = list(names)
+
+
+def hidden_reads(variables, start, results):
+    """The names of `variables` whose handles enter a function call that `results`
+    are computed from (created since `start`); `[]` when eager."""
+    if start is None:
+        return []
+    graph = tf.compat.v1.get_default_graph()
+    created = graph.get_operations()[start:]
+    internal = {id(external): placeholder for external, placeholder in graph.captures}
+    handles = {}
+    for variable in variables:
+        handle = internal.get(id(getattr(variable, "handle", None)))
+        if handle is not None:
+            handles[id(handle)] = variable.name
+    found = []
+    for op in _ancestors(results, set(created)):
+        if op.type in _CALLS:
+            found += [handles[id(t)] for t in op.inputs
+                      if id(t) in handles and handles[id(t)] not in found]
+    return sorted(found)
+
+
 def dropped(accumulator, start, results):
     """The types of the ops that `results` (tensors) were computed from, created
     since `start` (`operation_count()`), whose outputs lost the tangent
