@@ -174,10 +174,15 @@ def _forward_mode(forward, outputs, primals, directions):
 
 def _reverse_mode(forward, outputs, primals, directions):
     """`_forward_mode`'s result as `d/du <J^T u, x>` (one forward pass)."""
+    start = tangents_lib.operation_count()
     with tf.GradientTape(persistent=True) as outer:
         with tf.GradientTape() as inner:
             inner.watch(primals)
             found, flat = _sources(outputs, forward())
+    hidden = tangents_lib.hidden_reads(primals, start, found)
+    if hidden:
+        raise tangents_lib.HiddenReads(hidden)
+    with outer:
         dummies = [tf.zeros_like(s) for s in found]
         outer.watch(dummies)
         transposed = inner.gradient(
@@ -457,6 +462,8 @@ def steps(optimizer, used, variables, learning_rate):
         found, predicted, minimum = step_size.quadratic_updates(
             products, dampings, [u for *_, u in used],
             [g for *_, g, _ in used], previous, bounds)
+    except tangents_lib.HiddenReads as error:
+        return _without_hidden(optimizer, used, variables, learning_rate, error)
     except Exception as error:  # pylint: disable=broad-except
         # Neither forward nor reverse mode passes the model: no products.
         return _without_products(optimizer, used, variables, learning_rate,
@@ -481,6 +488,21 @@ def steps(optimizer, used, variables, learning_rate):
                        else batch.loss_before(damping_lib.due(optimizer)))
         damping_lib.hand_over(optimizer, predicted(fraction), loss_before)
     return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)
+
+
+def _without_hidden(optimizer, used, variables, learning_rate, error):
+    """`steps` where forward mode cannot follow `error.variables` (`HiddenReads`):
+    their layers take the sibling's step, the quadratic model covers the others."""
+    hidden = {id(v) for v in error.variables}
+    reads = [any(id(getattr(variables[i], "value", variables[i])) in hidden
+                 for i in indices) for _, indices, *_ in used]
+    _warn_once(optimizer, 'keras_tkfac: %s; those layers take "%s" steps.'
+               % (error, FALLBACK[optimizer.step_control]))
+    kept = [entry for entry, read in zip(used, reads) if not read]
+    modelled = iter(steps(optimizer, kept, variables, learning_rate)[0] if kept else [])
+    sibling = iter(_sibling_steps(optimizer, [e for e, r in zip(used, reads) if r],
+                                  variables, learning_rate)[0])
+    return [next(sibling) if read else next(modelled) for read in reads], tf.constant(1.0)
 
 
 def _trusted_only(predicted, trusted):

@@ -108,17 +108,20 @@ class HiddenReads(DroppedTangents):
     a function the forward pass calls (Keras runs grouped and channels-first 3-D
     convolutions on CPU in a nested XLA function that reads the kernel). Measured:
     reverse-over-reverse products through such a call are wrong too (`J d` off
-    against `tape.jacobian`), so these also take the sibling step."""
+    against `tape.jacobian`), so the layers of these variables take the sibling
+    step and the quadratic model covers the others (`quadratic.steps`)."""
 
-    def __init__(self, names):
+    def __init__(self, variables):
+        names = [v.name for v in variables]
         ValueError.__init__(  # pylint: disable=non-parent-init-called
             self, "forward mode cannot follow %s into the function that reads it"
             % ", ".join(names))
-        self.op_types = list(names)
+        self.op_types = names
+        self.variables = list(variables)
 
 
 def hidden_reads(variables, start, results):
-    """The names of `variables` whose handles enter a function call that `results`
+    """Those of `variables` whose handles enter a function call that `results`
     are computed from (created since `start`); `[]` when eager."""
     if start is None:
         return []
@@ -129,13 +132,12 @@ def hidden_reads(variables, start, results):
     for variable in variables:
         handle = internal.get(id(getattr(variable, "handle", None)))
         if handle is not None:
-            handles[id(handle)] = variable.name
-    found = []
+            handles[id(handle)] = variable
+    found = {}
     for op in _ancestors(results, set(created)):
         if op.type in _CALLS:
-            found += [handles[id(t)] for t in op.inputs
-                      if id(t) in handles and handles[id(t)] not in found]
-    return sorted(found)
+            found.update((id(t), handles[id(t)]) for t in op.inputs if id(t) in handles)
+    return sorted(found.values(), key=lambda v: v.name)
 
 
 def dropped(accumulator, start, results):
