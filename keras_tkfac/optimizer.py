@@ -87,6 +87,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         validation.check_choice("step_control", step_control, step_size.STEP_CONTROLS)
         if learning_rate is None:
             learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
+        step_size.warn_if_capped(step_control, learning_rate)
         if fallback_lr_ratio is None:
             fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
         if seed is None:

@@ -68,6 +68,7 @@ fewer steps, at 2-3.6x Adam's step time on this CPU, so it became the default on
 matter more than the number of steps.
 """
 
+from absl import logging
 import tensorflow as tf
 
 from keras_tkfac import ops
@@ -117,6 +118,21 @@ def step_learning_rate(control, learning_rate):
         return tf.minimum(tf.cast(learning_rate, tf.float32),
                           MODEL_STEP_LEARNING_RATE) / MODEL_STEP_LEARNING_RATE
     return learning_rate
+
+
+def warn_if_capped(control, learning_rate):
+    """Logs that a constant `learning_rate` above `MODEL_STEP_LEARNING_RATE` moves
+    the weights no further than it (`step_learning_rate`) under the quadratic
+    controls: a learning rate copied from an SGD program must not look as if it
+    acted."""
+    if (uses_products(control) and isinstance(learning_rate, (int, float))
+            and learning_rate > MODEL_STEP_LEARNING_RATE):
+        logging.warning(
+            'keras_tkfac: under step_control="%s" the weights move by at most the '
+            "quadratic model's whole step, which learning_rate=%g takes as %g "
+            "would: a larger learning rate does not lengthen it (README, "
+            '"Quadratic-model step").', control, learning_rate,
+            MODEL_STEP_LEARNING_RATE)
 
 
 def momentum_step(control, momentum, velocity, update):

@@ -1,5 +1,6 @@
 """The quadratic-model step (`step_control="quadratic"`, `keras_tkfac.quadratic`)."""
 
+from absl import logging
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -292,6 +293,23 @@ def test_learning_rate_scales_the_model_step(step_control):
     np.testing.assert_allclose(
         _flat(half[0]) - _flat(half[1]),
         0.5 * (_flat(full[0]) - _flat(full[1])), rtol=1e-4, atol=1e-7)
+
+
+def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
+    # Above 3e-3 the weights move by the model's whole step, as at 3e-3: logged at
+    # construction, so that the learning rate never looks as if it acted.
+    logging.set_verbosity(logging.WARNING)
+    capped = _fit_steps(1, fraction=10.0, step_control="graft_quadratic")
+    assert any("learning_rate=0.03" in r.getMessage() for r in caplog.records)
+    whole = _fit_steps(1, fraction=1.0, step_control="graft_quadratic")
+    for got, want in zip(capped[-1], whole[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    caplog.clear()
+    keras_tkfac.TKFAC(learning_rate=1e-3)
+    keras_tkfac.TKFAC(step_control="graft", learning_rate=0.03)
+    keras_tkfac.TKFAC(learning_rate=keras.optimizers.schedules.ExponentialDecay(
+        0.03, 100, 0.9))
+    assert not any("learning_rate=" in r.getMessage() for r in caplog.records)
 
 
 def test_batch_statistics_move_once_per_step():
