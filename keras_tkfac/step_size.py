@@ -126,7 +126,8 @@ def warn_if_capped(control, learning_rate):
     controls: a learning rate copied from an SGD program must not look as if it
     acted."""
     if (uses_products(control) and isinstance(learning_rate, (int, float))
-            and learning_rate > MODEL_STEP_LEARNING_RATE):
+            # float32's rounding of a saved 3e-3 is not above it.
+            and learning_rate > MODEL_STEP_LEARNING_RATE * (1 + 1e-6)):
         logging.warning(
             'keras_tkfac: under step_control="%s" the weights move by at most the '
             "quadratic model's whole step, which learning_rate=%g takes as %g "

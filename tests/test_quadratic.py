@@ -306,6 +306,7 @@ def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     caplog.clear()
     keras_tkfac.TKFAC(learning_rate=1e-3)
+    keras_tkfac.TKFAC(learning_rate=float(np.float32(3e-3)))  # as a reload reads it
     keras_tkfac.TKFAC(step_control="graft", learning_rate=0.03)
     keras_tkfac.TKFAC(learning_rate=keras.optimizers.schedules.ExponentialDecay(
         0.03, 100, 0.9))
