@@ -28,6 +28,7 @@ ops run unrecorded; the body's result carries its tangent). In eager execution
 nothing is traced and nothing is found.
 """
 
+import keras
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=no-name-in-module
 
@@ -138,6 +139,20 @@ def hidden_reads(variables, start, results):
         if op.type in _CALLS:
             found.update((id(t), handles[id(t)]) for t in op.inputs if id(t) in handles)
     return sorted(found.values(), key=lambda v: v.name)
+
+
+def nested_xla_convolution(block):
+    """Whether Keras runs `block`'s convolution in its nested XLA function (grouped
+    convolutions and `channels_first` 3-D ones, on any device): what `hidden_reads`
+    finds in a traced pass, known here from the layer for eager passes, where there
+    is no graph to inspect (measured: eager forward-mode products through it are
+    wrong too)."""
+    layer = block.layer
+    if type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D,
+                           keras.layers.Conv3D):
+        return False
+    return getattr(layer, "groups", 1) > 1 or (
+        layer.rank == 3 and layer.data_format == "channels_first")
 
 
 def dropped(accumulator, start, results):
