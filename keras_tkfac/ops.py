@@ -576,3 +576,13 @@ def levenberg_marquardt(scale, ratio, decay, low, high):
     new = tf.where(ratio > 0.75, scale * decay, scale)
     new = tf.where(poor, scale / decay, new)
     return tf.clip_by_value(new, low, high)
+
+
+_compiled = {}
+
+
+def compiled(fn):
+    """`fn` (one of these pure functions) compiled with XLA, one `tf.function` each."""
+    if fn not in _compiled:
+        _compiled[fn] = tf.function(fn, jit_compile=True, reduce_retracing=True)
+    return _compiled[fn]

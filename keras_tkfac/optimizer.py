@@ -34,16 +34,6 @@ _Slot = collections.namedtuple("_Slot", ["block", "keys", "factors", "inverses"]
 _PRECONDITION_DTYPES = ("float32", "bfloat16")
 
 
-_jit_cache = {}
-
-
-def _jit(fn):
-    """`fn` compiled with XLA, one `tf.function` per pure math function."""
-    if fn not in _jit_cache:
-        _jit_cache[fn] = tf.function(fn, jit_compile=True, reduce_retracing=True)
-    return _jit_cache[fn]
-
-
 class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
@@ -295,7 +285,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     # Curvature ----------------------------------------------------------------
 
     def _math(self, fn):
-        return _jit(fn) if self._jit_math else fn
+        return ops.compiled(fn) if self._jit_math else fn
 
     def update_curvature(self, recording, tape, y_pred, *, y_true=None, loss,
                          loss_weights=None, sample_weight=None, loss_value=None,

@@ -458,13 +458,10 @@ def steps(optimizer, used, variables, learning_rate):
         before["loss"] = batch.loss(batch.predictions)
         return optimizer.kl_clip, LOSS_BOUND_FACTOR * before["loss"]
 
-    if tf.executing_eagerly() and any(tangents_lib.nested_xla_convolution(slot.block)
-                                      for slot, *_ in used):
+    hidden = tangents_lib.eager_hidden_reads([slot.block for slot, *_ in used])
+    if hidden:
         return _without_hidden(optimizer, used, variables, learning_rate,
-                               tangents_lib.HiddenReads([
-                                   getattr(v, "value", v) for slot, *_ in used
-                                   if tangents_lib.nested_xla_convolution(slot.block)
-                                   for v in slot.block.variables]))
+                               tangents_lib.HiddenReads(hidden))
     try:
         found, predicted, minimum = step_size.quadratic_updates(
             products, dampings, [u for *_, u in used],

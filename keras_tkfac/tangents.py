@@ -155,6 +155,15 @@ def nested_xla_convolution(block):
         layer.rank == 3 and layer.data_format == "channels_first")
 
 
+def eager_hidden_reads(blocks):
+    """`hidden_reads`'s answer for an eager pass (no graph to inspect): the
+    variables of those `blocks` that run as `nested_xla_convolution`s."""
+    if not tf.executing_eagerly():
+        return []
+    return [getattr(v, "value", v) for block in blocks
+            if nested_xla_convolution(block) for v in block.variables]
+
+
 def dropped(accumulator, start, results):
     """The types of the ops that `results` (tensors) were computed from, created
     since `start` (`operation_count()`), whose outputs lost the tangent

@@ -7,7 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import fisher as fisher_lib
-from keras_tkfac import optimizer as optimizer_lib
+from keras_tkfac import ops
 from keras_tkfac import wrapping
 from tests import helpers
 
@@ -75,10 +75,10 @@ def test_no_retracing_after_the_second_step(request, trace_counter, distributed)
     model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=2, verbose=0)
     traces = len(trace_counter)
     jit_traces = {fn: f.experimental_get_tracing_count()
-                  for fn, f in optimizer_lib._jit_cache.items()}
+                  for fn, f in ops._compiled.items()}
     model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     assert len(trace_counter) == traces
-    for fn, f in optimizer_lib._jit_cache.items():
+    for fn, f in ops._compiled.items():
         assert f.experimental_get_tracing_count() == jit_traces.get(fn, 0), fn
 
 
