@@ -19,7 +19,7 @@ from keras_tkfac.blocks import register_block
 from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record
 from keras_tkfac.monitor import CurvatureMonitor
-from keras_tkfac.quadratic import ModelForward
+from keras_tkfac.products import ModelForward
 from keras_tkfac.approximations import KFAC, TKFAC
 from keras_tkfac.recurrent import register_recurrent_blocks
 from keras_tkfac.wrapping import CurvatureModel, wrap

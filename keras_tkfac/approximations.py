@@ -387,3 +387,7 @@ TKFAC.__doc__ = TKFAC.__doc__.format(
     args=_COMMON_ARGS.format(name="tkfac"), kwargs=_KWARGS_ARG)
 KFAC.__doc__ = KFAC.__doc__.format(
     args=_COMMON_ARGS.format(name="kfac"), kwargs=_KWARGS_ARG)
+
+# `compile(optimizer="tkfac")`, as Keras resolves `"adam"` (at the defaults).
+for _name, _cls in (("tkfac", TKFAC), ("kfac", KFAC)):
+    keras.saving.get_custom_objects().setdefault(_name, _cls)

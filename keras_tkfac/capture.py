@@ -221,6 +221,8 @@ def install(block):
                     layer.name, layer.name,
                 )
             return original(inputs, *args, **kwargs)
+        if isinstance(inputs, tf.SparseTensor):  # `Hashing(sparse=True)` -> Dense
+            inputs = tf.sparse.to_dense(inputs)
         a, s, outputs = block.record_call(original, inputs, *args, **kwargs)
         recording.add(layer, a, s)
         return outputs

@@ -31,7 +31,7 @@ else by a forward pass of its own) and after it (one more forward pass), all in
 training mode with the model's non-trainable variables restored after each pass:
 BatchNormalization's moving statistics move once per step, and Keras's seed
 generators give every pass the same dropout masks, so the ratio compares the step
-alone (`quadratic.Batch`). The extra passes cost up to two thirds of a plain step
+alone (`products.Batch`). The extra passes cost up to two thirds of a plain step
 every `INTERVAL` steps.
 
 On by default under the quadratic controls (`adaptive_damping=None`), chosen on the
@@ -96,7 +96,7 @@ def adapt(optimizer, batch, finite):
 
     Args:
         optimizer: the `CurvatureOptimizer`.
-        batch: this step's `quadratic.Batch` (its loss after the update).
+        batch: this step's `products.Batch` (its loss after the update).
         finite: whether the step was applied (`None`: known to be).
     """
     change = optimizer._model_change.pop(distributed.replica_index(), None)
@@ -107,7 +107,7 @@ def adapt(optimizer, batch, finite):
     if finite is not None:
         ok = tf.logical_and(ok, finite)
 
-    after = batch.loss() if batch.syncs else None  # see `quadratic.Batch.syncs`
+    after = batch.loss() if batch.syncs else None  # see `products.Batch.syncs`
 
     def new_scale():
         ratio = ((batch.loss() if after is None else after) - loss_before) / predicted

@@ -54,7 +54,7 @@ OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "wei
 (`tf.nest.flatten(y_pred)`), its name, its `LossSpec` and its loss weight."""
 
 
-def resolve_loss(loss, fisher, output=None):
+def resolve_loss(loss, fisher, output=None, warned=None):
     """Resolves one output's `compile`-style loss into a `LossSpec`.
 
     Args:
@@ -62,12 +62,16 @@ def resolve_loss(loss, fisher, output=None):
             list or dict holding one of them).
         fisher: `"true"` or `"empirical"`.
         output: optional, the name of the output the loss belongs to, for errors.
+        warned: optional set of the messages already logged (the optimizer's, so
+            that each optimizer says each thing once); defaults to this module's.
 
     Returns:
         A `LossSpec`.
 
     A loss the true Fisher cannot sample from resolves to `kind=None`; its output
-    then takes the empirical Fisher (`output_fisher`), logged once per loss.
+    then takes the empirical Fisher (`output_fisher`), logged once per loss. A loss
+    that returns one value for the whole batch is evaluated on each example alone
+    for the curvature (logged).
 
     Raises:
         ValueError: for a missing loss or several losses (use `resolve_losses`).
@@ -99,8 +103,16 @@ def resolve_loss(loss, fisher, output=None):
         fn = loss
     kind = _KINDS.get(fn)
     from_logits = bool(fn_kwargs.get("from_logits", False))
+    name = loss if isinstance(loss, str) else (
+        getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss))
+    where = "" if output is None else f" on output {output!r}"
+    warned = _WARNED if warned is None else warned
     if fisher == "true" and kind is None:
-        _warn_empirical(loss, output)
+        _warn(warned, (
+            f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
+            "real labels): the true Fisher samples labels for sparse/categorical "
+            "cross-entropy, binary cross-entropy and mean squared error only (pass "
+            "fisher=\"empirical\" to use the empirical Fisher for every output)."))
 
     def per_example(y_true, y_pred):
         # As Keras's `Loss.__call__`: labels in the predictions' float dtype, same rank.
@@ -108,7 +120,20 @@ def resolve_loss(loss, fisher, output=None):
         if y_pred.dtype.is_floating:
             y_true = tf.cast(y_true, y_pred.dtype)
         y_true, y_pred = same_rank(y_true, y_pred)
-        return fn(y_true, y_pred, **fn_kwargs)
+        losses = fn(y_true, y_pred, **fn_kwargs)
+        if losses.shape.rank != 0 or not y_pred.shape.rank:
+            return losses
+        # One value for the whole batch (`Dice()`'s default `axis=None`, a Python
+        # loss ending in a mean): its curvature would be one rank-one term scaled
+        # as one example. The loss of each example alone stands in for its terms.
+        _warn(warned, (
+            f"keras_tkfac: the loss {name!r}{where} returns one value per batch, "
+            "not one per example; its curvature is taken from the loss of each "
+            "example alone (a per-example loss, such as Dice(axis=(1, 2, 3)), says "
+            "what it means directly)."))
+        return tf.vectorized_map(
+            lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
+            (y_true, y_pred))
 
     return LossSpec(kind, from_logits, per_example)
 
@@ -116,18 +141,11 @@ def resolve_loss(loss, fisher, output=None):
 _WARNED = set()
 
 
-def _warn_empirical(loss, output):
-    name = loss if isinstance(loss, str) else (
-        getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss))
-    if name in _WARNED:
-        return
-    _WARNED.add(name)
-    where = "" if output is None else f" on output {output!r}"
-    logging.warning(
-        f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its real "
-        "labels): the true Fisher samples labels for sparse/categorical "
-        "cross-entropy, binary cross-entropy and mean squared error only (pass "
-        "fisher=\"empirical\" to use the empirical Fisher for every output).")
+def _warn(warned, message):
+    """Logs `message` once per `warned` set (the optimizer's, or this module's)."""
+    if message not in warned:
+        warned.add(message)
+        logging.warning(message)
 
 
 def output_fisher(spec, fisher):
@@ -209,7 +227,8 @@ def _per_output(value, names, argument, default):
     return list(value)
 
 
-def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None):
+def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None,
+                   warned=None):
     """Matches `compile`-style losses and loss weights to a model's outputs.
 
     As in Keras, `loss` is one loss applied to every output, a list in the order of
@@ -225,6 +244,7 @@ def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None
         loss_weights: optional loss weights `w_k`. Defaults to `None` (all 1).
         output_names: optional, the model's `output_names`, naming the outputs of a
             list `y_pred` (needed to match a dict `loss` to it).
+        warned: optional set of the messages already logged (`resolve_loss`).
 
     Returns:
         A list of `OutputLoss`, one per output with a loss, in output order.
@@ -241,7 +261,7 @@ def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None
         1.0 if loss_weights is None else loss_weights, names, "loss_weights", 1.0
     )
     outputs = [
-        OutputLoss(index, name, resolve_loss(entry, fisher, output=name), weight)
+        OutputLoss(index, name, resolve_loss(entry, fisher, name, warned), weight)
         for index, (name, entry, weight) in enumerate(zip(names, losses, weights))
         if entry is not None
     ]

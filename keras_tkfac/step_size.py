@@ -43,7 +43,7 @@ Five controls, chosen with `step_control`:
   quadratic model the overall length and the momentum coefficient.
 
 The quadratic controls need `forward=` in `update_curvature` (`wrap`'s training step
-passes a `quadratic.ModelForward`).
+passes a `products.ModelForward`).
 Without it, or where the products cannot be traced, a step is their sibling's
 (`quadratic.FALLBACK`: `"graft"` and `"trust_region"`) at the learning rate scaled
 by the ratio of the two defaults, with a warning logged once.
@@ -64,7 +64,7 @@ best-of-grid Adam on 3 of the suite's 8 programs. `"graft_quadratic"` with the
 Levenberg-Marquardt damping (`keras_tkfac.damping`) did on 7 of 8 at two seeds, in
 fewer steps, at 2-3.6x Adam's step time on this CPU, so it became the default on
 2026-11-30 (products on a sub-batch were cheaper but unstable late in training:
-`quadratic.PRODUCT_FRACTION`). `"graft"` remains the choice where a step's seconds
+`products.PRODUCT_FRACTION`). `"graft"` remains the choice where a step's seconds
 matter more than the number of steps.
 """
 

@@ -10,7 +10,7 @@ from keras_tkfac import blocks as blocks_lib
 from keras_tkfac import capture
 from keras_tkfac import distributed
 from keras_tkfac import keras_compat
-from keras_tkfac import quadratic
+from keras_tkfac import products
 
 
 def _curvature_optimizer(optimizer):
@@ -124,6 +124,14 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         self.blocks  # Finds the blocks now, so unsupported layers raise at `wrap`.
         if model.built:
             self.built = True
+            # What Keras's `build` records, and TFLite's converter reads (a
+            # functional model's own says `None`).
+            inputs = [tuple(t.shape) for t in getattr(model, "inputs", None) or []]
+            shapes = getattr(model, "_build_shapes_dict", None)
+            if inputs:
+                shapes = {"input_shape": inputs[0] if len(inputs) == 1 else inputs}
+            if shapes and all(v is not None for v in shapes.values()):
+                self._build_shapes_dict = shapes
 
     def __getattr__(self, name):
         # Only reached when normal lookup fails: the wrapped model's own public
@@ -156,6 +164,18 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             )
         object.__setattr__(self, "_block_cache", (key, found))
         return list(found)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras's `load_weights`; a weights file of the model it wraps, saved
+        unwrapped (`model.save_weights` before `wrap`), loads into that model.
+        `wrapped.model.save_weights(...)` saves one for the unwrapped model."""
+        try:
+            return super().load_weights(filepath, *args, **kwargs)
+        except ValueError as error:
+            try:
+                return self.model.load_weights(filepath, *args, **kwargs)
+            except Exception:  # pylint: disable=broad-except
+                raise error from None
 
     @property
     def delegates_steps(self):
@@ -278,7 +298,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
             loss_output_gradients=output_grads,
-            forward=quadratic.ModelForward(self, x),
+            forward=products.ModelForward(self, x),
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape
@@ -432,8 +452,20 @@ def wrap(model, *, exclude=()):
         exclude: layer names or layer classes to leave to the first-order fallback.
 
     Returns:
-        A `CurvatureModel`.
+        A `CurvatureModel`; `model` itself when it already is one (wrapping twice
+        would record every layer twice).
+
+    Raises:
+        ValueError: when `model` is already wrapped and `exclude` differs from its
+            wrapping's.
     """
+    if isinstance(model, CurvatureModel):
+        if tuple(exclude) not in ((), model._exclude):
+            raise ValueError(
+                "The model is already wrapped by keras_tkfac.wrap; to exclude other "
+                "layers, wrap the model it wraps: keras_tkfac.wrap(wrapped.model, "
+                f"exclude=...). Received: exclude={exclude!r}")
+        return model
     return CurvatureModel(model, exclude=exclude)
 
 

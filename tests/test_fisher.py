@@ -167,7 +167,7 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     averages over the unmasked terms. The Fisher's cotangents (summed terms) are
     that loss's gradient times the count of unmasked terms, padding rows are zero,
     and the quadratic model's batch loss is Keras's."""
-    from keras_tkfac import quadratic  # pylint: disable=import-outside-toplevel
+    from keras_tkfac import products  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((5,), dtype="int32"),
@@ -191,7 +191,7 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     assert np.all(cotangent.numpy()[mask == 0] == 0.0)
     # The quadratic model's loss of the batch (its reduction ratio and loss bound).
     outputs = fisher.resolve_losses(loss, "true", y_pred)
-    batch = quadratic.Batch(lambda: model(x), outputs, y, None)
+    batch = products.Batch(lambda: model(x), outputs, y, None)
     np.testing.assert_allclose(batch.loss([y_pred]).numpy(), keras_value.numpy(),
                                rtol=1e-6)
     np.testing.assert_allclose(batch.loss().numpy(), keras_value.numpy(), rtol=1e-6)
@@ -203,7 +203,7 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     np.testing.assert_allclose(weighted.numpy(),
                                cotangent.numpy() * np.sqrt(weights.numpy())[..., None],
                                rtol=1e-5, atol=1e-7)
-    batch = quadratic.Batch(lambda: model(x), outputs, y, weights)
+    batch = products.Batch(lambda: model(x), outputs, y, weights)
     np.testing.assert_allclose(batch.loss([y_pred]).numpy(),
                                loss(y, y_pred, sample_weight=weights).numpy(), rtol=1e-6)
 
@@ -212,7 +212,7 @@ def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
     """The quadratic model's Gram `[<x, C y>]` of a masked sequence output against
     an explicit `sum over unmasked terms of (J x)^T H (J y) / count` from
     `tape.jacobian`, `H = diag(p) - p p^T` on the logits."""
-    from keras_tkfac import quadratic  # pylint: disable=import-outside-toplevel
+    from keras_tkfac import products  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((4,), dtype="int32"),
@@ -228,7 +228,7 @@ def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
     rng = np.random.default_rng(2)
     directions = [[tf.constant(rng.normal(size=v.shape), tf.float32) for v in variables]
                   for _ in range(2)]
-    gram = quadratic.Batch(lambda: model(x), outputs, y, None).gram(variables,
+    gram = products.Batch(lambda: model(x), outputs, y, None).gram(variables,
                                                                      directions)
     with tf.GradientTape() as tape:
         logits = model(x)

@@ -261,6 +261,38 @@ def test_model_compiled_without_a_loss_trains_on_its_added_loss(caplog):
     assert "without a `loss`" in _unfed_warnings(caplog)[0]
 
 
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_a_loss_returning_one_value_per_batch_takes_each_examples_curvature(
+        cls, caplog):
+    """A Python loss ending in a mean over everything (one value per batch, like
+    `Dice()`'s default) has the same curvature as its per-example form: its terms
+    are the loss of each example alone. Same factors and weights after `fit`
+    (before, the factors came from one term: 1/B of the per-example form's)."""
+    x, y = helpers.classification_data(n=16)
+    targets = np.eye(3, dtype="float32")[y]
+
+    def per_batch(y_true, y_pred):
+        return tf.reduce_mean(tf.square(y_true - y_pred))
+
+    def per_example(y_true, y_pred):
+        return tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
+
+    def train(loss):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        model.compile(optimizer=cls(seed=0), loss=loss)
+        model.fit(x, targets, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        return ([f.numpy() for slot in model.optimizer._slots for f in slot.factors]
+                + [w.numpy() for w in model.trainable_weights])
+
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        batch_values = train(per_batch)
+    assert any("returns one value per batch" in r.getMessage() for r in caplog.records)
+    for a, b in zip(batch_values, train(per_example)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
     """Huber, log-cosh and a user's function take the empirical Fisher (logged once
     per loss); labels `[B]` against outputs `[B, 1]` are matched as Keras does."""
@@ -615,3 +647,30 @@ def test_docstring_lists_kwargs_after_every_named_argument(cls):
     assert "name" in names and "seed" in names
     if cls is keras_tkfac.TKFAC:
         assert names.index("trace_damping_floor") < names.index("**kwargs")
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_a_dense_layer_fed_a_sparse_tensor_trains_as_on_its_dense_value(cls):
+    """`Hashing(sparse=True)` feeds `Dense` a `tf.SparseTensor` (keras-io structured
+    data): the statistics take its dense value (the statistics step used to raise),
+    so factors and weights equal those of the same model fed the dense one-hot."""
+    ids = np.random.default_rng(0).integers(0, 1000, (32, 1)).astype("int64")
+    y = (ids[:, 0] % 3).astype("int32")
+
+    def train(sparse):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((1,), dtype="int64")
+        h = keras.layers.Hashing(16, output_mode="one_hot", sparse=sparse)(inputs)
+        h = keras.layers.Dense(8, activation="tanh")(h)
+        model = keras_tkfac.wrap(keras.Model(inputs, keras.layers.Dense(3)(h)))
+        model.compile(optimizer=cls(seed=0), loss=LOSS)
+        model.fit(ids, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        factors = [f.numpy() for slot in model.optimizer._slots for f in slot.factors]
+        return factors, [w.numpy() for w in model.trainable_weights]
+
+    (sparse_factors, sparse_weights), (dense_factors, dense_weights) = (
+        train(True), train(False))
+    assert len(sparse_factors) == len(dense_factors) > 0
+    assert np.any(sparse_factors[0] != 0)
+    for a, b in zip(sparse_factors + sparse_weights, dense_factors + dense_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -9,6 +9,7 @@ import keras
 import keras_tkfac
 from keras_tkfac import fisher
 from keras_tkfac import ops
+from keras_tkfac import products
 from keras_tkfac import quadratic
 from keras_tkfac import step_size
 
@@ -139,7 +140,7 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
     loss_weights = {"classes": 0.3, "values": 2.0}
     outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
                                     output_names=["classes", "values"])
-    gram = quadratic.curvature_gram(lambda: model(x, training=True), outputs, y,
+    gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
                                     weights, variables, directions)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)
@@ -147,24 +148,56 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
     np.testing.assert_allclose(gram, expected, rtol=1e-4)
 
 
-def test_a_loss_without_a_fisher_formula_uses_its_empirical_fisher():
-    """Huber has no sampling rule: the Gram is the explicit empirical Fisher
-    `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T` of its loss terms at the labels,
-    `g_n` the gradient of Keras's Huber (the mean over the 2 units) in numpy."""
-    model, x, y, weights, variables, directions = _two_head_problem()
-    outputs = fisher.resolve_losses({"classes": None, "values": keras.losses.Huber()},
-                                    "true", model(x), output_names=["classes", "values"])
-    assert outputs[0].spec.kind is None
-    gram = quadratic.curvature_gram(lambda: model(x, training=True), outputs, y,
-                                    weights, variables, directions)
+def _values_jacobian(model, x, variables):
     with tf.GradientTape() as tape:
         values = model(x, training=True)["values"]
     parts = tape.jacobian(values, [v.value for v in variables],
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    jacobian = np.concatenate([np.reshape(p, (*values.shape, -1)) for p in parts],
-                              axis=-1).astype(np.float64)
-    residual = values.numpy().astype(np.float64) - y["values"]
+    return values.numpy().astype(np.float64), np.concatenate(
+        [np.reshape(p, (*values.shape, -1)) for p in parts], axis=-1).astype(np.float64)
+
+
+def test_a_nonnegative_loss_without_a_fisher_formula_uses_its_square_roots_gauss_newton():
+    """Huber has no sampling rule: the Gram is the explicit Gauss-Newton matrix of
+    its terms written as squares, `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T / (2 l_n)`,
+    with `l_n` Keras's Huber of example `n` (the mean over the 2 units) and `g_n` its
+    gradient, in numpy."""
+    model, x, y, weights, variables, directions = _two_head_problem()
+    outputs = fisher.resolve_losses({"classes": None, "values": keras.losses.Huber()},
+                                    "true", model(x), output_names=["classes", "values"])
+    assert outputs[0].spec.kind is None
+    gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
+                                    weights, variables, directions)
+    values, jacobian = _values_jacobian(model, x, variables)
+    residual = values - y["values"]
+    terms = np.where(np.abs(residual) <= 1.0, 0.5 * residual**2,
+                     np.abs(residual) - 0.5).mean(axis=1)
     grad = np.clip(residual, -1.0, 1.0) / 2.0
+    scores = np.einsum("nd,ndp->np", grad, jacobian)
+    expected = np.einsum("n,np,nq->pq", weights / (2.0 * terms), scores, scores) / len(x)
+    flat = np.array([np.concatenate([np.ravel(d) for d in direction])
+                     for direction in directions], dtype=np.float64)
+    np.testing.assert_allclose(gram, flat @ expected @ flat.T, rtol=1e-4)
+
+
+def test_a_loss_with_negative_terms_uses_its_empirical_fisher():
+    """Cosine similarity's terms are negative: no square root; the Gram is the
+    explicit empirical Fisher `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T` of its
+    terms `-<y, v> / (|y| |v|)`, with their gradients in numpy."""
+    model, x, y, weights, variables, directions = _two_head_problem()
+    y = {**y, "values": np.abs(y["values"])}
+    outputs = fisher.resolve_losses(
+        {"classes": None, "values": keras.losses.CosineSimilarity()}, "true",
+        model(x), output_names=["classes", "values"])
+    gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
+                                    weights, variables, directions)
+    values, jacobian = _values_jacobian(model, x, variables)
+    unit_y = y["values"] / np.linalg.norm(y["values"], axis=1, keepdims=True)
+    norm = np.linalg.norm(values, axis=1, keepdims=True)
+    unit_v = values / norm
+    terms = -np.sum(unit_y * unit_v, axis=1)
+    assert np.any(terms < 0)
+    grad = -(unit_y - np.sum(unit_y * unit_v, axis=1, keepdims=True) * unit_v) / norm
     scores = np.einsum("nd,ndp->np", grad, jacobian)
     empirical = np.einsum("n,np,nq->pq", weights, scores, scores) / len(x)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
@@ -367,8 +400,8 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
     if forward:
         def fail(*args):
             raise NotImplementedError("no products here")
-        monkeypatch.setattr(quadratic, "_forward_mode", fail)
-        monkeypatch.setattr(quadratic, "_reverse_mode", fail)
+        monkeypatch.setattr(products, "_forward_mode", fail)
+        monkeypatch.setattr(products, "_reverse_mode", fail)
     ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
              / step_size.DEFAULT_LEARNING_RATE[control])
     options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
@@ -455,37 +488,37 @@ def test_steps_with_and_without_forward_can_alternate():
 
 @pytest.mark.parametrize("examples, rows", [(16, 16), (40, 32), (129, 33), (256, 64)])
 def test_product_sub_batch_size(examples, rows, monkeypatch):
-    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
-    assert int(quadratic._product_rows(tf.constant(examples))) == rows
+    monkeypatch.setattr(products, "PRODUCT_FRACTION", 0.25)
+    assert int(products._product_rows(tf.constant(examples))) == rows
 
 
 def test_a_model_forward_takes_the_products_on_its_first_rows(monkeypatch):
-    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
+    monkeypatch.setattr(products, "PRODUCT_FRACTION", 0.25)
     model, x, y, weights, variables, directions = _two_head_problem(n=40)
     loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
     loss_weights = {"classes": 0.3, "values": 2.0}
     outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
                                     output_names=["classes", "values"])
-    batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, weights)
+    batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
     gram = batch.gram(variables, directions)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)
     rows = 32  # max(40 / 4, PRODUCT_MIN_EXAMPLES)
-    whole_batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y,
+    whole_batch = products.Batch(products.ModelForward(model, x), outputs, y,
                                   weights)
-    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 1.0)  # the default
+    monkeypatch.setattr(products, "PRODUCT_FRACTION", 1.0)  # the default
     np.testing.assert_allclose(
         whole_batch.gram(variables, directions),
         flat @ _explicit_gauss_newton(model, x, weights, loss_weights) @ flat.T,
         rtol=1e-4)
-    monkeypatch.setattr(quadratic, "PRODUCT_FRACTION", 0.25)
+    monkeypatch.setattr(products, "PRODUCT_FRACTION", 0.25)
     expected = flat @ _explicit_gauss_newton(model, x[:rows], weights[:rows],
                                              loss_weights) @ flat.T
     np.testing.assert_allclose(gram, expected, rtol=1e-4)
     # The loss before the step is the whole batch's, by a pass of its own.
-    whole = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, weights)
+    whole = products.Batch(products.ModelForward(model, x), outputs, y, weights)
     whole.gram(variables, directions)
-    full = quadratic.Batch(lambda: model(x, training=True), outputs, y, weights)
+    full = products.Batch(lambda: model(x, training=True), outputs, y, weights)
     full.gram(variables, directions)
     assert whole.predictions is None and full.predictions is not None
     np.testing.assert_allclose(whole.loss_before(tf.constant(True)),
@@ -502,11 +535,11 @@ def test_the_passes_of_a_step_draw_the_same_dropout_masks():
                               keras.layers.Dense(3, activation="softmax")])
     outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
                                     model(x))
-    batch = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, None,
+    batch = products.Batch(products.ModelForward(model, x), outputs, y, None,
                             model.non_trainable_variables)
     first, second = float(batch.loss()), float(batch.loss())
     assert first == second
-    unrestored = quadratic.Batch(quadratic.ModelForward(model, x), outputs, y, None)
+    unrestored = products.Batch(products.ModelForward(model, x), outputs, y, None)
     assert float(unrestored.loss()) != float(unrestored.loss())
 
 
@@ -540,8 +573,8 @@ def test_reverse_mode_products_equal_forward_mode():
     directions = [[RNG.normal(size=p.shape).astype("float32") for p in primals]
                   for _ in range(2)]
     forward = lambda: model(x, training=True)  # noqa: E731
-    expected, _, _ = quadratic._forward_mode(forward, outputs, primals, directions)
-    found, _, _ = quadratic._reverse_mode(forward, outputs, primals, directions)
+    expected, _, _ = products._forward_mode(forward, outputs, primals, directions)
+    found, _, _ = products._reverse_mode(forward, outputs, primals, directions)
     for want, got in zip(expected, found):
         for w, g in zip(want, got):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -561,3 +594,19 @@ def test_fit_through_a_recurrent_layer():
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_the_loss_bound_holds_where_the_terms_are_nonnegative():
+    """`Batch.loss` says whether the loss cannot fall below zero: every output's loss
+    has a formula, or the others' terms are all >= 0 on the batch (Huber), not where
+    one is negative (cosine similarity)."""
+    model, x, y, weights, _, _ = _two_head_problem()
+    y = {**y, "values": np.abs(y["values"])}
+    for loss, nonnegative in (("mse", True), (keras.losses.Huber(), True),
+                              (keras.losses.CosineSimilarity(), False)):
+        outputs = fisher.resolve_losses(
+            {"classes": "sparse_categorical_crossentropy", "values": loss}, "true",
+            model(x), output_names=["classes", "values"])
+        batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
+        batch.loss()
+        assert bool(batch.nonnegative) is nonnegative

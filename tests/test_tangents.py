@@ -10,7 +10,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import fisher
-from keras_tkfac import quadratic
+from keras_tkfac import products
 from keras_tkfac import tangents
 
 tangents.install_jvps()  # As the products do before their first pass.
@@ -172,7 +172,7 @@ def test_products_are_the_explicit_gauss_newton(name):
     directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
     outputs = fisher.resolve_losses("mse", "true", model(x))
-    gram = tf.function(lambda: quadratic.curvature_gram(
+    gram = tf.function(lambda: products.curvature_gram(
         lambda: model(x, training=True), outputs, y, None, variables, directions))()
     with tf.GradientTape() as tape:
         out = model(x, training=True)

@@ -1,0 +1,383 @@
+"""Exact curvature products of a batch for the quadratic-model step (`quadratic`).
+
+The quadratic step (`quadratic.steps`) minimises a model of the loss along two
+directions (Martens & Grosse, 2015, §7). The model's curvature is the exact
+generalised Gauss-Newton matrix `C = J^T H J` of this step's batch, not the
+Kronecker-factored approximation: `J` is the Jacobian of the model output (the
+logits behind a softmax or sigmoid, where Keras's loss reads them) with respect to
+the weights, and `H` the Fisher of the model's predictive distribution
+in that output, which for the cross-entropies on logits and for mean squared error
+is the Hessian of the loss (the Gauss-Newton matrix) and does not depend on the
+labels:
+
+- categorical (sparse or one-hot) cross-entropy: `diag(p) - p p^T` on logits,
+  `diag(1 / p)` on probabilities (a softmax output whose logits are not visible);
+- binary cross-entropy: `p (1 - p)` on logits, `1 / (p (1 - p))` on probabilities,
+  divided by the `D` units Keras averages over;
+- mean squared error: `2 / D`;
+- any other loss (no sampling rule: its output takes the empirical Fisher): where
+  its terms `l_m` on the batch are all nonnegative, the Gauss-Newton matrix of the
+  loss written as a square, `l_m = r_m^2`: `g_m g_m^T / (2 l_m)` with `g_m` term
+  `m`'s gradient with respect to the output (`_gradient_projections`). Unlike the
+  empirical Fisher `g_m g_m^T` (whose model predicts a decrease of up to 1/2 in
+  any loss's units, whatever its scale: the step does not scale with the loss),
+  its model's minimiser drives each term towards 0, as Gauss-Newton does for a
+  squared error. Measured (`tools/program_sweep.py`, 24 steps, last epoch's mean
+  loss, `TKFAC()`; empirical Fisher -> this): keras-io-shaped programs with CTC
+  25.8 -> 7.8 (Adam(1e-3) 19.9), `Dice()` 1.0 (collapsed to all-zero
+  predictions) -> 0.106 (Adam 0.55), `other_keras_losses` 86.8 -> 31.5 (Adam 90.8),
+  Huber (`custom_layers_add_loss`) 0.248 -> 0.210, `mixed_precision_convnet`
+  0.040 -> 0.036 (Adam 0.097), focal 2.9e-5 -> 3.7e-5 (Adam
+  7e-3), `regression_losses` (log-cosh and MAE) 0.31 -> 0.39 (Adam 2.36); `KFAC()`
+  alike. Where a term is negative (cosine similarity, Poisson) the loss is no
+  square: the empirical Fisher of its terms, as in the preconditioner's
+  statistics. Positive semi-definite for every loss; the Hessian at the labels
+  (used until 2026-11-30) is indefinite for a loss not convex in the output and
+  zero for a piecewise-linear one (MAE, hinge), where the model has no minimum:
+  measured on `tools/program_sweep.py`'s `other_keras_losses` (Poisson, KL
+  divergence, cosine similarity, squared hinge, MAPE), `KFAC()`'s first step took
+  the loss from 95 to 4e4 with the Hessian; with the empirical Fisher its third
+  epoch's mean loss was 87 (Adam(1e-3): 91). `TKFAC()`'s was 23-27 there with the
+  Hessian and 87 with the empirical Fisher; on the sweep's five other programs
+  with such losses neither was better on all (the empirical Fisher better on
+  `regression_losses`, 0.31 against 0.50, worse on `mixed_precision_convnet`,
+  0.041 against 0.032).
+
+`curvature_gram` computes `[<x, C y>]` for `x, y` among the directions with one
+forward-mode pass per direction (`tf.autodiff.ForwardAccumulator`: `J x`). It is a
+mean over the batch's loss terms, weighted as Keras's loss is (`loss_weights`,
+sample weights).
+
+The forward passes run in training mode (dropout, batch statistics) like the step's
+own; the model's non-trainable variables (BatchNormalization's moving statistics,
+Keras's seed generators) are restored after them, so they move once per step as
+without this control. A `ModelForward` (what `wrap`'s training step passes) can
+run the products on the batch's first rows (`PRODUCT_FRACTION`, off by default;
+`Batch`); without a `forward`, or where no products can be traced, a step is
+`quadratic.FALLBACK`'s (`quadratic.steps`).
+"""
+
+from absl import logging
+import tensorflow as tf
+
+from keras_tkfac import distributed
+from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import tangents as tangents_lib
+
+
+def _weighted_mean(losses, weight, mask=None):
+    """Keras's `sum_over_batch_size` of `losses` under `weight` (per example or
+    per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`:
+    the mean over the unmasked terms)."""
+    losses = tf.cast(losses, tf.float32)
+    if weight is not None:
+        losses = losses * fisher_lib.term_weights(weight, losses)
+    if mask is not None:
+        return tf.math.divide_no_nan(tf.reduce_sum(losses * mask), tf.reduce_sum(mask))
+    return tf.math.divide_no_nan(tf.reduce_sum(losses),
+                                 tf.cast(tf.size(losses), tf.float32))
+
+
+_EPSILON = 1e-7
+
+
+def _bilinear(spec, logits, y_pred, x, y):
+    """Per loss term, `x^T H y` for the Fisher `H` of `spec`'s distribution in the
+    output it is differentiated through (`logits`: the logits behind `y_pred`)."""
+    x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
+    if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+        if logits:
+            probs = tf.nn.softmax(tf.cast(y_pred, tf.float32), axis=-1)
+            return (tf.reduce_sum(probs * x * y, -1)
+                    - tf.reduce_sum(probs * x, -1) * tf.reduce_sum(probs * y, -1))
+        probs = tf.maximum(tf.cast(y_pred, tf.float32), _EPSILON)
+        return tf.reduce_sum(x * y / probs, -1)
+    if spec.kind == "binary_crossentropy":
+        if logits:
+            probs = tf.sigmoid(tf.cast(y_pred, tf.float32))
+            return tf.reduce_mean(probs * (1.0 - probs) * x * y, -1)
+        probs = tf.clip_by_value(tf.cast(y_pred, tf.float32), _EPSILON, 1.0 - _EPSILON)
+        return tf.reduce_mean(x * y / (probs * (1.0 - probs)), -1)
+    return 2.0 * tf.reduce_mean(x * y, -1)  # mean_squared_error
+
+
+def _gradient_projections(output, label, source, y_pred, jvps):
+    """Per loss term `m`, `<g_m, (J x)_m> / sqrt(2 l_m)` for each `J x` in `jvps`,
+    `g_m` the gradient of term `m`, `l_m`, of the loss at the real labels with respect
+    to `source` (losses the Fisher has no formula for): the Gauss-Newton matrix of
+    the loss written as `l_m = r_m^2`, `grad r_m = g_m / (2 sqrt(l_m))`, is the
+    weighted mean of their products. Where a term on this batch is negative (cosine
+    similarity) the loss is no square: the projections are not divided (the
+    empirical Fisher `g_m g_m^T`)."""
+    with tf.GradientTape() as tape:
+        tape.watch(source)
+        terms = output.spec.fn(label, y_pred)
+        total = tf.reduce_sum(tf.cast(terms, tf.float32))
+    grad = tf.cast(tape.gradient(
+        total, source, unconnected_gradients=tf.UnconnectedGradients.ZERO), tf.float32)
+    rank = terms.shape.rank
+    projections = [tf.reduce_sum(grad * jvp, axis=list(range(rank, jvp.shape.rank)))
+                   for jvp in jvps]
+    terms = tf.cast(terms, tf.float32)
+    scale = tf.where(tf.reduce_all(terms >= 0.0),
+                     tf.math.rsqrt(2.0 * tf.maximum(terms, 1e-12)), tf.ones_like(terms))
+    return [p * scale for p in projections]
+
+
+def _sources(outputs, y_pred):
+    flat = tf.nest.flatten(y_pred)
+    return [fisher_lib._logits_source(o.spec, flat[o.index]) for o in outputs], flat
+
+
+def _forward_mode(forward, outputs, primals, directions):
+    """`(J x for x in directions, sources, flat y_pred)` by forward-mode passes."""
+    jvps, first = [], None
+    for direction in directions:
+        tangents = [tf.cast(d, p.dtype) for d, p in zip(direction, primals)]
+        start = tangents_lib.operation_count() if first is None else None
+        with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+            found, flat = _sources(outputs, forward())
+        lost = tangents_lib.dropped(accumulator, start, found)
+        if lost:
+            raise tangents_lib.DroppedTangents(lost)
+        hidden = tangents_lib.hidden_reads(primals, start, found)
+        if hidden:
+            raise tangents_lib.HiddenReads(hidden)
+        jvps.append([
+            tf.cast(accumulator.jvp(s, tf.UnconnectedGradients.ZERO), tf.float32)
+            for s in found
+        ])
+        first = first or (found, flat)
+    return jvps, *first
+
+
+def _reverse_mode(forward, outputs, primals, directions):
+    """`_forward_mode`'s result as `d/du <J^T u, x>` (one forward pass)."""
+    start = tangents_lib.operation_count()
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(primals)
+            found, flat = _sources(outputs, forward())
+    hidden = tangents_lib.hidden_reads(primals, start, found)
+    if hidden:
+        raise tangents_lib.HiddenReads(hidden)
+    with outer:
+        dummies = [tf.zeros_like(s) for s in found]
+        outer.watch(dummies)
+        transposed = inner.gradient(
+            found, primals, output_gradients=dummies,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        dots = [tf.add_n([tf.reduce_sum(t * tf.cast(d, t.dtype))
+                          for t, d in zip(transposed, direction)])
+                for direction in directions]
+    jvps = [[tf.cast(j, tf.float32) for j in outer.gradient(
+        dot, dummies, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+        for dot in dots]
+    return jvps, found, flat
+
+
+def curvature_gram(forward, outputs, y_true, sample_weight, variables, directions,
+                   state=()):
+    """`[<x, C y>]` over `x, y` in `directions`, `C` the batch's Gauss-Newton matrix.
+
+    Args:
+        forward: `() -> y_pred`, the model's forward pass on this step's batch in
+            training mode.
+        outputs: the `fisher.OutputLoss`es of the training loss.
+        y_true: the real labels, structured as for `fisher.output_cotangents` (only
+            losses without a Fisher formula read them).
+        sample_weight: optional per-example weights.
+        variables: the variables the directions move (Keras or TF variables).
+        directions: a list of lists of tensors, each aligned with `variables`.
+        state: variables to restore after the forward passes.
+
+    Returns:
+        A symmetric `[len(directions), len(directions)]` float32 tensor, the mean
+        over the replicas' batches under a strategy.
+    """
+    return Batch(forward, outputs, y_true, sample_weight, state).gram(
+        variables, directions)
+
+
+# The Gram's sub-batch: this fraction of the (per-replica) batch's examples, at
+# least `PRODUCT_MIN_EXAMPLES` (all of a smaller batch); 1 (the default): the whole
+# batch. Measured (README, "Workload suite"): a quarter cut the MNIST-5k MLP's step
+# by ~20% and kept the suite's 7 of 8, but over 300 steps of that MLP its loss,
+# 0.05 by step 65, then jumped between 0.02 and 1.5 (the whole batch: a smooth fall
+# to 1e-5). A sub-batch's curvature along the step is an unbiased but noisy estimate,
+# and the model's step divides by it: late in training, when a few examples carry
+# the curvature, a sub-batch without them overshoots.
+PRODUCT_FRACTION = 1.0
+PRODUCT_MIN_EXAMPLES = 32
+
+
+class ModelForward:
+    """`model(x, training=True)` on this step's batch, or on its first rows.
+
+    `wrap`'s training step passes one as `update_curvature`'s `forward`, so that the
+    curvature products can run on a sub-batch; a plain `lambda: model(x,
+    training=True)` also works, and its products then cover the whole batch.
+    """
+
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+
+    def __call__(self):
+        return self.model(self.x, training=True)
+
+    def examples(self):
+        """The number of examples in the batch (a scalar int32 tensor)."""
+        return tf.shape(tf.nest.flatten(self.x)[0])[0]
+
+    def head(self, rows):
+        """The forward pass on the batch's first `rows` examples."""
+        return self.model(tf.nest.map_structure(lambda t: t[:rows], self.x),
+                          training=True)
+
+
+def _product_rows(examples):
+    """The Gram's sub-batch size for a batch of `examples`."""
+    wanted = tf.cast(tf.math.ceil(PRODUCT_FRACTION * tf.cast(examples, tf.float32)),
+                     tf.int32)
+    return tf.minimum(examples, tf.maximum(wanted, PRODUCT_MIN_EXAMPLES))
+
+
+def _head(values, rows):
+    """Each per-example tensor of `values` (a list, entries may be `None`)
+    restricted to its first `rows` examples."""
+    def cut(value):
+        if value is None or not hasattr(value, "shape") or len(value.shape) == 0:
+            return value
+        return value[:rows]
+    return [tf.nest.map_structure(cut, v) if v is not None else None for v in values]
+
+
+class Batch:
+    """One step's batch as the quadratic model sees it: the exact curvature
+    products along directions, and the data loss before and after the step.
+
+    With a `ModelForward` and `PRODUCT_FRACTION < 1`, the products run on a
+    sub-batch (`PRODUCT_FRACTION` of the examples, at least
+    `PRODUCT_MIN_EXAMPLES`): the model's curvature is then
+    the Gauss-Newton matrix of those examples, its gradient still the whole batch's
+    (Martens, 2010, computes the curvature-vector products of Hessian-free
+    optimisation on a smaller batch than the gradient for the same reason). The
+    losses before and after the step are the whole batch's.
+
+    Every pass restores the model's non-trainable variables, which hold Keras's
+    seed generators as well as BatchNormalization's moving statistics: the passes
+    of one step all draw the same dropout masks, so the losses before and after
+    the step differ only by the step (as kfac-jax's, which reuse the batch's
+    random key).
+    """
+
+    def __init__(self, forward, outputs, y_true, sample_weight, state=(),
+                 syncs=False):
+        self.forward, self.outputs, self.state = forward, outputs, tuple(state)
+        self.y_true, self.sample_weight = y_true, sample_weight
+        # A forward pass that all-reduces (synchronized BatchNormalization under a
+        # strategy) cannot run inside a `tf.cond`: the losses are then taken every
+        # step and used where due.
+        self.syncs = syncs
+        # The flat outputs of the products' forward pass, when it saw the whole batch.
+        self.predictions = None
+        self.nonnegative = None  # set by `loss`
+
+    def _restoring(self, run):
+        saved = [tf.identity(v) for v in self.state]
+        try:
+            return run()
+        finally:  # also when `run` fails while tracing: its ops may still run
+            for variable, value in zip(self.state, saved):
+                variable.assign(value)
+
+    def _per_output(self, count):
+        return (fisher_lib._per_output_values(self.y_true, self.outputs, count,
+                                              "y_true"),
+                fisher_lib._per_output_values(self.sample_weight, self.outputs,
+                                              count, "sample_weight"))
+
+    def gram(self, variables, directions):
+        """`curvature_gram`'s Gram of `directions` (on the sub-batch, if any)."""
+        primals = [getattr(v, "value", v) for v in variables]
+        forward, rows = self.forward, None
+        if hasattr(forward, "head") and PRODUCT_FRACTION < 1:
+            rows = _product_rows(forward.examples())
+            forward = lambda: self.forward.head(rows)  # pylint: disable=unnecessary-lambda-assignment
+
+        def run():
+            try:
+                return _forward_mode(forward, self.outputs, primals, directions)
+            except tangents_lib.DroppedTangents:
+                raise  # Reverse-over-reverse products drop them too.
+            except Exception as error:  # pylint: disable=broad-except
+                # Forward mode cannot pass some layers (Keras's LSTM loop): `J x`
+                # as the gradient of `J^T u` with respect to `u` instead.
+                logging.log_first_n(
+                    logging.INFO, "keras_tkfac: forward-mode products failed (%s); "
+                    "using reverse-over-reverse products.", 1, type(error).__name__)
+                return _reverse_mode(forward, self.outputs, primals, directions)
+
+        tangents_lib.install_jvps()
+        jvps, sources, flat = self._restoring(run)
+        self.predictions = flat if rows is None else None
+        labels, weights = self._per_output(len(flat))
+        if rows is not None:
+            labels, weights = _head(labels, rows), _head(weights, rows)
+        count = len(directions)
+        gram = [[0.0] * count for _ in range(count)]
+        for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
+            source, y_pred = sources[k], flat[output.index]
+            output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+            along = [jvp[k] for jvp in jvps]
+            if output.spec.kind is None:
+                projections = _gradient_projections(output, label, source, y_pred,
+                                                    along)
+            for i in range(count):
+                for j in range(i, count):
+                    if output.spec.kind is None:
+                        terms = projections[i] * projections[j]
+                    else:
+                        terms = _bilinear(
+                            output.spec, source is not y_pred or output.spec.from_logits,
+                            source, along[i], along[j])
+                    value = _weighted_mean(terms, weight,
+                                           fisher_lib.loss_mask(y_pred, terms))
+                    gram[i][j] = gram[i][j] + output_weight * value
+        gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
+                         for i in range(count)])
+        return distributed.all_reduce("mean", [gram])[0]
+
+    def loss(self, predictions=None):
+        """The data loss `sum_k w_k L_k` of the batch at `predictions` (flat outputs),
+        or after a new forward pass at the current weights; the mean over replicas.
+        """
+        if predictions is None:
+            predictions = self._restoring(
+                lambda: tf.nest.flatten(self.forward()))
+        labels, weights = self._per_output(len(predictions))
+        total, known = 0.0, tf.constant(True)
+        for output, label, weight in zip(self.outputs, labels, weights):
+            y_pred = predictions[output.index]
+            terms = output.spec.fn(label, y_pred)
+            total += tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
+                _weighted_mean(terms, weight, fisher_lib.loss_mask(y_pred, terms)))
+            if output.spec.kind is None:
+                known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))
+        total, known = distributed.all_reduce(
+            "mean", [total, tf.cast(known, tf.float32)])
+        # Whether the loss is known not to fall below zero: every output's loss has
+        # a formula (nonnegative), or the others' terms are all >= 0 on this batch
+        # (`Dice`, a squared error of one's own; not cosine similarity).
+        self.nonnegative = known >= 1.0
+        return total
+
+
+    def loss_before(self, due):
+        """The batch's loss at the current weights where `due` holds (else 0): from
+        the products' pass when it saw the whole batch, else by a new pass."""
+        if self.predictions is not None:
+            return self.loss(self.predictions)
+        if self.syncs:
+            return self.loss()
+        return tf.cond(due, self.loss, lambda: tf.constant(0.0))

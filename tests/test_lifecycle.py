@@ -1,0 +1,101 @@
+"""A wrapped model through the rest of a Keras program's life: wrapped twice, weights
+exchanged with the unwrapped model, TFLite conversion, optimizers named by string."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_tkfac
+from tests import helpers
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _functional(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+
+def test_wrapping_a_wrapped_model_returns_it_and_it_trains():
+    x, y = helpers.classification_data(n=16)
+    wrapped = keras_tkfac.wrap(_functional(), exclude=["hidden"])
+    assert keras_tkfac.wrap(wrapped) is wrapped
+    assert keras_tkfac.wrap(wrapped, exclude=["hidden"]) is wrapped
+    with pytest.raises(ValueError, match=r"already wrapped.*exclude=\['head'\]"):
+        keras_tkfac.wrap(wrapped, exclude=["head"])
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    history = wrapped.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert [slot.block.name for slot in wrapped.optimizer._slots] == ["head"]
+
+
+def test_weights_saved_unwrapped_load_into_the_wrapped_model(tmp_path):
+    """`save_weights` before `wrap` (pretraining with Adam), `load_weights` after:
+    the wrapped layout differs (the model is a sublayer), so the file goes to the
+    wrapped model; `wrapped.model.save_weights` writes one the plain model loads."""
+    x, y = helpers.classification_data(n=16)
+    plain = _functional(seed=1)
+    plain.compile(optimizer="adam", loss=LOSS)
+    plain.fit(x, y, epochs=1, verbose=0)
+    plain.save_weights(tmp_path / "plain.weights.h5")
+
+    wrapped = keras_tkfac.wrap(_functional(seed=2))
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    wrapped.load_weights(tmp_path / "plain.weights.h5")
+    for a, b in zip(wrapped.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    wrapped.fit(x, y, epochs=1, verbose=0)
+    wrapped.save_weights(tmp_path / "wrapped.weights.h5")  # its own layout
+    wrapped.model.save_weights(tmp_path / "export.weights.h5")
+    again = keras_tkfac.wrap(_functional(seed=3))
+    again.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    again.load_weights(tmp_path / "wrapped.weights.h5")
+    serving = _functional(seed=4)
+    serving.load_weights(tmp_path / "export.weights.h5")
+    for a, b, c in zip(again.get_weights(), serving.get_weights(),
+                       wrapped.get_weights()):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+
+
+def test_a_weights_file_of_another_model_still_raises(tmp_path):
+    other = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5)])
+    other.save_weights(tmp_path / "other.weights.h5")
+    wrapped = keras_tkfac.wrap(_functional())
+    with pytest.raises(ValueError):
+        wrapped.load_weights(tmp_path / "other.weights.h5")
+
+
+def test_tflite_converts_a_wrapped_model_to_its_predictions():
+    x, y = helpers.classification_data(n=16)
+    wrapped = keras_tkfac.wrap(_functional())
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    wrapped.fit(x, y, epochs=1, verbose=0)
+    converted = tf.lite.TFLiteConverter.from_keras_model(wrapped).convert()
+    interpreter = tf.lite.Interpreter(model_content=converted)
+    interpreter.allocate_tensors()
+    given, = interpreter.get_input_details()
+    taken, = interpreter.get_output_details()
+    for row in x[:3]:
+        interpreter.set_tensor(given["index"], row[None].astype("float32"))
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(taken["index"]),
+                                   wrapped.predict(row[None], verbose=0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,cls", [("tkfac", keras_tkfac.TKFAC),
+                                      ("kfac", keras_tkfac.KFAC)])
+def test_compile_takes_the_optimizer_by_name_at_its_defaults(name, cls):
+    x, y = helpers.classification_data(n=16)
+    wrapped = keras_tkfac.wrap(_functional())
+    wrapped.compile(optimizer=name, loss=LOSS)
+    assert type(wrapped.optimizer) is cls
+    drawn = ("name", "seed")  # a new name and, without one given, a drawn seed
+    assert ({k: v for k, v in wrapped.optimizer.get_config().items() if k not in drawn}
+            == {k: v for k, v in cls().get_config().items() if k not in drawn})
+    history = wrapped.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
