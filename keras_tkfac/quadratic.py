@@ -116,8 +116,9 @@ def steps(optimizer, used, variables, learning_rate):
         if batch.predictions is None or batch.y_true is None:
             return optimizer.kl_clip, None
         before["loss"] = batch.loss(batch.predictions)
+        before["nonnegative"] = batch.nonnegative  # (a later `loss` resets it)
         return optimizer.kl_clip, tf.where(
-            batch.nonnegative, LOSS_BOUND_FACTOR * before["loss"], -1.0)
+            before["nonnegative"], LOSS_BOUND_FACTOR * before["loss"], -1.0)
 
     hidden = tangents_lib.eager_hidden_reads([slot.block for slot, *_ in used])
     if hidden:
@@ -126,7 +127,9 @@ def steps(optimizer, used, variables, learning_rate):
     try:
         found, predicted, minimum = step_size.quadratic_updates(
             products, dampings, [u for *_, u in used],
-            [g for *_, g, _ in used], previous, bounds)
+            [g for *_, g, _ in used], previous, bounds,
+            step_size.GRAFT_QUADRATIC_FLOOR
+            if optimizer.step_control == "graft_quadratic" else None)
     except tangents_lib.HiddenReads as error:
         return _without_hidden(optimizer, used, variables, learning_rate, error)
     except Exception as error:  # pylint: disable=broad-except
@@ -137,7 +140,7 @@ def steps(optimizer, used, variables, learning_rate):
         # A model that predicts far more than the loss can fall is not trusted
         # (`UNTRUSTED_DECREASE`): that step is the sibling's, and its prediction
         # does not adapt the damping.
-        trusted = tf.logical_or(tf.logical_not(batch.nonnegative),
+        trusted = tf.logical_or(tf.logical_not(before["nonnegative"]),
                                 -minimum <= UNTRUSTED_DECREASE * before["loss"])
         sibling, _ = _sibling_steps(optimizer, used, variables, learning_rate)
         found = [tf.where(trusted, s, other) for s, (*_, other) in zip(found, sibling)]

@@ -428,7 +428,7 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     ratios = []
     updates = step_size.quadratic_updates
 
-    def spy(products, dampings, us, grads, previous, bounds):
+    def spy(products, dampings, us, grads, previous, bounds, min_coefficient=None):
         limits = []
 
         def recorded():
@@ -436,7 +436,7 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
             return limits[-1]
 
         found, predicted, minimum = updates(products, dampings, us, grads, previous,
-                                            recorded)
+                                            recorded, min_coefficient)
         ratios.append(-minimum / (limits[0][1] / quadratic.LOSS_BOUND_FACTOR))
         return found, predicted, minimum
 
@@ -610,3 +610,24 @@ def test_the_loss_bound_holds_where_the_terms_are_nonnegative():
         batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
         batch.loss()
         assert bool(batch.nonnegative) is nonnegative
+
+
+def test_the_grafted_directions_coefficient_has_a_floor():
+    """`min_coefficient` (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`) floors a
+    positive coefficient the model chose, here `<U, G> / (<U, C U> + |U|^2)` =
+    4 / (1e6 + 4), and leaves a negative one and the model without it alone."""
+    updates, previous = [tf.ones((2, 2))], [tf.zeros((2, 2))]
+
+    def products(directions):
+        return tf.constant([[1e6, 0.0], [0.0, 0.0]])
+
+    def step(grad, floor):
+        found, _, _ = step_size.quadratic_updates(
+            products, [1.0], updates, [grad * tf.ones((2, 2))], previous, None, floor)
+        return found[0].numpy()
+
+    model = 4.0 / (1e6 + 4.0)
+    np.testing.assert_allclose(step(1.0, None), model * np.ones((2, 2)), rtol=1e-5)
+    np.testing.assert_allclose(step(1.0, 1e-4), 1e-4 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(step(-1.0, 1e-4), -model * np.ones((2, 2)), rtol=1e-5)
+    assert step_size.GRAFT_QUADRATIC_FLOOR == 1e-4
