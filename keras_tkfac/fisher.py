@@ -108,7 +108,7 @@ def resolve_loss(loss, fisher, output=None, warned=None):
     where = "" if output is None else f" on output {output!r}"
     warned = _WARNED if warned is None else warned
     if fisher == "true" and kind is None:
-        _warn(warned, (
+        warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
             "real labels): the true Fisher samples labels for sparse/categorical "
             "cross-entropy, binary cross-entropy and mean squared error only (pass "
@@ -126,7 +126,7 @@ def resolve_loss(loss, fisher, output=None, warned=None):
         # One value for the whole batch (`Dice()`'s default `axis=None`, a Python
         # loss ending in a mean): its curvature would be one rank-one term scaled
         # as one example. The loss of each example alone stands in for its terms.
-        _warn(warned, (
+        warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} returns one value per batch, "
             "not one per example; its curvature is taken from the loss of each "
             "example alone (a per-example loss, such as Dice(axis=(1, 2, 3)), says "
@@ -141,7 +141,13 @@ def resolve_loss(loss, fisher, output=None, warned=None):
 _WARNED = set()
 
 
-def _warn(warned, message):
+def warned_of(owner):
+    """The set of messages `owner` (an optimizer) has logged: once per optimizer,
+    not once per process (a notebook or a sweep builds many)."""
+    return owner.__dict__.setdefault("_keras_tkfac_warned", set())
+
+
+def warn_once(warned, message):
     """Logs `message` once per `warned` set (the optimizer's, or this module's)."""
     if message not in warned:
         warned.add(message)

@@ -340,7 +340,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         outputs = fisher_lib.resolve_losses(
             loss, self.fisher, y_pred, loss_weights=loss_weights,
             output_names=getattr(recording.owner, "output_names", None),
-            warned=self.__dict__.setdefault("_keras_tkfac_warned", set()))
+            warned=fisher_lib.warned_of(self))
         self.curvature_updates += 1
         self._loss_rows = {}
         self._products[distributed.replica_index()] = quadratic.hand_over(

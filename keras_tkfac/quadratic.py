@@ -19,11 +19,11 @@ Without a `forward`, or where no products can be traced, a step is `FALLBACK`'s
 (`steps`).
 """
 
-from absl import logging
 import tensorflow as tf
 
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
+from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import products as products_lib
 from keras_tkfac import step_size
 from keras_tkfac import tangents as tangents_lib
@@ -187,12 +187,8 @@ FALLBACK = {"graft_quadratic": "graft", "quadratic": "trust_region"}
 
 
 def _warn_once(optimizer, message):
-    """Logs `message` once per optimizer (not once per process: a notebook or a
-    sweep builds many)."""
-    warned = optimizer.__dict__.setdefault("_keras_tkfac_warned", set())
-    if message not in warned:
-        warned.add(message)
-        logging.warning(message)
+    """Logs `message` once per optimizer (`fisher.warned_of`)."""
+    fisher_lib.warn_once(fisher_lib.warned_of(optimizer), message)
 
 
 def _without_products(optimizer, used, variables, learning_rate, failure=None):
