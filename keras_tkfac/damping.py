@@ -60,7 +60,7 @@ def build(optimizer):
     optimizer.damping_scale = None
     if optimizer.adaptive_damping:
         optimizer.damping_scale = optimizer.add_variable(
-            (), initializer="ones", name="damping_scale",
+            (), initializer="ones", name="damping_scale", dtype="float32",
             aggregation="only_first_replica")
 
 

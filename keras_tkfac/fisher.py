@@ -45,9 +45,15 @@ _KINDS = {
 
 FISHER_TYPES = ("true", "empirical")
 
-LossSpec = collections.namedtuple("LossSpec", ["kind", "from_logits", "fn"])
+LossSpec = collections.namedtuple("LossSpec", ["kind", "from_logits", "fn", "sums"],
+                                  defaults=(False,))
 """A resolved loss: its kind (`None` if it cannot be sampled), whether it takes
-logits, and the per-example loss function `fn(y_true, y_pred)`."""
+logits, the per-example loss function `fn(y_true, y_pred)`, and whether Keras sums
+its terms (`reduction="sum"`) rather than averaging them."""
+
+# Keras's reductions the curvature follows: the mean over the loss terms (Keras's
+# default, `"sum_over_batch_size"`) and their sum.
+_REDUCTIONS = ("sum_over_batch_size", "sum")
 
 OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight"])
 """One output's part of the training loss: its position in the flattened model output
@@ -107,6 +113,13 @@ def resolve_loss(loss, fisher, output=None, warned=None):
         getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss))
     where = "" if output is None else f" on output {output!r}"
     warned = _WARNED if warned is None else warned
+    reduction = getattr(loss, "reduction", None) if isinstance(
+        loss, keras.losses.Loss) else None
+    if reduction not in _REDUCTIONS + (None,):
+        warn_once(warned, (
+            f"keras_tkfac: the loss {name!r}{where} has reduction={reduction!r}; "
+            "its curvature is that of the mean over its terms "
+            "(reduction=\"sum_over_batch_size\", Keras's default)."))
     if fisher == "true" and kind is None:
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
@@ -135,7 +148,7 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
             (y_true, y_pred))
 
-    return LossSpec(kind, from_logits, per_example)
+    return LossSpec(kind, from_logits, per_example, reduction == "sum")
 
 
 _WARNED = set()
@@ -563,5 +576,7 @@ def output_cotangents(outputs, fisher, y_true, y_pred, seed, sample_weight=None)
         # 1 exactly for one output of weight 1: `output_cotangent`'s, bit for bit.
         ratio = tf.math.divide_no_nan(reference, tf.cast(count, tf.float32))
         weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
+        if output.spec.sums:  # the sum of the `count` terms: `count` times their mean
+            weight *= tf.cast(count, tf.float32)
         cotangents[k] *= tf.cast(tf.sqrt(weight * ratio), cotangents[k].dtype)
     return sources, cotangents, counts[0]

@@ -208,13 +208,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             factors = [
                 self.add_variable(
                     shape, initializer="zeros", name=f"{block.name}_{factor_name}",
-                    aggregation="only_first_replica",
+                    dtype="float32", aggregation="only_first_replica",
                 )
                 for factor_name, shape in self._factor_specs(block)
             ]
             inverses = [
                 self.add_variable(
-                    shape, initializer=shapes.identity,
+                    shape, initializer=shapes.identity, dtype="float32",
                     name=f"{block.name}_{side}_inv", aggregation="only_first_replica",
                 )
                 for side, shape in (("left", shapes.input_factor_shape(block)),
@@ -225,7 +225,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # that is not called on a statistics step keeps its averages and weight.
         self._factor_weight = self.add_variable(
             (len(self._slots),), initializer="zeros", name="factor_weight",
-            aggregation="only_first_replica",
+            dtype="float32", aggregation="only_first_replica",
         )
         self.inverse_failures = self.add_variable(
             (), initializer="zeros", dtype="int32", name="inverse_failures",
@@ -242,7 +242,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # The last step's KL-clip scale, then per slot |nu U| / |G|.
         self._last_update = self.add_variable(
             (len(self._slots) + 1,), initializer="ones", name="last_update",
-            aggregation="only_first_replica",
+            dtype="float32", aggregation="only_first_replica",
         )
         # `step_control="graft"`: RMSProp's second moment of each layer's gradient.
         self._graft_moments = []
@@ -250,7 +250,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             self._graft_moments = [
                 self.add_variable(
                     shapes.grad_matrix_shape(slot.block), initializer="zeros",
-                    name=f"{slot.block.name}_graft_moment",
+                    name=f"{slot.block.name}_graft_moment", dtype="float32",
                     aggregation="only_first_replica",
                 )
                 for slot in self._slots
@@ -279,7 +279,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             logging.warning(
                 "keras_tkfac: %d of %d variable(s) have no curvature block and take "
                 "the first-order fallback (%s): %s", len(fallback), len(var_list),
-                self._partner.kind, ", ".join(fallback),
+                self._partner.label, ", ".join(fallback),
             )
 
     # Curvature ----------------------------------------------------------------

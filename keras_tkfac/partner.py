@@ -56,7 +56,7 @@ class Partner:
                     f"`fallback` must be one of {NAMES} or a keras.optimizers.Adam, "
                     f"AdamW or SGD instance. Received: fallback={fallback!r}"
                 )
-            self.kind = fallback
+            self.kind = self.label = fallback
             return
         kind = _INSTANCE_KINDS.get(type(fallback).__name__)
         if kind is None or not isinstance(fallback, keras.optimizers.Optimizer):
@@ -69,7 +69,9 @@ class Partner:
                 "`fallback` optimizers with amsgrad or nesterov are not supported. "
                 f"Received: fallback={fallback!r}"
             )
-        self.kind = kind
+        # `kind`: the update's arithmetic (AdamW's is Adam's with weight decay);
+        # `label`: what the logs call it.
+        self.kind, self.label = kind, type(fallback).__name__
         self.learning_rate = fallback._learning_rate
         if kind == "adam":
             self.beta_1 = float(fallback.beta_1)

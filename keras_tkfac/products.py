@@ -65,13 +65,16 @@ from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import tangents as tangents_lib
 
 
-def _weighted_mean(losses, weight, mask=None):
+def _weighted_mean(losses, weight, mask=None, sums=False):
     """Keras's `sum_over_batch_size` of `losses` under `weight` (per example or
     per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`:
-    the mean over the unmasked terms)."""
+    the mean over the unmasked terms); with `sums`, their sum (`reduction="sum"`).
+    """
     losses = tf.cast(losses, tf.float32)
     if weight is not None:
         losses = losses * fisher_lib.term_weights(weight, losses)
+    if sums:
+        return tf.reduce_sum(losses if mask is None else losses * mask)
     if mask is not None:
         return tf.math.divide_no_nan(tf.reduce_sum(losses * mask), tf.reduce_sum(mask))
     return tf.math.divide_no_nan(tf.reduce_sum(losses),
@@ -342,7 +345,8 @@ class Batch:
                             output.spec, source is not y_pred or output.spec.from_logits,
                             source, along[i], along[j])
                     value = _weighted_mean(terms, weight,
-                                           fisher_lib.loss_mask(y_pred, terms))
+                                           fisher_lib.loss_mask(y_pred, terms),
+                                           output.spec.sums)
                     gram[i][j] = gram[i][j] + output_weight * value
         gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
                          for i in range(count)])
@@ -361,7 +365,8 @@ class Batch:
             y_pred = predictions[output.index]
             terms = output.spec.fn(label, y_pred)
             total += tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
-                _weighted_mean(terms, weight, fisher_lib.loss_mask(y_pred, terms)))
+                _weighted_mean(terms, weight, fisher_lib.loss_mask(y_pred, terms),
+                               output.spec.sums))
             if output.spec.kind is None:
                 known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))
         total, known = distributed.all_reduce(

@@ -182,6 +182,22 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         """Whether the wrapped model has its own `train_step` (it then runs it)."""
         return _overrides(self.model, "train_step")
 
+    @property
+    def delegates_loss(self):
+        """Whether the wrapped model has its own `compute_loss` (the wrapper's
+        steps then compute the loss with it)."""
+        return _overrides(self.model, "compute_loss")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """Keras's `compute_loss`, or the wrapped model's own where it has one."""
+        if self.delegates_loss:
+            return self.model._compute_loss(  # pylint: disable=protected-access
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=training)
+        return super().compute_loss(x=x, y=y, y_pred=y_pred,
+                                    sample_weight=sample_weight, training=training)
+
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
@@ -214,9 +230,11 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             self.jit_compile = False
             inner_jit = True
         object.__setattr__(self, "_inner_jit", inner_jit)
-        if self.delegates_steps:
-            # The wrapped model's own `train_step` runs; it reads the optimizer,
-            # loss and metrics from the wrapped model, so compile it alike.
+        if self.delegates_steps or (self.delegates_loss
+                                    and not _overrides(self.model, "compile")):
+            # The wrapped model's own `train_step` (or `compute_loss`) runs; it
+            # reads the optimizer, loss and metrics from the wrapped model, so
+            # compile it alike.
             arguments["optimizer"] = self.optimizer
             self.model.compile(**arguments)
         self._attach()
@@ -228,11 +246,19 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         runs with its own optimizers; curvature optimizers among them are fed only
         where that step calls `update_curvature` (README, "Keras programs that
         work")."""
-        super().compile()
         object.__setattr__(self, "_inner_jit", False)
         logging.info("keras_tkfac: %s has its own `compile`; its arguments go to it "
                      "unchanged.", type(self.model).__name__)
         self.model.compile(*args, **kwargs)
+        config = getattr(self.model, "_compile_config", None)
+        if self.delegates_steps or config is None:
+            super().compile()
+            return
+        # Keras's own `train_step` runs on the wrapper (keras-io's Distiller:
+        # only `compute_loss` is the model's): with the optimizer and metrics the
+        # model's `compile` gave Keras, and its `compute_loss`.
+        super().compile(**config.config)
+        self._attach()
 
     def _attach(self):
         """Hands the current blocks to a curvature optimizer not yet built."""
@@ -286,9 +312,12 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         grads, output_grads = tape.gradient(
             scaled_loss, (variables, recording.outputs()))
         if self.loss is None:
-            # The loss comes from `add_loss` alone: no output distribution, no Fisher.
+            # The loss comes from `add_loss` or the model's own `compute_loss`
+            # alone: no output distribution, no Fisher.
             self._warn_unfed(curvature, "is compiled without a `loss` (its loss comes "
-                             "from `add_loss` alone; no Fisher to estimate)")
+                             "from %s alone; no Fisher to estimate)" % (
+                                 "its own `compute_loss`" if self.delegates_loss
+                                 else "`add_loss`"))
             optimizer.apply_gradients(zip(grads, variables))
             return keras_compat.multi_worker_logs(
                 self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))

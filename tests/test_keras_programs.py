@@ -674,3 +674,154 @@ def test_a_dense_layer_fed_a_sparse_tensor_trains_as_on_its_dense_value(cls):
     assert np.any(sparse_factors[0] != 0)
     for a, b in zip(sparse_factors + sparse_weights, dense_factors + dense_weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_a_float64_model_trains_as_its_float32_twin(cls):
+    """Under `keras.config.set_floatx("float64")` the curvature state stays float32
+    (the first statistics step used to raise a `TypeError`); the float64 model's
+    weights after three steps equal its float32 twin's to float32 rounding."""
+    x, y = helpers.classification_data(n=24)
+    initial = []
+
+    def train(floatx):
+        previous = keras.config.floatx(), keras.config.dtype_policy()
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(floatx)  # (a test may have fixed the policy)
+        try:
+            model = keras_tkfac.wrap(keras.Sequential([
+                keras.Input((x.shape[1],)), keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(3)]))
+            # Both start from the same weights (the initialisers draw per dtype).
+            if not initial:
+                initial.extend(w.numpy() for w in model.weights)
+            model.set_weights([w.astype(floatx) for w in initial])
+            model.compile(optimizer=cls(seed=0, factor_update_freq=1,
+                                        inverse_update_freq=1), loss=LOSS)
+            history = model.fit(x.astype(floatx), y, batch_size=8, epochs=1,
+                                shuffle=False, verbose=0).history
+            return [w.numpy() for w in model.trainable_weights], history["loss"]
+        finally:
+            keras.config.set_floatx(previous[0])
+            keras.config.set_dtype_policy(previous[1])
+
+    (weights64, loss64), (weights32, _) = train("float64"), train("float32")
+    assert all(w.dtype == np.float64 for w in weights64)
+    assert np.isfinite(loss64[-1])
+    for a, b in zip(weights64, weights32):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_a_summed_loss_trains_as_the_mean_weighted_by_the_batch(cls, caplog):
+    """`reduction="sum"` is the mean over the batch's terms times their number:
+    statistics, curvature products and the losses of the quadratic model follow it
+    (they used to take the mean, so every default step was untrusted and fell back
+    to a `"graft"` step), so the run equals the mean loss with `loss_weights` the
+    batch size. A reduction the curvature does not follow is logged."""
+    x, y = helpers.classification_data(n=32)
+
+    def train(loss, **compile_kwargs):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((x.shape[1],)), keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(3)]))
+        model.compile(optimizer=cls(seed=0), loss=loss, **compile_kwargs)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        return [w.numpy() for w in model.trainable_weights], model.optimizer
+
+    summed, optimizer = train(keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"))
+    weighted, _ = train(LOSS, loss_weights=[8.0])
+    mean, _ = train(LOSS)
+    for a, b in zip(summed, weighted):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(summed[0], mean[0], rtol=1e-3)
+    assert float(optimizer.damping_scale.numpy()) != 1.0  # the model was trusted
+    logging.get_absl_logger().propagate = True
+    fisher._WARNED.clear()
+    with caplog.at_level("WARNING"):
+        fisher.resolve_loss(keras.losses.MeanSquaredError(
+            reduction="mean_with_sample_weight"), "true")
+    assert any("reduction='mean_with_sample_weight'" in r.getMessage()
+               for r in caplog.records)
+
+
+class Distiller(keras.Model):
+    """keras-io's knowledge distillation (Keras 3): its own `compile` arguments and
+    `compute_loss`, Keras's `train_step`."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn,
+                alpha=0.1, temperature=3):
+        super().compile(optimizer=optimizer, metrics=metrics)
+        self.student_loss_fn = student_loss_fn
+        self.distillation_loss_fn = distillation_loss_fn
+        self.alpha, self.temperature = alpha, temperature
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     allow_empty=False):
+        teacher = self.teacher(x, training=False)
+        distillation = self.distillation_loss_fn(
+            keras.ops.softmax(teacher / self.temperature, axis=1),
+            keras.ops.softmax(y_pred / self.temperature, axis=1))
+        return (self.alpha * self.student_loss_fn(y, y_pred)
+                + (1 - self.alpha) * distillation * self.temperature**2)
+
+    def call(self, x):
+        return self.student(x)
+
+
+class Penalised(TwoDense):
+    """Keras's `compile`, its own `compute_loss` (the compiled loss plus a penalty)."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        base = super().compute_loss(x=x, y=y, y_pred=y_pred,
+                                    sample_weight=sample_weight, training=training)
+        return base + 10.0 * keras.ops.mean(keras.ops.square(y_pred))
+
+
+def test_a_models_own_compute_loss_is_the_wrapped_models_loss():
+    """A model's own `compute_loss` is what the wrapper trains and evaluates (it
+    was silently replaced by Keras's); keras-io's Distiller, whose own `compile`
+    takes other arguments, trains with the optimizer and metrics it was given (it
+    raised "No loss to compute")."""
+    x, y = helpers.classification_data(n=32)
+
+    def penalised(wrapped, optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(Penalised()) if wrapped else Penalised()
+        model.compile(optimizer=optimizer, loss=LOSS)
+        return model, model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                                verbose=0).history["loss"]
+
+    _, plain = penalised(False, keras.optimizers.Adam(1e-3))
+    _, wrapped = penalised(True, keras.optimizers.Adam(1e-3))
+    np.testing.assert_allclose(wrapped, plain, rtol=1e-6)
+    model, _ = penalised(True, keras_tkfac.TKFAC(seed=0))
+    logits = model.predict(x, verbose=0)
+    expected = float(LOSS(y, logits)) + 10.0 * float(np.mean(logits**2))
+    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), expected, rtol=1e-5)
+
+    def distill(wrapped, optimizer):
+        keras.utils.set_random_seed(0)
+        model = Distiller(TwoDense(), TwoDense())
+        model = keras_tkfac.wrap(model) if wrapped else model
+        model.compile(optimizer=optimizer, metrics=["accuracy"],
+                      student_loss_fn=LOSS,
+                      distillation_loss_fn=keras.losses.KLDivergence())
+        return model, model.fit(x, y, batch_size=8, epochs=3, shuffle=False,
+                                verbose=0).history
+
+    _, plain = distill(False, keras.optimizers.Adam(1e-2))
+    _, wrapped = distill(True, keras.optimizers.Adam(1e-2))
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(wrapped[key], plain[key], rtol=1e-6)
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    model, history = distill(True, optimizer)
+    assert model.optimizer is optimizer
+    assert np.all(np.isfinite(history["loss"])) and "accuracy" in history
