@@ -39,3 +39,14 @@ def test_a_bilinear_decoder_trains_with_the_quadratic_step():
 @pytest.mark.slow
 def test_every_program_trains_with_tkfac_and_kfac():
     _check(list(program_sweep.PROGRAMS), ["TKFAC", "KFAC"], 16)
+
+
+def test_held_out_reports_validation_losses_of_both_optimizers():
+    import held_out  # pylint: disable=import-outside-toplevel
+    result = held_out.run("gru_classifier", 1)
+    assert set(result) == {"Adam", "TKFAC"}
+    for best, epoch, last, train in result.values():
+        assert epoch == 1 and best == last
+        assert all(math.isfinite(v) for v in (best, last, train))
+    with pytest.raises(ValueError, match="--programs"):
+        held_out.run("mlp", 1)
