@@ -28,9 +28,15 @@ import sweep_programs  # noqa: E402  (tools/, the script's folder)
 
 PROGRAMS = ("gru_classifier", "masked_lstm")
 
-_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Token classifiers to run.")
-_EPOCHS = flags.DEFINE_integer("epochs", 38, "Epochs of 8 steps of 32.")
-_TKFAC = flags.DEFINE_string("tkfac", "{}", "TKFAC keyword arguments as JSON.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """Defined when run as a script only: importing the module (its test, next to
+    `tools/suite.py`'s in one process) must not define absl flags twice."""
+    flags.DEFINE_list("programs", list(PROGRAMS), "Token classifiers to run.")
+    flags.DEFINE_integer("epochs", 38, "Epochs of 8 steps of 32.")
+    flags.DEFINE_string("tkfac", "{}", "TKFAC keyword arguments as JSON.")
 
 
 def run(name, epochs, tkfac_kwargs=None):
@@ -64,12 +70,13 @@ def main(argv):
     print("| program | optimizer | best val loss | at epoch | last val loss | "
           "last train loss |")
     print("|---|---|---:|---:|---:|---:|")
-    for name in _PROGRAMS.value:
+    for name in FLAGS.programs:
         for label, (best, epoch, last, train) in run(
-                name, _EPOCHS.value, json.loads(_TKFAC.value)).items():
+                name, FLAGS.epochs, json.loads(FLAGS.tkfac)).items():
             print(f"| {name} | {label} | {best:.4g} | {epoch} | {last:.4g} | "
                   f"{train:.4g} |")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
