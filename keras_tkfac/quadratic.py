@@ -199,7 +199,9 @@ def _without_products(optimizer, used, variables, learning_rate, failure=None):
     learning rate gives the sibling's default step. The momentum slot still holds
     the previous step, so the two kinds of step can alternate."""
     control = optimizer.step_control
-    if failure is None:
+    if failure is None and optimizer.curvature_updates:
+        # (Where `update_curvature` is never called, the warning about that, which
+        # says what to do, is the one that matters.)
         _warn_once(optimizer, 'keras_tkfac: step_control="%s" needs curvature '
                    "products, which need `forward=` in `update_curvature` "
                    "(keras_tkfac.wrap's training step passes it); without them "
