@@ -484,7 +484,7 @@ def graft(update, norm):
 
 
 def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
-                         max_decrease=None):
+                         max_decrease=None, max_momentum=None):
     """Coefficients `(a, b)` of the step `s = a U + b M` that minimises the model
     `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` (Martens & Grosse, 2015, §7).
 
@@ -506,6 +506,11 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     `s*`, and the model extrapolates the loss far below zero; a KL bound cannot
     help there, since the predicted KL is ~0 too. (With the loss itself as the
     bound this is Polyak's step length for a loss whose minimum is 0.)
+    With `max_momentum`, `|b|` is at most it: where the minimiser's `b` is beyond,
+    the step is the model's minimiser on that boundary, `b = +-max_momentum` and
+    `a` the best for it (the minimiser over the strip, the model being convex);
+    the bounds above then shorten it along its own ray exactly (it is not the
+    ray's minimiser there, so `q(t s)` is computed rather than `q(s*) (2t - t^2)`).
 
     Args:
         curvature: `[2, 2]`, `K`.
@@ -515,6 +520,7 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
         max_kl: optional bound on `(1/2) s^T C s`.
         max_decrease: optional bound `L >= 0` on the predicted decrease `-q(s)`
             (ignored where not positive and finite).
+        max_momentum: optional bound on `|b|`.
 
     Returns:
         `(a, b, q)`: scalars, with `q <= 0` the model's value at the (unshortened)
@@ -533,6 +539,17 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     a = tf.where(solvable, a_pair, a_only)
     b = tf.where(solvable, b_pair, tf.zeros_like(b_pair))
     value = -0.5 * (a * slopes[0] + b * slopes[1])
+    clipped = tf.constant(False)
+    if max_momentum is not None:
+        bound = tf.cast(max_momentum, tf.float64)
+        clipped = tf.abs(b) > bound
+        b = tf.clip_by_value(b, -bound, bound)
+        a = tf.where(clipped, tf.math.divide_no_nan(slopes[0] - b * matrix[0, 1],
+                                                     matrix[0, 0]), a)
+        # Along the ray of `s`: `q(t s) = -t p + t^2 c / 2`.
+        p = a * slopes[0] + b * slopes[1]
+        c = a * a * matrix[0, 0] + 2.0 * a * b * matrix[0, 1] + b * b * matrix[1, 1]
+        value = tf.where(clipped, -p + 0.5 * c, value)
     ok = tf.logical_and(matrix[0, 0] > 0.0, tf.math.is_finite(value))
     ok = tf.logical_and(ok, value <= 0.0)
     shorten = tf.ones_like(a)
@@ -549,8 +566,14 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
                                tf.math.is_finite(ratio))
         ratio = tf.where(binds, ratio, tf.zeros_like(ratio))
         # `1 - sqrt(1 - ratio)`, written to keep its digits at small ratios.
-        shorten = tf.where(binds, tf.minimum(
-            shorten, ratio / (1.0 + tf.sqrt(1.0 - ratio))), shorten)
+        along = ratio / (1.0 + tf.sqrt(1.0 - ratio))
+        if max_momentum is not None:
+            # The smaller root of `t^2 c / 2 - t p + L = 0`, in the same form.
+            limit = tf.cast(max_decrease, tf.float64)
+            root = tf.sqrt(tf.maximum(p * p - 2.0 * c * limit, 0.0))
+            along = tf.where(clipped, tf.math.divide_no_nan(2.0 * limit, p + root),
+                             along)
+        shorten = tf.where(binds, tf.minimum(shorten, along), shorten)
     a, b = a * shorten, b * shorten
     zero = tf.zeros_like(a)
     return tuple(tf.cast(tf.where(ok, x, zero), tf.float32) for x in (a, b, value))
