@@ -484,7 +484,7 @@ def graft(update, norm):
 
 
 def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
-                         max_decrease=None, max_momentum=None):
+                         max_decrease=None, momentum_range=None):
     """Coefficients `(a, b)` of the step `s = a U + b M` that minimises the model
     `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` (Martens & Grosse, 2015, §7).
 
@@ -506,9 +506,10 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     `s*`, and the model extrapolates the loss far below zero; a KL bound cannot
     help there, since the predicted KL is ~0 too. (With the loss itself as the
     bound this is Polyak's step length for a loss whose minimum is 0.)
-    With `max_momentum`, `|b|` is at most it: where the minimiser's `b` is beyond,
-    the step is the model's minimiser on that boundary, `b = +-max_momentum` and
-    `a` the best for it (the minimiser over the strip, the model being convex);
+    With `momentum_range = (low, high)`, `b` is within it: where the minimiser's
+    `b` is outside, the step is the model's minimiser on the nearer boundary, `b`
+    clipped and `a` the best for it (the minimiser over the strip, the model being
+    convex);
     the bounds above then shorten it along its own ray exactly (it is not the
     ray's minimiser there, so `q(t s)` is computed rather than `q(s*) (2t - t^2)`).
 
@@ -520,7 +521,7 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
         max_kl: optional bound on `(1/2) s^T C s`.
         max_decrease: optional bound `L >= 0` on the predicted decrease `-q(s)`
             (ignored where not positive and finite).
-        max_momentum: optional bound on `|b|`.
+        momentum_range: optional `(low, high)` bounds on `b`.
 
     Returns:
         `(a, b, q)`: scalars, with `q <= 0` the model's value at the (unshortened)
@@ -540,10 +541,10 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     b = tf.where(solvable, b_pair, tf.zeros_like(b_pair))
     value = -0.5 * (a * slopes[0] + b * slopes[1])
     clipped = tf.constant(False)
-    if max_momentum is not None:
-        bound = tf.cast(max_momentum, tf.float64)
-        clipped = tf.abs(b) > bound
-        b = tf.clip_by_value(b, -bound, bound)
+    if momentum_range is not None:
+        low, high = (tf.cast(x, tf.float64) for x in momentum_range)
+        clipped = tf.logical_or(b < low, b > high)
+        b = tf.clip_by_value(b, low, high)
         a = tf.where(clipped, tf.math.divide_no_nan(slopes[0] - b * matrix[0, 1],
                                                      matrix[0, 0]), a)
         # Along the ray of `s`: `q(t s) = -t p + t^2 c / 2`.
@@ -567,7 +568,7 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
         ratio = tf.where(binds, ratio, tf.zeros_like(ratio))
         # `1 - sqrt(1 - ratio)`, written to keep its digits at small ratios.
         along = ratio / (1.0 + tf.sqrt(1.0 - ratio))
-        if max_momentum is not None:
+        if momentum_range is not None:
             # The smaller root of `t^2 c / 2 - t p + L = 0`, in the same form.
             limit = tf.cast(max_decrease, tf.float64)
             root = tf.sqrt(tf.maximum(p * p - 2.0 * c * limit, 0.0))

@@ -74,35 +74,37 @@ def test_model_step_predicting_a_decrease_beyond_the_loss_is_shortened_to_it():
     np.testing.assert_allclose([a_kl, b_kl], free * 1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_model_step_with_a_momentum_bound_minimises_the_model_on_the_strip(sign):
-    """Where the minimiser's `b` exceeds the bound, the step is the model's
-    minimiser over `|b| <= bound` (a dense grid of the strip finds nothing lower),
-    and the loss bound shortens it along its ray to exactly that decrease."""
+@pytest.mark.parametrize("sign,low", [(1.0, -1.0), (-1.0, -1.0), (-1.0, 0.0),
+                                      (1.0, 0.0)])
+def test_model_step_with_a_momentum_range_minimises_the_model_on_the_strip(sign, low):
+    """Where the minimiser's `b` is outside `[low, 1]`, the step is the model's
+    minimiser over that strip (a dense grid of it finds nothing lower), and the loss
+    bound shortens it along its ray to exactly that decrease."""
     model = np.array([[2.0, 0.5], [0.5, 0.4]])
     slopes = np.array([0.3, sign * 2.0])
     free = np.linalg.solve(model, slopes)
-    assert abs(free[1]) > 1.0
+    assert free[1] > 1.0 if sign > 0 else free[1] < low
     a, b, value = ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
-                                           max_momentum=1.0)
+                                           momentum_range=(low, 1.0))
 
     def q(a, b):
         return -a * slopes[0] - b * slopes[1] + 0.5 * (
             a * a * model[0, 0] + 2 * a * b * model[0, 1] + b * b * model[1, 1])
 
-    assert b == sign * 1.0
-    grid_a, grid_b = np.meshgrid(np.linspace(-5, 5, 2001), np.linspace(-1, 1, 401))
+    assert b == (1.0 if sign > 0 else low)
+    grid_a, grid_b = np.meshgrid(np.linspace(-5, 5, 2001), np.linspace(low, 1, 401))
     assert q(a, b) <= q(grid_a, grid_b).min() + 1e-7
     np.testing.assert_allclose(value, q(a, b), rtol=1e-6)
-    # Within the bound, nothing changes.
+    # Within the range, nothing changes.
     inside = ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
-                                      max_momentum=10.0)
+                                      momentum_range=(-10.0, 10.0))
     np.testing.assert_allclose(inside, ops.quadratic_model_step(
         model, np.zeros((2, 2)), slopes, 0.0), rtol=0)
     # The loss bound: the shortened step predicts exactly that decrease.
     limit = -0.5 * q(a, b)
     short_a, short_b, _ = ops.quadratic_model_step(
-        model, np.zeros((2, 2)), slopes, 0.0, max_decrease=limit, max_momentum=1.0)
+        model, np.zeros((2, 2)), slopes, 0.0, max_decrease=limit,
+        momentum_range=(low, 1.0))
     np.testing.assert_allclose(short_b / short_a, b / a, rtol=1e-6)
     np.testing.assert_allclose(-q(short_a, short_b), limit, rtol=1e-5)
 
