@@ -52,6 +52,14 @@ def is_distributed():
     return _replica_context() is not None
 
 
+def merges_updates():
+    """True under any strategy but the default one, one replica included: Keras's
+    variable updates then go through `merge_call`, which a `tf.cond` branch cannot
+    hold (a one-device `MirroredStrategy()`, as keras-io's examples build on a
+    machine with one GPU or none)."""
+    return tf.distribute.has_strategy()
+
+
 def _collective_ops(strategy):
     """The strategy's `CollectiveAllReduce` instance, or `None`."""
     extended = strategy.extended
@@ -148,7 +156,7 @@ def cond_assign(pred, variables, compute):
     variables inside a `tf.cond` branch is not allowed (`merge_call`), so the branch
     only computes and the assignment happens outside.
     """
-    if not tf.distribute.has_strategy():
+    if not merges_updates():
 
         def assign():
             for variable, value in zip(variables, compute()):

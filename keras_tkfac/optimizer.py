@@ -519,7 +519,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         grads = self._precondition(grads, list(trainable_variables), learning_rate)
         update = super()._backend_update_step
         finite = self._step_is_finite
-        if distributed.is_distributed():
+        if distributed.merges_updates():
             # A `tf.cond` in a replica's context cannot hold Keras's `merge_call`:
             # `update_step` guards each update with `tf.where` instead.
             update(grads, trainable_variables, learning_rate)

@@ -213,3 +213,24 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
         assert scale != 1.0
         np.testing.assert_allclose(_replica_values(
             replicated.optimizer.damping_scale)[0], scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+def test_one_replica_mirrored_strategy_trains_as_no_strategy(cls):
+    # keras-io's `MirroredStrategy()` on a machine with one GPU or none has one
+    # replica; Keras's updates still go through `merge_call` there, which a
+    # `tf.cond` cannot hold (it raised on the first step).
+    x, y = _data((8,), n=96)
+
+    def optimizer():
+        return cls(factor_update_freq=2, inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
+    one = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert one.num_replicas_in_sync == 1
+    mirrored_one = _train(one, _mlp, x, y, optimizer, epochs=2)
+    moved = [np.abs(w.numpy() - v).max()
+             for w, v in zip(single.weights, _mlp().get_weights())]
+    assert max(moved) > 1e-3
+    for a, b in zip(single.weights, mirrored_one.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
