@@ -53,7 +53,8 @@ its terms (`reduction="sum"`) rather than averaging them."""
 
 # Keras's reductions the curvature follows: the mean over the loss terms (Keras's
 # default, `"sum_over_batch_size"`) and their sum.
-_REDUCTIONS = ("sum_over_batch_size", "sum")
+_SUMS = ("sum", None, "none")
+_REDUCTIONS = ("sum_over_batch_size",) + _SUMS
 
 OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight"])
 """One output's part of the training loss: its position in the flattened model output
@@ -113,9 +114,12 @@ def resolve_loss(loss, fisher, output=None, warned=None):
         getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss))
     where = "" if output is None else f" on output {output!r}"
     warned = _WARNED if warned is None else warned
-    reduction = getattr(loss, "reduction", None) if isinstance(
-        loss, keras.losses.Loss) else None
-    if reduction not in _REDUCTIONS + (None,):
+    # A string or a function: Keras wraps it with the default reduction. A Keras
+    # loss with `reduction=None` or `"none"` gives per-example values, whose
+    # gradient `fit` takes as that of their sum.
+    reduction = getattr(loss, "reduction", "sum_over_batch_size") if isinstance(
+        loss, keras.losses.Loss) else "sum_over_batch_size"
+    if reduction not in _REDUCTIONS:
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} has reduction={reduction!r}; "
             "its curvature is that of the mean over its terms "
@@ -148,7 +152,7 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
             (y_true, y_pred))
 
-    return LossSpec(kind, from_logits, per_example, reduction == "sum")
+    return LossSpec(kind, from_logits, per_example, reduction in _SUMS)
 
 
 _WARNED = set()

@@ -739,6 +739,13 @@ def test_a_summed_loss_trains_as_the_mean_weighted_by_the_batch(cls, caplog):
     mean, _ = train(LOSS)
     for a, b in zip(summed, weighted):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # `reduction=None` / `"none"`: per-example values, whose gradient `fit` takes
+    # as that of their sum (Keras logs their mean); the curvature follows the sum.
+    for reduction in (None, "none"):
+        unreduced, _ = train(keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=reduction))
+        for a, b in zip(unreduced, summed):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not np.allclose(summed[0], mean[0], rtol=1e-3)
     assert float(optimizer.damping_scale.numpy()) != 1.0  # the model was trusted
     logging.get_absl_logger().propagate = True
