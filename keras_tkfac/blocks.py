@@ -13,6 +13,7 @@ own layers with `register_block`. A block may decline a configuration of its lay
 """
 
 import inspect
+import weakref
 
 from absl import logging
 import tensorflow as tf
@@ -858,11 +859,13 @@ def block_for(layer):
     try:
         return block_class(layer)
     except UnsupportedLayer as error:
-        if layer.name not in _DECLINED:
-            _DECLINED.add(layer.name)
+        if layer not in _DECLINED:
+            _DECLINED.add(layer)
             logging.warning("keras_tkfac: %s It takes the first-order fallback.",
                             error)
         return None
 
 
-_DECLINED = set()
+# The layers whose fallback was logged: each layer once, by identity (by name, a
+# second model in a notebook with the same layer names fell back silently).
+_DECLINED = weakref.WeakSet()

@@ -199,16 +199,16 @@ def _without_products(optimizer, used, variables, learning_rate, failure=None):
     learning rate gives the sibling's default step. The momentum slot still holds
     the previous step, so the two kinds of step can alternate."""
     control = optimizer.step_control
-    if failure is None and optimizer.curvature_updates:
+    if failure is not None:
+        _warn_once(optimizer, 'keras_tkfac: the curvature products failed (%s), so '
+                   'the step is a "%s" step.' % (failure, FALLBACK[control]))
+    elif optimizer.curvature_updates:
         # (Where `update_curvature` is never called, the warning about that, which
         # says what to do, is the one that matters.)
         _warn_once(optimizer, 'keras_tkfac: step_control="%s" needs curvature '
                    "products, which need `forward=` in `update_curvature` "
                    "(keras_tkfac.wrap's training step passes it); without them "
                    'the step is a "%s" step.' % (control, FALLBACK[control]))
-    else:
-        _warn_once(optimizer, 'keras_tkfac: the curvature products failed (%s), so '
-                   'the step is a "%s" step.' % (failure, FALLBACK[control]))
     return _sibling_steps(optimizer, used, variables, learning_rate)
 
 

@@ -145,6 +145,18 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         return getattr(model, name)
 
     @property
+    def layers(self):
+        """The wrapped model's layers, as Keras lists them for it: code written for
+        the model (`for layer in model.layers[:-2]: layer.trainable = False`)
+        acts on its layers, not on the wrapper's one sublayer, the model."""
+        return self.model.layers
+
+    def get_layer(self, name=None, index=None):
+        """The wrapped model's `get_layer` (Grad-CAM's and feature extraction's
+        `model.get_layer(name).output`)."""
+        return self.model.get_layer(name=name, index=index)
+
+    @property
     def blocks(self):
         """The curvature blocks of the wrapped model's current layers."""
         layers = self.model._flatten_layers(include_self=False, recursive=True)
