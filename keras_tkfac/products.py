@@ -222,8 +222,13 @@ class ModelForward:
     training=True)` also works, and its products then cover the whole batch.
     """
 
-    def __init__(self, model, x):
+    def __init__(self, model, x, state=None):
         self.model, self.x = model, x
+        # The model's non-trainable variables as they were before the step's own
+        # forward pass (`wrap`'s training step takes them): the products' passes
+        # and the damping's losses start from them, so they draw the dropout masks
+        # that the gradient saw (`Batch`).
+        self.state = state
 
     def __call__(self):
         return self.model(self.x, training=True)
@@ -275,8 +280,10 @@ class Batch:
     """
 
     def __init__(self, forward, outputs, y_true, sample_weight, state=(),
-                 syncs=False):
+                 syncs=False, initial=None):
         self.forward, self.outputs, self.state = forward, outputs, tuple(state)
+        self.initial = (tuple(initial) if initial is not None
+                        and len(initial) == len(self.state) else None)
         self.y_true, self.sample_weight = y_true, sample_weight
         # A forward pass that all-reduces (synchronized BatchNormalization under a
         # strategy) cannot run inside a `tf.cond`: the losses are then taken every
@@ -288,6 +295,9 @@ class Batch:
 
     def _restoring(self, run):
         saved = [tf.identity(v) for v in self.state]
+        if self.initial is not None:
+            for variable, value in zip(self.state, self.initial):
+                variable.assign(value)
         try:
             return run()
         finally:  # also when `run` fails while tracing: its ops may still run

@@ -66,7 +66,8 @@ def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
         return None
     state = owner.non_trainable_variables if owner is not None else ()
     return products_lib.Batch(forward, outputs, y_true, sample_weight, state,
-                              distributed.syncs_in_backward(owner))
+                              distributed.syncs_in_backward(owner),
+                              getattr(forward, "state", None))
 
 
 def steps(optimizer, used, variables, learning_rate):

@@ -11,6 +11,7 @@ from keras_tkfac import capture
 from keras_tkfac import distributed
 from keras_tkfac import keras_compat
 from keras_tkfac import products
+from keras_tkfac import step_size
 
 
 def _curvature_optimizer(optimizer):
@@ -307,6 +308,9 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                 self._delegated_train_step(curvature, data)
             )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # The products' passes replay this step's dropout masks (`ModelForward`).
+        initial = ([tf.identity(v) for v in self.non_trainable_variables]
+                   if step_size.uses_products(curvature.step_control) else None)
         with tf.GradientTape(persistent=True) as tape:
             with capture.record(self) as recording:
                 y_pred = self(x, training=True)
@@ -339,7 +343,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
             loss_output_gradients=output_grads,
-            forward=products.ModelForward(self, x),
+            forward=products.ModelForward(self, x, initial),
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape
