@@ -578,6 +578,31 @@ def test_the_passes_of_a_step_draw_the_same_dropout_masks():
     assert float(unrestored.loss()) != float(unrestored.loss())
 
 
+def test_the_passes_of_a_step_replay_the_masks_of_its_own_forward_pass():
+    # Given the state from before the step's own forward pass (`wrap`'s training
+    # step hands it over), the products' and the damping's passes draw the masks
+    # that the gradient saw, and leave the state as that pass left it.
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(3, activation="softmax")])
+    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+                                    model(x))
+    before = [tf.identity(v) for v in model.non_trainable_variables]
+    own = model(x, training=True)
+    after = [v.numpy() for v in model.non_trainable_variables]
+    batch = products.Batch(products.ModelForward(model, x, before), outputs, y, None,
+                           model.non_trainable_variables, initial=before)
+    np.testing.assert_allclose(float(batch.loss()), float(batch.loss([own])),
+                               rtol=1e-6)
+    for variable, value in zip(model.non_trainable_variables, after):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    # Without it (a custom loop's `forward=`), other masks than the step's own.
+    other = products.Batch(products.ModelForward(model, x), outputs, y, None,
+                           model.non_trainable_variables)
+    assert float(other.loss()) != float(batch.loss([own]))
+
+
 def test_custom_loop_with_forward_trains():
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
