@@ -213,6 +213,21 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
 PRODUCT_FRACTION = 1.0
 PRODUCT_MIN_EXAMPLES = 32
 
+# Whether `wrap`'s training step has the products' and the damping's passes replay
+# the dropout masks that the gradient saw (`ModelForward`'s `state`). Off: they draw
+# masks of their own (all the same within a step), so the reduction ratio compares a
+# gradient of one mask with the losses of another, which under strong dropout keeps
+# it low and the damping rises, up to its ceiling. Measured (2026-12-01), on:
+# a Dropout(0.5) MLP on digits, 20 epochs of 38 steps, best validation loss 0.065
+# off, 0.042 on (Adam(1e-3) 0.062; the damping factor 100 off, 0.3 on; a 60-epoch
+# probe 0.038 off, 0.021 on); but `tools/suite.py` (100-150 steps) 12 of 16 on
+# against 14 of 16 off: the keras-io convnet (Dropout(0.5)) 0.152 -> 0.169 and
+# 0.146 -> 0.172 at seeds 0 and 1 (Adam 0.150, 0.153), the transformer (Dropout(0.1))
+# 0.039 -> 0.030 and 0.027 -> 0.046 (Adam 0.072, 0.041); over 4 times the steps at
+# seed 0 the convnet 0.098 -> 0.104 (Adam 0.098) and the transformer 0.0098 ->
+# 0.0168 (Adam 0.027). The suite decides the default; README "Dropout masks".
+REPLAY_MASKS = False
+
 
 class ModelForward:
     """`model(x, training=True)` on this step's batch, or on its first rows.
@@ -276,7 +291,13 @@ class Batch:
     seed generators as well as BatchNormalization's moving statistics: the passes
     of one step all draw the same dropout masks, so the losses before and after
     the step differ only by the step (as kfac-jax's, which reuse the batch's
-    random key).
+    random key). With `initial` (the variables' values before the step's own
+    forward pass, which `wrap`'s training step hands over through `ModelForward`
+    where `REPLAY_MASKS` is on), every pass starts from them, so those masks are
+    the ones the gradient saw; otherwise the quadratic model's slope (the
+    gradient's masks) and its curvature and losses (other masks) differ by the
+    dropout noise, which keeps the reduction ratio low under strong dropout and
+    raises the damping (`REPLAY_MASKS` says what that does to training).
     """
 
     def __init__(self, forward, outputs, y_true, sample_weight, state=(),

@@ -308,9 +308,11 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                 self._delegated_train_step(curvature, data)
             )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        # The products' passes replay this step's dropout masks (`ModelForward`).
+        # The products' passes may replay this step's dropout masks
+        # (`products.REPLAY_MASKS`, `ModelForward`).
         initial = ([tf.identity(v) for v in self.non_trainable_variables]
-                   if step_size.uses_products(curvature.step_control) else None)
+                   if products.REPLAY_MASKS
+                   and step_size.uses_products(curvature.step_control) else None)
         with tf.GradientTape(persistent=True) as tape:
             with capture.record(self) as recording:
                 y_pred = self(x, training=True)

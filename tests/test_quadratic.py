@@ -603,6 +603,29 @@ def test_the_passes_of_a_step_replay_the_masks_of_its_own_forward_pass():
     assert float(other.loss()) != float(batch.loss([own]))
 
 
+@pytest.mark.parametrize("replay", [False, True])
+def test_wrap_hands_the_pre_forward_state_over_where_masks_are_replayed(
+        replay, monkeypatch):
+    seen = []
+
+    class Spy(products.Batch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.initial)
+
+    monkeypatch.setattr(products, "Batch", Spy)
+    monkeypatch.setattr(products, "REPLAY_MASKS", replay)
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((5,)), keras.layers.Dropout(0.5),
+        keras.layers.Dense(3, activation="softmax")]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    assert seen and all((initial is not None) == replay for initial in seen)
+
+
 def test_custom_loop_with_forward_trains():
     x, y = _data()
     model = keras_tkfac.wrap(_classifier(0))
