@@ -561,15 +561,20 @@ def test_a_model_forward_takes_the_products_on_its_first_rows(monkeypatch):
     assert float(whole.loss_before(tf.constant(False))) == 0.0
 
 
+def _dropout_classifier(x):
+    """A dropout classifier and its resolved loss."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(3, activation="softmax")])
+    return model, fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+                                        model(x))
+
+
 def test_the_passes_of_a_step_draw_the_same_dropout_masks():
     # Restoring the seed generators makes the losses before and after a step differ
     # by the step alone (an unchanged model gives the same loss twice).
     x, y = _data()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(3, activation="softmax")])
-    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
-                                    model(x))
+    model, outputs = _dropout_classifier(x)
     batch = products.Batch(products.ModelForward(model, x), outputs, y, None,
                             model.non_trainable_variables)
     first, second = float(batch.loss()), float(batch.loss())
@@ -583,11 +588,7 @@ def test_the_passes_of_a_step_replay_the_masks_of_its_own_forward_pass():
     # step hands it over), the products' and the damping's passes draw the masks
     # that the gradient saw, and leave the state as that pass left it.
     x, y = _data()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(3, activation="softmax")])
-    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
-                                    model(x))
+    model, outputs = _dropout_classifier(x)
     before = [tf.identity(v) for v in model.non_trainable_variables]
     own = model(x, training=True)
     after = [v.numpy() for v in model.non_trainable_variables]
