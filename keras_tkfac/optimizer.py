@@ -6,7 +6,6 @@ own modules.
 """
 
 import collections
-import random
 import weakref
 
 from absl import logging
@@ -30,9 +29,6 @@ from keras_tkfac import validation
 
 # `keys`: the variable keys of `block.variables`, in that order.
 _Slot = collections.namedtuple("_Slot", ["block", "keys", "factors", "inverses"])
-
-_PRECONDITION_DTYPES = ("float32", "bfloat16")
-
 
 class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
@@ -74,33 +70,19 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         name,
         **kwargs,
     ):
-        validation.check_choice("step_control", step_control, step_size.STEP_CONTROLS)
-        if learning_rate is None:
-            learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
-        step_size.warn_if_capped(step_control, learning_rate)
-        if fallback_lr_ratio is None:
-            fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
-        if seed is None:
-            seed = random.randrange(2**31 - 1)
-        validation.check_curvature_arguments(
-            learning_rate=learning_rate, damping=damping, momentum=momentum,
-            factor_decay=factor_decay, factor_update_freq=factor_update_freq,
-            inverse_update_freq=inverse_update_freq, inverse_warmup=inverse_warmup,
-            kl_clip=kl_clip, conv_location_stride=conv_location_stride,
-            split_inverses=split_inverses, max_factor_dim=max_factor_dim,
-            fallback_lr_ratio=fallback_lr_ratio, seed=seed,
-        )
-        validation.check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
-        if adaptive_damping is None:
-            adaptive_damping = step_size.uses_products(step_control)
-        validation.check_adaptive_damping(adaptive_damping, step_control,
-                                          step_size.uses_products(step_control))
-        validation.check_choice("inverse_dtype", inverse_dtype,
-                                inverses_lib.INVERSE_DTYPES)
-        validation.check_choice("precondition_dtype", precondition_dtype,
-                                _PRECONDITION_DTYPES)
-        validation.check_choice("precondition_form", precondition_form,
-                                factored.FORMS)
+        learning_rate, fallback_lr_ratio, adaptive_damping, seed = (
+            validation.resolve_curvature_arguments(
+                learning_rate=learning_rate, damping=damping, momentum=momentum,
+                factor_decay=factor_decay, factor_update_freq=factor_update_freq,
+                inverse_update_freq=inverse_update_freq,
+                inverse_warmup=inverse_warmup, kl_clip=kl_clip,
+                step_control=step_control, adaptive_damping=adaptive_damping,
+                fisher=fisher, inverse_dtype=inverse_dtype,
+                precondition_dtype=precondition_dtype,
+                precondition_form=precondition_form,
+                conv_location_stride=conv_location_stride,
+                split_inverses=split_inverses, max_factor_dim=max_factor_dim,
+                fallback_lr_ratio=fallback_lr_ratio, seed=seed))
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.damping = damping
         self.momentum = float(momentum)

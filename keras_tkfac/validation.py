@@ -3,8 +3,14 @@ and the value received, as Keras's own optimizers do."""
 
 import math
 import numbers
+import random
 
 import keras
+
+from keras_tkfac import factored
+from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import inverses as inverses_lib
+from keras_tkfac import step_size
 
 
 def is_schedule(value):
@@ -83,3 +89,43 @@ def check_adaptive_damping(value, step_control, has_model):
             'predicted change: use step_control="quadratic" or '
             f'"graft_quadratic". Received: adaptive_damping=True with '
             f"step_control={step_control!r}")
+
+
+PRECONDITION_DTYPES = ("float32", "bfloat16")
+
+
+def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
+                                factor_update_freq, inverse_update_freq,
+                                inverse_warmup, kl_clip, step_control,
+                                adaptive_damping, fisher, inverse_dtype,
+                                precondition_dtype, precondition_form,
+                                conv_location_stride, split_inverses, max_factor_dim,
+                                fallback_lr_ratio, seed):
+    """Checks `CurvatureOptimizer`'s arguments (a `ValueError` naming the argument
+    and the value received) and fills in the defaults that depend on the step
+    control. Returns `(learning_rate, fallback_lr_ratio, adaptive_damping, seed)`."""
+    check_choice("step_control", step_control, step_size.STEP_CONTROLS)
+    if learning_rate is None:
+        learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
+    step_size.warn_if_capped(step_control, learning_rate)
+    if fallback_lr_ratio is None:
+        fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
+    if seed is None:
+        seed = random.randrange(2**31 - 1)
+    check_curvature_arguments(
+        learning_rate=learning_rate, damping=damping, momentum=momentum,
+        factor_decay=factor_decay, factor_update_freq=factor_update_freq,
+        inverse_update_freq=inverse_update_freq, inverse_warmup=inverse_warmup,
+        kl_clip=kl_clip, conv_location_stride=conv_location_stride,
+        split_inverses=split_inverses, max_factor_dim=max_factor_dim,
+        fallback_lr_ratio=fallback_lr_ratio, seed=seed,
+    )
+    check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
+    if adaptive_damping is None:
+        adaptive_damping = step_size.uses_products(step_control)
+    check_adaptive_damping(adaptive_damping, step_control,
+                           step_size.uses_products(step_control))
+    check_choice("inverse_dtype", inverse_dtype, inverses_lib.INVERSE_DTYPES)
+    check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
+    check_choice("precondition_form", precondition_form, factored.FORMS)
+    return learning_rate, fallback_lr_ratio, adaptive_damping, seed
