@@ -45,11 +45,14 @@ _KINDS = {
 
 FISHER_TYPES = ("true", "empirical")
 
-LossSpec = collections.namedtuple("LossSpec", ["kind", "from_logits", "fn", "sums"],
-                                  defaults=(False,))
+LossSpec = collections.namedtuple(
+    "LossSpec", ["kind", "from_logits", "fn", "sums", "axis", "ignore_class"],
+    defaults=(False, -1, None))
 """A resolved loss: its kind (`None` if it cannot be sampled), whether it takes
-logits, the per-example loss function `fn(y_true, y_pred)`, and whether Keras sums
-its terms (`reduction="sum"`) rather than averaging them."""
+logits, the per-example loss function `fn(y_true, y_pred)`, whether Keras sums
+its terms (`reduction="sum"`) rather than averaging them, the class axis of a
+cross-entropy (`axis`, Keras's argument) and the label whose terms it leaves out
+(`ignore_class`, sparse categorical cross-entropy)."""
 
 # Keras's reductions the curvature follows: the mean over the loss terms (Keras's
 # default, `"sum_over_batch_size"`) and their sum.
@@ -152,7 +155,26 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
             (y_true, y_pred))
 
-    return LossSpec(kind, from_logits, per_example, reduction in _SUMS)
+    axis = fn_kwargs.get("axis", -1) if kind in _AXIS_KINDS else -1
+    return LossSpec(kind, from_logits, per_example, reduction in _SUMS,
+                    -1 if axis is None else int(axis), fn_kwargs.get("ignore_class"))
+
+
+# The losses whose `axis` argument names the class (or averaged) axis.
+_AXIS_KINDS = ("categorical_crossentropy", "binary_crossentropy")
+
+
+def class_last(spec, tensor, inverse=False):
+    """`tensor` with the loss's class axis (`spec.axis`) moved last, where the
+    distribution's formulas take it; `inverse` moves it back."""
+    rank = tensor.shape.rank
+    if spec.axis == -1 or rank is None or spec.axis % rank == rank - 1:
+        return tensor
+    axis = spec.axis % rank
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    if inverse:
+        perm = [perm.index(i) for i in range(rank)]
+    return tf.transpose(tensor, perm)
 
 
 _WARNED = set()
@@ -326,6 +348,10 @@ def sample_targets(spec, y_pred, seed):
     The draws depend only on `seed` and are the same with and without XLA.
     """
     y_pred = tf.stop_gradient(y_pred)
+    if spec.kind in _AXIS_KINDS and class_last(spec, y_pred) is not y_pred:
+        last = spec._replace(axis=-1)
+        return class_last(spec, sample_targets(last, class_last(spec, y_pred), seed),
+                          inverse=True)
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         num_classes = tf.shape(y_pred)[-1]
         logits = tf.cast(tf.reshape(y_pred, [-1, num_classes]), tf.float32)
@@ -371,6 +397,10 @@ def _logits_source(spec, y_pred):
     op_type = _LOGIT_OPS.get(spec.kind)
     if op_type is None or spec.from_logits:
         return y_pred
+    if spec.ignore_class is not None:
+        # Keras masks the probabilities first (`y_pred * valid`), which drops the
+        # logits: the loss then reads the probabilities themselves.
+        return y_pred
     if hasattr(y_pred, "_keras_logits"):
         return y_pred._keras_logits
     if (
@@ -408,6 +438,20 @@ def loss_mask(y_pred, losses):
     return tf.cast(mask, tf.float32)
 
 
+def term_mask(spec, y_true, y_pred, losses):
+    """Which loss terms Keras's loss averages over, as floats of `losses`' shape,
+    or `None` for all: not masked on `y_pred` (`loss_mask`) and, under
+    `ignore_class`, whose real label is not the ignored class (Keras's loss masks
+    those terms and averages over the others)."""
+    mask = loss_mask(y_pred, losses)
+    if spec.ignore_class is None or y_true is None:
+        return mask
+    labels = tf.cast(tf.convert_to_tensor(y_true), tf.float32)
+    valid = tf.cast(tf.not_equal(tf.reshape(labels, tf.shape(losses)),
+                                 float(spec.ignore_class)), tf.float32)
+    return valid if mask is None else mask * valid
+
+
 def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     """Gradient of the summed per-example loss with respect to the model output.
 
@@ -429,9 +473,10 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
             contributes `w_n g_n g_n^T` (its cotangent is scaled by `sqrt(w_n)`).
             A negative weight counts as zero: it would make the Fisher indefinite.
 
-    Where `y_pred` carries Keras's mask (`loss_mask`), masked terms contribute
-    nothing (their cotangent is zero) and `M` counts the unmasked ones, as Keras's
-    loss does: padding does not enter the statistics.
+    Where `y_pred` carries Keras's mask (`loss_mask`), or a term's real label is
+    the loss's `ignore_class` (`term_mask`), that term contributes nothing (its
+    cotangent is zero) and `M` counts the others, as Keras's loss does: padding
+    does not enter the statistics.
 
     Returns:
         `(source, cotangent, num_examples)`: the tensor to backpropagate from
@@ -461,7 +506,8 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         )
     if spec.kind == "binary_crossentropy" and output_fisher(spec, fisher) == "true":
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
-        cotangent *= tf.sqrt(tf.cast(tf.shape(y_pred)[-1], cotangent.dtype))
+        cotangent *= tf.sqrt(tf.cast(tf.shape(class_last(spec, y_pred))[-1],
+                                     cotangent.dtype))
 
     def expand(weight):  # weights of the loss terms, onto the cotangent's rank
         weight = tf.cast(weight, cotangent.dtype)
@@ -472,7 +518,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     if sample_weight is not None:
         cotangent *= expand(tf.sqrt(tf.maximum(term_weights(sample_weight, losses),
                                                0.0)))
-    mask = loss_mask(y_pred, losses)
+    mask = term_mask(spec, y_true, y_pred, losses)
     if mask is None:
         return source, cotangent, tf.size(losses)
     return source, cotangent * expand(mask), tf.reduce_sum(mask)

@@ -380,8 +380,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     batch.extend(tf.zeros_like(v) for v in slot.factors)
                     continue
                 a, g = pair
-                if a.dtype.is_floating:
-                    a = tf.cast(a, tf.float32)
+                if a.dtype.is_floating or slot.block.input_kind != "diagonal":
+                    a = tf.cast(a, tf.float32)  # integer ids of an Embedding stay
                 g = tf.cast(g, tf.float32) / scale
                 statistics = self._statistics(slot.block, a, g, num_examples)
                 batch.extend(s * count for s in statistics)

@@ -88,6 +88,7 @@ def _bilinear(spec, logits, y_pred, x, y):
     """Per loss term, `x^T H y` for the Fisher `H` of `spec`'s distribution in the
     output it is differentiated through (`logits`: the logits behind `y_pred`)."""
     x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
+    x, y, y_pred = (fisher_lib.class_last(spec, t) for t in (x, y, y_pred))
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         if logits:
             probs = tf.nn.softmax(tf.cast(y_pred, tf.float32), axis=-1)
@@ -375,9 +376,10 @@ class Batch:
                         terms = _bilinear(
                             output.spec, source is not y_pred or output.spec.from_logits,
                             source, along[i], along[j])
-                    value = _weighted_mean(terms, weight,
-                                           fisher_lib.loss_mask(y_pred, terms),
-                                           output.spec.sums)
+                    value = _weighted_mean(
+                        terms, weight,
+                        fisher_lib.term_mask(output.spec, label, y_pred, terms),
+                        output.spec.sums)
                     gram[i][j] = gram[i][j] + output_weight * value
         gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
                          for i in range(count)])
@@ -396,7 +398,8 @@ class Batch:
             y_pred = predictions[output.index]
             terms = output.spec.fn(label, y_pred)
             total += tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
-                _weighted_mean(terms, weight, fisher_lib.loss_mask(y_pred, terms),
+                _weighted_mean(terms, weight,
+                               fisher_lib.term_mask(output.spec, label, y_pred, terms),
                                output.spec.sums))
             if output.spec.kind is None:
                 known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))

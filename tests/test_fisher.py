@@ -244,3 +244,100 @@ def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
                 expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
     np.testing.assert_allclose(gram.numpy(), expected / valid.sum(), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_ignore_class_leaves_its_terms_out_as_keras_loss_does():
+    """`SparseCategoricalCrossentropy(ignore_class=-1)`: Keras's loss averages over
+    the terms whose label is not -1. The empirical Fisher's cotangents are that
+    loss's gradient times the count of those terms (zero at the others), the
+    quadratic model's loss is Keras's and its Gram is the explicit
+    `sum over kept terms of (J x)^T H (J y) / count` (`H = diag(p) - p p^T` on the
+    logits). On a softmax output (the probabilities, which Keras masks before the
+    loss: this used to raise) the Gram is the same."""
+    from keras_tkfac import products  # pylint: disable=import-outside-toplevel
+    x = np.random.default_rng(0).normal(size=(3, 4, 2)).astype("float32")
+    y = tf.constant([[0, -1, 2, 1], [-1, -1, 1, 0], [2, 0, 1, -1]])
+    valid = y.numpy() != -1
+
+    def model_and_gram(from_logits):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((4, 2)), keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3, activation=None if from_logits else "softmax")])
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits,
+                                                          ignore_class=-1)
+        y_pred = model(x)
+        outputs = fisher.resolve_losses(loss, "true", y_pred)
+        batch = products.Batch(lambda: model(x), outputs, y, None)
+        rng = np.random.default_rng(2)
+        directions = [[tf.constant(rng.normal(size=v.shape), tf.float32)
+                       for v in model.trainable_variables] for _ in range(2)]
+        np.testing.assert_allclose(batch.loss().numpy(), loss(y, y_pred).numpy(),
+                                   rtol=1e-6)
+        spec = fisher.resolve_loss(loss, "empirical")
+        source, cotangent, count = fisher.output_cotangent(spec, "empirical", y,
+                                                           y_pred, None)
+        assert float(count) == valid.sum()
+        with tf.GradientTape() as tape:
+            tape.watch(source)
+            keras_value = loss(y, y_pred)
+        expected = tape.gradient(keras_value, source).numpy() * valid.sum()
+        np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-5, atol=1e-7)
+        assert np.all(cotangent.numpy()[~valid] == 0.0)
+        return model, directions, batch.gram(model.trainable_variables, directions)
+
+    model, directions, gram = model_and_gram(True)
+    with tf.GradientTape() as tape:
+        logits = model(x)
+    jacobians = tape.jacobian(logits, model.trainable_variables)
+    moves = [sum(np.tensordot(j.numpy(), d.numpy(), axes=d.shape.rank)
+                 for j, d in zip(jacobians, direction)) for direction in directions]
+    p = tf.nn.softmax(logits).numpy()
+    expected = np.zeros((2, 2))
+    for n, t in zip(*np.nonzero(valid)):
+        h = np.diag(p[n, t]) - np.outer(p[n, t], p[n, t])
+        for i in range(2):
+            for j in range(2):
+                expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
+    np.testing.assert_allclose(gram.numpy(), expected / valid.sum(), rtol=1e-4,
+                               atol=1e-6)
+    _, _, probability_gram = model_and_gram(False)
+    np.testing.assert_allclose(probability_gram.numpy(), gram.numpy(), rtol=1e-3,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("loss", ["categorical", "binary"])
+def test_a_class_axis_other_than_the_last_trains_as_its_transposed_twin(cls, loss):
+    """`CategoricalCrossentropy(axis=1)` (class axis first, as in a channels-first
+    segmentation head) and `BinaryCrossentropy(axis=1)`: the true Fisher's samples,
+    the quadratic model's curvature and so the weights after three steps equal
+    those of the same model with the axis moved last (`axis=-1`). The sampler and
+    the Gram used to take the last axis as the class axis."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 6)).astype("float32")
+    y = (rng.random((24, 4, 3)) < 0.4).astype("float32")  # [B, 4 positions, 3 classes]
+    if loss == "categorical":
+        y = np.eye(3, dtype="float32")[rng.integers(0, 3, (24, 4))]
+
+    def train(last):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="tanh")(inputs)
+        outputs = keras.layers.Reshape((4, 3))(keras.layers.Dense(12)(h))
+        if not last:
+            outputs = keras.layers.Permute((2, 1))(outputs)  # [B, 3 classes, 4]
+        model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+        make = (keras.losses.CategoricalCrossentropy if loss == "categorical"
+                else keras.losses.BinaryCrossentropy)
+        model.compile(optimizer=cls(seed=0), loss=make(from_logits=True,
+                                                       axis=-1 if last else 1))
+        labels = y if last else np.transpose(y, (0, 2, 1))
+        history = model.fit(x, labels, batch_size=8, epochs=1, shuffle=False,
+                            verbose=0).history
+        return [w.numpy() for w in model.trainable_weights], history["loss"]
+
+    (last_weights, last_loss), (first_weights, first_loss) = train(True), train(False)
+    np.testing.assert_allclose(first_loss, last_loss, rtol=1e-5)
+    for a, b in zip(first_weights, last_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -706,6 +706,35 @@ def test_a_dense_layer_fed_a_sparse_tensor_trains_as_on_its_dense_value(cls):
 
 
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_a_dense_layer_fed_integers_trains_as_on_their_float_values(cls, dtype):
+    """`Dense` takes an integer or boolean `keras.Input` directly (Keras casts it);
+    the statistics step used to raise a `TypeError`. Factors and weights equal
+    those of the same model fed the same values as floats."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2 if dtype == "bool" else 5, (32, 6)).astype(dtype)
+    y = (x.astype("int32").sum(1) % 3).astype("int32")
+
+    def train(input_dtype):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,), dtype=input_dtype)
+        h = keras.layers.Dense(8, activation="tanh")(inputs)
+        model = keras_tkfac.wrap(keras.Model(inputs, keras.layers.Dense(3)(h)))
+        model.compile(optimizer=cls(seed=0), loss=LOSS)
+        model.fit(x.astype(input_dtype), y, batch_size=8, epochs=1, shuffle=False,
+                  verbose=0)
+        factors = [f.numpy() for slot in model.optimizer._slots for f in slot.factors]
+        return factors, [w.numpy() for w in model.trainable_weights]
+
+    (int_factors, int_weights), (float_factors, float_weights) = (
+        train(dtype), train("float32"))
+    assert len(int_factors) == len(float_factors) > 0
+    assert np.any(int_factors[0] != 0)
+    for a, b in zip(int_factors + int_weights, float_factors + float_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
 def test_a_float64_model_trains_as_its_float32_twin(cls):
     """Under `keras.config.set_floatx("float64")` the curvature state stays float32
     (the first statistics step used to raise a `TypeError`); the float64 model's
