@@ -214,7 +214,8 @@ def test_curvature_monitor_logs_to_history_and_tensorboard(digits, tmp_path):
     adapted = float(model.optimizer.damping_scale.numpy())
     assert adapted != 1.0
     np.testing.assert_allclose(report[conv]["damping"],
-                               adapted * 100 * max(report[conv]["trace"], 1e-3) / dim,
+                               adapted * model.optimizer.trace_damping_scale
+                               * max(report[conv]["trace"], 1e-3) / dim,
                                rtol=1e-5)
     assert report[conv]["cond_left"] >= 1
     assert os.listdir(tmp_path / "tb")

@@ -49,6 +49,8 @@ def _define_flags():
                       "curvature optimizers to check, each at its defaults, against Adam")
     flags.DEFINE_string("output", "", "write the table (markdown) to this file, and the "
                         "results as JSON next to it")
+    flags.DEFINE_string("tkfac", "{}", "TKFAC keyword arguments as JSON (default: "
+                        "its defaults)")
 
 
 class _Messages(py_logging.Handler):
@@ -62,12 +64,12 @@ class _Messages(py_logging.Handler):
             self.messages.append(message.splitlines()[0][:160])
 
 
-def _train(name, optimizer_name, steps):
+def _train(name, optimizer_name, steps, kwargs=None):
     keras.utils.set_random_seed(0)
     model, x, y, compile_args, fit_args = PROGRAMS[name]()
     if optimizer_name in ("TKFAC", "KFAC"):
         model = keras_tkfac.wrap(model)
-        optimizer = getattr(keras_tkfac, optimizer_name)()
+        optimizer = getattr(keras_tkfac, optimizer_name)(**(kwargs or {}))
     else:
         optimizer = keras.optimizers.Adam(1e-3)
     model.compile(optimizer=optimizer, **compile_args)
@@ -80,16 +82,18 @@ def _train(name, optimizer_name, steps):
     return history.history["loss"]
 
 
-def run(name, steps, optimizers=("TKFAC",)):
-    """Trains program `name` with Adam and each of `optimizers`; returns a dict with
-    each run's status, first and last epoch's loss, seconds and logged messages."""
+def run(name, steps, optimizers=("TKFAC",), tkfac=None):
+    """Trains program `name` with Adam and each of `optimizers` (`TKFAC` with the
+    keyword arguments `tkfac`, if given); returns a dict with each run's status,
+    first and last epoch's loss, seconds and logged messages."""
     result = {"program": name}
     for optimizer_name in ("Adam", *optimizers):
         handler = _Messages()
         py_logging.getLogger().addHandler(handler)
         started = time.time()
         try:
-            losses = _train(name, optimizer_name, steps)
+            losses = _train(name, optimizer_name, steps,
+                            tkfac if optimizer_name == "TKFAC" else None)
             finite = all(math.isfinite(v) for v in losses)
             result[optimizer_name] = {
                 "status": "ok" if finite else "non-finite loss",
@@ -118,12 +122,15 @@ def main(argv):
     names = FLAGS.programs.split(",") if FLAGS.programs else list(PROGRAMS)
     optimizers = list(FLAGS.optimizers)
     epochs = max(1, FLAGS.steps // 8)
+    tkfac = json.loads(FLAGS.tkfac)
+    settings = f" TKFAC's arguments: {tkfac}." if tkfac else ""
     lines = [
         f"`python tools/program_sweep.py` ({len(names)} programs, {epochs} epochs of 8 "
         f"steps of {BATCH}; keras_tkfac {_commit()}). Training loss of the first → "
         "last epoch (training mode, mean over the epoch); TKFAC and KFAC at their "
         "defaults on the wrapped model, Adam(1e-3) on the same initial weights and "
-        "batches. \"Messages\" are what keras_tkfac logged (fallbacks), shortened.",
+        f"batches.{settings} \"Messages\" are what keras_tkfac logged (fallbacks), "
+        "shortened.",
         "",
         "| program | Adam(1e-3) | " + " | ".join(f"{o}()" for o in optimizers)
         + " | messages |",
@@ -132,7 +139,7 @@ def main(argv):
         print(line, flush=True)
     results = []
     for name in names:
-        result = run(name, FLAGS.steps, optimizers)
+        result = run(name, FLAGS.steps, optimizers, tkfac)
         results.append(result)
         messages = sorted({_short(m) for o in optimizers for m in result[o]["messages"]})
         line = (f"| {name} | {_cell(result['Adam'])} | "
