@@ -5,6 +5,7 @@ import keras
 
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import ops
+from keras_tkfac import step_size
 from keras_tkfac import validation
 from keras_tkfac.optimizer import CurvatureOptimizer
 from keras_tkfac.shapes import factor_trace
@@ -121,6 +122,12 @@ _COMMON_ARGS = """
 """
 
 
+# The default multiple of a convolution block's mean eigenvalue used as its damping,
+# by whether the step control has the quadratic model (measured: README, "The
+# convolution layers' damping constant" and "Damping of convolution layers").
+TRACE_DAMPING_SCALE = {True: 1.0, False: 100.0}
+
+
 @keras.saving.register_keras_serializable(package="keras_tkfac")
 class TKFAC(CurvatureOptimizer):
     """Trace-restricted Kronecker-factored natural gradient (TKFAC).
@@ -174,7 +181,8 @@ class TKFAC(CurvatureOptimizer):
     worse than 1 on all eight. 100 had been chosen under the earlier step controls, where
     the conv layers' updates at a constant of 1 were many times the
     gradient's norm and training diverged; the quadratic model now sets every
-    step's length (README, "Damping of convolution layers").
+    step's length (README, "Damping of convolution layers"); under the other step
+    controls 100 stays the default.
     Variables without a curvature block take the first-order partner (`fallback`,
     Adam by default). The model must be wrapped with `keras_tkfac.wrap`.
 {args}        conv_damping: `"trace"` or `"fixed"` (the damping for convolution
@@ -182,7 +190,10 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_floor: float >= 0, the floor `nu` on `delta` in the
             trace-relative damping. Defaults to `1e-3`.
         trace_damping_scale: float > 0, the multiple of the block's mean eigenvalue
-            used as the damping of convolution layers. Defaults to `1`.
+            used as the damping of convolution layers, or `None`: `1` under the
+            step controls with the quadratic model (`"graft_quadratic"`,
+            `"quadratic"`), `100` under the others, where nothing else bounds a
+            conv layer's step (`TRACE_DAMPING_SCALE`). Defaults to `None`.
 {kwargs}
     Example:
 
@@ -215,7 +226,7 @@ class TKFAC(CurvatureOptimizer):
         fisher="true",
         conv_damping="trace",
         trace_damping_floor=1e-3,
-        trace_damping_scale=1.0,
+        trace_damping_scale=None,
         inverse_dtype="float32",
         precondition_dtype="float32",
         precondition_form="auto",
@@ -230,6 +241,9 @@ class TKFAC(CurvatureOptimizer):
     ):
         validation.check_choice("conv_damping", conv_damping, ("trace", "fixed"))
         validation.check_real("trace_damping_floor", trace_damping_floor, low=0.0)
+        if trace_damping_scale is None:
+            trace_damping_scale = TRACE_DAMPING_SCALE[
+                step_size.uses_products(step_control)]
         validation.check_real("trace_damping_scale", trace_damping_scale, low=0.0,
                               low_open=True)
         super().__init__(

@@ -266,6 +266,23 @@ def test_invalid_tkfac_arguments(argument, value):
         keras_tkfac.TKFAC(**{argument: value})
 
 
+@pytest.mark.parametrize("step_control,scale", [("graft_quadratic", 1.0),
+                                                ("quadratic", 1.0), ("graft", 100.0),
+                                                ("trust_region", 100.0),
+                                                ("kl_clip", 100.0)])
+def test_trace_damping_scale_default_follows_the_step_control(step_control, scale):
+    """`trace_damping_scale=None`: 1 where the quadratic model sets the step's length,
+    100 where nothing else bounds a conv layer's step; kept through the config, and
+    a given value wins."""
+    optimizer = keras_tkfac.TKFAC(step_control=step_control)
+    assert optimizer.trace_damping_scale == scale
+    config = optimizer.get_config()
+    assert config["trace_damping_scale"] == scale
+    assert keras_tkfac.TKFAC.from_config(config).trace_damping_scale == scale
+    assert keras_tkfac.TKFAC(step_control=step_control,
+                             trace_damping_scale=3.0).trace_damping_scale == 3.0
+
+
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
 def test_get_config_round_trip(cls):
     optimizer = cls(
