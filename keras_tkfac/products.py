@@ -341,6 +341,11 @@ class Batch:
             forward = lambda: self.forward.head(rows)  # pylint: disable=unnecessary-lambda-assignment
 
         def run():
+            if self.syncs:
+                # Forward mode gives no tangent through a cross-replica all-reduce
+                # (measured: zero), which a synchronized BatchNormalization's
+                # moments go through; reverse mode differentiates it.
+                return _reverse_mode(forward, self.outputs, primals, directions)
             try:
                 return _forward_mode(forward, self.outputs, primals, directions)
             except tangents_lib.DroppedTangents:

@@ -88,16 +88,6 @@ def steps(optimizer, used, variables, learning_rate):
     batch = optimizer._products.get(distributed.replica_index())
     if batch is None:
         return _without_products(optimizer, used, variables, learning_rate)
-    if batch.syncs:
-        # Measured on a small Conv1D + synchronized BatchNormalization model, two
-        # replicas against one device: the same statistics (1e-7), but the
-        # products' curvature along the first step 5% apart (678 against 712),
-        # while "graft" steps agree to 2e-6. The products stay: the step is still
-        # the quadratic model's, with that curvature (README, "Limitations").
-        _warn_once(optimizer, "keras_tkfac: with a synchronized BatchNormalization "
-                   "across replicas the curvature products of the quadratic model "
-                   "are approximate (measured 5% from one device's); "
-                   'step_control="graft" has no products.')
     covered = [variables[i] for _, indices, *_ in used for i in indices]
     momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
                  for v in variables]

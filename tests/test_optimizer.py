@@ -267,13 +267,13 @@ def test_invalid_tkfac_arguments(argument, value):
 
 
 @pytest.mark.parametrize("step_control,scale", [("graft_quadratic", 1.0),
-                                                ("quadratic", 1.0), ("graft", 100.0),
+                                                ("quadratic", 1.0), ("graft", 1.0),
                                                 ("trust_region", 100.0),
                                                 ("kl_clip", 100.0)])
 def test_trace_damping_scale_default_follows_the_step_control(step_control, scale):
-    """`trace_damping_scale=None`: 1 where the quadratic model sets the step's length,
-    100 where nothing else bounds a conv layer's step; kept through the config, and
-    a given value wins."""
+    """`trace_damping_scale=None`: 1 where the quadratic model or the grafting sets
+    each layer's step length, 100 where only the whole step's KL is bounded; kept
+    through the config, and a given value wins."""
     optimizer = keras_tkfac.TKFAC(step_control=step_control)
     assert optimizer.trace_damping_scale == scale
     config = optimizer.get_config()
