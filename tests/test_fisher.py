@@ -208,6 +208,24 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
                                loss(y, y_pred, sample_weight=weights).numpy(), rtol=1e-6)
 
 
+def _explicit_gram(model, x, directions, valid):
+    """`sum over the valid terms of (J x)^T H (J y) / count` for a sequence of
+    logits, `H = diag(p) - p p^T`, from `tape.jacobian` (numpy)."""
+    with tf.GradientTape() as tape:
+        logits = model(x)
+    jacobians = tape.jacobian(logits, model.trainable_variables)
+    moves = [sum(np.tensordot(j.numpy(), np.asarray(d), axes=len(np.shape(d)))
+                 for j, d in zip(jacobians, direction)) for direction in directions]
+    p = tf.nn.softmax(logits).numpy()
+    expected = np.zeros((len(directions), len(directions)))
+    for n, t in zip(*np.nonzero(valid)):
+        h = np.diag(p[n, t]) - np.outer(p[n, t], p[n, t])
+        for i in range(len(directions)):
+            for j in range(len(directions)):
+                expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
+    return expected / valid.sum()
+
+
 def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
     """The quadratic model's Gram `[<x, C y>]` of a masked sequence output against
     an explicit `sum over unmasked terms of (J x)^T H (J y) / count` from
@@ -230,20 +248,9 @@ def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
                   for _ in range(2)]
     gram = products.Batch(lambda: model(x), outputs, y, None).gram(variables,
                                                                      directions)
-    with tf.GradientTape() as tape:
-        logits = model(x)
-    jacobians = tape.jacobian(logits, variables)
-    moves = [sum(np.tensordot(j.numpy(), d.numpy(), axes=d.shape.rank)
-                 for j, d in zip(jacobians, direction)) for direction in directions]
-    p = tf.nn.softmax(logits).numpy()
-    expected = np.zeros((2, 2))
-    for n, t in zip(*np.nonzero(valid)):
-        h = np.diag(p[n, t]) - np.outer(p[n, t], p[n, t])
-        for i in range(2):
-            for j in range(2):
-                expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
-    np.testing.assert_allclose(gram.numpy(), expected / valid.sum(), rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(gram.numpy(),
+                               _explicit_gram(model, x, directions, valid),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_ignore_class_leaves_its_terms_out_as_keras_loss_does():
@@ -287,20 +294,9 @@ def test_ignore_class_leaves_its_terms_out_as_keras_loss_does():
         return model, directions, batch.gram(model.trainable_variables, directions)
 
     model, directions, gram = model_and_gram(True)
-    with tf.GradientTape() as tape:
-        logits = model(x)
-    jacobians = tape.jacobian(logits, model.trainable_variables)
-    moves = [sum(np.tensordot(j.numpy(), d.numpy(), axes=d.shape.rank)
-                 for j, d in zip(jacobians, direction)) for direction in directions]
-    p = tf.nn.softmax(logits).numpy()
-    expected = np.zeros((2, 2))
-    for n, t in zip(*np.nonzero(valid)):
-        h = np.diag(p[n, t]) - np.outer(p[n, t], p[n, t])
-        for i in range(2):
-            for j in range(2):
-                expected[i, j] += moves[i][n, t] @ h @ moves[j][n, t]
-    np.testing.assert_allclose(gram.numpy(), expected / valid.sum(), rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(gram.numpy(),
+                               _explicit_gram(model, x, directions, valid),
+                               rtol=1e-4, atol=1e-6)
     _, _, probability_gram = model_and_gram(False)
     np.testing.assert_allclose(probability_gram.numpy(), gram.numpy(), rtol=1e-3,
                                atol=1e-6)
