@@ -664,6 +664,55 @@ def test_reverse_mode_products_equal_forward_mode():
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def _layered_model():
+    """Conv, BatchNorm, max-pool, gelu (a custom gradient), LayerNorm, attention."""
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(3, 3, padding="same")(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("gelu")(h)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Reshape((9, 3))(h)
+    h = keras.layers.MultiHeadAttention(2, 2)(h, h)
+    h = keras.layers.LayerNormalization()(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(h))
+
+
+def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
+    """`products.NESTED`: in a traced pass, nested accumulators carry the two
+    directions' tangents through one primal pass; each `J x` equals the one from a
+    pass of its own, and reverse mode's."""
+    keras.utils.set_random_seed(3)
+    model = _layered_model()
+    x = tf.constant(RNG.normal(size=(5, 6, 6, 2)).astype("float32"))
+    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+                                    model(x))
+    primals = [v.value for v in model.trainable_variables]
+    directions = [[tf.constant(RNG.normal(size=p.shape).astype("float32"))
+                   for p in primals] for _ in range(2)]
+    forward = lambda: model(x, training=True)  # noqa: E731
+    passes, original = [], products._passes
+
+    def recorded(forward, outputs, primals, groups):
+        passes.append([len(group) for group in groups])
+        return original(forward, outputs, primals, groups)
+
+    monkeypatch.setattr(products, "_passes", recorded)
+    results = {}
+    for nested in (True, False):
+        monkeypatch.setattr(products, "NESTED", nested)
+        results[nested] = tf.function(lambda: products._forward_mode(
+            forward, outputs, primals, directions)[0])()
+    assert passes == [[2], [1, 1]]  # one pass carrying both; then one each
+    reverse, _, _ = tf.function(lambda: products._reverse_mode(
+        forward, outputs, primals, directions))()
+    for got, want, other in zip(results[True], results[False], reverse):
+        for g, w, o in zip(got, want, other):
+            assert np.abs(w).max() > 1e-3
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g, o, rtol=1e-4, atol=1e-5)
+
+
 def test_fit_through_a_recurrent_layer():
     # Forward mode cannot pass Keras's LSTM loop; the products take reverse mode.
     rng = np.random.default_rng(4)
