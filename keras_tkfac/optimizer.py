@@ -1,8 +1,8 @@
 """The engine of the curvature optimizers: `CurvatureOptimizer`.
 
-`keras_tkfac.approximations` defines `TKFAC` and `KFAC` on it; the step-size control,
-the first-order partner, the update cadence and the distribution code live in their
-own modules.
+`keras_tkfac.approximations` defines `TKFAC` and `KFAC` on it; the statistics and
+inverse steps (`statistics`), the step-size control, the first-order partner, the
+update cadence and the distribution code live in their own modules.
 """
 
 import collections
@@ -12,18 +12,17 @@ from absl import logging
 import tensorflow as tf
 import keras
 
-from keras_tkfac import cadence
 from keras_tkfac import capture
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import factored
 from keras_tkfac import fisher as fisher_lib
-from keras_tkfac import inverses as inverses_lib
 from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
 from keras_tkfac import quadratic
 from keras_tkfac import shapes
+from keras_tkfac import statistics
 from keras_tkfac import step_size
 from keras_tkfac import validation
 
@@ -333,107 +332,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             self.build(recording.variables)
         if not self._slots:
             return
-        slots = self._slots
-        factor_vars = [v for slot in slots for v in slot.factors]
-        factor_vars += [self._factor_weight, self.skipped_statistics]
         scale = tf.constant(1.0) if loss_scale is None else tf.cast(loss_scale, tf.float32)
         self._loss_rows = factored.loss_rows(
-            self, [slot.block for slot in slots], recording, loss_output_gradients,
-            scale)
-        loss_ok = tf.constant(True) if loss_value is None else tf.reduce_all(
-            tf.math.is_finite(loss_value))
-
-        def sampled_grads():
-            step = tf.cast(self.iterations, tf.int32)
-            seed = tf.stack([self.seed + distributed.replica_id(), step])
-            sources, cotangents, num_examples = fisher_lib.output_cotangents(
-                outputs, self.fisher, y_true, y_pred, seed, sample_weight
-            )
-            grads = tape.gradient(
-                sources, recording.outputs(),
-                output_gradients=[c * tf.cast(scale, c.dtype) for c in cotangents],
-            )
-            return grads, num_examples
-
-        # A backward pass that all-reduces (synchronized BatchNormalization under a
-        # strategy) cannot run inside the statistics' `tf.cond`: it runs every step.
-        ahead = (sampled_grads() if distributed.syncs_in_backward(recording.owner)
-                 else None)
-
-        def new_factors():
-            step = tf.cast(self.iterations, tf.int32)
-            grads, num_examples = ahead if ahead is not None else sampled_grads()
-            wanted = {id(slot.block.layer) for slot in slots}
-            # Sampled conv locations: the grid moves on at each statistics step.
-            phase = step // self.factor_update_freq
-            rows = dict(zip([id(b.layer) for b in recording.blocks],
-                            recording.rows(grads, wanted, self.conv_location_stride,
-                                           phase)))
-            # Sums over this replica's examples; one SUM all-reduce and a division
-            # by the global count give the mean over all examples of all replicas.
-            count = tf.cast(num_examples, tf.float32)
-            batch, called = [], []
-            for slot in slots:
-                pair = rows.get(id(slot.block.layer))
-                called.append(pair is not None)
-                if pair is None:
-                    batch.extend(tf.zeros_like(v) for v in slot.factors)
-                    continue
-                a, g = pair
-                if a.dtype.is_floating or slot.block.input_kind != "diagonal":
-                    a = tf.cast(a, tf.float32)  # integer ids of an Embedding stay
-                g = tf.cast(g, tf.float32) / scale
-                statistics = self._statistics(slot.block, a, g, num_examples)
-                batch.extend(s * count for s in statistics)
-            bad = tf.cast(tf.logical_not(loss_ok), tf.float32)
-            *batch, count, bad = distributed.all_reduce("sum", batch + [count, bad])
-            # An empty global batch (count 0) has no statistics to fold in.
-            finite = tf.logical_and(
-                tf.logical_and(tf.equal(bad, 0.0), count > 0.0),
-                tf.reduce_all([tf.reduce_all(tf.math.is_finite(b)) for b in batch]),
-            )
-            decay = self.factor_decay
-            old = [v.value for v in factor_vars]
-            new = [decay * v + (1.0 - decay) * stat / count
-                   for v, stat in zip(old, batch)]
-            position = 0
-            for slot, was_called in zip(slots, called):
-                if not was_called:
-                    new[position:position + len(slot.factors)] = old[
-                        position:position + len(slot.factors)]
-                position += len(slot.factors)
-            weight = old[-2]
-            new.append(tf.where(called, decay * weight + (1.0 - decay), weight))
-            kept = [tf.where(finite, n, o) for n, o in zip(new, old)]
-            return kept + [old[-1] + tf.cast(tf.logical_not(finite), tf.int32)]
-
-        step = self.iterations
-        distributed.cond_assign(
-            cadence.statistics_due(step, self.factor_update_freq), factor_vars,
-            new_factors,
-        )
-        inverse_vars = [v for slot in slots for v in slot.inverses]
-        inverse_vars.append(self.inverse_failures)
-        distributed.cond_assign(
-            cadence.inverse_due(step, self.factor_update_freq,
-                                self.inverse_update_freq, self.inverse_warmup),
-            inverse_vars,
-            self._new_inverses,
-        )
-
-    def _new_inverses(self):
-        damping = damping_lib.current(self)
-        targets, matrices = [], []
-        for i, slot in enumerate(self._slots):
-            weight = self._factor_weight[i]
-            factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
-            left, right = self._damped_factors(slot.block, factors, damping)
-            targets.extend(slot.inverses)
-            matrices.extend((left, right))
-        split = self.split_inverses and distributed.is_distributed()
-        new_values, failures = inverses_lib.invert_all(
-            matrices, [t.value for t in targets], self.inverse_dtype, split)
-        return new_values + [self.inverse_failures + tf.cast(failures, tf.int32)]
+            self, [slot.block for slot in self._slots], recording,
+            loss_output_gradients, scale)
+        statistics.update(self, recording, tape, outputs, y_true, y_pred,
+                          sample_weight, loss_value, scale)
+        statistics.update_inverses(self)
 
     # Update -------------------------------------------------------------------
 
