@@ -142,18 +142,25 @@ def _sources(outputs, y_pred):
 # prunes them, so the nested pass costs one primal pass less per extra direction.
 # Measured (`tools/step_costs.py`, README "Cost of a step", 2026-12-01): the mean
 # step 3.7x -> 2.9-3.4x Adam's on the MLP, 3.1-3.5x -> 2.3-2.9x on the ResNet-8.
+# Only for a `ModelForward` whose model does not compile its step with XLA
+# (`Batch.gram`): under `jit_compile=True` the nested pass left every read of the
+# weights after the update in the same step (Keras's constraints, `use_ema`) with
+# the weights from before it (a `MaxNorm` kernel constraint that never binds kept
+# the kernel from training; cause not found), where one pass per direction is
+# right (`tests/test_quadratic.py`). A custom loop's plain `forward` may be compiled
+# with XLA without the optimizer knowing: one pass per direction.
 NESTED = True
 
 
-def _forward_mode(forward, outputs, primals, directions):
+def _forward_mode(forward, outputs, primals, directions, nested=False):
     """`(J x for x in directions, sources, flat y_pred)` by forward-mode passes:
-    all directions in one traced pass (`NESTED`), else one pass per direction (and
-    always in eager execution, where the second-order terms would run). Where the
-    nested pass cannot be traced (an op whose tangent computation has no
-    derivative of its own), one pass per direction."""
+    with `nested`, all directions in one traced pass (`NESTED`), else one pass per
+    direction (and always in eager execution, where the second-order terms would
+    run). Where the nested pass cannot be traced (an op whose tangent computation
+    has no derivative of its own), one pass per direction."""
     tangents = [[tf.cast(d, p.dtype) for d, p in zip(direction, primals)]
                 for direction in directions]
-    if NESTED and len(tangents) > 1 and not tf.executing_eagerly():
+    if nested and len(tangents) > 1 and not tf.executing_eagerly():
         try:
             return _passes(forward, outputs, primals, [tangents])
         except tangents_lib.DroppedTangents:
@@ -383,7 +390,8 @@ class Batch:
                 # moments go through; reverse mode differentiates it.
                 return _reverse_mode(forward, self.outputs, primals, directions)
             try:
-                return _forward_mode(forward, self.outputs, primals, directions)
+                return _forward_mode(forward, self.outputs, primals, directions,
+                                     self.nests())
             except tangents_lib.DroppedTangents:
                 raise  # Reverse-over-reverse products drop them too.
             except Exception as error:  # pylint: disable=broad-except
@@ -425,6 +433,12 @@ class Batch:
         gram = tf.stack([tf.stack([gram[min(i, j)][max(i, j)] for j in range(count)])
                          for i in range(count)])
         return distributed.all_reduce("mean", [gram])[0]
+
+    def nests(self):
+        """Whether the products may take one nested forward-mode pass (`NESTED`):
+        a `ModelForward` whose model does not compile its step with XLA."""
+        return (NESTED and isinstance(self.forward, ModelForward)
+                and getattr(self.forward.model, "jit_compile", None) is False)
 
     def loss(self, predictions=None):
         """The data loss `sum_k w_k L_k` of the batch at `predictions` (flat outputs),

@@ -700,9 +700,8 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
     monkeypatch.setattr(products, "_passes", recorded)
     results = {}
     for nested in (True, False):
-        monkeypatch.setattr(products, "NESTED", nested)
         results[nested] = tf.function(lambda: products._forward_mode(
-            forward, outputs, primals, directions)[0])()
+            forward, outputs, primals, directions, nested)[0])()
     assert passes == [[2], [1, 1]]  # one pass carrying both; then one each
     reverse, _, _ = tf.function(lambda: products._reverse_mode(
         forward, outputs, primals, directions))()

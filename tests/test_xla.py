@@ -54,6 +54,41 @@ def test_jit_compile_on_one_device_matches_eager_kernels(step_control):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _constrained_fit(jit_compile, optimizer):
+    x, y = helpers.classification_data(n=48)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((x.shape[1],)),
+        keras.layers.Dense(8, activation="tanh",
+                           kernel_constraint=keras.constraints.MaxNorm(100.0)),
+        keras.layers.Dense(int(y.max()) + 1)]))
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
+    start = [w.numpy() for w in model.trainable_weights]
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    return start, model
+
+
+@pytest.mark.parametrize("control", ["graft_quadratic", "quadratic"])
+def test_reads_after_the_update_see_it_under_jit_compile(control):
+    """Keras applies constraints and `use_ema`'s average after the update, in the
+    same compiled step: both must read the updated weights (with one nested
+    forward-mode pass for the products they read the old ones under XLA: the
+    kernel under a `MaxNorm` that never binds did not move)."""
+    results = {}
+    for jit_compile in (False, True):
+        optimizer = keras_tkfac.TKFAC(step_control=control, use_ema=True,
+                                      ema_momentum=0.5, seed=0)
+        start, model = _constrained_fit(jit_compile, optimizer)
+        results[jit_compile] = (
+            [w.numpy() for w in model.trainable_weights],
+            [v.numpy() for v in optimizer._model_variables_moving_average])
+    kernel_moved = np.abs(results[True][0][0] - start[0]).max()
+    assert kernel_moved > 1e-3
+    for eager, compiled in zip(results[False], results[True]):
+        for a, b in zip(eager, compiled):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_jit_compile_under_mirrored_strategy_compiles_inner_math(mirrored):
     model = _fit(mirrored, True)
     assert model.jit_compile is False and model.optimizer._jit_math
