@@ -448,6 +448,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             decay_rate = learning_rate  # AdamW's, not the model step's fraction
             learning_rate = step_size.step_learning_rate(self.step_control,
                                                          learning_rate)
+            coefficient = (self.weight_decay if self.weight_decay
+                           and self._use_weight_decay(variable) else 0.0)
         else:
             slots = partner_slots
             learning_rate = self._partner.current_learning_rate(
@@ -455,10 +457,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             decay_rate = learning_rate
             step, new_slots = self._partner.step(
                 gradient, [s.value for s in slots], self.iterations)
+            coefficient = self._partner.weight_decay_of(self, variable)
         learning_rate = tf.cast(learning_rate, variable.dtype)
         decay = None
-        if self.weight_decay and self._use_weight_decay(variable):
-            decay = tf.cast(decay_rate * self.weight_decay, variable.dtype)
+        if coefficient:
+            decay = tf.cast(decay_rate * coefficient, variable.dtype)
         if ok is None:
             for slot, new in zip(slots, new_slots):
                 self.assign(slot, new)

@@ -19,8 +19,13 @@ Partners:
   preconditioned weights applied to the raw gradient (this package's behaviour before
   the partner existed, with `fallback_lr_ratio=1`).
 - a `keras.optimizers.Adam`, `AdamW` or `SGD` instance: its hyperparameters, learning
-  rate (a number or a schedule) included, are copied into the partner; the instance
-  itself is not used to train.
+  rate (a number or a schedule) and weight decay included, are copied into the
+  partner; the instance itself is not used to train. Where the instance sets a
+  `weight_decay` (AdamW's default is 0.004), the partner's variables decay by it
+  (decoupled, at the partner's learning rate, as Keras's AdamW; the instance's
+  `exclude_from_weight_decay` is respected) instead of by the curvature
+  optimizer's `weight_decay`; where it sets none (Adam's and SGD's default), by the
+  curvature optimizer's.
 
 For a name, the partner's learning rate is `fallback_lr_ratio * learning_rate`, so a
 learning-rate schedule of the curvature optimizer also drives the partner.
@@ -48,6 +53,8 @@ class Partner:
         self.fallback = fallback
         self.lr_ratio = float(lr_ratio)
         self.learning_rate = None
+        # The instance's own weight decay (`None`: the curvature optimizer's).
+        self.weight_decay = None
         self.beta_1, self.beta_2, self.epsilon = 0.9, 0.999, 1e-7
         self.momentum = float(momentum)
         if isinstance(fallback, str):
@@ -73,12 +80,25 @@ class Partner:
         # `label`: what the logs call it.
         self.kind, self.label = kind, type(fallback).__name__
         self.learning_rate = fallback._learning_rate
+        if getattr(fallback, "weight_decay", None) is not None:
+            self.weight_decay = float(fallback.weight_decay)
         if kind == "adam":
             self.beta_1 = float(fallback.beta_1)
             self.beta_2 = float(fallback.beta_2)
             self.epsilon = float(fallback.epsilon)
         else:
             self.momentum = float(fallback.momentum)
+
+    def weight_decay_of(self, optimizer, variable):
+        """The weight-decay coefficient of a partner `variable` (0: none): the
+        instance's, under its exclusions, where it sets one; else `optimizer`'s."""
+        if self.weight_decay is None:
+            owner, coefficient = optimizer, optimizer.weight_decay
+        else:
+            owner, coefficient = self.fallback, self.weight_decay
+        if coefficient and owner._use_weight_decay(variable):
+            return coefficient
+        return 0.0
 
     def slot_names(self):
         """Names of the per-variable state the partner keeps."""

@@ -61,6 +61,11 @@ def _frozen_dense_train(optimizer, steps=4):
     return base
 
 
+def _excluding_gamma(optimizer):
+    optimizer.exclude_from_weight_decay(var_names=["gamma"])
+    return optimizer
+
+
 @pytest.mark.parametrize(
     "ours, theirs",
     [
@@ -76,6 +81,15 @@ def _frozen_dense_train(optimizer, steps=4):
          lambda: keras.optimizers.SGD(0.1, momentum=0.9)),
         (dict(fallback=keras.optimizers.SGD(0.05, momentum=0.5)),
          lambda: keras.optimizers.SGD(0.05, momentum=0.5)),
+        # The instance's weight decay (and its exclusions) replace the curvature
+        # optimizer's on the partner's variables.
+        (dict(fallback=keras.optimizers.AdamW(0.02, weight_decay=0.3),
+              weight_decay=0.05),
+         lambda: keras.optimizers.AdamW(0.02, weight_decay=0.3)),
+        (dict(fallback=keras.optimizers.SGD(0.05, momentum=0.5, weight_decay=0.2)),
+         lambda: keras.optimizers.SGD(0.05, momentum=0.5, weight_decay=0.2)),
+        (dict(fallback=_excluding_gamma(keras.optimizers.AdamW(0.02, weight_decay=0.3))),
+         lambda: _excluding_gamma(keras.optimizers.AdamW(0.02, weight_decay=0.3))),
     ],
 )
 def test_partner_matches_keras_optimizer(ours, theirs):
