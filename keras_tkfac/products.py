@@ -141,7 +141,8 @@ def _sources(outputs, y_pred):
 # computations (second-order terms); nothing reads them, and the traced function
 # prunes them, so the nested pass costs one primal pass less per extra direction.
 # Measured (`tools/step_costs.py`, README "Cost of a step", 2026-12-01): the mean
-# step 3.7x -> 2.9-3.4x Adam's on the MLP, 3.1-3.5x -> 2.3-2.9x on the ResNet-8.
+# step 3.17-3.28x -> 2.79-2.83x Adam's on the MLP, 3.13-3.19x -> 2.77-2.78x on the
+# ResNet-8 (two alternated runs each, quiet machine).
 # Only for a `ModelForward` whose model does not compile its step with XLA
 # (`Batch.gram`): under `jit_compile=True` the nested pass left every read of the
 # weights after the update in the same step (Keras's constraints, `use_ema`) with

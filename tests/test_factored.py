@@ -247,7 +247,8 @@ def test_flop_model_of_the_curvature_products():
     # tools/benchlib.step_flops: under the quadratic step controls each of the two
     # directions costs a forward-mode pass, the forward `x W` and the tangent
     # `x dW + dx W` (no `dx` into the first layer): as many FLOPs as the forward
-    # and backward passes; the damping's check adds a forward pass every 5 steps.
+    # and backward passes; nested (`products.NESTED`), one forward pass for both;
+    # the damping's check adds a forward pass every 5 steps.
     import sys  # pylint: disable=import-outside-toplevel
     from tests.test_examples import _ROOT  # pylint: disable=import-outside-toplevel
     sys.path.insert(0, str(_ROOT / "tools"))
@@ -257,14 +258,16 @@ def test_flop_model_of_the_curvature_products():
               benchlib.LayerShape(513, 10, 1, False, True)]
     plain = benchlib.step_flops(shapes, 256, factor_update_freq=10,
                                 inverse_update_freq=100)
-    flops = benchlib.step_flops(shapes, 256, factor_update_freq=10,
-                                inverse_update_freq=100, product_directions=2,
-                                loss_check_freq=5)
     forward = 2 * 256 * (785 * 512 + 513 * 10)
     tangents = 2 * 256 * (785 * 512 + 2 * 513 * 10)
-    assert flops["curvature_products"] == 2 * (forward + tangents) + forward / 5
-    assert flops["forward_backward"] == forward + tangents
-    assert {k: v for k, v in flops.items() if k != "curvature_products"} == plain
+    for nested, passes in ((False, 2), (True, 1)):
+        flops = benchlib.step_flops(shapes, 256, factor_update_freq=10,
+                                    inverse_update_freq=100, product_directions=2,
+                                    loss_check_freq=5, nested_products=nested)
+        assert flops["curvature_products"] == (passes * forward + 2 * tangents
+                                               + forward / 5)
+        assert flops["forward_backward"] == forward + tangents
+        assert {k: v for k, v in flops.items() if k != "curvature_products"} == plain
     for control, expected in [("graft_quadratic", 2), ("graft", 0)]:
         arguments = benchlib.product_arguments(
             keras_tkfac.TKFAC(step_control=control))

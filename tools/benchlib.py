@@ -20,6 +20,7 @@ import keras
 from keras_tkfac import damping
 from keras_tkfac import factored
 from keras_tkfac import ops
+from keras_tkfac import products
 from keras_tkfac import step_size
 
 OFFLINE_DATASETS = ("mnist5k", "digits")
@@ -208,6 +209,7 @@ def layer_shapes(wrapped):
 def step_flops(
     shapes, batch_size, *, factor_update_freq=None, inverse_update_freq=None,
     factored_form=False, product_directions=0, loss_check_freq=None,
+    nested_products=False,
 ):
     """Matmul FLOPs of one training step, by part, amortised over the update periods.
 
@@ -223,7 +225,9 @@ def step_flops(
     factor. With `product_directions` (2 under the quadratic step controls) the
     curvature products: per direction a forward-mode pass, the forward pass and its
     tangent (`x dW`, and `dx W` except for the first layer), as many FLOPs as
-    `forward_backward`; with `loss_check_freq` (the adaptive damping's interval) one
+    `forward_backward`; with `nested_products` (`products.NESTED`, a step that is
+    not compiled with XLA) the forward pass once for all directions and each
+    direction's tangent; with `loss_check_freq` (the adaptive damping's interval) one
     more forward pass every that many steps.
     """
     flops = collections.Counter()
@@ -232,8 +236,10 @@ def step_flops(
         product = 2.0 * r * s.d_in * s.d_out
         flops["forward_backward"] += product * (2 if s.first else 3)
         if product_directions:
-            flops["curvature_products"] += (product_directions * product
-                                            * (2 if s.first else 3))
+            passes = 1 if nested_products else product_directions
+            tangent = product * (1 if s.first else 2)
+            flops["curvature_products"] += (passes * product
+                                            + product_directions * tangent)
         if loss_check_freq:
             flops["curvature_products"] += product / loss_check_freq
         if factor_update_freq is None:
@@ -251,10 +257,12 @@ def step_flops(
 def product_arguments(optimizer):
     """`step_flops`'s `product_directions` and `loss_check_freq` for a TKFAC/KFAC
     optimizer: two directions under the quadratic step controls, and the adaptive
-    damping's extra forward pass every `damping.INTERVAL` steps."""
+    damping's extra forward pass every `damping.INTERVAL` steps; the directions
+    share one forward pass where `products.NESTED` (the tools' models do not
+    compile with XLA)."""
     if not step_size.uses_products(optimizer.step_control):
         return {}
-    return {"product_directions": 2,
+    return {"product_directions": 2, "nested_products": products.NESTED,
             "loss_check_freq": damping.INTERVAL if optimizer.adaptive_damping else None}
 
 
