@@ -188,7 +188,7 @@ def _passes(forward, outputs, primals, groups):
             lost = tangents_lib.dropped(accumulator, start, found)
             if lost:
                 raise tangents_lib.DroppedTangents(lost)
-        hidden = tangents_lib.hidden_reads(primals, start, found)
+        hidden = tangents_lib.hidden_reads(primals, start, found, accumulators)
         if hidden:
             raise tangents_lib.HiddenReads(hidden)
         jvps.extend([

@@ -92,15 +92,16 @@ def _custom_gradient_bodies(operations, carries):
     return body
 
 
-def _ancestors(tensors, created):
-    """The ops among `created` that `tensors` are computed from."""
+def _ancestors(tensors, created, skipped=frozenset()):
+    """The ops among `created` that `tensors` are computed from, not following the
+    inputs whose ids are in `skipped`."""
     stack, found = [t.op for t in tensors], set()
     while stack:
         op = stack.pop()
         if op in found or op not in created:
             continue
         found.add(op)
-        stack.extend(t.op for t in op.inputs)
+        stack.extend(t.op for t in op.inputs if id(t) not in skipped)
     return found
 
 
@@ -121,13 +122,28 @@ class HiddenReads(DroppedTangents):
         self.variables = list(variables)
 
 
-def hidden_reads(variables, start, results):
+def hidden_reads(variables, start, results, accumulators=()):
     """Those of `variables` whose handles enter a function call that `results`
-    are computed from (created since `start`); `[]` when eager."""
+    are computed from (created since `start`); `[]` when eager.
+
+    With `accumulators` (the pass's), only the primal computation counts: the path
+    from `results` does not follow their tangents. A function call in the forward
+    pass (Keras's nested XLA convolution) takes the tangents of its inputs, which
+    come from the accumulators' own calls (the tangent of each variable read is a
+    call that takes the variable's handle); without this, every variable before
+    such a call was taken for hidden (measured: a plain `Conv2D` before a grouped
+    one, whose products forward mode follows, to 3e-5 of finite differences)."""
     if start is None:
         return []
     graph = tf.compat.v1.get_default_graph()
     created = graph.get_operations()[start:]
+    tangents = set()
+    for accumulator in accumulators:
+        for op in created:
+            for output in _floating(op.outputs):
+                tangent = accumulator.jvp(output)
+                if tangent is not None:
+                    tangents.add(id(tangent))
     internal = {id(external): placeholder for external, placeholder in graph.captures}
     handles = {}
     for variable in variables:
@@ -135,7 +151,7 @@ def hidden_reads(variables, start, results):
         if handle is not None:
             handles[id(handle)] = variable
     found = {}
-    for op in _ancestors(results, set(created)):
+    for op in _ancestors(results, set(created), tangents):
         if op.type in _CALLS:
             found.update((id(t), handles[id(t)]) for t in op.inputs if id(t) in handles)
     return sorted(found.values(), key=lambda v: v.name)

@@ -187,3 +187,56 @@ def test_products_are_the_explicit_gauss_newton(name):
     flat_d = np.array([np.concatenate([np.ravel(d) for d in direction])
                        for direction in directions], dtype=np.float64)
     np.testing.assert_allclose(gram, flat_d @ curvature @ flat_d.T, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_only_the_grouped_kernel_is_hidden_not_the_layers_before_it(nested):
+    """Keras runs a grouped convolution in a nested function that reads its kernel;
+    forward mode passes the tangents of the layers before it through that call, so
+    only the grouped kernel is hidden (`hidden_reads` follows the primal pass, not
+    the accumulators' tangent calls, which take every variable's handle)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="plain")(inputs)
+    h = keras.layers.Conv2D(4, 3, padding="same", groups=2, name="grouped")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(
+        keras.layers.Flatten()(h)))
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 6, 6, 4)), tf.float32)
+    outputs = fisher.resolve_losses("mse", "true", model(x))
+    primals = [v.value for v in model.trainable_variables]
+    plain = model.get_layer("plain").kernel
+    directions = [[tf.ones_like(p) if p is plain.value else tf.zeros_like(p)
+                   for p in primals]] * 2
+
+    @tf.function(autograph=False)
+    def products_of_plain():
+        return products._forward_mode(lambda: model(x), outputs, primals, directions,
+                                      nested)[0]
+
+    with pytest.raises(tangents.HiddenReads) as caught:
+        products_of_plain()
+    assert [v.name for v in caught.value.variables] == [
+        model.get_layer("grouped").kernel.value.name]
+    # The plain layer's tangent through the grouped call is right: the model is
+    # linear in its kernel, so a central difference is exact up to rounding.
+    found = []
+
+    @tf.function(autograph=False)
+    def tangent_of_plain():
+        start = tangents.operation_count()
+        with tf.autodiff.ForwardAccumulator(plain.value,
+                                            tf.ones_like(plain.value)) as acc:
+            out = model(x)
+        found.extend(tangents.hidden_reads(primals, start, [out], [acc]))
+        return acc.jvp(out)
+
+    tangent = tangent_of_plain().numpy()
+    assert [v.name for v in found] == [model.get_layer("grouped").kernel.value.name]
+    kernel = plain.numpy()
+    plain.assign(kernel + 0.5)
+    up = model(x).numpy()
+    plain.assign(kernel - 0.5)
+    down = model(x).numpy()
+    plain.assign(kernel)
+    assert np.abs(tangent).max() > 1e-2
+    np.testing.assert_allclose(tangent, up - down, rtol=1e-4, atol=1e-4)
