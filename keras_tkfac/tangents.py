@@ -94,14 +94,14 @@ def _custom_gradient_bodies(operations, carries):
 
 def _ancestors(tensors, created, skipped=frozenset()):
     """The ops among `created` that `tensors` are computed from, not following the
-    inputs whose ids are in `skipped`."""
+    inputs whose names are in `skipped`."""
     stack, found = [t.op for t in tensors], set()
     while stack:
         op = stack.pop()
         if op in found or op not in created:
             continue
         found.add(op)
-        stack.extend(t.op for t in op.inputs if id(t) not in skipped)
+        stack.extend(t.op for t in op.inputs if t.name not in skipped)
     return found
 
 
@@ -143,7 +143,7 @@ def hidden_reads(variables, start, results, accumulators=()):
             for output in _floating(op.outputs):
                 tangent = accumulator.jvp(output)
                 if tangent is not None:
-                    tangents.add(id(tangent))
+                    tangents.add(tangent.name)
     internal = {id(external): placeholder for external, placeholder in graph.captures}
     handles = {}
     for variable in variables:
