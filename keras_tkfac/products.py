@@ -291,7 +291,8 @@ class ModelForward:
         self.state = state
 
     def __call__(self):
-        return self.model(self.x, training=True)
+        with without_cudnn(self.model):
+            return self.model(self.x, training=True)
 
     def examples(self):
         """The number of examples in the batch (a scalar int32 tensor)."""
@@ -299,8 +300,35 @@ class ModelForward:
 
     def head(self, rows):
         """The forward pass on the batch's first `rows` examples."""
-        return self.model(tf.nest.map_structure(lambda t: t[:rows], self.x),
-                          training=True)
+        with without_cudnn(self.model):
+            return self.model(tf.nest.map_structure(lambda t: t[:rows], self.x),
+                              training=True)
+
+
+@contextlib.contextmanager
+def without_cudnn(model):
+    """`model`'s `LSTM` and `GRU` layers run Keras's generic loop, not cuDNN, while
+    the block is traced (they read `use_cudnn` when called).
+
+    TensorFlow has no derivative of cuDNN's backward op (`CudnnRNNBackpropV3`), so
+    neither forward-mode nor reverse-over-reverse products pass a cuDNN recurrence
+    (checked by tracing both on CPU: `LookupError: gradient registry has no entry
+    for: CudnnRNNBackpropV3`), and on a GPU every step would then fall back to
+    `quadratic.FALLBACK`'s (with a warning). The generic loop computes the same
+    function; the step's own forward and backward passes keep cuDNN. Not yet
+    measured on a GPU (none was lent): what this costs there is the generic loop's
+    time for the products' pass alone.
+    """
+    flipped = [(layer, layer.use_cudnn)
+               for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+               if getattr(layer, "use_cudnn", False) in ("auto", True)]
+    for layer, _ in flipped:
+        layer.use_cudnn = False
+    try:
+        yield
+    finally:
+        for layer, setting in flipped:
+            layer.use_cudnn = setting
 
 
 def _product_rows(examples):

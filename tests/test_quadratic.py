@@ -763,3 +763,42 @@ def test_the_grafted_directions_coefficient_has_a_floor():
     np.testing.assert_allclose(step(1.0, 1e-4), 1e-4 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(step(-1.0, 1e-4), -model * np.ones((2, 2)), rtol=1e-5)
     assert step_size.GRAFT_QUADRATIC_FLOOR == 1e-4
+
+
+def test_products_passes_run_recurrent_layers_without_cudnn(monkeypatch):
+    """`products.without_cudnn`: TensorFlow has no derivative of cuDNN's backward
+    op, so the products' passes trace Keras's generic loop of every `LSTM` and
+    `GRU` (inside `Bidirectional` too); the step's own passes keep the layers'
+    setting (`"auto"` or `True`), which is restored after, also when the pass
+    fails."""
+    seen = []
+    for cls in (keras.layers.LSTM, keras.layers.GRU):
+        original = cls.inner_loop
+
+        def recording(self, *args, original=original, **kwargs):
+            seen.append(self.use_cudnn)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "inner_loop", recording)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 3))
+    h = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))(inputs)
+    h = keras.layers.GRU(4)(h)
+    model = keras_tkfac.wrap(keras.Model(inputs, keras.layers.Dense(2)(h)))
+    recurrent = [layer for layer in model._flatten_layers(include_self=False)
+                 if hasattr(layer, "use_cudnn")]
+    assert len(recurrent) == 3  # the two directions' copies and the GRU
+    model.compile(optimizer=keras_tkfac.TKFAC(), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    seen.clear()
+    x = RNG.normal(size=(16, 6, 3)).astype("float32")
+    y = RNG.integers(0, 2, size=16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert False in seen and "auto" in seen
+    assert [layer.use_cudnn for layer in recurrent] == ["auto"] * 3
+    recurrent[2].use_cudnn = True  # (which raises on this CPU where called)
+    with pytest.raises(RuntimeError):
+        with products.without_cudnn(model):
+            assert [layer.use_cudnn for layer in recurrent] == [False] * 3
+            raise RuntimeError
+    assert [layer.use_cudnn for layer in recurrent] == ["auto", "auto", True]
