@@ -62,7 +62,9 @@ def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
     """The numeric and boolean arguments of `TKFAC`/`KFAC` (learning rate and damping
     may also be schedules; the learning rate also a callable)."""
     if not (is_schedule(learning_rate) or callable(learning_rate)):
-        check_real("learning_rate", learning_rate, low=0.0, low_open=True)
+        # 0 is allowed, as Keras's optimizers allow it (a frozen run; a
+        # warm-up from 0 reaches it through a schedule anyway).
+        check_real("learning_rate", learning_rate, low=0.0)
     if not is_schedule(damping):
         check_real("damping", damping, low=0.0, low_open=True)
     check_real("momentum", momentum, low=0.0, high=1.0)

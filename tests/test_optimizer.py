@@ -330,6 +330,26 @@ def test_custom_training_loop_matches_fit():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft"])
+def test_zero_learning_rate_leaves_weights_where_they_are(step_control):
+    """As with Keras's optimizers, `learning_rate=0.0` is accepted and moves no
+    weight (curvature-covered or on the partner); the statistics still accumulate
+    and the optimizer's state stays finite (the damping's adaptation sees a
+    predicted change of 0)."""
+    x, y = helpers.classification_data(n=32)
+    base = helpers.tiny_mlp()
+    start = [w.numpy().copy() for w in base.trainable_weights]
+    model = keras_tkfac.wrap(base)
+    optimizer = keras_tkfac.TKFAC(learning_rate=0.0, step_control=step_control, seed=3)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    for before, after in zip(start, base.trainable_weights):
+        np.testing.assert_array_equal(after.numpy(), before)
+    assert all(np.isfinite(v.numpy()).all() for v in optimizer.variables
+               if "float" in str(v.dtype))
+    assert any(np.abs(f.numpy()).max() > 0 for s in optimizer._slots for f in s.factors)
+
+
 def test_record_requires_a_wrapped_model():
     with pytest.raises(ValueError, match="keras_tkfac.wrap"):
         keras_tkfac.record(helpers.tiny_mlp())

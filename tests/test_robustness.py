@@ -164,7 +164,7 @@ def test_many_fuzzed_valid_configurations_train_without_nan(config, kfac):
 
 
 INVALID = st.one_of(
-    st.tuples(st.just("learning_rate"), st.floats(max_value=0.0)),
+    st.tuples(st.just("learning_rate"), st.floats(max_value=-1e-9)),
     st.tuples(st.just("damping"), st.floats(max_value=0.0)),
     st.tuples(st.just("momentum"), st.floats(min_value=1.0, allow_infinity=False)),
     st.tuples(st.just("factor_decay"), st.floats(max_value=-1e-9)),
