@@ -57,7 +57,8 @@ cross-entropy (`axis`, Keras's argument) and the label whose terms it leaves out
 # Keras's reductions the curvature follows: the mean over the loss terms (Keras's
 # default, `"sum_over_batch_size"`) and their sum.
 _SUMS = ("sum", None, "none")
-_REDUCTIONS = ("sum_over_batch_size",) + _SUMS
+# Keras's `"mean"` divides by the terms' count as `"sum_over_batch_size"` does.
+_REDUCTIONS = ("sum_over_batch_size", "mean") + _SUMS
 
 OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight"])
 """One output's part of the training loss: its position in the flattened model output

@@ -340,6 +340,21 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                           sample_weight, loss_value, scale)
         statistics.update_inverses(self)
 
+    def _check_variables_are_known(self, variables):
+        try:
+            super()._check_variables_are_known(variables)
+        except ValueError as error:
+            if not self.curvature_updates:
+                raise
+            # A custom loop's first `update_curvature` built the optimizer from the
+            # recorded model's variables; Keras's message does not say why.
+            raise ValueError(
+                f"{error} The first `update_curvature` call built this optimizer "
+                "from the recorded model's trainable variables. To train others "
+                "too (a variable outside the model), build it with all of them "
+                "before the first step: `optimizer.build(model.trainable_variables "
+                "+ [...])`.") from None
+
     # Update -------------------------------------------------------------------
 
     def _precondition(self, grads, variables, learning_rate):

@@ -1,6 +1,7 @@
 """`keras_tkfac.wrap`: a model whose training step feeds curvature to the optimizer."""
 
 import inspect
+import warnings
 
 from absl import logging
 import tensorflow as tf
@@ -325,6 +326,12 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             )
             scaled_loss = optimizer.scale_loss(loss)
         variables = self.trainable_variables
+        if not variables:
+            # As Keras's own training step: nothing to update (a frozen model).
+            warnings.warn("The model does not have any trainable weights.")
+            del tape
+            return keras_compat.multi_worker_logs(
+                self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         # One backward pass: the gradients, and the loss's gradients with respect to
         # the recorded outputs (the factored preconditioning's rows).
         grads, output_grads = tape.gradient(

@@ -568,6 +568,46 @@ def test_raw_tf_variable_in_apply_gradients():
     assert len(optimizer._slots) == 2
 
 
+def test_a_variable_outside_the_recording_names_the_build_it_needs():
+    """A custom loop whose first `update_curvature` built the optimizer from the
+    model's variables cannot then train another one: the error says to build the
+    optimizer with all of them first (which `test_raw_tf_variable_in_apply_gradients`
+    does)."""
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    extra = tf.Variable(np.ones(3, "float32"))
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    x, y = helpers.classification_data(n=8)
+    variables = model.trainable_variables + [extra]
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+        loss = keras.ops.mean(LOSS(y, y_pred)) + tf.reduce_sum(extra)
+    grads = tape.gradient(loss, variables)
+    optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+    with pytest.raises(ValueError, match=r"optimizer\.build\(model\.trainable_variables"):
+        optimizer.apply_gradients(zip(grads, variables))
+
+
+@pytest.mark.parametrize("freeze", ["wrapped", "base"])
+def test_a_model_without_trainable_weights_fits_as_with_adam(freeze):
+    """As Keras's own training step, a frozen model's `fit` warns and runs (its
+    loss reported, no weight moved) instead of failing in `apply_gradients`."""
+    base = helpers.tiny_mlp()
+    start = [w.numpy().copy() for w in base.weights]
+    if freeze == "base":
+        base.trainable = False
+    model = keras_tkfac.wrap(base)
+    if freeze == "wrapped":
+        model.trainable = False
+    model.compile(optimizer=keras_tkfac.TKFAC(), loss=LOSS)
+    x, y = helpers.classification_data(n=16)
+    with pytest.warns(UserWarning, match="does not have any trainable weights"):
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    for before, after in zip(start, base.weights):
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
 # Items 8, 9 ----------------------------------------------------------------------
 
 
@@ -810,6 +850,12 @@ def test_a_summed_loss_trains_as_the_mean_weighted_by_the_batch(cls, caplog):
             reduction="mean_with_sample_weight"), "true")
     assert any("reduction='mean_with_sample_weight'" in r.getMessage()
                for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # Keras's "mean" is its default's mean
+        spec = fisher.resolve_loss(keras.losses.MeanSquaredError(reduction="mean"),
+                                   "true")
+    assert not spec.sums and not any("reduction=" in r.getMessage()
+                                     for r in caplog.records)
 
 
 class Distiller(keras.Model):
