@@ -64,6 +64,7 @@ import tensorflow as tf
 
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import rnn_tangents
 from keras_tkfac import tangents as tangents_lib
 
 
@@ -153,7 +154,7 @@ def _sources(outputs, y_pred):
 NESTED = True
 
 
-def _forward_mode(forward, outputs, primals, directions, nested=False):
+def _forward_mode(forward, outputs, primals, directions, nested=False, model=None):
     """`(J x for x in directions, sources, flat y_pred)` by forward-mode passes:
     with `nested`, all directions in one traced pass (`NESTED`), else one pass per
     direction (and always in eager execution, where the second-order terms would
@@ -163,27 +164,29 @@ def _forward_mode(forward, outputs, primals, directions, nested=False):
                 for direction in directions]
     if nested and len(tangents) > 1 and not tf.executing_eagerly():
         try:
-            return _passes(forward, outputs, primals, [tangents])
+            return _passes(forward, outputs, primals, [tangents], model)
         except tangents_lib.DroppedTangents:
             raise  # (also `HiddenReads`): one pass per direction finds them too.
         except Exception as error:  # pylint: disable=broad-except
             logging.log_first_n(
                 logging.INFO, "keras_tkfac: nested forward-mode products failed "
                 "(%s); one pass per direction.", 1, type(error).__name__)
-    return _passes(forward, outputs, primals, [[t] for t in tangents])
+    return _passes(forward, outputs, primals, [[t] for t in tangents], model)
 
 
-def _passes(forward, outputs, primals, groups):
+def _passes(forward, outputs, primals, groups, model=None):
     """`_forward_mode`'s result, one forward pass per group of tangents (each group
     a list of tangent lists aligned with `primals`, carried by nested
-    accumulators)."""
+    accumulators). `model`'s recurrent layers carry the tangents through their
+    loops (`rnn_tangents`)."""
     jvps, first = [], None
     for group in groups:
         start = tangents_lib.operation_count() if first is None else None
         with contextlib.ExitStack() as stack:
             accumulators = [stack.enter_context(
                 tf.autodiff.ForwardAccumulator(primals, t)) for t in group]
-            found, flat = _sources(outputs, forward())
+            with rnn_tangents.carrying(model, accumulators):
+                found, flat = _sources(outputs, forward())
         for accumulator in accumulators:
             lost = tangents_lib.dropped(accumulator, start, found)
             if lost:
@@ -420,7 +423,7 @@ class Batch:
                 return _reverse_mode(forward, self.outputs, primals, directions)
             try:
                 return _forward_mode(forward, self.outputs, primals, directions,
-                                     self.nests())
+                                     self.nests(), getattr(self.forward, "model", None))
             except tangents_lib.DroppedTangents:
                 raise  # Reverse-over-reverse products drop them too.
             except Exception as error:  # pylint: disable=broad-except

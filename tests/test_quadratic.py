@@ -693,9 +693,9 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
     forward = lambda: model(x, training=True)  # noqa: E731
     passes, original = [], products._passes
 
-    def recorded(forward, outputs, primals, groups):
+    def recorded(forward, outputs, primals, groups, model=None):
         passes.append([len(group) for group in groups])
-        return original(forward, outputs, primals, groups)
+        return original(forward, outputs, primals, groups, model)
 
     monkeypatch.setattr(products, "_passes", recorded)
     results = {}
@@ -802,3 +802,93 @@ def test_products_passes_run_recurrent_layers_without_cudnn(monkeypatch):
             assert [layer.use_cudnn for layer in recurrent] == [False] * 3
             raise RuntimeError
     assert [layer.use_cudnn for layer in recurrent] == ["auto", "auto", True]
+
+
+def _recurrent_model(kind):
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    if kind == "bilstm":
+        inputs = keras.Input((6,), dtype="int32")
+        h = L.Embedding(30, 4, mask_zero=True)(inputs)
+        h = L.Bidirectional(L.LSTM(3, return_sequences=True))(h)
+        h = L.Bidirectional(L.LSTM(3))(h)
+    elif kind == "gru":
+        inputs = keras.Input((6, 2))
+        h = L.GRU(3, go_backwards=True, return_sequences=True, dropout=0.2)(inputs)
+        h = L.Flatten()(L.SimpleRNN(3, return_sequences=True)(h))
+    else:  # stacked cells, returned states
+        inputs = keras.Input((6, 2))
+        h, *_ = L.RNN(L.StackedRNNCells([L.LSTMCell(3), L.GRUCell(2)]),
+                      return_state=True)(inputs)
+    return keras.Model(inputs, L.Dense(3)(h))
+
+
+@pytest.mark.parametrize("kind", ["bilstm", "gru", "stacked"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_forward_mode_products_pass_recurrent_loops(kind, nested):
+    """`rnn_tangents.carrying`: forward mode carries the tangents through Keras's
+    recurrent loops (masks, `go_backwards`, input dropout, stacked cells), for the
+    embedding and dense layers around them and for the recurrent weights; each
+    `J x` equals reverse-over-reverse `d/du <J^T u, x>` through the same loops."""
+    model = _recurrent_model(kind)
+    x = (RNG.integers(0, 30, size=(4, 6)) if kind == "bilstm"
+         else RNG.normal(size=(4, 6, 2)).astype("float32"))
+    if kind == "bilstm":
+        x[:, -2:] = 0  # masked time steps
+    outputs = fisher.resolve_losses(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), "true", model(x))
+    primals = [v.value for v in model.trainable_variables]
+    directions = [[tf.constant(RNG.normal(size=p.shape).astype("float32"))
+                   for p in primals] for _ in range(2)]
+    state = [v.value for v in model.non_trainable_variables]
+    seeds = [tf.identity(v) for v in state]
+
+    def forward():
+        for variable, seed in zip(state, seeds):  # the same dropout masks
+            variable.assign(seed)
+        return model(x, training=True)
+
+    got = tf.function(lambda: products._forward_mode(
+        forward, outputs, primals, directions, nested, model)[0])()
+
+    @tf.function
+    def reverse():
+        found = []
+        for direction in directions:
+            with tf.GradientTape() as outer:
+                dummy = tf.zeros((4, 3))
+                outer.watch(dummy)
+                with tf.GradientTape() as inner:
+                    inner.watch(primals)
+                    y = forward()
+                transposed = inner.gradient(
+                    y, primals, output_gradients=dummy,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                dot = tf.add_n([tf.reduce_sum(t * d)
+                                for t, d in zip(transposed, direction)])
+            found.append(outer.gradient(dot, dummy))
+        return found
+
+    for jvps, want in zip(got, reverse()):
+        assert np.abs(want).max() > 1e-2
+        np.testing.assert_allclose(jvps[0], want, rtol=1e-5, atol=1e-6)
+    assert not any("inner_loop" in vars(layer)  # the layers' own loops are back
+                   for layer in model._flatten_layers())
+
+
+def test_a_recurrent_model_fits_with_forward_mode_products(monkeypatch):
+    """`wrap` + `TKFAC()` on a BiLSTM classifier: the products take forward mode
+    (before `rnn_tangents`, Keras's loop sent them to reverse-over-reverse)."""
+    reverse = []
+    monkeypatch.setattr(products, "_reverse_mode",
+                        lambda *args: reverse.append(1) or (_ for _ in ()).throw(
+                            AssertionError("reverse mode")))
+    model = keras_tkfac.wrap(_recurrent_model("bilstm"))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    x = RNG.integers(1, 30, size=(32, 6))
+    y = (x[:, 0] % 3).astype("int32")
+    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0)
+    assert not reverse
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][-1] < history.history["loss"][0]
