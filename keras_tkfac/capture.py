@@ -36,26 +36,24 @@ def register_wrapper(model, wrapper):
 
 
 def unattached_wrapper(optimizer_name, variables):
-    """The `keras_tkfac.wrap` model that trains `variables`, for an optimizer whose
-    `apply_gradients` runs before any `compile` or `update_curvature` attached it.
-
-    A custom loop over a wrapped model that calls `apply_gradients` alone trains
-    (its factors are never fed: identity preconditioners), with a warning logged.
+    """The `keras_tkfac.wrap` model that trains most of `variables`, for an
+    optimizer built before any `compile` or `update_curvature` attached it: by a
+    custom loop's `apply_gradients` (its factors are then never fed: identity
+    preconditioners) or by an explicit `optimizer.build(...)`, whose list may also
+    hold variables outside the model (they take the partner's steps).
 
     Raises:
-        ValueError: when no wrapped model trains `variables` (the model was not
-            wrapped).
+        ValueError: when no wrapped model trains any of `variables` (the model was
+            not wrapped).
     """
     keys = {id(v) for v in variables}
+    found, shared = None, 0
     for wrapper in list(_WRAPPERS.values()):
-        if keys and keys <= {id(v) for v in wrapper.trainable_variables}:
-            logging.warning(
-                "keras_tkfac: %s.apply_gradients was called before any "
-                "update_curvature, so no layer is preconditioned until it is: record "
-                "the forward pass with keras_tkfac.record(model) and call "
-                "optimizer.update_curvature(...) before apply_gradients (README, "
-                "\"Custom training loops\").", optimizer_name)
-            return wrapper
+        common = len(keys & {id(v) for v in wrapper.trainable_variables})
+        if common > shared:
+            found, shared = wrapper, common
+    if found is not None:
+        return found
     raise ValueError(
         f"{optimizer_name} needs the model's curvature: wrap the model with `model = "
         "keras_tkfac.wrap(model)` before `compile`/`fit` (custom loops: "

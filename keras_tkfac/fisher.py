@@ -395,6 +395,13 @@ def _logits_source(spec, y_pred):
     kept by a Keras softmax/sigmoid activation (`_keras_logits`), else the input of
     a graph `Softmax`/`Sigmoid` op (a raw `tf.nn.softmax`/`tf.nn.sigmoid` output).
     """
+    if spec.kind is None:
+        # A loss without a formula may itself call Keras's cross-entropy (a user's
+        # `lambda t, p: binary_crossentropy(t, p) * w`), which reads the logits
+        # behind `y_pred`: it is differentiated through the logits of a softmax or
+        # sigmoid output, evaluated on the activation re-applied to them
+        # (`loss_input`), so that a loss reading `y_pred` itself is differentiated too.
+        return _activation_input(y_pred)[0]
     op_type = _LOGIT_OPS.get(spec.kind)
     if op_type is None or spec.from_logits:
         return y_pred
@@ -412,6 +419,41 @@ def _logits_source(spec, y_pred):
     ):
         return y_pred.op.inputs[0]
     return y_pred
+
+
+_ACTIVATIONS = {"Softmax": tf.nn.softmax, "Sigmoid": tf.sigmoid}
+
+
+def _activation_input(y_pred):
+    """`(logits, activation)` where `y_pred` is the output of a traced `Softmax` or
+    `Sigmoid` op (Keras's activations on the last axis), else `(y_pred, None)`."""
+    if (
+        hasattr(y_pred, "op")
+        and not isinstance(y_pred, (tf.__internal__.EagerTensor, tf.Variable))
+        and y_pred.op.type in _ACTIVATIONS
+        and len(y_pred.op.inputs) == 1
+    ):
+        return y_pred.op.inputs[0], _ACTIVATIONS[y_pred.op.type]
+    return y_pred, None
+
+
+def loss_input(spec, source, y_pred):
+    """What the loss reads when it is differentiated with respect to `source`
+    (`_logits_source`): `y_pred`, or, for a loss without a formula on a softmax or
+    sigmoid output, that activation re-applied to the logits `source` (equal to
+    `y_pred`, and keeping Keras's `_keras_logits` where `y_pred` has them)."""
+    if spec.kind is not None or source is y_pred:
+        return y_pred
+    logits, activation = _activation_input(y_pred)
+    if activation is None or logits is not source:
+        return y_pred
+    reapplied = activation(source)
+    if hasattr(y_pred, "_keras_logits"):
+        try:
+            reapplied._keras_logits = source  # pylint: disable=protected-access
+        except AttributeError:
+            pass
+    return reapplied
 
 
 def term_weights(sample_weight, losses):
@@ -497,7 +539,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
     source = _logits_source(spec, y_pred)
     with tf.GradientTape() as tape:
         tape.watch(source)
-        losses = spec.fn(targets, y_pred)
+        losses = spec.fn(targets, loss_input(spec, source, y_pred))
         total = tf.reduce_sum(losses)
     cotangent = tape.gradient(total, source)
     if cotangent is None:

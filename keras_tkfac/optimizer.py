@@ -164,6 +164,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if self._blocks is None:
             wrapper = capture.unattached_wrapper(type(self).__name__, var_list)
             self.attach(wrapper.blocks, owner=wrapper)
+            if self._applying:  # (not an explicit `build` before the loop)
+                logging.warning(
+                    "keras_tkfac: %s.apply_gradients was called before any "
+                    "update_curvature, so no layer is preconditioned until it is: "
+                    "record the forward pass with keras_tkfac.record(model) and "
+                    "call optimizer.update_curvature(...) before apply_gradients "
+                    "(README, \"Custom training loops\").", type(self).__name__)
         super().build(var_list)
         keys = {self._var_key(v) for v in var_list}
         covered = set()
@@ -339,6 +346,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         statistics.update(self, recording, tape, outputs, y_true, y_pred,
                           sample_weight, loss_value, scale)
         statistics.update_inverses(self)
+
+    _applying = False  # inside `apply` (Keras builds an unbuilt optimizer there)
+
+    def apply(self, grads, trainable_variables=None):
+        self._applying = True
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._applying = False
 
     def _check_variables_are_known(self, variables):
         try:

@@ -118,7 +118,8 @@ def _gradient_projections(output, label, source, y_pred, jvps):
     empirical Fisher `g_m g_m^T`)."""
     with tf.GradientTape() as tape:
         tape.watch(source)
-        terms = output.spec.fn(label, y_pred)
+        terms = output.spec.fn(label, fisher_lib.loss_input(output.spec, source,
+                                                            y_pred))
         total = tf.reduce_sum(tf.cast(terms, tf.float32))
     grad = tf.cast(tape.gradient(
         total, source, unconnected_gradients=tf.UnconnectedGradients.ZERO), tf.float32)

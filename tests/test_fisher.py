@@ -337,3 +337,50 @@ def test_a_class_axis_other_than_the_last_trains_as_its_transposed_twin(cls, los
     np.testing.assert_allclose(first_loss, last_loss, rtol=1e-5)
     for a, b in zip(first_weights, last_weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation,keras_loss,labels", [
+    ("sigmoid", keras.losses.binary_crossentropy, "binary"),
+    ("softmax", keras.losses.sparse_categorical_crossentropy, "sparse")])
+def test_a_loss_function_calling_keras_cross_entropy_is_differentiated_through_logits(
+        activation, keras_loss, labels):
+    """A user's loss without a formula that calls Keras's cross-entropy (which reads
+    the logits behind a softmax/sigmoid output, `_keras_logits`) gets the
+    cotangent of its loss with respect to those logits (it raised "does not depend
+    on the model output"); a loss reading the probabilities gets the same through
+    the re-applied activation."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(6, 4)).astype("float32"))
+    dense = keras.layers.Dense(3, activation=activation)
+    y = (rng.integers(0, 2, size=(6, 3)).astype("float32") if labels == "binary"
+         else rng.integers(0, 3, size=(6,)))
+
+    def wrapped(t, p):
+        return 2.0 * keras_loss(t, p)
+
+    def by_hand(t, p):
+        p = tf.clip_by_value(p, 1e-7, 1 - 1e-7)
+        if labels == "binary":
+            return -2.0 * tf.reduce_mean(t * tf.math.log(p)
+                                         + (1 - t) * tf.math.log(1 - p), -1)
+        return -2.0 * tf.math.log(tf.gather(p, tf.cast(t, tf.int32), batch_dims=1))
+
+    @tf.function
+    def cotangents():
+        y_pred = dense(x)
+        logits = y_pred.op.inputs[0]
+        found = []
+        for fn in (wrapped, by_hand):
+            spec = fisher.resolve_loss(fn, "empirical", y_pred)
+            assert spec.kind is None
+            found.append(fisher.output_cotangent(spec, "empirical", y, y_pred, 0)[:2])
+        with tf.GradientTape() as tape:  # the reference: through the logits
+            tape.watch(logits)
+            total = tf.reduce_sum(wrapped(y, getattr(tf.nn, activation)(logits)))
+        return found, logits, tape.gradient(total, logits)
+
+    (first, second), logits, want = cotangents()
+    for source, cotangent in (first, second):
+        np.testing.assert_allclose(source, logits)
+        np.testing.assert_allclose(cotangent, want, rtol=1e-4, atol=1e-6)
+    assert np.abs(want).max() > 0.1

@@ -588,6 +588,36 @@ def test_a_variable_outside_the_recording_names_the_build_it_needs():
         optimizer.apply_gradients(zip(grads, variables))
 
 
+def test_building_with_a_variable_outside_the_model_trains_it(caplog):
+    """The recipe of the error above: `optimizer.build(model.trainable_variables +
+    [extra])` before the loop, without `attach`; the extra variable takes the
+    partner's step, the model's layers are preconditioned, and no "before any
+    update_curvature" warning is logged for a build that is not an
+    `apply_gradients`."""
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    extra = tf.Variable(np.ones(3, "float32"))
+    optimizer = keras_tkfac.TKFAC(seed=0, fallback_lr_ratio=0.01, learning_rate=0.5,
+                                  step_control="graft")
+    x, y = helpers.classification_data(n=8)
+    variables = model.trainable_variables + [extra]
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        optimizer.build(variables)
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = keras.ops.mean(LOSS(y, y_pred)) + tf.reduce_sum(extra)
+        grads = tape.gradient(loss, variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+        optimizer.apply_gradients(zip(grads, variables))
+    assert not [r for r in caplog.records
+                if "before any update_curvature" in r.getMessage()]
+    # Adam's first step: lr * fallback_lr_ratio * g / (|g| + eps), gradient 1.
+    np.testing.assert_allclose(extra.numpy(), [0.995] * 3, rtol=1e-6)
+    assert len(optimizer._slots) == 2
+    assert np.abs(optimizer._slots[0].factors[0].numpy()).max() > 0
+
+
 @pytest.mark.parametrize("freeze", ["wrapped", "base"])
 def test_a_model_without_trainable_weights_fits_as_with_adam(freeze):
     """As Keras's own training step, a frozen model's `fit` warns and runs (its
