@@ -285,7 +285,26 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     def metrics(self):
         if self.compiled and self.delegates_steps:
             return self.model.metrics
-        return super().metrics
+        # Keras leaves out the metrics of a nested model (a `Trainer`): the wrapped
+        # model's own trackers (a `keras.metrics.Mean` its `compute_loss` or `call`
+        # updates) would vanish from the logs. Its compiled metrics stay out: the
+        # wrapper's `compile` gave its own.
+        metrics = list(super().metrics)
+        known = {id(m) for m in metrics}
+        for metric in self.model._metrics:  # pylint: disable=protected-access
+            if id(metric) not in known:
+                known.add(id(metric))
+                metrics.append(metric)
+        return metrics
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds the compiled metrics it will report before
+        # the first step; with the wrapped model's own `train_step` those are the
+        # wrapped model's (`metrics`), which its own build creates.
+        if (self.delegates_steps and getattr(self.model, "compiled", False)
+                and data_batch is not None):
+            self.model._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def compile_from_config(self, config):
         # Keras skips compiling models whose `compile` is overridden; ours only adds

@@ -169,6 +169,59 @@ def test_model_train_step_runs_with_the_record_recipe(forward):
     assert (float(model.optimizer.damping_scale.numpy()) != 1.0) == forward
 
 
+def test_model_train_step_with_compiled_metrics_fits_under_a_strategy(mirrored):
+    """Under a strategy Keras builds the compiled metrics before the first step;
+    with the wrapped model's own `train_step` they are the wrapped model's (it
+    raised "Cannot get result() since the metric has not yet been built")."""
+    x, y = helpers.classification_data(n=32)
+    with mirrored.scope():
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(OwnStep())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS,
+                      metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert history.history["steps_run"] == [4.0, 4.0]  # reset every epoch
+    assert np.isfinite(history.history["loss"]).all()
+
+
+class TrackedPenalty(TwoDense):
+    """A model that tracks a term of its own `compute_loss` in a metric of its own
+    (keras-io's VAE tracks its KL term so)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.penalty = keras.metrics.Mean(name="penalty")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred,
+                                    sample_weight=sample_weight, training=training)
+        penalty = 0.1 * keras.ops.mean(keras.ops.square(y_pred))
+        self.penalty.update_state(penalty)
+        return loss + penalty
+
+
+def test_the_wrapped_models_own_metrics_are_logged():
+    """Keras leaves a nested model's metrics out of the logs; the wrapper puts the
+    wrapped model's own trackers back (`History`, `evaluate`), as without `wrap`."""
+    x, y = helpers.classification_data(n=32)
+    logs = {}
+    for name in ("keras", "wrapped"):
+        keras.utils.set_random_seed(0)
+        model = TrackedPenalty()
+        if name == "wrapped":
+            model = keras_tkfac.wrap(model)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS)
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        logs[name] = (history.history,
+                      model.evaluate(x, y, verbose=0, return_dict=True))
+    assert sorted(logs["wrapped"][0]) == sorted(logs["keras"][0]) == ["loss", "penalty"]
+    np.testing.assert_allclose(logs["wrapped"][0]["penalty"],
+                               logs["keras"][0]["penalty"], rtol=1e-5)
+    np.testing.assert_allclose(logs["wrapped"][1]["penalty"],
+                               logs["keras"][1]["penalty"], rtol=1e-5)
+
+
 def _unfed_warnings(caplog):
     return [r.getMessage() for r in caplog.records
             if "no layer is preconditioned" in r.getMessage()]
