@@ -877,17 +877,17 @@ def test_forward_mode_products_pass_recurrent_loops(kind, nested):
 
 
 def test_a_recurrent_model_fits_with_forward_mode_products(monkeypatch):
-    """`wrap` + `TKFAC()` on a BiLSTM classifier: the products take forward mode
-    (before `rnn_tangents`, Keras's loop sent them to reverse-over-reverse)."""
+    """`wrap` + `TKFAC()` on a GRU/SimpleRNN classifier: the products take forward
+    mode (before `rnn_tangents`, Keras's loop sent them to reverse-over-reverse)."""
     reverse = []
     monkeypatch.setattr(products, "_reverse_mode",
                         lambda *args: reverse.append(1) or (_ for _ in ()).throw(
                             AssertionError("reverse mode")))
-    model = keras_tkfac.wrap(_recurrent_model("bilstm"))
+    model = keras_tkfac.wrap(_recurrent_model("gru"))
     model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=keras.losses.
                   SparseCategoricalCrossentropy(from_logits=True))
-    x = RNG.integers(1, 30, size=(32, 6))
-    y = (x[:, 0] % 3).astype("int32")
+    x = RNG.normal(size=(32, 6, 2)).astype("float32")
+    y = np.digitize(x[:, 0, 0], [-0.5, 0.5]).astype("int32")
     history = model.fit(x, y, batch_size=16, epochs=4, verbose=0)
     assert not reverse
     assert np.isfinite(history.history["loss"]).all()
