@@ -814,7 +814,8 @@ def _recurrent_model(kind):
         h = L.Bidirectional(L.LSTM(3))(h)
     elif kind == "gru":
         inputs = keras.Input((6, 2))
-        h = L.GRU(3, go_backwards=True, return_sequences=True, dropout=0.2)(inputs)
+        h = L.Dense(3, name="before_the_loop")(inputs)  # its tangent enters the loop
+        h = L.GRU(3, go_backwards=True, return_sequences=True, dropout=0.2)(h)
         h = L.Flatten()(L.SimpleRNN(3, return_sequences=True)(h))
     else:  # stacked cells, returned states
         inputs = keras.Input((6, 2))
@@ -823,8 +824,8 @@ def _recurrent_model(kind):
     return keras.Model(inputs, L.Dense(3)(h))
 
 
-@pytest.mark.parametrize("kind", ["bilstm", "gru", "stacked"])
-@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("kind,nested", [("bilstm", True), ("gru", True),
+                                         ("gru", False), ("stacked", False)])
 def test_forward_mode_products_pass_recurrent_loops(kind, nested):
     """`rnn_tangents.carrying`: forward mode carries the tangents through Keras's
     recurrent loops (masks, `go_backwards`, input dropout, stacked cells), for the
