@@ -599,15 +599,16 @@ def test_optimizers_get_distinct_names(cls):
     assert reloaded.name == second.name
 
 
-def test_raw_tf_variable_in_apply_gradients():
+def _step_with_an_extra_variable(optimizer, prepare=None):
+    """One custom-loop step (README's recipe) on `tiny_mlp` whose loss also sums a
+    variable outside the model; `prepare(model, variables)` runs first. Returns the
+    extra variable."""
     model = keras_tkfac.wrap(helpers.tiny_mlp())
     extra = tf.Variable(np.ones(3, "float32"))
-    optimizer = keras_tkfac.TKFAC(momentum=0.0, learning_rate=0.5, kl_clip=None, seed=0,
-                                  fallback_lr_ratio=0.01)
     x, y = helpers.classification_data(n=8)
     variables = model.trainable_variables + [extra]
-    optimizer.attach(model.blocks)
-    optimizer.build(variables)
+    if prepare is not None:
+        prepare(model, variables)
     with tf.GradientTape(persistent=True) as tape:
         with keras_tkfac.record(model) as recording:
             y_pred = model(x, training=True)
@@ -615,6 +616,18 @@ def test_raw_tf_variable_in_apply_gradients():
     grads = tape.gradient(loss, variables)
     optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
     optimizer.apply_gradients(zip(grads, variables))
+    return extra
+
+
+def test_raw_tf_variable_in_apply_gradients():
+    optimizer = keras_tkfac.TKFAC(momentum=0.0, learning_rate=0.5, kl_clip=None, seed=0,
+                                  fallback_lr_ratio=0.01)
+
+    def attach_and_build(model, variables):
+        optimizer.attach(model.blocks)
+        optimizer.build(variables)
+
+    extra = _step_with_an_extra_variable(optimizer, attach_and_build)
     # The raw variable has no block: the Adam partner's first step moves it by
     # lr * fallback_lr_ratio * g / (|g| + eps) = 0.5 * 0.01 (gradient 1).
     np.testing.assert_allclose(extra.numpy(), [0.995, 0.995, 0.995], rtol=1e-6)
@@ -624,21 +637,9 @@ def test_raw_tf_variable_in_apply_gradients():
 def test_a_variable_outside_the_recording_names_the_build_it_needs():
     """A custom loop whose first `update_curvature` built the optimizer from the
     model's variables cannot then train another one: the error says to build the
-    optimizer with all of them first (which `test_raw_tf_variable_in_apply_gradients`
-    does)."""
-    model = keras_tkfac.wrap(helpers.tiny_mlp())
-    extra = tf.Variable(np.ones(3, "float32"))
-    optimizer = keras_tkfac.TKFAC(seed=0)
-    x, y = helpers.classification_data(n=8)
-    variables = model.trainable_variables + [extra]
-    with tf.GradientTape(persistent=True) as tape:
-        with keras_tkfac.record(model) as recording:
-            y_pred = model(x, training=True)
-        loss = keras.ops.mean(LOSS(y, y_pred)) + tf.reduce_sum(extra)
-    grads = tape.gradient(loss, variables)
-    optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
+    optimizer with all of them first (`test_building_with_a_variable_outside_...`)."""
     with pytest.raises(ValueError, match=r"optimizer\.build\(model\.trainable_variables"):
-        optimizer.apply_gradients(zip(grads, variables))
+        _step_with_an_extra_variable(keras_tkfac.TKFAC(seed=0))
 
 
 def test_building_with_a_variable_outside_the_model_trains_it(caplog):
@@ -647,22 +648,12 @@ def test_building_with_a_variable_outside_the_model_trains_it(caplog):
     partner's step, the model's layers are preconditioned, and no "before any
     update_curvature" warning is logged for a build that is not an
     `apply_gradients`."""
-    model = keras_tkfac.wrap(helpers.tiny_mlp())
-    extra = tf.Variable(np.ones(3, "float32"))
     optimizer = keras_tkfac.TKFAC(seed=0, fallback_lr_ratio=0.01, learning_rate=0.5,
                                   step_control="graft")
-    x, y = helpers.classification_data(n=8)
-    variables = model.trainable_variables + [extra]
     logging.get_absl_logger().propagate = True
     with caplog.at_level("WARNING"):
-        optimizer.build(variables)
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = keras.ops.mean(LOSS(y, y_pred)) + tf.reduce_sum(extra)
-        grads = tape.gradient(loss, variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS)
-        optimizer.apply_gradients(zip(grads, variables))
+        extra = _step_with_an_extra_variable(
+            optimizer, lambda model, variables: optimizer.build(variables))
     assert not [r for r in caplog.records
                 if "before any update_curvature" in r.getMessage()]
     # Adam's first step: lr * fallback_lr_ratio * g / (|g| + eps), gradient 1.
