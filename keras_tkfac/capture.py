@@ -35,12 +35,15 @@ def register_wrapper(model, wrapper):
     _WRAPPERS[model] = wrapper
 
 
-def unattached_wrapper(optimizer_name, variables):
+def unattached_wrapper(optimizer_name, variables, applying=False):
     """The `keras_tkfac.wrap` model that trains most of `variables`, for an
     optimizer built before any `compile` or `update_curvature` attached it: by a
     custom loop's `apply_gradients` (its factors are then never fed: identity
     preconditioners) or by an explicit `optimizer.build(...)`, whose list may also
     hold variables outside the model (they take the partner's steps).
+
+    With `applying` (built by `apply_gradients`, not by an explicit `build`), logs
+    once that no layer is preconditioned until `update_curvature` runs.
 
     Raises:
         ValueError: when no wrapped model trains any of `variables` (the model was
@@ -53,6 +56,13 @@ def unattached_wrapper(optimizer_name, variables):
         if common > shared:
             found, shared = wrapper, common
     if found is not None:
+        if applying:
+            logging.warning(
+                "keras_tkfac: %s.apply_gradients was called before any "
+                "update_curvature, so no layer is preconditioned until it is: record "
+                "the forward pass with keras_tkfac.record(model) and call "
+                "optimizer.update_curvature(...) before apply_gradients (README, "
+                "\"Custom training loops\").", optimizer_name)
         return found
     raise ValueError(
         f"{optimizer_name} needs the model's curvature: wrap the model with `model = "

@@ -162,36 +162,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             # own variables (none); the wrapped model's are meant.
             var_list = owner.trainable_variables
         if self._blocks is None:
-            wrapper = capture.unattached_wrapper(type(self).__name__, var_list)
+            wrapper = capture.unattached_wrapper(type(self).__name__, var_list,
+                                                 applying=self._applying)
             self.attach(wrapper.blocks, owner=wrapper)
-            if self._applying:  # (not an explicit `build` before the loop)
-                logging.warning(
-                    "keras_tkfac: %s.apply_gradients was called before any "
-                    "update_curvature, so no layer is preconditioned until it is: "
-                    "record the forward pass with keras_tkfac.record(model) and "
-                    "call optimizer.update_curvature(...) before apply_gradients "
-                    "(README, \"Custom training loops\").", type(self).__name__)
         super().build(var_list)
         keys = {self._var_key(v) for v in var_list}
         covered = set()
         self._slots = []
-        for block in self._blocks:
-            block_keys = [self._var_key(v) for v in block.variables]
-            if block_keys[0] not in keys:
-                continue
-            if max(shapes.matrix_factor_dims(block)) > self.max_factor_dim:
-                logging.warning(
-                    "keras_tkfac: layer %r has factors of dimension %d x %d, more "
-                    "than max_factor_dim=%d; it takes the first-order fallback.",
-                    block.name, block.d_in, block.d_out, self.max_factor_dim,
-                )
-                continue
-            if any(key not in keys for key in block_keys[1:]):
-                logging.warning(
-                    "keras_tkfac: layer %r has a non-trainable bias or recurrent "
-                    "kernel; it is not preconditioned.", block.name
-                )
-                continue
+        for block, block_keys in shapes.preconditionable(
+                self._blocks, self._var_key, keys, self.max_factor_dim):
             covered.update(block_keys)
             factors = [
                 self.add_variable(
@@ -215,18 +194,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (len(self._slots),), initializer="zeros", name="factor_weight",
             dtype="float32", aggregation="only_first_replica",
         )
-        self.inverse_failures = self.add_variable(
-            (), initializer="zeros", dtype="int32", name="inverse_failures",
-            aggregation="only_first_replica",
-        )
-        self.skipped_statistics = self.add_variable(
-            (), initializer="zeros", dtype="int32", name="skipped_statistics",
-            aggregation="only_first_replica",
-        )
-        self.skipped_steps = self.add_variable(
-            (), initializer="zeros", dtype="int32", name="skipped_steps",
-            aggregation="only_first_replica",
-        )
+        for name in ("inverse_failures", "skipped_statistics", "skipped_steps"):
+            setattr(self, name, self.add_variable(
+                (), initializer="zeros", dtype="int32", name=name,
+                aggregation="only_first_replica"))
         # The last step's KL-clip scale, then per slot |nu U| / |G|.
         self._last_update = self.add_variable(
             (len(self._slots) + 1,), initializer="ones", name="last_update",
@@ -362,14 +333,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         except ValueError as error:
             if not self.curvature_updates:
                 raise
-            # A custom loop's first `update_curvature` built the optimizer from the
-            # recorded model's variables; Keras's message does not say why.
-            raise ValueError(
-                f"{error} The first `update_curvature` call built this optimizer "
-                "from the recorded model's trainable variables. To train others "
-                "too (a variable outside the model), build it with all of them "
-                "before the first step: `optimizer.build(model.trainable_variables "
-                "+ [...])`.") from None
+            raise validation.built_from_the_recording(error) from None
 
     # Update -------------------------------------------------------------------
 

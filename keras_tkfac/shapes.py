@@ -1,5 +1,6 @@
 """Shapes of a curvature block's factors, inverses and gradient matrix."""
 
+from absl import logging
 import tensorflow as tf
 
 
@@ -47,3 +48,26 @@ def factor_trace(factor):
     if factor.shape.rank == 1:
         return tf.reduce_sum(factor)
     return tf.reduce_sum(tf.linalg.trace(factor))
+
+
+def preconditionable(blocks, var_key, keys, max_factor_dim):
+    """`(block, its variables' keys)` for the `blocks` whose variables are all in
+    `keys` (those being trained) and whose factors are at most `max_factor_dim`
+    wide; the others are logged and left to the first-order fallback."""
+    found = []
+    for block in blocks:
+        block_keys = [var_key(v) for v in block.variables]
+        if block_keys[0] not in keys:
+            continue
+        if max(matrix_factor_dims(block)) > max_factor_dim:
+            logging.warning(
+                "keras_tkfac: layer %r has factors of dimension %d x %d, more "
+                "than max_factor_dim=%d; it takes the first-order fallback.",
+                block.name, block.d_in, block.d_out, max_factor_dim)
+        elif any(key not in keys for key in block_keys[1:]):
+            logging.warning(
+                "keras_tkfac: layer %r has a non-trainable bias or recurrent "
+                "kernel; it is not preconditioned.", block.name)
+        else:
+            found.append((block, block_keys))
+    return found

@@ -131,3 +131,14 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
     check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
     check_choice("precondition_form", precondition_form, factored.FORMS)
     return learning_rate, fallback_lr_ratio, adaptive_damping, seed
+
+
+def built_from_the_recording(error):
+    """Keras's "Unknown variable" `error`, for an optimizer that a custom loop's
+    first `update_curvature` built from the recorded model's variables (Keras's
+    message does not say why, nor what to do)."""
+    return ValueError(
+        f"{error} The first `update_curvature` call built this optimizer from the "
+        "recorded model's trainable variables. To train others too (a variable "
+        "outside the model), build it with all of them before the first step: "
+        "`optimizer.build(model.trainable_variables + [...])`.")
