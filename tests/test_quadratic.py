@@ -810,7 +810,6 @@ def _recurrent_model(kind):
     if kind == "bilstm":
         inputs = keras.Input((6,), dtype="int32")
         h = L.Embedding(30, 4, mask_zero=True)(inputs)
-        h = L.Bidirectional(L.LSTM(3, return_sequences=True))(h)
         h = L.Bidirectional(L.LSTM(3))(h)
     elif kind == "gru":
         inputs = keras.Input((6, 2))
