@@ -66,6 +66,12 @@ _COMMON_ARGS = """
             `None`: on under those two controls (measured on the suite: README,
             "Levenberg-Marquardt damping"), off under the others, which have no
             model to compare with. Defaults to `None`.
+        model_update_freq: int >= 1; under `"quadratic"` and
+            `"graft_quadratic"`, the quadratic model (its curvature products, the
+            extra forward-mode pass) is built every this many steps; the steps in
+            between reuse its coefficients `(a, b)` on their own directions, and
+            the damping adapts on the model's steps only (every least common
+            multiple of 5 and this). Defaults to `1`.
         fisher: `"true"` (labels sampled from the model; an output whose loss has
             no sampling rule, e.g. Huber, takes its real labels, logged once) or
             `"empirical"` (real labels for every output). Defaults to `"true"`.
@@ -226,6 +232,7 @@ class TKFAC(CurvatureOptimizer):
         kl_clip=0.1,
         step_control="graft_quadratic",
         adaptive_damping=None,
+        model_update_freq=1,
         fisher="true",
         conv_damping="trace",
         trace_damping_floor=1e-3,
@@ -259,6 +266,7 @@ class TKFAC(CurvatureOptimizer):
             kl_clip=kl_clip,
             step_control=step_control,
             adaptive_damping=adaptive_damping,
+            model_update_freq=model_update_freq,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,
@@ -345,6 +353,7 @@ class KFAC(CurvatureOptimizer):
         kl_clip=0.1,
         step_control="graft_quadratic",
         adaptive_damping=None,
+        model_update_freq=1,
         fisher="true",
         inverse_dtype="float32",
         precondition_dtype="float32",
@@ -369,6 +378,7 @@ class KFAC(CurvatureOptimizer):
             kl_clip=kl_clip,
             step_control=step_control,
             adaptive_damping=adaptive_damping,
+            model_update_freq=model_update_freq,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
             precondition_dtype=precondition_dtype,

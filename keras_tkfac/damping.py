@@ -57,6 +57,8 @@ took it off its plateau. The rule's constants are Martens & Grosse's; the bounds
 are ours.
 """
 
+import math
+
 import tensorflow as tf
 
 from keras_tkfac import distributed
@@ -93,9 +95,16 @@ def current(optimizer):
     return damping * scale(optimizer)
 
 
+def interval(optimizer):
+    """The steps between two adaptations: `INTERVAL`, or its least common multiple
+    with `model_update_freq` (the model's prediction exists on its steps only)."""
+    freq = getattr(optimizer, "model_update_freq", 1)
+    return INTERVAL * freq // math.gcd(INTERVAL, freq)
+
+
 def due(optimizer):
     """Whether this step re-evaluates its batch's loss to adapt the damping."""
-    return tf.equal(optimizer.iterations % INTERVAL, 0)
+    return tf.equal(optimizer.iterations % interval(optimizer), 0)
 
 
 def hand_over(optimizer, predicted, loss_before):
@@ -125,7 +134,9 @@ def adapt(optimizer, batch, finite):
 
     def new_scale():
         ratio = ((batch.loss() if after is None else after) - loss_before) / predicted
-        return [ops.levenberg_marquardt(optimizer.damping_scale.value, ratio, DECAY,
+        # Martens & Grosse's omega for the steps since the last adaptation.
+        decay = DECAY ** (interval(optimizer) / INTERVAL)
+        return [ops.levenberg_marquardt(optimizer.damping_scale.value, ratio, decay,
                                         *SCALE_BOUNDS)]
 
     distributed.cond_assign(tf.logical_and(due(optimizer), ok),

@@ -56,6 +56,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         kl_clip,
         step_control,
         adaptive_damping,
+        model_update_freq,
         fisher,
         inverse_dtype,
         precondition_dtype,
@@ -76,6 +77,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 inverse_update_freq=inverse_update_freq,
                 inverse_warmup=inverse_warmup, kl_clip=kl_clip,
                 step_control=step_control, adaptive_damping=adaptive_damping,
+                model_update_freq=model_update_freq,
                 fisher=fisher, inverse_dtype=inverse_dtype,
                 precondition_dtype=precondition_dtype,
                 precondition_form=precondition_form,
@@ -92,6 +94,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.step_control = step_control
         self.adaptive_damping = adaptive_damping
+        self.model_update_freq = int(model_update_freq)
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
         self.precondition_dtype = precondition_dtype
@@ -215,6 +218,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 for slot in self._slots
             ]
         damping_lib.build(self)
+        quadratic.build(self)
         self._build_update_state(var_list, covered)
 
     def _build_update_state(self, var_list, covered):
@@ -489,6 +493,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "kl_clip": self.kl_clip,
                 "step_control": self.step_control,
                 "adaptive_damping": self.adaptive_damping,
+                "model_update_freq": self.model_update_freq,
                 "fisher": self.fisher,
                 "inverse_dtype": self.inverse_dtype,
                 "precondition_dtype": self.precondition_dtype,

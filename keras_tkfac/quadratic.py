@@ -125,39 +125,84 @@ def steps(optimizer, used, variables, learning_rate):
     if hidden:
         return _without_hidden(optimizer, used, variables, learning_rate,
                                tangents_lib.HiddenReads(hidden))
-    try:
-        found, predicted, minimum = step_size.quadratic_updates(
-            products, dampings, [u for *_, u in used],
-            [g for *_, g, _ in used], previous, bounds,
+    # `update_step` moves the weights by this fraction of the returned step.
+    fraction = step_size.step_learning_rate(optimizer.step_control, learning_rate)
+    updates = [u for *_, u in used]
+
+    def model():
+        """This batch's `(a, b)`, whether the model is trusted, its predicted
+        change for the step taken and the loss before it (for the damping)."""
+        coefficients, predicted, minimum = step_size.quadratic_updates(
+            products, dampings, updates, [g for *_, g, _ in used], previous, bounds,
             step_size.GRAFT_QUADRATIC_FLOOR
             if optimizer.step_control == "graft_quadratic" else None)
+        trusted = tf.constant(True)
+        if "loss" in before:
+            # A model that predicts far more than the loss can fall is not
+            # trusted (`UNTRUSTED_DECREASE`): that step is the sibling's, and its
+            # prediction does not adapt the damping.
+            trusted = tf.logical_or(tf.logical_not(before["nonnegative"]),
+                                    -minimum <= UNTRUSTED_DECREASE * before["loss"])
+        change, loss_before = tf.constant(0.0), tf.constant(0.0)
+        if optimizer.adaptive_damping and batch.y_true is not None:
+            change = tf.where(trusted, predicted(fraction), 0.0)
+            loss_before = (before["loss"] if "loss" in before
+                           else batch.loss_before(damping_lib.due(optimizer)))
+        return (*coefficients, trusted, change, loss_before)
+
+    try:
+        a, b, trusted, change, loss_before = _every_few_steps(optimizer, batch, model)
     except tangents_lib.HiddenReads as error:
         return _without_hidden(optimizer, used, variables, learning_rate, error)
     except Exception as error:  # pylint: disable=broad-except
         # Neither forward nor reverse mode passes the model: no products.
         return _without_products(optimizer, used, variables, learning_rate,
                                  "%s: %s" % (type(error).__name__, error))
+    found = step_size.combine((a, b), updates, previous)
     if "loss" in before:
-        # A model that predicts far more than the loss can fall is not trusted
-        # (`UNTRUSTED_DECREASE`): that step is the sibling's, and its prediction
-        # does not adapt the damping.
-        trusted = tf.logical_or(tf.logical_not(before["nonnegative"]),
-                                -minimum <= UNTRUSTED_DECREASE * before["loss"])
         sibling, _ = _sibling_steps(optimizer, used, variables, learning_rate)
         found = [tf.where(trusted, s, other) for s, (*_, other) in zip(found, sibling)]
-        predicted = _trusted_only(predicted, trusted)
-    # `update_step` moves the weights by this fraction of the returned step.
-    fraction = step_size.step_learning_rate(optimizer.step_control, learning_rate)
     if optimizer.adaptive_damping and batch.y_true is None:
         _warn_once(optimizer, "keras_tkfac: adaptive_damping compares the batch's "
                    "loss before and after the step, which needs `y_true` in "
                    "`update_curvature`; none was given, so the damping is not "
                    "adapted.")
     elif optimizer.adaptive_damping:
-        loss_before = (before["loss"] if "loss" in before
-                       else batch.loss_before(damping_lib.due(optimizer)))
-        damping_lib.hand_over(optimizer, predicted(fraction), loss_before)
+        damping_lib.hand_over(optimizer, change, loss_before)
     return [(*rest, s) for (*rest, _), s in zip(used, found)], tf.constant(1.0)
+
+
+def build(optimizer):
+    """Adds `model_coefficients`, the last model's `(a, b, trusted)`, where the
+    model is recomputed every `model_update_freq > 1` steps."""
+    optimizer.model_coefficients = None
+    if (step_size.uses_products(optimizer.step_control)
+            and optimizer.model_update_freq > 1):
+        optimizer.model_coefficients = optimizer.add_variable(
+            (3,), initializer="zeros", name="model_coefficients", dtype="float32",
+            aggregation="only_first_replica")
+
+
+def _every_few_steps(optimizer, batch, model):
+    """`model()`'s `(a, b, trusted, change, loss_before)` on the steps where the
+    model is due (every `model_update_freq` steps), else the last model's
+    coefficients with no predicted change (so the damping is not adapted).
+
+    A products' pass that all-reduces (`Batch.syncs`) cannot run inside a
+    `tf.cond` branch: the model is then built every step.
+    """
+    state = optimizer.model_coefficients
+    if state is None or batch.syncs:
+        return model()
+
+    def stale():
+        last = state.value
+        return (last[0], last[1], last[2] > 0.5, tf.constant(0.0), tf.constant(0.0))
+
+    due = tf.equal(optimizer.iterations % optimizer.model_update_freq, 0)
+    a, b, trusted, change, loss_before = tf.cond(due, model, stale)
+    state.assign(tf.stack([a, b, tf.cast(trusted, tf.float32)]))
+    return a, b, trusted, change, loss_before
 
 
 def _without_hidden(optimizer, used, variables, learning_rate, error):
@@ -173,13 +218,6 @@ def _without_hidden(optimizer, used, variables, learning_rate, error):
     sibling = iter(_sibling_steps(optimizer, [e for e, r in zip(used, reads) if r],
                                   variables, learning_rate)[0])
     return [next(sibling) if read else next(modelled) for read in reads], tf.constant(1.0)
-
-
-def _trusted_only(predicted, trusted):
-    """`predicted` where the model is `trusted`, else 0 (no damping adaptation)."""
-    def change(learning_rate):
-        return tf.where(trusted, predicted(learning_rate), 0.0)
-    return change
 
 
 # The step control taken on a step without curvature products, and the factor that

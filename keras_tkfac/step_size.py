@@ -253,7 +253,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
             (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`).
 
     Returns:
-        `(steps, predicted, minimum)`: the list of steps, `eta -> q(eta s)`, the
+        `((a, b), predicted, minimum)`: the coefficients of the steps
+        `a U_l + b M_l` (`combine`), `eta -> q(eta s)`, the
         model's predicted change of the loss for the step `eta s`, and `q(s*)`, its
         value at its minimiser before the bounds shortened it (`<= 0`).
     """
@@ -276,4 +277,10 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])
         return ops.quadratic_model_value(curvature, norms, slopes, 1.0, coefficients)
 
-    return [a * u + b * m for u, m in zip(updates, previous)], predicted, minimum
+    return (a, b), predicted, minimum
+
+
+def combine(coefficients, updates, previous):
+    """The steps `a U_l + b M_l` of `quadratic_updates`'s `(a, b)`."""
+    a, b = coefficients
+    return [a * u + b * m for u, m in zip(updates, previous)]

@@ -99,7 +99,8 @@ PRECONDITION_DTYPES = ("float32", "bfloat16")
 def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
                                 factor_update_freq, inverse_update_freq,
                                 inverse_warmup, kl_clip, step_control,
-                                adaptive_damping, fisher, inverse_dtype,
+                                adaptive_damping, model_update_freq, fisher,
+                                inverse_dtype,
                                 precondition_dtype, precondition_form,
                                 conv_location_stride, split_inverses, max_factor_dim,
                                 fallback_lr_ratio, seed):
@@ -127,6 +128,7 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
         adaptive_damping = step_size.uses_products(step_control)
     check_adaptive_damping(adaptive_damping, step_control,
                            step_size.uses_products(step_control))
+    check_int("model_update_freq", model_update_freq)
     check_choice("inverse_dtype", inverse_dtype, inverses_lib.INVERSE_DTYPES)
     check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
     check_choice("precondition_form", precondition_form, factored.FORMS)

@@ -756,7 +756,7 @@ def test_the_grafted_directions_coefficient_has_a_floor():
     def step(grad, floor):
         found, _, _ = step_size.quadratic_updates(
             products, [1.0], updates, [grad * tf.ones((2, 2))], previous, None, floor)
-        return found[0].numpy()
+        return step_size.combine(found, updates, previous)[0].numpy()
 
     model = 4.0 / (1e6 + 4.0)
     np.testing.assert_allclose(step(1.0, None), model * np.ones((2, 2)), rtol=1e-5)
