@@ -7,6 +7,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import damping
 from keras_tkfac import fisher
 from keras_tkfac import ops
 from keras_tkfac import products
@@ -892,3 +893,80 @@ def test_a_recurrent_model_fits_with_forward_mode_products(monkeypatch):
     assert not reverse
     assert np.isfinite(history.history["loss"]).all()
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_the_model_every_few_steps_reuses_its_coefficients(monkeypatch):
+    """`model_update_freq=3`, with the model built on every one of the first two
+    steps (`MODEL_WARMUP`): the quadratic model (its curvature products) is built
+    on steps 0, 1, 3 and 6 only; the steps in between take `a U + b M` on their
+    own directions with the last model's `(a, b)`. A model step is the one
+    `model_update_freq=1` takes from the same state."""
+    built, used, passes = [], [], []
+    updates, combine, gram = (step_size.quadratic_updates, step_size.combine,
+                              products.Batch.gram)
+
+    def spy_updates(*args):
+        found = updates(*args)
+        built.append([float(c) for c in found[0]])
+        return found
+
+    def spy_combine(coefficients, *args):
+        used.append([float(c) for c in coefficients])
+        return combine(coefficients, *args)
+
+    def spy_gram(self, *args):
+        passes.append(1)
+        return gram(self, *args)
+
+    monkeypatch.setattr(step_size, "quadratic_updates", spy_updates)
+    monkeypatch.setattr(step_size, "combine", spy_combine)
+    monkeypatch.setattr(products.Batch, "gram", spy_gram)
+    monkeypatch.setattr(quadratic, "MODEL_WARMUP", 2)
+    options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
+    every_third = _custom_loop_weights(
+        keras_tkfac.TKFAC(model_update_freq=3, **options), 7, forward=True)
+    assert len(built) == len(passes) == 4
+    assert used == [built[0], built[1], built[1]] + [built[2]] * 3 + [built[3]]
+    assert built[1] != built[2] and built[1][0] > 0.0
+    # The first two steps are model steps: as with a model every step; the third
+    # is not.
+    for steps in (2, 3):
+        built.clear()
+        found = _custom_loop_weights(
+            keras_tkfac.TKFAC(model_update_freq=3, **options), steps, forward=True)
+        expected = _custom_loop_weights(keras_tkfac.TKFAC(**options), steps,
+                                        forward=True)
+        same = [np.allclose(f, e, rtol=1e-6, atol=1e-8)
+                for f, e in zip(found, expected)]
+        assert all(same) if steps == 2 else not all(same)
+    assert all(np.isfinite(w).all() for w in every_third)
+
+
+def test_fit_builds_the_model_on_its_steps_only(monkeypatch):
+    """Under `fit` (a traced step, the model inside a `tf.cond`), the products run on
+    the model's steps only, the coefficients are kept in an optimizer variable,
+    and the damping adapts every least common multiple of 5 and
+    `model_update_freq` steps."""
+    counter = tf.Variable(0)
+    gram = products.Batch.gram
+
+    def counted(self, *args):
+        counter.assign_add(1)
+        return gram(self, *args)
+
+    monkeypatch.setattr(products.Batch, "gram", counted)
+    monkeypatch.setattr(quadratic, "MODEL_WARMUP", 0)
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    optimizer = keras_tkfac.TKFAC(model_update_freq=3, factor_update_freq=1,
+                                  inverse_update_freq=2, seed=0)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert int(optimizer.iterations) == 8 and int(counter.numpy()) == 3
+    a, b, trusted = optimizer.model_coefficients.numpy()
+    assert a > 0.0 and trusted == 1.0
+    assert [damping.interval(keras_tkfac.TKFAC(model_update_freq=f))
+            for f in (1, 2, 3, 5, 10)] == [5, 10, 15, 5, 10]
+    assert keras_tkfac.TKFAC(model_update_freq=3).get_config()["model_update_freq"] == 3
+    with pytest.raises(ValueError, match="model_update_freq=0"):
+        keras_tkfac.TKFAC(model_update_freq=0)
