@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import quadratic
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -187,18 +188,23 @@ def test_multi_worker_workarounds_do_nothing_elsewhere(mirrored):
     assert not keras_compat.is_multi_worker(tf.distribute.get_strategy())
 
 
-@pytest.mark.parametrize("step_control, adaptive", [
-    ("quadratic", False), ("graft_quadratic", False), ("graft_quadratic", True)])
+@pytest.mark.parametrize("step_control, adaptive, model_update_freq", [
+    ("quadratic", False, 1), ("graft_quadratic", False, 1),
+    ("graft_quadratic", True, 1), ("graft_quadratic", True, 2)])
 def test_quadratic_step_under_mirrored_strategy_matches_one_device(
-        mirrored, step_control, adaptive):
+        mirrored, step_control, adaptive, model_update_freq, monkeypatch):
     # The exact curvature products are per replica's batch, then averaged; so are
-    # the losses that adapt the damping.
+    # the losses that adapt the damping. With `model_update_freq=2` (no warm-up
+    # here) the model, all-reduce included, runs inside a `tf.cond` on every
+    # other step.
+    monkeypatch.setattr(quadratic, "MODEL_WARMUP", 0)
     x, y = _data((8,), n=128)
 
     def optimizer():
         return keras_tkfac.TKFAC(fisher="empirical", step_control=step_control,
                                  adaptive_damping=adaptive, factor_update_freq=2,
-                                 inverse_update_freq=3, seed=0)
+                                 inverse_update_freq=3,
+                                 model_update_freq=model_update_freq, seed=0)
 
     single = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
     replicated = _train(mirrored, _mlp, x, y, optimizer, epochs=2)
