@@ -31,8 +31,12 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 
 def _tangent(accumulator, tensor):
+    """`accumulator`'s tangent of `tensor` (zeros where it has none), cut from
+    every accumulator: nested accumulators (`products.NESTED`) hold tangents of
+    each other's tangents, which would send the loop to their transposed gradient
+    (second-order terms that nothing reads)."""
     found = accumulator.jvp(tensor)
-    return tf.zeros_like(tensor) if found is None else found
+    return tf.zeros_like(tensor) if found is None else tf.stop_gradient(found)
 
 
 def _inner_loop(layer, accumulators):
@@ -52,7 +56,9 @@ def _inner_loop(layer, accumulators):
             variables = [w.value for w in weights]
         count, width, size = len(accumulators), len(states), len(inputs)
         values = [tf.stop_gradient(v) for v in variables]
-        weight_tangents = [[a.jvp(v) for v in variables] for a in accumulators]
+        weight_tangents = [[None if t is None else tf.stop_gradient(t)
+                            for t in (a.jvp(v) for v in variables)]
+                           for a in accumulators]
 
         def step(carried_inputs, carried):
             x, primal = list(carried_inputs[:size]), list(carried[:width])

@@ -1,6 +1,8 @@
 """The quadratic-model step (`step_control="quadratic"`, `keras_tkfac.quadratic`)."""
 
 from absl import logging
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -812,6 +814,11 @@ def _recurrent_model(kind):
         inputs = keras.Input((6,), dtype="int32")
         h = L.Embedding(30, 4, mask_zero=True)(inputs)
         h = L.Bidirectional(L.LSTM(3))(h)
+    elif kind == "stacked_bilstm":  # as the suite's: a loop's outputs enter one
+        inputs = keras.Input((6,), dtype="int32")
+        h = L.Embedding(30, 4)(inputs)
+        h = L.Bidirectional(L.LSTM(3, return_sequences=True))(h)
+        h = L.Bidirectional(L.LSTM(2))(h)
     elif kind == "gru":
         inputs = keras.Input((6, 2))
         h = L.Dense(3, name="before_the_loop")(inputs)  # its tangent enters the loop
@@ -825,14 +832,15 @@ def _recurrent_model(kind):
 
 
 @pytest.mark.parametrize("kind,nested", [("bilstm", True), ("gru", True),
-                                         ("gru", False), ("stacked", False)])
+                                         ("gru", False), ("stacked", False),
+                                         ("stacked_bilstm", True)])
 def test_forward_mode_products_pass_recurrent_loops(kind, nested):
     """`rnn_tangents.carrying`: forward mode carries the tangents through Keras's
     recurrent loops (masks, `go_backwards`, input dropout, stacked cells), for the
     embedding and dense layers around them and for the recurrent weights; each
     `J x` equals reverse-over-reverse `d/du <J^T u, x>` through the same loops."""
     model = _recurrent_model(kind)
-    x = (RNG.integers(0, 30, size=(4, 6)) if kind == "bilstm"
+    x = (RNG.integers(0, 30, size=(4, 6)) if "bilstm" in kind
          else RNG.normal(size=(4, 6, 2)).astype("float32"))
     if kind == "bilstm":
         x[:, -2:] = 0  # masked time steps
@@ -849,8 +857,18 @@ def test_forward_mode_products_pass_recurrent_loops(kind, nested):
             variable.assign(seed)
         return model(x, training=True)
 
-    got = tf.function(lambda: products._forward_mode(
-        forward, outputs, primals, directions, nested, model)[0])()
+    groups = []
+    passes = products._passes
+
+    def recorded(forward, outputs, primals, group, model=None):
+        groups.append([len(g) for g in group])
+        return passes(forward, outputs, primals, group, model)
+
+    with mock.patch.object(products, "_passes", recorded):
+        got = tf.function(lambda: products._forward_mode(
+            forward, outputs, primals, directions, nested, model)[0])()
+    # Nested: one pass carries both directions (no fallback to a pass each).
+    assert groups == ([[2]] if nested else [[1, 1]])
 
     @tf.function
     def reverse():
