@@ -151,7 +151,9 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             f"keras_tkfac: the loss {name!r}{where} returns one value per batch, "
             "not one per example; its curvature is taken from the loss of each "
             "example alone (a per-example loss, such as Dice(axis=(1, 2, 3)), says "
-            "what it means directly)."))
+            "what it means directly; a masked mean over tokens trains better as "
+            "SparseCategoricalCrossentropy(ignore_class=...) or with per-token "
+            "sample_weight: README, Limitations)."))
         return tf.vectorized_map(
             lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
             (y_true, y_pred))
