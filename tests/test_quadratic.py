@@ -195,27 +195,91 @@ def _values_jacobian(model, x, variables):
         [np.reshape(p, (*values.shape, -1)) for p in parts], axis=-1).astype(np.float64)
 
 
-def test_a_nonnegative_loss_without_a_fisher_formula_uses_its_square_roots_gauss_newton():
-    """Huber has no sampling rule: the Gram is the explicit Gauss-Newton matrix of
-    its terms written as squares, `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T / (2 l_n)`,
-    with `l_n` Keras's Huber of example `n` (the mean over the 2 units) and `g_n` its
-    gradient, in numpy."""
+def _explicit_choice(hessian, square):
+    """`products._larger_curvature`'s rule on explicit Grams."""
+    chosen = (np.linalg.eigvalsh(hessian).min() >= -1e-6 * abs(np.trace(hessian))
+              and np.trace(hessian) >= np.trace(square))
+    return hessian if chosen else square, chosen
+
+
+@pytest.mark.parametrize("loss", ["huber", "mae"])
+def test_a_loss_without_a_fisher_formula_takes_its_larger_gauss_newton(loss):
+    """Huber and MAE have no sampling rule. Two explicit Grams, in numpy: the
+    Gauss-Newton matrix of the terms written as squares,
+    `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T / (2 l_n)`, with `l_n` Keras's loss
+    of example `n` (the mean over the 2 units) and `g_n` its gradient, and the exact
+    one, `(1 / B) sum_n s_n J_n^T H_n J_n` with `H_n` the loss's Hessian in the
+    outputs (Huber: `1/2` per unit inside the quadratic zone, MAE: 0). The products
+    take the Hessian's where it is positive semi-definite with the larger trace
+    (here Huber's), else the square's (MAE's, whose Hessian is zero)."""
     model, x, y, weights, variables, directions = _two_head_problem()
-    outputs = fisher.resolve_losses({"classes": None, "values": keras.losses.Huber()},
+    fn = keras.losses.Huber() if loss == "huber" else keras.losses.MeanAbsoluteError()
+    outputs = fisher.resolve_losses({"classes": None, "values": fn},
                                     "true", model(x), output_names=["classes", "values"])
     assert outputs[0].spec.kind is None
     gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
                                     weights, variables, directions)
     values, jacobian = _values_jacobian(model, x, variables)
     residual = values - y["values"]
-    terms = np.where(np.abs(residual) <= 1.0, 0.5 * residual**2,
-                     np.abs(residual) - 0.5).mean(axis=1)
-    grad = np.clip(residual, -1.0, 1.0) / 2.0
+    if loss == "huber":
+        terms = np.where(np.abs(residual) <= 1.0, 0.5 * residual**2,
+                         np.abs(residual) - 0.5).mean(axis=1)
+        grad = np.clip(residual, -1.0, 1.0) / 2.0
+        curvature = (np.abs(residual) <= 1.0) / 2.0
+    else:
+        terms, grad = np.abs(residual).mean(axis=1), np.sign(residual) / 2.0
+        curvature = np.zeros_like(residual)
     scores = np.einsum("nd,ndp->np", grad, jacobian)
-    expected = np.einsum("n,np,nq->pq", weights / (2.0 * terms), scores, scores) / len(x)
+    square = np.einsum("n,np,nq->pq", weights / (2.0 * terms), scores, scores) / len(x)
+    exact = np.einsum("n,nd,ndp,ndq->pq", weights, curvature, jacobian,
+                      jacobian) / len(x)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)
-    np.testing.assert_allclose(gram, flat @ expected @ flat.T, rtol=1e-4)
+    expected, chosen = _explicit_choice(flat @ exact @ flat.T, flat @ square @ flat.T)
+    assert chosen == (loss == "huber")
+    np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_scalar", [False, True])
+def test_a_cross_entropy_written_as_a_function_has_the_cross_entropys_curvature(
+        batch_scalar):
+    """A Python loss computing the cross-entropy (per example, or keras-io's
+    translation style, one masked mean for the whole batch) has no Fisher formula;
+    its exact Gauss-Newton products (the loss's Hessian) are those of Keras's
+    cross-entropy, whose `diag(p) - p p^T` the products know. The Hessian's trace
+    exceeds the squares' here, so it is the one taken."""
+    model, x, y, weights, variables, directions = _two_head_problem()
+    # The two-unit "values" head as the logits of two classes.
+    labels = {**y, "values": (y["values"][:, 0] > 0).astype("int32")}
+
+    def masked(y_true, y_pred):
+        terms = keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
+                                                             from_logits=True)
+        if not batch_scalar:
+            return terms
+        mask = keras.ops.cast(keras.ops.not_equal(y_true, -1), terms.dtype)
+        return keras.ops.sum(terms * mask) / keras.ops.sum(mask)
+
+    def gram(loss, traced=True):
+        outputs = fisher.resolve_losses({"classes": None, "values": loss}, "true",
+                                        model(x), output_names=["classes", "values"])
+        run = lambda: products.curvature_gram(  # noqa: E731
+            lambda: model(x, training=True), outputs, labels, None, variables,
+            directions)
+        return (tf.function(run) if traced else run)(), outputs
+
+    if batch_scalar:
+        # Eagerly TensorFlow cannot differentiate its per-example `vectorized_map`
+        # twice: the squares' curvature, no error.
+        eager, _ = gram(masked, traced=False)
+        assert np.isfinite(eager).all() and eager[0, 0] > 0.0
+    found, outputs = gram(masked)
+    assert outputs[0].spec.kind is None
+    expected, known = gram(keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    assert known[0].spec.kind == "sparse_categorical_crossentropy"
+    assert np.abs(expected).max() > 1e-2
+    np.testing.assert_allclose(found, expected, rtol=1e-4)
 
 
 def test_a_loss_with_negative_terms_uses_its_empirical_fisher():
