@@ -482,30 +482,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         damping = self.damping
         if validation.is_schedule(damping):
             damping = keras.saving.serialize_keras_object(damping)
-        config.update(
-            {
-                "damping": damping,
-                "momentum": self.momentum,
-                "factor_decay": self.factor_decay,
-                "factor_update_freq": self.factor_update_freq,
-                "inverse_update_freq": self.inverse_update_freq,
-                "inverse_warmup": self.inverse_warmup,
-                "kl_clip": self.kl_clip,
-                "step_control": self.step_control,
-                "adaptive_damping": self.adaptive_damping,
-                "model_update_freq": self.model_update_freq,
-                "fisher": self.fisher,
-                "inverse_dtype": self.inverse_dtype,
-                "precondition_dtype": self.precondition_dtype,
-                "precondition_form": self.precondition_form,
-                "conv_location_stride": self.conv_location_stride,
-                "split_inverses": self.split_inverses,
-                "max_factor_dim": self.max_factor_dim,
-                "fallback": self._partner.get_config(),
-                "fallback_lr_ratio": self.fallback_lr_ratio,
-                "seed": self.seed,
-            }
-        )
+        names = ("momentum", "factor_decay", "factor_update_freq",
+                 "inverse_update_freq", "inverse_warmup", "kl_clip", "step_control",
+                 "adaptive_damping", "model_update_freq", "fisher", "inverse_dtype",
+                 "precondition_dtype", "precondition_form", "conv_location_stride",
+                 "split_inverses", "max_factor_dim", "fallback_lr_ratio", "seed")
+        config.update({name: getattr(self, name) for name in names})
+        config.update(damping=damping, fallback=self._partner.get_config())
         return config
 
     @classmethod
