@@ -20,6 +20,21 @@ def _curvature_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
+def _element_spec(iterator):
+    """Symbolic tensors of the shapes and dtypes of the batches `iterator` (Keras's
+    `TFEpochIterator`) yields, without reading any; `None` where it has no dataset
+    or its elements are not all dense tensors."""
+    dataset = getattr(iterator, "_distributed_dataset", None)
+    spec = getattr(dataset, "element_spec", None)
+    if spec is None:
+        return None
+    leaves = tf.nest.flatten(spec)
+    if not leaves or not all(type(leaf) is tf.TensorSpec for leaf in leaves):
+        return None
+    return tf.nest.map_structure(
+        lambda leaf: keras.KerasTensor(leaf.shape, leaf.dtype.name), spec)
+
+
 def _recurrent_sublayers(layers):
     """Ids of the layers called inside a recurrent layer's loop (its cell's layers)."""
     found = set()
@@ -305,6 +320,49 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                 and data_batch is not None):
             self.model._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
         return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Without a strategy Keras builds nothing before the first step: the
+        # optimizer's (and metrics') variables are created while `train_step` is
+        # first traced, so `tf.function` traces it a second time. A curvature
+        # step is costly to trace (seconds: its statistics, inverse and products
+        # branches), so build first, from the batch's shapes alone (the data is not
+        # read), as Keras does under a strategy; where that fails, the first step
+        # builds, as before.
+        curvature = _curvature_optimizer(self.optimizer)
+        if (self._distribute_strategy is None
+                and hasattr(curvature, "update_curvature") and not curvature.built):
+            specs = data_batch
+            if specs is None:
+                specs = _element_spec(iterator)
+            if specs is not None:
+                try:
+                    self._build_from_shapes(specs)
+                except Exception as error:  # pylint: disable=broad-except
+                    logging.info("keras_tkfac: the model and optimizer are built in "
+                                 "the first step (building from shapes failed: %s: "
+                                 "%s).", type(error).__name__, error)
+            return None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _build_from_shapes(self, specs):
+        """Keras's `_symbolic_build` from `specs` (the batch's shapes), where the
+        model's call builds every layer: a layer first called in the loss (keras-io's
+        Distiller calls its teacher in `compute_loss`) would add variables after the
+        optimizer is built, so then nothing is built here."""
+        def unbuilt():
+            return not all(layer.built for layer in self._flatten_layers())
+
+        if unbuilt():
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(
+                tf.nest.map_structure(
+                    lambda v: None if v is None else keras.KerasTensor(
+                        v.shape, keras.backend.standardize_dtype(v.dtype)), specs))
+            keras.src.backend.compute_output_spec(self, x, training=False)
+            if unbuilt():
+                return
+        self._attach()
+        self._symbolic_build(data_batch=specs)
 
     def compile_from_config(self, config):
         # Keras skips compiling models whose `compile` is overridden; ours only adds

@@ -121,6 +121,18 @@ def test_step_costs_smoke(tmp_path):
     assert 0 < float(rows[1][-1].strip(" |")) < 0.1
 
 
+def test_first_step_smoke():
+    """`tools/first_step.py` times a one-step `fit` both ways; Keras's own build
+    traces the curvature step twice, the build from shapes once."""
+    result = _run("tools/first_step.py", "--smoke", "--workloads=mlp", "--rounds=1")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| mlp")]
+    assert len(rows) == 1
+    assert [int(rows[0][3]), int(rows[0][5])] == [2, 1]
+    assert float(rows[0][4]) > 0
+
+
 def test_fisher_report_smoke(tmp_path):
     result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-5000:]

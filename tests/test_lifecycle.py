@@ -99,3 +99,74 @@ def test_compile_takes_the_optimizer_by_name_at_its_defaults(name, cls):
             == {k: v for k, v in cls().get_config().items() if k not in drawn})
     history = wrapped.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+class _Subclassed(keras.Model):
+    """Unbuilt until called: its layers are built by the first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def _dict_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = {"a": keras.Input((3,), name="a"), "b": keras.Input((2,), name="b")}
+    h = keras.layers.Dense(8, activation="tanh")(
+        keras.layers.Concatenate()([inputs["a"], inputs["b"]]))
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def _fit(build, data, monkeypatch, from_shapes):
+    """The weights after two epochs of `fit` and how often the step was traced
+    (`update_curvature` runs once per trace); `from_shapes=False` takes Keras's
+    own path (the optimizer built while the first step is traced)."""
+    from keras_tkfac import wrapping  # pylint: disable=import-outside-toplevel
+
+    if not from_shapes:
+        monkeypatch.setattr(wrapping, "_element_spec", lambda iterator: None)
+    model = keras_tkfac.wrap(build())
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
+    model.fit(data, epochs=2, verbose=0)
+    monkeypatch.undo()
+    return [w.numpy() for w in model.weights], optimizer.curvature_updates
+
+
+@pytest.mark.parametrize("kind", ["functional", "dict_inputs", "subclassed"])
+def test_fit_traces_the_curvature_step_once(kind, monkeypatch):
+    """`fit` builds the model, metrics and optimizer from the batches' shapes before
+    the first step, so `tf.function` traces the costly step once rather than twice;
+    the weights are those of Keras's own path (built inside the first trace)."""
+    x, y = helpers.classification_data(n=64)
+    if kind == "dict_inputs":
+        build = _dict_model
+        inputs = {"a": x[:, :3], "b": x[:, 3:]}
+    else:
+        build = _functional if kind == "functional" else (
+            lambda: (keras.utils.set_random_seed(0), _Subclassed())[1])
+        inputs = x
+    data = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(16)
+    weights, traces = _fit(build, data, monkeypatch, from_shapes=True)
+    lazy_weights, lazy_traces = _fit(build, data, monkeypatch, from_shapes=False)
+    assert lazy_traces == 2
+    assert traces == 1
+    assert len(weights) == len(lazy_weights)
+    for w, lazy in zip(weights, lazy_weights):
+        np.testing.assert_allclose(w, lazy, rtol=1e-5, atol=1e-6)
+
+
+def test_train_on_batch_traces_the_curvature_step_once():
+    """`train_on_batch` (Keras builds from the batch itself) takes the same path."""
+    x, y = helpers.classification_data(n=16)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(_Subclassed())
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    losses = [model.train_on_batch(x, y) for _ in range(3)]
+    assert optimizer.curvature_updates == 1
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
