@@ -133,6 +133,21 @@ def test_first_step_smoke():
     assert float(rows[0][4]) > 0
 
 
+def test_correlated_batches_smoke():
+    """`tools/correlated_batches.py` trains keras-io's weather program, unshuffled
+    and shuffled, and reports finite losses for every epoch."""
+    result = _run("tools/correlated_batches.py", "--rows=6000", "--epochs=1",
+                  '--runs={"Adam": null, "TKFAC": {}}')
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith(("| Adam |", "| TKFAC |"))]
+    assert [row[1] for row in rows] == ["no", "no", "yes", "yes"] * 2
+    for row in rows:
+        values = [float(v) for part in row[2:4] for v in part.split(" / ")]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values)
+        assert math.isfinite(float(row[4])) and math.isfinite(float(row[5]))
+
+
 def test_fisher_report_smoke(tmp_path):
     result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-5000:]
