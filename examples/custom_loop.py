@@ -42,6 +42,9 @@ def main(argv):
     ]))
     optimizer = keras_tkfac.TKFAC(seed=_SEED.value)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    # Built before the first step: otherwise the first `update_curvature` builds it
+    # inside the first trace, and `tf.function` traces `train_step` a second time.
+    optimizer.build(model.trainable_variables)
 
     @tf.function
     def train_step(x, y):

@@ -170,3 +170,40 @@ def test_train_on_batch_traces_the_curvature_step_once():
     losses = [model.train_on_batch(x, y) for _ in range(3)]
     assert optimizer.curvature_updates == 1
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _loop_step(model, optimizer, traces):
+    """README's custom training step, counting its traces in `traces`."""
+    def train_step(x, y):
+        traces.append(1)
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = LOSS(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                                   forward=keras_tkfac.ModelForward(model, x))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+    return train_step
+
+
+def test_a_custom_loop_with_the_optimizer_built_first_traces_once():
+    """README's custom loop: `optimizer.build(model.trainable_variables)` before the
+    loop makes `tf.function` trace the step once (built inside the first
+    `update_curvature`, it traces twice), with the same weights."""
+    x, y = helpers.classification_data(n=48)
+    results = {}
+    for built_first in (False, True):
+        model = keras_tkfac.wrap(_functional())
+        optimizer = keras_tkfac.TKFAC(seed=0)
+        if built_first:
+            optimizer.build(model.trainable_variables)
+        traces = []
+        train_step = tf.function(_loop_step(model, optimizer, traces))
+        for start in range(0, 48, 16):
+            train_step(x[start:start + 16], y[start:start + 16])
+        results[built_first] = (len(traces), [w.numpy() for w in model.weights])
+    assert results[False][0] == 2 and results[True][0] == 1
+    for lazy, built in zip(results[False][1], results[True][1]):
+        np.testing.assert_allclose(built, lazy, rtol=1e-5, atol=1e-6)
