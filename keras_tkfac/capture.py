@@ -46,9 +46,15 @@ def unattached_wrapper(optimizer_name, variables, applying=False):
     once that no layer is preconditioned until `update_curvature` runs.
 
     Raises:
-        ValueError: when no wrapped model trains any of `variables` (the model was
-            not wrapped).
+        ValueError: when `variables` is empty (an unbuilt model's), or no wrapped
+            model trains any of them (the model was not wrapped).
     """
+    if not variables:
+        raise ValueError(
+            f"{optimizer_name}.build received no variables: build it with the model's "
+            "`trainable_variables` once the model is built (called on a batch, or "
+            "made with an `Input`), or let the first `update_curvature` build it. "
+            f"Received: var_list={list(variables)!r}")
     keys = {id(v) for v in variables}
     found, shared = None, 0
     for wrapper in list(_WRAPPERS.values()):

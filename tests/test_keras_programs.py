@@ -102,6 +102,15 @@ def test_readme_custom_loop_runs_on_an_unbuilt_model():
     assert len(namespace["optimizer"]._slots) == 2
 
 
+def test_building_the_optimizer_with_an_unbuilt_models_variables_says_so():
+    """README's custom loop builds the optimizer first only for a built model; an
+    unbuilt model has no variables, and the error says what to do."""
+    model = keras_tkfac.wrap(keras.Sequential([keras.layers.Dense(3)]))
+    optimizer = keras_tkfac.TKFAC()
+    with pytest.raises(ValueError, match=r"received no variables.*var_list=\[\]"):
+        optimizer.build(model.trainable_variables)
+
+
 # Item 3: one optimizer per model, in every order ---------------------------------
 
 
