@@ -216,3 +216,21 @@ def assert_tkfac_is_uncorrelated_fisher(statistics, a, g, num_examples):
     np.testing.assert_allclose(n_phi, tr_out, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(n_psi, tr_in, rtol=1e-10, atol=1e-14)
     return exact
+
+
+def custom_train_step(model, optimizer, loss_fn, traces=None):
+    """README's custom training step (to wrap in `tf.function`); appends to
+    `traces`, when given, each time it is traced."""
+    def train_step(x, y):
+        if traces is not None:
+            traces.append(1)
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = loss_fn(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=loss_fn,
+                                   forward=keras_tkfac.ModelForward(model, x))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+    return train_step

@@ -172,22 +172,6 @@ def test_train_on_batch_traces_the_curvature_step_once():
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-def _loop_step(model, optimizer, traces):
-    """README's custom training step, counting its traces in `traces`."""
-    def train_step(x, y):
-        traces.append(1)
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = LOSS(y, y_pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
-                                   forward=keras_tkfac.ModelForward(model, x))
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-    return train_step
-
-
 def test_a_custom_loop_with_the_optimizer_built_first_traces_once():
     """README's custom loop: `optimizer.build(model.trainable_variables)` before the
     loop makes `tf.function` trace the step once (built inside the first
@@ -200,7 +184,8 @@ def test_a_custom_loop_with_the_optimizer_built_first_traces_once():
         if built_first:
             optimizer.build(model.trainable_variables)
         traces = []
-        train_step = tf.function(_loop_step(model, optimizer, traces))
+        train_step = tf.function(
+            helpers.custom_train_step(model, optimizer, LOSS, traces))
         for start in range(0, 48, 16):
             train_step(x[start:start + 16], y[start:start + 16])
         results[built_first] = (len(traces), [w.numpy() for w in model.weights])

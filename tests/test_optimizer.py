@@ -312,18 +312,7 @@ def test_custom_training_loop_matches_fit():
     model = keras_tkfac.wrap(helpers.tiny_mlp())
     optimizer = keras_tkfac.TKFAC(**config)
 
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = LOSS(y, y_pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
-                                   forward=keras_tkfac.ModelForward(model, x))
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
+    train_step = tf.function(helpers.custom_train_step(model, optimizer, LOSS))
     for _ in range(4):
         train_step(x, y)
     for a, b in zip(fitted.weights, model.weights):
