@@ -159,15 +159,16 @@ def _explicit_gauss_newton(model, x, weights, loss_weights):
     return gauss_newton
 
 
-def _two_head_problem(n=6):
-    """`(model, x, y, sample weights, variables, two random directions)`."""
+def _two_head_problem(n=6, rng=RNG):
+    """`(model, x, y, sample weights, variables, two random directions)`, the data
+    drawn from `rng`."""
     keras.utils.set_random_seed(1)
     model = _two_head_model()
-    x = RNG.normal(size=(n, 3)).astype("float32")
-    y = {"classes": RNG.integers(0, 3, size=n), "values": RNG.normal(size=(n, 2))}
-    weights = RNG.uniform(0.2, 2.0, size=n).astype("float32")
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = {"classes": rng.integers(0, 3, size=n), "values": rng.normal(size=(n, 2))}
+    weights = rng.uniform(0.2, 2.0, size=n).astype("float32")
     variables = model.trainable_variables
-    directions = [[RNG.normal(size=v.shape).astype("float32") for v in variables]
+    directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
     return model, x, y, weights, variables, directions
 
@@ -282,11 +283,19 @@ def test_a_cross_entropy_written_as_a_function_has_the_cross_entropys_curvature(
     np.testing.assert_allclose(found, expected, rtol=1e-4)
 
 
-def test_a_loss_with_negative_terms_uses_its_empirical_fisher():
-    """Cosine similarity's terms are negative: no square root; the Gram is the
-    explicit empirical Fisher `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T` of its
-    terms `-<y, v> / (|y| |v|)`, with their gradients in numpy."""
-    model, x, y, weights, variables, directions = _two_head_problem()
+@pytest.mark.parametrize("seed, hessian", [(0, False), (1, True)])
+def test_a_loss_with_negative_terms_takes_its_larger_curvature(seed, hessian):
+    """Cosine similarity's terms are negative: no square root. Two explicit Grams, in
+    numpy: the empirical Fisher `(1 / B) sum_n s_n (J_n^T g_n)(J_n^T g_n)^T` of its
+    terms `l_n = -<u_n, v_n / |v_n|>` (`u_n` the unit label) and the exact
+    Gauss-Newton `(1 / B) sum_n s_n J_n^T H_n J_n`, with
+    `H_n = (w p^T + c P + p w^T) / |v_n|^2`, `w = v_n / |v_n|`, `c = <u_n, w>`,
+    `P = I - w w^T`, `p = P u_n`. The products take the Hessian's where it is
+    positive semi-definite with the larger trace, else the empirical Fisher's: the
+    two data draws take one each (the draw is the test's own, so the order tests
+    run in does not choose the path)."""
+    model, x, y, weights, variables, directions = _two_head_problem(
+        rng=np.random.default_rng(seed))
     y = {**y, "values": np.abs(y["values"])}
     outputs = fisher.resolve_losses(
         {"classes": None, "values": keras.losses.CosineSimilarity()}, "true",
@@ -297,14 +306,25 @@ def test_a_loss_with_negative_terms_uses_its_empirical_fisher():
     unit_y = y["values"] / np.linalg.norm(y["values"], axis=1, keepdims=True)
     norm = np.linalg.norm(values, axis=1, keepdims=True)
     unit_v = values / norm
-    terms = -np.sum(unit_y * unit_v, axis=1)
-    assert np.any(terms < 0)
-    grad = -(unit_y - np.sum(unit_y * unit_v, axis=1, keepdims=True) * unit_v) / norm
+    cosine = np.sum(unit_y * unit_v, axis=1, keepdims=True)
+    assert np.any(-cosine < 0)
+    along = unit_y - cosine * unit_v
+    grad = -along / norm
     scores = np.einsum("nd,ndp->np", grad, jacobian)
     empirical = np.einsum("n,np,nq->pq", weights, scores, scores) / len(x)
+    eye = np.eye(values.shape[1])
+    hessians = (np.einsum("nd,ne->nde", unit_v, along)
+                + np.einsum("nd,ne->nde", along, unit_v)
+                + cosine[:, :, None] * (eye - np.einsum("nd,ne->nde", unit_v, unit_v))
+                ) / norm[:, :, None] ** 2
+    exact = np.einsum("n,nde,ndp,neq->pq", weights, hessians, jacobian,
+                      jacobian) / len(x)
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)
-    np.testing.assert_allclose(gram, flat @ empirical @ flat.T, rtol=1e-4)
+    expected, chosen = _explicit_choice(flat @ exact @ flat.T,
+                                        flat @ empirical @ flat.T)
+    assert chosen == hessian
+    np.testing.assert_allclose(gram, expected, rtol=1e-4)
 
 
 def _classifier(seed):
