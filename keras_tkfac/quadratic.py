@@ -13,7 +13,9 @@ loss, from the products' forward pass, bounds the model's predicted decrease
 for saturated outputs, whose Gauss-Newton curvature vanishes while the gradient
 does not; for a loss with negative terms (cosine similarity) there is no bound.
 Where the minimiser predicts more than `UNTRUSTED_DECREASE` times the loss, the
-model is not trusted at all and the step is `FALLBACK`'s.
+model is not trusted at all and the step is `FALLBACK`'s. The bound on the step's
+predicted KL is `kl_clip`, in the units of the batch's residuals where every output
+is a mean squared error (`kl_bound`).
 
 Without a `forward`, or where no products can be traced, a step is `FALLBACK`'s
 (`steps`).
@@ -57,6 +59,37 @@ LOSS_BOUND_FACTOR = 2.0
 # 2.27 and 1.10), and on raw 0-255 MNIST-5k (6 epochs) a training loss of 9.2
 # against 5.0 (`KFAC()` 17 against 15): mixed, so the simpler rule was kept.
 UNTRUSTED_DECREASE = 10.0
+
+
+# For models whose every output is a mean squared error, the KL bound is taken in
+# the units of the batch's residuals (`kl_bound`), with at most this multiple.
+# Keras's MSE is the negative log-likelihood of a Gaussian of variance 1/2 (up to a
+# constant), so `kl_clip` nats let a step move the outputs by about
+# `sqrt(kl_clip)`, whatever the targets' scale: on targets of scale 100 (a
+# 9-64-64-1 ReLU MLP, 300 steps of 32, `tools/regression_scales.py`) `TKFAC()` ended
+# at 11 times Adam(1e-3)'s validation MSE. Under the Gaussian whose variance is the
+# batch's mean squared residual `L` (its maximum-likelihood variance), the same KL
+# is the quadratic model's `(1/2) s^T C s` divided by `2 L`; the bound is therefore
+# `kl_clip * max(1, 2 L)`: unchanged where the residuals are below ~0.7 (targets
+# standardised, as keras-io's examples do). Without a ceiling, the same network
+# diverged on targets of scale 2000 (validation MSE 8.7e3 times the targets'
+# variance: steps that move the outputs by thousands leave the region where the
+# model holds) and trailed Adam at 300; with 1e3 and 1e4 neither happened, and 1e4
+# gave the lower validation MSE at scales 100, 300 and 2000, 1e3 at 25 (README,
+# "Losses"). Measured, not from a paper.
+MSE_KL_SCALE_CAP = 1e4
+
+
+def kl_bound(kl_clip, outputs, loss):
+    """The bound on a step's predicted KL, `(1/2) s^T C s`: `kl_clip`, or where every
+    output's loss is a mean squared error, `kl_clip * min(max(1, 2 L),
+    MSE_KL_SCALE_CAP)` with `L` the batch's (weighted) loss: the KL bound in the
+    units of the residuals (`MSE_KL_SCALE_CAP`)."""
+    if kl_clip is None or not outputs or any(
+            o.spec.kind != "mean_squared_error" for o in outputs):
+        return kl_clip
+    return kl_clip * tf.clip_by_value(2.0 * tf.cast(loss, tf.float32), 1.0,
+                                      MSE_KL_SCALE_CAP)
 
 
 def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
@@ -118,7 +151,7 @@ def steps(optimizer, used, variables, learning_rate):
             return optimizer.kl_clip, None
         before["loss"] = batch.loss(batch.predictions)
         before["nonnegative"] = batch.nonnegative  # (a later `loss` resets it)
-        return optimizer.kl_clip, tf.where(
+        return kl_bound(optimizer.kl_clip, batch.outputs, before["loss"]), tf.where(
             before["nonnegative"], LOSS_BOUND_FACTOR * before["loss"], -1.0)
 
     hidden = tangents_lib.eager_hidden_reads([slot.block for slot, *_ in used])

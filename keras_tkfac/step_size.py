@@ -31,7 +31,8 @@ Five controls, chosen with `step_control`:
   the default learning rate, `3e-3`, takes the model's whole step, a learning rate
   or schedule written for Adam keeps its meaning below it (`1e-3`: a third of the
   step), and a larger one takes the whole step (`step_learning_rate`). `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
-  safeguard; twice the loss bounds the predicted decrease, for losses that
+  safeguard (in the residuals' units for mean squared errors,
+  `quadratic.kl_bound`); twice the loss bounds the predicted decrease, for losses that
   cannot fall below zero (`quadratic.LOSS_BOUND_FACTOR`).
   `adaptive_damping=True` adapts the damping of the model and the
   preconditioner from the model's reduction ratio (Levenberg-Marquardt;

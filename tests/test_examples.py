@@ -148,6 +148,24 @@ def test_correlated_batches_smoke():
         assert math.isfinite(float(row[4])) and math.isfinite(float(row[5]))
 
 
+def test_regression_scales_smoke():
+    """`tools/regression_scales.py --smoke` trains one MLP on targets of scale 1 and
+    25 with Adam, `TKFAC()` and the previous KL bound, and reports finite ratios."""
+    result = _run("tools/regression_scales.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-5000:]
+    lines = result.stdout.splitlines()
+    table = max(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    rows = [line.split(" | ") for line in lines[table:]
+            if line.startswith("| 64-64:relu |")]
+    assert [row[1] for row in rows] == ["1", "25"]
+    for row in rows:
+        cells = [cell.strip(" |") for cell in row[2:]]
+        assert len(cells) == 3
+        for cell in cells:
+            best, last = cell.replace("(", "").replace(")", "").split()
+            assert math.isfinite(float(best)) and math.isfinite(float(last))
+
+
 def test_fisher_report_smoke(tmp_path):
     result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-5000:]

@@ -441,6 +441,79 @@ def test_kl_bound_shortens_a_long_step(step_control):
         step / np.linalg.norm(step), unbounded / np.linalg.norm(unbounded), atol=1e-5)
 
 
+def test_the_kl_bound_of_squared_errors_is_in_the_units_of_their_residuals():
+    """`kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)` where every output is a mean
+    squared error, else `kl_clip` (hand-computed)."""
+    predictions = {"a": tf.zeros((2, 1)), "b": tf.zeros((2, 3))}
+    squared = fisher.resolve_losses({"a": "mse", "b": "mse"}, "true", predictions)
+    mixed = fisher.resolve_losses(
+        {"a": "mse", "b": "categorical_crossentropy"}, "true", predictions)
+    cap = quadratic.MSE_KL_SCALE_CAP
+    for loss, factor in [(0.2, 1.0), (3.0, 6.0), (1e9, cap)]:
+        np.testing.assert_allclose(quadratic.kl_bound(0.1, squared, loss),
+                                   0.1 * factor, rtol=1e-6)
+        np.testing.assert_allclose(quadratic.kl_bound(0.1, mixed, loss), 0.1)
+    assert quadratic.kl_bound(None, squared, 3.0) is None
+
+
+def _regressor(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                             keras.layers.Dense(1)])
+
+
+def _regression_step(y, kl_clip):
+    """The weights before and after one quadratic-model step (the whole step) of
+    `_regressor` under MSE on `_data()`'s inputs and the targets `y`."""
+    x, _ = _data()
+    model = keras_tkfac.wrap(_regressor(0))
+    optimizer = keras_tkfac.TKFAC(
+        learning_rate=step_size.MODEL_STEP_LEARNING_RATE, step_control="quadratic",
+        kl_clip=kl_clip, adaptive_damping=False, factor_update_freq=1,
+        inverse_update_freq=1, seed=0)
+    model.compile(optimizer=optimizer, loss="mse")
+    before = _flat([v.numpy().astype(np.float64) for v in model.trainable_variables])
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    after = _flat([v.numpy().astype(np.float64) for v in model.trainable_variables])
+    return before, after
+
+
+@pytest.mark.parametrize("offset, spread, branch", [(0.0, 0.1, "small"),
+                                                    (3.0, 1.0, "residual_units"),
+                                                    (300.0, 1.0, "ceiling")])
+def test_a_squared_error_step_is_bounded_in_the_units_of_its_residuals(offset, spread,
+                                                                       branch):
+    """The step's predicted KL `(1/2) s^T C s`, with `C = (2 / B) sum_n J_n^T J_n`
+    the explicit Gauss-Newton matrix of the MSE (Jacobians by `tape.jacobian`), equals
+    `kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)`, `L` the batch's MSE in numpy
+    before the step; the same step without a bound is longer. The three target
+    draws take the three branches: `2 L < 1`, in between, and beyond the ceiling."""
+    x, _ = _data()
+    y = (offset + spread * np.random.default_rng(5).normal(size=(16, 1))).astype(
+        "float32")
+    model = _regressor(0)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jacobian = np.concatenate(
+        [np.reshape(tape.jacobian(outputs, v), (16, -1)) for v in variables],
+        axis=-1).astype(np.float64)
+    curvature = 2.0 * jacobian.T @ jacobian / 16
+    loss = float(np.mean((y - outputs.numpy()) ** 2))
+    factor = min(max(1.0, 2.0 * loss), quadratic.MSE_KL_SCALE_CAP)
+    cap = quadratic.MSE_KL_SCALE_CAP
+    assert {"small": 2 * loss < 1, "residual_units": 1 < 2 * loss < cap,
+            "ceiling": 2 * loss > cap}[branch]
+    kl_clip = 1e-3
+    before, after = _regression_step(y, kl_clip)
+    step = after - before
+    np.testing.assert_allclose(0.5 * step @ curvature @ step, kl_clip * factor,
+                               rtol=2e-3)
+    before, free = _regression_step(y, None)
+    unbounded = free - before
+    assert 0.5 * unbounded @ curvature @ unbounded > kl_clip * factor
+
+
 @pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
 def test_learning_rate_scales_the_model_step(step_control):
     full = _fit_steps(1, fraction=1.0, step_control=step_control)
