@@ -41,10 +41,11 @@ _COMMON_ARGS = """
         kl_clip: float or `None`, the bound `kappa` on the (approximate) KL
             divergence of a step under `"trust_region"` and `"kl_clip"`, and on the
             predicted KL `(1/2) s^T C s` of the exact curvature under `"quadratic"`
-            and `"graft_quadratic"`, there times `min(max(1, 2 L), 1e4)` where
-            every output is a mean squared error of batch loss `L` (the KL under
-            the residuals' own variance: `keras_tkfac.quadratic.kl_bound`; unused
-            by `"graft"`); `None` disables it. Defaults to `0.1`.
+            and `"graft_quadratic"`, where each mean-squared-error output's part
+            of `C` is divided by `min(max(1, 2 L), 1e4)`, `L` that output's
+            weighted batch loss (its KL under the residuals' own variance:
+            `keras_tkfac.quadratic.kl_curvature`; unused by `"graft"`); `None`
+            disables it. Defaults to `0.1`.
         step_control: `"graft_quadratic"`: each layer's update `U_l` is first
             rescaled to the norm of RMSProp's step `G_l / sqrt(v_l)` (Adam without
             its first moment), then the step `a u + b M` (`M` the previous step)

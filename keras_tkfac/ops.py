@@ -484,7 +484,7 @@ def graft(update, norm):
 
 
 def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
-                         max_decrease=None, momentum_range=None):
+                         max_decrease=None, momentum_range=None, kl_curvature=None):
     """Coefficients `(a, b)` of the step `s = a U + b M` that minimises the model
     `q(s) = -<s, G> + (1/2) s^T (C + lambda I) s` (Martens & Grosse, 2015, §7).
 
@@ -496,7 +496,9 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     the step is `a = <U, G> / (<U, C U> + lambda |U|^2)`, `b = 0`. A non-finite or
     non-positive curvature gives `(0, 0)`: no step rather than a wrong one. With
     `max_kl`, a step whose predicted KL divergence `(1/2) s^T C s` exceeds it is
-    shortened to it (a safeguard; the model's minimiser is not changed otherwise).
+    shortened to it (a safeguard; the model's minimiser is not changed otherwise);
+    with `kl_curvature`, the KL is `(1/2) s^T K_kl s` instead (outputs whose KL is
+    measured in other units than their loss: `quadratic.kl_curvature`).
     With `max_decrease` (a multiple of the loss, for a loss that cannot fall
     below zero), a step whose predicted decrease `-q` exceeds it is shortened to
     where the model predicts that decrease: along the minimiser `s*`,
@@ -522,6 +524,8 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
         max_decrease: optional bound `L >= 0` on the predicted decrease `-q(s)`
             (ignored where not positive and finite).
         momentum_range: optional `(low, high)` bounds on `b`.
+        kl_curvature: optional `[2, 2]`, `K_kl`, the Gram the KL is measured with
+            (default `curvature`).
 
     Returns:
         `(a, b, q)`: scalars, with `q <= 0` the model's value at the (unshortened)
@@ -558,7 +562,8 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
         max_kl = tf.cast(max_kl, tf.float64)
         coefficients = tf.stack([a, b])
         kl = 0.5 * tf.reduce_sum(coefficients * tf.linalg.matvec(
-            tf.cast(curvature, tf.float64), coefficients))
+            tf.cast(curvature if kl_curvature is None else kl_curvature, tf.float64),
+            coefficients))
         shorten = tf.where(kl > max_kl, tf.sqrt(tf.math.divide_no_nan(max_kl, kl)),
                            shorten)
     if max_decrease is not None:

@@ -462,6 +462,10 @@ class Batch:
         # The flat outputs of the products' forward pass, when it saw the whole batch.
         self.predictions = None
         self.nonnegative = None  # set by `loss`
+        # `[(k, C_k)]`: the Gram of each mean-squared-error output `k` of
+        # `outputs` (its weight included; set by `gram`), and every output's
+        # weighted loss `w_k L_k` (set by `loss`; the means over the replicas).
+        self.squared_grams, self.output_losses = [], None
 
     def _restoring(self, run):
         saved = [tf.identity(v) for v in self.state]
@@ -518,14 +522,17 @@ class Batch:
         # Losses without a Fisher formula: both candidate curvatures, chosen from
         # after the all-reduce (`_larger_curvature`), weighted by the output's weight.
         candidates = []
+        # Mean squared errors' own Grams, for the KL bound in their residuals'
+        # units (`squared_grams`); they are also in `gram`.
+        squared = []
         for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
             source, y_pred = sources[k], flat[output.index]
             output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
             along = [jvp[k] for jvp in jvps]
+            own = [[0.0] * count for _ in range(count)]
             if output.spec.kind is None:
                 projections = _gradient_projections(output, label, source, y_pred,
                                                     along)
-                square = [[0.0] * count for _ in range(count)]
             for i in range(count):
                 for j in range(i, count):
                     if output.spec.kind is None:
@@ -538,10 +545,11 @@ class Batch:
                         terms, weight,
                         fisher_lib.term_mask(output.spec, label, y_pred, terms),
                         output.spec.sums)
-                    if output.spec.kind is None:
-                        square[i][j] = square[j][i] = value
-                    else:
+                    own[i][j] = own[j][i] = value
+                    if output.spec.kind is not None:
                         gram[i][j] = gram[i][j] + output_weight * value
+            if output.spec.kind == "mean_squared_error":
+                squared.append((k, output_weight * _symmetric(own)))
             if output.spec.kind is None:
                 try:
                     hessian = _symmetric(_loss_hessian_gram(
@@ -551,9 +559,12 @@ class Batch:
                     # `vectorized_map` of a batch-scalar loss twice: the square's.)
                     hessian = tf.fill([count, count], -1.0)
                 candidates += [output_weight * hessian,
-                               output_weight * _symmetric(square)]
+                               output_weight * _symmetric(own)]
         gram = _symmetric(gram)
-        gram, *candidates = distributed.all_reduce("mean", [gram] + candidates)
+        gram, *candidates = distributed.all_reduce(
+            "mean", [gram] + [g for _, g in squared] + candidates)
+        self.squared_grams = list(zip([k for k, _ in squared], candidates))
+        candidates = candidates[len(squared):]
         for hessian, square in zip(candidates[::2], candidates[1::2]):
             gram = gram + _larger_curvature(hessian, square)
         return gram
@@ -572,18 +583,20 @@ class Batch:
             predictions = self._restoring(
                 lambda: tf.nest.flatten(self.forward()))
         labels, weights = self._per_output(len(predictions))
-        total, known = 0.0, tf.constant(True)
+        losses, known = [], tf.constant(True)
         for output, label, weight in zip(self.outputs, labels, weights):
             y_pred = predictions[output.index]
             terms = output.spec.fn(label, y_pred)
-            total += tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
+            losses.append(tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
                 _weighted_mean(terms, weight,
                                fisher_lib.term_mask(output.spec, label, y_pred, terms),
-                               output.spec.sums))
+                               output.spec.sums)))
             if output.spec.kind is None:
                 known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))
-        total, known = distributed.all_reduce(
-            "mean", [total, tf.cast(known, tf.float32)])
+        known, *losses = distributed.all_reduce(
+            "mean", [tf.cast(known, tf.float32)] + losses)
+        self.output_losses = losses
+        total = tf.add_n(losses) if losses else tf.constant(0.0)
         # Whether the loss is known not to fall below zero: every output's loss has
         # a formula (nonnegative), or the others' terms are all >= 0 on this batch
         # (`Dice`, a squared error of one's own; not cosine similarity).

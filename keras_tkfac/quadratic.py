@@ -14,8 +14,8 @@ for saturated outputs, whose Gauss-Newton curvature vanishes while the gradient
 does not; for a loss with negative terms (cosine similarity) there is no bound.
 Where the minimiser predicts more than `UNTRUSTED_DECREASE` times the loss, the
 model is not trusted at all and the step is `FALLBACK`'s. The bound on the step's
-predicted KL is `kl_clip`, in the units of the batch's residuals where every output
-is a mean squared error (`kl_bound`).
+predicted KL is `kl_clip`, with a mean-squared-error output's KL in the units of the
+batch's residuals (`kl_curvature`).
 
 Without a `forward`, or where no products can be traced, a step is `FALLBACK`'s
 (`steps`).
@@ -61,8 +61,8 @@ LOSS_BOUND_FACTOR = 2.0
 UNTRUSTED_DECREASE = 10.0
 
 
-# For models whose every output is a mean squared error, the KL bound is taken in
-# the units of the batch's residuals (`kl_bound`), with at most this multiple.
+# The KL bound of a mean-squared-error output is taken in the units of the batch's
+# residuals (`kl_curvature`), with at most this multiple.
 # Keras's MSE is the negative log-likelihood of a Gaussian of variance 1/2 (up to a
 # constant), so `kl_clip` nats let a step move the outputs by about
 # `sqrt(kl_clip)`, whatever the targets' scale: on targets of scale 100 (a
@@ -80,16 +80,32 @@ UNTRUSTED_DECREASE = 10.0
 MSE_KL_SCALE_CAP = 1e4
 
 
-def kl_bound(kl_clip, outputs, loss):
-    """The bound on a step's predicted KL, `(1/2) s^T C s`: `kl_clip`, or where every
-    output's loss is a mean squared error, `kl_clip * min(max(1, 2 L),
-    MSE_KL_SCALE_CAP)` with `L` the batch's (weighted) loss: the KL bound in the
-    units of the residuals (`MSE_KL_SCALE_CAP`)."""
-    if kl_clip is None or not outputs or any(
-            o.spec.kind != "mean_squared_error" for o in outputs):
-        return kl_clip
-    return kl_clip * tf.clip_by_value(2.0 * tf.cast(loss, tf.float32), 1.0,
-                                      MSE_KL_SCALE_CAP)
+def kl_scale(loss):
+    """The factor `min(max(1, 2 L), MSE_KL_SCALE_CAP)` by which a mean-squared-error
+    output of (weighted) loss `L` has its KL measured in its residuals' units."""
+    return tf.clip_by_value(2.0 * tf.cast(loss, tf.float32), 1.0, MSE_KL_SCALE_CAP)
+
+
+def kl_curvature(curvature, squared_grams, output_losses):
+    """The Gram the step's KL bound `kl_clip` holds `(1/2) s^T K s` to: `curvature`
+    with each mean-squared-error output's part `C_k` divided by `kl_scale` of that
+    output's weighted loss `L_k` (`MSE_KL_SCALE_CAP`), the others' unchanged; `None`
+    (the curvature itself) where there is no such output or no loss.
+
+    Args:
+        curvature: `[2, 2]`, the model's Gram `sum_k C_k` over the outputs.
+        squared_grams: `[(k, C_k)]` of the mean-squared-error outputs
+            (`products.Batch.squared_grams`).
+        output_losses: every output's weighted loss (`products.Batch.output_losses`),
+            or `None`.
+    """
+    if not squared_grams or output_losses is None:
+        return None
+    kl = tf.cast(curvature, tf.float64)
+    for k, gram in squared_grams:
+        shrink = 1.0 - 1.0 / tf.cast(kl_scale(output_losses[k]), tf.float64)
+        kl = kl - shrink * tf.cast(gram, tf.float64)
+    return kl
 
 
 def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
@@ -128,11 +144,14 @@ def steps(optimizer, used, variables, learning_rate):
                                          for i in indices])
                 for slot, indices, *_ in used]
 
+    before = {}
+
     def products(directions):
-        return batch.gram(covered, [
+        before["curvature"] = batch.gram(covered, [
             [p for (slot, *_), d in zip(used, direction)
              for p in slot.block.split_matrix(d) if p is not None]
             for direction in directions])
+        return before["curvature"]
 
     damping = damping_lib.current(optimizer)
     dampings = []
@@ -141,18 +160,19 @@ def steps(optimizer, used, variables, learning_rate):
         factors = [tf.math.divide_no_nan(f, weight) for f in slot.factors]
         dampings.append(tf.reduce_mean(
             optimizer._layer_damping(slot.block, factors, damping)))
-    before = {}
 
     def bounds():
         # Where the loss is known to be nonnegative (`Batch.loss`) and the
         # products' pass gave it for free (`LOSS_BOUND_FACTOR`); the loss needs the
         # labels. A negative bound is none (`ops.quadratic_model_step`).
         if batch.predictions is None or batch.y_true is None:
-            return optimizer.kl_clip, None
+            return optimizer.kl_clip, None, None
         before["loss"] = batch.loss(batch.predictions)
         before["nonnegative"] = batch.nonnegative  # (a later `loss` resets it)
-        return kl_bound(optimizer.kl_clip, batch.outputs, before["loss"]), tf.where(
-            before["nonnegative"], LOSS_BOUND_FACTOR * before["loss"], -1.0)
+        return optimizer.kl_clip, tf.where(
+            before["nonnegative"], LOSS_BOUND_FACTOR * before["loss"], -1.0), (
+                kl_curvature(before["curvature"], batch.squared_grams,
+                             batch.output_losses))
 
     hidden = tangents_lib.eager_hidden_reads([slot.block for slot, *_ in used])
     if hidden:

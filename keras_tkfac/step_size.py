@@ -32,7 +32,7 @@ Five controls, chosen with `step_control`:
   or schedule written for Adam keeps its meaning below it (`1e-3`: a third of the
   step), and a larger one takes the whole step (`step_learning_rate`). `kl_clip` bounds the predicted KL, `(1/2) s^T C s`, as a
   safeguard (in the residuals' units for mean squared errors,
-  `quadratic.kl_bound`); twice the loss bounds the predicted decrease, for losses that
+  `quadratic.kl_curvature`); twice the loss bounds the predicted decrease, for losses that
   cannot fall below zero (`quadratic.LOSS_BOUND_FACTOR`).
   `adaptive_damping=True` adapts the damping of the model and the
   preconditioner from the model's reduction ratio (Levenberg-Marquardt;
@@ -247,9 +247,11 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         updates: list of preconditioned gradients `U_l`.
         grads: list of the gradients `G_l`, same shapes.
         previous: list of the previous steps `M_l`, same shapes.
-        bounds: optional `() -> (max_kl, max_decrease)`, called after `products`:
-            bounds (or `None`) on the step's predicted KL, `(1/2) s^T C s`, and on
-            its predicted decrease of the loss (`ops.quadratic_model_step`).
+        bounds: optional `() -> (max_kl, max_decrease, kl_curvature)`, called
+            after `products`: bounds (or `None`) on the step's predicted KL,
+            `(1/2) s^T C s` (with `kl_curvature`'s Gram in place of `C`'s where it
+            is not `None`), and on its predicted decrease of the loss
+            (`ops.quadratic_model_step`).
         min_coefficient: optional floor on a positive coefficient `a` of `U`
             (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`).
 
@@ -268,9 +270,10 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
                       tf.stack([cross, inner(previous, previous, dampings)])])
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
     curvature = products([updates, previous])
-    max_kl, max_decrease = bounds() if bounds else (None, None)
+    max_kl, max_decrease, kl_curvature = bounds() if bounds else (None, None, None)
     a, b, minimum = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
-                                             max_decrease, MOMENTUM_RANGE)
+                                             max_decrease, MOMENTUM_RANGE,
+                                             kl_curvature)
     if min_coefficient is not None:
         a = tf.where(a > 0.0, tf.maximum(a, min_coefficient), a)
 

@@ -148,22 +148,27 @@ def test_correlated_batches_smoke():
         assert math.isfinite(float(row[4])) and math.isfinite(float(row[5]))
 
 
-def test_regression_scales_smoke():
-    """`tools/regression_scales.py --smoke` trains one MLP on targets of scale 1 and
-    25 with Adam, `TKFAC()` and the previous KL bound, and reports finite ratios."""
-    result = _run("tools/regression_scales.py", "--smoke")
+@pytest.mark.parametrize("heads", ["1", "2"])
+def test_regression_scales_smoke(heads):
+    """`tools/regression_scales.py --smoke` trains one MLP (with `--heads=2`, and a
+    class head) on targets of scale 1 and 25 with Adam, `TKFAC()` and the previous
+    KL bound, and reports finite ratios (and cross-entropies)."""
+    result = _run("tools/regression_scales.py", "--smoke", f"--heads={heads}",
+                  "--adam=1e-3,3e-3")
     assert result.returncode == 0, result.stderr[-5000:]
     lines = result.stdout.splitlines()
     table = max(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert "| Adam(1e-3) | Adam(3e-3) | TKFAC() |" in lines[table]
     rows = [line.split(" | ") for line in lines[table:]
             if line.startswith("| 64-64:relu |")]
     assert [row[1] for row in rows] == ["1", "25"]
     for row in rows:
         cells = [cell.strip(" |") for cell in row[2:]]
-        assert len(cells) == 3
+        assert len(cells) == 4
         for cell in cells:
-            best, last = cell.replace("(", "").replace(")", "").split()
-            assert math.isfinite(float(best)) and math.isfinite(float(last))
+            values = cell.replace("(", "").replace(")", "").replace("/", "").split()
+            assert len(values) == int(heads) + 1
+            assert all(math.isfinite(float(v)) for v in values)
 
 
 def test_fisher_report_smoke(tmp_path):

@@ -442,18 +442,81 @@ def test_kl_bound_shortens_a_long_step(step_control):
 
 
 def test_the_kl_bound_of_squared_errors_is_in_the_units_of_their_residuals():
-    """`kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)` where every output is a mean
-    squared error, else `kl_clip` (hand-computed)."""
-    predictions = {"a": tf.zeros((2, 1)), "b": tf.zeros((2, 3))}
-    squared = fisher.resolve_losses({"a": "mse", "b": "mse"}, "true", predictions)
-    mixed = fisher.resolve_losses(
-        {"a": "mse", "b": "categorical_crossentropy"}, "true", predictions)
+    """`kl_curvature`: each mean-squared-error output's Gram divided by
+    `min(max(1, 2 L_k), MSE_KL_SCALE_CAP)` of its own weighted loss `L_k`, the other
+    outputs' unchanged (hand-computed); none without such outputs or losses."""
+    squared = np.array([[2.0, 0.5], [0.5, 1.0]])
+    other = np.array([[0.3, -0.1], [-0.1, 0.2]])
     cap = quadratic.MSE_KL_SCALE_CAP
     for loss, factor in [(0.2, 1.0), (3.0, 6.0), (1e9, cap)]:
-        np.testing.assert_allclose(quadratic.kl_bound(0.1, squared, loss),
-                                   0.1 * factor, rtol=1e-6)
-        np.testing.assert_allclose(quadratic.kl_bound(0.1, mixed, loss), 0.1)
-    assert quadratic.kl_bound(None, squared, 3.0) is None
+        got = quadratic.kl_curvature(tf.constant(squared + other, tf.float32),
+                                     [(1, tf.constant(squared, tf.float32))],
+                                     [tf.constant(0.7), tf.constant(loss)])
+        np.testing.assert_allclose(got, squared / factor + other, rtol=1e-6)
+        np.testing.assert_allclose(quadratic.kl_scale(loss), factor, rtol=1e-6)
+    assert quadratic.kl_curvature(tf.constant(other), [], [tf.constant(3.0)]) is None
+    assert quadratic.kl_curvature(tf.constant(squared),
+                                  [(0, tf.constant(squared))], None) is None
+
+
+def _two_heads(seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(6, activation="tanh")(inputs)
+    return keras.Model(inputs, {"reg": keras.layers.Dense(1)(hidden),
+                                "cls": keras.layers.Dense(3)(hidden)})
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_a_squared_error_heads_kl_is_in_its_residuals_units_beside_a_classifier(
+        offset):
+    """A model with a mean-squared-error head and a cross-entropy head: the step's
+    KL `(1/2) s^T (C_reg / min(max(1, 2 L_reg), cap) + C_cls) s`, with the two heads'
+    explicit Gauss-Newton matrices (Jacobians by `tape.jacobian`, loss weights
+    included) and `L_reg` the regression head's weighted MSE in numpy before the
+    step, equals `kl_clip`: the classifier's KL in nats, the squared error's in its
+    residuals' units. At offset 0 (`2 L_reg < 1`) that is the plain KL."""
+    x, labels = _data()
+    targets = (offset + 0.1 * np.random.default_rng(5).normal(size=(16, 1))).astype(
+        "float32")
+    weights = {"reg": 0.5, "cls": 1.0}
+    model = _two_heads(0)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jacobians = {name: np.concatenate(
+        [np.reshape(tape.jacobian(outputs[name], v,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO),
+                    (16, outputs[name].shape[-1], -1))
+         for v in variables], axis=-1).astype(np.float64) for name in outputs}
+    probs = tf.nn.softmax(outputs["cls"]).numpy().astype(np.float64)
+    regression = weights["reg"] * 2.0 * np.einsum(
+        "noi,noj->ij", jacobians["reg"], jacobians["reg"]) / 16
+    classes = weights["cls"] * sum(
+        j.T @ (np.diag(p) - np.outer(p, p)) @ j
+        for j, p in zip(jacobians["cls"], probs)) / 16
+    loss = weights["reg"] * float(np.mean((targets - outputs["reg"].numpy()) ** 2))
+    factor = min(max(1.0, 2.0 * loss), quadratic.MSE_KL_SCALE_CAP)
+    assert (factor > 5.0) if offset else (factor == 1.0)
+
+    wrapped = keras_tkfac.wrap(_two_heads(0))
+    kl_clip = 1e-3
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(
+        learning_rate=step_size.MODEL_STEP_LEARNING_RATE, step_control="quadratic",
+        kl_clip=kl_clip, adaptive_damping=False, factor_update_freq=1,
+        inverse_update_freq=1, seed=0), loss={
+            "reg": "mse",
+            "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        loss_weights=weights)
+    before = _flat([v.numpy().astype(np.float64) for v in wrapped.trainable_variables])
+    wrapped.fit(x, {"reg": targets, "cls": labels}, batch_size=16, epochs=1,
+                shuffle=False, verbose=0)
+    step = _flat([v.numpy().astype(np.float64)
+                  for v in wrapped.trainable_variables]) - before
+    np.testing.assert_allclose(
+        0.5 * step @ (regression / factor + classes) @ step, kl_clip, rtol=2e-3)
+    if offset:
+        assert 0.5 * step @ (regression + classes) @ step > 2.0 * kl_clip
 
 
 def _regressor(seed):
@@ -485,7 +548,7 @@ def test_a_squared_error_step_is_bounded_in_the_units_of_its_residuals(offset, s
                                                                        branch):
     """The step's predicted KL `(1/2) s^T C s`, with `C = (2 / B) sum_n J_n^T J_n`
     the explicit Gauss-Newton matrix of the MSE (Jacobians by `tape.jacobian`), equals
-    `kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)`, `L` the batch's MSE in numpy
+    `kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)` (`quadratic.kl_curvature`), `L` the batch's MSE in numpy
     before the step; the same step without a bound is longer. The three target
     draws take the three branches: `2 L < 1`, in between, and beyond the ceiling."""
     x, _ = _data()
