@@ -17,7 +17,9 @@ its tangent the same way. Other resize methods, and the other ops checked, raise
 
 `install_jvps` gives TensorFlow's forward mode the rule it lacks for the bilinear
 resize (linear in the images: the tangent's resize is the output's tangent), so the
-products pass through it; `dropped` remains the safeguard for the others.
+products pass through it; `dropped` remains the safeguard for the others. It also
+gives zero tangents to ops with integer or boolean outputs (`INTEGER_OUTPUTS`,
+`Cast` to an integer), which nested accumulators need.
 
 `dropped` finds such ops in a traced forward pass: an op that the pass's results
 are computed from (not one of the accumulator's tangent computations) that has a
@@ -224,8 +226,42 @@ def _resize_bilinear_jvp(attr_tuple, inputs, outputs, tangents):
         half_pixel_centers=attributes["half_pixel_centers"])]
 
 
-# Forward-mode rules for ops whose derivative TensorFlow's forward mode drops.
-JVPS = {"ResizeBilinear": _resize_bilinear_jvp}
+def _zero_jvp(attr_tuple, inputs, outputs, tangents):
+    """Forward mode through an op whose outputs are integers or booleans (a shape,
+    a comparison, an index): zero tangents of the outputs' own types."""
+    del attr_tuple, inputs, tangents
+    return [tf.zeros_like(output) for output in outputs]
+
+
+def _cast_jvp(attr_tuple, inputs, outputs, tangents):
+    """Forward mode through `Cast`: the tangent cast to the output's type between
+    floating (or complex) types, as TensorFlow's own rule gives; zero where the
+    output or the input is an integer or a boolean."""
+    del attr_tuple, inputs
+    output, tangent = outputs[0], tangents[0]
+    if (tangent is not None and (output.dtype.is_floating or output.dtype.is_complex)
+            and (tangent.dtype.is_floating or tangent.dtype.is_complex)):
+        return [tf.cast(tangent, output.dtype)]
+    return [tf.zeros_like(output)]
+
+
+# Ops with only integer or boolean outputs. Where TensorFlow's forward mode gives
+# them no tangent, its Jacobian-vector product is a traced function without
+# outputs, and a second accumulator around the first (the nested products,
+# `products.NESTED`) fails on that function call (`IndexError` in TensorFlow's
+# `concrete_function`; measured on TensorFlow 2.21, `tests/test_tangents.py`).
+# Keras's `Dropout` on a batch of unknown size (`tf.data`, a dataset whose size
+# is not a multiple of the batch) takes `tf.shape` of its input, `Masking`
+# compares it, so their models fell back to one pass per direction. Their
+# derivative is zero; a zero tangent keeps the function's output.
+INTEGER_OUTPUTS = ("Shape", "ShapeN", "Size", "Rank", "Equal", "NotEqual", "Greater",
+                   "GreaterEqual", "Less", "LessEqual", "ArgMax", "ArgMin",
+                   "IsFinite", "IsNan", "IsInf")
+
+# Forward-mode rules for ops whose derivative TensorFlow's forward mode drops, or
+# whose missing tangent breaks nested accumulators.
+JVPS = {"ResizeBilinear": _resize_bilinear_jvp, "Cast": _cast_jvp,
+        **{name: _zero_jvp for name in INTEGER_OUTPUTS}}
 
 
 def install_jvps():

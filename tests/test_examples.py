@@ -171,6 +171,19 @@ def test_regression_scales_smoke(heads):
             assert all(math.isfinite(float(v)) for v in values)
 
 
+def test_unknown_batch_smoke():
+    """`tools/unknown_batch.py --smoke` times both configurations, each in its own
+    process: before the forward-mode rules the products take one pass per direction,
+    after them one nested pass."""
+    result = _run("tools/unknown_batch.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith(("| before |", "| after |"))]
+    assert [row[1] for row in rows] == ["one pass per direction", "one nested pass"]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3].strip(" |")) > 0
+
+
 def test_fisher_report_smoke(tmp_path):
     result = _run("tools/fisher_report.py", "--smoke", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-5000:]

@@ -935,6 +935,35 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
             np.testing.assert_allclose(g, o, rtol=1e-4, atol=1e-5)
 
 
+def test_fit_on_batches_of_unknown_size_nests_through_dropout_and_masking(monkeypatch):
+    """A `tf.data` pipeline whose last batch is partial traces the step with an
+    unknown batch size: `Dropout` then takes `tf.shape` of its input and `Masking`
+    compares it (integer and boolean outputs: `tangents.INTEGER_OUTPUTS`). The
+    products still take one nested pass carrying both directions (before, each
+    step fell back to one pass per direction)."""
+    passes, original = [], products._passes
+
+    def recorded(forward, outputs, primals, groups, model=None):
+        passes.append([len(group) for group in groups])
+        return original(forward, outputs, primals, groups, model)
+
+    monkeypatch.setattr(products, "_passes", recorded)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+        keras.layers.Masking(0.0), keras.layers.Dropout(0.3),
+        keras.layers.Dense(1, activation="sigmoid")]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss="binary_crossentropy")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    assert data.element_spec[0].shape[0] is None
+    history = model.fit(data, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert passes and all(groups == [2] for groups in passes), passes
+
+
 def test_fit_through_a_recurrent_layer():
     # Forward mode cannot pass Keras's LSTM loop; the products take reverse mode.
     rng = np.random.default_rng(4)

@@ -240,3 +240,51 @@ def test_only_the_grouped_kernel_is_hidden_not_the_layers_before_it(nested):
     plain.assign(kernel)
     assert np.abs(tangent).max() > 1e-2
     np.testing.assert_allclose(tangent, up - down, rtol=1e-4, atol=1e-4)
+
+
+INTEGER_PATHS = {
+    "shape_slice": lambda h: tf.cast(tf.shape(h)[0], tf.float32) * h,
+    "random_of_shape": lambda h: h * tf.random.stateless_uniform(tf.shape(h), [1, 2]),
+    "reshape_by_shape": lambda h: tf.reshape(
+        tf.reshape(h, [tf.shape(h)[0], 2, 2]), tf.shape(h)),
+    "comparison": lambda h: h * tf.cast(tf.not_equal(h, 0.0), tf.float32),
+    "select": lambda h: tf.where(h > 0.5, h, 2.0 * h),
+    "argmax": lambda h: h * tf.cast(tf.argmax(h, -1)[:, None], tf.float32),
+    "cast_to_int": lambda h: h * tf.cast(tf.cast(3.0 * h, tf.int32), tf.float32),
+    "size": lambda h: h * tf.cast(tf.size(h), tf.float32),
+    "gather_by_index": lambda h: tf.gather(h, tf.argmax(h, 0), axis=0),
+}
+
+
+@pytest.mark.parametrize("path", sorted(INTEGER_PATHS))
+def test_nested_accumulators_pass_ops_with_integer_outputs(path):
+    """`tangents.INTEGER_OUTPUTS` and `Cast`: with a batch of unknown size, two
+    nested accumulators pass a shape, a comparison, an index or a cast to integers
+    (TensorFlow alone fails there: an `IndexError` on the inner accumulator's
+    output-less tangent function), and each carries its own direction's tangent:
+    the inner one's equals twice the outer one's (directions `2 v` and `v`), and the
+    outer one's equals a single accumulator's."""
+    fn = INTEGER_PATHS[path]
+    kernel = tf.Variable(np.random.default_rng(0).normal(size=(3, 4)).astype("float32"))
+    direction = tf.constant(np.random.default_rng(1).normal(size=(3, 4)), tf.float32)
+    spec = [tf.TensorSpec([None, 3], tf.float32)]
+
+    @tf.function(input_signature=spec)
+    def nested(x):
+        with tf.autodiff.ForwardAccumulator(kernel, direction) as outer:
+            with tf.autodiff.ForwardAccumulator(kernel, 2.0 * direction) as inner:
+                y = fn(x @ kernel)
+        return inner.jvp(y), outer.jvp(y)
+
+    @tf.function(input_signature=spec)
+    def single(x):
+        with tf.autodiff.ForwardAccumulator(kernel, direction) as accumulator:
+            y = fn(x @ kernel)
+        return accumulator.jvp(y)
+
+    x = tf.constant(np.random.default_rng(2).normal(size=(5, 3)), tf.float32)
+    inner, outer = nested(x)
+    alone = single(x)
+    assert np.abs(alone.numpy()).max() > 1e-3
+    np.testing.assert_allclose(inner, 2.0 * outer.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outer, alone, rtol=1e-6, atol=1e-6)
