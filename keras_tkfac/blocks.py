@@ -544,27 +544,28 @@ class EinsumDenseBlock(DenseBlock):
 
 
 class DepthwiseConvBlock(CurvatureBlock):
-    """`keras.layers.DepthwiseConv2D`: one block per input channel.
+    """`keras.layers.DepthwiseConv2D` and `DepthwiseConv1D`: one block per input
+    channel.
 
     Channel `c`'s filters see only channel `c`'s patches, so its Fisher block is
-    approximated on its own: input factor over the `kh * kw` patch (plus bias),
-    output factor over its `depth_multiplier` outputs. Cross-channel curvature is
-    dropped, as K-FAC drops cross-layer curvature. `channels_first` rows are moved
-    to channels_last.
+    approximated on its own: input factor over the `kh * kw` (or `k`) patch (plus
+    bias), output factor over its `depth_multiplier` outputs. Cross-channel
+    curvature is dropped, as K-FAC drops cross-layer curvature. `channels_first`
+    rows are moved to channels_last.
     """
 
     is_conv = True
 
     @property
     def groups(self):
-        return int(self.kernel.shape[2])
+        return int(self.kernel.shape[-2])
 
     @property
     def d_out(self):
-        return int(self.kernel.shape[3])
+        return int(self.kernel.shape[-1])
 
     def kernel_rows(self):
-        return int(self.kernel.shape[0]) * int(self.kernel.shape[1])
+        return _taps(self.kernel.shape[:-2])
 
     def preactivation(self, inputs):
         s = keras.ops.depthwise_conv(
@@ -803,6 +804,7 @@ BLOCKS = {
     keras.layers.Conv2DTranspose: ConvTransposeBlock,
     keras.layers.Conv3DTranspose: ConvTransposeBlock,
     keras.layers.Embedding: EmbeddingBlock,
+    keras.layers.DepthwiseConv1D: DepthwiseConvBlock,
     keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
 }
 

@@ -563,7 +563,8 @@ def wrap(model, *, exclude=()):
     restores the wrapping (import `keras_tkfac` first).
 
     Supported layers are those registered in `keras_tkfac.blocks.BLOCKS` (`Dense`,
-    `EinsumDense`, convolutions and transposed convolutions, `DepthwiseConv2D`,
+    `EinsumDense`, convolutions and transposed convolutions, `DepthwiseConv1D`
+    and `DepthwiseConv2D`,
     `Embedding`; `LayerNormalization` and `BatchNormalization` after
     `keras_tkfac.register_normalization_blocks()`); every other trainable variable takes the optimizer's first-order
     partner (`fallback`, Adam by default).
