@@ -49,6 +49,9 @@ class CurvatureBlock:
     # Whether the gradient of the kernel and bias is exactly `rows`' `a^T g` summed
     # over the recorded calls (which `keras_tkfac.factored` relies on).
     exact_rows = False
+    # The layer's attributes whose regularizers add to the gradient of `variables`
+    # beyond `rows`' `a^T g` (`keras_tkfac.factored` then uses the full form).
+    regularizers = ("kernel_regularizer", "bias_regularizer")
 
     def __init__(self, layer):
         self.layer = layer
@@ -591,6 +594,69 @@ class DepthwiseConvBlock(CurvatureBlock):
         return a, g
 
 
+class SeparableConvBlock(CurvatureBlock):
+    """`keras.layers.SeparableConv1D` and `SeparableConv2D`: the pointwise kernel and
+    the bias; the depthwise kernel takes the first-order fallback.
+
+    A separable convolution is a depthwise convolution `z = D(x)` followed by a 1x1
+    convolution `s = z W + b` (Keras's `ops.separable_conv`), so the pointwise kernel
+    and bias are a convolution block with one tap: rows are (example, output
+    location) pairs, the input row is `[z_r, 1]` and the output row the gradient
+    with respect to `s`, and `[z; 1]^T g` is their gradient exactly (as for `Dense`).
+    The block records `z`, computed from the layer's input and depthwise kernel as
+    Keras computes it. The pointwise kernel holds most of the layer's weights
+    (`channels * multiplier * filters` against `taps * channels * multiplier`).
+    The depthwise kernel would be a second block in the same layer (its rows need
+    `g W^T`), which the one-block-per-layer engine does not have: it is left to the
+    fallback, as a transposed convolution's bias is. `is_conv` as `Conv2D` with a
+    1x1 kernel (TKFAC's trace-relative damping).
+    """
+
+    is_conv = True
+    exact_rows = True
+    regularizers = ("pointwise_regularizer", "bias_regularizer")
+
+    @property
+    def kernel(self):
+        return self.layer.pointwise_kernel
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[-2])
+
+    def depthwise(self, inputs):
+        """`z`, the depthwise convolution's output (the pointwise block's input)."""
+        return keras.ops.depthwise_conv(
+            inputs,
+            self.layer.depthwise_kernel,
+            strides=self.layer.strides,
+            padding=self.layer.padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format=self._data_format,
+        )
+
+    def _pointwise(self, z):
+        # A 1x1 convolution is a product over the channel axis; written as one, it
+        # also runs `channels_first` on CPU, where TensorFlow's Conv2D does not.
+        kernel = tf.reshape(self.kernel, [self.kernel_rows(), self.d_out])
+        if self._data_format == "channels_first":
+            s = keras.ops.einsum("bc...,cf->bf...", z, kernel)
+        else:
+            s = keras.ops.matmul(z, kernel)
+        return self._add_bias(s)
+
+    def record(self, call, inputs, *args, **kwargs):
+        z = self.depthwise(inputs)
+        return z, self._pointwise(z)
+
+    def preactivation(self, inputs):
+        return self._pointwise(self.depthwise(inputs))
+
+    def rows(self, inputs, output_grads):
+        a = tf.reshape(_channels_last(inputs, self._data_format), [-1, self.kernel_rows()])
+        g = tf.reshape(_channels_last(output_grads, self._data_format), [-1, self.d_out])
+        return self._with_bias(a), g
+
+
 class EmbeddingBlock(CurvatureBlock):
     """`keras.layers.Embedding`: one-hot inputs, so the input factor is diagonal.
 
@@ -806,6 +872,8 @@ BLOCKS = {
     keras.layers.Embedding: EmbeddingBlock,
     keras.layers.DepthwiseConv1D: DepthwiseConvBlock,
     keras.layers.DepthwiseConv2D: DepthwiseConvBlock,
+    keras.layers.SeparableConv1D: SeparableConvBlock,
+    keras.layers.SeparableConv2D: SeparableConvBlock,
 }
 
 # Not registered by default: on the workload suite (two seeds) covering the norms did

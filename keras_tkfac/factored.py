@@ -54,7 +54,7 @@ def exact(block):
             or block.input_kind != "dense"):
         return False
     return all(getattr(layer, name, None) is None
-               for name in ("kernel_regularizer", "bias_regularizer"))
+               for name in block.regularizers)
 
 
 def may_factor(block, rows):

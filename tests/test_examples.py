@@ -209,3 +209,22 @@ def test_recurrent_costs_smoke(tmp_path):
     # The embedding and the head, then also the four LSTMs of the two Bidirectionals.
     assert int(rows["| TKFAC"][1]) == 2
     assert int(rows["| TKFAC recurrent"][1]) == 6
+
+
+def test_separable_smoke():
+    """`tools/separable.py --smoke` trains each configuration one epoch; the
+    "on the fallback" one really leaves the pointwise kernels to the fallback."""
+    result = _run("tools/separable.py", "--smoke", "--programs=series")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| series |")]
+    assert [row[1] for row in rows] == [
+        "Adam(1e-3)", "Adam(3e-3)", "TKFAC() separable on the fallback", "TKFAC()"]
+    for row in rows:
+        assert all(math.isfinite(float(cell.strip(" |"))) for cell in row[2:])
+    fallbacks = [line for line in result.stderr.splitlines()
+                 if "take the first-order fallback" in line]
+    assert len(fallbacks) == 2, fallbacks
+    assert "pointwise_kernel" in fallbacks[0]
+    assert "pointwise_kernel" not in fallbacks[1]
+    assert "depthwise_kernel" in fallbacks[1]
