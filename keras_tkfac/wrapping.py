@@ -564,10 +564,11 @@ def wrap(model, *, exclude=()):
 
     Supported layers are those registered in `keras_tkfac.blocks.BLOCKS` (`Dense`,
     `EinsumDense`, convolutions and transposed convolutions, `DepthwiseConv1D`
-    and `DepthwiseConv2D`,
-    `Embedding`; `LayerNormalization` and `BatchNormalization` after
-    `keras_tkfac.register_normalization_blocks()`); every other trainable variable takes the optimizer's first-order
-    partner (`fallback`, Adam by default).
+    and `DepthwiseConv2D`, the pointwise kernels of `SeparableConv1D` and
+    `SeparableConv2D`, `Embedding`; `LayerNormalization` and `BatchNormalization`
+    after `keras_tkfac.register_normalization_blocks()`); every other trainable
+    variable takes the optimizer's first-order partner (`fallback`, Adam by
+    default).
     A subclassed model works like any other as long as its layers are Keras layers
     tracked as attributes; to save and load it, give it a `get_config` as Keras asks.
 

@@ -31,6 +31,13 @@ def test_demo_smoke(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 
+# The smoke tests of the one-off measurement tools behind README figures (each a
+# subprocess of 30-70 s here) run under `make test-all`, not `make test`, whose time on
+# the 2-core CI machine had grown to 28 minutes. The demo, the examples and the
+# benchmark, suite, step-cost and Fisher-report tools keep theirs in `make test`.
+_ONE_MEASUREMENT_TOOL = pytest.mark.slow
+
+
 def _run(script, *args, timeout=300):
     """Runs `script` (relative to the root) with this checkout on the path."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -121,6 +128,7 @@ def test_step_costs_smoke(tmp_path):
     assert 0 < float(rows[1][-1].strip(" |")) < 0.1
 
 
+@_ONE_MEASUREMENT_TOOL
 def test_first_step_smoke():
     """`tools/first_step.py` times a one-step `fit` both ways; Keras's own build
     traces the curvature step twice, the build from shapes once."""
@@ -133,6 +141,7 @@ def test_first_step_smoke():
     assert float(rows[0][4]) > 0
 
 
+@_ONE_MEASUREMENT_TOOL
 def test_correlated_batches_smoke():
     """`tools/correlated_batches.py` trains keras-io's weather program, unshuffled
     and shuffled, and reports finite losses for every epoch."""
@@ -148,6 +157,7 @@ def test_correlated_batches_smoke():
         assert math.isfinite(float(row[4])) and math.isfinite(float(row[5]))
 
 
+@_ONE_MEASUREMENT_TOOL
 @pytest.mark.parametrize("heads", ["1", "2"])
 def test_regression_scales_smoke(heads):
     """`tools/regression_scales.py --smoke` trains one MLP (with `--heads=2`, and a
@@ -171,6 +181,7 @@ def test_regression_scales_smoke(heads):
             assert all(math.isfinite(float(v)) for v in values)
 
 
+@_ONE_MEASUREMENT_TOOL
 def test_unknown_batch_smoke():
     """`tools/unknown_batch.py --smoke` times both configurations, each in its own
     process: before the forward-mode rules the products take one pass per direction,
@@ -211,6 +222,7 @@ def test_recurrent_costs_smoke(tmp_path):
     assert int(rows["| TKFAC recurrent"][1]) == 6
 
 
+@_ONE_MEASUREMENT_TOOL
 def test_separable_smoke():
     """`tools/separable.py --smoke` trains each configuration one epoch; the
     "on the fallback" one really leaves the pointwise kernels to the fallback."""
