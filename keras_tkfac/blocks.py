@@ -225,6 +225,14 @@ def _group_rows(patches, taps, groups, with_bias):
     return a
 
 
+def _depthwise_conv(layer, kernel, inputs, data_format):
+    """`layer`'s depthwise convolution of `inputs` with `kernel` (no bias), as Keras's
+    depthwise and separable layers compute it."""
+    return keras.ops.depthwise_conv(
+        inputs, kernel, strides=layer.strides, padding=layer.padding,
+        dilation_rate=layer.dilation_rate, data_format=data_format)
+
+
 def _taps(kernel_size):
     n = 1
     for k in kernel_size:
@@ -571,15 +579,8 @@ class DepthwiseConvBlock(CurvatureBlock):
         return _taps(self.kernel.shape[:-2])
 
     def preactivation(self, inputs):
-        s = keras.ops.depthwise_conv(
-            inputs,
-            self.layer.kernel,
-            strides=self.layer.strides,
-            padding=self.layer.padding,
-            dilation_rate=self.layer.dilation_rate,
-            data_format=self._data_format,
-        )
-        return self._add_bias(s)
+        return self._add_bias(_depthwise_conv(self.layer, self.layer.kernel, inputs,
+                                              self._data_format))
 
     def rows(self, inputs, output_grads):
         patches = _patches(_channels_last(inputs, self._data_format),
@@ -625,14 +626,8 @@ class SeparableConvBlock(CurvatureBlock):
 
     def depthwise(self, inputs):
         """`z`, the depthwise convolution's output (the pointwise block's input)."""
-        return keras.ops.depthwise_conv(
-            inputs,
-            self.layer.depthwise_kernel,
-            strides=self.layer.strides,
-            padding=self.layer.padding,
-            dilation_rate=self.layer.dilation_rate,
-            data_format=self._data_format,
-        )
+        return _depthwise_conv(self.layer, self.layer.depthwise_kernel, inputs,
+                               self._data_format)
 
     def _pointwise(self, z):
         # A 1x1 convolution is a product over the channel axis; written as one, it
@@ -649,7 +644,7 @@ class SeparableConvBlock(CurvatureBlock):
         return z, self._pointwise(z)
 
     def preactivation(self, inputs):
-        return self._pointwise(self.depthwise(inputs))
+        return self.record(None, inputs)[1]
 
     def rows(self, inputs, output_grads):
         a = tf.reshape(_channels_last(inputs, self._data_format), [-1, self.kernel_rows()])

@@ -234,3 +234,11 @@ def custom_train_step(model, optimizer, loss_fn, traces=None):
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
     return train_step
+
+
+def channel_sign_task(rank, n=128, seed=1):
+    """`[n, 6, 7, 3]` (rank 2) or `[n, 7, 3]` (rank 1) normal inputs, labelled by the
+    sign of channel 0's mean: the toy task of the depthwise and separable tests."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 7, 3) if rank == 2 else (n, 7, 3)).astype("float32")
+    return x, (x[..., 0].reshape(n, -1).mean(axis=1) > 0).astype("int32")

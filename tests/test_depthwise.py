@@ -79,9 +79,7 @@ def test_grouped_statistics_are_the_per_channel_statistics():
 @pytest.mark.parametrize("rank", [2, 1])
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
 def test_depthwise_model_trains(cls, rank):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(128, 6, 7, 3) if rank == 2 else (128, 7, 3)).astype("float32")
-    y = (x[..., 0].reshape(128, -1).mean(axis=1) > 0).astype("int32")
+    x, y = helpers.channel_sign_task(rank)
     model = _model(rank=rank)
     # The 1-D case (7 positions, added later) at the default step control; under
     # `"trust_region"` it reached 0.88 (TKFAC) and 0.98 (KFAC) in these 10 epochs

@@ -96,9 +96,7 @@ def test_a_pointwise_regularizer_turns_the_factored_form_off():
 @pytest.mark.parametrize("rank", [2, 1])
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
 def test_separable_model_trains_with_its_depthwise_kernel_on_the_fallback(cls, rank):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(128, 6, 7, 3) if rank == 2 else (128, 7, 3)).astype("float32")
-    y = (x[..., 0].reshape(128, -1).mean(axis=1) > 0).astype("int32")
+    x, y = helpers.channel_sign_task(rank)
     model = _model(rank=rank)
     model.compile(optimizer=cls(seed=0), loss=LOSS, metrics=["accuracy"])
     depthwise = model.layers[0].depthwise_kernel
