@@ -1,6 +1,7 @@
 """Shared test oracles: exact numpy Fisher blocks, numpy K-FAC/TKFAC, tiny models."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import keras
 
@@ -8,6 +9,14 @@ import keras_tkfac
 from keras_tkfac import fisher
 
 RNG = np.random.default_rng(0)
+
+# For tests of plumbing that KFAC shares with TKFAC (losses, outputs, inputs,
+# strategies, forward mode, a block's recording): KFAC differs only in its factors'
+# scaling and damping (`keras_tkfac.approximations`), whose oracles run on every
+# `make test`, so its run of these tests is in `make test-all` only (`make test` had
+# grown to ~24 minutes on the 2-core machine; the guide asks for about 15).
+TKFAC_THEN_KFAC = [keras_tkfac.TKFAC,
+                   pytest.param(keras_tkfac.KFAC, marks=pytest.mark.slow)]
 
 
 def tkfac_numpy(a, g, num_examples):

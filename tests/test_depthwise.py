@@ -77,7 +77,7 @@ def test_grouped_statistics_are_the_per_channel_statistics():
 
 
 @pytest.mark.parametrize("rank", [2, 1])
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_depthwise_model_trains(cls, rank):
     x, y = helpers.channel_sign_task(rank)
     model = _model(rank=rank)

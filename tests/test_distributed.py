@@ -7,6 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import quadratic
+from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -55,10 +56,21 @@ def _assert_identical_on_replicas(model):
             np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
 
 
-@pytest.mark.parametrize("build,shape", [(_mlp, (8,)), (_convnet, (6, 6, 2))],
-                         ids=["mlp", "convnet"])
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
-@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft"])
+def _replica_cases():
+    """Every step control x optimizer x model; `make test` runs the default step
+    control's TKFAC on both models and KFAC on the convnet (its convolution damping
+    is KFAC's own), the rest (the same all-reduces) in `make test-all`."""
+    fast = {("graft_quadratic", "TKFAC", "mlp"), ("graft_quadratic", "TKFAC", "convnet"),
+            ("graft_quadratic", "KFAC", "convnet")}
+    for step_control in ["graft_quadratic", "graft"]:
+        for cls in [keras_tkfac.TKFAC, keras_tkfac.KFAC]:
+            for name, build, shape in [("mlp", _mlp, (8,)), ("convnet", _convnet, (6, 6, 2))]:
+                key = (step_control, cls.__name__, name)
+                yield pytest.param(build, shape, cls, step_control, id="-".join(key),
+                                   marks=() if key in fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("build,shape,cls,step_control", list(_replica_cases()))
 def test_two_replicas_match_one_device(mirrored, build, shape, cls, step_control):
     x, y = _data(shape, n=256)
 
@@ -189,7 +201,9 @@ def test_multi_worker_workarounds_do_nothing_elsewhere(mirrored):
 
 
 @pytest.mark.parametrize("step_control, adaptive, model_update_freq", [
-    ("quadratic", False, 1), ("graft_quadratic", False, 1),
+    ("quadratic", False, 1),
+    # The adaptive damping's case below covers this one's all-reduces.
+    pytest.param("graft_quadratic", False, 1, marks=pytest.mark.slow),
     ("graft_quadratic", True, 1), ("graft_quadratic", True, 2)])
 def test_quadratic_step_under_mirrored_strategy_matches_one_device(
         mirrored, step_control, adaptive, model_update_freq, monkeypatch):
@@ -221,7 +235,7 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
             replicated.optimizer.damping_scale)[0], scale, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_one_replica_mirrored_strategy_trains_as_no_strategy(cls):
     # keras-io's `MirroredStrategy()` on a machine with one GPU or none has one
     # replica; Keras's updates still go through `merge_call` there, which a

@@ -78,7 +78,7 @@ def test_diagonal_preconditioning_equals_kronecker_solve(batch, approximation):
     np.testing.assert_allclose(update, expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_embedding_model_trains_without_a_vocab_squared_factor(cls):
     rng = np.random.default_rng(1)
     x = rng.integers(0, VOCAB, size=(256, 5))

@@ -302,7 +302,7 @@ def test_ignore_class_leaves_its_terms_out_as_keras_loss_does():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("loss", ["categorical", "binary"])
 def test_a_class_axis_other_than_the_last_trains_as_its_transposed_twin(cls, loss):
     """`CategoricalCrossentropy(axis=1)` (class axis first, as in a channels-first

@@ -326,7 +326,7 @@ def test_model_compiled_without_a_loss_trains_on_its_added_loss(caplog):
     assert "without a `loss`" in _unfed_warnings(caplog)[0]
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_a_loss_returning_one_value_per_batch_takes_each_examples_curvature(
         cls, caplog):
     """A Python loss ending in a mean over everything (one value per batch, like
@@ -801,7 +801,7 @@ def test_docstring_lists_kwargs_after_every_named_argument(cls):
         assert names.index("trace_damping_floor") < names.index("**kwargs")
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_a_dense_layer_fed_a_sparse_tensor_trains_as_on_its_dense_value(cls):
     """`Hashing(sparse=True)` feeds `Dense` a `tf.SparseTensor` (keras-io structured
     data): the statistics take its dense value (the statistics step used to raise),
@@ -828,7 +828,7 @@ def test_a_dense_layer_fed_a_sparse_tensor_trains_as_on_its_dense_value(cls):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("dtype", ["int32", "bool"])
 def test_a_dense_layer_fed_integers_trains_as_on_their_float_values(cls, dtype):
     """`Dense` takes an integer or boolean `keras.Input` directly (Keras casts it);
@@ -857,7 +857,7 @@ def test_a_dense_layer_fed_integers_trains_as_on_their_float_values(cls, dtype):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_a_float64_model_trains_as_its_float32_twin(cls):
     """Under `keras.config.set_floatx("float64")` the curvature state stays float32
     (the first statistics step used to raise a `TypeError`); the float64 model's
@@ -893,7 +893,7 @@ def test_a_float64_model_trains_as_its_float32_twin(cls):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_a_summed_loss_trains_as_the_mean_weighted_by_the_batch(cls, caplog):
     """`reduction="sum"` is the mean over the batch's terms times their number:
     statistics, curvature products and the losses of the quadratic model follow it

@@ -155,7 +155,7 @@ def test_output_hessians_are_those_of_the_keras_total_loss():
             np.testing.assert_allclose(hessian, full, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("structure", ["list", "dict"])
 def test_true_fisher_statistics_are_the_ggn_of_the_weighted_total_loss(cls, structure):
     """`fit` on SAMPLES copies of each of 3 examples: the sampled statistics of the
@@ -227,7 +227,7 @@ def _empirical_rows(model, x, y, weights, sample_weight):
     return rows, g
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("route,structure,weighting", [
     ("fit", "list", None),
     ("fit", "dict", "shared"),

@@ -315,7 +315,7 @@ def _norm_data(n=128):
 
 
 @pytest.mark.parametrize("norm", [L.LayerNormalization, L.BatchNormalization])
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_model_with_norms_trains(norm, cls):
     x, y = _norm_data()
     model = keras_tkfac.wrap(_norm_model(norm))
@@ -372,7 +372,7 @@ def _fit_on(strategy, build, cls, x, y, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_two_replicas_match_one_device(mirrored, cls):
     x, y = _norm_data()
 

@@ -1080,9 +1080,13 @@ def _recurrent_model(kind):
     return keras.Model(inputs, L.Dense(3)(h))
 
 
-@pytest.mark.parametrize("kind,nested", [("bilstm", True), ("gru", True),
-                                         ("gru", False), ("stacked", False),
-                                         ("stacked_bilstm", True)])
+# `make test` carries masks and `go_backwards` (bilstm), one pass per direction
+# (gru, stacked) and stacked cells; the nested GRU and the stacked BiLSTM (the same
+# loops, ~45 s together) run in `make test-all`.
+@pytest.mark.parametrize("kind,nested", [
+    ("bilstm", True), pytest.param("gru", True, marks=pytest.mark.slow),
+    ("gru", False), ("stacked", False),
+    pytest.param("stacked_bilstm", True, marks=pytest.mark.slow)])
 def test_forward_mode_products_pass_recurrent_loops(kind, nested):
     """`rnn_tangents.carrying`: forward mode carries the tangents through Keras's
     recurrent loops (masks, `go_backwards`, input dropout, stacked cells), for the

@@ -94,7 +94,7 @@ def test_a_pointwise_regularizer_turns_the_factored_form_off():
 
 
 @pytest.mark.parametrize("rank", [2, 1])
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 def test_separable_model_trains_with_its_depthwise_kernel_on_the_fallback(cls, rank):
     x, y = helpers.channel_sign_task(rank)
     model = _model(rank=rank)

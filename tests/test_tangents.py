@@ -12,6 +12,7 @@ import keras_tkfac
 from keras_tkfac import fisher
 from keras_tkfac import products
 from keras_tkfac import tangents
+from tests import helpers
 
 tangents.install_jvps()  # As the products do before their first pass.
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -118,7 +119,7 @@ SIBLING_MODELS = {
 }
 
 
-@pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("name", sorted(SIBLING_MODELS) + ["grouped_conv_eager"])
 def test_products_that_would_miss_layers_give_way_to_the_sibling_step(name, cls,
                                                                       caplog):
