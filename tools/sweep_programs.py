@@ -709,6 +709,141 @@ def deeplab_bilinear_decoder():
         "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
 
 
+# Six more shapes (2026-12-02): keras-io's video classification (CNN-RNN), text
+# generation with a miniature GPT, an English-to-Spanish-shaped encoder-decoder
+# transformer, handwriting OCR with a CTC loss, weather-style LSTM regression and a
+# dual encoder trained with an in-batch contrastive loss.
+
+def video_cnn_rnn():
+    """`TimeDistributed` convolutions over frames, then a GRU: which way a blob moves."""
+    rng = _rng()
+    n = BATCH * 8
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.3, (n, 6, 12, 12, 1)).astype("float32")
+    for i, c in enumerate(y):
+        for t in range(6):
+            col = t if c == 0 else 5 - t
+            x[i, t, 4:8, 2 * col:2 * col + 2] += 1.0
+    inputs = keras.Input((6, 12, 12, 1))
+    h = layers.TimeDistributed(layers.Conv2D(8, 3, activation="relu"))(inputs)
+    h = layers.TimeDistributed(layers.GlobalAveragePooling2D())(h)
+    h = layers.GRU(16)(h)
+    return keras.Model(inputs, layers.Dense(2)(h)), x, y.astype("int32"), {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class TokenAndPositionEmbedding(layers.Layer):
+    """keras-io's miniature-GPT embedding: token plus learned position."""
+
+    def __init__(self, maxlen, vocab, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.token = layers.Embedding(vocab, dim)
+        self.position = layers.Embedding(maxlen, dim)
+
+    def call(self, x):
+        return self.token(x) + self.position(keras.ops.arange(keras.ops.shape(x)[-1]))
+
+
+def mini_gpt():
+    """Next-token prediction (each token is the previous one plus 1), causal attention,
+    a logit per position."""
+    rng = _rng()
+    n, length, vocab = BATCH * 8, 16, 50
+    sequences = (rng.integers(1, vocab, (n, 1)) + np.arange(length + 1)[None]) % vocab
+    x, y = sequences[:, :-1].astype("int32"), sequences[:, 1:].astype("int32")
+    inputs = keras.Input((length,), dtype="int32")
+    h = TokenAndPositionEmbedding(length, vocab, 16)(inputs)
+    h = layers.LayerNormalization(epsilon=1e-6)(
+        h + layers.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True))
+    f = layers.Dense(16)(layers.Dense(32, activation="relu")(h))
+    h = layers.LayerNormalization(epsilon=1e-6)(h + f)
+    return keras.Model(inputs, layers.Dense(vocab)(h)), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def seq2seq_transformer():
+    """Encoder-decoder (two inputs, padding masks, causal self-attention and
+    cross-attention) that reverses a token sequence."""
+    rng = _rng()
+    n, length, vocab = BATCH * 8, 10, 40
+    source = rng.integers(3, vocab, (n, length))
+    target = source[:, ::-1]
+    decoder_input = np.concatenate([np.ones((n, 1), int), target[:, :-1]], 1)
+    encoder_tokens = keras.Input((length,), dtype="int32", name="encoder_inputs")
+    decoder_tokens = keras.Input((length,), dtype="int32", name="decoder_inputs")
+    e = layers.Embedding(vocab, 16, mask_zero=True)(encoder_tokens)
+    e = layers.LayerNormalization()(e + layers.MultiHeadAttention(2, 8)(e, e))
+    d = layers.Embedding(vocab, 16, mask_zero=True)(decoder_tokens)
+    d = layers.LayerNormalization()(
+        d + layers.MultiHeadAttention(2, 8)(d, d, use_causal_mask=True))
+    d = layers.LayerNormalization()(d + layers.MultiHeadAttention(2, 8)(d, e))
+    d = layers.Dropout(0.1)(layers.Dense(32, activation="relu")(d))
+    model = keras.Model([encoder_tokens, decoder_tokens], layers.Dense(vocab)(d))
+    return model, [source.astype("int32"), decoder_input.astype("int32")], \
+        target.astype("int32"), {
+            "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def ocr_ctc():
+    """Convolutions, a reshape to time steps, a BiLSTM and softmax frames under
+    `keras.losses.CTC`: reads four stripes' intensities as labels."""
+    rng = _rng()
+    n, width, height, classes = BATCH * 8, 32, 8, 6
+    labels = rng.integers(1, classes, (n, 4))
+    x = rng.normal(0, 0.2, (n, width, height, 1)).astype("float32")
+    for i in range(n):
+        for k, c in enumerate(labels[i]):
+            x[i, 8 * k + 2:8 * k + 6, :, 0] += c / classes
+    inputs = keras.Input((width, height, 1))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    h = layers.MaxPooling2D((2, 2))(h)
+    h = layers.Reshape((width // 2, (height // 2) * 8))(h)
+    h = layers.Dense(16, activation="relu")(h)
+    h = layers.Bidirectional(layers.LSTM(16, return_sequences=True))(h)
+    outputs = layers.Dense(classes + 1, activation="softmax")(h)
+    return keras.Model(inputs, outputs), x, labels.astype("int32"), {
+        "loss": keras.losses.CTC()}, {}
+
+
+def lstm_regression():
+    """The next value of a noisy sinusoid from 40 past values (squared error)."""
+    rng = _rng()
+    n, t = BATCH * 8, np.arange(48)
+    series = (np.sin(0.3 * t[None] + rng.random((n, 1)) * 6.28)
+              + rng.normal(0, 0.1, (n, 48)))
+    x, y = series[:, :40, None].astype("float32"), series[:, 40:41].astype("float32")
+    inputs = keras.Input((40, 1))
+    return keras.Model(inputs, layers.Dense(1)(layers.LSTM(16)(inputs))), x, y, {
+        "loss": "mse"}, {}
+
+
+def contrastive_dual_encoder():
+    """Two towers with unit-normalised embeddings; a user's loss scores each pair
+    against the rest of the batch (in-batch negatives; the labels are unused)."""
+    rng = _rng()
+    n = BATCH * 8
+    z = rng.normal(size=(n, 8))
+    a = (z @ rng.normal(size=(8, 12)) + 0.1 * rng.normal(size=(n, 12))).astype("float32")
+    b = (z @ rng.normal(size=(8, 10)) + 0.1 * rng.normal(size=(n, 10))).astype("float32")
+    towers = []
+    for dim in (12, 10):
+        inputs = keras.Input((dim,))
+        h = layers.Dense(8)(layers.Dense(16, activation="relu")(inputs))
+        towers.append((inputs, layers.UnitNormalization()(h)))
+    logits = layers.Lambda(
+        lambda t: 10.0 * keras.ops.matmul(t[0], keras.ops.transpose(t[1])))(
+            [towers[0][1], towers[1][1]])
+
+    def in_batch_loss(y_true, y_pred):
+        del y_true
+        labels = keras.ops.arange(keras.ops.shape(y_pred)[0])
+        return keras.losses.sparse_categorical_crossentropy(labels, y_pred,
+                                                            from_logits=True)
+
+    model = keras.Model([towers[0][0], towers[1][0]], logits)
+    return model, [a, b], np.zeros((n,), "float32"), {"loss": in_batch_loss}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -720,4 +855,5 @@ PROGRAMS = {f.__name__: f for f in (
     squeeze_excitation, conv_lstm, other_keras_losses, callbacks_and_schedules,
     partial_losses_bias_free, unnormalised_mlp, mobilenet_v2, efficientnet_b0,
     frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet,
-    deeplab_bilinear_decoder)}
+    deeplab_bilinear_decoder, video_cnn_rnn, mini_gpt, seq2seq_transformer, ocr_ctc,
+    lstm_regression, contrastive_dual_encoder)}
