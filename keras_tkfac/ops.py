@@ -610,8 +610,29 @@ def levenberg_marquardt(scale, ratio, decay, low, high):
 _compiled = {}
 
 
+def _read(value):
+    """A variable's value as a tensor; anything else as it is."""
+    if isinstance(value, tf.Variable) or (
+            hasattr(value, "__tf_tensor__") and not isinstance(value, tf.Tensor)):
+        return tf.convert_to_tensor(value)
+    return value
+
+
 def compiled(fn):
-    """`fn` (one of these pure functions) compiled with XLA, one `tf.function` each."""
+    """`fn` (one of these pure functions) compiled with XLA, one `tf.function` each.
+
+    The `tf.function` is shared by every model of the process, so its arguments are
+    read into tensors first: a variable passed as an argument is part of the
+    signature, and a `MirroredVariable` (what a Keras variable's `.value` is under a
+    `MirroredStrategy`) made the next model with the same shapes reuse the first
+    model's trace, which had captured the first model's variables: its layers were
+    preconditioned with the first model's inverses.
+    """
     if fn not in _compiled:
         _compiled[fn] = tf.function(fn, jit_compile=True, reduce_retracing=True)
-    return _compiled[fn]
+    function = _compiled[fn]
+
+    def call(*args):
+        return function(*tf.nest.map_structure(_read, args))
+
+    return call

@@ -90,11 +90,39 @@ def test_reads_after_the_update_see_it_under_jit_compile(control):
 
 
 def test_jit_compile_under_mirrored_strategy_compiles_inner_math(mirrored):
+    # A model of the same shapes trained before in the same process (as in a
+    # hyper-parameter search) must not change the next one's result: the compiled
+    # math is shared by both (see `test_compiled_math_reads_the_variables_of_each_call`).
+    _fit(mirrored, True, epochs=1, fisher="true", step_control="graft_quadratic")
     model = _fit(mirrored, True)
     assert model.jit_compile is False and model.optimizer._jit_math
     reference = _fit(tf.distribute.get_strategy(), False)
     for a, b in zip(reference.weights, model.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_math_reads_the_variables_of_each_call(mirrored):
+    """`ops.compiled`'s functions are shared by every model of the process. Under a
+    `MirroredStrategy` a Keras variable's `.value` is a `MirroredVariable`; passed
+    as it is, the second model's call reused the first one's trace, which had
+    captured the first model's variable (this returned `1 * G` twice)."""
+    grad = tf.constant(np.arange(6.0).reshape(2, 3), tf.float32)
+    results = []
+    for scale in (1.0, 2.0):
+        with mirrored.scope():
+            left = keras.Variable(scale * np.eye(2), dtype="float32")
+            right = keras.Variable(np.eye(3), dtype="float32")
+
+        @tf.function
+        def step():
+            return ops.compiled(ops.precondition_many)(
+                [left.value], [grad], [right.value], tf.float32)[0]
+
+        per_replica = mirrored.experimental_local_results(mirrored.run(step))
+        results.append([r.numpy() for r in per_replica])
+    for scale, per_replica in zip((1.0, 2.0), results):
+        for result in per_replica:
+            np.testing.assert_allclose(result, scale * grad.numpy())
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["one_device", "mirrored"])
