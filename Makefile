@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 test test-all demo: export TF_CPP_MIN_LOG_LEVEL := 2
 
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal --durations=15 tests
 
 test-all: venv
 	$(BIN)/python -m pytest -q tests
