@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 import keras
+import tensorflow as tf
 
 import keras_tkfac
 from tests import helpers
@@ -135,32 +136,40 @@ def digits():
 
 
 # The quadratic-model step (its products, losses and adapted damping) under a
-# LossScaleOptimizer too.
-@pytest.mark.parametrize("policy, step_control", [
-    ("mixed_float16", "graft"), ("mixed_bfloat16", "graft"),
-    ("mixed_float16", "graft_quadratic")])
-def test_mixed_precision_keeps_curvature_in_float32(digits, policy, step_control):
+# LossScaleOptimizer too; and under a MirroredStrategy (the float32 reference on one
+# device; two replicas differ from it by their summation order as well).
+@pytest.mark.parametrize("policy, step_control, replicas", [
+    ("mixed_float16", "graft", 1), ("mixed_bfloat16", "graft", 1),
+    ("mixed_float16", "graft_quadratic", 1), ("mixed_float16", "graft_quadratic", 2)])
+def test_mixed_precision_keeps_curvature_in_float32(request, digits, policy,
+                                                   step_control, replicas):
     x, y = digits
+    strategy = (request.getfixturevalue("mirrored") if replicas == 2
+                else tf.distribute.get_strategy())
 
-    def train():
-        keras.utils.set_random_seed(0)
-        model = keras_tkfac.wrap(keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10),
-            keras.layers.Activation("linear", dtype="float32"),
-        ]))
-        model.compile(optimizer=keras_tkfac.TKFAC(
-            fisher="empirical", step_control=step_control, seed=0), loss=LOSS)
+    def train(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = keras_tkfac.wrap(keras.Sequential([
+                keras.Input((64,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(10),
+                keras.layers.Activation("linear", dtype="float32"),
+            ]))
+            model.compile(optimizer=keras_tkfac.TKFAC(
+                fisher="empirical", step_control=step_control, seed=0), loss=LOSS)
         model.fit(x, y, batch_size=128, epochs=2, shuffle=False, verbose=0)
         return model
 
-    reference = train()
+    reference = train(tf.distribute.get_strategy())
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = train()
+        model = train(strategy)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    assert model.distribute_strategy.num_replicas_in_sync == replicas
+    if replicas > 1:
+        helpers.assert_identical_on_replicas(model.weights + model.optimizer.variables)
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
     assert isinstance(optimizer, keras_tkfac.TKFAC)
     for slot in optimizer._slots:
