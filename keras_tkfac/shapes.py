@@ -53,9 +53,16 @@ def factor_trace(factor):
 def preconditionable(blocks, var_key, keys, max_factor_dim):
     """`(block, its variables' keys)` for the `blocks` whose variables are all in
     `keys` (those being trained) and whose factors are at most `max_factor_dim`
-    wide; the others are logged and left to the first-order fallback."""
+    wide; the others are logged and left to the first-order fallback.
+
+    A block whose layer was never built has no variables (a sub-layer that its
+    parent calls only for some input shapes, as keras-io's gated residual network's
+    projection): nothing of it is trained, so it is left out.
+    """
     found = []
     for block in blocks:
+        if not getattr(block.layer, "built", True):
+            continue
         block_keys = [var_key(v) for v in block.variables]
         if block_keys[0] not in keys:
             continue

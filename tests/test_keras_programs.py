@@ -83,6 +83,45 @@ def test_layers_added_after_wrap_are_preconditioned():
     assert len(model.optimizer._slots) == 2
 
 
+class _Residual(keras.layers.Layer):
+    """keras-io's gated residual network's shape: a projection called only when the
+    input's width differs from `units`, so in a 4 -> 4 block it is never built."""
+
+    def __init__(self, units, projection=True, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units, activation="tanh")
+        self.project = keras.layers.Dense(units) if projection else None
+
+    def call(self, x):
+        skip = self.project(x) if x.shape[-1] != self.units else x
+        return skip + self.dense(x)
+
+
+@pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
+def test_a_sub_layer_that_is_never_called_changes_nothing(cls):
+    """It raised `AttributeError` ("You must build the layer before accessing
+    `kernel`") when the optimizer was built; it has no weights, so training must
+    equal that of the same model without the sub-layer."""
+    x, y = helpers.classification_data(n=32)
+    keras.utils.set_random_seed(0)
+    models = [keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                                _Residual(4, projection), keras.layers.Dense(3)])
+              for projection in (True, False)]
+    model, reference = models
+    reference.set_weights(model.get_weights())
+    assert not model.layers[1].project.built
+    assert len(model.weights) == len(reference.weights) == 6
+    start = model.get_weights()
+    for each in models:
+        wrapped = keras_tkfac.wrap(each)
+        _fit(wrapped, x, y, optimizer=cls(seed=0))
+        assert len(wrapped.optimizer._slots) == 3
+    assert all(np.abs(w.numpy() - s).max() > 1e-4 for w, s in zip(model.weights, start))
+    for a, b in zip(reference.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_readme_custom_loop_runs_on_an_unbuilt_model():
     with open("README.md") as f:
         readme = f.read()

@@ -9,6 +9,7 @@ their names to them.
 import numpy as np
 import keras
 from keras import layers
+from keras import ops
 import tensorflow as tf
 
 BATCH = 32
@@ -844,6 +845,266 @@ def contrastive_dual_encoder():
     return model, [a, b], np.zeros((n,), "float32"), {"loss": in_batch_loss}, {}
 
 
+class PixelConvLayer(layers.Layer):
+    """keras-io PixelCNN: a Conv2D whose kernel is masked (assigned) in `call`."""
+
+    def __init__(self, mask_type, **kwargs):
+        super().__init__()
+        self.mask_type = mask_type
+        self.conv = layers.Conv2D(**kwargs)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        kernel_shape = ops.shape(self.conv.kernel)
+        self.mask = np.zeros(shape=kernel_shape)
+        self.mask[: kernel_shape[0] // 2, ...] = 1.0
+        self.mask[kernel_shape[0] // 2, : kernel_shape[1] // 2, ...] = 1.0
+        if self.mask_type == "B":
+            self.mask[kernel_shape[0] // 2, kernel_shape[1] // 2, ...] = 1.0
+
+    def call(self, inputs):
+        self.conv.kernel.assign(self.conv.kernel * self.mask)
+        return self.conv(inputs)
+
+
+def pixelcnn():
+    x, _ = _images(BATCH * 8, size=8)
+    x = (x > 0.5).astype("float32")
+    inputs = keras.Input((8, 8, 1))
+    h = PixelConvLayer("A", filters=16, kernel_size=5, activation="relu", padding="same")(inputs)
+    h = PixelConvLayer("B", filters=16, kernel_size=3, activation="relu", padding="same")(h)
+    out = layers.Conv2D(1, 1, activation="sigmoid")(h)
+    return keras.Model(inputs, out), x, x, {"loss": "binary_crossentropy"}, {}
+
+
+class DepthToSpace(layers.Layer):
+    def __init__(self, block, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x):
+        return tf.nn.depth_to_space(x, self.block)
+
+
+def espcn_super_resolution():
+    """keras-io ESPCN: convolutions then depth_to_space upscaling, MSE."""
+    x, _ = _images(BATCH * 8, size=16)
+    hi = (x - x.min()) / (x.max() - x.min())
+    lo = hi[:, ::2, ::2]
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2D(16, 5, padding="same", activation="relu")(inputs)
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(h)
+    h = layers.Conv2D(4, 3, padding="same")(h)
+    out = DepthToSpace(2)(h)
+    return keras.Model(inputs, out), lo, hi, {"loss": "mse"}, {}
+
+
+class OrthogonalRegularizer(keras.regularizers.Regularizer):
+    def __init__(self, num_features, l2reg=0.001):
+        self.num_features = num_features
+        self.l2reg = l2reg
+        self.eye = ops.eye(num_features)
+
+    def __call__(self, x):
+        x = ops.reshape(x, (-1, self.num_features, self.num_features))
+        xxt = ops.tensordot(x, x, axes=(2, 2))
+        xxt = ops.reshape(xxt, (-1, self.num_features, self.num_features))
+        return ops.sum(self.l2reg * ops.square(xxt - self.eye))
+
+
+def pointnet():
+    """keras-io PointNet: Conv1D(k=1)+BN, a T-net whose Dense has an identity bias
+    and an orthogonality activity regulariser, a matrix product, max pooling."""
+    rng = _rng()
+    n, points, classes = BATCH * 8, 32, 3
+    y = rng.integers(0, classes, n)
+    radius = 1.0 + y[:, None]
+    angles = rng.uniform(0, 2 * np.pi, (n, points))
+    z = rng.normal(0, 0.3, (n, points))
+    x = np.stack([radius * np.cos(angles), radius * np.sin(angles), z], -1).astype("float32")
+
+    def conv_bn(h, f):
+        h = layers.Conv1D(f, 1, padding="valid")(h)
+        return layers.Activation("relu")(layers.BatchNormalization(momentum=0.0)(h))
+
+    def dense_bn(h, f):
+        h = layers.Dense(f)(h)
+        return layers.Activation("relu")(layers.BatchNormalization(momentum=0.0)(h))
+
+    def tnet(inputs, k):
+        bias = keras.initializers.Constant(np.eye(k).flatten())
+        h = conv_bn(inputs, 16)
+        h = layers.GlobalMaxPooling1D()(h)
+        h = dense_bn(h, 16)
+        h = layers.Dense(k * k, kernel_initializer="zeros", bias_initializer=bias,
+                         activity_regularizer=OrthogonalRegularizer(k))(h)
+        feat_t = layers.Reshape((k, k))(h)
+        return layers.Dot(axes=(2, 1))([inputs, feat_t])
+
+    inputs = keras.Input((points, 3))
+    h = tnet(inputs, 3)
+    h = conv_bn(h, 16)
+    h = tnet(h, 16)
+    h = conv_bn(h, 32)
+    h = layers.GlobalMaxPooling1D()(h)
+    h = layers.Dropout(0.3)(dense_bn(h, 32))
+    out = layers.Dense(classes, activation="softmax")(h)
+    return keras.Model(inputs, out), x, y.astype("int32"), {
+        "loss": "sparse_categorical_crossentropy"}, {}
+
+
+class GraphAttention(layers.Layer):
+    """keras-io GAT's shape: own kernels, gathers over edges, segment sums."""
+
+    def __init__(self, units, edges, nodes, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.edges, self.nodes = units, edges, nodes
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units),
+                                      initializer="glorot_uniform", name="kernel")
+        self.kernel_attention = self.add_weight(shape=(self.units * 2, 1),
+                                                initializer="glorot_uniform",
+                                                name="kernel_attention")
+
+    def call(self, node_states):
+        transformed = tf.matmul(node_states, self.kernel)  # [nodes, units]
+        src, dst = self.edges[:, 0], self.edges[:, 1]
+        pair = tf.concat([tf.gather(transformed, src), tf.gather(transformed, dst)], -1)
+        scores = tf.nn.leaky_relu(tf.squeeze(tf.matmul(pair, self.kernel_attention), -1))
+        scores = tf.exp(tf.clip_by_value(scores, -2, 2))
+        norm = tf.math.unsorted_segment_sum(scores, src, self.nodes)
+        scores = scores / tf.gather(norm, src)
+        neigh = tf.gather(transformed, dst) * scores[:, None]
+        return tf.math.unsorted_segment_sum(neigh, src, self.nodes)
+
+
+class GATModel(keras.Model):
+    """Subclassed: node features are a constant of the model; inputs are node ids."""
+
+    def __init__(self, features, edges, classes):
+        super().__init__()
+        self.features = tf.constant(features)
+        self.preprocess = layers.Dense(16, activation="relu")
+        self.attention = GraphAttention(16, tf.constant(edges), features.shape[0])
+        self.out = layers.Dense(classes)
+
+    def call(self, ids):
+        h = self.preprocess(self.features)
+        h = tf.nn.relu(self.attention(h)) + h
+        return self.out(tf.gather(h, tf.reshape(ids, [-1])))
+
+
+def graph_attention():
+    rng = _rng()
+    nodes, classes = 300, 3
+    labels = rng.integers(0, classes, nodes)
+    features = (np.eye(classes)[labels] @ rng.normal(size=(classes, 20)) * 0.5
+                + rng.normal(size=(nodes, 20))).astype("float32")
+    edges = []
+    for i in range(nodes):
+        same = np.flatnonzero(labels == labels[i])
+        for j in rng.choice(same, 4):
+            edges.append((i, j))
+        edges.append((i, i))
+    edges = np.array(edges, "int32")
+    ids = rng.integers(0, nodes, BATCH * 8).astype("int32")
+    return GATModel(features, edges, classes), ids, labels[ids].astype("int32"), {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class NeuralDecisionTree(keras.Model):
+    """keras-io neural decision forest: a Dense of routing probabilities, a
+    used-feature mask, leaf distributions as an own weight."""
+
+    def __init__(self, depth, num_features, used_features_rate, num_classes):
+        super().__init__()
+        self.depth, self.num_leaves, self.num_classes = depth, 2 ** depth, num_classes
+        num_used = int(num_features * used_features_rate)
+        one_hot = np.eye(num_features)
+        sampled = np.random.default_rng(0).choice(num_features, num_used, replace=False)
+        self.used_features_mask = ops.convert_to_tensor(one_hot[sampled], dtype="float32")
+        self.pi = self.add_weight(initializer="random_normal",
+                                  shape=[self.num_leaves, self.num_classes],
+                                  dtype="float32", trainable=True)
+        self.decision_fn = layers.Dense(units=self.num_leaves, activation="sigmoid")
+
+    def call(self, features):
+        batch_size = ops.shape(features)[0]
+        features = ops.matmul(features, ops.transpose(self.used_features_mask))
+        decisions = ops.expand_dims(self.decision_fn(features), axis=2)
+        decisions = layers.concatenate([decisions, 1 - decisions], axis=2)
+        mu = ops.ones([batch_size, 1, 1])
+        begin_idx, end_idx = 1, 2
+        for level in range(self.depth):
+            mu = ops.reshape(mu, [batch_size, -1, 1])
+            mu = ops.tile(mu, (1, 1, 2))
+            level_decisions = decisions[:, begin_idx:end_idx, :]
+            mu = mu * level_decisions
+            begin_idx = end_idx
+            end_idx = begin_idx + 2 ** (level + 1)
+        mu = ops.reshape(mu, [batch_size, self.num_leaves])
+        probabilities = keras.activations.softmax(self.pi)
+        return ops.matmul(mu, probabilities)
+
+
+def neural_decision_forest():
+    rng = _rng()
+    n, d, classes = BATCH * 8, 12, 2
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = ((x[:, 0] + x[:, 1] * x[:, 2]) > 0).astype("int32")
+    inputs = keras.Input((d,))
+    h = layers.BatchNormalization()(inputs)
+    trees = [NeuralDecisionTree(3, d, 0.7, classes) for _ in range(3)]
+    out = layers.Average()([t(h) for t in trees])
+    return keras.Model(inputs, out), x, y, {"loss": "sparse_categorical_crossentropy"}, {}
+
+
+class GatedLinearUnit(layers.Layer):
+    def __init__(self, units):
+        super().__init__()
+        self.linear = layers.Dense(units)
+        self.sigmoid = layers.Dense(units, activation="sigmoid")
+
+    def call(self, inputs):
+        return self.linear(inputs) * self.sigmoid(inputs)
+
+
+class GatedResidualNetwork(layers.Layer):
+    def __init__(self, units, dropout_rate):
+        super().__init__()
+        self.units = units
+        self.elu_dense = layers.Dense(units, activation="elu")
+        self.linear_dense = layers.Dense(units)
+        self.dropout = layers.Dropout(dropout_rate)
+        self.gated_linear_unit = GatedLinearUnit(units)
+        self.layer_norm = layers.LayerNormalization()
+        self.project = layers.Dense(units)
+
+    def call(self, inputs):
+        x = self.elu_dense(inputs)
+        x = self.linear_dense(x)
+        x = self.dropout(x)
+        if inputs.shape[-1] != self.units:
+            inputs = self.project(inputs)
+        x = inputs + self.gated_linear_unit(x)
+        return self.layer_norm(x)
+
+
+def gated_residual_network():
+    """keras-io GRN / variable selection (classification with gated residual
+    networks): custom layers holding Dense layers, sigmoid gates, LayerNorm."""
+    rng = _rng()
+    n, d = BATCH * 8, 10
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = ((x[:, :3].sum(1) * x[:, 3]) > 0).astype("float32")[:, None]
+    inputs = keras.Input((d,))
+    h = GatedResidualNetwork(16, 0.1)(inputs)
+    h = GatedResidualNetwork(16, 0.1)(h)
+    out = layers.Dense(1, activation="sigmoid")(h)
+    return keras.Model(inputs, out), x, y, {"loss": "binary_crossentropy"}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -856,4 +1117,5 @@ PROGRAMS = {f.__name__: f for f in (
     partial_losses_bias_free, unnormalised_mlp, mobilenet_v2, efficientnet_b0,
     frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet,
     deeplab_bilinear_decoder, video_cnn_rnn, mini_gpt, seq2seq_transformer, ocr_ctc,
-    lstm_regression, contrastive_dual_encoder)}
+    lstm_regression, contrastive_dual_encoder, pixelcnn, espcn_super_resolution,
+    pointnet, graph_attention, neural_decision_forest, gated_residual_network)}
