@@ -1105,6 +1105,117 @@ def gated_residual_network():
     return keras.Model(inputs, out), x, y, {"loss": "binary_crossentropy"}, {}
 
 
+class TiedLogits(layers.Layer):
+    """Logits from the token embedding's transpose (weight tying, as keras-hub's
+    ReversibleEmbedding)."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return ops.matmul(h, ops.transpose(self.embedding.embeddings))
+
+
+def tied_embedding_lm():
+    vocab, length = 64, 12
+    rng = _rng()
+    x = rng.integers(1, vocab - 1, (BATCH * 8, length)).astype("int32")
+    y = (x + 1) % vocab
+    inputs = keras.Input((length,), dtype="int32")
+    embedding = layers.Embedding(vocab, 16)
+    h = embedding(inputs)
+    h = layers.Dense(16, activation="relu")(h)
+    logits = TiedLogits(embedding)(h)
+    return keras.Model(inputs, logits), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class TiedDecoder(layers.Layer):
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(self.encoder.kernel.shape[0],), initializer="zeros")
+
+    def call(self, h):
+        return ops.sigmoid(ops.matmul(h, ops.transpose(self.encoder.kernel)) + self.bias)
+
+
+def tied_autoencoder():
+    x, _ = _images(BATCH * 8, size=8)
+    x = ((x - x.min()) / (x.max() - x.min())).reshape(len(x), 64).astype("float32")
+    inputs = keras.Input((64,))
+    encoder = layers.Dense(16, activation="relu")
+    h = encoder(inputs)
+    out = TiedDecoder(encoder)(h)
+    return keras.Model(inputs, out), x, x, {"loss": "binary_crossentropy"}, {}
+
+
+def luong_attention():
+    """Query-value attention with `layers.Attention` and `AdditiveAttention`."""
+    x, y = _tokens(BATCH * 8, vocab=200)
+    inputs = keras.Input((24,), dtype="int32")
+    e = layers.Embedding(200, 16)(inputs)
+    q = layers.Conv1D(16, 3, padding="same")(e)
+    v = layers.Conv1D(16, 3, padding="same")(e)
+    a = layers.Attention()([q, v])
+    b = layers.AdditiveAttention()([q, v])
+    h = layers.Concatenate()([layers.GlobalAveragePooling1D()(q), layers.GlobalAveragePooling1D()(a),
+                              layers.GlobalAveragePooling1D()(b)])
+    out = layers.Dense(2)(h)
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def attention_2d():
+    """MultiHeadAttention over both spatial axes of a feature map, Dense on 4-D."""
+    x, y = _images(BATCH * 8, size=8)
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 8), indexing="ij"), -1)
+    x = np.concatenate([x, np.broadcast_to(grid, (len(x), 8, 8, 2))], -1).astype("float32")
+    inputs = keras.Input((8, 8, 3))  # the pixel and its coordinates (no other position signal)
+    h = layers.Dense(8)(inputs)  # a Dense on a 4-D tensor
+    h = h + layers.MultiHeadAttention(2, 4, attention_axes=(1, 2))(h, h)
+    h = layers.GlobalAveragePooling2D()(h)
+    out = layers.Dense(4)(h)
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def lstm_seq2seq_states():
+    """keras-io character-level translation: an encoder LSTM's states start the
+    decoder LSTM (teacher forcing), one-hot inputs, softmax per step."""
+    rng = _rng()
+    n, length, chars = BATCH * 8, 10, 12
+    src = rng.integers(0, chars, (n, length))
+    tgt = src[:, ::-1]
+    enc_in = np.eye(chars, dtype="float32")[src]
+    dec_tokens = np.concatenate([np.zeros((n, 1), int), tgt[:, :-1]], 1)
+    dec_in = np.eye(chars, dtype="float32")[dec_tokens]
+    encoder_inputs = keras.Input((None, chars))
+    _, state_h, state_c = layers.LSTM(32, return_state=True)(encoder_inputs)
+    decoder_inputs = keras.Input((None, chars))
+    out = layers.LSTM(32, return_sequences=True)(decoder_inputs, initial_state=[state_h, state_c])
+    out = layers.Dense(chars, activation="softmax")(out)
+    return keras.Model([encoder_inputs, decoder_inputs], out), [enc_in, dec_in], tgt.astype("int32"), {
+        "loss": "sparse_categorical_crossentropy"}, {}
+
+
+def mixture_of_experts():
+    """A softmax gate mixing Dense experts (einsum of the stacked outputs)."""
+    rng = _rng()
+    n, d = BATCH * 8, 10
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = np.where(x[:, 0] > 0, x[:, 1] ** 2, np.sin(3 * x[:, 2]))[:, None].astype("float32")
+    inputs = keras.Input((d,))
+    experts = [layers.Dense(1)(layers.Dense(16, activation="relu")(inputs)) for _ in range(3)]
+    stacked = layers.Concatenate()(experts)
+    gate = layers.Dense(3, activation="softmax")(inputs)
+    out = layers.Dot(axes=1)([stacked, gate])
+    return keras.Model(inputs, out), x, y, {"loss": "mse"}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1118,4 +1229,6 @@ PROGRAMS = {f.__name__: f for f in (
     frozen_base_fine_tuning, vision_transformer, distiller, mixed_precision_convnet,
     deeplab_bilinear_decoder, video_cnn_rnn, mini_gpt, seq2seq_transformer, ocr_ctc,
     lstm_regression, contrastive_dual_encoder, pixelcnn, espcn_super_resolution,
-    pointnet, graph_attention, neural_decision_forest, gated_residual_network)}
+    pointnet, graph_attention, neural_decision_forest, gated_residual_network,
+    tied_embedding_lm, tied_autoencoder, luong_attention, attention_2d,
+    lstm_seq2seq_states, mixture_of_experts)}
