@@ -74,7 +74,7 @@ def _train(name, optimizer_name, steps, kwargs=None):
         optimizer = keras.optimizers.Adam(1e-3)
     model.compile(optimizer=optimizer, **compile_args)
     epochs = max(1, steps // 8)
-    if isinstance(x, tf.data.Dataset):
+    if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
         history = model.fit(x, epochs=epochs, verbose=0, **fit_args)
     else:
         history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0,

@@ -2,8 +2,8 @@
 `tools/program_sweep.py`, on data they make (no downloads).
 
 Each program is a function `() -> (model, x, y, compile_kwargs, fit_kwargs)`; `x`
-may be a `tf.data.Dataset` of `(x, y)` batches (then `y` is `None`). `PROGRAMS` maps
-their names to them.
+may be a `tf.data.Dataset` or a `keras.utils.PyDataset` of `(x, y)` batches (then `y`
+is `None`). `PROGRAMS` maps their names to them.
 """
 
 import numpy as np
@@ -1216,6 +1216,144 @@ def mixture_of_experts():
     return keras.Model(inputs, out), x, y, {"loss": "mse"}, {}
 
 
+class LayerScale(layers.Layer):
+    def __init__(self, init, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.init, self.dim = init, dim
+
+    def build(self, _):
+        self.gamma = self.add_weight(shape=(self.dim,), initializer=keras.initializers.Constant(self.init))
+
+    def call(self, x):
+        return x * self.gamma
+
+
+def convnext_block():
+    """keras-io/keras.applications ConvNeXt: 7x7 depthwise, LayerNorm, Dense on 4-D
+    (inverted bottleneck, GELU), layer scale, residual."""
+    x, y = _images(BATCH * 8, size=16, channels=3)
+    inputs = keras.Input((16, 16, 3))
+    h = layers.Conv2D(16, 4, strides=4)(inputs)
+    h = layers.LayerNormalization(epsilon=1e-6)(h)
+    for _ in range(2):
+        r = layers.DepthwiseConv2D(7, padding="same")(h)
+        r = layers.LayerNormalization(epsilon=1e-6)(r)
+        r = layers.Dense(64, activation="gelu")(r)
+        r = layers.Dense(16)(r)
+        h = h + LayerScale(1e-6, 16)(r)
+    h = layers.LayerNormalization(epsilon=1e-6)(layers.GlobalAveragePooling2D()(h))
+    out = layers.Dense(4)(h)
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def mlp_mixer():
+    """keras-io MLP-Mixer: patches, token mixing (Dense over the patch axis after a
+    Permute), channel mixing, LayerNorm."""
+    x, y = _images(BATCH * 8, size=16)
+    inputs = keras.Input((16, 16, 1))
+    h = layers.Conv2D(16, 4, strides=4)(inputs)  # 4x4 patches -> 16 patches
+    h = layers.Reshape((16, 16))(h)
+    for _ in range(2):
+        t = layers.LayerNormalization(epsilon=1e-6)(h)
+        t = layers.Permute((2, 1))(t)
+        t = layers.Dense(16, activation="gelu")(t)
+        t = layers.Dense(16)(t)
+        h = h + layers.Permute((2, 1))(t)
+        c = layers.LayerNormalization(epsilon=1e-6)(h)
+        c = layers.Dense(32, activation="gelu")(c)
+        h = h + layers.Dense(16)(c)
+    out = layers.Dense(4)(layers.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class FNetEncoder(layers.Layer):
+    """keras-io FNet: Fourier mixing of the tokens (real part of a 2-D FFT)."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.ffn = keras.Sequential([layers.Dense(dim, activation="relu"), layers.Dense(dim)])
+        self.norm1 = layers.LayerNormalization()
+        self.norm2 = layers.LayerNormalization()
+
+    def call(self, x):
+        mixed = ops.real(tf.signal.fft2d(tf.cast(x, tf.complex64)))
+        x = self.norm1(x + mixed)
+        return self.norm2(x + self.ffn(x))
+
+
+def fnet_fft():
+    x, y = _tokens(BATCH * 8, vocab=300)
+    inputs = keras.Input((24,), dtype="int32")
+    h = layers.Embedding(300, 16)(inputs)
+    h = FNetEncoder(16)(h)
+    h = layers.GlobalAveragePooling1D()(h)
+    out = layers.Dense(2)(layers.Dropout(0.1)(h))
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class RandomPatchMask(layers.Layer):
+    """keras-io masked image modeling's older code: masks from `tf.random.uniform`
+    (a stateful, unseeded op) and `tf.argsort`, only in training."""
+
+    def __init__(self, rate, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+
+    def call(self, patches, training=None):
+        if not training:
+            return patches
+        n = tf.shape(patches)[1]
+        noise = tf.random.uniform(tf.shape(patches)[:2])
+        order = tf.argsort(noise, axis=-1)
+        keep = tf.cast(tf.argsort(order, axis=-1) >= tf.cast(tf.cast(n, tf.float32) * self.rate, tf.int32),
+                       patches.dtype)
+        return patches * keep[..., None]
+
+
+def random_patch_masking():
+    x, _ = _images(BATCH * 8, size=8)
+    flat = x.reshape(len(x), 16, 4).astype("float32")  # 16 patches of 4 pixels (rows)
+    inputs = keras.Input((16, 4))
+    h = RandomPatchMask(0.5)(inputs)
+    h = layers.Dense(16, activation="relu")(h)
+    h = layers.Dense(4)(h)
+    return keras.Model(inputs, h), flat, flat, {"loss": "mse"}, {}
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return int(np.ceil(len(self.x) / self.batch_size))
+
+    def __getitem__(self, idx):
+        s = slice(idx * self.batch_size, (idx + 1) * self.batch_size)
+        return self.x[s], self.y[s]
+
+
+def pydataset_input():
+    """A `keras.utils.PyDataset` feeding `fit` (the last batch shorter)."""
+    x, y = _images(BATCH * 8 + 7, size=8)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                              layers.Flatten(), layers.Dense(4)])
+    return model, Batches(x, y, BATCH), None, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def gru_reset_before_stacked_rnn():
+    """`GRU(reset_after=False)` (no cuDNN path) under two stacked `SimpleRNN`s."""
+    x, y = _series(BATCH * 8, steps=24)
+    model = keras.Sequential([keras.Input((24, 1)), layers.SimpleRNN(8, return_sequences=True),
+                              layers.SimpleRNN(8, return_sequences=True),
+                              layers.GRU(8, reset_after=False), layers.Dense(3)])
+    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1231,4 +1369,5 @@ PROGRAMS = {f.__name__: f for f in (
     lstm_regression, contrastive_dual_encoder, pixelcnn, espcn_super_resolution,
     pointnet, graph_attention, neural_decision_forest, gated_residual_network,
     tied_embedding_lm, tied_autoencoder, luong_attention, attention_2d,
-    lstm_seq2seq_states, mixture_of_experts)}
+    lstm_seq2seq_states, mixture_of_experts, convnext_block, mlp_mixer, fnet_fft,
+    random_patch_masking, pydataset_input, gru_reset_before_stacked_rnn)}
