@@ -1354,6 +1354,106 @@ def gru_reset_before_stacked_rnn():
     return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
 
 
+def stop_gradient_target():
+    """A BYOL-like regression onto a stop-gradient target branch: the target's
+    layers get no gradient, the online branch predicts it."""
+    rng = _rng()
+    n = BATCH * 8
+    x = rng.normal(size=(n, 12)).astype("float32")
+    inputs = keras.Input((12,))
+    target = layers.Dense(8, activation="tanh")(inputs)
+    target = layers.Lambda(lambda t: ops.stop_gradient(t))(target)
+    online = layers.Dense(8)(layers.Dense(16, activation="relu")(inputs))
+    diff = layers.Subtract()([online, target])
+    return keras.Model(inputs, diff), x, np.zeros((n, 8), "float32"), {"loss": "mse"}, {}
+
+
+class Recomputed(layers.Layer):
+    """A block whose forward pass is recomputed in the backward pass
+    (`tf.recompute_grad`, gradient checkpointing)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(units, activation="relu")
+
+    def call(self, x):
+        return tf.recompute_grad(self.dense)(x)
+
+
+def recompute_grad_layer():
+    x, y = _images(BATCH * 8, size=8)
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Flatten()(inputs)
+    h = Recomputed(32)(h)
+    out = layers.Dense(4)(h)
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+class Iterated(layers.Layer):
+    """A Dense applied three times in `ops.fori_loop` (iterative refinement)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(units, activation="tanh")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        return ops.fori_loop(0, 3, lambda i, h: h + 0.5 * self.dense(h), x)
+
+
+def fori_loop_dense():
+    rng = _rng()
+    n = BATCH * 8
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = (np.sin(x[:, :1]) * x[:, 1:2]).astype("float32")
+    inputs = keras.Input((8,))
+    h = Iterated(8)(inputs)
+    return keras.Model(inputs, layers.Dense(1)(h)), x, y, {"loss": "mse"}, {}
+
+
+def sort_pooling():
+    """Top-k pooling by `ops.sort` over the time axis of a convolution's features."""
+    x, y = _series(BATCH * 8, steps=32)
+    inputs = keras.Input((32, 1))
+    h = layers.Conv1D(8, 5, activation="relu")(inputs)
+    h = layers.Lambda(lambda t: ops.sort(t, axis=1)[:, -4:, :])(h)
+    out = layers.Dense(3)(layers.Flatten()(h))
+    return keras.Model(inputs, out), x, y, {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def quantile_regression():
+    """Three quantiles from one head, a pinball loss written as a function."""
+    rng = _rng()
+    n = BATCH * 8
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x[:, :1] + (0.5 + np.abs(x[:, 1:2])) * rng.normal(size=(n, 1))).astype("float32")
+
+    def pinball(y_true, y_pred):
+        q = ops.convert_to_tensor([0.1, 0.5, 0.9])
+        e = y_true - y_pred
+        return ops.mean(ops.maximum(q * e, (q - 1.0) * e), axis=-1)
+
+    inputs = keras.Input((4,))
+    h = layers.Dense(32, activation="relu")(inputs)
+    return keras.Model(inputs, layers.Dense(3)(h)), x, y, {"loss": pinball}, {}
+
+
+def embedding_bag_mean():
+    """Variable-length bags of ids: a masked mean of embeddings (mask_zero) into a
+    Dense, binary cross-entropy on probabilities."""
+    x, y = _tokens(BATCH * 8, vocab=1000)
+    inputs = keras.Input((24,), dtype="int32")
+    e = layers.Embedding(1000, 16, mask_zero=True)(inputs)
+    h = layers.GlobalAveragePooling1D()(e)
+    out = layers.Dense(1, activation="sigmoid")(layers.Dense(16, activation="relu")(h))
+    return keras.Model(inputs, out), x, y.astype("float32")[:, None], {
+        "loss": "binary_crossentropy"}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1370,4 +1470,6 @@ PROGRAMS = {f.__name__: f for f in (
     pointnet, graph_attention, neural_decision_forest, gated_residual_network,
     tied_embedding_lm, tied_autoencoder, luong_attention, attention_2d,
     lstm_seq2seq_states, mixture_of_experts, convnext_block, mlp_mixer, fnet_fft,
-    random_patch_masking, pydataset_input, gru_reset_before_stacked_rnn)}
+    random_patch_masking, pydataset_input, gru_reset_before_stacked_rnn,
+    stop_gradient_target, recompute_grad_layer, fori_loop_dense, sort_pooling,
+    quantile_regression, embedding_bag_mean)}
