@@ -1454,6 +1454,76 @@ def embedding_bag_mean():
         "loss": "binary_crossentropy"}, {}
 
 
+def per_layer_mixed_policy():
+    """One layer under the `mixed_float16` policy in a float32 model (no global
+    policy, so no loss scaling)."""
+    x, y = _images(BATCH * 8, size=8)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                              layers.Flatten(), layers.Dense(32, activation="relu", dtype="mixed_float16"),
+                              layers.Dense(4, dtype="float32")])
+    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
+def stateful_lstm():
+    """A stateful LSTM on consecutive windows of one long series (fixed batch size,
+    no shuffling), states reset each epoch by Keras."""
+    rng = _rng()
+    t = np.arange(BATCH * 8 * 10 + 1)
+    series = np.sin(0.2 * t) + 0.1 * rng.normal(size=t.shape)
+    windows = series[:-1].reshape(BATCH * 8, 10, 1).astype("float32")
+    y = series[10::10][:BATCH * 8, None].astype("float32")
+    model = keras.Sequential([keras.Input(batch_shape=(BATCH, 10, 1)), layers.LSTM(16, stateful=True),
+                              layers.Dense(1)])
+    return model, windows, y, {"loss": "mse"}, {}
+
+
+def char_lstm_generation():
+    """keras-io LSTM text generation: one-hot character windows, an LSTM, a softmax
+    over the next character."""
+    rng = _rng()
+    chars, maxlen, n = 20, 12, BATCH * 8
+    text = np.tile(np.arange(chars), 200) + rng.integers(0, 2, chars * 200)
+    text = text % chars
+    starts = rng.integers(0, len(text) - maxlen - 1, n)
+    x = np.eye(chars, dtype="float32")[np.stack([text[s:s + maxlen] for s in starts])]
+    y = np.eye(chars, dtype="float32")[text[starts + maxlen]]
+    model = keras.Sequential([keras.Input((maxlen, chars)), layers.LSTM(32),
+                              layers.Dense(chars, activation="softmax")])
+    return model, x, y, {"loss": "categorical_crossentropy"}, {}
+
+
+def binding_constraints():
+    """Constraints that bind: `NonNeg` and `UnitNorm` kernels (Keras projects the
+    weights after each update)."""
+    rng = _rng()
+    n = BATCH * 8
+    x = np.abs(rng.normal(size=(n, 10))).astype("float32")
+    y = (x @ np.abs(rng.normal(size=(10, 1))) + 0.1 * rng.normal(size=(n, 1))).astype("float32")
+    inputs = keras.Input((10,))
+    h = layers.Dense(16, activation="relu", kernel_constraint=keras.constraints.UnitNorm(axis=0))(inputs)
+    out = layers.Dense(1, kernel_constraint=keras.constraints.NonNeg())(h)
+    return keras.Model(inputs, out), x, y, {"loss": "mse"}, {}
+
+
+class LazyModel(keras.Model):
+    """Layers created in `build`, not `__init__` (sizes from the input shape)."""
+
+    def build(self, input_shape):
+        self.hidden = layers.Dense(input_shape[-1] * 2, activation="relu")
+        self.out = layers.Dense(3)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def layers_created_in_build():
+    rng = _rng()
+    n = BATCH * 8
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (np.argmax(x[:, :3], 1)).astype("int32")
+    return LazyModel(), x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1472,4 +1542,5 @@ PROGRAMS = {f.__name__: f for f in (
     lstm_seq2seq_states, mixture_of_experts, convnext_block, mlp_mixer, fnet_fft,
     random_patch_masking, pydataset_input, gru_reset_before_stacked_rnn,
     stop_gradient_target, recompute_grad_layer, fori_loop_dense, sort_pooling,
-    quantile_regression, embedding_bag_mean)}
+    quantile_regression, embedding_bag_mean, per_layer_mixed_policy, stateful_lstm,
+    char_lstm_generation, binding_constraints, layers_created_in_build)}
