@@ -55,6 +55,11 @@ def _tokens(n, length=24, vocab=500, classes=2, seed=0, pad=True):
     return x.astype("int32"), y.astype("int32")
 
 
+def _logits_loss():
+    """The compile arguments of a classifier with logit outputs and integer labels."""
+    return {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
+
+
 # Each program: () -> (model, x, y, compile keyword arguments, fit keyword arguments).
 
 def gru_classifier():
@@ -99,8 +104,7 @@ def causal_transformer():
     f = layers.Dense(64, activation="gelu")(h)
     h = layers.LayerNormalization()(h + layers.Dense(32)(f))
     outputs = layers.Dense(64)(h)
-    return keras.Model(inputs, outputs), x[:, :-1], x[:, 1:], {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, outputs), x[:, :-1], x[:, 1:], _logits_loss(), {}
 
 
 def separable_grouped_dilated():
@@ -452,8 +456,7 @@ def masked_attention():
     h = layers.MultiHeadAttention(2, 8)(h, h)
     h = layers.GlobalAveragePooling1D()(h)
     outputs = layers.Dense(2)(h)
-    return keras.Model(inputs, outputs), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, outputs), x, y, _logits_loss(), {}
 
 
 def squeeze_excitation():
@@ -590,8 +593,7 @@ def frozen_base_fine_tuning():
     h = layers.GlobalAveragePooling2D()(h)
     h = layers.Dropout(0.2)(h)
     outputs = layers.Dense(4)(h)
-    return keras.Model(inputs, outputs), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, outputs), x, y, _logits_loss(), {}
 
 
 class Patches(layers.Layer):
@@ -632,8 +634,7 @@ def vision_transformer():
             layers.Dense(64, activation="gelu")(n)))
     h = layers.Flatten()(layers.LayerNormalization(epsilon=1e-6)(h))
     outputs = layers.Dense(4)(h)
-    return keras.Model(inputs, outputs), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, outputs), x, y, _logits_loss(), {}
 
 
 class Distiller(keras.Model):
@@ -706,8 +707,7 @@ def deeplab_bilinear_decoder():
     h = layers.Conv2D(16, 3, padding="same", activation="relu")(h)
     h = layers.UpSampling2D(2, interpolation="bilinear")(h)
     outputs = layers.Conv2D(2, 1)(h)
-    return keras.Model(inputs, outputs), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, outputs), x, y, _logits_loss(), {}
 
 
 # Six more shapes (2026-12-02): keras-io's video classification (CNN-RNN), text
@@ -729,8 +729,7 @@ def video_cnn_rnn():
     h = layers.TimeDistributed(layers.Conv2D(8, 3, activation="relu"))(inputs)
     h = layers.TimeDistributed(layers.GlobalAveragePooling2D())(h)
     h = layers.GRU(16)(h)
-    return keras.Model(inputs, layers.Dense(2)(h)), x, y.astype("int32"), {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, layers.Dense(2)(h)), x, y.astype("int32"), _logits_loss(), {}
 
 
 class TokenAndPositionEmbedding(layers.Layer):
@@ -758,8 +757,7 @@ def mini_gpt():
         h + layers.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True))
     f = layers.Dense(16)(layers.Dense(32, activation="relu")(h))
     h = layers.LayerNormalization(epsilon=1e-6)(h + f)
-    return keras.Model(inputs, layers.Dense(vocab)(h)), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, layers.Dense(vocab)(h)), x, y, _logits_loss(), {}
 
 
 def seq2seq_transformer():
@@ -781,8 +779,7 @@ def seq2seq_transformer():
     d = layers.Dropout(0.1)(layers.Dense(32, activation="relu")(d))
     model = keras.Model([encoder_tokens, decoder_tokens], layers.Dense(vocab)(d))
     return model, [source.astype("int32"), decoder_input.astype("int32")], \
-        target.astype("int32"), {
-            "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+        target.astype("int32"), _logits_loss(), {}
 
 
 def ocr_ctc():
@@ -1009,8 +1006,7 @@ def graph_attention():
         edges.append((i, i))
     edges = np.array(edges, "int32")
     ids = rng.integers(0, nodes, BATCH * 8).astype("int32")
-    return GATModel(features, edges, classes), ids, labels[ids].astype("int32"), {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return GATModel(features, edges, classes), ids, labels[ids].astype("int32"), _logits_loss(), {}
 
 
 class NeuralDecisionTree(keras.Model):
@@ -1127,8 +1123,7 @@ def tied_embedding_lm():
     h = embedding(inputs)
     h = layers.Dense(16, activation="relu")(h)
     logits = TiedLogits(embedding)(h)
-    return keras.Model(inputs, logits), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, logits), x, y, _logits_loss(), {}
 
 
 class TiedDecoder(layers.Layer):
@@ -1165,8 +1160,7 @@ def luong_attention():
     h = layers.Concatenate()([layers.GlobalAveragePooling1D()(q), layers.GlobalAveragePooling1D()(a),
                               layers.GlobalAveragePooling1D()(b)])
     out = layers.Dense(2)(h)
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 def attention_2d():
@@ -1179,8 +1173,7 @@ def attention_2d():
     h = h + layers.MultiHeadAttention(2, 4, attention_axes=(1, 2))(h, h)
     h = layers.GlobalAveragePooling2D()(h)
     out = layers.Dense(4)(h)
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 def lstm_seq2seq_states():
@@ -1243,8 +1236,7 @@ def convnext_block():
         h = h + LayerScale(1e-6, 16)(r)
     h = layers.LayerNormalization(epsilon=1e-6)(layers.GlobalAveragePooling2D()(h))
     out = layers.Dense(4)(h)
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 def mlp_mixer():
@@ -1264,8 +1256,7 @@ def mlp_mixer():
         c = layers.Dense(32, activation="gelu")(c)
         h = h + layers.Dense(16)(c)
     out = layers.Dense(4)(layers.GlobalAveragePooling1D()(h))
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 class FNetEncoder(layers.Layer):
@@ -1290,8 +1281,7 @@ def fnet_fft():
     h = FNetEncoder(16)(h)
     h = layers.GlobalAveragePooling1D()(h)
     out = layers.Dense(2)(layers.Dropout(0.1)(h))
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 class RandomPatchMask(layers.Layer):
@@ -1341,8 +1331,7 @@ def pydataset_input():
     x, y = _images(BATCH * 8 + 7, size=8)
     model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
                               layers.Flatten(), layers.Dense(4)])
-    return model, Batches(x, y, BATCH), None, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return model, Batches(x, y, BATCH), None, _logits_loss(), {}
 
 
 def gru_reset_before_stacked_rnn():
@@ -1351,7 +1340,7 @@ def gru_reset_before_stacked_rnn():
     model = keras.Sequential([keras.Input((24, 1)), layers.SimpleRNN(8, return_sequences=True),
                               layers.SimpleRNN(8, return_sequences=True),
                               layers.GRU(8, reset_after=False), layers.Dense(3)])
-    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return model, x, y, _logits_loss(), {}
 
 
 def stop_gradient_target():
@@ -1386,8 +1375,7 @@ def recompute_grad_layer():
     h = layers.Flatten()(inputs)
     h = Recomputed(32)(h)
     out = layers.Dense(4)(h)
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 class Iterated(layers.Layer):
@@ -1421,8 +1409,7 @@ def sort_pooling():
     h = layers.Conv1D(8, 5, activation="relu")(inputs)
     h = layers.Lambda(lambda t: ops.sort(t, axis=1)[:, -4:, :])(h)
     out = layers.Dense(3)(layers.Flatten()(h))
-    return keras.Model(inputs, out), x, y, {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return keras.Model(inputs, out), x, y, _logits_loss(), {}
 
 
 def quantile_regression():
@@ -1461,7 +1448,7 @@ def per_layer_mixed_policy():
     model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
                               layers.Flatten(), layers.Dense(32, activation="relu", dtype="mixed_float16"),
                               layers.Dense(4, dtype="float32")])
-    return model, x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return model, x, y, _logits_loss(), {}
 
 
 def stateful_lstm():
@@ -1521,7 +1508,7 @@ def layers_created_in_build():
     n = BATCH * 8
     x = rng.normal(size=(n, 6)).astype("float32")
     y = (np.argmax(x[:, :3], 1)).astype("int32")
-    return LazyModel(), x, y, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, {}
+    return LazyModel(), x, y, _logits_loss(), {}
 
 
 PROGRAMS = {f.__name__: f for f in (
