@@ -120,6 +120,49 @@ def test_gradient_accumulation_updates_every_k_steps():
     assert not np.allclose(model.weights[0].numpy(), initial[0])
 
 
+@pytest.fixture
+def floatx_float64():
+    # Keras caches its global dtype policy from `floatx` when first read, so both
+    # are set (and reset).
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
+def test_a_float64_model_trains_as_the_float64_reference(floatx_float64):
+    # `keras.config.set_floatx("float64")`: the weights, gradients and updates are
+    # float64, the curvature float32 (as under mixed precision).
+    x, y = helpers.classification_data(n=16)
+    model = keras_tkfac.wrap(helpers.tiny_mlp())
+    initial = [w.numpy() for w in model.weights]
+    optimizer = keras_tkfac.TKFAC(fisher="empirical", seed=0, step_control="trust_region",
+                                  **ONE_STEP)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    assert all(w.dtype == "float64" for w in model.weights)
+    expected = reference_training(initial, x.astype(np.float64), y, 3,
+                                  approximation="tkfac", **ONE_STEP)[0]
+    _assert_weights(model, expected)
+
+
+def test_a_float64_model_trains_at_the_defaults_as_in_float32(floatx_float64):
+    x, y = helpers.classification_data(n=32)
+    initial = [w.numpy() for w in helpers.tiny_mlp().weights]
+    losses = {}
+    for floatx in ("float64", "float32"):
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(floatx)
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        model.set_weights([w.astype(floatx) for w in initial])
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        losses[floatx] = model.fit(x, y, batch_size=16, epochs=3, shuffle=False,
+                                   verbose=0).history["loss"]
+        assert [w.dtype for w in model.weights] == [floatx] * 4
+    assert np.all(np.isfinite(losses["float64"]))
+    np.testing.assert_allclose(losses["float64"], losses["float32"], rtol=1e-4)
+
 def test_use_ema_keeps_a_moving_average_of_the_weights():
     model, _, _ = _fit(steps=3, use_ema=True, ema_momentum=0.5)
     averages = model.optimizer._model_variables_moving_average

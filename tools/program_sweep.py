@@ -105,6 +105,7 @@ def run(name, steps, optimizers=("TKFAC",), tkfac=None):
         finally:
             py_logging.getLogger().removeHandler(handler)
             keras.mixed_precision.set_global_policy("float32")
+            keras.config.set_floatx("float32")
         result[optimizer_name]["seconds"] = round(time.time() - started, 1)
         result[optimizer_name]["messages"] = sorted(set(handler.messages))
     return result

@@ -1511,6 +1511,204 @@ def layers_created_in_build():
     return LazyModel(), x, y, _logits_loss(), {}
 
 
+def float64_mlp():
+    """A model in float64 (`keras.config.set_floatx("float64")`; the sweep resets it):
+    float64 weights, float32 curvature."""
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # Keras caches it from floatx
+    rng = _rng()
+    x = rng.normal(size=(BATCH * 8, 8))
+    y = (x[:, 0] * x[:, 1] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(32, activation="relu"),
+                              layers.Dense(2)])
+    return model, x, y, _logits_loss(), {}
+
+
+class MinimalRNNCell(layers.Layer):
+    """The Keras RNN guide's cell: its own kernels, `keras.layers.RNN` runs it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units),
+                                      initializer="uniform", name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(self.units, self.units),
+                                                initializer="uniform",
+                                                name="recurrent_kernel")
+
+    def call(self, inputs, states):
+        output = ops.tanh(ops.matmul(inputs, self.kernel)
+                          + ops.matmul(states[0], self.recurrent_kernel))
+        return output, [output]
+
+
+def custom_rnn_cell():
+    rng = _rng()
+    x = rng.normal(size=(BATCH * 8, 12, 4)).astype("float32")
+    y = (x[:, :, 0].sum(1) > 0).astype("int32")
+    model = keras.Sequential([keras.Input((12, 4)), layers.RNN(MinimalRNNCell(16)),
+                              layers.Dense(2)])
+    return model, x, y, _logits_loss(), {}
+
+
+def bidirectional_gru_states():
+    """`Bidirectional(GRU(return_state=True))`: the output and both final states."""
+    rng = _rng()
+    x = rng.normal(size=(BATCH * 8, 10, 3)).astype("float32")
+    y = (x[:, -3:, 1].sum(1) > 0).astype("int32")
+    inputs = keras.Input((10, 3))
+    output, forward_h, backward_h = layers.Bidirectional(
+        layers.GRU(8, return_state=True))(inputs)
+    h = layers.Concatenate()([output, forward_h, backward_h])
+    return keras.Model(inputs, layers.Dense(2)(h)), x, y, _logits_loss(), {}
+
+
+def dict_outputs_loss_weights():
+    """Named inputs and a dict of outputs, with dicts of losses, loss weights and
+    metrics."""
+    rng = _rng()
+    n = BATCH * 8
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = {"cls": (x[:, 0] > 0).astype("int32"),
+         "reg": x[:, 1:3].sum(1, keepdims=True).astype("float32")}
+    inputs = keras.Input((6,), name="features")
+    h = layers.Dense(16, activation="relu")(inputs)
+    model = keras.Model(inputs, {"cls": layers.Dense(2, name="cls")(h),
+                                 "reg": layers.Dense(1, name="reg")(h)})
+    compile_args = {
+        "loss": {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 "reg": "mse"},
+        "loss_weights": {"cls": 1.0, "reg": 0.5},
+        "metrics": {"cls": ["accuracy"], "reg": ["mae"]}}
+    return model, {"features": x}, y, compile_args, {}
+
+
+def padding_cropping_upsampling():
+    """`ZeroPadding2D`, a strided convolution, bilinear `UpSampling2D`, a stride-1
+    `Conv2DTranspose` and `Cropping2D` (a denoising-autoencoder shape)."""
+    x = _rng().random(size=(BATCH * 8, 14, 14, 1)).astype("float32")
+    inputs = keras.Input((14, 14, 1))
+    h = layers.ZeroPadding2D(1)(inputs)
+    h = layers.Conv2D(8, 3, strides=2, activation="relu")(h)
+    h = layers.UpSampling2D(2, interpolation="bilinear")(h)
+    h = layers.Conv2DTranspose(4, 3, padding="same")(h)
+    h = layers.Cropping2D(((0, 0), (0, 0)))(h)
+    h = layers.Conv2D(1, 3, padding="same", activation="sigmoid")(h)
+    return keras.Model(inputs, h), x, x, {"loss": "binary_crossentropy"}, {}
+
+
+def hashing_discretization():
+    """keras-io structured data's other preprocessing layers inside the model:
+    `Hashing` of an integer id, `Discretization` then `CategoryEncoding` of a value."""
+    rng = _rng()
+    n = BATCH * 8
+    ids = rng.integers(0, 1000, size=(n, 1))
+    values = rng.normal(size=(n, 1)).astype("float32")
+    y = ((ids[:, 0] % 3 == 0) ^ (values[:, 0] > 0)).astype("int32")
+    id_input = keras.Input((1,), dtype="int64", name="ids")
+    value_input = keras.Input((1,), name="values")
+    hashed = layers.Hashing(num_bins=64, output_mode="one_hot")(id_input)
+    bins = layers.Discretization(bin_boundaries=[-1.0, 0.0, 1.0])(value_input)
+    encoded = layers.CategoryEncoding(num_tokens=4, output_mode="one_hot")(bins)
+    h = layers.Dense(16, activation="relu")(layers.Concatenate()([hashed, encoded]))
+    model = keras.Model([id_input, value_input], layers.Dense(2)(h))
+    return model, {"ids": ids, "values": values}, y, _logits_loss(), {}
+
+
+def embedding_regularized_maxpool():
+    """An `Embedding` with a regulariser and a `MaxNorm` constraint,
+    `SpatialDropout1D`, `Conv1D` and global max pooling (keras-io's text CNN)."""
+    rng = _rng()
+    x = rng.integers(1, 200, size=(BATCH * 8, 20))
+    y = np.isin(x, np.arange(1, 20)).any(1).astype("int32")
+    model = keras.Sequential([
+        keras.Input((20,), dtype="int32"),
+        layers.Embedding(200, 16, embeddings_regularizer=keras.regularizers.L2(1e-4),
+                         embeddings_constraint=keras.constraints.MaxNorm(2.0)),
+        layers.SpatialDropout1D(0.2), layers.Conv1D(16, 3, activation="relu"),
+        layers.GlobalMaxPooling1D(), layers.Dense(2)])
+    return model, x, y, _logits_loss(), {}
+
+
+def softmax_layer_noise_layers():
+    """A separate `Activation("softmax")` under categorical cross-entropy on
+    probabilities, after `GaussianNoise`, `LeakyReLU`, `AlphaDropout` and
+    `ActivityRegularization`."""
+    rng = _rng()
+    x = rng.normal(size=(BATCH * 8, 10)).astype("float32")
+    y = np.eye(3, dtype="float32")[np.argmax(x[:, :3], 1)]
+    model = keras.Sequential([
+        keras.Input((10,)), layers.GaussianNoise(0.1), layers.Dense(32),
+        layers.LeakyReLU(0.1), layers.AlphaDropout(0.1),
+        layers.ActivityRegularization(l2=1e-4), layers.Dense(3),
+        layers.Activation("softmax")])
+    return model, x, y, {"loss": "categorical_crossentropy", "metrics": ["accuracy"]}, {}
+
+
+class NoisyWhenTraining(keras.Model):
+    """Subclassed, with Python control flow on `training`."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = layers.Dense(16, activation="relu")
+        self.out = layers.Dense(2)
+
+    def call(self, x, training=None):
+        if training:
+            x = x + 0.05 * keras.random.normal(ops.shape(x))
+        return self.out(self.hidden(x))
+
+
+def subclassed_training_branch():
+    x = _rng().normal(size=(BATCH * 8, 5)).astype("float32")
+    y = (x.sum(1) > 0).astype("int32")
+    return NoisyWhenTraining(), x, y, _logits_loss(), {}
+
+
+def multimodal_inputs():
+    """Image, tabular and token inputs, each through its own branch, concatenated."""
+    rng = _rng()
+    n = BATCH * 8
+    images = rng.random(size=(n, 12, 12, 1)).astype("float32")
+    table = rng.normal(size=(n, 4)).astype("float32")
+    tokens = rng.integers(0, 50, size=(n, 8))
+    y = ((images.mean((1, 2, 3)) > 0.5) ^ (table[:, 0] > 0)
+         ^ (tokens[:, 0] > 25)).astype("int32")
+    image_input, table_input = keras.Input((12, 12, 1)), keras.Input((4,))
+    token_input = keras.Input((8,), dtype="int32")
+    h = layers.Concatenate()([
+        layers.GlobalAveragePooling2D()(layers.Conv2D(8, 3, activation="relu")(image_input)),
+        layers.Dense(8, activation="relu")(table_input),
+        layers.GlobalAveragePooling1D()(layers.Embedding(50, 8)(token_input))])
+    h = layers.Dense(16, activation="relu")(h)
+    model = keras.Model([image_input, table_input, token_input], layers.Dense(2)(h))
+    return model, [images, table, tokens], y, _logits_loss(), {}
+
+
+def depth_multiplier():
+    """`DepthwiseConv2D` and `SeparableConv2D` with `depth_multiplier=2`."""
+    x = _rng().random(size=(BATCH * 8, 12, 12, 3)).astype("float32")
+    y = (x[:, :6, :, 0].mean((1, 2)) > x[:, 6:, :, 0].mean((1, 2))).astype("int32")
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        layers.DepthwiseConv2D(3, depth_multiplier=2, activation="relu"),
+        layers.SeparableConv2D(8, 3, depth_multiplier=2), layers.GlobalAveragePooling2D(),
+        layers.Dense(2)])
+    return model, x, y, _logits_loss(), {}
+
+
+def conv_lstm1d():
+    """`ConvLSTM1D` over sequences of 1-D signals."""
+    x = _rng().normal(size=(BATCH * 8, 6, 10, 2)).astype("float32")
+    y = (x[:, -1, :, 0].mean(1) > 0).astype("int32")
+    model = keras.Sequential([keras.Input((6, 10, 2)), layers.ConvLSTM1D(4, 3),
+                              layers.Flatten(), layers.Dense(2)])
+    return model, x, y, _logits_loss(), {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1530,4 +1728,8 @@ PROGRAMS = {f.__name__: f for f in (
     random_patch_masking, pydataset_input, gru_reset_before_stacked_rnn,
     stop_gradient_target, recompute_grad_layer, fori_loop_dense, sort_pooling,
     quantile_regression, embedding_bag_mean, per_layer_mixed_policy, stateful_lstm,
-    char_lstm_generation, binding_constraints, layers_created_in_build)}
+    char_lstm_generation, binding_constraints, layers_created_in_build, float64_mlp,
+    custom_rnn_cell, bidirectional_gru_states, dict_outputs_loss_weights,
+    padding_cropping_upsampling, hashing_discretization, embedding_regularized_maxpool,
+    softmax_layer_noise_layers, subclassed_training_branch, multimodal_inputs,
+    depth_multiplier, conv_lstm1d)}
