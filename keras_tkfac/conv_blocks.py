@@ -1,0 +1,390 @@
+"""Curvature blocks of convolution layers: `Conv1D`/`2D`/`3D`, their transposes,
+depthwise and separable convolutions (rows from im2col patches)."""
+
+import tensorflow as tf
+import keras
+
+from keras_tkfac.block_base import (
+    CurvatureBlock, UnsupportedLayer, _add_channel_bias, _taps)
+
+
+def _channels_last(x, data_format):
+    """`x` with its channel axis last (recorded rows have one canonical layout)."""
+    if data_format == "channels_last":
+        return x
+    rank = len(x.shape)
+    return tf.transpose(x, [0, *range(2, rank), 1])
+
+
+def _patches(x, kernel_size, strides, rates, padding):
+    """im2col of a channels_last `x` with 1, 2 or 3 spatial axes.
+
+    Returns `[batch, *locations, prod(kernel_size) * channels]`, each patch in the
+    `(*kernel_size, channels)` order of Keras kernels. Volumes need `rates` of 1
+    (TensorFlow's volume-patch extraction has no dilation).
+    """
+    kernel_size, strides, rates = list(kernel_size), list(strides), list(rates)
+    if len(kernel_size) == 3:
+        return tf.extract_volume_patches(
+            x, ksizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
+            padding=padding.upper(),
+        )
+    if len(kernel_size) == 1:
+        x = x[:, None]
+        kernel_size, strides, rates = [1] + kernel_size, [1] + strides, [1] + rates
+    return tf.image.extract_patches(
+        x, sizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
+        rates=[1, *rates, 1], padding=padding.upper(),
+    )
+
+
+def _group_rows(patches, taps, groups, with_bias):
+    """`[..., taps * channels]` patches as `[rows, groups, taps * channels / groups]`.
+
+    Input channel `c` belongs to group `c // (channels / groups)`, as in Keras's
+    grouped and depthwise convolutions; a column of ones is appended per group when
+    the layer has a bias.
+    """
+    a = tf.reshape(patches, [-1, taps, groups, patches.shape[-1] // (taps * groups)])
+    a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, groups, a.shape[1] * a.shape[3]])
+    if with_bias:
+        a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+    return a
+
+
+def _depthwise_conv(layer, kernel, inputs, data_format):
+    """`layer`'s depthwise convolution of `inputs` with `kernel` (no bias), as Keras's
+    depthwise and separable layers compute it."""
+    return keras.ops.depthwise_conv(
+        inputs, kernel, strides=layer.strides, padding=layer.padding,
+        dilation_rate=layer.dilation_rate, data_format=data_format)
+
+
+class ConvBlock(CurvatureBlock):
+    """`keras.layers.Conv1D`, `Conv2D` and `Conv3D`.
+
+    Rows are (example, output location) pairs; the input rows are image patches
+    (im2col) in the `(kh, kw, c_in)` order of the Keras kernel. A grouped convolution
+    (`groups > 1`) is one block per group: group `j`'s filters see only its input
+    channels' patches and produce only its outputs, so its Fisher block is
+    approximated on its own (`[groups, d, d]` factors) and cross-group curvature is
+    dropped, as K-FAC drops cross-layer curvature. `channels_first` layers compute as
+    Keras does; only their recorded rows are moved to channels_last. `Conv3D` needs
+    `dilation_rate=1` (TensorFlow's volume-patch extraction has no dilation).
+    """
+
+    is_conv = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
+            raise UnsupportedLayer(
+                f"Layer {layer.name!r}: Conv3D is supported without dilation only. "
+                f"Received: dilation_rate={layer.dilation_rate}"
+            )
+
+    @property
+    def groups(self):
+        return int(self.layer.groups)
+
+    @property
+    def d_out(self):
+        return int(self.kernel.shape[-1]) // self.groups
+
+    def kernel_rows(self):
+        return _taps(self.kernel.shape[:-1])
+
+    def _causal_padding(self, inputs, data_format):
+        """`(inputs, padding)`, with Conv1D's causal padding applied."""
+        padding = self.layer.padding
+        if padding == "causal":
+            left = self.layer.dilation_rate[0] * (self.layer.kernel_size[0] - 1)
+            pads = [[0, 0], [0, 0], [0, 0]]
+            pads[1 if data_format == "channels_last" else 2] = [left, 0]
+            inputs = tf.pad(inputs, pads)
+            padding = "valid"
+        return inputs, padding
+
+    def preactivation(self, inputs):
+        inputs, padding = self._causal_padding(inputs, self._data_format)
+        s = keras.ops.conv(
+            inputs,
+            self.layer.kernel,
+            strides=list(self.layer.strides),
+            padding=padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format=self._data_format,
+        )
+        return self._add_bias(s)
+
+    def rows(self, inputs, output_grads):
+        inputs = _channels_last(inputs, self._data_format)
+        inputs, padding = self._causal_padding(inputs, "channels_last")
+        patches = _patches(inputs, self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, padding)
+        output_grads = _channels_last(output_grads, self._data_format)
+        if self.groups > 1:
+            a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
+                            self.bias is not None)
+            return a, tf.reshape(output_grads, [-1, self.groups, self.d_out])
+        a = tf.reshape(patches, [-1, self.kernel_rows()])
+        g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
+
+
+    def sampled_rows(self, inputs, output_grads, stride, phase=0):
+        """`rows` at every `stride`-th output location along each spatial axis.
+
+        For cheaper statistics (`conv_location_stride`): patches are extracted only
+        on grids of output locations, every `stride`-th along each spatial axis
+        (every location of an axis shorter than `stride`). A grid's offsets are
+        the digits of its phase in the mixed radix of the axes' steps, and the
+        `cycle` phases visit every location once. Example `n` of the batch takes
+        phase `phase + n`, so that every batch covers all phases: one fixed grid
+        would be biased (behind a stride-2 consumer the gradients at even and odd
+        locations differ systematically), and moving one grid at each statistics
+        step would leave each step's estimate biased. The input rows are scaled by
+        `sqrt(locations / sampled locations)`, so that sums over rows that are
+        quadratic in `a` (TKFAC's `delta`, `n_phi`, `n_psi`, K-FAC's `A`) estimate
+        the sums over all locations. Grid points past the edge (when an output size
+        is not a multiple of `stride`) are rows of zeros, which add nothing to those
+        sums but count in K-FAC's mean `G`.
+
+        Args:
+            inputs: the layer's input, as `rows` takes it.
+            output_grads: the gradients with respect to its pre-activation output.
+            stride: int >= 1, the grid's step along each spatial axis.
+            phase: integer or integer scalar tensor, the phase of example 0.
+
+        Returns:
+            `(a, g)` rows as `rows` returns them, grouped by phase.
+        """
+        if stride == 1:
+            return self.rows(inputs, output_grads)
+        inputs = _channels_last(inputs, self._data_format)
+        inputs, padding = self._causal_padding(inputs, "channels_last")
+        output_grads = _channels_last(output_grads, self._data_format)
+        steps = [min(stride, out) for out in output_grads.shape[1:-1]]
+        cycle = 1
+        for step in steps:
+            cycle *= step
+        phase = tf.cast(phase, tf.int32)
+        parts = [self._grid_rows(inputs[p::cycle], output_grads[p::cycle], steps,
+                                 padding, phase + p) for p in range(cycle)]
+        return tuple(tf.concat(rows, 0) for rows in zip(*parts))
+
+    def _grid_rows(self, inputs, output_grads, steps, padding, phase):
+        """The rows of one grid of `sampled_rows` (channels_last tensors)."""
+        pads, g_pads, begins, g_begins, sizes, g_sizes, masks = [], [], [], [], [], [], []
+        total, radix = 1, 1
+        for out, size, k, s, r, step in zip(
+            output_grads.shape[1:-1], inputs.shape[1:-1], self.layer.kernel_size,
+            self.layer.strides, self.layer.dilation_rate, steps,
+        ):
+            extent = (k - 1) * r + 1
+            count = -(-out // step)
+            # The padding of the layer's own convolution (TensorFlow's "same"), and
+            # room for the grid of `count` points at the largest offset.
+            pad = max((out - 1) * s + extent - size, 0) if padding == "same" else 0
+            needed = (step - 1) * s + (count - 1) * step * s + extent
+            pads.append([pad // 2, max(needed - size - pad // 2, pad - pad // 2)])
+            g_pads.append([0, max((step - 1) + (count - 1) * step + 1 - out, 0)])
+            offset = (phase // radix) % step
+            radix *= step
+            begins.append(offset * s)
+            sizes.append((count - 1) * step * s + extent)
+            g_begins.append(offset)
+            g_sizes.append((count - 1) * step + 1)
+            masks.append(tf.range(count) * step + offset < out)
+            total *= out
+        x = tf.pad(inputs, [[0, 0], *pads, [0, 0]])
+        x = tf.slice(x, [0, *begins, 0], [-1, *sizes, -1])
+        patches = _patches(x, self.layer.kernel_size,
+                           [s * step for s, step in zip(self.layer.strides, steps)],
+                           self.layer.dilation_rate, "valid")
+        g = tf.pad(output_grads, [[0, 0], *g_pads, [0, 0]])
+        g = tf.slice(g, [0, *g_begins, 0], [-1, *g_sizes, -1])
+        g = g[(slice(None), *[slice(None, None, step) for step in steps])]
+        valid = masks[0]
+        for mask in masks[1:]:
+            valid = tf.logical_and(valid[..., None], mask)
+        scale = tf.sqrt(total / tf.reduce_sum(tf.cast(valid, tf.float32)))
+        valid = tf.cast(valid, patches.dtype)[..., None]
+        # One weight per row: 0 past the edge, the rescaling elsewhere.
+        weight = tf.ones_like(patches[..., :1]) * valid * tf.cast(scale, patches.dtype)
+        g = g * tf.cast(valid, g.dtype)
+        if self.groups > 1:
+            a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
+                            self.bias is not None)
+            return (a * tf.reshape(weight, [-1, 1, 1]),
+                    tf.reshape(g, [-1, self.groups, self.d_out]))
+        a = self._with_bias(tf.reshape(patches, [-1, self.kernel_rows()]))
+        return a * tf.reshape(weight, [-1, 1]), tf.reshape(g, [-1, self.d_out])
+
+
+class ConvTransposeBlock(CurvatureBlock):
+    """`keras.layers.Conv1DTranspose`, `Conv2DTranspose` and `Conv3DTranspose`.
+
+    A transposed convolution `y = C(W)^T x` is the adjoint of the convolution `C(W)`
+    (same kernel, strides, padding and dilation) that maps the output space back to
+    the input space, so its kernel gradient is that convolution's filter gradient
+    with the roles swapped: `dW = sum_t x_t ⊗ P_t(g)`, where `t` runs over *input*
+    locations and `P_t(g)` is the patch of output gradients (im2col of `g` with the
+    layer's strides and padding) that input location `t` writes to. Rows are
+    therefore (example, input location) pairs with `a = x_t` (`c_in`) and
+    `g = P_t(g)` (`kh * kw * c_out`, in the Keras kernel's `(kh, kw, c_out)` order);
+    the gradient matrix is the kernel `(kh, kw, c_out, c_in)` as `[c_in, kh*kw*c_out]`.
+    `output_padding` only changes the output size, which the patches follow.
+
+    The bias is added per *output* location, which these rows do not enumerate, so
+    only the kernel is preconditioned: the bias takes the first-order fallback.
+    `Conv3DTranspose` needs `dilation_rate=1`.
+    """
+
+    is_conv = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
+            raise UnsupportedLayer(
+                f"Layer {layer.name!r}: Conv3DTranspose is supported without "
+                f"dilation only. Received: dilation_rate={layer.dilation_rate}"
+            )
+
+    @property
+    def bias(self):
+        return None
+
+    @property
+    def d_out(self):
+        return _taps(self.kernel.shape[:-1])
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[-1])
+
+    def preactivation(self, inputs):
+        s = keras.ops.conv_transpose(
+            inputs,
+            self.layer.kernel,
+            strides=list(self.layer.strides),
+            padding=self.layer.padding,
+            output_padding=self.layer.output_padding,
+            dilation_rate=self.layer.dilation_rate,
+            data_format=self._data_format,
+        )
+        bias = self.layer.bias if self.layer.use_bias else None
+        return _add_channel_bias(s, bias, self._data_format)
+
+    def rows(self, inputs, output_grads):
+        a = _channels_last(inputs, self._data_format)
+        a = tf.reshape(a, [-1, self.kernel_rows()])
+        patches = _patches(_channels_last(output_grads, self._data_format),
+                           self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, self.layer.padding)
+        return a, tf.reshape(patches, [-1, self.d_out])
+
+    def grad_matrix(self, kernel_grad, bias_grad=None):
+        kernel_grad = tf.reshape(tf.convert_to_tensor(kernel_grad),
+                                 [self.d_out, self.kernel_rows()])
+        return tf.transpose(kernel_grad)
+
+    def split_matrix(self, matrix):
+        return tf.reshape(tf.transpose(matrix), self.kernel.shape), None
+
+
+class DepthwiseConvBlock(CurvatureBlock):
+    """`keras.layers.DepthwiseConv2D` and `DepthwiseConv1D`: one block per input
+    channel.
+
+    Channel `c`'s filters see only channel `c`'s patches, so its Fisher block is
+    approximated on its own: input factor over the `kh * kw` (or `k`) patch (plus
+    bias), output factor over its `depth_multiplier` outputs. Cross-channel
+    curvature is dropped, as K-FAC drops cross-layer curvature. `channels_first`
+    rows are moved to channels_last.
+    """
+
+    is_conv = True
+
+    @property
+    def groups(self):
+        return int(self.kernel.shape[-2])
+
+    @property
+    def d_out(self):
+        return int(self.kernel.shape[-1])
+
+    def kernel_rows(self):
+        return _taps(self.kernel.shape[:-2])
+
+    def preactivation(self, inputs):
+        return self._add_bias(_depthwise_conv(self.layer, self.layer.kernel, inputs,
+                                              self._data_format))
+
+    def rows(self, inputs, output_grads):
+        patches = _patches(_channels_last(inputs, self._data_format),
+                           self.layer.kernel_size, self.layer.strides,
+                           self.layer.dilation_rate, self.layer.padding)
+        a = _group_rows(patches, self.kernel_rows(), self.groups, self.bias is not None)
+        g = tf.reshape(_channels_last(output_grads, self._data_format),
+                       [-1, self.groups, self.d_out])
+        if self.groups == 1:
+            # One input channel: one block, ungrouped rows (as `groups` promises).
+            return a[:, 0], g[:, 0]
+        return a, g
+
+
+class SeparableConvBlock(CurvatureBlock):
+    """`keras.layers.SeparableConv1D` and `SeparableConv2D`: the pointwise kernel and
+    the bias; the depthwise kernel takes the first-order fallback.
+
+    A separable convolution is a depthwise convolution `z = D(x)` followed by a 1x1
+    convolution `s = z W + b` (Keras's `ops.separable_conv`), so the pointwise kernel
+    and bias are a convolution block with one tap: rows are (example, output
+    location) pairs, the input row is `[z_r, 1]` and the output row the gradient
+    with respect to `s`, and `[z; 1]^T g` is their gradient exactly (as for `Dense`).
+    The block records `z`, computed from the layer's input and depthwise kernel as
+    Keras computes it. The pointwise kernel holds most of the layer's weights
+    (`channels * multiplier * filters` against `taps * channels * multiplier`).
+    The depthwise kernel would be a second block in the same layer (its rows need
+    `g W^T`), which the one-block-per-layer engine does not have: it is left to the
+    fallback, as a transposed convolution's bias is. `is_conv` as `Conv2D` with a
+    1x1 kernel (TKFAC's trace-relative damping).
+    """
+
+    is_conv = True
+    exact_rows = True
+    regularizers = ("pointwise_regularizer", "bias_regularizer")
+
+    @property
+    def kernel(self):
+        return self.layer.pointwise_kernel
+
+    def kernel_rows(self):
+        return int(self.kernel.shape[-2])
+
+    def depthwise(self, inputs):
+        """`z`, the depthwise convolution's output (the pointwise block's input)."""
+        return _depthwise_conv(self.layer, self.layer.depthwise_kernel, inputs,
+                               self._data_format)
+
+    def _pointwise(self, z):
+        # A 1x1 convolution is a product over the channel axis; written as one, it
+        # also runs `channels_first` on CPU, where TensorFlow's Conv2D does not.
+        kernel = tf.reshape(self.kernel, [self.kernel_rows(), self.d_out])
+        if self._data_format == "channels_first":
+            s = keras.ops.einsum("bc...,cf->bf...", z, kernel)
+        else:
+            s = keras.ops.matmul(z, kernel)
+        return self._add_bias(s)
+
+    def record(self, call, inputs, *args, **kwargs):
+        z = self.depthwise(inputs)
+        return z, self._pointwise(z)
+
+    def preactivation(self, inputs):
+        return self.record(None, inputs)[1]
+
+    def rows(self, inputs, output_grads):
+        a = tf.reshape(_channels_last(inputs, self._data_format), [-1, self.kernel_rows()])
+        g = tf.reshape(_channels_last(output_grads, self._data_format), [-1, self.d_out])
+        return self._with_bias(a), g
