@@ -158,3 +158,43 @@ def test_layer_kind_registered_with_register_block_survives_saving(tmp_path):
         del keras_tkfac.blocks.BLOCKS[RegisteredDense]
     assert int(loaded.optimizer.iterations.numpy()) == 2
     _assert_same_state(model, loaded)
+
+
+def _two_heads():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), name="features")
+    h = keras.layers.Dense(4, activation="tanh")(inputs)
+    return keras.Model(inputs, {"cls": keras.layers.Dense(3, name="cls")(h),
+                                "reg": keras.layers.Dense(1, name="reg")(h)})
+
+
+def test_dict_outputs_resume_from_a_keras_file_as_if_uninterrupted(tmp_path):
+    # Named inputs, a dict of outputs with a dict of losses and loss weights: a
+    # model saved after one epoch, loaded and trained another equals the model
+    # trained two epochs without the round trip, weights and optimizer variables.
+    x, y = helpers.classification_data(n=48)
+    inputs = {"features": x}
+    targets = {"cls": y, "reg": x[:, :1] * 2.0}
+
+    def compiled():
+        model = keras_tkfac.wrap(_two_heads())
+        model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
+                                                  inverse_update_freq=2, seed=5),
+                      loss={"cls": LOSS, "reg": "mse"},
+                      loss_weights={"cls": 1.0, "reg": 0.5})
+        return model
+
+    def epoch(model):
+        model.fit(inputs, targets, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    uninterrupted = compiled()
+    epoch(uninterrupted)
+    epoch(uninterrupted)
+    first = compiled()
+    epoch(first)
+    path = str(tmp_path / "heads.keras")
+    first.save(path)
+    resumed = keras.models.load_model(path)
+    epoch(resumed)
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    _assert_same_state(uninterrupted, resumed)
