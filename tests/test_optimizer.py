@@ -181,6 +181,26 @@ def test_training_matches_numpy_reference(name):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", ["tkfac_six_steps", "kfac_six_steps", "tkfac_graft"])
+def test_a_batch_of_one_example_matches_numpy_reference(name):
+    # `batch_size=1`: rank-one statistics every step (TKFAC's trace weights and
+    # KFAC's factors from one row), still the reference's arithmetic.
+    config = dict(CONFIGS[name])
+    approximation = config.pop("approximation")
+    steps = config.pop("steps")
+    x, y = helpers.classification_data(n=1)
+    base = helpers.tiny_mlp()
+    initial = [v.numpy() for v in base.weights]
+    model = keras_tkfac.wrap(base)
+    cls = keras_tkfac.TKFAC if approximation == "tkfac" else keras_tkfac.KFAC
+    model.compile(optimizer=cls(fisher="empirical", **config), loss=LOSS)
+    model.fit(x, y, batch_size=1, epochs=steps, shuffle=False, verbose=0)
+    expected, _ = reference_training(
+        initial, x.astype(np.float64), y, steps, approximation=approximation, **config)
+    for got, want in zip(model.weights, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
 def test_first_step_uses_first_batch_curvature():
     x, y = helpers.classification_data(n=16)
     model = keras_tkfac.wrap(helpers.tiny_mlp())
