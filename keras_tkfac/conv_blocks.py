@@ -60,6 +60,15 @@ def _depthwise_conv(layer, kernel, inputs, data_format):
         dilation_rate=layer.dilation_rate, data_format=data_format)
 
 
+def _undilated_volumes(layer):
+    """Raises `UnsupportedLayer` for a dilated 3-D convolution or transpose: their
+    rows need TensorFlow's volume-patch extraction, which has no dilation."""
+    if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
+        raise UnsupportedLayer(
+            f"Layer {layer.name!r}: {type(layer).__name__} is supported without "
+            f"dilation only. Received: dilation_rate={layer.dilation_rate}")
+
+
 class ConvBlock(CurvatureBlock):
     """`keras.layers.Conv1D`, `Conv2D` and `Conv3D`.
 
@@ -77,11 +86,7 @@ class ConvBlock(CurvatureBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
-        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
-            raise UnsupportedLayer(
-                f"Layer {layer.name!r}: Conv3D is supported without dilation only. "
-                f"Received: dilation_rate={layer.dilation_rate}"
-            )
+        _undilated_volumes(layer)
 
     @property
     def groups(self):
@@ -245,11 +250,7 @@ class ConvTransposeBlock(CurvatureBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
-        if layer.rank == 3 and tuple(layer.dilation_rate) != (1, 1, 1):
-            raise UnsupportedLayer(
-                f"Layer {layer.name!r}: Conv3DTranspose is supported without "
-                f"dilation only. Received: dilation_rate={layer.dilation_rate}"
-            )
+        _undilated_volumes(layer)
 
     @property
     def bias(self):

@@ -159,12 +159,13 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_training_matches_numpy_reference(name):
+def _trained_and_reference(name, examples):
+    """`CONFIGS[name]` trained by `fit` on one batch of `examples` every step, and the
+    numpy reference: `(model, reference weights, reference nus, config)`."""
     config = dict(CONFIGS[name])
     approximation = config.pop("approximation")
     steps = config.pop("steps")
-    x, y = helpers.classification_data(n=16)
+    x, y = helpers.classification_data(n=examples)
     base = helpers.tiny_mlp()
     initial = [v.numpy() for v in base.weights]
     model = keras_tkfac.wrap(base)
@@ -174,6 +175,12 @@ def test_training_matches_numpy_reference(name):
     expected, nus = reference_training(
         initial, x.astype(np.float64), y, steps, approximation=approximation, **config
     )
+    return model, expected, nus, config
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_matches_numpy_reference(name):
+    model, expected, nus, config = _trained_and_reference(name, 16)
     if config["kl_clip"] is not None and config.get("step_control") != "graft":
         assert min(nus) < 1.0, "the configuration must exercise KL clipping"
     for got, want in zip(model.weights, expected):
@@ -186,18 +193,7 @@ def test_training_matches_numpy_reference(name):
 def test_a_batch_of_one_example_matches_numpy_reference(name):
     # `batch_size=1`: rank-one statistics every step (TKFAC's trace weights and
     # KFAC's factors from one row), still the reference's arithmetic.
-    config = dict(CONFIGS[name])
-    approximation = config.pop("approximation")
-    steps = config.pop("steps")
-    x, y = helpers.classification_data(n=1)
-    base = helpers.tiny_mlp()
-    initial = [v.numpy() for v in base.weights]
-    model = keras_tkfac.wrap(base)
-    cls = keras_tkfac.TKFAC if approximation == "tkfac" else keras_tkfac.KFAC
-    model.compile(optimizer=cls(fisher="empirical", **config), loss=LOSS)
-    model.fit(x, y, batch_size=1, epochs=steps, shuffle=False, verbose=0)
-    expected, _ = reference_training(
-        initial, x.astype(np.float64), y, steps, approximation=approximation, **config)
+    model, expected, _, _ = _trained_and_reference(name, 1)
     for got, want in zip(model.weights, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
 
