@@ -13,7 +13,8 @@ own layers with `register_block`. A block may decline a configuration of its lay
 
 This module holds the dense-family blocks (`Dense`, `EinsumDense`, `Embedding`) and
 the registry; the interface is in `block_base`, the convolutions' blocks in
-`conv_blocks`, the normalisation layers' in `norm_blocks` (all importable from here).
+`conv_blocks`, the normalisation layers' in `norm_blocks` (every registered block is
+importable from here).
 """
 
 import weakref
