@@ -15,12 +15,12 @@ from keras_tkfac.shapes import output_factor_shape
 _COMMON_ARGS = """
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
-            the step size `eta`, or `None` for the step control's default: `3e-3`
-            (Adam's scale) under `"graft_quadratic"` and `"quadratic"` (the
-            weights move by `eta / 3e-3` times the quadratic model's step: the
-            default takes it whole, `1e-3` a third of it) and under `"graft"`
-            (each layer moves as far as RMSProp would at this learning rate);
-            `0.1` under `"trust_region"` and `"kl_clip"`.
+            the step size `eta`, or `None` for the step control's default: `1e-3`
+            (Keras's and Adam's default) under `"graft_quadratic"` and
+            `"quadratic"` (the weights move by `min(eta, 1e-3) / 1e-3` times the
+            quadratic model's step: the default takes it whole, `3e-4` 0.3 of
+            it); `3e-3` under `"graft"` (each layer moves as far as RMSProp would
+            at this learning rate); `0.1` under `"trust_region"` and `"kl_clip"`.
             Defaults to `None`.
         damping: float or schedule, the Tikhonov damping `lambda` added to the
             Fisher block. Defaults to `0.1`.
@@ -124,7 +124,7 @@ _COMMON_ARGS = """
         fallback_lr_ratio: float > 0, the partner's learning rate relative to
             `learning_rate` when `fallback` is a name, or `None` for the step
             control's default: `1` under `"graft"` (the partner is Adam at the same
-            learning rate), `1/3` under `"graft_quadratic"` and `"quadratic"` (Adam
+            learning rate), also under `"graft_quadratic"` and `"quadratic"` (Adam
             at `1e-3` for the default learning rate), `0.01` otherwise. Defaults
             to `None`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
@@ -166,7 +166,7 @@ class TKFAC(CurvatureOptimizer):
     u  = U |R| / |U|
     (a, b) = argmin q(a u + b s_prev),  q(s) = -<s, G> + (1/2) s^T (C + lambda I) s
     s  = a u + b s_prev
-    theta = theta - (min(learning_rate, 3e-3) / 3e-3) * s
+    theta = theta - (min(learning_rate, 1e-3) / 1e-3) * s
     ```
 
     with `C` the exact Gauss-Newton matrix of the batch (forward-mode
@@ -175,7 +175,7 @@ class TKFAC(CurvatureOptimizer):
     `keras_tkfac.quadratic`, `keras_tkfac.damping`). The curvature chooses each
     layer's direction, RMSProp the layers' relative step lengths, the quadratic
     model the overall length and the momentum; the learning rate has Adam's scale
-    (default `3e-3`, the model's whole step). `step_control="graft"` drops the
+    (default `1e-3`, Adam's default, the model's whole step). `step_control="graft"` drops the
     model (`m = momentum * m + (1 - momentum) u`, `theta -= learning_rate * m`: one
     forward pass less per step); `"trust_region"` and `"kl_clip"` bound the
     approximate KL divergence of the step instead (default learning rate `0.1`).

@@ -325,7 +325,7 @@ def _sibling_steps(optimizer, used, variables, learning_rate):
     sibling = FALLBACK[control]
     ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
              / step_size.DEFAULT_LEARNING_RATE[control])
-    # `update_step` moves by `step_size.step_learning_rate`: `learning_rate / 3e-3`.
+    # `update_step` moves by `step_size.step_learning_rate`: `learning_rate / 1e-3`.
     factor = ratio * step_size.MODEL_STEP_LEARNING_RATE
     scale = step_size.update_scale(sibling, [u for *_, u in used],
                                    [g for *_, g, _ in used], learning_rate * ratio,

@@ -104,7 +104,7 @@ def test_adapted_damping_enters_the_next_model():
 
 def test_a_learning_rate_above_the_model_step_takes_the_model_step():
     # Beyond twice the model's minimiser the model predicts a rise and the ratio
-    # cannot adapt the damping: learning rates above 3e-3 take the whole step.
+    # cannot adapt the damping: learning rates above 1e-3 take the whole step.
     for control in ("quadratic", "graft_quadratic"):
         whole = _adapting_run(1, 1.0, control)[0][1]
         for got, want in zip(_adapting_run(1, 2.5, control)[0][1], whole):

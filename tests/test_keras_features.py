@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 import keras_tkfac
+from keras_tkfac import step_size
 from tests import helpers
 from tests.test_optimizer import reference_training
 
@@ -72,8 +73,8 @@ def test_weight_decay_respects_exclude_from_weight_decay():
 
 
 @pytest.mark.parametrize("options", [{}, {"step_control": "graft"},
-                                     {"learning_rate": 1e-3}, {"learning_rate": 1e-2}],
-                         ids=["default", "graft", "lr_1e-3", "lr_1e-2"])
+                                     {"learning_rate": 3e-4}, {"learning_rate": 1e-2}],
+                         ids=["default", "graft", "lr_3e-4", "lr_1e-2"])
 def test_weight_decay_is_decoupled_at_the_learning_rate(options):
     # AdamW's rule: the decay moves each weight by `lr * weight_decay * w` on top of
     # the same step, whatever fraction of the model's step `lr` takes (it took the
@@ -90,7 +91,8 @@ def test_weight_decay_is_decoupled_at_the_learning_rate(options):
 
     before, plain = one_step(None)
     _, decayed = one_step(0.5)
-    rate = options.get("learning_rate", 3e-3)
+    rate = options.get("learning_rate", step_size.DEFAULT_LEARNING_RATE[
+        options.get("step_control", "graft_quadratic")])
     for w0, a, b in zip(before, plain, decayed):
         # `a - b` is a difference of float32 weights: it cannot resolve less than
         # their spacing (one rounding in `a`, two in `b`, `w - d w - lr s`): an

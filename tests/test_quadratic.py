@@ -587,17 +587,17 @@ def test_learning_rate_scales_the_model_step(step_control):
 
 
 def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
-    # Above 3e-3 the weights move by the model's whole step, as at 3e-3: logged at
+    # Above 1e-3 the weights move by the model's whole step, as at 1e-3: logged at
     # construction, so that the learning rate never looks as if it acted.
     logging.set_verbosity(logging.WARNING)
     capped = _fit_steps(1, fraction=10.0, step_control="graft_quadratic")
-    assert any("learning_rate=0.03" in r.getMessage() for r in caplog.records)
+    assert any("learning_rate=0.01" in r.getMessage() for r in caplog.records)
     whole = _fit_steps(1, fraction=1.0, step_control="graft_quadratic")
     for got, want in zip(capped[-1], whole[-1]):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     caplog.clear()
-    keras_tkfac.TKFAC(learning_rate=1e-3)
-    keras_tkfac.TKFAC(learning_rate=float(np.float32(3e-3)))  # as a reload reads it
+    keras_tkfac.TKFAC(learning_rate=3e-4)
+    keras_tkfac.TKFAC(learning_rate=float(np.float32(1e-3)))  # as a reload reads it
     keras_tkfac.TKFAC(step_control="graft", learning_rate=0.03)
     keras_tkfac.TKFAC(learning_rate=keras.optimizers.schedules.ExponentialDecay(
         0.03, 100, 0.9))
@@ -653,7 +653,7 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
                                                         monkeypatch):
     # Without `forward`, or with a model neither forward nor reverse mode passes,
     # there are no products: the step is the sibling control's at the learning rate
-    # scaled by the ratio of their defaults (1 for graft, 0.1 / 3e-3 for
+    # scaled by the ratio of their defaults (3e-3 / 1e-3 for graft, 0.1 / 1e-3 for
     # trust_region).
     if forward:
         def fail(*args):
@@ -705,9 +705,12 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     found = _custom_loop_weights(optimizer, 3, forward=True)
     assert len(ratios) == 3
     assert all(float(r) > default for r in ratios)
+    # The sibling's step at the learning rate scaled by the ratio of the defaults.
+    ratio = (step_size.DEFAULT_LEARNING_RATE["graft"]
+             / step_size.DEFAULT_LEARNING_RATE["graft_quadratic"])
     expected = _custom_loop_weights(
-        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3, **options), 3,
-        forward=False)
+        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3 * ratio, **options),
+        3, forward=False)
     same = [np.allclose(got, want, rtol=1e-5, atol=1e-7)
             for got, want in zip(found, expected)]
     if threshold == "default":

@@ -51,9 +51,11 @@ PROBLEMS = {
 }
 # SGD uses momentum 0.9; Muon its Keras defaults (AdamW on the output layer and on
 # variables that are not 2-D); TKFAC/KFAC their defaults for everything not listed.
+# TKFAC/KFAC's learning rate under the default step control is the fraction
+# `min(lr, 1e-3) / 1e-3` of the quadratic model's step: above 1e-3 every value is 1e-3.
 GRIDS = {
-    "TKFAC": {"learning_rate": [1e-3, 3e-3, 1e-2], "damping": [0.01, 0.1]},
-    "KFAC": {"learning_rate": [1e-3, 3e-3, 1e-2], "damping": [0.01, 0.1]},
+    "TKFAC": {"learning_rate": [3e-4, 1e-3], "damping": [0.01, 0.1]},
+    "KFAC": {"learning_rate": [3e-4, 1e-3], "damping": [0.01, 0.1]},
     "Adam": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]},
     "SGD": {"learning_rate": [0.01, 0.03, 0.1, 0.3]},
     "Muon": {"learning_rate": [1e-3, 3e-3, 1e-2]},
