@@ -604,6 +604,36 @@ def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
     assert not any("learning_rate=" in r.getMessage() for r in caplog.records)
 
 
+def test_a_learning_rate_copied_from_adam_is_the_default():
+    # Keras's optimizers default to 1e-3, the scale of the model's step: a learning
+    # rate copied from an Adam program takes the whole step, and the partner (here a
+    # LayerNormalization's scale and offset) moves at it, as at TKFAC's defaults.
+    assert keras.optimizers.Adam().learning_rate.numpy() == np.float32(
+        step_size.MODEL_STEP_LEARNING_RATE)
+    x, y = _data()
+
+    def trained(**options):
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential([
+            keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(3, activation="softmax")])
+        model = keras_tkfac.wrap(base)
+        optimizer = keras_tkfac.TKFAC(seed=0, **options)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        start = [w.numpy().copy() for w in base.trainable_weights]
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        assert optimizer._partner_slots.count(None) < len(optimizer._partner_slots)
+        return start, [w.numpy() for w in base.trainable_weights]
+
+    start, default = trained()
+    for got, want in zip(trained(learning_rate=1e-3)[1], default):
+        np.testing.assert_array_equal(got, want)
+    # (and it moved every weight, the partner's too)
+    for before, after in zip(start, default):
+        assert not np.allclose(before, after)
+
+
 def test_batch_statistics_move_once_per_step():
     x, y = _data()
 
