@@ -136,10 +136,10 @@ def _quadratic_update(weights, m, grads, deltas, probs, ju, jv, lr):
     rhs = -jnp.array([dot(grads, deltas), dot(grads, m)])
     alpha, mu = jnp.linalg.solve(matrix + 1e-3 * jnp.eye(2), rhs)
     new_m = [alpha * d + mu * mi for d, mi in zip(deltas, m)]
-    return [w + (lr / 3e-3) * s for w, s in zip(weights, new_m)], new_m
+    return [w + (lr / 1e-3) * s for w, s in zip(weights, new_m)], new_m
 
 
-def quadratic_step(weights, m, phi_inv, psi_inv, x, labels, lr=3e-3, one_pass=False):
+def quadratic_step(weights, m, phi_inv, psi_inv, x, labels, lr=1e-3, one_pass=False):
     """The default step's shape: the factored-form plain step, then the products of
     the curvature with the step and with the momentum through forward mode -- two
     `jvp`s (a primal pass each), or one primal pass carrying both tangents."""
