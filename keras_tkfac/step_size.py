@@ -72,6 +72,7 @@ matter more than the number of steps.
 """
 
 from absl import logging
+import keras
 import tensorflow as tf
 
 from keras_tkfac import ops
@@ -172,7 +173,21 @@ def warn_if_capped(control, learning_rate):
     0.048), the ResNet 0.156 (0.201), the Conv1D series 0.639 (0.663), the BiLSTM,
     whose LSTM weights are the partner's, 0.104 (0.053; Adam(1e-2) alone: 0.151).
     """
-    if (uses_products(control) and isinstance(learning_rate, (int, float))
+    if not uses_products(control):
+        return
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        peak = _schedule_peak(learning_rate)
+        if peak is not None and peak > MODEL_STEP_LEARNING_RATE * (1 + 1e-6):
+            logging.warning(
+                'keras_tkfac: under step_control="%s" the preconditioned weights '
+                "move by at most the quadratic model's whole step: while this "
+                "learning-rate schedule is above %g (it reaches %g) they move as at "
+                "%g, and the schedule acts on them only below it; the first-order "
+                "partner's weights (`fallback`) follow the whole schedule (README, "
+                '"Quadratic-model step").', control, MODEL_STEP_LEARNING_RATE, peak,
+                MODEL_STEP_LEARNING_RATE)
+        return
+    if (isinstance(learning_rate, (int, float))
             # float32's rounding of a saved 1e-3 is not above it.
             and learning_rate > MODEL_STEP_LEARNING_RATE * (1 + 1e-6)):
         logging.warning(
@@ -182,6 +197,22 @@ def warn_if_capped(control, learning_rate):
             "first-order partner's weights (`fallback`) do move at it (README, "
             '"Quadratic-model step").', control, learning_rate,
             MODEL_STEP_LEARNING_RATE)
+
+
+# The steps at which `warn_if_capped` reads a schedule (it cannot know the run's
+# length): its start, a warm-up's usual ends, and later.
+_SCHEDULE_PROBES = (0, 1, 10, 100, 1000, 10000, 100000)
+
+
+def _schedule_peak(schedule):
+    """The largest of `schedule`'s values at `_SCHEDULE_PROBES`, or `None` where it
+    cannot be evaluated eagerly (it is then not judged)."""
+    if not tf.executing_eagerly():
+        return None
+    try:
+        return max(float(schedule(step)) for step in _SCHEDULE_PROBES)
+    except Exception:  # pylint: disable=broad-except  (a user's schedule, any error)
+        return None
 
 
 def momentum_step(control, momentum, velocity, update):

@@ -599,9 +599,18 @@ def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
     keras_tkfac.TKFAC(learning_rate=3e-4)
     keras_tkfac.TKFAC(learning_rate=float(np.float32(1e-3)))  # as a reload reads it
     keras_tkfac.TKFAC(step_control="graft", learning_rate=0.03)
-    keras_tkfac.TKFAC(learning_rate=keras.optimizers.schedules.ExponentialDecay(
-        0.03, 100, 0.9))
-    assert not any("learning_rate=" in r.getMessage() for r in caplog.records)
+    keras_tkfac.TKFAC(learning_rate=keras.optimizers.schedules.CosineDecay(
+        0.0, 1000, warmup_target=1e-3, warmup_steps=100))
+    assert not any("keras_tkfac: under" in r.getMessage() for r in caplog.records)
+    # A schedule that starts above the cap, or whose warm-up ends above it: the
+    # steps while it is above it are the whole model step.
+    for schedule in (keras.optimizers.schedules.ExponentialDecay(0.03, 100, 0.9),
+                     keras.optimizers.schedules.CosineDecay(
+                         0.0, 1000, warmup_target=1e-2, warmup_steps=100)):
+        caplog.clear()
+        keras_tkfac.TKFAC(learning_rate=schedule)
+        assert [r for r in caplog.records if "schedule" in r.getMessage()
+                and "reaches 0.0" in r.getMessage()]
 
 
 def test_a_learning_rate_copied_from_adam_is_the_default():
