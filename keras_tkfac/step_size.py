@@ -94,7 +94,7 @@ DEFAULT_FALLBACK_LR_RATIO = {"graft": 1.0, "trust_region": 0.01, "kl_clip": 0.01
 # default learning rate then, with the partner at a third of it): a learning rate
 # copied from Adam, 1e-3, took a third of the step, which on `tools/suite.py`'s
 # transformer (seed 0) left the best validation loss at 0.349 where the whole step
-# reached 0.047 (`docs/suite_lr1e-3_seed0`; README "A learning rate copied from
+# reached 0.048 (`docs/suite_lr1e-3_seed0`; README "A learning rate copied from
 # Adam"). At the defaults nothing changed: the whole step, the partner at 1e-3.
 MODEL_STEP_LEARNING_RATE = 1e-3
 
@@ -159,10 +159,10 @@ def step_learning_rate(control, learning_rate):
 
 
 def warn_if_capped(control, learning_rate):
-    """Logs that a constant `learning_rate` above `MODEL_STEP_LEARNING_RATE` moves
-    the preconditioned weights no further than it (`step_learning_rate`) under the
-    quadratic controls: a learning rate copied from an SGD program must not look as
-    if it acted.
+    """Logs that a constant `learning_rate` above `MODEL_STEP_LEARNING_RATE`, or a
+    schedule that reaches above it (`_schedule_peak`), moves the preconditioned
+    weights no further than it (`step_learning_rate`) under the quadratic controls:
+    a learning rate copied from an SGD program must not look as if it acted.
 
     The partner's learning rate, `fallback_lr_ratio * learning_rate`, is not capped:
     a learning rate tuned for Adam acts on the weights Adam trains. Measured
