@@ -55,6 +55,13 @@ def _run(script, *args, timeout=300):
         ("examples/mnist_mlp.py", [], r"tkfac: train loss .* test accuracy 0\.\d+"),
         ("examples/mnist_autoencoder.py", [], r"tkfac: train loss .* test loss 0\.\d+"),
         ("examples/custom_loop.py", [], r"after 20 steps: .* failed inverses 0"),
+        ("examples/text_classifier.py", ["--dataset=synthetic"],
+         r"transformer, tkfac: test loss \d\.\d+, test accuracy 0\.\d+"),
+        # The BiLSTM's smoke run traces the recurrent layers' products (~30 s).
+        pytest.param("examples/text_classifier.py",
+                     ["--dataset=synthetic", "--model=bilstm"],
+                     r"bilstm, tkfac: test loss \d\.\d+, test accuracy 0\.\d+",
+                     marks=pytest.mark.slow),
         # The ResNet example takes ~45 s; the ResNet benchmark smoke (slow too)
         # and the conv tests cover its layers.
         pytest.param("examples/cifar10_resnet.py", ["--dataset=digits"],
@@ -80,6 +87,17 @@ def test_tfds_dataset_unavailable_says_so_in_one_line(script):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "cifar10" in last and "--dataset=mnist5k" in last, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_datasets") is not None,
+    reason="tensorflow_datasets is installed: the run would try to download",
+)
+def test_text_example_without_imdb_names_the_offline_data_set():
+    result = _run("examples/text_classifier.py", "--smoke")  # imdb_reviews: default
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "imdb_reviews" in last and "--dataset=synthetic" in last, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
