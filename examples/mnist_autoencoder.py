@@ -24,8 +24,6 @@ _DATASET = flags.DEFINE_enum(
     "dataset", "mnist5k", ["mnist5k", "mnist", "fashion_mnist"], "Data set."
 )
 _EPOCHS = flags.DEFINE_integer("epochs", 25, "Epochs.")
-# The best TKFAC/KFAC configuration of `tools/benchmark.py --problem=autoencoder`; the
-# package defaults (0.1, 0.1) were tuned on classifiers and are slower here.
 _LEARNING_RATE = flags.DEFINE_float(
     "learning_rate", None, "TKFAC/KFAC learning rate (default: the optimizer's).")
 _DAMPING = flags.DEFINE_float("damping", None, "TKFAC/KFAC damping (default: the optimizer's).")
