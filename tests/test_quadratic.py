@@ -1052,11 +1052,13 @@ def test_the_grafted_directions_coefficient_has_a_floor():
             products, [1.0], updates, [grad * tf.ones((2, 2))], previous, None, floor)
         return step_size.combine(found, updates, previous)[0].numpy()
 
-    model = 4.0 / (1e6 + 4.0)
+    model, floor = 4.0 / (1e6 + 4.0), step_size.GRAFT_QUADRATIC_FLOOR
+    assert floor == 1e-3  # README's API table and "The grafted step's floor"
     np.testing.assert_allclose(step(1.0, None), model * np.ones((2, 2)), rtol=1e-5)
-    np.testing.assert_allclose(step(1.0, 1e-4), 1e-4 * np.ones((2, 2)), rtol=1e-6)
-    np.testing.assert_allclose(step(-1.0, 1e-4), -model * np.ones((2, 2)), rtol=1e-5)
-    assert step_size.GRAFT_QUADRATIC_FLOOR == 1e-4
+    np.testing.assert_allclose(step(1.0, floor), floor * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(step(-1.0, floor), -model * np.ones((2, 2)), rtol=1e-5)
+    # Above the floor, the model's own coefficient stands.
+    np.testing.assert_allclose(step(1.0, model / 2), model * np.ones((2, 2)), rtol=1e-5)
 
 
 def test_products_passes_run_recurrent_layers_without_cudnn(monkeypatch):
