@@ -52,7 +52,8 @@ _COMMON_ARGS = """
             minimises the quadratic model of the loss built on the exact
             Gauss-Newton matrix of the batch (one extra forward-mode pass per
             direction, `keras_tkfac.quadratic`; without `forward=` in a custom
-            loop, the `"graft"` step), scaled by the
+            loop, the `"graft"` step), with `a` at least 1e-3 where positive
+            (`step_size.GRAFT_QUADRATIC_FLOOR`), scaled by the
             learning rate; `"quadratic"`: the same without grafting; `"graft"`:
             the grafted `u` with Adam's momentum, so the curvature gives each
             layer's direction and the gradient's statistics the length;
