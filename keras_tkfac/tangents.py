@@ -22,7 +22,9 @@ gives zero tangents to ops with integer or boolean outputs (`INTEGER_OUTPUTS`,
 `Cast` to an integer), which nested accumulators need.
 
 `dropped` finds such ops in a traced forward pass: an op that the pass's results
-are computed from (not one of the accumulator's tangent computations) that has a
+are computed from (not one of the accumulator's tangent computations, nor one
+that `jvp_rules` created for them: recurrent loops carry tangents as loop values,
+so the path back from the results reaches them) that has a
 floating input with a tangent, floating outputs without any, and a gradient in
 reverse mode, unless its derivative is zero wherever it exists (`ZERO_DERIVATIVE`:
 `floor`, `round`, `sign`, ...) or it belongs to a `tf.custom_gradient` body (whose
@@ -33,6 +35,8 @@ nothing is traced and nothing is found.
 import keras
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=no-name-in-module
+
+from keras_tkfac import jvp_rules
 
 # Ops whose derivative is zero wherever it exists: no tangent is the right one.
 ZERO_DERIVATIVE = frozenset({
@@ -201,7 +205,8 @@ def dropped(accumulator, start, results):
     bodies = _custom_gradient_bodies(operations, carries)
     found = []
     for op in operations:
-        if op.type in _CALLS or op.type in ZERO_DERIVATIVE or op in bodies:
+        if (op.type in _CALLS or op.type in ZERO_DERIVATIVE or op in bodies
+                or jvp_rules.created_here(op)):
             continue
         outputs = _floating(op.outputs)
         if not outputs or any(carries(t) for t in outputs):

@@ -11,6 +11,7 @@ import keras
 import keras_tkfac
 from keras_tkfac import damping
 from keras_tkfac import fisher
+from keras_tkfac import jvp_rules
 from keras_tkfac import ops
 from keras_tkfac import products
 from keras_tkfac import quadratic
@@ -943,10 +944,23 @@ def _layered_model():
     return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(h))
 
 
-def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
+@pytest.mark.parametrize("inline", [True, False])
+def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch,
+                                                                   inline):
     """`products.NESTED`: in a traced pass, nested accumulators carry the two
     directions' tangents through one primal pass; each `J x` equals the one from a
-    pass of its own, and reverse mode's."""
+    pass of its own, and reverse mode's; with the inline tangents
+    (`products.INLINE_JVPS`, `jvp_rules`) and with TensorFlow's dispatch."""
+    monkeypatch.setattr(products, "INLINE_JVPS", inline)
+    used, rule = set(), jvp_rules.rule
+
+    def recording(op_type):
+        found = rule(op_type)
+        if found is not None:
+            used.add(op_type)
+        return found
+
+    monkeypatch.setattr(jvp_rules, "rule", recording)
     keras.utils.set_random_seed(3)
     model = _layered_model()
     x = tf.constant(RNG.normal(size=(5, 6, 6, 2)).astype("float32"))
@@ -968,6 +982,9 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch):
         results[nested] = tf.function(lambda: products._forward_mode(
             forward, outputs, primals, directions, nested)[0])()
     assert passes == [[2], [1, 1]]  # one pass carrying both; then one each
+    # Inline: the layers' ops took the rules (gelu's custom gradient does not).
+    assert used >= ({"Conv2D", "Rsqrt", "MaxPool", "Einsum", "Softmax"} if inline
+                    else set())
     reverse, _, _ = tf.function(lambda: products._reverse_mode(
         forward, outputs, primals, directions))()
     for got, want, other in zip(results[True], results[False], reverse):
