@@ -197,7 +197,7 @@ def rule(op_type):
         return _structural(_multilinear)
     if op_type in ELEMENTWISE:
         return _structural(ELEMENTWISE[op_type])
-    special = _special_cases().get(op_type)
+    special = special_cases().get(op_type)
     if special is None:
         return None
 
@@ -221,9 +221,10 @@ _STATE = threading.local()
 _INSTALLED = []
 
 
-def _special_cases():
+def special_cases():
     """TensorFlow's table of special-cased Jacobian-vector products (`Identity`,
-    `ReadVariableOp`, and `tangents.JVPS`), or `{}`."""
+    `ReadVariableOp`, and what `tangents.install_jvps` adds), or a new `{}` where
+    TensorFlow's forward mode has another layout."""
     try:
         from tensorflow.python.eager import forwardprop  # pylint: disable=import-outside-toplevel,no-name-in-module
         special = forwardprop._SPECIAL_CASES  # pylint: disable=protected-access

@@ -276,11 +276,6 @@ def install_jvps():
     without an error; reverse mode is unchanged. Where TensorFlow's forward mode
     has another layout, nothing is added (and `dropped` still finds the ops that
     lose their tangent). Idempotent."""
-    try:
-        from tensorflow.python.eager import forwardprop  # pylint: disable=import-outside-toplevel,no-name-in-module
-        special = forwardprop._SPECIAL_CASES  # pylint: disable=protected-access
-    except (ImportError, AttributeError):
-        return
-    if isinstance(special, dict):
-        for name, rule in JVPS.items():
-            special.setdefault(name, rule)
+    special = jvp_rules.special_cases()
+    for name, rule in JVPS.items():
+        special.setdefault(name, rule)
