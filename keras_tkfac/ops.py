@@ -15,6 +15,7 @@ References:
 """
 
 import collections
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -179,18 +180,24 @@ def _mean_eigenvalue(factor, floor):
     return tf.maximum(trace, floor) / tf.cast(tf.shape(factor)[-1], factor.dtype)
 
 
-def tkfac_damped_factors(delta, n_phi, n_psi, damping):
+def tkfac_damped_factors(delta, n_phi, n_psi, damping, balance=None):
     """TKFAC's damped factors `Phi^ = sqrt(delta) Phi + sqrt(lambda) I` and `Psi^`.
 
-    `sqrt(delta) Phi = n_phi / sqrt(delta)`. The damping is split evenly over the two
-    factors; the trace normalisation of `Phi` and `Psi` already balances their scales, so
-    no K-FAC pi-correction is used. A zero `delta` (no curvature seen) gives `sqrt(lambda) I`.
+    `sqrt(delta) Phi = n_phi / sqrt(delta)`. By default the damping is split evenly
+    over the two factors (the specification's rule: the trace normalisation balances
+    the factors' traces). With `balance = pi` the split is
+    `Phi^ = sqrt(delta) Phi + pi sqrt(lambda) I`, `Psi^ = sqrt(delta) Psi +
+    (sqrt(lambda) / pi) I`: the Kronecker product's `lambda I` term is the same, and
+    `pi = sqrt(d_out / d_in)` (`balanced_split`) gives each factor the same damping
+    relative to its mean eigenvalue (`1 / d_in` and `1 / d_out`), as K-FAC's
+    pi-correction does. A zero `delta` (no curvature seen) gives the damping alone.
 
     Args:
-        delta: scalar, the (bias-corrected) Fisher trace.
+        delta: scalar (or `[G]`), the (bias-corrected) Fisher trace.
         n_phi: `[d_in, d_in]`, the un-normalised input factor `delta * Phi`.
         n_psi: `[d_out, d_out]`, the un-normalised output factor `delta * Psi`.
         damping: scalar `lambda > 0`.
+        balance: `None` (even split) or a positive scalar `pi`.
 
     Returns:
         `(phi_hat, psi_hat)`.
@@ -198,9 +205,21 @@ def tkfac_damped_factors(delta, n_phi, n_psi, damping):
     root_delta = tf.sqrt(tf.maximum(delta, 0.0))
     inv_root_delta = tf.math.divide_no_nan(tf.ones_like(root_delta), root_delta)
     root_damping = tf.sqrt(tf.cast(damping, n_phi.dtype))
-    phi_hat = add_to_diagonal(n_phi * _per_matrix(inv_root_delta, n_phi), root_damping)
-    psi_hat = add_to_diagonal(n_psi * _per_matrix(inv_root_delta, n_psi), root_damping)
+    left_damping = right_damping = root_damping
+    if balance is not None:
+        balance = (tf.cast(balance, n_phi.dtype) if tf.is_tensor(balance)
+                   else tf.constant(balance, n_phi.dtype))  # a Python float exactly
+        left_damping, right_damping = root_damping * balance, root_damping / balance
+    phi_hat = add_to_diagonal(n_phi * _per_matrix(inv_root_delta, n_phi), left_damping)
+    psi_hat = add_to_diagonal(n_psi * _per_matrix(inv_root_delta, n_psi), right_damping)
     return phi_hat, psi_hat
+
+
+def balanced_split(d_in, d_out):
+    """`pi = sqrt(d_out / d_in)`: the split of `tkfac_damped_factors` that damps
+    `Phi^` (`d_in x d_in`, trace `sqrt(delta)`) and `Psi^` (`d_out x d_out`, the same
+    trace) by the same multiple of their mean eigenvalues."""
+    return math.sqrt(float(d_out) / float(d_in))
 
 
 def trace_relative_damping(delta, dim, floor, scale=1.0):

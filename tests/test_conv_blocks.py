@@ -357,3 +357,94 @@ def test_two_replicas_match_one_device(mirrored):
     single = _fit_on(tf.distribute.get_strategy(), keras_tkfac.TKFAC, x, y)
     replicated = _fit_on(mirrored, keras_tkfac.TKFAC, x, y)
     helpers.assert_replicas_match_one_device(single, replicated)
+
+
+def _random_factors(optimizer, block, seed):
+    """The optimizer's statistics of random rows of `block`'s shape."""
+    rng = np.random.default_rng(seed)
+    shape = (12, block.groups) if block.groups > 1 else (12,)
+    a = tf.constant(rng.normal(size=(*shape, block.d_in)), tf.float32)
+    g = tf.constant(rng.normal(size=(*shape, block.d_out)), tf.float32)
+    return optimizer._statistics(block, a, g, 4)
+
+
+def _diagonal_increment(damped, factor, delta):
+    """`damped - sqrt(delta) * Phi` (`factor = delta * Phi`) and the mean
+    eigenvalue of `sqrt(delta) * Phi`, per group, in float64."""
+    damped, factor = damped.numpy().astype(np.float64), factor.numpy().astype(np.float64)
+    delta = np.reshape(delta.numpy().astype(np.float64), (-1, 1, 1))
+    damped = damped.reshape(-1, *damped.shape[-2:])
+    factor = factor.reshape(-1, *factor.shape[-2:]) / np.sqrt(delta)
+    increment = damped - factor
+    d = increment.shape[-1]
+    for matrix, whole in zip(increment, damped):
+        # float32 rounding of the damped factor's entries
+        np.testing.assert_allclose(matrix, matrix[0, 0] * np.eye(d),
+                                   atol=1e-6 * np.abs(whole).max())
+    mean = np.trace(factor, axis1=1, axis2=2) / d
+    return increment[:, 0, 0], mean
+
+
+def test_balanced_split_damps_each_factor_by_the_same_multiple_of_its_mean():
+    """`conv_damping_split="balanced"` (the default): the increments on `Phi^` and
+    `Psi^` are the same multiple of their factors' mean eigenvalues, their product
+    is the layer's trace-relative damping `lambda_l` (so the Kronecker product's
+    `lambda_l I` term is unchanged), and the preconditioned gradient solves the
+    explicit Kronecker system; `"even"` puts `sqrt(lambda_l)` on each factor; the
+    Dense layer's split is even either way."""
+    model = keras_tkfac.wrap(_conv_model())
+    model.build((None, 4, 6, 6))
+    balanced = keras_tkfac.TKFAC(seed=0)
+    even = keras_tkfac.TKFAC(conv_damping_split="even", seed=0)
+    assert balanced.conv_damping_split == "balanced"
+    rng = np.random.default_rng(3)
+    for index, block in enumerate(model.blocks):
+        factors = _random_factors(balanced, block, index)
+        lam = np.asarray(balanced._layer_damping(block, factors, 0.1))
+        np.testing.assert_allclose(lam, even._layer_damping(block, factors, 0.1))
+        assert block.is_conv or lam == 0.1
+        lam = np.reshape(lam, (-1,)).astype(np.float64)
+        for optimizer in (balanced, even):
+            left, right = optimizer._damped_factors(block, factors, 0.1)
+            left_add, left_mean = _diagonal_increment(left, factors[1], factors[0])
+            right_add, right_mean = _diagonal_increment(right, factors[2], factors[0])
+            np.testing.assert_allclose(left_add * right_add, lam, rtol=1e-5)
+            if optimizer is balanced and block.is_conv:
+                np.testing.assert_allclose(left_add / left_mean, right_add / right_mean,
+                                           rtol=1e-5)
+                assert block.d_in != block.d_out  # the two splits differ here
+            else:
+                np.testing.assert_allclose(left_add, np.sqrt(lam), rtol=1e-5)
+                np.testing.assert_allclose(right_add, np.sqrt(lam), rtol=1e-5)
+        left, right = balanced._damped_factors(block, factors, 0.1)
+        groups = max(block.groups, 1)
+        grad = rng.normal(size=(groups, block.d_in, block.d_out))
+        grad_in = tf.constant(grad if block.groups > 1 else grad[0], tf.float32)
+        update = ops.precondition(ops.symmetric_inverse(left)[0], grad_in,
+                                  ops.symmetric_inverse(right)[0]).numpy()
+        update = update.reshape(groups, block.d_in, block.d_out)
+        left = left.numpy().astype(np.float64).reshape(groups, block.d_in, block.d_in)
+        right = right.numpy().astype(np.float64).reshape(groups, block.d_out, block.d_out)
+        for j in range(groups):
+            np.testing.assert_allclose(
+                update[j], helpers.kron_solve(left[j], right[j], grad[j]),
+                rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("step_control,split", [
+    ("graft_quadratic", "balanced"), ("quadratic", "even"), ("graft", "even"),
+    ("trust_region", "even"), ("kl_clip", "even")])
+def test_conv_damping_split_default_follows_the_step_control(step_control, split):
+    """`conv_damping_split=None`: balanced where it was measured (the default step
+    control), even elsewhere; kept through the config; a given value wins; a bad
+    one raises a `ValueError` naming it."""
+    optimizer = keras_tkfac.TKFAC(step_control=step_control)
+    assert optimizer.conv_damping_split == split
+    config = optimizer.get_config()
+    assert config["conv_damping_split"] == split
+    assert keras_tkfac.TKFAC.from_config(config).conv_damping_split == split
+    other = "even" if split == "balanced" else "balanced"
+    assert keras_tkfac.TKFAC(step_control=step_control,
+                             conv_damping_split=other).conv_damping_split == other
+    with pytest.raises(ValueError, match="conv_damping_split='pi'"):
+        keras_tkfac.TKFAC(step_control=step_control, conv_damping_split="pi")

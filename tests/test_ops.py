@@ -268,3 +268,30 @@ def test_graft_rescales_to_the_norm_and_keeps_zero():
     update = tf.constant([[3.0, 4.0]])
     np.testing.assert_allclose(ops.graft(update, 10.0).numpy(), [[6.0, 8.0]])
     np.testing.assert_array_equal(ops.graft(tf.zeros([2, 2]), 1.0).numpy(), 0.0)
+
+
+def test_balanced_split_of_the_damping_equals_the_numpy_factors():
+    """`balance = pi`: `pi sqrt(lambda)` on `Phi^`, `sqrt(lambda) / pi` on `Psi^`,
+    per group; `balanced_split` is `sqrt(d_out / d_in)`; `None` is the even split."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(10, 2, 6))
+    g = rng.normal(size=(10, 2, 3))
+    delta, n_phi, n_psi = ops.tkfac_statistics_grouped(tf.constant(a), tf.constant(g), 5)
+    damping = ops.trace_relative_damping(delta, 18, 1e-3)
+    pi = ops.balanced_split(6, 3)
+    assert pi == np.sqrt(0.5)
+    phi_hat, psi_hat = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping, pi)
+    even = ops.tkfac_damped_factors(delta, n_phi, n_psi, damping)
+    for c in range(2):
+        d, lam = delta[c].numpy(), damping[c].numpy()
+        root_delta = np.sqrt(d)
+        np.testing.assert_allclose(
+            phi_hat[c].numpy(),
+            n_phi[c].numpy() / root_delta + pi * np.sqrt(lam) * np.eye(6), rtol=1e-12)
+        np.testing.assert_allclose(
+            psi_hat[c].numpy(),
+            n_psi[c].numpy() / root_delta + np.sqrt(lam) / pi * np.eye(3), rtol=1e-12)
+        ref_left, ref_right = helpers.tkfac_damped_numpy(
+            d, n_phi[c].numpy(), n_psi[c].numpy(), lam)
+        np.testing.assert_allclose(even[0][c].numpy(), ref_left, rtol=1e-12)
+        np.testing.assert_allclose(even[1][c].numpy(), ref_right, rtol=1e-12)

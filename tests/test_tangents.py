@@ -146,8 +146,10 @@ def test_products_that_would_miss_layers_give_way_to_the_sibling_step(name, cls,
     found = weights()
     assert any(reason in r.getMessage() for r in caplog.records)
     # The same optimizer with "graft" steps throughout (TKFAC's convolution damping
-    # constant is the default's, which depends on the step control).
-    same = ({"trace_damping_scale": keras_tkfac.TKFAC().trace_damping_scale}
+    # constant and split are the default's, which depend on the step control).
+    default = keras_tkfac.TKFAC()
+    same = ({"trace_damping_scale": default.trace_damping_scale,
+             "conv_damping_split": default.conv_damping_split}
             if cls is keras_tkfac.TKFAC else {})
     graft = weights(step_control="graft", **same)
     for index, (got, want) in enumerate(zip(found, graft)):
