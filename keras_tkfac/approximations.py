@@ -145,8 +145,8 @@ TRACE_DAMPING_SCALE = {"graft_quadratic": 1.0, "quadratic": 1.0, "graft": 1.0,
 # How the convolution layers' trace-relative damping is split over the two factors
 # when `conv_damping_split=None`: "balanced" (each factor damped by the same multiple
 # of its mean eigenvalue) where it was measured, under the default step control;
-# "even" (the specification's split) under the others, where it was not (README,
-# "The split of the convolution layers' damping").
+# "even" (the specification's split) under the others: mixed under "graft", the
+# rest not measured (README, "The split of the convolution layers' damping").
 CONV_DAMPING_SPLIT = {"graft_quadratic": "balanced"}
 CONV_DAMPING_SPLITS = ("balanced", "even")
 
