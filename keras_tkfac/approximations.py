@@ -144,10 +144,11 @@ TRACE_DAMPING_SCALE = {"graft_quadratic": 1.0, "quadratic": 1.0, "graft": 1.0,
 
 # How the convolution layers' trace-relative damping is split over the two factors
 # when `conv_damping_split=None`: "balanced" (each factor damped by the same multiple
-# of its mean eigenvalue) where it was measured, under the default step control;
-# "even" (the specification's split) under the others: mixed under "graft", the
-# rest not measured (README, "The split of the convolution layers' damping").
-CONV_DAMPING_SPLIT = {"graft_quadratic": "balanced"}
+# of its mean eigenvalue) under the two quadratic-model controls, where it lowered
+# the suite's convolutional losses; "even" (the specification's split) under the
+# others, where it was mixed (README, "The split of the convolution layers'
+# damping").
+CONV_DAMPING_SPLIT = {"graft_quadratic": "balanced", "quadratic": "balanced"}
 CONV_DAMPING_SPLITS = ("balanced", "even")
 
 
@@ -231,9 +232,9 @@ class TKFAC(CurvatureOptimizer):
             `Psi^ = sqrt(delta) Psi + (sqrt(lambda_l) / pi) I`, `pi = sqrt(d_out /
             d_in')`: each factor damped by the same multiple of its mean
             eigenvalue), `"even"` (`sqrt(lambda_l)` on each, the specification's
-            split), or `None`: `"balanced"` under `"graft_quadratic"`, where it was
-            measured, `"even"` under the other step controls
-            (`CONV_DAMPING_SPLIT`). Dense layers' damping is split evenly either
+            split), or `None`: `"balanced"` under `"graft_quadratic"` and
+            `"quadratic"`, `"even"` under `"graft"`, `"trust_region"` and
+            `"kl_clip"`, as measured (`CONV_DAMPING_SPLIT`). Dense layers' damping is split evenly either
             way. Defaults to `None`.
 {kwargs}
     Example:

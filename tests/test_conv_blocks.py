@@ -432,11 +432,11 @@ def test_balanced_split_damps_each_factor_by_the_same_multiple_of_its_mean():
 
 
 @pytest.mark.parametrize("step_control,split", [
-    ("graft_quadratic", "balanced"), ("quadratic", "even"), ("graft", "even"),
+    ("graft_quadratic", "balanced"), ("quadratic", "balanced"), ("graft", "even"),
     ("trust_region", "even"), ("kl_clip", "even")])
 def test_conv_damping_split_default_follows_the_step_control(step_control, split):
-    """`conv_damping_split=None`: balanced where it was measured (the default step
-    control), even elsewhere; kept through the config; a given value wins; a bad
+    """`conv_damping_split=None`: balanced under the quadratic-model controls, even
+    under the others (as measured); kept through the config; a given value wins; a bad
     one raises a `ValueError` naming it."""
     optimizer = keras_tkfac.TKFAC(step_control=step_control)
     assert optimizer.conv_damping_split == split
