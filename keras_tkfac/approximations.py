@@ -234,8 +234,8 @@ class TKFAC(CurvatureOptimizer):
             eigenvalue), `"even"` (`sqrt(lambda_l)` on each, the specification's
             split), or `None`: `"balanced"` under `"graft_quadratic"` and
             `"quadratic"`, `"even"` under `"graft"`, `"trust_region"` and
-            `"kl_clip"`, as measured (`CONV_DAMPING_SPLIT`). Dense layers' damping is split evenly either
-            way. Defaults to `None`.
+            `"kl_clip"`, as measured (`CONV_DAMPING_SPLIT`). Dense layers' damping
+            is split evenly either way. Defaults to `None`.
 {kwargs}
     Example:
 
