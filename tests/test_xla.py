@@ -199,3 +199,27 @@ def test_jit_compile_with_sampled_conv_locations_and_bfloat16_matches_eager():
         assert np.all(np.isfinite(b))
         # bfloat16 products may round differently once XLA fuses them.
         np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-3)
+
+
+# `steps_per_execution` puts several training steps in one `tf.function` call (a
+# loop inside the traced function): the cadence (statistics every 2 steps, inverses
+# every 3) must count steps, not calls, and the defaults' step control (products, the
+# loss after the step, the damping's adaptation) must run inside the loop.
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager_kernels", "xla"])
+def test_steps_per_execution_trains_as_one_step_per_call(jit_compile):
+    x, y = helpers.classification_data(n=64)
+    results = []
+    for steps_per_execution in (1, 3):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(helpers.tiny_mlp())
+        model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2,
+                                                  inverse_update_freq=3, seed=0),
+                      loss=LOSS, jit_compile=jit_compile,
+                      steps_per_execution=steps_per_execution)
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 8
+        results.append((history.history["loss"], [w.numpy() for w in model.weights]))
+    (losses, weights), (losses_3, weights_3) = results
+    np.testing.assert_allclose(losses_3, losses, rtol=1e-5)
+    for a, b in zip(weights, weights_3):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
