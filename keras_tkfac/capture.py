@@ -45,9 +45,15 @@ def unattached_wrapper(optimizer_name, variables, applying=False):
     With `applying` (built by `apply_gradients`, not by an explicit `build`), logs
     once that no layer is preconditioned until `update_curvature` runs.
 
+    Returns `None` where no variable is a Keras layer's weight (plain `tf.Variable`s
+    or `keras.Variable`s made outside any layer, as keras-io's style transfer
+    optimises an image): there is no model whose curvature could precondition them,
+    so every variable takes the partner's step (logged once).
+
     Raises:
         ValueError: when `variables` is empty (an unbuilt model's), or no wrapped
-            model trains any of them (the model was not wrapped).
+            model trains any of them while some are a layer's weights (the model
+            was not wrapped).
     """
     if not variables:
         raise ValueError(
@@ -70,10 +76,29 @@ def unattached_wrapper(optimizer_name, variables, applying=False):
                 "optimizer.update_curvature(...) before apply_gradients (README, "
                 "\"Custom training loops\").", optimizer_name)
         return found
+    if not any(_is_layer_weight(v) for v in variables):
+        logging.warning(
+            "keras_tkfac: %s received no Keras layer's weights (%s), so it has no "
+            "model curvature to precondition them with: every variable takes the "
+            "first-order partner's step (`fallback`). To precondition a model's "
+            "layers, wrap it with `keras_tkfac.wrap(model)`.", optimizer_name,
+            ", ".join(_variable_name(v) for v in variables))
+        return None
     raise ValueError(
         f"{optimizer_name} needs the model's curvature: wrap the model with `model = "
         "keras_tkfac.wrap(model)` before `compile`/`fit` (custom loops: "
         "`keras_tkfac.record(model)` and `optimizer.update_curvature(...)`).")
+
+
+def _variable_name(variable):
+    return getattr(variable, "path", None) or variable.name
+
+
+def _is_layer_weight(variable):
+    """Whether `variable` was made by a Keras layer (`add_weight`): its path is
+    `layer/name`, where a variable made on its own has a bare name (a plain
+    `tf.Variable` has no path)."""
+    return "/" in (getattr(variable, "path", None) or "")
 
 
 def wrapper_of(model):

@@ -248,6 +248,33 @@ def test_unwrapped_model_is_rejected():
         model.fit(x, y, verbose=0)
 
 
+@pytest.mark.parametrize("make", [tf.Variable, keras.Variable], ids=["tf", "keras"])
+def test_variables_outside_any_layer_take_the_partners_step(make, caplog):
+    """keras-io's style transfer optimises an image, not a model: with no layer's
+    weights there is no curvature, so the step is the partner's (Adam at the
+    learning rate), logged, rather than the unwrapped model's `ValueError`."""
+    start = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    target = tf.constant(np.random.default_rng(1).normal(size=(2, 3)), tf.float32)
+    results = []
+    for optimizer in (keras.optimizers.Adam(3e-3),
+                      keras_tkfac.TKFAC(learning_rate=3e-3)):
+        image = make(start)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum((image - target) ** 4)
+            optimizer.apply_gradients([(tape.gradient(loss, image), image)])
+
+        with caplog.at_level("WARNING"):
+            for _ in range(5):
+                step()
+        results.append(np.array(image.numpy()))
+    assert np.abs(results[0] - start).max() > 1e-3
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-7)
+    assert any("no Keras layer's weights" in r.getMessage() for r in caplog.records)
+
+
 BAD_ARGUMENTS = [
     ("learning_rate", -1.0),
     ("learning_rate", "fast"),
