@@ -124,6 +124,7 @@ class Recording:
         self.owner = owner
         self.graph = tf.compat.v1.get_default_graph()
         self._calls = {id(block.layer): [] for block in self.blocks}
+        self._remembered = {}
 
     @property
     def variables(self):
@@ -133,6 +134,19 @@ class Recording:
 
     def wants(self, layer):
         return id(layer) in self._calls
+
+    def remember(self, layer, inputs, outputs, effects):
+        """Keeps a layer's call for the products' pass (`reuse`): its flat tensor
+        inputs, its outputs and what its ops did (`reuse._Effects`)."""
+        self._remembered.setdefault(id(layer), []).append((inputs, outputs, effects))
+
+    def remembered(self, layer):
+        """`remember`'s entries of `layer`, in call order."""
+        return self._remembered.get(id(layer), ())
+
+    def all_remembered(self):
+        """Every layer's `remembered` entries."""
+        return list(self._remembered.values())
 
     def add(self, layer, inputs, outputs):
         self._calls[id(layer)].append((inputs, outputs))
@@ -229,6 +243,11 @@ class record:
     def __exit__(self, *exc_info):
         _STATE.recording = self._previous
         return False
+
+
+def active():
+    """The `Recording` active in this thread, or `None`."""
+    return getattr(_STATE, "recording", None)
 
 
 def install(block):

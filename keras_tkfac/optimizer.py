@@ -308,7 +308,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.curvature_updates += 1
         self._loss_rows = {}
         self._products[distributed.replica_index()] = quadratic.hand_over(
-            self, forward, outputs, y_true, sample_weight, recording.owner)
+            self, forward, outputs, y_true, sample_weight, recording.owner, recording)
         if self._blocks is None:
             self.attach(recording.blocks, owner=recording.owner)
         if not self.built:

@@ -79,6 +79,7 @@ import tensorflow as tf
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
+from keras_tkfac import reuse as reuse_lib
 from keras_tkfac import rnn_tangents
 from keras_tkfac import tangents as tangents_lib
 
@@ -236,7 +237,8 @@ NESTED = True
 INLINE_JVPS = True
 
 
-def _forward_mode(forward, outputs, primals, directions, nested=False, model=None):
+def _forward_mode(forward, outputs, primals, directions, nested=False, model=None,
+                  recording=None):
     """`(J x for x in directions, sources, flat y_pred)` by forward-mode passes:
     with `nested`, all directions in one traced pass (`NESTED`), else one pass per
     direction (and always in eager execution, where the second-order terms would
@@ -246,21 +248,24 @@ def _forward_mode(forward, outputs, primals, directions, nested=False, model=Non
                 for direction in directions]
     if nested and len(tangents) > 1 and not tf.executing_eagerly():
         try:
-            return _passes(forward, outputs, primals, [tangents], model)
+            return _passes(forward, outputs, primals, [tangents], model, recording)
         except tangents_lib.DroppedTangents:
             raise  # (also `HiddenReads`): one pass per direction finds them too.
         except Exception as error:  # pylint: disable=broad-except
             logging.log_first_n(
                 logging.INFO, "keras_tkfac: nested forward-mode products failed "
                 "(%s); one pass per direction.", 1, type(error).__name__)
-    return _passes(forward, outputs, primals, [[t] for t in tangents], model)
+    return _passes(forward, outputs, primals, [[t] for t in tangents], model,
+                   recording)
 
 
-def _passes(forward, outputs, primals, groups, model=None):
+def _passes(forward, outputs, primals, groups, model=None, recording=None):
     """`_forward_mode`'s result, one forward pass per group of tangents (each group
     a list of tangent lists aligned with `primals`, carried by nested
     accumulators). `model`'s recurrent layers carry the tangents through their
-    loops (`rnn_tangents`)."""
+    loops (`rnn_tangents`); the layers that `recording` (the step's own pass)
+    computed on the same inputs without reading `primals` give its outputs
+    (`reuse`)."""
     jvps, first = [], None
     for group in groups:
         start = tangents_lib.operation_count() if first is None else None
@@ -269,7 +274,8 @@ def _passes(forward, outputs, primals, groups, model=None):
                 stack.enter_context(jvp_rules.inline())
             accumulators = [stack.enter_context(
                 tf.autodiff.ForwardAccumulator(primals, t)) for t in group]
-            with rnn_tangents.carrying(model, accumulators):
+            with rnn_tangents.carrying(model, accumulators), \
+                    reuse_lib.reusing(recording, primals, _trainable(model)):
                 found, flat = _sources(outputs, forward())
         for accumulator in accumulators:
             lost = tangents_lib.dropped(accumulator, start, found)
@@ -284,6 +290,10 @@ def _passes(forward, outputs, primals, groups, model=None):
         ] for accumulator in accumulators)
         first = first or (found, flat)
     return jvps, *first
+
+
+def _trainable(model):
+    return model.trainable_variables if model is not None else ()
 
 
 def _reverse_mode(forward, outputs, primals, directions):
@@ -461,8 +471,11 @@ class Batch:
     """
 
     def __init__(self, forward, outputs, y_true, sample_weight, state=(),
-                 syncs=False, initial=None):
+                 syncs=False, initial=None, recording=None):
         self.forward, self.outputs, self.state = forward, outputs, tuple(state)
+        # The step's own forward pass, whose outputs a `ModelForward`'s pass on the
+        # whole batch reuses where it can (`reuse`).
+        self.recording = recording if isinstance(forward, ModelForward) else None
         self.initial = (tuple(initial) if initial is not None
                         and len(initial) == len(self.state) else None)
         self.y_true, self.sample_weight = y_true, sample_weight
@@ -511,7 +524,8 @@ class Batch:
                 return _reverse_mode(forward, self.outputs, primals, directions)
             try:
                 return _forward_mode(forward, self.outputs, primals, directions,
-                                     self.nests(), getattr(self.forward, "model", None))
+                                     self.nests(), getattr(self.forward, "model", None),
+                                     self.recording if rows is None else None)
             except tangents_lib.DroppedTangents:
                 raise  # Reverse-over-reverse products drop them too.
             except Exception as error:  # pylint: disable=broad-except
@@ -591,8 +605,10 @@ class Batch:
         or after a new forward pass at the current weights; the mean over replicas.
         """
         if predictions is None:
-            predictions = self._restoring(
-                lambda: tf.nest.flatten(self.forward()))
+            trainable = _trainable(getattr(self.forward, "model", None))
+            with reuse_lib.reusing(self.recording, trainable, trainable):
+                predictions = self._restoring(
+                    lambda: tf.nest.flatten(self.forward()))
         labels, weights = self._per_output(len(predictions))
         losses, known = [], tf.constant(True)
         for output, label, weight in zip(self.outputs, labels, weights):

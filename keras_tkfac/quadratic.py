@@ -108,15 +108,17 @@ def kl_curvature(curvature, squared_grams, output_losses):
     return kl
 
 
-def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner):
+def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner,
+              recording=None):
     """This step's `Batch`, or `None` when the optimizer's step control needs no
-    products or no `forward` was given."""
+    products or no `forward` was given. `recording`, the step's own forward pass,
+    lends the products' pass the outputs it can reuse (`reuse`)."""
     if forward is None or not step_size.uses_products(optimizer.step_control):
         return None
     state = owner.non_trainable_variables if owner is not None else ()
     return products_lib.Batch(forward, outputs, y_true, sample_weight, state,
                               distributed.syncs_in_backward(owner),
-                              getattr(forward, "state", None))
+                              getattr(forward, "state", None), recording)
 
 
 def steps(optimizer, used, variables, learning_rate):

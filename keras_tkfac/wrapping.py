@@ -12,6 +12,7 @@ from keras_tkfac import capture
 from keras_tkfac import distributed
 from keras_tkfac import keras_compat
 from keras_tkfac import products
+from keras_tkfac import reuse
 from keras_tkfac import step_size
 
 
@@ -185,6 +186,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         found, recurrent = _find_blocks(self.model, self._exclude, known)
         for block in found:
             capture.install(block)
+        for layer in layers:  # (after `capture.install`: it wraps the recording call)
+            reuse.install(layer)
         if recurrent and not self._recurrent_warned:
             object.__setattr__(self, "_recurrent_warned", True)
             logging.warning(

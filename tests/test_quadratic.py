@@ -972,9 +972,9 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch,
     forward = lambda: model(x, training=True)  # noqa: E731
     passes, original = [], products._passes
 
-    def recorded(forward, outputs, primals, groups, model=None):
+    def recorded(forward, outputs, primals, groups, model=None, recording=None):
         passes.append([len(group) for group in groups])
-        return original(forward, outputs, primals, groups, model)
+        return original(forward, outputs, primals, groups, model, recording)
 
     monkeypatch.setattr(products, "_passes", recorded)
     results = {}
@@ -1002,9 +1002,9 @@ def test_fit_on_batches_of_unknown_size_nests_through_dropout_and_masking(monkey
     step fell back to one pass per direction)."""
     passes, original = [], products._passes
 
-    def recorded(forward, outputs, primals, groups, model=None):
+    def recorded(forward, outputs, primals, groups, model=None, recording=None):
         passes.append([len(group) for group in groups])
-        return original(forward, outputs, primals, groups, model)
+        return original(forward, outputs, primals, groups, model, recording)
 
     monkeypatch.setattr(products, "_passes", recorded)
     rng = np.random.default_rng(0)
@@ -1174,9 +1174,9 @@ def test_forward_mode_products_pass_recurrent_loops(kind, nested):
     groups = []
     passes = products._passes
 
-    def recorded(forward, outputs, primals, group, model=None):
+    def recorded(forward, outputs, primals, group, model=None, recording=None):
         groups.append([len(g) for g in group])
-        return passes(forward, outputs, primals, group, model)
+        return passes(forward, outputs, primals, group, model, recording)
 
     with mock.patch.object(products, "_passes", recorded):
         got = tf.function(lambda: products._forward_mode(

@@ -15,7 +15,8 @@ caches the functions of its forward mode per process, so a second trace in one
 process is cheaper than a user's first), configurations alternated round by round;
 it prints every round and the medians. The key `"inline_jvps"` in a configuration's
 arguments sets `keras_tkfac.products.INLINE_JVPS` (the products' inline tangents,
-`keras_tkfac.jvp_rules`) instead of passing an argument:
+`keras_tkfac.jvp_rules`) instead of passing an argument, and `"reuse"` sets
+`keras_tkfac.reuse.ENABLED` (the products' pass taking the step's own outputs):
 
     python tools/program_steps.py --program=mobilenet_v2 --steps=10 --rounds=2 \
         --configs='{"Adam": {}, "TKFAC": {}, "TKFAC dispatch": {"inline_jvps": false}}'
@@ -35,6 +36,7 @@ import numpy as np  # noqa: E402
 
 import keras_tkfac  # noqa: E402
 from keras_tkfac import products  # noqa: E402
+from keras_tkfac import reuse  # noqa: E402
 from sweep_programs import BATCH, PROGRAMS  # noqa: E402  (tools/, the script's folder)
 
 _PROGRAM = flags.DEFINE_string("program", "efficientnet_b0", "a sweep program's name")
@@ -52,6 +54,7 @@ def time_steps(program, name, kwargs, steps):
     """`(first step's seconds, median later step's seconds)` of one configuration."""
     kwargs = dict(kwargs)
     products.INLINE_JVPS = bool(kwargs.pop("inline_jvps", True))
+    reuse.ENABLED = bool(kwargs.pop("reuse", True))
     keras.utils.set_random_seed(0)
     model, x, y, compile_args, _ = PROGRAMS[program]()
     if name.startswith("Adam"):

@@ -596,6 +596,45 @@ def frozen_base_fine_tuning():
     return keras.Model(inputs, outputs), x, y, _logits_loss(), {}
 
 
+def transfer_learning():
+    """keras-io's "Transfer learning & fine-tuning" at its first stage: a random
+    flip and rescaling in the model, a frozen `keras.applications` base
+    (MobileNetV2 at 64 x 64, random weights here) called with `training=False`,
+    global pooling, dropout and a one-logit head under binary cross-entropy. As a
+    pretrained base's features carry the classes, the labels are a linear
+    function of the base's pooled features (of mirror-symmetric images, which the
+    flip keeps; a random rotation, as in keras-io's, changed them to chance)."""
+    rng = _rng()
+    x = rng.normal(0, 1.0, (BATCH * 8, 64, 64, 3)).astype("float32")
+    # Mirror images: the flip keeps the labels.
+    x = ((x + x[:, :, ::-1]) / np.sqrt(2.0)).astype("float32")
+    base = keras.applications.MobileNetV2(input_shape=(64, 64, 3), include_top=False,
+                                          weights=None)
+    # As a pretrained base's, its normalisation statistics fit the data (with
+    # random weights and the initial statistics its features vanish, ~1e-13).
+    norms = [layer for layer in base.layers
+             if isinstance(layer, layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    base(x[:BATCH] / 2.0, training=True)
+    for layer in norms:
+        layer.momentum = 0.99
+    base.trainable = False
+    features = ops.convert_to_numpy(
+        ops.mean(base(x / 2.0, training=False), axis=(1, 2)))
+    score = (features - features.mean(0)) @ rng.normal(size=features.shape[1])
+    y = (score > np.median(score)).astype("float32")
+    inputs = keras.Input((64, 64, 3))
+    h = layers.RandomFlip("horizontal")(inputs)
+    h = layers.Rescaling(1.0 / 2.0)(h)
+    h = base(h, training=False)
+    h = layers.GlobalAveragePooling2D()(h)
+    h = layers.Dropout(0.2)(h)
+    outputs = layers.Dense(1)(h)
+    return keras.Model(inputs, outputs), x, y, {
+        "loss": keras.losses.BinaryCrossentropy(from_logits=True)}, {}
+
+
 class Patches(layers.Layer):
     """keras-io ViT: non-overlapping patches, flattened."""
 
@@ -1732,4 +1771,4 @@ PROGRAMS = {f.__name__: f for f in (
     custom_rnn_cell, bidirectional_gru_states, dict_outputs_loss_weights,
     padding_cropping_upsampling, hashing_discretization, embedding_regularized_maxpool,
     softmax_layer_noise_layers, subclassed_training_branch, multimodal_inputs,
-    depth_multiplier, conv_lstm1d)}
+    depth_multiplier, conv_lstm1d, transfer_learning)}

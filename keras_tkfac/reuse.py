@@ -1,0 +1,210 @@
+"""The step's own forward pass, reused by the curvature products' pass.
+
+The quadratic step controls' products (`products`) run the model again under
+forward-mode accumulators. A layer whose inputs are the very tensors of the step's
+own forward pass, and whose computation reads none of the preconditioned
+variables (the directions' weights), computes there what it computed in the step's
+pass, with no tangent: a frozen base of transfer learning, a recurrent layer on the
+raw inputs left to the first-order partner, preprocessing and augmentation layers.
+Its outputs are then taken from the step's pass instead of being computed again,
+and the layers after it see the step's tensors in turn.
+
+`install(layer)` gives a layer a `call` that, while a `capture.Recording` is active
+in the current thread and graph, remembers each call's flat tensor inputs, its
+outputs and what its ops did (`_Effects`); inside `reusing(recording, blocked,
+trainable)` (the products' pass), a call whose flat tensor inputs are the remembered
+call's (the same tensor objects, or casts of them: `_same`), and whose remembered
+reads hold none of `blocked`'s handles, returns that call's outputs. Identity of
+inputs makes the substitution exact without knowing what the layer computes: the
+same inputs and the same weights give the same outputs; what changes is only a
+random layer's draw (its dropout mask or augmentation is the step's own rather
+than a new one). Eager execution, loops (a cell's calls inside a recurrent layer's loop)
+and a products' pass on part of the batch (`products.PRODUCT_FRACTION`) remember
+or reuse nothing. A layer that a curvature block covers gets this call around
+`capture`'s recording call; where it has a preconditioned weight, its reads exclude
+it from reuse.
+"""
+
+import functools
+import threading
+
+import tensorflow as tf
+
+from keras_tkfac import capture
+
+_STATE = threading.local()
+
+# Whether the products' pass reuses the step's outputs (a switch for measurements
+# and tests; the results are the same either way up to stochastic layers' draws).
+ENABLED = True
+
+
+def _tensors(args, kwargs):
+    """The tensors among a call's arguments, flattened."""
+    return [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor)]
+
+
+# Ops that give equal outputs for identical inputs and attributes, through which an
+# input counts as recurring: Keras casts a model's inputs to its dtype in every call
+# (a float64 array given to `train_on_batch` or a custom loop), so each pass has a
+# `Cast` of its own of the same tensor.
+_PURE = ("Cast", "Identity")
+
+
+def _same(a, b, depth=3):
+    """Whether tensors `a` and `b` are one tensor, or `_PURE` ops of recurring
+    inputs (up to `depth` ops deep) with the same attributes."""
+    if a is b:
+        return True
+    if depth == 0 or not hasattr(a, "op") or not hasattr(b, "op"):
+        return False
+    op_a, op_b = a.op, b.op
+    if (op_a.type != op_b.type or op_a.type not in _PURE or a.dtype != b.dtype
+            or a.value_index != b.value_index
+            or len(op_a.inputs) != len(op_b.inputs)):
+        return False
+    return all(_same(x, y, depth - 1) for x, y in zip(op_a.inputs, op_b.inputs))
+
+
+def _is_random(op_type):
+    return "Random" in op_type or "Rng" in op_type or "Multinomial" in op_type
+
+
+class _Effects:
+    """What the ops of one remembered call (created between two counts of its
+    graph's operations) do, found on first use: `reads`, the `id`s of the outer
+    handles they take as inputs (the variables they read, through the graph's
+    captures), and `random`, whether any of them draws random numbers. Lazy, as
+    most remembered calls are never candidates for reuse (a nested layer of a
+    reused one, a layer after a preconditioned one)."""
+
+    def __init__(self, graph, start, end):
+        self._graph, self._start, self._end = graph, start, end
+        self._found = None
+
+    def _find(self):
+        if self._found is None:
+            outer = {id(placeholder): external
+                     for external, placeholder in self._graph.captures}
+            reads, random = set(), False
+            for op in self._graph.get_operations()[self._start:self._end]:
+                random = random or _is_random(op.type)
+                for tensor in op.inputs:
+                    external = outer.get(id(tensor))
+                    if external is not None:
+                        reads.add(id(external))
+            self._found = reads, random
+        return self._found
+
+    @property
+    def reads(self):
+        return self._find()[0]
+
+    @property
+    def random(self):
+        return self._find()[1]
+
+
+def _handles(variables):
+    """`id`s of the resource handles of `variables` (Keras's or TensorFlow's)."""
+    return {id(h) for h in (getattr(v, "handle", None) for v in variables)
+            if h is not None}
+
+
+class _Reuse:
+    """One pass's reuse of the step's remembered calls.
+
+    A call is reused where its flat tensor inputs are the remembered call's and the
+    remembered call read none of `blocked`. A call that draws random numbers is
+    reused only where it reads no trainable variable and its inputs are *settled*
+    (tensors no remembered call produced, or outputs of reused calls that read no
+    trainable variable): then the pass after the step, which reuses such calls too,
+    sees the same draws as the products' pass, and the losses before and after the
+    step differ by the step alone (`products.Batch`).
+    """
+
+    def __init__(self, recording, blocked, trainable):
+        self.recording = recording
+        self.graph = tf.compat.v1.get_default_graph()
+        self.blocked, self.trainable = _handles(blocked), _handles(trainable)
+        self.produced = {id(t) for entries in recording.all_remembered()
+                         for _, outputs, _ in entries
+                         for t in tf.nest.flatten(outputs)}
+        self.settled = set()
+        self.reused = 0
+
+    def lookup(self, layer, args, kwargs):
+        """The remembered outputs for this call, or `None`."""
+        if tf.compat.v1.get_default_graph() is not self.graph:
+            return None
+        inputs = _tensors(args, kwargs)
+        if not inputs:
+            return None
+        for remembered, outputs, effects in self.recording.remembered(layer):
+            if (len(remembered) != len(inputs)
+                    or not all(_same(a, b) for a, b in zip(remembered, inputs))
+                    or effects.reads & self.blocked):
+                continue
+            settled = not effects.reads & self.trainable and all(
+                id(t) in self.settled or id(t) not in self.produced for t in remembered)
+            if effects.random and not settled:
+                return None
+            if settled:
+                self.settled.update(id(t) for t in tf.nest.flatten(outputs))
+            self.reused += 1
+            return outputs
+        return None
+
+
+def install(layer):
+    """Gives `layer` the remembering and reusing `call`. Idempotent."""
+    if getattr(layer.call, "_keras_tkfac_reuse", False):
+        return
+    original = layer.call
+
+    @functools.wraps(original)
+    def reusing_call(*args, **kwargs):
+        reuse = getattr(_STATE, "reuse", None)
+        if reuse is not None:
+            outputs = reuse.lookup(layer, args, kwargs)
+            return original(*args, **kwargs) if outputs is None else outputs
+        recording = capture.active()
+        if recording is None or tf.executing_eagerly():
+            return original(*args, **kwargs)
+        graph = tf.compat.v1.get_default_graph()
+        if graph is not recording.graph:
+            return original(*args, **kwargs)
+        start = len(graph.get_operations())
+        outputs = original(*args, **kwargs)
+        recording.remember(layer, _tensors(args, kwargs), outputs,
+                           _Effects(graph, start, len(graph.get_operations())))
+        return outputs
+
+    reusing_call._keras_tkfac_reuse = True
+    object.__setattr__(layer, "call", reusing_call)
+
+
+class reusing:  # pylint: disable=invalid-name
+    """While active in this thread, `recording`'s remembered calls are reused where
+    their inputs recur (`_Reuse`): in the products' pass, `blocked` is the
+    directions' variables, whose tangents the pass carries; in a pass after the
+    step, every trainable variable. `recording=None`, or eager execution: nothing
+    is reused. `reused` counts the calls reused."""
+
+    def __init__(self, recording, blocked, trainable):
+        self._reuse = None
+        if ENABLED and recording is not None and not tf.executing_eagerly():
+            self._reuse = _Reuse(recording, blocked, trainable)
+
+    @property
+    def reused(self):
+        return 0 if self._reuse is None else self._reuse.reused
+
+    def __enter__(self):
+        self._previous = getattr(_STATE, "reuse", None)
+        _STATE.reuse = self._reuse
+        return self
+
+    def __exit__(self, *exc_info):
+        _STATE.reuse = self._previous
+        return False

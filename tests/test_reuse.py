@@ -1,0 +1,220 @@
+"""`keras_tkfac.reuse`: the products' pass takes the step's own outputs for layers
+that compute the same thing there, and training is what it is without that."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from keras import layers
+
+import keras_tkfac
+from keras_tkfac import products
+from keras_tkfac import reuse
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture
+def reused(monkeypatch):
+    """Counts the calls reused while tracing."""
+    counts = []
+    original = reuse._Reuse.lookup
+
+    def counting(self, layer, args, kwargs):
+        outputs = original(self, layer, args, kwargs)
+        if outputs is not None:
+            counts.append(layer.name)
+        return outputs
+
+    monkeypatch.setattr(reuse._Reuse, "lookup", counting)
+    return counts
+
+
+def _data(shape, n=64, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n,) + shape).astype("float32")
+    y = (x.reshape(n, -1)[:, 0] > 0).astype("int32") + (
+        x.reshape(n, -1)[:, 1] > 0.5).astype("int32")
+    return x, y % classes
+
+
+def _fit(build, x, y, enabled, monkeypatch, epochs=2, **optimizer_args):
+    monkeypatch.setattr(reuse, "ENABLED", enabled)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(build())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **optimizer_args), loss=LOSS)
+    history = model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
+    return history.history["loss"], [w.numpy() for w in model.weights]
+
+
+def _assert_same(first, second):
+    (losses, weights), (losses_2, weights_2) = first, second
+    np.testing.assert_allclose(losses_2, losses, rtol=1e-6)
+    for a, b in zip(weights, weights_2):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def _frozen_base():
+    base = keras.Sequential([
+        keras.Input((8, 8, 2)), layers.Conv2D(4, 3, activation="relu"),
+        layers.BatchNormalization(), layers.Conv2D(4, 3)], name="base")
+    base.trainable = False
+    inputs = keras.Input((8, 8, 2))
+    h = layers.GlobalAveragePooling2D()(base(inputs, training=False))
+    return keras.Model(inputs, layers.Dense(3)(layers.Dense(8, activation="tanh")(h)))
+
+
+def _partner_lstm():
+    # The LSTM takes the partner's step; its input is the raw series.
+    return keras.Sequential([keras.Input((6, 3)), layers.LSTM(5, name="lstm"),
+                             layers.Dense(3)])
+
+
+@pytest.mark.parametrize("build,shape", [(_frozen_base, (8, 8, 2)),
+                                         (_partner_lstm, (6, 3))],
+                         ids=["frozen_base", "partner_lstm"])
+def test_reusing_the_steps_outputs_trains_as_recomputing_them(build, shape, reused,
+                                                              monkeypatch):
+    x, y = _data(shape)
+    with_reuse = _fit(build, x, y, True, monkeypatch)
+    assert "base" in reused or "lstm" in reused
+    _assert_same(_fit(build, x, y, False, monkeypatch), with_reuse)
+
+
+class _ReadsKernel(layers.Layer):
+    """Adds a covered `Dense`'s kernel (which it does not own) to its input: a
+    hidden read of a direction's variable before that layer."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = dense
+
+    def call(self, inputs):
+        return inputs + 0.1 * tf.reduce_sum(self.dense.kernel, axis=1)
+
+
+def test_a_layer_that_reads_a_directions_variable_is_not_reused(reused, monkeypatch):
+    def build():
+        dense = layers.Dense(3)
+        dense.build((None, 4))
+        inputs = keras.Input((4,))
+        h = layers.Activation("tanh", name="plain")(inputs)
+        h = _ReadsKernel(dense, name="reads")(h)
+        return keras.Model(inputs, dense(h))
+
+    x, y = _data((4,))
+    with_reuse = _fit(build, x, y, True, monkeypatch)
+    assert "plain" in reused and "reads" not in reused
+    _assert_same(_fit(build, x, y, False, monkeypatch), with_reuse)
+
+
+def test_a_shared_layer_reuses_each_of_its_calls(reused, monkeypatch):
+    def build():
+        frozen = layers.Dense(6, activation="tanh", name="shared")
+        frozen.trainable = False
+        left, right = keras.Input((4,)), keras.Input((4,))
+        h = layers.Concatenate()([frozen(left), frozen(right)])
+        return keras.Model([left, right], layers.Dense(3)(h))
+
+    x, y = _data((8,))
+    inputs = [x[:, :4], x[:, 4:]]
+    with_reuse = _fit(build, inputs, y, True, monkeypatch)
+    # Both calls, in each pass that reuses: the products' and the loss after the
+    # step (one trace).
+    assert reused.count("shared") == 4
+    _assert_same(_fit(build, inputs, y, False, monkeypatch), with_reuse)
+
+
+def _noisy_trunk():
+    # Noise and dropout before any preconditioned layer: settled, reused.
+    inputs = keras.Input((5,))
+    h = layers.GaussianNoise(0.3, name="noise")(inputs)
+    h = layers.Dropout(0.3, name="drop")(h)
+    return keras.Model(inputs, layers.Dense(3)(layers.Dense(6, activation="tanh")(h)))
+
+
+def test_random_layers_in_a_settled_trunk_give_the_products_the_steps_draws(
+        reused, monkeypatch):
+    """Reused, the trunk's draws in the products' pass and in the loss after the
+    step are the step's own: what replaying the step's random state
+    (`products.REPLAY_MASKS`) gives without reuse."""
+    x, y = _data((5,))
+    with_reuse = _fit(_noisy_trunk, x, y, True, monkeypatch)
+    assert "noise" in reused and "drop" in reused
+    monkeypatch.setattr(products, "REPLAY_MASKS", True)
+    _assert_same(_fit(_noisy_trunk, x, y, False, monkeypatch), with_reuse)
+
+
+def test_random_layers_after_a_trained_layer_draw_as_without_reuse(reused,
+                                                                   monkeypatch):
+    """Dropout after the partner's LSTM: the pass after the step recomputes the
+    LSTM (its weights moved) and so draws anew; the products' pass draws anew too,
+    so the losses before and after the step see the same masks."""
+    def build():
+        return keras.Sequential([keras.Input((6, 3)), layers.LSTM(5, name="lstm"),
+                                 layers.Dropout(0.3, name="drop"), layers.Dense(3)])
+
+    x, y = _data((6, 3))
+    with_reuse = _fit(build, x, y, True, monkeypatch)
+    assert "lstm" in reused and "drop" not in reused
+    _assert_same(_fit(build, x, y, False, monkeypatch), with_reuse)
+
+
+def test_nothing_is_reused_without_the_steps_recording(reused):
+    """A custom loop's plain `lambda` forward (not a `ModelForward`) and eager
+    steps reuse nothing."""
+    x, y = _data((8, 8, 2), n=16)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(_frozen_base())
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            with keras_tkfac.record(model) as recording:
+                y_pred = model(x, training=True)
+            loss = LOSS(y, y_pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
+                                   forward=lambda: model(x, training=True))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    assert np.isfinite(float(step(x, y)))
+    assert not reused
+
+
+def test_inputs_that_keras_casts_in_each_pass_still_recur(reused):
+    """Keras casts a float64 input to the model's dtype in every call, so each pass
+    has a `Cast` of its own of the same tensor (`reuse._same`)."""
+    x, y = _data((8, 8, 2), n=16)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(_frozen_base())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    model.train_on_batch(x.astype("float64"), y)
+    assert "base" in reused
+
+
+def test_under_mirrored_strategy_each_replica_reuses_and_matches_one_device(
+        mirrored, reused):
+    """Each replica's products' pass reuses its own step's outputs (recordings are
+    per replica thread); two replicas train as one device."""
+    x, y = _data((8, 8, 2), n=64)
+
+    def train(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras_tkfac.wrap(_frozen_base())
+            model.compile(optimizer=keras_tkfac.TKFAC(seed=0, fisher="empirical"),
+                          loss=LOSS)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+        return [w.numpy() for w in model.weights]
+
+    single = train(tf.distribute.get_strategy())
+    del reused[:]
+    replicated = train(mirrored)
+    assert reused.count("base") >= 2  # (each replica's products' pass)
+    for a, b in zip(single, replicated):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
