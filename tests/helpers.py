@@ -227,9 +227,11 @@ def assert_tkfac_is_uncorrelated_fisher(statistics, a, g, num_examples):
     return exact
 
 
-def custom_train_step(model, optimizer, loss_fn, traces=None):
+def custom_train_step(model, optimizer, loss_fn, traces=None,
+                      make_forward=keras_tkfac.ModelForward):
     """README's custom training step (to wrap in `tf.function`); appends to
-    `traces`, when given, each time it is traced."""
+    `traces`, when given, each time it is traced. `make_forward(model, x)` gives
+    `update_curvature`'s `forward`."""
     def train_step(x, y):
         if traces is not None:
             traces.append(1)
@@ -239,7 +241,7 @@ def custom_train_step(model, optimizer, loss_fn, traces=None):
             loss = loss_fn(y, y_pred)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=loss_fn,
-                                   forward=keras_tkfac.ModelForward(model, x))
+                                   forward=make_forward(model, x))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
     return train_step

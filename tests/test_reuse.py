@@ -10,6 +10,7 @@ from keras import layers
 import keras_tkfac
 from keras_tkfac import products
 from keras_tkfac import reuse
+from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -160,29 +161,25 @@ def test_random_layers_after_a_trained_layer_draw_as_without_reuse(reused,
     _assert_same(_fit(build, x, y, False, monkeypatch), with_reuse)
 
 
-def test_nothing_is_reused_without_the_steps_recording(reused):
-    """A custom loop's plain `lambda` forward (not a `ModelForward`) and eager
-    steps reuse nothing."""
+def test_custom_loops_reuse_with_a_model_forward_in_a_traced_step(reused):
+    """README's custom loop (`ModelForward`, in `tf.function`) reuses; a plain
+    `lambda` forward and an eager step reuse nothing."""
     x, y = _data((8, 8, 2), n=16)
-    keras.utils.set_random_seed(0)
-    model = keras_tkfac.wrap(_frozen_base())
-    optimizer = keras_tkfac.TKFAC(seed=0)
-    optimizer.build(model.trainable_variables)
 
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape(persistent=True) as tape:
-            with keras_tkfac.record(model) as recording:
-                y_pred = model(x, training=True)
-            loss = LOSS(y, y_pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.update_curvature(recording, tape, y_pred, y_true=y, loss=LOSS,
-                                   forward=lambda: model(x, training=True))
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    def run(make_forward, traced):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(_frozen_base())
+        optimizer = keras_tkfac.TKFAC(seed=0)
+        optimizer.build(model.trainable_variables)
+        step = helpers.custom_train_step(model, optimizer, LOSS,
+                                         make_forward=make_forward)
+        del reused[:]
+        assert np.isfinite(float((tf.function(step) if traced else step)(x, y)))
+        return list(reused)
 
-    assert np.isfinite(float(step(x, y)))
-    assert not reused
+    assert "base" in run(keras_tkfac.ModelForward, True)
+    assert not run(lambda model, x: lambda: model(x, training=True), True)
+    assert not run(keras_tkfac.ModelForward, False)
 
 
 def test_inputs_that_keras_casts_in_each_pass_still_recur(reused):
