@@ -167,7 +167,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if self._blocks is None:
             wrapper = capture.unattached_wrapper(type(self).__name__, var_list,
                                                  applying=self._applying)
-            # No layer's weights (`unattached_wrapper`): nothing to precondition.
             self.attach([] if wrapper is None else wrapper.blocks, owner=wrapper)
         super().build(var_list)
         keys = {self._var_key(v) for v in var_list}
