@@ -51,3 +51,28 @@ def test_held_out_reports_validation_losses_of_both_optimizers():
         assert all(math.isfinite(v) for v in (best, last, train))
     with pytest.raises(ValueError, match="--programs"):
         held_out.run("mlp", 1)
+
+
+def test_a_validation_split_reports_held_out_losses_against_the_best_adam():
+    # 256 examples, a quarter held out: 6 batches an epoch, 2 epochs for 12 steps.
+    rates = (1e-3, 1e-2)
+    result = program_sweep.run("gru_classifier", 12, ["TKFAC"], validation_split=0.25,
+                               adam_rates=rates)
+    for optimizer in ("Adam", "TKFAC"):
+        entry = result[optimizer]
+        assert entry["status"] == "ok", entry
+        assert entry["best_validation"] <= entry["last_validation"]
+        assert math.isfinite(entry["best_validation"])
+    # "Adam" is the rate with the lower best validation loss.
+    alone = [program_sweep.run("gru_classifier", 12, [], validation_split=0.25,
+                               adam_rates=(rate,))["Adam"] for rate in rates]
+    best = min(alone, key=lambda entry: entry["best_validation"])
+    assert result["Adam"]["learning_rate"] == best["learning_rate"]
+    # (Runs repeat to float rounding: TensorFlow's threaded reductions.)
+    assert result["Adam"]["best_validation"] == pytest.approx(best["best_validation"],
+                                                              rel=1e-4)
+    assert program_sweep._at_most_adams([result], "TKFAC", True)[1] == 1
+    # Without a split there is no validation loss to compare.
+    plain = program_sweep.run("gru_classifier", 8, ["TKFAC"])
+    assert "best_validation" not in plain["TKFAC"]
+    assert program_sweep._at_most_adams([plain], "TKFAC", True) == (0, 0)
