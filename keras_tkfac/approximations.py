@@ -128,6 +128,17 @@ _COMMON_ARGS = """
             learning rate), also under `"graft_quadratic"` and `"quadratic"` (Adam
             at `1e-3` for the default learning rate), `0.01` otherwise. Defaults
             to `None`.
+        fallback_lr_ceiling: float >= 1, or `None` for the step control's
+            default. Under `"graft_quadratic"` the quadratic model's coefficient
+            `a` of the grafted direction is the learning rate at which RMSProp
+            would take the preconditioned weights' step; on a step whose model is
+            trusted, a named partner's learning rate is multiplied by
+            `min(max(a / 1e-3, 1), fallback_lr_ceiling)`, so that the weights the
+            curvature does not cover move as far as the model found it pays to
+            move the others. `1` turns it off (the partner at
+            `fallback_lr_ratio * learning_rate`, as before 2026-12-04); ignored by
+            the other step controls and by a `fallback` instance (its own learning
+            rate). Defaults to `None`.
         seed: int or `None`, seed of the label sampler; `None` draws one (it is then
             part of the config). Defaults to `None`.
         name: string or `None`; `None` names optimizers `"{name}"`, `"{name}_1"`,
@@ -279,6 +290,7 @@ class TKFAC(CurvatureOptimizer):
         max_factor_dim=4096,
         fallback="adam",
         fallback_lr_ratio=None,
+        fallback_lr_ceiling=None,
         seed=None,
         name=None,
         **kwargs,
@@ -314,6 +326,7 @@ class TKFAC(CurvatureOptimizer):
             max_factor_dim=max_factor_dim,
             fallback=fallback,
             fallback_lr_ratio=fallback_lr_ratio,
+            fallback_lr_ceiling=fallback_lr_ceiling,
             seed=seed,
             name=name,
             **kwargs,
@@ -407,6 +420,7 @@ class KFAC(CurvatureOptimizer):
         max_factor_dim=4096,
         fallback="adam",
         fallback_lr_ratio=None,
+        fallback_lr_ceiling=None,
         seed=None,
         name=None,
         **kwargs,
@@ -432,6 +446,7 @@ class KFAC(CurvatureOptimizer):
             max_factor_dim=max_factor_dim,
             fallback=fallback,
             fallback_lr_ratio=fallback_lr_ratio,
+            fallback_lr_ceiling=fallback_lr_ceiling,
             seed=seed,
             name=name,
             **kwargs,

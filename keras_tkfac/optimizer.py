@@ -66,11 +66,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         max_factor_dim,
         fallback,
         fallback_lr_ratio,
+        fallback_lr_ceiling,
         seed,
         name,
         **kwargs,
     ):
-        learning_rate, fallback_lr_ratio, adaptive_damping, seed = (
+        (learning_rate, fallback_lr_ratio, fallback_lr_ceiling, adaptive_damping,
+         seed) = (
             validation.resolve_curvature_arguments(
                 learning_rate=learning_rate, damping=damping, momentum=momentum,
                 factor_decay=factor_decay, factor_update_freq=factor_update_freq,
@@ -83,7 +85,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 precondition_form=precondition_form,
                 conv_location_stride=conv_location_stride,
                 split_inverses=split_inverses, max_factor_dim=max_factor_dim,
-                fallback_lr_ratio=fallback_lr_ratio, seed=seed))
+                fallback_lr_ratio=fallback_lr_ratio,
+                fallback_lr_ceiling=fallback_lr_ceiling, seed=seed))
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.damping = damping
         self.momentum = float(momentum)
@@ -105,11 +108,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._partner = partner_lib.Partner(fallback, fallback_lr_ratio, momentum)
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
+        self.fallback_lr_ceiling = float(fallback_lr_ceiling)
         self.seed = int(seed)
         self._blocks = None
         self._owner = None
         self._slots = []
         self._jit_math = False
+        # This step's multiple of a named partner's learning rate
+        # (`step_size.partner_scale`), handed over by `quadratic.steps`.
+        self._partner_scale = None
         self._step_is_finite = None
         # Trace-time hand-overs from `update_curvature` to `apply_gradients`: rows
         # of the factored form (`factored`), the `quadratic` step's batch and its
@@ -418,6 +425,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     lambda: None)
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
+        self._partner_scale = None
         self._loss_rows = {}
         damping_lib.adapt(self, self._products.pop(distributed.replica_index(), None),
                           finite)
@@ -453,6 +461,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             slots = partner_slots
             learning_rate = self._partner.current_learning_rate(
                 learning_rate, self.iterations)
+            if self._partner_scale is not None and self._partner.follows_ratio:
+                learning_rate = learning_rate * self._partner_scale
             decay_rate = learning_rate
             step, new_slots = self._partner.step(
                 gradient, [s.value for s in slots], self.iterations)
@@ -486,7 +496,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                  "inverse_update_freq", "inverse_warmup", "kl_clip", "step_control",
                  "adaptive_damping", "model_update_freq", "fisher", "inverse_dtype",
                  "precondition_dtype", "precondition_form", "conv_location_stride",
-                 "split_inverses", "max_factor_dim", "fallback_lr_ratio", "seed")
+                 "split_inverses", "max_factor_dim", "fallback_lr_ratio",
+                 "fallback_lr_ceiling", "seed")
         config.update({name: getattr(self, name) for name in names})
         config.update(damping=damping, fallback=self._partner.get_config())
         return config

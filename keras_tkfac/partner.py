@@ -28,7 +28,10 @@ Partners:
   curvature optimizer's.
 
 For a name, the partner's learning rate is `fallback_lr_ratio * learning_rate`, so a
-learning-rate schedule of the curvature optimizer also drives the partner.
+learning-rate schedule of the curvature optimizer also drives the partner; under
+`step_control="graft_quadratic"` it is also multiplied, step by step, by how far the
+quadratic model moved the preconditioned weights (`fallback_lr_ceiling`,
+`keras_tkfac.step_size.partner_scale`).
 """
 
 import tensorflow as tf
@@ -105,6 +108,11 @@ class Partner:
         if self.kind == "adam":
             return ("partner_m", "partner_v")
         return ("partner_momentum",) if self.momentum > 0 else ()
+
+    @property
+    def follows_ratio(self):
+        """Whether the learning rate follows the curvature optimizer's (a name)."""
+        return self.learning_rate is None
 
     def current_learning_rate(self, learning_rate, iterations):
         """The partner's learning rate, given the curvature optimizer's."""

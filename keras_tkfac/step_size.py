@@ -87,6 +87,10 @@ DEFAULT_LEARNING_RATE = {"graft": 3e-3, "trust_region": 0.1, "kl_clip": 0.1,
 DEFAULT_FALLBACK_LR_RATIO = {"graft": 1.0, "trust_region": 0.01, "kl_clip": 0.01,
                              "quadratic": 1.0, "graft_quadratic": 1.0}
 
+# The most a named partner's learning rate is multiplied by the quadratic model's
+# step length (`partner_scale`), per step control; 1: not at all.
+DEFAULT_FALLBACK_LR_CEILING = {"graft_quadratic": 3.0}
+
 # The learning rate at which the quadratic controls move the weights by the model's
 # whole step: `learning_rate / MODEL_STEP_LEARNING_RATE` is the fraction taken. It
 # is Keras's default learning rate (Adam's, AdamW's, Muon's), so that a learning
@@ -352,3 +356,19 @@ def combine(coefficients, updates, previous):
     """The steps `a U_l + b M_l` of `quadratic_updates`'s `(a, b)`."""
     a, b = coefficients
     return [a * u + b * m for u, m in zip(updates, previous)]
+
+
+def partner_scale(coefficient, trusted, ceiling):
+    """The multiple of a named partner's learning rate on this step.
+
+    Under `"graft_quadratic"` the model's coefficient `a` of the grafted direction
+    (`quadratic_updates`) is the learning rate at which RMSProp would take the
+    preconditioned weights' step (`graft_step`: each layer's update has the length
+    of RMSProp's step at learning rate 1). The partner, Adam at
+    `fallback_lr_ratio * learning_rate`, then moves the weights no curvature block
+    covers as far, relative to its rate at the floor `GRAFT_QUADRATIC_FLOOR`:
+    `min(max(a / GRAFT_QUADRATIC_FLOOR, 1), ceiling)`. A step whose model is not
+    trusted takes the sibling step at the floor, and the partner its own rate (1).
+    """
+    scale = tf.clip_by_value(coefficient / GRAFT_QUADRATIC_FLOOR, 1.0, ceiling)
+    return tf.where(trusted, scale, 1.0)

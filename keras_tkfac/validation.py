@@ -58,7 +58,8 @@ def check_choice(name, value, choices):
 def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
                               factor_update_freq, inverse_update_freq, inverse_warmup,
                               kl_clip, conv_location_stride, split_inverses,
-                              max_factor_dim, fallback_lr_ratio, seed):
+                              max_factor_dim, fallback_lr_ratio, seed,
+                              fallback_lr_ceiling=1.0):
     """The numeric and boolean arguments of `TKFAC`/`KFAC` (learning rate and damping
     may also be schedules; the learning rate also a callable)."""
     if not (is_schedule(learning_rate) or callable(learning_rate)):
@@ -78,6 +79,7 @@ def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
     check_choice("split_inverses", split_inverses, (True, False))
     check_int("max_factor_dim", max_factor_dim)
     check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
+    check_real("fallback_lr_ceiling", fallback_lr_ceiling, low=1.0)
     check_int("seed", seed, low=0)
 
 
@@ -103,16 +105,19 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
                                 inverse_dtype,
                                 precondition_dtype, precondition_form,
                                 conv_location_stride, split_inverses, max_factor_dim,
-                                fallback_lr_ratio, seed):
+                                fallback_lr_ratio, fallback_lr_ceiling, seed):
     """Checks `CurvatureOptimizer`'s arguments (a `ValueError` naming the argument
     and the value received) and fills in the defaults that depend on the step
-    control. Returns `(learning_rate, fallback_lr_ratio, adaptive_damping, seed)`."""
+    control. Returns `(learning_rate, fallback_lr_ratio, fallback_lr_ceiling,
+    adaptive_damping, seed)`."""
     check_choice("step_control", step_control, step_size.STEP_CONTROLS)
     if learning_rate is None:
         learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
     step_size.warn_if_capped(step_control, learning_rate)
     if fallback_lr_ratio is None:
         fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
+    if fallback_lr_ceiling is None:
+        fallback_lr_ceiling = step_size.DEFAULT_FALLBACK_LR_CEILING.get(step_control, 1.0)
     if seed is None:
         seed = random.randrange(2**31 - 1)
     check_curvature_arguments(
@@ -122,6 +127,7 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
         kl_clip=kl_clip, conv_location_stride=conv_location_stride,
         split_inverses=split_inverses, max_factor_dim=max_factor_dim,
         fallback_lr_ratio=fallback_lr_ratio, seed=seed,
+        fallback_lr_ceiling=fallback_lr_ceiling,
     )
     check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
     if adaptive_damping is None:
@@ -132,7 +138,7 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
     check_choice("inverse_dtype", inverse_dtype, inverses_lib.INVERSE_DTYPES)
     check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
     check_choice("precondition_form", precondition_form, factored.FORMS)
-    return learning_rate, fallback_lr_ratio, adaptive_damping, seed
+    return learning_rate, fallback_lr_ratio, fallback_lr_ceiling, adaptive_damping, seed
 
 
 def built_from_the_recording(error):

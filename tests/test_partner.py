@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import keras
+import tensorflow as tf
 
 import keras_tkfac
+from keras_tkfac import step_size
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -177,3 +179,64 @@ def test_adam_partner_trains_rare_embedding_rows():
 
     adam, sgd = moved("adam"), moved("sgd")
     assert np.isfinite(adam) and adam > 10 * sgd
+
+
+def _first_step_lengths(**kwargs):
+    """One `fit` step of `_model()` (two preconditioned Dense layers, two
+    LayerNormalizations on the partner) on one batch: each Dense layer's `a` (its
+    step's length over that of RMSProp's first step at learning rate 1, which the
+    grafted direction has) and the partner's learning rate (its step's length over
+    that of Keras's Adam's first step at learning rate 1)."""
+    x, y = helpers.classification_data(n=16)
+    base = _model()
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, base(x))
+    grads = {v.path: g.numpy() for v, g in zip(
+        base.trainable_variables, tape.gradient(loss, base.trainable_variables))}
+    before = {v.path: v.numpy().copy() for v in base.trainable_variables}
+    model = keras_tkfac.wrap(base)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **kwargs), loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    def length(paths, rate_one, epsilon):
+        moved = [before[p] - v.numpy() for v in base.trainable_variables
+                 for p in paths if v.path == p]
+        unit = [g / (np.abs(g) + epsilon) for p in paths for g in [grads[p]]]
+        return (np.sqrt(sum((m ** 2).sum() for m in moved))
+                / (rate_one * np.sqrt(sum((u ** 2).sum() for u in unit))))
+
+    dense = [[v.path for v in layer.trainable_variables] for layer in base.layers
+             if isinstance(layer, keras.layers.Dense)]
+    partner = [v.path for v in _uncovered(base)]
+    # (Keras's Adam adds epsilon before the bias correction: at step 1 it acts as
+    # epsilon / sqrt(1 - beta_2).)
+    return ([length(paths, 1.0, 1e-7) for paths in dense],
+            length(partner, 1e-3, 1e-7 / np.sqrt(1e-3)) * 1e-3)
+
+
+def test_the_partner_moves_as_far_as_the_quadratic_model_moves_the_rest():
+    # On the first step (no previous step) the preconditioned layers move by
+    # a * u_l, |u_l| = |G_l / (|G_l| + eps)|: both give the same a.
+    (a, a_second), partner_rate = _first_step_lengths()
+    np.testing.assert_allclose(a, a_second, rtol=1e-4)
+    assert a > 2e-3  # the model moved them further than RMSProp at 1e-3 would
+    ceiling = step_size.DEFAULT_FALLBACK_LR_CEILING["graft_quadratic"]
+    np.testing.assert_allclose(partner_rate, 1e-3 * min(max(a / 1e-3, 1.0), ceiling),
+                               rtol=1e-4)
+    _, high_rate = _first_step_lengths(fallback_lr_ceiling=1e3)
+    np.testing.assert_allclose(high_rate, a, rtol=1e-4)
+    # A ceiling below a / 1e-3 binds; 1 keeps Adam's learning rate.
+    (a_capped, _), capped_rate = _first_step_lengths(fallback_lr_ceiling=1.5)
+    np.testing.assert_allclose(a_capped, a, rtol=1e-5)
+    np.testing.assert_allclose(capped_rate, 1.5e-3, rtol=1e-4)
+    _, plain_rate = _first_step_lengths(fallback_lr_ceiling=1.0)
+    np.testing.assert_allclose(plain_rate, 1e-3, rtol=1e-4)
+    # An instance's learning rate is its own.
+    _, own_rate = _first_step_lengths(fallback=keras.optimizers.Adam(2e-3))
+    np.testing.assert_allclose(own_rate, 2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ceiling", [0.5, float("nan"), "10"])
+def test_invalid_fallback_lr_ceiling_raises(ceiling):
+    with pytest.raises(ValueError, match="fallback_lr_ceiling"):
+        keras_tkfac.TKFAC(fallback_lr_ceiling=ceiling)
