@@ -114,9 +114,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._owner = None
         self._slots = []
         self._jit_math = False
-        # This step's multiple of a named partner's learning rate
-        # (`step_size.partner_scale`), handed over by `quadratic.steps`.
-        self._partner_scale = None
         self._step_is_finite = None
         # Trace-time hand-overs from `update_curvature` to `apply_gradients`: rows
         # of the factored form (`factored`), the `quadratic` step's batch and its
@@ -425,7 +422,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     lambda: None)
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
-        self._partner_scale = None
+        self._partner.scale = None
         self._loss_rows = {}
         damping_lib.adapt(self, self._products.pop(distributed.replica_index(), None),
                           finite)
@@ -461,8 +458,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             slots = partner_slots
             learning_rate = self._partner.current_learning_rate(
                 learning_rate, self.iterations)
-            if self._partner_scale is not None and self._partner.follows_ratio:
-                learning_rate = learning_rate * self._partner_scale
             decay_rate = learning_rate
             step, new_slots = self._partner.step(
                 gradient, [s.value for s in slots], self.iterations)

@@ -55,6 +55,10 @@ class Partner:
     def __init__(self, fallback, lr_ratio, momentum):
         self.fallback = fallback
         self.lr_ratio = float(lr_ratio)
+        # This step's multiple of a named partner's learning rate
+        # (`step_size.partner_scale`), handed over by `quadratic.steps`; `None`
+        # between steps.
+        self.scale = None
         self.learning_rate = None
         # The instance's own weight decay (`None`: the curvature optimizer's).
         self.weight_decay = None
@@ -109,14 +113,11 @@ class Partner:
             return ("partner_m", "partner_v")
         return ("partner_momentum",) if self.momentum > 0 else ()
 
-    @property
-    def follows_ratio(self):
-        """Whether the learning rate follows the curvature optimizer's (a name)."""
-        return self.learning_rate is None
-
     def current_learning_rate(self, learning_rate, iterations):
         """The partner's learning rate, given the curvature optimizer's."""
         if self.learning_rate is None:
+            if self.scale is not None:
+                return learning_rate * self.lr_ratio * self.scale
             return learning_rate * self.lr_ratio
         if isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             return self.learning_rate(iterations)

@@ -214,7 +214,7 @@ def steps(optimizer, used, variables, learning_rate):
         return _without_products(optimizer, used, variables, learning_rate,
                                  "%s: %s" % (type(error).__name__, error))
     if optimizer.step_control == "graft_quadratic" and optimizer.fallback_lr_ceiling > 1:
-        optimizer._partner_scale = step_size.partner_scale(
+        optimizer._partner.scale = step_size.partner_scale(
             a, trusted, optimizer.fallback_lr_ceiling)
     found = step_size.combine((a, b), updates, previous)
     # (A step that reuses a model's coefficients, `model_update_freq > 1`, also
