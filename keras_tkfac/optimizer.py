@@ -8,7 +8,6 @@ update cadence and the distribution code live in their own modules.
 import collections
 import weakref
 
-from absl import logging
 import tensorflow as tf
 import keras
 
@@ -242,12 +241,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self.add_variable_from_reference(variable, slot_name)
                 for slot_name in self._partner.slot_names()
             ]
-        if fallback:
-            logging.warning(
-                "keras_tkfac: %d of %d variable(s) have no curvature block and take "
-                "the first-order fallback (%s): %s", len(fallback), len(var_list),
-                self._partner.label, ", ".join(fallback),
-            )
+        self._partner.log_uncovered(fallback, len(var_list))
 
     # Curvature ----------------------------------------------------------------
 
@@ -456,12 +450,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                            and self._use_weight_decay(variable) else 0.0)
         else:
             slots = partner_slots
-            learning_rate = self._partner.current_learning_rate(
-                learning_rate, self.iterations)
+            learning_rate, step, new_slots, coefficient = self._partner.update(
+                self, variable, gradient, slots, learning_rate)
             decay_rate = learning_rate
-            step, new_slots = self._partner.step(
-                gradient, [s.value for s in slots], self.iterations)
-            coefficient = self._partner.weight_decay_of(self, variable)
         learning_rate = tf.cast(learning_rate, variable.dtype)
         decay = None
         if coefficient:

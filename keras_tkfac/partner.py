@@ -34,6 +34,7 @@ quadratic model moved the preconditioned weights (`fallback_lr_ceiling`,
 `keras_tkfac.step_size.partner_scale`).
 """
 
+from absl import logging
 import tensorflow as tf
 import keras
 
@@ -95,6 +96,26 @@ class Partner:
             self.epsilon = float(fallback.epsilon)
         else:
             self.momentum = float(fallback.momentum)
+
+    def update(self, optimizer, variable, gradient, slots, learning_rate):
+        """One step of a partner `variable`: `(learning rate, direction d, new slot
+        values, weight-decay coefficient)`; the variable moves by
+        `-learning_rate * d` (and decays by `learning_rate * coefficient`).
+        `learning_rate` is `optimizer`'s, `slots` the variable's partner state."""
+        learning_rate = self.current_learning_rate(learning_rate, optimizer.iterations)
+        step, new_slots = self.step(gradient, [s.value for s in slots],
+                                    optimizer.iterations)
+        return (learning_rate, step, new_slots,
+                self.weight_decay_of(optimizer, variable))
+
+    def log_uncovered(self, paths, total):
+        """Logs, once at build, the variables (`paths`, of `total`) the partner
+        trains."""
+        if paths:
+            logging.warning(
+                "keras_tkfac: %d of %d variable(s) have no curvature block and take "
+                "the first-order fallback (%s): %s", len(paths), total, self.label,
+                ", ".join(paths))
 
     def weight_decay_of(self, optimizer, variable):
         """The weight-decay coefficient of a partner `variable` (0: none): the
