@@ -245,6 +245,18 @@ class record:
         return False
 
 
+def _tape_records():
+    """Whether a gradient tape records the ops created now (`False` inside a
+    tape's `stop_recording`, which `tf.recompute_grad` uses for its forward
+    pass). Where TensorFlow's private API differs, assumed `True`."""
+    try:
+        from tensorflow.python.eager import record as tape_record  # pylint: disable=import-outside-toplevel
+    except ImportError:  # pragma: no cover
+        return True
+    could = getattr(tape_record, "could_possibly_record", None)
+    return True if could is None else bool(could())
+
+
 def active():
     """The `Recording` active in this thread, or `None`."""
     return getattr(_STATE, "recording", None)
@@ -277,6 +289,20 @@ def install(block):
                     "function and cannot be recorded; its curvature is not "
                     "updated. Exclude it: keras_tkfac.wrap(model, exclude=[%r]).",
                     layer.name, layer.name,
+                )
+            return original(inputs, *args, **kwargs)
+        if not _tape_records():
+            # Inside `tf.recompute_grad` (`keras.remat`) or a tape's
+            # `stop_recording`: no gradient reaches the recorded output, and its
+            # statistics would be zeros.
+            if layer not in _WARNED:
+                _WARNED.add(layer)
+                logging.warning(
+                    "keras_tkfac: layer %r is called where no gradient tape records "
+                    "(inside tf.recompute_grad, keras.remat or stop_recording): its "
+                    "output gradients cannot be recorded and its curvature is not "
+                    "updated. Exclude it to train it with the first-order partner: "
+                    "keras_tkfac.wrap(model, exclude=[%r]).", layer.name, layer.name,
                 )
             return original(inputs, *args, **kwargs)
         if isinstance(inputs, tf.SparseTensor):  # `Hashing(sparse=True)` -> Dense

@@ -537,7 +537,8 @@ class Batch:
                 return _reverse_mode(forward, self.outputs, primals, directions)
 
         tangents_lib.install_jvps()
-        jvps, sources, flat = self._restoring(run)
+        with tangents_lib.plain_recompute():
+            jvps, sources, flat = self._restoring(run)
         self.predictions = flat if rows is None else None
         labels, weights = self._per_output(len(flat))
         if rows is not None:

@@ -32,6 +32,9 @@ ops run unrecorded; the body's result carries its tangent). In eager execution
 nothing is traced and nothing is found.
 """
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=no-name-in-module
@@ -279,3 +282,45 @@ def install_jvps():
     special = jvp_rules.special_cases()
     for name, rule in JVPS.items():
         special.setdefault(name, rule)
+
+
+# `tf.recompute_grad` as TensorFlow defines it, restored after `plain_recompute`.
+_RECOMPUTE_GRAD = tf.recompute_grad
+_recompute_lock = threading.Lock()
+_recompute_depth = [0]
+
+
+def _plain(f):
+    return f
+
+
+@contextlib.contextmanager
+def plain_recompute():
+    """`tf.recompute_grad` returns the function unchanged within this context.
+
+    Gradient checkpointing (`tf.recompute_grad`, and Keras's `keras.RematScope` and
+    `keras.remat`, which call it on TensorFlow) recomputes a function's forward pass
+    in the backward pass instead of keeping its activations. TensorFlow's forward
+    mode cannot pass such a function (its Jacobian-vector product would transpose a
+    gradient that raises "Consider not using recompute_grad in forward mode
+    autodiff", measured on TensorFlow 2.21), nor can reverse-over-reverse mode, so
+    every step of such a model lost its curvature products. The products' passes
+    only compute forward values and their tangents, where recomputation saves
+    nothing; within them the function runs as it is, with the same values.
+
+    Functions wrapped while the context is open are plain; ones wrapped before it
+    (`keras.remat` applied in a layer's `__init__`) keep their recomputation and
+    still fail there. Thread-safe (replicas trace in threads of their own): the
+    original is restored when the last context closes.
+    """
+    with _recompute_lock:
+        if _recompute_depth[0] == 0:
+            tf.recompute_grad = _plain
+        _recompute_depth[0] += 1
+    try:
+        yield
+    finally:
+        with _recompute_lock:
+            _recompute_depth[0] -= 1
+            if _recompute_depth[0] == 0:
+                tf.recompute_grad = _RECOMPUTE_GRAD

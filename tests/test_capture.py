@@ -250,3 +250,37 @@ def test_register_block_for_a_custom_layer():
         del keras_tkfac.blocks.BLOCKS[MyDense]
     with pytest.raises(ValueError, match="block_class"):
         keras_tkfac.register_block(MyDense, object)
+
+
+class _Checkpointed(keras.layers.Layer):
+    """A Dense called inside `tf.recompute_grad` (gradient checkpointing)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units, activation="relu", name="inside")
+
+    def call(self, x):
+        return tf.recompute_grad(self.dense)(x)
+
+
+def test_a_layer_inside_recompute_grad_says_its_curvature_is_not_recorded(caplog):
+    # Its forward pass runs where no tape records: its output gradients would be
+    # zeros. It is not recorded (its factors stay as they were) and says so; the
+    # model still trains.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), _Checkpointed(4), keras.layers.Dense(3)])
+    wrapped = keras_tkfac.wrap(model)
+    optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=1)
+    wrapped.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, 64)
+    history = wrapped.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    assert any("'inside' is called where no gradient tape records" in r.getMessage()
+               for r in caplog.records)
+    factors = {v.path.split("/")[-1]: v.numpy() for v in optimizer.variables}
+    assert not np.any(factors["inside_n_phi"]) and not np.any(factors["inside_n_psi"])
+    others = [v for k, v in factors.items() if k.endswith("_n_phi") and "inside" not in k]
+    assert others and all(np.any(v) for v in others)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

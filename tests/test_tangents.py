@@ -291,3 +291,57 @@ def test_nested_accumulators_pass_ops_with_integer_outputs(path):
     assert np.abs(alone.numpy()).max() > 1e-3
     np.testing.assert_allclose(inner, 2.0 * outer.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(outer, alone, rtol=1e-6, atol=1e-6)
+
+
+class _RecomputedActivation(keras.layers.Layer):
+    """A Dense whose activation is checkpointed at call time (`tf.recompute_grad`)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, x):
+        return tf.recompute_grad(tf.nn.gelu)(self.dense(x))
+
+
+def _remat_model(kind):
+    keras.utils.set_random_seed(0)
+    middle = {"plain": lambda: keras.layers.Dense(6, activation="gelu"),
+              "scope": lambda: keras.layers.Dense(6, activation="gelu"),
+              "call": lambda: _RecomputedActivation(6)}[kind]
+    if kind == "scope":  # Keras's RematScope wraps each activation at call time.
+        with keras.RematScope(mode="activations"):
+            return keras.Sequential([keras.Input((5,)), middle(),
+                                     keras.layers.Dense(3)])
+    return keras.Sequential([keras.Input((5,)), middle(), keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("kind", ["scope", "call"])
+def test_checkpointed_models_take_the_products_of_the_plain_model(kind, caplog):
+    # TensorFlow's forward mode (and reverse-over-reverse) cannot pass
+    # `tf.recompute_grad`; within the products' passes it is the plain function,
+    # so the checkpointed model's steps are the plain model's.
+    x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    weights = {}
+    for name in ("plain", kind):
+        model = _remat_model(name)
+        wrapped = keras_tkfac.wrap(model)
+        wrapped.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        wrapped.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        weights[name] = model.get_weights()
+    assert not [r for r in caplog.records if "products failed" in r.getMessage()]
+    for got, want in zip(weights[kind], weights["plain"]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert tf.recompute_grad is tangents._RECOMPUTE_GRAD  # restored after the passes
+
+
+def test_plain_recompute_restores_the_original_after_nested_contexts():
+    original = tf.recompute_grad
+    f = lambda x: x + 1.0  # pylint: disable=unnecessary-lambda-assignment
+    with tangents.plain_recompute():
+        with tangents.plain_recompute():
+            assert tf.recompute_grad(f) is f
+        assert tf.recompute_grad(f) is f
+    assert tf.recompute_grad is original
+    assert tf.recompute_grad(f) is not f
