@@ -13,8 +13,12 @@ Public API:
 - `register_recurrent_blocks()`: precondition `SimpleRNN`, `LSTM` and `GRU` too
   (off by default).
 - `CurvatureMonitor`: a callback logging per-layer curvature diagnostics.
+- `recalibrate_batch_norm(model, data)`, `BatchNormRecalibration(data)`: recompute
+  `BatchNormalization`'s moving statistics from training batches (before an
+  evaluation early in training).
 """
 
+from keras_tkfac.batch_norm import BatchNormRecalibration, recalibrate_batch_norm
 from keras_tkfac.blocks import register_block
 from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record
@@ -27,11 +31,13 @@ from keras_tkfac.wrapping import CurvatureModel, wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormRecalibration",
     "CurvatureModel",
     "CurvatureMonitor",
     "KFAC",
     "ModelForward",
     "TKFAC",
+    "recalibrate_batch_norm",
     "record",
     "register_block",
     "register_normalization_blocks",
