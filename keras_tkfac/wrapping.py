@@ -47,6 +47,25 @@ def _recurrent_sublayers(layers):
     return found
 
 
+def _excluded_layers(layers, exclude):
+    """Ids of the layers `exclude` names (by name or class) and of every layer
+    nested in them: excluding a `MultiHeadAttention` excludes its projections."""
+    names = {e for e in exclude if isinstance(e, str)}
+    types = tuple(e for e in exclude if isinstance(e, type))
+    excluded = set()
+    for layer in layers:
+        if layer.name in names or (types and isinstance(layer, types)):
+            excluded.update(
+                id(sub) for sub in layer._flatten_layers(include_self=True, recursive=True))
+    return excluded
+
+
+def _unknown_names(layers, exclude):
+    """The names in `exclude` that no layer in `layers` has."""
+    names = {layer.name for layer in layers}
+    return [e for e in exclude if isinstance(e, str) and e not in names]
+
+
 def _find_blocks(model, exclude, known=None):
     """The blocks of `model`'s layers, reusing those in `known` (`{id(layer): block}`).
 
@@ -55,10 +74,9 @@ def _find_blocks(model, exclude, known=None):
         block class but run inside a recurrent layer's loop (left to the fallback).
     """
     known = known or {}
-    excluded_names = {e for e in exclude if isinstance(e, str)}
-    excluded_types = tuple(e for e in exclude if isinstance(e, type))
     layers = list(model._flatten_layers(include_self=False, recursive=True))
     recurrent = _recurrent_sublayers(layers)
+    excluded = _excluded_layers(layers, exclude)
     found, skipped = [], []
     seen = set()
     for layer in layers:
@@ -67,9 +85,7 @@ def _find_blocks(model, exclude, known=None):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        if layer.name in excluded_names or (
-            excluded_types and isinstance(layer, excluded_types)
-        ):
+        if id(layer) in excluded:
             continue
         block = known.get(id(layer)) or blocks_lib.block_for(layer)
         if block is None:
@@ -111,8 +127,9 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
 
     Args:
         model: the Keras model to wrap (Sequential, functional or subclassed).
-        exclude: layer names or classes that are not preconditioned (they take the
-            first-order fallback). Defaults to `()`.
+        exclude: layer names or classes that are not preconditioned, nor are the
+            layers nested in them (they take the first-order fallback). Defaults
+            to `()`.
         **kwargs: base `keras.Model` arguments such as `name`.
     """
 
@@ -177,11 +194,18 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     @property
     def blocks(self):
         """The curvature blocks of the wrapped model's current layers."""
-        layers = self.model._flatten_layers(include_self=False, recursive=True)
+        layers = list(self.model._flatten_layers(include_self=False, recursive=True))
         key = tuple(id(layer) for layer in layers)
         cached_key, cached = self._block_cache
         if key == cached_key:
             return list(cached)
+        unknown = _unknown_names(layers, self._exclude)
+        if unknown and self.model.built:
+            # (An unbuilt model may still create the layer in its `build`.)
+            raise ValueError(
+                f"exclude names no layer of the model: {unknown}. Its layers: "
+                f"{sorted({layer.name for layer in layers})}. Received: "
+                f"exclude={self._exclude!r}")
         known = {id(block.layer): block for block in cached}
         found, recurrent = _find_blocks(self.model, self._exclude, known)
         for block in found:
@@ -585,7 +609,9 @@ def wrap(model, *, exclude=()):
 
     Args:
         model: a `keras.Model`.
-        exclude: layer names or layer classes to leave to the first-order fallback.
+        exclude: layer names or layer classes to leave to the first-order fallback,
+            with every layer nested in them (excluding a `MultiHeadAttention`
+            excludes its projections).
 
     Returns:
         A `CurvatureModel`; `model` itself when it already is one (wrapping twice
@@ -593,7 +619,9 @@ def wrap(model, *, exclude=()):
 
     Raises:
         ValueError: when `model` is already wrapped and `exclude` differs from its
-            wrapping's.
+            wrapping's; when `exclude` names a layer the model does not have (checked
+            once the model is built: at `wrap` for a built model, else at its first
+            step).
     """
     if isinstance(model, CurvatureModel):
         if tuple(exclude) not in ((), model._exclude):

@@ -237,6 +237,47 @@ def test_excluded_and_unregistered_layers_are_not_blocks():
         keras_tkfac.wrap(model, exclude=[3])
 
 
+def test_excluding_a_layer_excludes_the_layers_nested_in_it():
+    def build():
+        inputs = keras.Input((6, 8))
+        h = keras.layers.MultiHeadAttention(2, 4, name="attention")(inputs, inputs)
+        return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+    covered = keras_tkfac.wrap(build())
+    assert sorted(b.name for b in covered.blocks) == [
+        "attention_output", "head", "key", "query", "value"]
+    for exclude in (["attention"], [keras.layers.MultiHeadAttention]):
+        wrapped = keras_tkfac.wrap(build(), exclude=exclude)
+        assert [b.name for b in wrapped.blocks] == ["head"]
+        optimizer = keras_tkfac.TKFAC()
+        wrapped.compile(optimizer=optimizer, loss="mse")
+        wrapped.fit(np.zeros((4, 6, 8), "float32"), np.zeros((4, 6, 3), "float32"),
+                    verbose=0)
+        attention = wrapped.get_layer("attention")
+        for variable in attention.trainable_variables:  # the partner's state
+            index = optimizer._get_variable_index(variable)
+            assert optimizer._partner_slots[index] is not None, variable.path
+
+
+def test_an_excluded_name_that_no_layer_has_is_an_error():
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="head")])
+    with pytest.raises(ValueError, match=r"exclude names no layer.*'haed'.*'head'"):
+        keras_tkfac.wrap(model, exclude=["haed"])
+
+    class Lazy(keras.Model):  # creates its layer in `build`: checked once built
+        def build(self, input_shape):
+            self.inner = keras.layers.Dense(3, name="inner")
+
+        def call(self, x):
+            return self.inner(x)
+
+    assert keras_tkfac.wrap(Lazy(), exclude=["inner"]) is not None
+    unbuilt = keras_tkfac.wrap(Lazy(), exclude=["other"])
+    unbuilt.compile(optimizer=keras_tkfac.TKFAC(), loss="mse")
+    with pytest.raises(ValueError, match=r"exclude names no layer.*'other'"):
+        unbuilt.fit(np.zeros((4, 5), "float32"), np.zeros((4, 3), "float32"), verbose=0)
+
+
 def test_register_block_for_a_custom_layer():
     class MyDense(keras.layers.Dense):
         pass
