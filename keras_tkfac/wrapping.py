@@ -114,6 +114,21 @@ def _overrides(model, method):
 _COMPILE_SIGNATURE = inspect.signature(keras.Model.compile)
 
 
+def _own_compile(model):
+    """Whether `model`'s class has a `compile` of its own arguments (keras-io's GAN:
+    `compile(d_optimizer, g_optimizer, loss_fn)`), which Keras's `compile` would
+    misread even where they bind to it positionally: no `optimizer` parameter and
+    no `**kwargs`."""
+    if not _overrides(model, "compile"):
+        return False
+    try:
+        parameters = inspect.signature(type(model).compile).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return "optimizer" not in parameters and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 @keras.saving.register_keras_serializable(package="keras_tkfac")
 class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     """A Keras model wrapping another one so that TKFAC/KFAC see its curvature.
@@ -266,6 +281,9 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         self.built = True
 
     def compile(self, *args, **kwargs):
+        if _own_compile(self.model):
+            self._compile_own(args, kwargs)
+            return
         try:
             arguments = _COMPILE_SIGNATURE.bind(self, *args, **kwargs).arguments
         except TypeError:

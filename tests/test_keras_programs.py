@@ -487,9 +487,13 @@ class GAN(keras.Model):
         return {"d_loss": d_loss, "g_loss": g_loss}
 
 
-def _gan_history(model, d_optimizer):
-    model.compile(d_optimizer=d_optimizer, g_optimizer=keras.optimizers.Adam(1e-3),
-                  loss_fn=keras.losses.BinaryCrossentropy())
+def _gan_history(model, d_optimizer, positional=False):
+    arguments = (d_optimizer, keras.optimizers.Adam(1e-3),
+                 keras.losses.BinaryCrossentropy())
+    if positional:  # these bind to Keras's `compile(optimizer, loss, loss_weights)`
+        model.compile(*arguments)
+    else:
+        model.compile(**dict(zip(("d_optimizer", "g_optimizer", "loss_fn"), arguments)))
     real = np.random.default_rng(0).normal(1.0, 0.2, size=(64, 2)).astype("float32")
     return model.fit(real, batch_size=16, epochs=3, shuffle=False, verbose=0).history
 
@@ -502,10 +506,15 @@ def test_a_model_with_its_own_compile_arguments_gets_them():
     plain = _gan_history(GAN(), keras.optimizers.Adam(1e-3))
     keras.utils.set_random_seed(0)
     wrapped = _gan_history(keras_tkfac.wrap(GAN()), keras.optimizers.Adam(1e-3))
+    keras.utils.set_random_seed(0)
+    positional = _gan_history(keras_tkfac.wrap(GAN()), keras.optimizers.Adam(1e-3),
+                              positional=True)
     for key in ("d_loss", "g_loss"):
         np.testing.assert_allclose(wrapped[key], plain[key], rtol=1e-6)
+        np.testing.assert_allclose(positional[key], plain[key], rtol=1e-6)
     keras.utils.set_random_seed(0)
-    curvature = _gan_history(keras_tkfac.wrap(GAN()), keras_tkfac.TKFAC(seed=0))
+    curvature = _gan_history(keras_tkfac.wrap(GAN()), keras_tkfac.TKFAC(seed=0),
+                             positional=True)
     assert np.all(np.isfinite(curvature["d_loss"] + curvature["g_loss"]))
     assert not np.allclose(curvature["d_loss"], plain["d_loss"])
     # A model with Keras's own `compile` still rejects arguments Keras rejects.
