@@ -186,7 +186,9 @@ def register_block(layer_class, block_class):
 
 def register_normalization_blocks():
     """Registers the scale-and-shift blocks of `LayerNormalization` and
-    `BatchNormalization` (off by default), for models wrapped from then on.
+    `BatchNormalization` (off by default), for models wrapped from then on and for
+    wrapped models whose optimizer is not built yet (a built one keeps its blocks;
+    logged).
 
     Example:
 

@@ -343,7 +343,8 @@ _CELL_BLOCKS = {block.cell_class: block for block in RECURRENT_BLOCKS.values()}
 
 def register_recurrent_blocks():
     """Registers the blocks of `SimpleRNN`, `LSTM`, `GRU` and `RNN` with one of
-    their cells (off by default), for models wrapped from then on.
+    their cells (off by default), for models wrapped from then on and for wrapped
+    models whose optimizer is not built yet (a built one keeps its blocks; logged).
 
     Off by default because on the workload suite's bidirectional-LSTM classifier
     TKFAC with the recurrent layers preconditioned ended at a best validation loss

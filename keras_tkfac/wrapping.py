@@ -167,6 +167,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # Blocks are found again whenever the wrapped model's layers change (layers
         # added after `wrap`, an unbuilt model), until the optimizer is built.
         object.__setattr__(self, "_block_cache", ((), []))
+        object.__setattr__(self, "_registry_warned", False)
         object.__setattr__(self, "_recurrent_warned", False)
         object.__setattr__(self, "_inner_jit", False)
         object.__setattr__(self, "_warned_unfed", False)
@@ -210,9 +211,25 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     def blocks(self):
         """The curvature blocks of the wrapped model's current layers."""
         layers = list(self.model._flatten_layers(include_self=False, recursive=True))
-        key = tuple(id(layer) for layer in layers)
+        # The layers, and the block class registered for each: a block registered
+        # after `wrap` (`register_normalization_blocks()`) counts until the
+        # optimizer is built.
+        key = (tuple(id(layer) for layer in layers),
+               tuple(blocks_lib.BLOCKS.get(type(layer)) for layer in layers))
         cached_key, cached = self._block_cache
         if key == cached_key:
+            return list(cached)
+        if cached_key and cached_key[0] == key[0] and self._optimizer_built():
+            # Only the registry changed, after the optimizer was built for these
+            # blocks: its state and the recorded outputs stay aligned with them.
+            if not self._registry_warned:
+                object.__setattr__(self, "_registry_warned", True)
+                logging.warning(
+                    "keras_tkfac: a block was registered after the optimizer of "
+                    "model %r was built; that model keeps the blocks it was built "
+                    "with. Register blocks before `wrap` (or before the first "
+                    "step).", self.model.name)
+            object.__setattr__(self, "_block_cache", (key, cached))
             return list(cached)
         unknown = _unknown_names(layers, self._exclude)
         if unknown and self.model.built:
@@ -333,6 +350,10 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # model's `compile` gave Keras, and its `compute_loss`.
         super().compile(**config.config)
         self._attach()
+
+    def _optimizer_built(self):
+        curvature = _curvature_optimizer(getattr(self, "optimizer", None))
+        return bool(getattr(curvature, "built", False))
 
     def _attach(self):
         """Hands the current blocks to a curvature optimizer not yet built."""

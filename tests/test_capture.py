@@ -293,6 +293,34 @@ def test_register_block_for_a_custom_layer():
         keras_tkfac.register_block(MyDense, object)
 
 
+def test_a_block_registered_after_wrap_counts_until_the_optimizer_is_built(
+        monkeypatch, caplog):
+    class MyDense(keras.layers.Dense):
+        pass
+
+    class OtherDense(keras.layers.Dense):
+        pass
+
+    inputs = keras.Input((5,))
+    hidden = MyDense(4, name="mine")(inputs)
+    model = keras_tkfac.wrap(keras.Model(inputs, OtherDense(3, name="other")(hidden)))
+    assert model.blocks == []
+    monkeypatch.setitem(keras_tkfac.blocks.BLOCKS, MyDense, keras_tkfac.blocks.DenseBlock)
+    assert [b.name for b in model.blocks] == ["mine"]
+    optimizer = keras_tkfac.TKFAC()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = np.zeros((8, 5), "float32"), np.zeros((8, 3), "float32")
+    model.fit(x, y, verbose=0)
+    assert [b.name for b in optimizer._blocks] == ["mine"]
+    # Too late for the built optimizer: the model keeps its blocks, and says so.
+    monkeypatch.setitem(keras_tkfac.blocks.BLOCKS, OtherDense,
+                        keras_tkfac.blocks.DenseBlock)
+    with caplog.at_level("WARNING"):
+        model.fit(x, y, verbose=0)
+    assert [b.name for b in model.blocks] == ["mine"]
+    assert "registered after the optimizer" in caplog.text
+
+
 class _Checkpointed(keras.layers.Layer):
     """A Dense called inside `tf.recompute_grad` (gradient checkpointing)."""
 

@@ -19,6 +19,7 @@ constraints, and a model with its own `train_step` that does not feed curvature.
     python tools/program_sweep.py [--programs=a,b] [--steps=24]
         [--optimizers=TKFAC,KFAC] [--output=docs/program_sweep.md]
         [--validation_split=0.25] [--adam_rates=1e-3,3e-3,1e-2]
+        [--recurrent_blocks]
 
 With `--validation_split` the last fraction of each program's examples is held out
 (Keras's `validation_split`; the same number of steps on the rest) and the table
@@ -61,6 +62,8 @@ def _define_flags():
     flags.DEFINE_list("adam_rates", ["1e-3"], "Adam's learning rates; each program "
                       "compares with the best of them (lowest best validation loss, or "
                       "last epoch's training loss without a split)")
+    flags.DEFINE_bool("recurrent_blocks", False, "precondition SimpleRNN, LSTM and GRU "
+                      "(keras_tkfac.register_recurrent_blocks(), off by default)")
     flags.DEFINE_float("validation_split", 0.0, "hold out this last fraction of each "
                        "program's examples (Keras's `validation_split`) and report the "
                        "best and last epoch's validation loss instead of the training "
@@ -190,6 +193,9 @@ def main(argv):
             f"Adam (best of learning rates {', '.join(f'{r:g}' for r in rates)}; "
             "its rate in brackets)")
     settings = f" TKFAC's arguments: {tkfac}." if tkfac else ""
+    if FLAGS.recurrent_blocks:
+        keras_tkfac.register_recurrent_blocks()
+        settings += " Recurrent blocks registered (`--recurrent_blocks`)."
     if split:
         what = (f"The last {split:g} of each program's examples held out (Keras's "
                 f"`validation_split`), {FLAGS.steps} steps of {BATCH} on the rest; "
