@@ -60,6 +60,18 @@ def _excluded_layers(layers, exclude):
     return excluded
 
 
+def _as_sequence(exclude):
+    """`exclude` as a tuple: one name or class alone counts as a list of one (a
+    string would otherwise be read as its characters)."""
+    if isinstance(exclude, (str, type)):
+        return (exclude,)
+    try:
+        return tuple(exclude)
+    except TypeError:
+        raise ValueError("exclude must hold layer names or layer classes. "
+                         f"Received: exclude={exclude!r}") from None
+
+
 def _unknown_names(layers, exclude):
     """The names in `exclude` that no layer in `layers` has."""
     names = {layer.name for layer in layers}
@@ -156,6 +168,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             raise ValueError(
                 f"wrap expects a keras.Model. Received: model={model!r}"
             )
+        exclude = _as_sequence(exclude)
         for item in exclude:
             if not isinstance(item, (str, type)):
                 raise ValueError(
@@ -662,6 +675,7 @@ def wrap(model, *, exclude=()):
             once the model is built: at `wrap` for a built model, else at its first
             step).
     """
+    exclude = _as_sequence(exclude)
     if isinstance(model, CurvatureModel):
         if tuple(exclude) not in ((), model._exclude):
             raise ValueError(

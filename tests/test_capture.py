@@ -263,6 +263,11 @@ def test_an_excluded_name_that_no_layer_has_is_an_error():
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="head")])
     with pytest.raises(ValueError, match=r"exclude names no layer.*'haed'.*'head'"):
         keras_tkfac.wrap(model, exclude=["haed"])
+    # One name or class alone is a list of one (not the string's characters).
+    assert keras_tkfac.wrap(model, exclude="head").blocks == []
+    assert keras_tkfac.wrap(model, exclude=keras.layers.Dense).blocks == []
+    with pytest.raises(ValueError, match="exclude must hold"):
+        keras_tkfac.wrap(model, exclude=3)
 
     class Lazy(keras.Model):  # creates its layer in `build`: checked once built
         def build(self, input_shape):
