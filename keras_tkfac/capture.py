@@ -265,6 +265,9 @@ def active():
 def install(block):
     """Replaces `block.layer.call` by a recording call. Idempotent."""
     layer = block.layer
+    # The block the recording call records with: the latest installed (a block
+    # class registered after `wrap` replaces an earlier block of the layer).
+    object.__setattr__(layer, "_keras_tkfac_block", block)
     if getattr(layer.call, "_keras_tkfac_recording", False):
         return
     original = layer.call
@@ -307,7 +310,8 @@ def install(block):
             return original(inputs, *args, **kwargs)
         if isinstance(inputs, tf.SparseTensor):  # `Hashing(sparse=True)` -> Dense
             inputs = tf.sparse.to_dense(inputs)
-        a, s, outputs = block.record_call(original, inputs, *args, **kwargs)
+        current = getattr(layer, "_keras_tkfac_block", block)
+        a, s, outputs = current.record_call(original, inputs, *args, **kwargs)
         recording.add(layer, a, s)
         return outputs
 

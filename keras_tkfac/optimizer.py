@@ -162,6 +162,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        created = len(self._variables)
+        try:
+            self._build_state(var_list)
+        except Exception:
+            # Nothing half-made: the next build starts afresh (and raises the same
+            # error where it comes from, not a missing attribute in a later step).
+            del self._variables[created:]
+            self.built = False
+            raise
+
+    def _build_state(self, var_list):
         owner = self._owner() if self._owner is not None else None
         if not var_list and owner is not None:
             # Keras's legacy `.h5` loader builds the optimizer with the wrapper's

@@ -168,15 +168,14 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             raise ValueError(
                 f"wrap expects a keras.Model. Received: model={model!r}"
             )
-        exclude = _as_sequence(exclude)
-        for item in exclude:
+        for item in _as_sequence(exclude):
             if not isinstance(item, (str, type)):
                 raise ValueError(
                     "exclude must hold layer names or layer classes. "
                     f"Received: exclude={exclude!r}"
                 )
         self.model = model
-        self._exclude = tuple(exclude)
+        self._exclude = _as_sequence(exclude)
         # Blocks are found again whenever the wrapped model's layers change (layers
         # added after `wrap`, an unbuilt model), until the optimizer is built.
         object.__setattr__(self, "_block_cache", ((), []))
@@ -224,15 +223,26 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     def blocks(self):
         """The curvature blocks of the wrapped model's current layers."""
         layers = list(self.model._flatten_layers(include_self=False, recursive=True))
-        # The layers, and the block class registered for each: a block registered
-        # after `wrap` (`register_normalization_blocks()`) counts until the
-        # optimizer is built.
+        # The layers, the block class registered for each (a block registered after
+        # `wrap`, `register_normalization_blocks()`, counts until the optimizer is
+        # built) and what a block may decline (LoRA enabled or quantization applied
+        # after `wrap`: the layer's weights are then others).
         key = (tuple(id(layer) for layer in layers),
-               tuple(blocks_lib.BLOCKS.get(type(layer)) for layer in layers))
+               tuple(blocks_lib.BLOCKS.get(type(layer)) for layer in layers),
+               tuple((bool(getattr(layer, "lora_enabled", False)),
+                      getattr(layer, "quantization_mode", None)) for layer in layers))
         cached_key, cached = self._block_cache
         if key == cached_key:
             return list(cached)
         if cached_key and cached_key[0] == key[0] and self._optimizer_built():
+            if cached_key[2] != key[2]:
+                changed = [layer.name for layer, old, new in zip(
+                    layers, cached_key[2], key[2]) if old != new]
+                raise ValueError(
+                    f"Layer(s) {changed} had LoRA enabled or were quantized after "
+                    "the optimizer was built for their weights; compile the model "
+                    "again with a new optimizer. Received: model="
+                    f"{self.model.name!r}")
             # Only the registry changed, after the optimizer was built for these
             # blocks: its state and the recorded outputs stay aligned with them.
             if not self._registry_warned:
@@ -252,6 +262,12 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                 f"{sorted({layer.name for layer in layers})}. Received: "
                 f"exclude={self._exclude!r}")
         known = {id(block.layer): block for block in cached}
+        if cached_key:
+            # A layer whose registration or configuration changed gets a new block.
+            before = dict(zip(cached_key[0], zip(cached_key[1], cached_key[2])))
+            for layer, now in zip(layers, zip(key[1], key[2])):
+                if before.get(id(layer), now) != now:
+                    known.pop(id(layer), None)
         found, recurrent = _find_blocks(self.model, self._exclude, known)
         for block in found:
             capture.install(block)
@@ -675,9 +691,8 @@ def wrap(model, *, exclude=()):
             once the model is built: at `wrap` for a built model, else at its first
             step).
     """
-    exclude = _as_sequence(exclude)
     if isinstance(model, CurvatureModel):
-        if tuple(exclude) not in ((), model._exclude):
+        if _as_sequence(exclude) not in ((), model._exclude):
             raise ValueError(
                 "The model is already wrapped by keras_tkfac.wrap; to exclude other "
                 "layers, wrap the model it wraps: keras_tkfac.wrap(wrapped.model, "

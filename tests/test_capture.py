@@ -358,3 +358,84 @@ def test_a_layer_inside_recompute_grad_says_its_curvature_is_not_recorded(caplog
     assert others and all(np.any(v) for v in others)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _lora_model():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu", name="base")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+
+
+def test_lora_enabled_after_wrap_takes_the_partner_and_trains():
+    keras.utils.set_random_seed(0)
+    model = _lora_model()
+    wrapped = keras_tkfac.wrap(model)
+    assert [b.name for b in wrapped.blocks] == ["base", "head"]
+    model.get_layer("base").enable_lora(2)
+    optimizer = keras_tkfac.TKFAC()
+    wrapped.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    losses = wrapped.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert [b.name for b in wrapped.blocks] == ["head"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    base = model.get_layer("base")
+    for variable in (base.lora_kernel_a, base.lora_kernel_b, base.bias):
+        assert optimizer._partner_slots[optimizer._get_variable_index(variable)]
+    # Enabled after the optimizer was built for the layer's kernel, then compiled
+    # again with it (as Keras asks after changing what trains): an error that says
+    # what to do, not a step misaligned with the optimizer's state.
+    again = _lora_model()
+    wrapped = keras_tkfac.wrap(again)
+    built = keras_tkfac.TKFAC()
+    wrapped.compile(optimizer=built, loss="mse")
+    wrapped.fit(x, np.zeros((64, 3), "float32"), verbose=0)
+    again.get_layer("base").enable_lora(2)
+    with pytest.raises(ValueError, match=r"\['base'\] had LoRA enabled.*new optimizer"):
+        wrapped.compile(optimizer=built, loss="mse")
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(), loss="mse")
+    wrapped.fit(x, np.zeros((64, 3), "float32"), verbose=0)
+
+
+def test_a_block_class_registered_again_records_with_the_new_block(monkeypatch):
+    calls = []
+
+    class CountingDense(keras_tkfac.blocks.DenseBlock):
+        def record_call(self, call, inputs, *args, **kwargs):
+            calls.append(self.name)
+            return super().record_call(call, inputs, *args, **kwargs)
+
+    model = keras_tkfac.wrap(_lora_model())
+    assert [type(b) for b in model.blocks] == [keras_tkfac.blocks.DenseBlock] * 2
+    monkeypatch.setitem(keras_tkfac.blocks.BLOCKS, keras.layers.Dense, CountingDense)
+    model.compile(optimizer=keras_tkfac.TKFAC(), loss="mse")
+    model.fit(np.zeros((8, 6), "float32"), np.zeros((8, 3), "float32"), verbose=0)
+    assert [type(b) for b in model.blocks] == [CountingDense] * 2
+    assert set(calls) == {"base", "head"}
+
+
+def test_a_build_that_fails_part_way_leaves_nothing_half_made(monkeypatch):
+    from keras_tkfac import shapes
+    model = keras_tkfac.wrap(_lora_model())
+    optimizer = keras_tkfac.TKFAC()
+    optimizer.attach(model.blocks, owner=model)
+    before = len(optimizer.variables)
+    original = shapes.preconditionable
+
+    def failing(*args, **kwargs):
+        yield from list(original(*args, **kwargs))[:1]
+        raise RuntimeError("a layer's weights are not variables")
+
+    monkeypatch.setattr(shapes, "preconditionable", failing)
+    with pytest.raises(RuntimeError, match="not variables"):
+        optimizer.build(model.trainable_variables)
+    assert not optimizer.built and len(optimizer.variables) == before
+    monkeypatch.setattr(shapes, "preconditionable", original)
+    optimizer.build(model.trainable_variables)
+    fresh = keras_tkfac.TKFAC()
+    fresh.attach(model.blocks, owner=None)
+    fresh.build(model.trainable_variables)
+    def names(o):
+        return [v.path.split("/", 1)[1] for v in o.variables]
+    assert names(optimizer) == names(fresh)
