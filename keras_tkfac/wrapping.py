@@ -7,12 +7,11 @@ from absl import logging
 import tensorflow as tf
 import keras
 
-from keras_tkfac import blocks as blocks_lib
 from keras_tkfac import capture
 from keras_tkfac import distributed
+from keras_tkfac import finding
 from keras_tkfac import keras_compat
 from keras_tkfac import products
-from keras_tkfac import reuse
 from keras_tkfac import step_size
 
 
@@ -34,81 +33,6 @@ def _element_spec(iterator):
         return None
     return tf.nest.map_structure(
         lambda leaf: keras.KerasTensor(leaf.shape, leaf.dtype.name), spec)
-
-
-def _recurrent_sublayers(layers):
-    """Ids of the layers called inside a recurrent layer's loop (its cell's layers)."""
-    found = set()
-    for layer in layers:
-        if isinstance(layer, keras.layers.RNN):
-            found.update(
-                id(sub) for sub in layer._flatten_layers(include_self=False)
-            )
-    return found
-
-
-def _excluded_layers(layers, exclude):
-    """Ids of the layers `exclude` names (by name or class) and of every layer
-    nested in them: excluding a `MultiHeadAttention` excludes its projections."""
-    names = {e for e in exclude if isinstance(e, str)}
-    types = tuple(e for e in exclude if isinstance(e, type))
-    excluded = set()
-    for layer in layers:
-        if layer.name in names or (types and isinstance(layer, types)):
-            excluded.update(
-                id(sub) for sub in layer._flatten_layers(include_self=True, recursive=True))
-    return excluded
-
-
-def _as_sequence(exclude):
-    """`exclude` as a tuple: one name or class alone counts as a list of one (a
-    string would otherwise be read as its characters)."""
-    if isinstance(exclude, (str, type)):
-        return (exclude,)
-    try:
-        return tuple(exclude)
-    except TypeError:
-        raise ValueError("exclude must hold layer names or layer classes. "
-                         f"Received: exclude={exclude!r}") from None
-
-
-def _unknown_names(layers, exclude):
-    """The names in `exclude` that no layer in `layers` has."""
-    names = {layer.name for layer in layers}
-    return [e for e in exclude if isinstance(e, str) and e not in names]
-
-
-def _find_blocks(model, exclude, known=None):
-    """The blocks of `model`'s layers, reusing those in `known` (`{id(layer): block}`).
-
-    Returns:
-        `(blocks, recurrent)`: the blocks, and the names of layers that have a
-        block class but run inside a recurrent layer's loop (left to the fallback).
-    """
-    known = known or {}
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
-    recurrent = _recurrent_sublayers(layers)
-    excluded = _excluded_layers(layers, exclude)
-    found, skipped = [], []
-    seen = set()
-    for layer in layers:
-        # Frozen layers get blocks too: they may be unfrozen later, and the
-        # optimizer's `build` only preconditions trainable variables.
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if id(layer) in excluded:
-            continue
-        block = known.get(id(layer)) or blocks_lib.block_for(layer)
-        if block is None:
-            continue
-        if id(layer) in recurrent:
-            # A recurrent layer calls its cell inside a `tf.while_loop`, whose
-            # tensors cannot be recorded for the step's tape.
-            skipped.append(layer.name)
-            continue
-        found.append(block)
-    return found, skipped
 
 
 def _loss_weights(model):
@@ -168,19 +92,13 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             raise ValueError(
                 f"wrap expects a keras.Model. Received: model={model!r}"
             )
-        for item in _as_sequence(exclude):
-            if not isinstance(item, (str, type)):
-                raise ValueError(
-                    "exclude must hold layer names or layer classes. "
-                    f"Received: exclude={exclude!r}"
-                )
-        self.model = model
-        self._exclude = _as_sequence(exclude)
+        exclude = finding.as_sequence(exclude)
         # Blocks are found again whenever the wrapped model's layers change (layers
         # added after `wrap`, an unbuilt model), until the optimizer is built.
-        object.__setattr__(self, "_block_cache", ((), []))
-        object.__setattr__(self, "_registry_warned", False)
-        object.__setattr__(self, "_recurrent_warned", False)
+        finder = finding.BlockFinder(model, exclude)  # (checks `exclude`)
+        self.model = model
+        self._exclude = exclude
+        object.__setattr__(self, "_finder", finder)
         object.__setattr__(self, "_inner_jit", False)
         object.__setattr__(self, "_warned_unfed", False)
         capture.register_wrapper(model, self)
@@ -222,65 +140,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
     @property
     def blocks(self):
         """The curvature blocks of the wrapped model's current layers."""
-        layers = list(self.model._flatten_layers(include_self=False, recursive=True))
-        # The layers, the block class registered for each (a block registered after
-        # `wrap`, `register_normalization_blocks()`, counts until the optimizer is
-        # built) and what a block may decline (LoRA enabled or quantization applied
-        # after `wrap`: the layer's weights are then others).
-        key = (tuple(id(layer) for layer in layers),
-               tuple(blocks_lib.BLOCKS.get(type(layer)) for layer in layers),
-               tuple((bool(getattr(layer, "lora_enabled", False)),
-                      getattr(layer, "quantization_mode", None)) for layer in layers))
-        cached_key, cached = self._block_cache
-        if key == cached_key:
-            return list(cached)
-        if cached_key and cached_key[0] == key[0] and self._optimizer_built():
-            if cached_key[2] != key[2]:
-                changed = [layer.name for layer, old, new in zip(
-                    layers, cached_key[2], key[2]) if old != new]
-                raise ValueError(
-                    f"Layer(s) {changed} had LoRA enabled or were quantized after "
-                    "the optimizer was built for their weights; compile the model "
-                    "again with a new optimizer. Received: model="
-                    f"{self.model.name!r}")
-            # Only the registry changed, after the optimizer was built for these
-            # blocks: its state and the recorded outputs stay aligned with them.
-            if not self._registry_warned:
-                object.__setattr__(self, "_registry_warned", True)
-                logging.warning(
-                    "keras_tkfac: a block was registered after the optimizer of "
-                    "model %r was built; that model keeps the blocks it was built "
-                    "with. Register blocks before `wrap` (or before the first "
-                    "step).", self.model.name)
-            object.__setattr__(self, "_block_cache", (key, cached))
-            return list(cached)
-        unknown = _unknown_names(layers, self._exclude)
-        if unknown and self.model.built:
-            # (An unbuilt model may still create the layer in its `build`.)
-            raise ValueError(
-                f"exclude names no layer of the model: {unknown}. Its layers: "
-                f"{sorted({layer.name for layer in layers})}. Received: "
-                f"exclude={self._exclude!r}")
-        known = {id(block.layer): block for block in cached}
-        if cached_key:
-            # A layer whose registration or configuration changed gets a new block.
-            before = dict(zip(cached_key[0], zip(cached_key[1], cached_key[2])))
-            for layer, now in zip(layers, zip(key[1], key[2])):
-                if before.get(id(layer), now) != now:
-                    known.pop(id(layer), None)
-        found, recurrent = _find_blocks(self.model, self._exclude, known)
-        for block in found:
-            capture.install(block)
-        for layer in layers:  # (after `capture.install`: it wraps the recording call)
-            reuse.install(layer)
-        if recurrent and not self._recurrent_warned:
-            object.__setattr__(self, "_recurrent_warned", True)
-            logging.warning(
-                "keras_tkfac: layer(s) %s run inside a recurrent layer's loop and "
-                "take the first-order fallback.", ", ".join(recurrent)
-            )
-        object.__setattr__(self, "_block_cache", (key, found))
-        return list(found)
+        return self._finder.blocks(self._optimizer_built())
 
     def load_weights(self, filepath, *args, **kwargs):
         """Keras's `load_weights`; a weights file of the model it wraps, saved
@@ -692,7 +552,7 @@ def wrap(model, *, exclude=()):
             step).
     """
     if isinstance(model, CurvatureModel):
-        if _as_sequence(exclude) not in ((), model._exclude):
+        if finding.as_sequence(exclude) not in ((), model._exclude):
             raise ValueError(
                 "The model is already wrapped by keras_tkfac.wrap; to exclude other "
                 "layers, wrap the model it wraps: keras_tkfac.wrap(wrapped.model, "
