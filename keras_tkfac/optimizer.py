@@ -5,7 +5,6 @@ inverse steps (`statistics`), the step-size control, the first-order partner, th
 update cadence and the distribution code live in their own modules.
 """
 
-import collections
 import weakref
 
 import tensorflow as tf
@@ -26,8 +25,6 @@ from keras_tkfac import step_size
 from keras_tkfac import validation
 
 # `keys`: the variable keys of `block.variables`, in that order.
-_Slot = collections.namedtuple("_Slot", ["block", "keys", "factors", "inverses"])
-
 class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
@@ -183,28 +180,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                                                  applying=self._applying)
             self.attach([] if wrapper is None else wrapper.blocks, owner=wrapper)
         super().build(var_list)
-        keys = {self._var_key(v) for v in var_list}
-        covered = set()
-        self._slots = []
-        for block, block_keys in shapes.preconditionable(
-                self._blocks, self._var_key, keys, self.max_factor_dim):
-            covered.update(block_keys)
-            factors = [
-                self.add_variable(
-                    shape, initializer="zeros", name=f"{block.name}_{factor_name}",
-                    dtype="float32", aggregation="only_first_replica",
-                )
-                for factor_name, shape in self._factor_specs(block)
-            ]
-            inverses = [
-                self.add_variable(
-                    shape, initializer=shapes.identity, dtype="float32",
-                    name=f"{block.name}_{side}_inv", aggregation="only_first_replica",
-                )
-                for side, shape in (("left", shapes.input_factor_shape(block)),
-                                    ("right", shapes.output_factor_shape(block)))
-            ]
-            self._slots.append(_Slot(block, tuple(block_keys), factors, inverses))
+        self._slots, covered = shapes.build_slots(
+            self, {self._var_key(v) for v in var_list})
         # Per layer, the weight of the moving averages (bias correction): a layer
         # that is not called on a statistics step keeps its averages and weight.
         self._factor_weight = self.add_variable(

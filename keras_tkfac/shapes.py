@@ -1,7 +1,13 @@
-"""Shapes of a curvature block's factors, inverses and gradient matrix."""
+"""Shapes of a curvature block's factors, inverses and gradient matrix, and the
+optimizer's per-block state made from them (`build_slots`)."""
+
+import collections
 
 from absl import logging
 import tensorflow as tf
+
+# A preconditioned block's state: its variables' keys, factors and inverses.
+Slot = collections.namedtuple("Slot", ["block", "keys", "factors", "inverses"])
 
 
 def identity(shape, dtype=None):
@@ -78,3 +84,26 @@ def preconditionable(blocks, var_key, keys, max_factor_dim):
         else:
             found.append((block, block_keys))
     return found
+
+
+def build_slots(optimizer, keys):
+    """`(slots, covered keys)`: a `Slot` per block of `optimizer` that
+    `preconditionable` keeps, its factors (zeros, `optimizer._factor_specs`) and
+    inverses (identity) made as the optimizer's variables."""
+    slots, covered = [], set()
+    for block, block_keys in preconditionable(
+            optimizer._blocks, optimizer._var_key, keys, optimizer.max_factor_dim):
+        covered.update(block_keys)
+        factors = [
+            optimizer.add_variable(
+                shape, initializer="zeros", name=f"{block.name}_{factor_name}",
+                dtype="float32", aggregation="only_first_replica")
+            for factor_name, shape in optimizer._factor_specs(block)]
+        inverses = [
+            optimizer.add_variable(
+                shape, initializer=identity, dtype="float32",
+                name=f"{block.name}_{side}_inv", aggregation="only_first_replica")
+            for side, shape in (("left", input_factor_shape(block)),
+                                ("right", output_factor_shape(block)))]
+        slots.append(Slot(block, tuple(block_keys), factors, inverses))
+    return slots, covered
