@@ -68,7 +68,7 @@ _COMMON_ARGS = """
             preconditioner) every 5 steps from the ratio of the batch's actual
             loss change to the model's prediction (Levenberg-Marquardt, Martens &
             Grosse 2015, §6.5; one more forward pass then; `keras_tkfac.damping`).
-            `None`: on under those two controls (measured on the suite: README,
+            `None`: on under those two controls (measured on the suite: docs/RESULTS.md,
             "Levenberg-Marquardt damping"), off under the others, which have no
             model to compare with. Defaults to `None`.
         model_update_freq: int >= 1; under `"quadratic"` and
@@ -78,8 +78,8 @@ _COMMON_ARGS = """
             the damping adapts on the model's steps only (every least common
             multiple of 5 and this). On the workload suite `5` halved the median
             step but was at least as good as the best Adam on 12 of 16 runs
-            against 15 of 16, and a probe's PointNet diverged with it (README,
-            "The model every few steps", Limitations). Defaults to `1`.
+            against 15 of 16, and a probe's PointNet diverged with it (docs/RESULTS.md,
+            "The model every few steps"; README, Limitations). Defaults to `1`.
         fisher: `"true"` (labels sampled from the model; an output whose loss has
             no sampling rule, e.g. Huber, takes its real labels, logged once) or
             `"empirical"` (real labels for every output). Defaults to `"true"`.
@@ -89,8 +89,8 @@ _COMMON_ARGS = """
             preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and the
             intermediate product rounded to bfloat16; float32 updates). Meant for
             hardware with bfloat16 matmul units (on a CPU without them it was not
-            faster); the update's relative error was 1e-2 to 3e-2 (README, "Cost of
-            a step").
+            faster); the update's relative error was 1e-2 to 3e-2 (docs/RESULTS.md, "Cost
+            of a step").
             Defaults to `"float32"`.
         precondition_form: `"auto"` or `"full"`. Under `"auto"`, a `Dense` or
             `EinsumDense` layer whose batch has fewer rows than about its widths
@@ -107,8 +107,8 @@ _COMMON_ARGS = """
             im2col rows of a statistics step shrink by about `stride^2` for a 2-D
             convolution), rescaled to estimate the sums over all locations; the
             grid's offsets differ between the examples of a batch and move at
-            every statistics step. `1` uses every location. Its effect on the approximation error: README,
-            "Cost of a step". Defaults to `1`.
+            every statistics step. `1` uses every location. Its effect on the
+            approximation error: docs/RESULTS.md, "Cost of a step". Defaults to `1`.
         split_inverses: bool; under a `tf.distribute` strategy, each replica
             inverts about `1/R` of the factors (balanced by `d^3`) and the results
             are shared with one all-reduce. Defaults to `True`.
@@ -148,8 +148,9 @@ _COMMON_ARGS = """
 
 # The default multiple of a convolution block's mean eigenvalue used as its damping,
 # by step control: 1 where the quadratic model or grafting sets each layer's step
-# length, 100 where only a bound on the whole step's KL does (measured: README, "The
-# convolution layers' damping constant" and "Damping of convolution layers").
+# length, 100 where only a bound on the whole step's KL does (measured:
+# docs/RESULTS.md, "The convolution layers' damping constant" and "Damping of
+# convolution layers").
 TRACE_DAMPING_SCALE = {"graft_quadratic": 1.0, "quadratic": 1.0, "graft": 1.0,
                        "trust_region": 100.0, "kl_clip": 100.0}
 
@@ -157,8 +158,8 @@ TRACE_DAMPING_SCALE = {"graft_quadratic": 1.0, "quadratic": 1.0, "graft": 1.0,
 # when `conv_damping_split=None`: "balanced" (each factor damped by the same multiple
 # of its mean eigenvalue) under the two quadratic-model controls, where it lowered
 # the suite's convolutional losses; "even" (the specification's split) under the
-# others, where it was mixed (README, "The split of the convolution layers'
-# damping").
+# others, where it was mixed (docs/RESULTS.md, "The split of the convolution
+# layers' damping").
 CONV_DAMPING_SPLIT = {"graft_quadratic": "balanced", "quadratic": "balanced"}
 CONV_DAMPING_SPLITS = ("balanced", "even")
 
@@ -219,10 +220,11 @@ class TKFAC(CurvatureOptimizer):
     third of it, so under `"graft_quadratic"` the split is balanced by default
     (`conv_damping_split`): on the suite's four convolutional programs at five
     seeds it lowered the best validation loss on 15 of 20 runs (geometric mean of
-    the ratios 0.96; README, "The split of the convolution layers' damping"). 100 had been chosen under the earlier step controls, where
+    the ratios 0.96; docs/RESULTS.md, "The split of the convolution layers'
+    damping"). 100 had been chosen under the earlier step controls, where
     the conv layers' updates at a constant of 1 were many times the
     gradient's norm and training diverged; the quadratic model now sets every
-    step's length (README, "Damping of convolution layers"). Under `"graft"` 1 was
+    step's length (docs/RESULTS.md, "Damping of convolution layers"). Under `"graft"` 1 was
     also better than 100 on the four programs (seed 0); under `"trust_region"` and
     `"kl_clip"` 100 stays the default (not re-measured).
     Variables without a curvature block take the first-order partner (`fallback`,

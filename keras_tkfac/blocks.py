@@ -159,7 +159,7 @@ BLOCKS = {
 
 # Not registered by default: on the workload suite (two seeds) covering the norms did
 # not shorten TKFAC's steps to target anywhere and lengthened them twice, and their
-# statistics made the statistics steps dearer (README, "Normalisation layers").
+# statistics made the statistics steps dearer (docs/RESULTS.md, "Normalisation layers").
 # `register_normalization_blocks()` registers them.
 NORMALIZATION_BLOCKS = {
     keras.layers.LayerNormalization: LayerNormalizationBlock,

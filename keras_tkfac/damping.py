@@ -49,7 +49,7 @@ alone (`products.Batch`). The extra passes cost up to two thirds of a plain step
 every `INTERVAL` steps.
 
 On by default under the quadratic controls (`adaptive_damping=None`), chosen on the
-workload suite (2026-11-30, README "Levenberg-Marquardt damping"): with it
+workload suite (2026-11-30, docs/RESULTS.md, "Levenberg-Marquardt damping"): with it
 `"graft_quadratic"` matched or beat the best-of-grid Adam on 7 of 8 programs at two
 seeds, against 5 of 8 with the fixed damping; the factor fell to its floor on the
 deep autoencoder (the given damping, 0.1, was far too large there), which is what

@@ -10,7 +10,7 @@ Tracing dominates the first step of a large convolutional network: measured on
 `tools/sweep_programs.py`'s MobileNetV2 (cProfile of `TKFAC()`'s first step), the
 products' pass took about 30 of the trace's 60 s, in 1982 calls of TensorFlow's
 per-op dispatch; with these rules its first step took 0.59x as long, and
-EfficientNetB0's 0.44x, the later steps unchanged (README "Inline tangents").
+EfficientNetB0's 0.44x, the later steps unchanged (docs/RESULTS.md, "Inline tangents").
 
 `inline` (a context) replaces that dispatch, for the ops `rule` knows, by the
 tangent written as ops of the step itself, computed with recording stopped, so

@@ -218,7 +218,7 @@ def _sources(outputs, y_pred):
 # them, and the traced function prunes them (`jvp_rules` leaves them out of the
 # trace for the ops it covers), so the nested pass costs one primal pass less per
 # extra direction.
-# Measured (`tools/step_costs.py`, README "Cost of a step", 2026-12-01): the mean
+# Measured (`tools/step_costs.py`, docs/RESULTS.md, "Cost of a step", 2026-12-01): the mean
 # step 3.17-3.28x -> 2.79-2.83x Adam's on the MLP, 3.13-3.19x -> 2.77-2.78x on the
 # ResNet-8 (two alternated runs each, quiet machine).
 # Only for a `ModelForward` whose model does not compile its step with XLA
@@ -232,7 +232,7 @@ NESTED = True
 
 # Whether the traced products' pass writes the tangents of common ops inline
 # (`jvp_rules`: no per-op traced function, no second-order terms) rather than
-# through TensorFlow's per-op dispatch. Measured (README "Inline tangents"): the
+# through TensorFlow's per-op dispatch. Measured (docs/RESULTS.md, "Inline tangents"): the
 # first step of MobileNetV2 84.9 -> 50.2 s, of EfficientNetB0 204.9 -> 90.8 s.
 INLINE_JVPS = True
 
@@ -346,7 +346,7 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
 
 # The Gram's sub-batch: this fraction of the (per-replica) batch's examples, at
 # least `PRODUCT_MIN_EXAMPLES` (all of a smaller batch); 1 (the default): the whole
-# batch. Measured (README, "Workload suite"): a quarter cut the MNIST-5k MLP's step
+# batch. Measured (docs/RESULTS.md, "Workload suite"): a quarter cut the MNIST-5k MLP's step
 # by ~20% and kept the suite's 7 of 8, but over 300 steps of that MLP its loss,
 # 0.05 by step 65, then jumped between 0.02 and 1.5 (the whole batch: a smooth fall
 # to 1e-5). A sub-batch's curvature along the step is an unbiased but noisy estimate,
@@ -367,7 +367,7 @@ PRODUCT_MIN_EXAMPLES = 32
 # 0.146 -> 0.172 at seeds 0 and 1 (Adam 0.150, 0.153), the transformer (Dropout(0.1))
 # 0.039 -> 0.030 and 0.027 -> 0.046 (Adam 0.072, 0.041); over 4 times the steps at
 # seed 0 the convnet 0.098 -> 0.104 (Adam 0.098) and the transformer 0.0098 ->
-# 0.0168 (Adam 0.027). The suite decides the default; README "Dropout masks".
+# 0.0168 (Adam 0.027). The suite decides the default; docs/RESULTS.md, "Dropout masks".
 REPLAY_MASKS = False
 
 

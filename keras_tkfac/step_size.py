@@ -55,7 +55,7 @@ by the ratio of the two defaults, with a warning logged once.
 At `learning_rate=0.1`, `"trust_region"` with `kl_clip=0.1` and `"kl_clip"` with
 `kl_clip=1e-3` take the same steps; they part when the learning rate changes.
 
-How the default was chosen (`tools/suite.py`, figures in the README): `"graft"` was
+How the default was chosen (`tools/suite.py`, figures in docs/RESULTS.md): `"graft"` was
 the default from 2026-11-29. Under a fixed damping `lambda`, a layer whose curvature
 is far below `lambda` gets `U = G / lambda`, momentum SGD: on the transformer text
 classifier every layer is in that regime (Fisher traces 1e-8 to 4 against damping
@@ -99,8 +99,8 @@ DEFAULT_FALLBACK_LR_CEILING = {"graft_quadratic": 3.0}
 # default learning rate then, with the partner at a third of it): a learning rate
 # copied from Adam, 1e-3, took a third of the step, which on `tools/suite.py`'s
 # transformer (seed 0) left the best validation loss at 0.349 where the whole step
-# reached 0.048 (`docs/suite_lr1e-3_seed0`; README "A learning rate copied from
-# Adam"). At the defaults nothing changed: the whole step, the partner at 1e-3.
+# reached 0.048 (`docs/suite_lr1e-3_seed0`; docs/RESULTS.md, "A learning rate
+# copied from Adam"). At the defaults nothing changed: the whole step, the partner at 1e-3.
 MODEL_STEP_LEARNING_RATE = 1e-3
 
 # Under `"graft_quadratic"`, the model's coefficient of the grafted direction is at
@@ -125,7 +125,7 @@ MODEL_STEP_LEARNING_RATE = 1e-3
 # epoch's training loss, 1e-4 -> 1e-3): `mobilenet_v2` 0.069 -> 0.025 (Adam(1e-3)
 # 0.013), `efficientnet_b0` 0.334 -> 0.344 (Adam 0.225). Until
 # 2026-12-03 it was 1e-4 (from 2026-11-30; before that no floor: `mobilenet_v2` at 96
-# steps 0.160, 1e-4 took it to 0.052 then). README "The grafted step's floor".
+# steps 0.160, 1e-4 took it to 0.052 then). docs/RESULTS.md, "The grafted step's floor".
 GRAFT_QUADRATIC_FLOOR = 1e-3
 
 # The quadratic controls' momentum coefficient `b` is within `[0, 1]`
@@ -140,7 +140,8 @@ GRAFT_QUADRATIC_FLOOR = 1e-3
 # 1), within `[-1, 1]` 6 + 8, within `[0, 1]` 6 + 8 (2026-12-01): the transformer
 # 0.094 -> 0.039 and 0.038 -> 0.027 (Adam 0.072, 0.041), the BiLSTM 0.044 -> 0.053 and
 # 0.026 -> 0.044 (Adam 0.049, 0.061); the probe's training loss 0.448 -> 0.151
-# (Adam 0.180). `docs/suite_range_seed0|1`, README "The momentum coefficient's range".
+# (Adam 0.180). `docs/suite_range_seed0|1`; docs/RESULTS.md, "The momentum
+# coefficient's range".
 MOMENTUM_RANGE = (0.0, 1.0)
 
 # RMSProp's second moment in `"graft"`: Adam's (and Keras's) defaults.
@@ -201,9 +202,9 @@ def warn_if_capped(control, learning_rate):
                 "move by at most the quadratic model's whole step: while this "
                 "learning-rate schedule is above %g (it reaches %g) they move as at "
                 "%g, and the schedule acts on them only below it; the first-order "
-                "partner's weights (`fallback`) follow the whole schedule (README, "
-                '"Quadratic-model step").', control, MODEL_STEP_LEARNING_RATE, peak,
-                MODEL_STEP_LEARNING_RATE)
+                "partner's weights (`fallback`) follow the whole schedule "
+                '(docs/RESULTS.md, "Quadratic-model step").', control,
+                MODEL_STEP_LEARNING_RATE, peak, MODEL_STEP_LEARNING_RATE)
         return
     if (isinstance(learning_rate, (int, float))
             # float32's rounding of a saved 1e-3 is not above it.
@@ -212,8 +213,8 @@ def warn_if_capped(control, learning_rate):
             'keras_tkfac: under step_control="%s" the preconditioned weights move '
             "by at most the quadratic model's whole step, which learning_rate=%g "
             "takes as %g would: a larger learning rate does not lengthen it; the "
-            "first-order partner's weights (`fallback`) do move at it (README, "
-            '"Quadratic-model step").', control, learning_rate,
+            "first-order partner's weights (`fallback`) do move at it "
+            '(docs/RESULTS.md, "Quadratic-model step").', control, learning_rate,
             MODEL_STEP_LEARNING_RATE)
 
 
