@@ -10,7 +10,7 @@ batches, and evaluates each epoch on 512 other sequences of the same generator (
 validation loss and the last training loss.
 
     python tools/held_out.py [--programs=gru_classifier] [--epochs=38]
-        [--tkfac='{"adaptive_damping": false}']
+        [--tkfac='{"adaptive_damping": false}'] [--recurrent_blocks]
 """
 
 import json
@@ -37,6 +37,9 @@ def _define_flags():
     flags.DEFINE_list("programs", list(PROGRAMS), "Token classifiers to run.")
     flags.DEFINE_integer("epochs", 38, "Epochs of 8 steps of 32.")
     flags.DEFINE_string("tkfac", "{}", "TKFAC keyword arguments as JSON.")
+    flags.DEFINE_bool("recurrent_blocks", False,
+                      "Register the recurrent layers' blocks "
+                      "(`keras_tkfac.register_recurrent_blocks()`) before wrapping.")
 
 
 def run(name, epochs, tkfac_kwargs=None):
@@ -66,6 +69,8 @@ def run(name, epochs, tkfac_kwargs=None):
 
 def main(argv):
     del argv
+    if FLAGS.recurrent_blocks:
+        keras_tkfac.register_recurrent_blocks()
     print(f"`python tools/held_out.py {' '.join(sys.argv[1:])}`\n")
     print("| program | optimizer | best val loss | at epoch | last val loss | "
           "last train loss |")
