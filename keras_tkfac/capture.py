@@ -22,8 +22,10 @@ import tensorflow as tf
 
 _STATE = threading.local()
 
-# Inner model -> its `keras_tkfac.wrap` model, so that `record(self)` works inside
-# the inner model's own `train_step`.
+# Inner model -> a weak reference to its `keras_tkfac.wrap` model, so that
+# `record(self)` works inside the inner model's own `train_step`. The wrapper holds
+# its inner model, so a strong value would keep the key, and with it both models,
+# their optimizer and its traced functions, alive for the whole process.
 _WRAPPERS = weakref.WeakKeyDictionary()
 
 # Layers already reported as not recordable (called inside a loop or nested function).
@@ -32,7 +34,11 @@ _WARNED = weakref.WeakSet()
 
 def register_wrapper(model, wrapper):
     """Lets `record(model)` find the curvature blocks of `wrapper`, which wraps it."""
-    _WRAPPERS[model] = wrapper
+    _WRAPPERS[model] = weakref.ref(wrapper)
+
+
+def _live_wrappers():
+    return [w for w in (ref() for ref in list(_WRAPPERS.values())) if w is not None]
 
 
 def unattached_wrapper(optimizer_name, variables, applying=False):
@@ -63,7 +69,7 @@ def unattached_wrapper(optimizer_name, variables, applying=False):
             f"Received: var_list={list(variables)!r}")
     keys = {id(v) for v in variables}
     found, shared = None, 0
-    for wrapper in list(_WRAPPERS.values()):
+    for wrapper in _live_wrappers():
         common = len(keys & {id(v) for v in wrapper.trainable_variables})
         if common > shared:
             found, shared = wrapper, common
@@ -105,7 +111,8 @@ def wrapper_of(model):
     """The model returned by `keras_tkfac.wrap` for `model` (itself if it is one)."""
     if getattr(type(model), "_keras_tkfac_wrapper", False):
         return model
-    return _WRAPPERS.get(model)
+    ref = _WRAPPERS.get(model)
+    return None if ref is None else ref()
 
 
 class Recording:

@@ -200,6 +200,19 @@ def test_regression_scales_smoke(heads):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_model_churn_smoke():
+    """`tools/model_churn.py` trains and drops models in a process per optimizer and
+    finds none of them alive at the end."""
+    result = _run("tools/model_churn.py", "--models=7")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith(("| Adam |", "| TKFAC |"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert row[-1].strip(" |") == "0 of 7"
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_unknown_batch_smoke():
     """`tools/unknown_batch.py --smoke` times both configurations, each in its own
     process: before the forward-mode rules the products take one pass per direction,

@@ -192,3 +192,45 @@ def test_a_custom_loop_with_the_optimizer_built_first_traces_once():
     assert results[False][0] == 2 and results[True][0] == 1
     for lazy, built in zip(results[False][1], results[True][1]):
         np.testing.assert_allclose(built, lazy, rtol=1e-5, atol=1e-6)
+
+
+def _convnet_with_norm():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+
+
+@pytest.mark.parametrize("loop", ["fit", "custom"])
+def test_a_dropped_model_and_its_optimizer_are_freed(loop):
+    """A hyperparameter search builds, trains and drops many models in one process:
+    once the program holds no reference, the wrapped model, the model it wraps and
+    the optimizer (its factors, inverses and partner state) are garbage, as with
+    Keras's own optimizers. The registry that lets `record(inner)` find the wrapper
+    held the wrapper strongly under a weak key the wrapper itself keeps alive, so
+    every wrapped model of a process stayed in memory."""
+    import gc
+    import weakref
+
+    def train_and_drop():
+        x = np.random.default_rng(0).normal(size=(16, 6, 6, 2)).astype("float32")
+        y = np.arange(16, dtype="int32") % 3
+        inner = _convnet_with_norm()
+        model = keras_tkfac.wrap(inner)
+        optimizer = keras_tkfac.TKFAC(seed=0)
+        if loop == "fit":
+            model.compile(optimizer=optimizer, loss=LOSS)
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        else:
+            step = tf.function(helpers.custom_train_step(inner, optimizer, LOSS))
+            step(x, y)
+        assert optimizer.curvature_updates >= 1
+        return weakref.ref(model), weakref.ref(inner), weakref.ref(optimizer)
+
+    refs = train_and_drop()
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True]
