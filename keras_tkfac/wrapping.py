@@ -1,5 +1,6 @@
 """`keras_tkfac.wrap`: a model whose training step feeds curvature to the optimizer."""
 
+import collections
 import inspect
 import warnings
 
@@ -473,9 +474,15 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         ]
         saved_blocks = config.pop("blocks", [])
         wrapper = cls(model, **config)
-        covered = {block.layer.name for block in wrapper.blocks}
+        # Matched by layer class, not name: a subclassed model's layers take Keras's
+        # automatic names, which differ where the model is loaded (another process,
+        # other layers made first), while its structure and the order of its
+        # layers, and so of its optimizer's variables, do not.
+        missing = collections.Counter(saved["layer_class"] for saved in saved_blocks)
+        missing.subtract(keras.saving.get_registered_name(type(block.layer))
+                         for block in wrapper.blocks)
         for saved in saved_blocks:
-            if saved["layer"] not in covered:
+            if missing[saved["layer_class"]] > 0:
                 raise ValueError(
                     f"The saved model preconditions layer {saved['layer']!r} (class "
                     f"{saved['layer_class']!r}) with block {saved['block_class']!r}, "

@@ -198,3 +198,40 @@ def test_dict_outputs_resume_from_a_keras_file_as_if_uninterrupted(tmp_path):
     epoch(resumed)
     assert int(resumed.optimizer.iterations.numpy()) == 6
     _assert_same_state(uninterrupted, resumed)
+
+
+@keras.saving.register_keras_serializable(package="keras_tkfac_tests")
+class _SubclassedMLP(keras.Model):
+    """Its layers take Keras's automatic names, which depend on how many layers the
+    process created before it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="tanh")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def test_a_subclassed_model_loads_where_its_layers_get_other_names(tmp_path):
+    """Saved after other layers were made (so its `Dense` layers were `dense_k`,
+    `dense_k+1`) and loaded where the name counters start afresh (another process;
+    here `clear_session`), the model gets other layer names. Loading matched the
+    saved blocks to the new layers by name and raised a `ValueError` that blamed a
+    missing `register_block`; Adam's model loads. The blocks now match by layer
+    class, and the optimizer's state is restored."""
+    x, y = helpers.classification_data(n=48)
+    helpers.tiny_mlp(), helpers.tiny_mlp()  # earlier layers: the names move on
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(_SubclassedMLP())
+    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2, seed=5), loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    saved_names = [block.layer.name for block in model.blocks]
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    keras.backend.clear_session()
+    loaded = keras.models.load_model(path)
+    assert [block.layer.name for block in loaded.blocks] != saved_names
+    assert [type(block) for block in loaded.blocks] == [type(b) for b in model.blocks]
+    _assert_same_state(model, loaded)
