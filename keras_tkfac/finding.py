@@ -57,6 +57,47 @@ def _unknown_names(layers, exclude):
     return [e for e in exclude if isinstance(e, str) and e not in names]
 
 
+def exclusions_to_config(model, exclude):
+    """`exclude` for a `.keras` file: a class by its registered name, a layer name
+    with the position and class of the layer it names among the model's layers,
+    so that loading finds that layer where its name differs (Keras's automatic
+    names, `dense_4`, depend on the layers a process made before)."""
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    saved = []
+    for e in exclude:
+        if not isinstance(e, str):
+            saved.append({"layer_class": keras.saving.get_registered_name(e)})
+            continue
+        position = next((i for i, layer in enumerate(layers) if layer.name == e), None)
+        saved.append(e if position is None else {
+            "layer": e, "position": position,
+            "class": keras.saving.get_registered_name(type(layers[position]))})
+    return saved
+
+
+def exclusions_from_config(model, saved, layer_class):
+    """The `exclude` of `exclusions_to_config`'s `saved` for the loaded `model`;
+    `layer_class(name)` gives a class from its registered name. A name that no
+    layer has now is taken as the name of the layer at its saved position when
+    that layer's class is the saved one; otherwise it is kept (and `wrap`'s check
+    names it)."""
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    names = {layer.name for layer in layers}
+    exclude = []
+    for e in saved:
+        if isinstance(e, str):
+            exclude.append(e)
+        elif "layer_class" in e:
+            exclude.append(layer_class(e["layer_class"]))
+        elif (e["layer"] not in names and e["position"] < len(layers)
+              and keras.saving.get_registered_name(type(layers[e["position"]]))
+              == e["class"]):
+            exclude.append(layers[e["position"]].name)
+        else:
+            exclude.append(e["layer"])
+    return exclude
+
+
 def find_blocks(model, exclude, known=None):
     """The blocks of `model`'s layers, reusing those in `known` (`{id(layer): block}`).
 

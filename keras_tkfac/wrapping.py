@@ -439,11 +439,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         return self.model.export(filepath, *args, **kwargs)
 
     def get_config(self):
-        exclude = [
-            e if isinstance(e, str)
-            else {"layer_class": keras.saving.get_registered_name(e)}
-            for e in self._exclude
-        ]
+        exclude = finding.exclusions_to_config(self.model, self._exclude)
         # The block class of each covered layer, so that loading can tell which
         # `register_block` calls the file needs (without them the optimizer's
         # state would not match and Keras would skip loading it).
@@ -468,10 +464,9 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         model = keras.saving.deserialize_keras_object(
             config.pop("model"), custom_objects=custom_objects
         )
-        config["exclude"] = [
-            e if isinstance(e, str) else _layer_class(e["layer_class"], custom_objects)
-            for e in config.get("exclude", [])
-        ]
+        config["exclude"] = finding.exclusions_from_config(
+            model, config.get("exclude", []),
+            lambda name: _layer_class(name, custom_objects))
         saved_blocks = config.pop("blocks", [])
         wrapper = cls(model, **config)
         # Matched by layer class, not name: a subclassed model's layers take Keras's

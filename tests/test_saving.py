@@ -235,3 +235,25 @@ def test_a_subclassed_model_loads_where_its_layers_get_other_names(tmp_path):
     assert [block.layer.name for block in loaded.blocks] != saved_names
     assert [type(block) for block in loaded.blocks] == [type(b) for b in model.blocks]
     _assert_same_state(model, loaded)
+
+
+def test_an_excluded_layer_is_found_again_where_its_name_differs(tmp_path):
+    """`exclude=[model.hidden.name]` names a layer by its automatic name; the file
+    keeps the layer's position among the model's layers and its class, so loading
+    where the names differ (`clear_session`) excludes the same layer instead of
+    raising that no layer has the saved name."""
+    x, y = helpers.classification_data(n=48)
+    helpers.tiny_mlp()  # earlier layers: the names move on
+    keras.utils.set_random_seed(0)
+    inner = _SubclassedMLP()
+    inner(x[:1])
+    model = keras_tkfac.wrap(inner, exclude=[inner.hidden.name])
+    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2, seed=5), loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    keras.backend.clear_session()
+    loaded = keras.models.load_model(path)
+    assert loaded.model.hidden.name != inner.hidden.name
+    assert [block.layer for block in loaded.blocks] == [loaded.model.out]
+    _assert_same_state(model, loaded)
