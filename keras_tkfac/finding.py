@@ -98,6 +98,34 @@ def exclusions_from_config(model, saved, layer_class):
     return exclude
 
 
+def layer_positions(model):
+    """`{id(layer): index}` over the model's layers, nested ones included, in the
+    order Keras lists them (the first position of a shared layer): the same for a
+    model loaded from its file, whatever names its layers take there."""
+    positions = {}
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    for i, layer in enumerate(layers):
+        positions.setdefault(id(layer), i)
+    return positions
+
+
+def unsaved_layers(model, exclude, saved_blocks):
+    """Names of the layers of a loaded `model` that would get a block now but had
+    none in its file (a block class registered since it was saved): loading
+    leaves them to the partner, so that the saved optimizer state, whose variables
+    follow the saved blocks, is restored. Files written before block positions
+    were saved are matched by layer name, where the names still match."""
+    found, _ = find_blocks(model, exclude)
+    if all("position" in saved for saved in saved_blocks):
+        positions = layer_positions(model)
+        kept = {saved["position"] for saved in saved_blocks}
+        return [b.layer.name for b in found if positions[id(b.layer)] not in kept]
+    kept = {saved["layer"] for saved in saved_blocks}
+    if not kept <= {b.layer.name for b in found}:
+        return []
+    return [b.layer.name for b in found if b.layer.name not in kept]
+
+
 def find_blocks(model, exclude, known=None):
     """The blocks of `model`'s layers, reusing those in `known` (`{id(layer): block}`).
 

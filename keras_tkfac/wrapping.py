@@ -443,9 +443,11 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # The block class of each covered layer, so that loading can tell which
         # `register_block` calls the file needs (without them the optimizer's
         # state would not match and Keras would skip loading it).
+        positions = finding.layer_positions(self.model)
         blocks = [
             {
                 "layer": block.layer.name,
+                "position": positions[id(block.layer)],
                 "layer_class": keras.saving.get_registered_name(type(block.layer)),
                 "block_class": f"{type(block).__module__}.{type(block).__qualname__}",
             }
@@ -467,7 +469,18 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         config["exclude"] = finding.exclusions_from_config(
             model, config.get("exclude", []),
             lambda name: _layer_class(name, custom_objects))
-        saved_blocks = config.pop("blocks", [])
+        saved_blocks = config.pop("blocks", None)
+        unsaved = [] if saved_blocks is None else finding.unsaved_layers(
+            model, finding.as_sequence(config["exclude"]), saved_blocks)
+        if unsaved:
+            logging.warning(
+                "keras_tkfac: layer(s) %s have a curvature block now but had none in "
+                "the saved model (a block class registered since it was saved); they "
+                "keep the first-order partner, so that the saved optimizer state is "
+                "restored. To precondition them, wrap the loaded model's `.model` "
+                "anew and compile it with a new optimizer.", ", ".join(unsaved))
+            config["exclude"] = list(config["exclude"]) + unsaved
+        saved_blocks = saved_blocks or []
         wrapper = cls(model, **config)
         # Matched by layer class, not name: a subclassed model's layers take Keras's
         # automatic names, which differ where the model is loaded (another process,

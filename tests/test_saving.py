@@ -257,3 +257,53 @@ def test_an_excluded_layer_is_found_again_where_its_name_differs(tmp_path):
     assert loaded.model.hidden.name != inner.hidden.name
     assert [block.layer for block in loaded.blocks] == [loaded.model.out]
     _assert_same_state(model, loaded)
+
+
+def test_a_block_registered_after_saving_leaves_its_layer_to_the_partner_on_load(
+        tmp_path, monkeypatch, caplog):
+    """Saved with its LayerNormalization on the partner, loaded where
+    `register_normalization_blocks()` was called: the LayerNormalization would get
+    a block, the optimizer more variables than the file holds, and Keras would skip
+    loading all of them (training restarting from step 0, with only Keras's
+    warning). It keeps the partner, with a warning, and the state is restored."""
+    x, y = helpers.classification_data(n=48)
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                             keras.layers.LayerNormalization(name="norm"),
+                             keras.layers.Dense(3)])
+    model = keras_tkfac.wrap(base)
+    model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=2, seed=5), loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    for layer_class, block_class in keras_tkfac.blocks.NORMALIZATION_BLOCKS.items():
+        monkeypatch.setitem(keras_tkfac.blocks.BLOCKS, layer_class, block_class)
+    with caplog.at_level("WARNING"):
+        loaded = keras.models.load_model(path)
+    assert "norm have a curvature block now but had none" in caplog.text
+    assert [b.layer.name for b in loaded.blocks] == [b.layer.name for b in model.blocks]
+    assert int(loaded.optimizer.iterations.numpy()) == 3
+    _assert_same_state(model, loaded)
+    # Wrapped anew with a new optimizer, the layer is preconditioned.
+    again = keras_tkfac.wrap(loaded.model)
+    assert "norm" in [b.layer.name for b in again.blocks]
+
+
+def test_files_without_block_positions_match_blocks_by_name(monkeypatch):
+    """Files written before the blocks' positions were saved: layers covered now
+    but not in the file are found by name while the names match, and nothing is
+    left out where they do not (there is nothing to match them by)."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="first"),
+                             keras.layers.LayerNormalization(name="norm"),
+                             keras.layers.Dense(3, name="last")])
+    saved = [{"layer": "first"}, {"layer": "last"}]
+    for layer_class, block_class in keras_tkfac.blocks.NORMALIZATION_BLOCKS.items():
+        monkeypatch.setitem(keras_tkfac.blocks.BLOCKS, layer_class, block_class)
+    assert keras_tkfac.finding.unsaved_layers(base, (), saved) == ["norm"]
+    renamed = [{"layer": "dense_7"}, {"layer": "dense_8"}]
+    assert keras_tkfac.finding.unsaved_layers(base, (), renamed) == []
+    positions = keras_tkfac.finding.layer_positions(base)
+    with_positions = [{"layer": "dense_7", "position": positions[id(base.layers[0])]},
+                      {"layer": "dense_8", "position": positions[id(base.layers[2])]}]
+    assert keras_tkfac.finding.unsaved_layers(base, (), with_positions) == ["norm"]
