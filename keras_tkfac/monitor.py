@@ -15,11 +15,22 @@ def _condition_number(matrix):
     return float(np.max(np.linalg.cond(matrix)))
 
 
+def _report_keys(blocks):
+    """Each block's key in the report: its layer's name, or its layer's path where
+    layers of nested models share a name (two encoders with a layer `"proj"`),
+    which would otherwise report one of them under the other's key."""
+    names = [block.name for block in blocks]
+    keys = [getattr(block.layer, "path", None) or block.name
+            if names.count(block.name) > 1 else block.name for block in blocks]
+    return [key if keys.count(key) == 1 else f"{key}_{i}" for i, key in enumerate(keys)]
+
+
 def curvature_report(optimizer):
     """`optimizer.curvature_report()`: per-layer diagnostics of a built
     `CurvatureOptimizer`, computed eagerly from its current state."""
     if not optimizer.built:
         return {}
+    keys = _report_keys([slot.block for slot in optimizer._slots])
     damping = damping_lib.current(optimizer)
     last = optimizer._last_update.numpy()
     report = {"kl_clip_scale": float(last[0])}
@@ -28,7 +39,7 @@ def curvature_report(optimizer):
         factors = [tf.math.divide_no_nan(f.value, weight) for f in slot.factors]
         left, right = optimizer._damped_factors(slot.block, factors, damping)
         conds = [_condition_number(m.numpy()) for m in (left, right)]
-        report[slot.block.name] = {
+        report[keys[i]] = {
             "trace": float(optimizer._trace(factors)),
             "damping": float(tf.reduce_mean(
                 optimizer._layer_damping(slot.block, factors, damping))),

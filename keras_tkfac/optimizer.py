@@ -494,11 +494,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """Per-layer curvature diagnostics, computed eagerly from the current state.
 
         Returns:
-            A dict with `kl_clip_scale` (the last step's KL-clipping factor), and for
-            each preconditioned layer name a dict with `trace` (the Fisher trace of
-            the block's approximation), `damping` (the effective damping), `cond_left`
-            and `cond_right` (condition numbers of the damped factors) and
-            `update_ratio` (`|nu U| / |G|` of the last step).
+            `kl_clip_scale` (the last step's KL-clipping factor) and, for each
+            preconditioned layer (by name; by path where nested models' layers share
+            a name), `trace` (of the block's approximate Fisher), `damping` (the
+            effective one), `cond_left`, `cond_right` (condition numbers of the
+            damped factors) and `update_ratio` (`|nu U| / |G|` of the last step).
         """
         return monitor.curvature_report(self)
 

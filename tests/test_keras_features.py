@@ -280,3 +280,26 @@ def test_curvature_monitor_logs_to_history_and_tensorboard(digits, tmp_path):
     assert os.listdir(tmp_path / "tb")
     with pytest.raises(ValueError, match="freq"):
         keras_tkfac.CurvatureMonitor(freq=0)
+
+
+def test_curvature_monitor_reports_layers_of_nested_models_that_share_a_name():
+    """Two encoders with a layer named "proj": each gets its own entry, keyed by its
+    path (one was reported under the other's key, its figures lost)."""
+    x, y = helpers.classification_data(n=32)
+    keras.utils.set_random_seed(0)
+
+    def encoder(name):
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(
+            4, activation="tanh", name="proj")], name=name)
+
+    inputs = keras.Input((5,))
+    joined = keras.layers.Concatenate()([encoder("a")(inputs), encoder("b")(inputs)])
+    model = keras_tkfac.wrap(keras.Model(inputs, keras.layers.Dense(3, name="head")(joined)))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                        callbacks=[keras_tkfac.CurvatureMonitor(freq=1)])
+    report = model.optimizer.curvature_report()
+    assert set(report) == {"kl_clip_scale", "a/proj", "b/proj", "head"}
+    assert report["a/proj"]["trace"] != report["b/proj"]["trace"]
+    for key in ("a/proj", "b/proj", "head"):
+        assert np.isfinite(history.history[f"curvature/{key}/trace"][-1])
