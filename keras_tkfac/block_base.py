@@ -144,10 +144,12 @@ class CurvatureBlock:
         if self.groups > 1:
             # `[groups, rows, d_out]` back to Keras's `[rows, groups * d_out]`.
             matrix = tf.transpose(matrix, [1, 0, 2])
-        kernel_update = tf.reshape(matrix[:n], self.kernel.shape)
         if self.bias is None:
-            return kernel_update, None
-        return kernel_update, tf.reshape(matrix[n], self.bias.shape)
+            return tf.reshape(matrix, self.kernel.shape), None
+        # One `Split`, not two slices: fewer graph nodes to trace (issue 9's first step).
+        kernel_update, bias_update = tf.split(matrix, [n, 1], axis=0)
+        return (tf.reshape(kernel_update, self.kernel.shape),
+                tf.reshape(bias_update, self.bias.shape))
 
     def _with_bias(self, a):
         return ops.append_homogeneous(a) if self.bias is not None else a

@@ -78,9 +78,9 @@ def invert_all(matrices, previous, dtype, split):
             inverses, ok = ops.diagonal_inverse(stacked)
         else:
             inverses, ok = invert(stacked, dtype)
-        for j, i in enumerate(indices):
-            new_values[i] = tf.where(tf.reduce_all(ok[j]), inverses[j], previous[i])
         ok = tf.reshape(ok, [len(indices), -1])
+        for i, inverse, fine in zip(indices, tf.unstack(inverses), tf.unstack(ok)):
+            new_values[i] = tf.where(tf.reduce_all(fine), inverse, previous[i])
         failures += tf.reduce_sum(
             tf.cast(tf.logical_not(tf.reduce_all(ok, axis=1)), tf.float32)
         )

@@ -164,11 +164,15 @@ def add_to_diagonal(matrix, value):
 
     `value` may hold one value per group for a `[G, d, d]` batch of matrices.
     """
-    value = _per_matrix(value, matrix)
     if matrix.shape.rank == 1:
-        return matrix + value
-    eye = tf.eye(tf.shape(matrix)[-1], dtype=matrix.dtype)
-    return matrix + value * eye
+        return matrix + _per_matrix(value, matrix)
+    diagonal = tf.linalg.diag_part(matrix)
+    value = tf.cast(value, matrix.dtype)
+    if value.shape.rank and diagonal.shape.rank == value.shape.rank + 1:
+        value = value[..., None]
+    # `set_diag`, not `matrix + value * I`: the same values (the off-diagonal
+    # entries are not touched) in three graph nodes instead of `tf.eye`'s dozen.
+    return tf.linalg.set_diag(matrix, diagonal + value)
 
 
 def _mean_eigenvalue(factor, floor):
@@ -264,12 +268,20 @@ def symmetric_inverse(matrices):
     """
     symmetric = 0.5 * (matrices + tf.linalg.matrix_transpose(matrices))
     chol = tf.linalg.cholesky(symmetric)
-    eye = tf.eye(
-        tf.shape(matrices)[-1], batch_shape=tf.shape(matrices)[:-2], dtype=matrices.dtype
-    )
+    eye = _identity_like(matrices)
     inverses = tf.linalg.cholesky_solve(chol, eye)
     ok = tf.reduce_all(tf.math.is_finite(inverses), axis=[-2, -1])
     return inverses, ok
+
+
+def _identity_like(matrices):
+    """Identity matrices of `matrices`' shape, from its static shape where known
+    (fewer graph nodes than from `tf.shape`)."""
+    shape = matrices.shape
+    if shape.is_fully_defined():
+        return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=matrices.dtype)
+    return tf.eye(tf.shape(matrices)[-1], batch_shape=tf.shape(matrices)[:-2],
+                  dtype=matrices.dtype)
 
 
 def diagonal_inverse(diagonals):
@@ -418,8 +430,8 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
             updates[i] = tf.cast(update, grad_matrices[i].dtype)
             continue
         stacked = precondition(*(tf.stack(o) for o in operands))
-        for j, i in enumerate(indices):
-            updates[i] = tf.cast(stacked[j], grad_matrices[i].dtype)
+        for i, update in zip(indices, tf.unstack(stacked)):
+            updates[i] = tf.cast(update, grad_matrices[i].dtype)
     return updates
 
 
@@ -552,29 +564,29 @@ def quadratic_model_step(curvature, norms, slopes, damping, max_kl=None,
     """
     matrix = tf.cast(curvature, tf.float64) + tf.cast(damping, tf.float64) * tf.cast(
         norms, tf.float64)
-    slopes = tf.cast(slopes, tf.float64)
-    a_only = tf.math.divide_no_nan(slopes[0], matrix[0, 0])
-    det = matrix[0, 0] * matrix[1, 1] - matrix[0, 1] * matrix[1, 0]
-    solvable = tf.logical_and(matrix[1, 1] > 0.0,
-                              det > 1e-6 * tf.abs(matrix[0, 0] * matrix[1, 1]))
+    # Entries unpacked once (each `matrix[i, j]` would be a slice of its own).
+    m00, m01, m10, m11 = tf.unstack(tf.reshape(matrix, [4]))
+    r0, r1 = tf.unstack(tf.cast(slopes, tf.float64))
+    a_only = tf.math.divide_no_nan(r0, m00)
+    det = m00 * m11 - m01 * m10
+    solvable = tf.logical_and(m11 > 0.0, det > 1e-6 * tf.abs(m00 * m11))
     safe_det = tf.where(solvable, det, tf.ones_like(det))
-    a_pair = (matrix[1, 1] * slopes[0] - matrix[0, 1] * slopes[1]) / safe_det
-    b_pair = (matrix[0, 0] * slopes[1] - matrix[1, 0] * slopes[0]) / safe_det
+    a_pair = (m11 * r0 - m01 * r1) / safe_det
+    b_pair = (m00 * r1 - m10 * r0) / safe_det
     a = tf.where(solvable, a_pair, a_only)
     b = tf.where(solvable, b_pair, tf.zeros_like(b_pair))
-    value = -0.5 * (a * slopes[0] + b * slopes[1])
+    value = -0.5 * (a * r0 + b * r1)
     clipped = tf.constant(False)
     if momentum_range is not None:
         low, high = (tf.cast(x, tf.float64) for x in momentum_range)
         clipped = tf.logical_or(b < low, b > high)
         b = tf.clip_by_value(b, low, high)
-        a = tf.where(clipped, tf.math.divide_no_nan(slopes[0] - b * matrix[0, 1],
-                                                     matrix[0, 0]), a)
+        a = tf.where(clipped, tf.math.divide_no_nan(r0 - b * m01, m00), a)
         # Along the ray of `s`: `q(t s) = -t p + t^2 c / 2`.
-        p = a * slopes[0] + b * slopes[1]
-        c = a * a * matrix[0, 0] + 2.0 * a * b * matrix[0, 1] + b * b * matrix[1, 1]
+        p = a * r0 + b * r1
+        c = a * a * m00 + 2.0 * a * b * m01 + b * b * m11
         value = tf.where(clipped, -p + 0.5 * c, value)
-    ok = tf.logical_and(matrix[0, 0] > 0.0, tf.math.is_finite(value))
+    ok = tf.logical_and(m00 > 0.0, tf.math.is_finite(value))
     ok = tf.logical_and(ok, value <= 0.0)
     shorten = tf.ones_like(a)
     if max_kl is not None:

@@ -7,10 +7,13 @@ builds them inside the first trace, which makes `tf.function` trace a second tim
 This tool times one `fit` call of one step (a fresh model each time) both ways,
 "shapes" and "keras" (the latter by disabling the shape build), and Adam for scale,
 alternating them round by round on the same weights and batches; medians over rounds.
+It also counts the graph operations created while tracing (`ops`: Keras's and the
+optimizer's; a measure of the trace's size that does not depend on the machine's load).
 
     python tools/first_step.py [--workloads=mlp,lstm] [--rounds=3] [--smoke]
 """
 
+import contextlib
 import os
 import time
 
@@ -27,7 +30,29 @@ from keras_tkfac import wrapping
 import suite
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternated rounds.")
+_MODES = flags.DEFINE_list(
+    "modes", ["Adam", "keras", "shapes"],
+    "Which first steps to time: `Adam`, `keras` (TKFAC built inside the trace) and "
+    "`shapes` (TKFAC built from the shapes first: what `fit` does).")
 _ORIGINAL_SPEC = wrapping._element_spec  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def _counting_ops():
+    """Counts the graph operations created inside the block (`count[0]`)."""
+    from tensorflow.python.framework import ops as tf_ops  # pylint: disable=import-outside-toplevel
+    original = tf_ops.Graph._create_op_internal  # pylint: disable=protected-access
+    count = [0]
+
+    def counted(graph, *args, **kwargs):
+        count[0] += 1
+        return original(graph, *args, **kwargs)
+
+    tf_ops.Graph._create_op_internal = counted  # pylint: disable=protected-access
+    try:
+        yield count
+    finally:
+        tf_ops.Graph._create_op_internal = original  # pylint: disable=protected-access
 
 
 def _first_step(workload, weights, mode, seed):
@@ -43,9 +68,11 @@ def _first_step(workload, weights, mode, seed):
                      else keras_tkfac.TKFAC(seed=seed))
         wrapped.compile(optimizer=optimizer, loss=workload.loss)
         data = benchlib.batches(workload.train, workload.batch_size, seed)
-        start = time.perf_counter()
-        wrapped.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
-        return time.perf_counter() - start, getattr(optimizer, "curvature_updates", 0)
+        with _counting_ops() as created:
+            start = time.perf_counter()
+            wrapped.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+            took = time.perf_counter() - start
+        return took, getattr(optimizer, "curvature_updates", 0), created[0]
     finally:
         wrapping._element_spec = _ORIGINAL_SPEC  # pylint: disable=protected-access
 
@@ -56,22 +83,26 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # (the fallback's notice, once a model)
     smoke, seed = suite._SMOKE.value, suite._SEED.value  # pylint: disable=protected-access
     names = suite._WORKLOADS.value  # pylint: disable=protected-access
-    modes = ["Adam", "keras", "shapes"]
+    modes = _MODES.value
+    if set(modes) - {"Adam", "keras", "shapes"} or "shapes" not in modes:
+        raise ValueError(f"--modes must include `shapes`, among Adam, keras, shapes; "
+                         f"received {modes}")
     lines = [
         "`python tools/first_step.py " + " ".join(
             f"--{k}={v}" for k, v in (("workloads", ",".join(names)),
-                                      ("rounds", _ROUNDS.value)))
+                                      ("rounds", _ROUNDS.value),
+                                      ("modes", ",".join(modes))))
         + (" --smoke" if smoke else "") + "`", "",
         f"Seed {seed}; {_ROUNDS.value} alternated rounds; {os.cpu_count()} CPU cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras_tkfac "
         f"{benchlib.source_version()}; seconds of a one-step `fit` (mostly tracing), median "
         "over rounds; `keras`: built inside the first trace (two traces), `shapes`: "
         "built from the batch's shapes first (one trace); `traces`: `update_curvature` "
-        "calls.", "",
-        "| workload | Adam (s) | TKFAC, keras's build (s) | traces | TKFAC, from "
-        "shapes (s) | traces | shapes / keras |",
-        "|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = []
+        "calls; `ops`: graph operations created during the one-step `fit`.", "",
+        "| workload | Adam (s) | ops | TKFAC, keras's build (s) | traces | TKFAC, from "
+        "shapes (s) | traces | ops | shapes / keras | shapes / Adam |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios = {"keras": [], "Adam": []}
     for name in names:
         workload = getattr(suite, name)(smoke, seed)
         if smoke:
@@ -79,19 +110,33 @@ def main(argv):
         keras.utils.set_random_seed(seed)
         weights = workload.build().get_weights()
         seconds = {m: [] for m in modes}
-        traces = {}
+        traces, created = {}, {}
         for _ in range(_ROUNDS.value):
             for mode in modes:
-                took, count = _first_step(workload, weights, mode, seed)
+                took, traces[mode], created[mode] = _first_step(
+                    workload, weights, mode, seed)
                 seconds[mode].append(took)
-                traces[mode] = count
         median = {m: float(np.median(v)) for m, v in seconds.items()}
-        ratios.append(median["shapes"] / median["keras"])
-        lines.append(f"| {name} | {median['Adam']:.1f} | {median['keras']:.1f} | "
-                     f"{traces['keras']} | {median['shapes']:.1f} | {traces['shapes']} "
-                     f"| {ratios[-1]:.2f} |")
-    lines += ["", f"Geometric mean of shapes / keras: "
-              f"{float(np.exp(np.mean(np.log(ratios)))):.2f}."]
+
+        def cell(mode, value, spec):
+            return format(value, spec) if mode in modes else "–"
+
+        ratio = {m: median["shapes"] / median[m] for m in ("keras", "Adam") if m in modes}
+        for m, r in ratio.items():
+            ratios[m].append(r)
+        lines.append(
+            f"| {name} | {cell('Adam', median.get('Adam'), '.1f')} | "
+            f"{cell('Adam', created.get('Adam'), 'd')} | "
+            f"{cell('keras', median.get('keras'), '.1f')} | "
+            f"{cell('keras', traces.get('keras'), 'd')} | {median['shapes']:.1f} | "
+            f"{traces['shapes']} | {created['shapes']} | "
+            f"{cell('keras', ratio.get('keras'), '.2f')} | "
+            f"{cell('Adam', ratio.get('Adam'), '.2f')} |")
+    lines.append("")
+    for m, values in ratios.items():
+        if values:
+            lines.append(f"Geometric mean of shapes / {m}: "
+                         f"{float(np.exp(np.mean(np.log(values)))):.2f}.")
     print("\n".join(lines))
 
 
