@@ -404,7 +404,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     lambda: None)
         # Trace-time hand-overs to this step only; not kept between steps.
         self._step_is_finite = None
-        self._partner.scale = None
+        self._partner.end_step()
         self._loss_rows = {}
         damping_lib.adapt(self, self._products.pop(distributed.replica_index(), None),
                           finite)

@@ -60,6 +60,10 @@ class Partner:
         # (`step_size.partner_scale`), handed over by `quadratic.steps`; `None`
         # between steps.
         self.scale = None
+        # Adam's bias correction of this step, once per dtype and step counter (in
+        # the graph being traced) rather than once per variable: fewer operations
+        # to trace; emptied by `end_step`.
+        self._corrections = {}
         self.learning_rate = None
         # The instance's own weight decay (`None`: the curvature optimizer's).
         self.weight_decay = None
@@ -160,17 +164,33 @@ class Partner:
         if self.kind == "adam":
             m, v = slots
             dtype = gradient.dtype
-            t = tf.cast(iterations + 1, dtype)
             m = m + (gradient - m) * (1.0 - self.beta_1)
             v = v + (tf.square(gradient) - v) * (1.0 - self.beta_2)
-            correction = tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), t)) / (
-                1.0 - tf.pow(tf.cast(self.beta_1, dtype), t)
-            )
+            correction = self._correction(iterations, dtype)
             return correction * m / (tf.sqrt(v) + self.epsilon), [m, v]
         if not slots:
             return gradient, []
         m = self.momentum * slots[0] + gradient
         return m, [m]
+
+    def _correction(self, iterations, dtype):
+        """`sqrt(1 - beta_2^t) / (1 - beta_1^t)` at `t = iterations + 1`."""
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        key = (dtype, id(iterations))
+        cached = self._corrections.get(key)
+        if graph is not None and cached is not None and cached.graph is graph:
+            return cached
+        t = tf.cast(iterations + 1, dtype)
+        correction = tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), t)) / (
+            1.0 - tf.pow(tf.cast(self.beta_1, dtype), t))
+        if graph is not None:
+            self._corrections[key] = correction
+        return correction
+
+    def end_step(self):
+        """Forgets this step's hand-overs (`scale`) and traced values."""
+        self.scale = None
+        self._corrections = {}
 
     def get_config(self):
         """The `fallback` argument, serialisable."""

@@ -240,3 +240,33 @@ def test_the_partner_moves_as_far_as_the_quadratic_model_moves_the_rest():
 def test_invalid_fallback_lr_ceiling_raises(ceiling):
     with pytest.raises(ValueError, match="fallback_lr_ceiling"):
         keras_tkfac.TKFAC(fallback_lr_ceiling=ceiling)
+
+
+def test_adam_partner_matches_keras_adam_on_variables_of_two_dtypes():
+    """The partner's bias correction, traced once per dtype in a step, is each
+    variable's own: float32 and float64 normalisation weights both follow Keras's
+    Adam over several steps."""
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((5,)),
+            keras.layers.LayerNormalization(dtype="float64"),
+            keras.layers.Dense(4, activation="tanh", trainable=False),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(3, trainable=False),
+        ])
+
+    x, y = helpers.classification_data(n=16)
+    ours = model()
+    wrapped = keras_tkfac.wrap(ours)
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(
+        fallback=keras.optimizers.Adam(0.01), seed=0), loss=LOSS)
+    wrapped.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+    theirs = model()
+    theirs.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS)
+    theirs.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+    assert {v.dtype for v in ours.trainable_variables} == {"float32", "float64"}
+    for a, b in zip(ours.trainable_variables, theirs.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=a.path)
