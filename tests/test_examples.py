@@ -273,3 +273,42 @@ def test_separable_smoke():
     assert "pointwise_kernel" in fallbacks[0]
     assert "pointwise_kernel" not in fallbacks[1]
     assert "depthwise_kernel" in fallbacks[1]
+
+
+@_ONE_MEASUREMENT_TOOL
+def test_program_steps_interleaved_smoke():
+    """`tools/program_steps.py --interleave` builds each configuration in one
+    process and times their steps in turn; the products' tangents by TensorFlow's
+    dispatch or inline (`inline_jvps`) train alike."""
+    result = _run("tools/program_steps.py", "--program=squeeze_excitation",
+                  "--steps=3", "--interleave",
+                  '--configs={"TKFAC dispatch": {"inline_jvps": false}, '
+                  '"TKFAC": {}, "Adam": {}}')
+    assert result.returncode == 0, result.stderr[-5000:]
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines()
+             if "median step" in line}
+    assert list(lines) == ["TKFAC dispatch", "TKFAC", "Adam"]
+    assert "1.000 x TKFAC dispatch" in lines["TKFAC dispatch"]
+    losses = {name: float(line.split("last loss ")[1]) for name, line in lines.items()}
+    assert losses["TKFAC"] == pytest.approx(losses["TKFAC dispatch"], rel=1e-4)
+    assert all(math.isfinite(v) for v in losses.values())
+
+
+@_ONE_MEASUREMENT_TOOL
+def test_spectra_smoke():
+    """`tools/spectra.py --smoke` reads the damped factors after a few steps: the
+    rank-k form is exact where both factors have at most k dimensions, and every
+    figure is finite."""
+    result = _run("tools/spectra.py", "--smoke", "--workloads=mlp,resnet")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in result.stdout.splitlines()
+            if line.startswith("| ") and " × " in line and "d_in" not in line]
+    assert len(rows) > 4
+    for row in rows:
+        d_in, d_out = (int(d) for d in row[1].split(" × "))
+        errors = [float(e) for e in row[5:10]]
+        assert all(math.isfinite(e) and e >= 0 for e in errors)
+        if max(d_in, d_out) <= 128:
+            assert errors[-1] == 0.0
+    assert "Dense layers' preconditioning flops" in result.stdout

@@ -20,6 +20,15 @@ arguments sets `keras_tkfac.products.INLINE_JVPS` (the products' inline tangents
 
     python tools/program_steps.py --program=mobilenet_v2 --steps=10 --rounds=2 \
         --configs='{"Adam": {}, "TKFAC": {}, "TKFAC dispatch": {"inline_jvps": false}}'
+
+With `--interleave`, every configuration is built in one process and their steps
+are timed interleaved, one step each in turn: for a switch read while tracing,
+the fairest comparison of later steps on a machine whose speed drifts (a second
+trace in one process reuses TensorFlow's caches, so the first steps are not
+comparable there):
+
+    python tools/program_steps.py --program=mobilenet_v2 --steps=40 --interleave \
+        --configs='{"TKFAC dispatch": {"inline_jvps": false}, "TKFAC": {}, "Adam": {}}'
 """
 
 import json
@@ -45,16 +54,28 @@ _CONFIGS = flags.DEFINE_string(
     "configs", '{"Adam": {}, "TKFAC": {}}',
     "JSON: name -> keyword arguments; a name starting with Adam is Adam(1e-3), "
     "otherwise its first word names the keras_tkfac optimizer")
+_INTERLEAVE = flags.DEFINE_bool(
+    "interleave", False, "build every configuration in this process and time "
+    "their steps interleaved (for switches read while tracing: steps of one "
+    "process compared side by side, without the spread between processes)")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 0, "with N > 0, N alternated rounds, each configuration in a fresh "
     "process")
 
 
-def time_steps(program, name, kwargs, steps):
-    """`(first step's seconds, median later step's seconds)` of one configuration."""
+def _switches(kwargs):
+    """Sets the module switches a configuration names (read while its step is
+    traced) and returns its optimizer's keyword arguments without them."""
     kwargs = dict(kwargs)
     products.INLINE_JVPS = bool(kwargs.pop("inline_jvps", True))
     reuse.ENABLED = bool(kwargs.pop("reuse", True))
+    return kwargs
+
+
+def build(program, name, kwargs):
+    """`(model, x, y, first step's seconds)`: one configuration's model, compiled
+    and trained on its first batch (the trace, under its switches)."""
+    kwargs = _switches(kwargs)
     keras.utils.set_random_seed(0)
     model, x, y, compile_args, _ = PROGRAMS[program]()
     if name.startswith("Adam"):
@@ -63,17 +84,50 @@ def time_steps(program, name, kwargs, steps):
         model = keras_tkfac.wrap(model)
         optimizer = getattr(keras_tkfac, name.split()[0])(**kwargs)
     model.compile(optimizer=optimizer, **compile_args)
-    batches = max(1, len(x) // BATCH)
     started = time.time()
     model.train_on_batch(x[:BATCH], y[:BATCH])
     first = time.time() - started
-    times = []
-    for i in range(steps):
-        start = BATCH * (i % batches)
-        started = time.time()
-        model.train_on_batch(x[start:start + BATCH], y[start:start + BATCH])
-        times.append(time.time() - started)
+    _switches({})
+    return model, x, y, first
+
+
+def _step(model, x, y, i):
+    """Seconds and loss of `model`'s `i`-th step after the first."""
+    batches = max(1, len(x) // BATCH)
+    start = BATCH * (i % batches)
+    started = time.time()
+    loss = model.train_on_batch(x[start:start + BATCH], y[start:start + BATCH])
+    return time.time() - started, float(np.ravel(loss)[0])
+
+
+def time_steps(program, name, kwargs, steps):
+    """`(first step's seconds, median later step's seconds)` of one configuration."""
+    model, x, y, first = build(program, name, kwargs)
+    times = [_step(model, x, y, i)[0] for i in range(steps)]
     return first, float(np.median(times))
+
+
+def interleaved(program, configs, steps):
+    """Every configuration built in this process, then their steps interleaved
+    (one step each in turn, the order rotating): the median step and its ratio to
+    the first configuration's, and the last loss (equal where a switch changes
+    only how a step is computed)."""
+    built = {name: build(program, name, kwargs) for name, kwargs in configs.items()}
+    names = list(built)
+    times = {name: [] for name in names}
+    losses = {}
+    for i in range(steps):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            model, x, y, _ = built[name]
+            took, losses[name] = _step(model, x, y, i)
+            times[name].append(took)
+    base = float(np.median(times[names[0]]))
+    for name in names:
+        median = float(np.median(times[name]))
+        print(f"{name}: first step {built[name][3]:.1f} s, median step "
+              f"{1e3 * median:.1f} ms, {median / base:.3f} x {names[0]}, "
+              f"last loss {losses[name]:.7g}", flush=True)
 
 
 def fresh_processes(configs, rounds):
@@ -100,6 +154,9 @@ def main(argv):
     del argv
     if _ROUNDS.value > 0:
         fresh_processes(json.loads(_CONFIGS.value), _ROUNDS.value)
+        return
+    if _INTERLEAVE.value:
+        interleaved(_PROGRAM.value, json.loads(_CONFIGS.value), _STEPS.value)
         return
     for name, kwargs in json.loads(_CONFIGS.value).items():
         first, median = time_steps(_PROGRAM.value, name, kwargs, _STEPS.value)
