@@ -85,6 +85,21 @@ _COMMON_ARGS = """
             `"empirical"` (real labels for every output). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
+        inverse_rank: `None` or an int `k >= 1`. With `k`, each damped factor of
+            more than `2k` dimensions of a layer other than a convolution (dense,
+            embedding, attention projections) is inverted as a scaled identity plus a
+            rank-`k` correction (`low_rank.low_rank_inverse`: a subspace iteration from
+            the previous inverse step's basis, the other eigenvalues at their mean),
+            stored as `[d + 1, k + 1]` instead of `[d, d]` and applied in
+            `8 k d_in d_out` flops instead of `2 d_in d_out (d_in + d_out)`. At the
+            defaults a dense layer's damped factors are the damping's multiple of
+            the identity but for a few directions, and `k = 64` changed the
+            suite's results by at most 1.5%; a convolution's factors have spread
+            spectra (its damping is relative to its trace), and so approximated the
+            suite's convolutional autoencoder did not train: convolutions keep exact
+            inverses (`tools/spectra.py`; docs/RESULTS.md, "How far the damped
+            factors are from the identity"). Opt-in. Defaults to `None` (exact
+            inverses).
         precondition_dtype: `"float32"` or `"bfloat16"`, the precision of the
             preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and the
             intermediate product rounded to bfloat16; float32 updates). Meant for
@@ -285,6 +300,7 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_scale=None,
         conv_damping_split=None,
         inverse_dtype="float32",
+        inverse_rank=None,
         precondition_dtype="float32",
         precondition_form="auto",
         conv_location_stride=1,
@@ -321,6 +337,7 @@ class TKFAC(CurvatureOptimizer):
             model_update_freq=model_update_freq,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            inverse_rank=inverse_rank,
             precondition_dtype=precondition_dtype,
             precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,
@@ -415,6 +432,7 @@ class KFAC(CurvatureOptimizer):
         model_update_freq=1,
         fisher="true",
         inverse_dtype="float32",
+        inverse_rank=None,
         precondition_dtype="float32",
         precondition_form="auto",
         conv_location_stride=1,
@@ -441,6 +459,7 @@ class KFAC(CurvatureOptimizer):
             model_update_freq=model_update_freq,
             fisher=fisher,
             inverse_dtype=inverse_dtype,
+            inverse_rank=inverse_rank,
             precondition_dtype=precondition_dtype,
             precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_tkfac import distributed
+from keras_tkfac import low_rank
 from keras_tkfac import ops
 
 INVERSE_DTYPES = ("float32", "float64")
@@ -24,6 +25,13 @@ def _inverse(matrices, dtype):
 
 
 _jit_inverse = tf.function(_inverse, jit_compile=True, reduce_retracing=True)
+
+
+def _low_rank(matrices, previous, dtype):
+    """`low_rank.low_rank_inverse` in `dtype` (`inverse_rank`), float32 results."""
+    packed, ok = low_rank.low_rank_inverse(tf.cast(matrices, dtype),
+                                           tf.cast(previous, dtype))
+    return tf.cast(packed, tf.float32), ok
 
 
 def inverse_for_device():
@@ -39,7 +47,9 @@ def inverse_for_device():
 
 
 def inverse_cost(matrix):
-    """Flops model of inverting `matrix` (`d^3` per group; a diagonal costs `d`)."""
+    """Flops model of inverting `matrix` (`d^3` per group; a diagonal costs `d`;
+    a rank-`k` inverse, about `2 low_rank.LOW_RANK_ITERATIONS d^2 k`, counts as `d^3`:
+    the split balances the replicas' shares only roughly then)."""
     d = int(matrix.shape[-1])
     if matrix.shape.rank == 1:
         return d
@@ -67,15 +77,18 @@ def invert_all(matrices, previous, dtype, split):
     by_shape = collections.defaultdict(list)
     for i, matrix in enumerate(matrices):
         if owner[i] == mine:
-            by_shape[tuple(matrix.shape)].append(i)
+            by_shape[(tuple(matrix.shape), tuple(previous[i].shape))].append(i)
     # The others' entries stay zero, so that one SUM all-reduce gives all.
     new_values = [tf.zeros_like(p) for p in previous]
     failures = tf.constant(0.0)
     invert = inverse_for_device()
-    for shape, indices in by_shape.items():
+    for (shape, target), indices in by_shape.items():
         stacked = tf.stack([matrices[i] for i in indices])
         if len(shape) == 1:
             inverses, ok = ops.diagonal_inverse(stacked)
+        elif target != shape:
+            inverses, ok = _low_rank(stacked, tf.stack([previous[i] for i in indices]),
+                                     dtype)
         else:
             inverses, ok = invert(stacked, dtype)
         ok = tf.reshape(ok, [len(indices), -1])

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from keras_tkfac import low_rank
+
 
 def append_homogeneous(a):
     """Appends a column of ones to the rows `a` (`[rows, d]` -> `[rows, d + 1]`)."""
@@ -300,10 +302,10 @@ def precondition(left_inverse, grad_matrix, right_inverse):
     diagonal `L^{-1}`; `[G, ...]` batches (grouped layers, or layers of equal shape
     stacked) multiply matrix by matrix.
     """
-    right = tf.matmul(grad_matrix, right_inverse)
+    right = low_rank.multiply_right(grad_matrix, right_inverse)
     if left_inverse.shape.rank == grad_matrix.shape.rank - 1:
         return left_inverse[..., None] * right
-    return tf.matmul(left_inverse, right)
+    return low_rank.multiply_left(left_inverse, right)
 
 
 FactoredGradient = collections.namedtuple("FactoredGradient", ["a", "g", "matrix"])
@@ -332,8 +334,11 @@ def precondition_factored(left_inverse, a, g, right_inverse):
     `d_in d_out (d_in + d_out) / (d_in^2 + d_out^2 + d_in d_out)` (see
     `factored_precondition_flops`); the same `U` up to float rounding.
     """
-    left = tf.matmul(left_inverse, a, transpose_b=True)
-    return tf.matmul(left, tf.matmul(g, right_inverse))
+    if low_rank.is_low_rank(left_inverse):
+        left = low_rank.multiply_left(left_inverse, tf.transpose(a))
+    else:
+        left = tf.matmul(left_inverse, a, transpose_b=True)
+    return tf.matmul(left, low_rank.multiply_right(g, right_inverse))
 
 
 def rows_give_gradient(grad, rtol=1e-2):
@@ -376,6 +381,9 @@ def precondition_factored_or_full(left_inverse, grad, right_inverse, dtype=tf.fl
         return precondition(left, tf.cast(grad.matrix, dtype), right)
 
     rows = grad.a.shape[0]
+    if low_rank.is_low_rank(left) or low_rank.is_low_rank(right):
+        # (A low-rank inverse is cheaper on the gradient matrix than on the rows.)
+        return tf.cast(full(), grad.matrix.dtype)
     if rows is not None:
         if factored_precondition_flops(rows, d_in, d_out) >= full_flops:
             return tf.cast(full(), grad.matrix.dtype)
@@ -452,10 +460,13 @@ def precondition_rows(left_diagonal, grad_rows, right_inverse, dtype=tf.float32)
     Returns:
         The dense `[vocab, d_out]` update, in the gradient's dtype.
     """
-    values = tf.reshape(grad_rows.values, [-1, right_inverse.shape[-1]])
+    width = (right_inverse.shape[-2] - 1 if low_rank.is_low_rank(right_inverse)
+             else right_inverse.shape[-1])
+    values = tf.reshape(grad_rows.values, [-1, width])
     rows = tf.gather(left_diagonal, grad_rows.indices)[:, None] * tf.cast(
         values, left_diagonal.dtype)
-    product = tf.matmul(tf.cast(rows, dtype), tf.cast(right_inverse, dtype))
+    product = low_rank.multiply_right(tf.cast(rows, dtype),
+                                      tf.cast(right_inverse, dtype))
     return tf.math.unsorted_segment_sum(
         tf.cast(product, values.dtype), grad_rows.indices, left_diagonal.shape[0])
 

@@ -55,6 +55,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         model_update_freq,
         fisher,
         inverse_dtype,
+        inverse_rank,
         precondition_dtype,
         precondition_form,
         conv_location_stride,
@@ -76,7 +77,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 inverse_warmup=inverse_warmup, kl_clip=kl_clip,
                 step_control=step_control, adaptive_damping=adaptive_damping,
                 model_update_freq=model_update_freq,
-                fisher=fisher, inverse_dtype=inverse_dtype,
+                fisher=fisher, inverse_dtype=inverse_dtype, inverse_rank=inverse_rank,
                 precondition_dtype=precondition_dtype,
                 precondition_form=precondition_form,
                 conv_location_stride=conv_location_stride,
@@ -96,6 +97,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.model_update_freq = int(model_update_freq)
         self.fisher = fisher
         self.inverse_dtype = inverse_dtype
+        self.inverse_rank = None if inverse_rank is None else int(inverse_rank)
         self.precondition_dtype = precondition_dtype
         self.precondition_form = precondition_form
         self.conv_location_stride = int(conv_location_stride)
@@ -469,9 +471,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         names = ("momentum", "factor_decay", "factor_update_freq",
                  "inverse_update_freq", "inverse_warmup", "kl_clip", "step_control",
                  "adaptive_damping", "model_update_freq", "fisher", "inverse_dtype",
-                 "precondition_dtype", "precondition_form", "conv_location_stride",
-                 "split_inverses", "max_factor_dim", "fallback_lr_ratio",
-                 "fallback_lr_ceiling", "seed")
+                 "inverse_rank", "precondition_dtype", "precondition_form",
+                 "conv_location_stride", "split_inverses", "max_factor_dim",
+                 "fallback_lr_ratio", "fallback_lr_ceiling", "seed")
         config.update({name: getattr(self, name) for name in names})
         config.update(damping=damping, fallback=self._partner.get_config())
         return config

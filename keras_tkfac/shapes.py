@@ -6,6 +6,8 @@ import collections
 from absl import logging
 import tensorflow as tf
 
+from keras_tkfac import low_rank
+
 # A preconditioned block's state: its variables' keys, factors and inverses.
 Slot = collections.namedtuple("Slot", ["block", "keys", "factors", "inverses"])
 
@@ -15,6 +17,16 @@ def identity(shape, dtype=None):
     if len(shape) == 1:
         return tf.ones(shape, dtype=dtype)
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype)
+
+
+def inverse_spec(shape, rank):
+    """`(shape, initializer)` of the inverse of a factor of `shape`: the factor's,
+    from the identity; with `rank` (`inverse_rank`, for layers other than
+    convolutions) and a matrix factor of more than `2 rank` dimensions,
+    `low_rank.low_rank_inverse`'s packed form of the identity."""
+    if rank is not None and len(shape) >= 2 and shape[-1] > 2 * rank:
+        return low_rank.low_rank_shape(shape, rank), low_rank.low_rank_identity
+    return shape, identity
 
 
 def group_shape(block):
@@ -99,9 +111,12 @@ def build_slots(optimizer, keys):
                 shape, initializer="zeros", name=f"{block.name}_{factor_name}",
                 dtype="float32", aggregation="only_first_replica")
             for factor_name, shape in optimizer._factor_specs(block)]
+        # Convolutions' trace-relative damping leaves their factors' spectra spread
+        # (`tools/spectra.py`): their inverses stay exact.
+        rank = None if block.is_conv else optimizer.inverse_rank
         inverses = [
             optimizer.add_variable(
-                shape, initializer=identity, dtype="float32",
+                *inverse_spec(shape, rank), dtype="float32",
                 name=f"{block.name}_{side}_inv", aggregation="only_first_replica")
             for side, shape in (("left", input_factor_shape(block)),
                                 ("right", output_factor_shape(block)))]

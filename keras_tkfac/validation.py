@@ -102,7 +102,7 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
                                 factor_update_freq, inverse_update_freq,
                                 inverse_warmup, kl_clip, step_control,
                                 adaptive_damping, model_update_freq, fisher,
-                                inverse_dtype,
+                                inverse_dtype, inverse_rank,
                                 precondition_dtype, precondition_form,
                                 conv_location_stride, split_inverses, max_factor_dim,
                                 fallback_lr_ratio, fallback_lr_ceiling, seed):
@@ -136,6 +136,8 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
                            step_size.uses_products(step_control))
     check_int("model_update_freq", model_update_freq)
     check_choice("inverse_dtype", inverse_dtype, inverses_lib.INVERSE_DTYPES)
+    if inverse_rank is not None:
+        check_int("inverse_rank", inverse_rank)
     check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
     check_choice("precondition_form", precondition_form, factored.FORMS)
     return learning_rate, fallback_lr_ratio, fallback_lr_ceiling, adaptive_damping, seed
