@@ -183,3 +183,27 @@ def test_convolutions_keep_exact_inverses():
     conv, dense = (shapes[layer.name] for layer in model.layers if layer.weights)
     assert conv == [(19, 19), (12, 12)]
     assert dense == [(194, 5), (3, 3)]
+
+
+def test_every_preconditioning_form_takes_packed_inverses():
+    """`ops.precondition`, the factored form and `precondition_factored_or_full`
+    with packed inverses equal the dense inverses' products."""
+    from keras_tkfac import ops
+
+    left = _damped_low_rank(12, [3.0, 1.0], 0.2)
+    right = _damped_low_rank(10, [2.0], 0.5)
+    packed = [low_rank.low_rank_inverse(tf.constant(m), _identity(len(m), 3),
+                                        iterations=60)[0] for m in (left, right)]
+    dense = [np.linalg.inv(m) for m in (left, right)]
+    a, g = RNG.normal(size=(5, 12)), RNG.normal(size=(5, 10))
+    expected = dense[0] @ a.T @ g @ dense[1]
+    np.testing.assert_allclose(
+        ops.precondition(packed[0], tf.constant(a.T @ g), packed[1]), expected,
+        atol=1e-9)
+    np.testing.assert_allclose(
+        ops.precondition_factored(packed[0], tf.constant(a), tf.constant(g), packed[1]),
+        expected, atol=1e-9)
+    factored = ops.FactoredGradient(tf.constant(a), tf.constant(g), tf.constant(a.T @ g))
+    np.testing.assert_allclose(
+        ops.precondition_factored_or_full(packed[0], factored, packed[1],
+                                          dtype=tf.float64), expected, atol=1e-9)
