@@ -132,6 +132,7 @@ class Recording:
         self.graph = tf.compat.v1.get_default_graph()
         self._calls = {id(block.layer): [] for block in self.blocks}
         self._remembered = {}
+        self._preactivations = {}
 
     @property
     def variables(self):
@@ -155,8 +156,18 @@ class Recording:
         """Every layer's `remembered` entries."""
         return list(self._remembered.values())
 
-    def add(self, layer, inputs, outputs):
+    def add(self, layer, inputs, outputs, layer_outputs=None):
+        """Records one call's `(a, s)`; `layer_outputs`, the call's output,
+        `activate(s)`, is remembered as computed from `s` (`preactivation`)."""
         self._calls[id(layer)].append((inputs, outputs))
+        if layer_outputs is not None:
+            self._preactivations[id(layer_outputs)] = (layer_outputs, outputs)
+
+    def preactivation(self, layer_outputs):
+        """The recorded `s` of the call whose output is `layer_outputs`, or
+        `None` (not a recorded call's output)."""
+        found = self._preactivations.get(id(layer_outputs))
+        return found[1] if found is not None and found[0] is layer_outputs else None
 
     def calls(self, block):
         """The list of `(a, s)` recorded for `block`, one pair per call."""
@@ -319,7 +330,7 @@ def install(block):
             inputs = tf.sparse.to_dense(inputs)
         current = getattr(layer, "_keras_tkfac_block", block)
         a, s, outputs = current.record_call(original, inputs, *args, **kwargs)
-        recording.add(layer, a, s)
+        recording.add(layer, a, s, outputs)
         return outputs
 
     recording_call._keras_tkfac_recording = True

@@ -275,13 +275,16 @@ def _passes(forward, outputs, primals, groups, model=None, recording=None):
             accumulators = [stack.enter_context(
                 tf.autodiff.ForwardAccumulator(primals, t)) for t in group]
             with rnn_tangents.carrying(model, accumulators), \
-                    reuse_lib.reusing(recording, primals, _trainable(model)):
+                    reuse_lib.reusing(recording, primals, _trainable(model),
+                                      accumulators) as reused:
                 found, flat = _sources(outputs, forward())
+        # The tangents of reused calls were computed off the results' path.
+        checked = found + reused.sources
         for accumulator in accumulators:
-            lost = tangents_lib.dropped(accumulator, start, found)
+            lost = tangents_lib.dropped(accumulator, start, checked)
             if lost:
                 raise tangents_lib.DroppedTangents(lost)
-        hidden = tangents_lib.hidden_reads(primals, start, found, accumulators)
+        hidden = tangents_lib.hidden_reads(primals, start, checked, accumulators)
         if hidden:
             raise tangents_lib.HiddenReads(hidden)
         jvps.extend([

@@ -21,8 +21,19 @@ random layer's draw (its dropout mask or augmentation is the step's own rather
 than a new one). Eager execution, loops (a cell's calls inside a recurrent layer's loop)
 and a products' pass on part of the batch (`products.PRODUCT_FRACTION`) remember
 or reuse nothing. A layer that a curvature block covers gets this call around
-`capture`'s recording call; where it has a preconditioned weight, its reads exclude
-it from reuse.
+`capture`'s recording call.
+
+A call that reads preconditioned weights carries tangents in the products' pass, so
+its outputs alone cannot stand in. Where the layer's block computes its output as
+`activate(s)` from a pre-activation `s` linear in the weights (dense, convolution,
+embedding and normalisation blocks: every block but the recurrent ones) and the
+call's inputs recur, the pass still takes the step's `s` and output (`_Reuse.carry`):
+it computes only the tangents, `s`'s from the block's own computation under the
+pass's accumulators (whose primal value nothing reads, so the traced function prunes
+it: a dense layer's products cost its two tangent matmuls, not a third for its
+output) and the activation's from the step's `s`, and hands them to the accumulators
+with the step's tensors (`ForwardAccumulator._watch`). The layers after it then see
+the step's tensors in turn, so a chain of such layers costs no primal pass at all.
 """
 
 import functools
@@ -30,6 +41,7 @@ import threading
 
 import tensorflow as tf
 
+from keras_tkfac import block_base
 from keras_tkfac import capture
 
 _STATE = threading.local()
@@ -37,6 +49,11 @@ _STATE = threading.local()
 # Whether the products' pass reuses the step's outputs (a switch for measurements
 # and tests; the results are the same either way up to stochastic layers' draws).
 ENABLED = True
+
+# Whether the products' pass also reuses the step's outputs of calls that read the
+# preconditioned weights, computing only their tangents (`_Reuse.carry`); a switch
+# for measurements and tests (the products are the same either way).
+CARRY = True
 
 
 def _tensors(args, kwargs):
@@ -121,20 +138,28 @@ class _Reuse:
     trainable variable): then the pass after the step, which reuses such calls too,
     sees the same draws as the products' pass, and the losses before and after the
     step differ by the step alone (`products.Batch`).
+
+    With `accumulators` (the products' pass), a call that reads `blocked` is reused
+    with its tangents where its block allows (`carry`); `sources` then holds the
+    pre-activations whose tangents were computed, for the pass's checks of dropped
+    tangents and hidden reads (`products._passes`).
     """
 
-    def __init__(self, recording, blocked, trainable):
+    def __init__(self, recording, blocked, trainable, accumulators=()):
         self.recording = recording
         self.graph = tf.compat.v1.get_default_graph()
         self.blocked, self.trainable = _handles(blocked), _handles(trainable)
+        self.accumulators = list(accumulators)
+        self.sources = []
         self.produced = {id(t) for entries in recording.all_remembered()
                          for _, outputs, _ in entries
                          for t in tf.nest.flatten(outputs)}
         self.settled = set()
         self.reused = 0
 
-    def lookup(self, layer, args, kwargs):
-        """The remembered outputs for this call, or `None`."""
+    def lookup(self, layer, call, args, kwargs):
+        """The remembered outputs for this call of `layer` (`call`, the layer's
+        call beneath the reusing one), or `None`."""
         if tf.compat.v1.get_default_graph() is not self.graph:
             return None
         inputs = _tensors(args, kwargs)
@@ -142,9 +167,16 @@ class _Reuse:
             return None
         for remembered, outputs, effects in self.recording.remembered(layer):
             if (len(remembered) != len(inputs)
-                    or not all(_same(a, b) for a, b in zip(remembered, inputs))
-                    or effects.reads & self.blocked):
+                    or not all(_same(a, b) for a, b in zip(remembered, inputs))):
                 continue
+            if effects.reads & self.blocked or self._carries(inputs):
+                # (The step's outputs alone would drop the tangents.)
+                carried = (None if effects.random else
+                           self.carry(layer, call, outputs, args, kwargs))
+                if carried is None:
+                    continue
+                self.reused += 1
+                return carried
             settled = not effects.reads & self.trainable and all(
                 id(t) in self.settled or id(t) not in self.produced for t in remembered)
             if effects.random and not settled:
@@ -154,6 +186,64 @@ class _Reuse:
             self.reused += 1
             return outputs
         return None
+
+    def _carries(self, inputs):
+        """Whether any of `inputs` has a tangent in the pass's accumulators (an
+        output of a call reused with its tangents, `carry`)."""
+        return any(accumulator.jvp(t) is not None for accumulator in self.accumulators
+                   for t in inputs if t.dtype.is_floating)
+
+    def carry(self, layer, call, outputs, args, kwargs):
+        """The step's `outputs` of a call whose tangents are not zero (it reads
+        preconditioned weights, or its inputs carry tangents), with the tangents
+        computed here handed to the pass's accumulators; `None` without
+        accumulators; this call's own outputs where their structure differs from
+        the step's.
+
+        A block whose output is `activate(s)` computes `s`'s tangents by its own
+        `record` and the activation's from the step's `s`, so that no primal value
+        of this call is read and the traced function prunes its matmul or
+        convolution; any other layer runs its `call`, whose primal values its
+        tangents may read (a normalisation's moments), and only its outputs are
+        the step's."""
+        if not self.accumulators:
+            return None
+        block = getattr(layer, "_keras_tkfac_block", None)
+        s = self.recording.preactivation(outputs)
+        if (block is not None and s is not None and args
+                and type(block).record_call is block_base.CurvatureBlock.record_call):
+            _, computed = block.record(call, *args, **kwargs)
+            if isinstance(computed, tf.Tensor) and computed.shape == s.shape:
+                self._hand_over([s], [computed])
+                if outputs is not s:
+                    # The activation's tangents, from the step's `s` (its primal
+                    # value is what they read: a ReLU's mask, a softmax's output).
+                    self._hand_over([outputs], [block.activate(s)])
+                return outputs
+        computed = call(*args, **kwargs)
+        try:
+            tf.nest.assert_same_structure(outputs, computed)
+        except (TypeError, ValueError):
+            return computed  # (this pass's own outputs, with their tangents)
+        flat, found = tf.nest.flatten(outputs), tf.nest.flatten(computed)
+        if not all(isinstance(t, tf.Tensor) and isinstance(c, tf.Tensor)
+                   and t.dtype == c.dtype for t, c in zip(flat, found)):
+            return computed
+        self._hand_over(flat, found)
+        return outputs
+
+    def _hand_over(self, steps, computed):
+        """Gives each of the step's tensors `steps` the tangents of `computed`.
+        A step's tensor that already has a tangent (the call returned its input,
+        as `linear` does) keeps it: watching adds to a tangent."""
+        self.sources.extend(c for c in computed if c.dtype.is_floating)
+        for accumulator in self.accumulators:
+            for step, value in zip(steps, computed):
+                if not value.dtype.is_floating or accumulator.jvp(step) is not None:
+                    continue
+                tangent = accumulator.jvp(value)
+                if tangent is not None:
+                    accumulator._watch(step, tf.cast(tangent, step.dtype))  # pylint: disable=protected-access
 
 
 def install(layer):
@@ -166,7 +256,7 @@ def install(layer):
     def reusing_call(*args, **kwargs):
         reuse = getattr(_STATE, "reuse", None)
         if reuse is not None:
-            outputs = reuse.lookup(layer, args, kwargs)
+            outputs = reuse.lookup(layer, original, args, kwargs)
             return original(*args, **kwargs) if outputs is None else outputs
         recording = capture.active()
         if recording is None or tf.executing_eagerly():
@@ -189,16 +279,24 @@ class reusing:  # pylint: disable=invalid-name
     their inputs recur (`_Reuse`): in the products' pass, `blocked` is the
     directions' variables, whose tangents the pass carries; in a pass after the
     step, every trainable variable. `recording=None`, or eager execution: nothing
-    is reused. `reused` counts the calls reused."""
+    is reused. `reused` counts the calls reused. `accumulators`, the products'
+    pass's, let calls that read `blocked` be reused with their tangents
+    (`_Reuse.carry`) unless `CARRY` is off; `sources` are the tensors whose
+    tangents that computed."""
 
-    def __init__(self, recording, blocked, trainable):
+    def __init__(self, recording, blocked, trainable, accumulators=()):
         self._reuse = None
         if ENABLED and recording is not None and not tf.executing_eagerly():
-            self._reuse = _Reuse(recording, blocked, trainable)
+            self._reuse = _Reuse(recording, blocked, trainable,
+                                 accumulators if CARRY else ())
 
     @property
     def reused(self):
         return 0 if self._reuse is None else self._reuse.reused
+
+    @property
+    def sources(self):
+        return [] if self._reuse is None else list(self._reuse.sources)
 
     def __enter__(self):
         self._previous = getattr(_STATE, "reuse", None)

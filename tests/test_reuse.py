@@ -21,8 +21,8 @@ def reused(monkeypatch):
     counts = []
     original = reuse._Reuse.lookup
 
-    def counting(self, layer, args, kwargs):
-        outputs = original(self, layer, args, kwargs)
+    def counting(self, layer, call, args, kwargs):
+        outputs = original(self, layer, call, args, kwargs)
         if outputs is not None:
             counts.append(layer.name)
         return outputs
@@ -39,8 +39,9 @@ def _data(shape, n=64, classes=3, seed=0):
     return x, y % classes
 
 
-def _fit(build, x, y, enabled, monkeypatch, epochs=2, **optimizer_args):
+def _fit(build, x, y, enabled, monkeypatch, epochs=2, carry=True, **optimizer_args):
     monkeypatch.setattr(reuse, "ENABLED", enabled)
+    monkeypatch.setattr(reuse, "CARRY", carry)
     keras.utils.set_random_seed(0)
     model = keras_tkfac.wrap(build())
     model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **optimizer_args), loss=LOSS)
@@ -94,7 +95,10 @@ class _ReadsKernel(layers.Layer):
         return inputs + 0.1 * tf.reduce_sum(self.dense.kernel, axis=1)
 
 
-def test_a_layer_that_reads_a_directions_variable_is_not_reused(reused, monkeypatch):
+def test_a_layer_that_reads_a_directions_variable_is_reused_only_with_its_tangents(
+        reused, carried, monkeypatch):
+    """Without `CARRY` such a layer is computed again; with it, the step's output
+    is reused with the tangents of the layer's call in the pass (`_Reuse.carry`)."""
     def build():
         dense = layers.Dense(3)
         dense.build((None, 4))
@@ -104,9 +108,12 @@ def test_a_layer_that_reads_a_directions_variable_is_not_reused(reused, monkeypa
         return keras.Model(inputs, dense(h))
 
     x, y = _data((4,))
-    with_reuse = _fit(build, x, y, True, monkeypatch)
-    assert "plain" in reused and "reads" not in reused
-    _assert_same(_fit(build, x, y, False, monkeypatch), with_reuse)
+    without_carry = _fit(build, x, y, True, monkeypatch, carry=False)
+    assert "plain" in reused and "reads" not in reused and not carried
+    _assert_same(_fit(build, x, y, False, monkeypatch), without_carry)
+    del reused[:]
+    _assert_same(_fit(build, x, y, True, monkeypatch), without_carry)
+    assert "reads" in carried and "reads" in reused
 
 
 def test_a_shared_layer_reuses_each_of_its_calls(reused, monkeypatch):
@@ -215,3 +222,94 @@ def test_under_mirrored_strategy_each_replica_reuses_and_matches_one_device(
     assert reused.count("base") >= 2  # (each replica's products' pass)
     for a, b in zip(single, replicated):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def carried(monkeypatch):
+    """Names the calls reused with their tangents (`_Reuse.carry`) while tracing."""
+    names = []
+    original = reuse._Reuse.carry
+
+    def counting(self, layer, call, outputs, args, kwargs):
+        found = original(self, layer, call, outputs, args, kwargs)
+        if found is not None:
+            names.append(layer.name)
+        return found
+
+    monkeypatch.setattr(reuse._Reuse, "carry", counting)
+    return names
+
+
+def _dense_chain():
+    # Every layer preconditioned; a softmax output, whose logits the products read.
+    return keras.Sequential([
+        keras.Input((6,)), layers.Dense(8, activation="relu", name="d1"),
+        layers.Dense(8, activation="gelu", name="d2"),
+        layers.Dense(3, activation="softmax", name="out")])
+
+
+def _conv_with_partner_layers():
+    # BatchNormalization and LayerNormalization take the partner's step: their
+    # inputs carry tangents, so they are run for them, and the step's outputs
+    # still reach the layers after them.
+    inputs = keras.Input((8, 8, 2))
+    h = layers.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.Activation("relu", name="act")(h)
+    h = layers.Conv2D(4, 3, name="c2")(h)
+    h = layers.GlobalAveragePooling2D(name="pool")(h)
+    h = layers.LayerNormalization(name="ln")(layers.Dense(6, name="d1")(h))
+    # A layer that returns its input: its output already has its tangent.
+    return keras.Model(inputs, layers.Activation("linear", name="same")(
+        layers.Dense(3, name="out")(h)))
+
+
+def _tokens_and_dropout():
+    # An embedding, and dropout between dense layers: a random call after a
+    # trained layer is computed anew (its draw is the pass's own), after which
+    # the inputs no longer recur.
+    inputs = keras.Input((5,), dtype="int32")
+    h = layers.Embedding(11, 4, name="embed")(inputs)
+    h = layers.Flatten(name="flat")(h)
+    h = layers.Dense(8, activation="tanh", name="d1")(h)
+    h = layers.Dropout(0.2, name="drop")(h)
+    return keras.Model(inputs, layers.Dense(3, name="out")(h))
+
+
+def _tokens(shape):
+    x, y = _data(shape)
+    return (np.abs(x * 4).astype("int32") % 11), y
+
+
+@pytest.mark.parametrize("build,shape,expected,computed", [
+    (_dense_chain, (6,), ["d1", "d2", "out"], []),
+    (_conv_with_partner_layers, (8, 8, 2),
+     ["c1", "bn", "act", "c2", "pool", "d1", "ln", "out", "same"], []),
+    (_tokens_and_dropout, (5,), ["embed", "flat", "d1"], ["out"]),
+], ids=["dense_chain", "conv_partner_layers", "tokens_dropout"])
+def test_the_steps_outputs_carry_the_pass_tangents_and_train_as_recomputing_them(
+        build, shape, expected, computed, carried, monkeypatch):
+    """`_Reuse.carry`: calls with tangents reuse the step's outputs, their
+    tangents computed in the pass; training (the quadratic model's products, the
+    damping's loss before the step) equals recomputing every call, and equals
+    reusing only the calls without tangents, to rounding."""
+    x, y = _tokens(shape) if build is _tokens_and_dropout else _data(shape)
+    loss = ("sparse_categorical_crossentropy" if build is _dense_chain else LOSS)
+
+    def fit(enabled, carry):
+        monkeypatch.setattr(reuse, "ENABLED", enabled)
+        monkeypatch.setattr(reuse, "CARRY", carry)
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(build())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return history.history["loss"], [w.numpy() for w in model.weights]
+
+    with_carry = fit(True, True)
+    # (One trace: the products' pass carries each of these once.)
+    assert sorted(carried) == sorted(expected)
+    assert not set(carried) & set(computed)
+    del carried[:]
+    _assert_same(fit(False, False), with_carry)
+    _assert_same(fit(True, False), with_carry)
+    assert not carried

@@ -151,7 +151,10 @@ def _run_one(name, optimizer_name, steps, kwargs, validation_split):
             entry.update(best_validation=min(validation), last_validation=validation[-1])
     except Exception as error:  # pylint: disable=broad-except
         entry = {"status": f"error: {type(error).__name__}: {str(error)[:300]}",
-                 "trace": traceback.format_exc()[-1500:]}
+                 # (Paths relative to the working directory: no machine paths
+                 # in the recorded results.)
+                 "trace": traceback.format_exc().replace(
+                     os.getcwd() + os.sep, "")[-1500:]}
     finally:
         py_logging.getLogger().removeHandler(handler)
         keras.mixed_precision.set_global_policy("float32")
