@@ -10,6 +10,7 @@ from keras import layers
 import keras_tkfac
 from keras_tkfac import products
 from keras_tkfac import reuse
+from keras_tkfac import tangents as tangents_lib
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -313,3 +314,44 @@ def test_the_steps_outputs_carry_the_pass_tangents_and_train_as_recomputing_them
     _assert_same(fit(False, False), with_carry)
     _assert_same(fit(True, False), with_carry)
     assert not carried
+
+
+def test_a_carried_dense_chain_computes_no_primal_matmul_in_the_products_pass(
+        monkeypatch):
+    """The products' pass of a dense chain whose calls are all carried computes
+    the model's outputs from no matmul of its own (their primal values are the
+    step's; the tangents' matmuls are off that path), where recomputing each call
+    takes one per layer."""
+    passes = []
+    enter, sources = reuse.reusing.__enter__, products._sources
+
+    def entering(self):
+        graph = tf.compat.v1.get_default_graph()
+        passes.append((graph, len(graph.get_operations()), None))
+        return enter(self)
+
+    def finding(outputs, y_pred):
+        found, flat = sources(outputs, y_pred)
+        graph, start, _ = passes[-1]
+        passes[-1] = (graph, start, [t for t in flat if isinstance(t, tf.Tensor)])
+        return found, flat
+
+    monkeypatch.setattr(reuse.reusing, "__enter__", entering)
+    monkeypatch.setattr(products, "_sources", finding)
+    x, y = _data((6,))
+
+    def primal_matmuls(carry):
+        monkeypatch.setattr(reuse, "CARRY", carry)
+        del passes[:]
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(_dense_chain())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                      loss="sparse_categorical_crossentropy")
+        model.train_on_batch(x[:16], y[:16])
+        graph, start, results = [p for p in passes if p[2] is not None][-1]
+        created = set(graph.get_operations()[start:])
+        return sum(op.type == "MatMul"
+                   for op in tangents_lib._ancestors(results, created))
+
+    assert primal_matmuls(False) == 3
+    assert primal_matmuls(True) == 0
