@@ -142,7 +142,11 @@ class Partner:
         """The partner's learning rate, given the curvature optimizer's."""
         if self.learning_rate is None:
             if self.scale is not None:
-                return learning_rate * self.lr_ratio * self.scale
+                # (`scale` is float32; the learning rate is in `floatx`, float64
+                # under `keras.config.set_floatx("float64")`.)
+                dtype = getattr(learning_rate, "dtype", None)
+                scale = self.scale if dtype is None else tf.cast(self.scale, dtype)
+                return learning_rate * self.lr_ratio * scale
             return learning_rate * self.lr_ratio
         if isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             return self.learning_rate(iterations)

@@ -61,6 +61,14 @@ def _tensors(args, kwargs):
     return [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor)]
 
 
+def _arguments(args, kwargs):
+    """A call's arguments other than its tensors (`training`, flags, masks' absence),
+    as text: a call recurs only with the same ones (a layer called on one input
+    with `training=False` and again with `True` computes two things)."""
+    return repr(tf.nest.map_structure(
+        lambda v: None if isinstance(v, tf.Tensor) else v, (args, kwargs)))
+
+
 # Ops that give equal outputs for identical inputs and attributes, through which an
 # input counts as recurring: Keras casts a model's inputs to its dtype in every call
 # (a float64 array given to `train_on_batch` or a custom loop), so each pass has a
@@ -95,9 +103,10 @@ class _Effects:
     most remembered calls are never candidates for reuse (a nested layer of a
     reused one, a layer after a preconditioned one)."""
 
-    def __init__(self, graph, start, end):
+    def __init__(self, graph, start, end, arguments=None):
         self._graph, self._start, self._end = graph, start, end
         self._found = None
+        self.arguments = arguments  # (`_arguments` of the call)
 
     def _find(self):
         if self._found is None:
@@ -165,9 +174,14 @@ class _Reuse:
         inputs = _tensors(args, kwargs)
         if not inputs:
             return None
+        arguments = None
         for remembered, outputs, effects in self.recording.remembered(layer):
             if (len(remembered) != len(inputs)
                     or not all(_same(a, b) for a, b in zip(remembered, inputs))):
+                continue
+            if arguments is None:
+                arguments = _arguments(args, kwargs)
+            if effects.arguments is not None and effects.arguments != arguments:
                 continue
             if effects.reads & self.blocked or self._carries(inputs):
                 # (The step's outputs alone would drop the tangents.)
@@ -267,7 +281,8 @@ def install(layer):
         start = len(graph.get_operations())
         outputs = original(*args, **kwargs)
         recording.remember(layer, _tensors(args, kwargs), outputs,
-                           _Effects(graph, start, len(graph.get_operations())))
+                           _Effects(graph, start, len(graph.get_operations()),
+                                    _arguments(args, kwargs)))
         return outputs
 
     reusing_call._keras_tkfac_reuse = True

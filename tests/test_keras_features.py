@@ -165,6 +165,35 @@ def test_a_float64_model_trains_at_the_defaults_as_in_float32(floatx_float64):
     assert np.all(np.isfinite(losses["float64"]))
     np.testing.assert_allclose(losses["float64"], losses["float32"], rtol=1e-4)
 
+
+def test_a_float64_model_with_a_partner_trains_as_in_float32(floatx_float64):
+    """The partner's learning rate follows the quadratic model (a float32 scale)
+    while the learning rate is in `floatx`: until 2026-12-04 a float64 model with
+    a partner variable (a LayerNormalization's) failed at its first step."""
+    x, y = helpers.classification_data(n=32)
+
+    def build():
+        return keras.Sequential([
+            keras.Input((x.shape[1],)), keras.layers.Dense(8, activation="tanh"),
+            keras.layers.LayerNormalization(), keras.layers.Dense(3)])
+
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(0)
+    initial = [w.numpy() for w in build().weights]
+    losses = {}
+    for floatx in ("float64", "float32"):
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(floatx)
+        model = keras_tkfac.wrap(build())
+        model.set_weights([w.astype(floatx) for w in initial])
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        losses[floatx] = model.fit(x, y, batch_size=16, epochs=3, shuffle=False,
+                                   verbose=0).history["loss"]
+        assert any("partner_m" in v.path for v in model.optimizer.variables)
+    assert np.all(np.isfinite(losses["float64"]))
+    np.testing.assert_allclose(losses["float64"], losses["float32"], rtol=1e-4)
+
 def test_use_ema_keeps_a_moving_average_of_the_weights():
     model, _, _ = _fit(steps=3, use_ema=True, ema_momentum=0.5)
     averages = model.optimizer._model_variables_moving_average

@@ -355,3 +355,29 @@ def test_a_carried_dense_chain_computes_no_primal_matmul_in_the_products_pass(
 
     assert primal_matmuls(False) == 3
     assert primal_matmuls(True) == 0
+
+
+def test_a_call_recurs_only_with_the_same_arguments(reused, carried, monkeypatch):
+    """One layer called twice on one tensor with different arguments computes two
+    things: each call of the products' pass takes its own call's outputs
+    (`reuse._arguments`), and training equals recomputing them."""
+    class Signed(layers.Layer):
+        def call(self, inputs, negate=False):
+            return -tf.tanh(inputs) if negate else tf.tanh(inputs)
+
+    class TwoCalls(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = layers.Dense(6, name="dense")
+            self.signed = Signed(name="signed")
+            self.out = layers.Dense(3, name="out")
+
+        def call(self, inputs):
+            h = self.dense(inputs)
+            return self.out(layers.concatenate([self.signed(h, negate=False),
+                                                2.0 * self.signed(h, negate=True)]))
+
+    x, y = _data((4,))
+    carrying = _fit(TwoCalls, x, y, True, monkeypatch)
+    assert carried.count("signed") == 2
+    _assert_same(_fit(TwoCalls, x, y, False, monkeypatch), carrying)
