@@ -214,8 +214,9 @@ def block_for(layer):
     except UnsupportedLayer as error:
         if layer not in _DECLINED:
             _DECLINED.add(layer)
-            logging.warning("keras_tkfac: %s It takes the first-order fallback.",
-                            error)
+            reason = str(error).rstrip()
+            logging.warning("keras_tkfac: %s%s It takes the first-order fallback.",
+                            reason, "" if reason.endswith(".") else ".")
         return None
 
 

@@ -202,7 +202,8 @@ def warn_if_capped(control, learning_rate):
                 "move by at most the quadratic model's whole step: while this "
                 "learning-rate schedule is above %g (it reaches %g) they move as at "
                 "%g, and the schedule acts on them only below it; the first-order "
-                "partner's weights (`fallback`) follow the whole schedule "
+                "partner's weights (`fallback`), and steps without the model (no "
+                "`forward`), follow the whole schedule "
                 '(docs/RESULTS.md, "Quadratic-model step").', control,
                 MODEL_STEP_LEARNING_RATE, peak, MODEL_STEP_LEARNING_RATE)
         return
@@ -213,7 +214,8 @@ def warn_if_capped(control, learning_rate):
             'keras_tkfac: under step_control="%s" the preconditioned weights move '
             "by at most the quadratic model's whole step, which learning_rate=%g "
             "takes as %g would: a larger learning rate does not lengthen it; the "
-            "first-order partner's weights (`fallback`) do move at it "
+            "first-order partner's weights (`fallback`), and steps without the model "
+            "(no `forward`), do move at it "
             '(docs/RESULTS.md, "Quadratic-model step").', control, learning_rate,
             MODEL_STEP_LEARNING_RATE)
 

@@ -689,12 +689,14 @@ def _custom_loop_weights(optimizer, steps, forward, labels=True, losses=None):
 @pytest.mark.parametrize("control, sibling", [("graft_quadratic", "graft"),
                                               ("quadratic", "trust_region")])
 @pytest.mark.parametrize("forward", [False, True], ids=["no_forward", "failing"])
+@pytest.mark.parametrize("learning_rate", [1e-3, 3e-4, 1e-2])
 def test_without_products_the_step_is_the_sibling_step(control, sibling, forward,
-                                                        monkeypatch):
+                                                        learning_rate, monkeypatch):
     # Without `forward`, or with a model neither forward nor reverse mode passes,
     # there are no products: the step is the sibling control's at the learning rate
     # scaled by the ratio of their defaults (3e-3 / 1e-3 for graft, 0.1 / 1e-3 for
-    # trust_region).
+    # trust_region). The cap of the model's steps at 1e-3 does not apply to it: at
+    # 1e-2 the sibling's learning rate is 3e-2 (1.0), not 3e-3 (0.1).
     if forward:
         def fail(*args):
             raise NotImplementedError("no products here")
@@ -704,11 +706,11 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
              / step_size.DEFAULT_LEARNING_RATE[control])
     options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
     found = _custom_loop_weights(
-        keras_tkfac.TKFAC(step_control=control, learning_rate=1e-3, **options), 3,
-        forward=forward)
+        keras_tkfac.TKFAC(step_control=control, learning_rate=learning_rate,
+                          **options), 3, forward=forward)
     expected = _custom_loop_weights(
-        keras_tkfac.TKFAC(step_control=sibling, learning_rate=1e-3 * ratio, **options),
-        3, forward=False)
+        keras_tkfac.TKFAC(step_control=sibling, learning_rate=learning_rate * ratio,
+                          **options), 3, forward=False)
     for got, want in zip(found, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
