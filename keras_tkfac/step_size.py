@@ -72,8 +72,11 @@ fewer steps, at 2-3.6x Adam's step time on this CPU, so it became the default on
 matter more than the number of steps.
 """
 
+import numbers
+
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_tkfac import ops
@@ -182,6 +185,10 @@ def warn_if_capped(control, learning_rate):
     schedule that reaches above it (`_schedule_peak`), moves the preconditioned
     weights no further than it (`step_learning_rate`) under the quadratic controls:
     a learning rate copied from an SGD program must not look as if it acted.
+    Called with the constructor's argument and with each value set later
+    (`optimizer.learning_rate = ...`, as Keras's `LearningRateScheduler` and
+    `ReduceLROnPlateau` do); a number, a NumPy or eager scalar, or a schedule.
+    Returns whether it logged.
 
     The partner's learning rate, `fallback_lr_ratio * learning_rate`, is not capped:
     a learning rate tuned for Adam acts on the weights Adam trains. Measured
@@ -193,7 +200,7 @@ def warn_if_capped(control, learning_rate):
     whose LSTM weights are the partner's, 0.104 (0.053; Adam(1e-2) alone: 0.151).
     """
     if not uses_products(control):
-        return
+        return False
     if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
         peak = _schedule_peak(learning_rate)
         if peak is not None and peak > MODEL_STEP_LEARNING_RATE * (1 + 1e-6):
@@ -206,8 +213,10 @@ def warn_if_capped(control, learning_rate):
                 "`forward`), follow the whole schedule "
                 '(docs/RESULTS.md, "Quadratic-model step").', control,
                 MODEL_STEP_LEARNING_RATE, peak, MODEL_STEP_LEARNING_RATE)
-        return
-    if (isinstance(learning_rate, (int, float))
+            return True
+        return False
+    learning_rate = _scalar(learning_rate)
+    if (learning_rate is not None
             # float32's rounding of a saved 1e-3 is not above it.
             and learning_rate > MODEL_STEP_LEARNING_RATE * (1 + 1e-6)):
         logging.warning(
@@ -218,6 +227,25 @@ def warn_if_capped(control, learning_rate):
             "(no `forward`), do move at it "
             '(docs/RESULTS.md, "Quadratic-model step").', control, learning_rate,
             MODEL_STEP_LEARNING_RATE)
+        return True
+    return False
+
+
+def _scalar(value):
+    """`value` as a Python float where it is a real number (a Python, NumPy or eager
+    scalar), else `None` (a callable, a symbolic tensor: not judged)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if tf.executing_eagerly() and hasattr(value, "numpy"):
+        try:
+            array = np.asarray(value.numpy())
+        except Exception:  # pylint: disable=broad-except  (not a concrete value)
+            return None
+        if array.size == 1 and np.issubdtype(array.dtype, np.floating):
+            return float(array.reshape(()))
+    return None
 
 
 # The steps at which `warn_if_capped` reads a schedule (it cannot know the run's
@@ -225,15 +253,22 @@ def warn_if_capped(control, learning_rate):
 _SCHEDULE_PROBES = (0, 1, 10, 100, 1000, 10000, 100000)
 
 
-def _schedule_peak(schedule):
-    """The largest of `schedule`'s values at `_SCHEDULE_PROBES`, or `None` where it
+def schedule_values(schedule):
+    """`[(step, value)]` of `schedule` at `_SCHEDULE_PROBES`, or `None` where it
     cannot be evaluated eagerly (it is then not judged)."""
     if not tf.executing_eagerly():
         return None
     try:
-        return max(float(schedule(step)) for step in _SCHEDULE_PROBES)
+        return [(step, float(schedule(step))) for step in _SCHEDULE_PROBES]
     except Exception:  # pylint: disable=broad-except  (a user's schedule, any error)
         return None
+
+
+def _schedule_peak(schedule):
+    """The largest of `schedule`'s values at `_SCHEDULE_PROBES`, or `None`
+    (`schedule_values`)."""
+    values = schedule_values(schedule)
+    return None if values is None else max(value for _, value in values)
 
 
 def momentum_step(control, momentum, velocity, update):

@@ -5,6 +5,7 @@ import math
 import numbers
 import random
 
+from absl import logging
 import keras
 
 from keras_tkfac import factored
@@ -68,6 +69,8 @@ def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
         check_real("learning_rate", learning_rate, low=0.0)
     if not is_schedule(damping):
         check_real("damping", damping, low=0.0, low_open=True)
+    else:
+        check_damping_schedule(damping)
     check_real("momentum", momentum, low=0.0, high=1.0)
     check_real("factor_decay", factor_decay, low=0.0, high=1.0)
     check_int("factor_update_freq", factor_update_freq)
@@ -81,6 +84,30 @@ def check_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
     check_real("fallback_lr_ratio", fallback_lr_ratio, low=0.0, low_open=True)
     check_real("fallback_lr_ceiling", fallback_lr_ceiling, low=1.0)
     check_int("seed", seed, low=0)
+
+
+def check_damping_schedule(schedule):
+    """A damping schedule is read at the steps of `step_size.schedule_values`
+    (where it can be evaluated eagerly): a negative or NaN value, or 0 at step 0,
+    raises; a schedule that decays to 0 later (a `PolynomialDecay` to 0, an
+    exponential decay underflowing) is logged, since from that step on a factor's
+    inverse fails and the last inverse is kept (counted in `inverse_failures`),
+    which a run shorter than that never meets. Found by a probe (2026-12-04): a
+    `PolynomialDecay` to 0 was accepted silently and its inverses failed from its
+    last step on."""
+    values = step_size.schedule_values(schedule) or ()
+    for step, value in values:
+        if value < 0.0 or value != value or (step == 0 and value == 0.0):
+            raise ValueError(
+                f"`damping` must stay positive; the schedule gives {value} at step "
+                f"{step}. Received: damping={schedule!r}")
+    zero = [step for step, value in values if value == 0.0]
+    if zero:
+        logging.warning(
+            "keras_tkfac: the damping schedule reaches 0 by step %d; from there on "
+            "the factors' inverses fail and the last inverses are kept "
+            "(`inverse_failures` counts them). Give it a positive floor (e.g. "
+            "`end_learning_rate` of a PolynomialDecay).", zero[0])
 
 
 def check_adaptive_damping(value, step_control, has_model):
@@ -113,7 +140,6 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
     check_choice("step_control", step_control, step_size.STEP_CONTROLS)
     if learning_rate is None:
         learning_rate = step_size.DEFAULT_LEARNING_RATE[step_control]
-    step_size.warn_if_capped(step_control, learning_rate)
     if fallback_lr_ratio is None:
         fallback_lr_ratio = step_size.DEFAULT_FALLBACK_LR_RATIO[step_control]
     if fallback_lr_ceiling is None:
@@ -129,6 +155,8 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
         fallback_lr_ratio=fallback_lr_ratio, seed=seed,
         fallback_lr_ceiling=fallback_lr_ceiling,
     )
+    # (After the checks: an invalid learning rate raises without this warning.)
+    step_size.warn_if_capped(step_control, learning_rate)
     check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
     if adaptive_damping is None:
         adaptive_damping = step_size.uses_products(step_control)

@@ -1,5 +1,6 @@
 """Full optimizer steps against a float64 numpy implementation of the algorithm."""
 
+from absl import logging
 import numpy as np
 import pytest
 import keras
@@ -300,6 +301,23 @@ BAD_ARGUMENTS = [
 def test_invalid_arguments_raise_value_error_naming_them(cls, argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}".replace("(", r"\(")):
         cls(**{argument: value})
+
+
+def test_a_damping_schedule_must_stay_positive(caplog):
+    # Read at a few steps at construction: negative (or 0 at the start) raises; one
+    # that decays to 0 later is logged (the inverses would fail from there on).
+    schedules = keras.optimizers.schedules
+    for bad in (schedules.PolynomialDecay(0.1, 20, end_learning_rate=-0.1),
+                schedules.PolynomialDecay(0.0, 20, end_learning_rate=0.1)):
+        with pytest.raises(ValueError, match="`damping` must stay positive"):
+            keras_tkfac.TKFAC(damping=bad)
+    logging.set_verbosity(logging.WARNING)
+    caplog.clear()
+    keras_tkfac.TKFAC(damping=schedules.PolynomialDecay(0.1, 20, end_learning_rate=1e-3))
+    assert not any("damping schedule" in r.getMessage() for r in caplog.records)
+    keras_tkfac.KFAC(damping=schedules.PolynomialDecay(0.1, 20, end_learning_rate=0.0))
+    assert [r for r in caplog.records
+            if "damping schedule reaches 0 by step 100" in r.getMessage()]
 
 
 @pytest.mark.parametrize("argument,value", [("conv_damping", "none"),

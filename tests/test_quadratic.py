@@ -614,6 +614,37 @@ def test_a_learning_rate_above_the_cap_takes_the_whole_step_and_says_so(caplog):
                 and "reaches 0.0" in r.getMessage()]
 
 
+def test_a_learning_rate_set_later_above_the_cap_says_so_once(caplog):
+    # `LearningRateScheduler` and `ReduceLROnPlateau` set `optimizer.learning_rate`:
+    # a value above the cap set so is logged as the constructor's is, once; an
+    # invalid learning rate raises without the warning.
+    logging.set_verbosity(logging.WARNING)
+
+    def warnings():
+        return [r for r in caplog.records if "keras_tkfac: under" in r.getMessage()]
+
+    caplog.clear()
+    optimizer = keras_tkfac.TKFAC()
+    optimizer.learning_rate = 5e-4
+    assert not warnings()
+    x, y = _data()
+    model = keras_tkfac.wrap(_classifier(0))
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
+        keras.callbacks.LearningRateScheduler(lambda epoch: [1e-3, 1e-2][epoch])])
+    assert np.isclose(float(optimizer.learning_rate.numpy()), 1e-2)
+    assert len(warnings()) == 1 and "learning_rate=0.01" in warnings()[0].getMessage()
+    optimizer.learning_rate = np.float32(0.05)
+    assert len(warnings()) == 1
+    other = keras_tkfac.TKFAC()
+    other.learning_rate = tf.constant(0.02)
+    assert len(warnings()) == 2
+    caplog.clear()
+    with pytest.raises(ValueError, match="learning_rate"):
+        keras_tkfac.TKFAC(learning_rate=float("inf"))
+    assert not warnings()
+
+
 def test_a_learning_rate_copied_from_adam_is_the_default():
     # Keras's optimizers default to 1e-3, the scale of the model's step: a learning
     # rate copied from an Adam program takes the whole step, and the partner (here a
