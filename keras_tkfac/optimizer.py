@@ -118,18 +118,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # predicted change (per replica: replicas trace their steps concurrently).
         self._loss_rows, self._products, self._model_change = {}, {}, {}
 
-    @property
-    def learning_rate(self):
-        return self._get_current_learning_rate()
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        # A value set after construction (`LearningRateScheduler`,
-        # `ReduceLROnPlateau`, by hand) is judged like the constructor's, once.
-        keras.optimizers.Optimizer.learning_rate.fset(self, learning_rate)
-        if not getattr(self, "_warned_capped", False):
-            self._warned_capped = step_size.warn_if_capped(
-                getattr(self, "step_control", None), learning_rate)
+    learning_rate = property(keras.optimizers.Optimizer.learning_rate.fget,
+                             step_size.set_learning_rate)
 
     # Set-up -------------------------------------------------------------------
 

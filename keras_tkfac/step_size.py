@@ -231,6 +231,18 @@ def warn_if_capped(control, learning_rate):
     return False
 
 
+def set_learning_rate(optimizer, learning_rate):
+    """`CurvatureOptimizer.learning_rate`'s setter: Keras's, and a value set after
+    construction (`LearningRateScheduler`, `ReduceLROnPlateau`, by hand) is judged
+    by `warn_if_capped` like the constructor's, once per optimizer. Found by a
+    probe (2026-12-04): a `LearningRateScheduler` returning 1e-2 gave the default's
+    losses, and nothing was logged."""
+    keras.optimizers.Optimizer.learning_rate.fset(optimizer, learning_rate)
+    if not getattr(optimizer, "_warned_capped", False):
+        optimizer._warned_capped = warn_if_capped(
+            getattr(optimizer, "step_control", None), learning_rate)
+
+
 def _scalar(value):
     """`value` as a Python float where it is a real number (a Python, NumPy or eager
     scalar), else `None` (a callable, a symbolic tensor: not judged)."""
