@@ -214,6 +214,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 for slot in self._slots
             ]
         damping_lib.build(self)
+        statistics.build(self)
         quadratic.build(self)
         self._build_update_state(var_list, covered)
 

@@ -1,5 +1,7 @@
 """Saving and restoring the wrapping and every optimizer variable."""
 
+import random
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -81,25 +83,31 @@ class _StopAt(keras.callbacks.Callback):
             raise RuntimeError("injected failure")
 
 
-def test_backup_and_restore_resumes_with_curvature_state(tmp_path):
+@pytest.mark.parametrize("seed", [5, None])
+def test_backup_and_restore_resumes_with_curvature_state(seed, tmp_path):
+    # With `seed=None` each optimizer draws its sampler's seed; the resumed one
+    # takes the interrupted one's from the backup (`sampler_seed`), so it ends as
+    # an uninterrupted run with that seed.
     x, y = helpers.classification_data(n=32)
 
-    def fresh_model():
+    def fresh_model(seed, process=0):
         model = keras_tkfac.wrap(helpers.tiny_mlp())
+        random.seed(process)  # (as another process draws another seed)
         model.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=3,
-                                                  inverse_update_freq=5, seed=5),
+                                                  inverse_update_freq=5, seed=seed),
                       loss=LOSS)
         return model
 
-    reference = fresh_model()
-    reference.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    interrupted = fresh_model()
+    interrupted = fresh_model(seed, process=1)
     with pytest.raises(RuntimeError, match="injected"):
         interrupted.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
                         callbacks=[backup, _StopAt(2)])
-    resumed = fresh_model()
+    reference = fresh_model(interrupted.optimizer.seed)
+    reference.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    resumed = fresh_model(seed, process=2)
+    if seed is None:
+        assert resumed.optimizer.seed != interrupted.optimizer.seed
     resumed.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[backup])
     assert int(resumed.optimizer.iterations.numpy()) == 12
     for a, b in zip(reference.optimizer.variables, resumed.optimizer.variables):
