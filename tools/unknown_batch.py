@@ -52,9 +52,9 @@ def _child(config, epochs, steps):
             tangents.JVPS.pop(name, None)
     passes, original = [], products._passes  # pylint: disable=protected-access
 
-    def recorded(forward, outputs, primals, groups, model=None):
+    def recorded(forward, outputs, primals, groups, *args, **kwargs):
         passes.append(len(groups))
-        return original(forward, outputs, primals, groups, model)
+        return original(forward, outputs, primals, groups, *args, **kwargs)
 
     products._passes = recorded  # pylint: disable=protected-access
     rng = np.random.default_rng(0)
