@@ -187,16 +187,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
         self._slots, covered = shapes.build_slots(
             self, {self._var_key(v) for v in var_list})
-        # Per layer, the weight of the moving averages (bias correction): a layer
-        # that is not called on a statistics step keeps its averages and weight.
-        self._factor_weight = self.add_variable(
-            (len(self._slots),), initializer="zeros", name="factor_weight",
-            dtype="float32", aggregation="only_first_replica",
-        )
-        for name in ("inverse_failures", "skipped_statistics", "skipped_steps"):
-            setattr(self, name, self.add_variable(
-                (), initializer="zeros", dtype="int32", name=name,
-                aggregation="only_first_replica"))
+        statistics.build(self)
+        self.skipped_steps = self.add_variable(
+            (), initializer="zeros", dtype="int32", name="skipped_steps",
+            aggregation="only_first_replica")
         # The last step's KL-clip scale, then per slot |nu U| / |G|.
         self._last_update = self.add_variable(
             (len(self._slots) + 1,), initializer="ones", name="last_update",
@@ -214,7 +208,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 for slot in self._slots
             ]
         damping_lib.build(self)
-        statistics.build(self)
         quadratic.build(self)
         self._build_update_state(var_list, covered)
 

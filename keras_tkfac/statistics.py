@@ -24,11 +24,22 @@ from keras_tkfac import inverses as inverses_lib
 
 
 def build(optimizer):
-    """Adds `sampler_seed`, the label sampler's seed (`seed`, drawn in the
-    constructor when `None`), as an optimizer variable: a resumed run
-    (`BackupAndRestore`, a weights file, a checkpoint) samples the labels the
-    uninterrupted one would, where a seed drawn anew in the new process did not
-    (found by a probe, 2026-12-04: final weights up to 0.13 apart)."""
+    """Adds the statistics' and inverses' state to the optimizer (after its
+    `_slots`): `_factor_weight`, per layer the weight of the moving averages (bias
+    correction; a layer not called on a statistics step keeps its averages and
+    weight), the counters `inverse_failures` and `skipped_statistics`, and
+    `sampler_seed`, the label sampler's seed (`seed`, drawn in the constructor when
+    `None`) as a variable: a resumed run (`BackupAndRestore`, a weights file, a
+    checkpoint) samples the labels the uninterrupted one would, where a seed drawn
+    anew in the new process did not (found by a probe, 2026-12-04: final weights up
+    to 0.13 apart)."""
+    optimizer._factor_weight = optimizer.add_variable(
+        (len(optimizer._slots),), initializer="zeros", name="factor_weight",
+        dtype="float32", aggregation="only_first_replica")
+    for name in ("inverse_failures", "skipped_statistics"):
+        setattr(optimizer, name, optimizer.add_variable(
+            (), initializer="zeros", dtype="int32", name=name,
+            aggregation="only_first_replica"))
     optimizer.sampler_seed = optimizer.add_variable(
         (), initializer=tf.constant_initializer(optimizer.seed), dtype="int32",
         name="sampler_seed", aggregation="only_first_replica")
