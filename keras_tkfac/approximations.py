@@ -178,6 +178,7 @@ TRACE_DAMPING_SCALE = {"graft_quadratic": 1.0, "quadratic": 1.0, "graft": 1.0,
 # layers' damping").
 CONV_DAMPING_SPLIT = {"graft_quadratic": "balanced", "quadratic": "balanced"}
 CONV_DAMPING_SPLITS = ("balanced", "even")
+SEQUENCE_STATISTICS = ("exact", "expand")
 
 
 @keras.saving.register_keras_serializable(package="keras_tkfac")
@@ -265,6 +266,20 @@ class TKFAC(CurvatureOptimizer):
             `"quadratic"`, `"even"` under `"graft"`, `"trust_region"` and
             `"kl_clip"`, as measured (`CONV_DAMPING_SPLIT`). Dense layers' damping
             is split evenly either way. Defaults to `None`.
+        sequence_statistics: how a layer applied at every position of a sequence
+            (`Dense` and `EinsumDense` on inputs of rank > 2, such as attention's
+            projections; recurrent layers where their blocks are registered)
+            gives its statistics. `"exact"`: `delta`, `delta Phi`, `delta Psi` are
+            the trace and partial traces of the block of each sequence's gradient
+            `W_n = sum_t a_t g_t^T` (`ops.tkfac_statistics_sequences`), as for a
+            layer applied once. `"expand"`: every position is a row of its own
+            (the specification's expansion, exact only when positions are
+            uncorrelated). Convolutions always expand. The specification
+            prescribes the expansion for `Dense` on sequences; `"exact"` keeps
+            TKFAC's defining property (the factors are the block's partial
+            traces) for the whole block and was chosen by measurement
+            (docs/RESULTS.md, "Exact statistics of layers on sequences"). Defaults
+            to `"exact"`.
 {kwargs}
     Example:
 
@@ -300,6 +315,7 @@ class TKFAC(CurvatureOptimizer):
         trace_damping_floor=1e-3,
         trace_damping_scale=None,
         conv_damping_split=None,
+        sequence_statistics="exact",
         inverse_dtype="float32",
         inverse_rank=None,
         precondition_dtype="float32",
@@ -324,6 +340,8 @@ class TKFAC(CurvatureOptimizer):
             conv_damping_split = CONV_DAMPING_SPLIT.get(step_control, "even")
         validation.check_choice("conv_damping_split", conv_damping_split,
                                 CONV_DAMPING_SPLITS)
+        validation.check_choice("sequence_statistics", sequence_statistics,
+                                SEQUENCE_STATISTICS)
         super().__init__(
             learning_rate,
             damping=damping,
@@ -355,6 +373,7 @@ class TKFAC(CurvatureOptimizer):
         self.trace_damping_floor = float(trace_damping_floor)
         self.trace_damping_scale = float(trace_damping_scale)
         self.conv_damping_split = conv_damping_split
+        self.sequence_statistics = sequence_statistics
 
     def _factor_specs(self, block):
         return [
@@ -363,10 +382,16 @@ class TKFAC(CurvatureOptimizer):
             ("n_psi", output_factor_shape(block)),
         ]
 
+    @property
+    def _sequence_statistics(self):
+        return self.sequence_statistics == "exact"
+
     def _statistics(self, block, a, g, num_examples):
         if block.input_kind == "diagonal":
             return self._math(ops.tkfac_statistics_diagonal)(a, g, num_examples,
                                                              block.d_in)
+        if a.shape.rank == (4 if block.groups > 1 else 3):
+            return self._math(ops.tkfac_statistics_sequences)(a, g, num_examples)
         if block.groups > 1:
             return self._math(ops.tkfac_statistics_grouped)(a, g, num_examples)
         return self._math(ops.tkfac_statistics)(a, g, num_examples)
@@ -396,6 +421,7 @@ class TKFAC(CurvatureOptimizer):
         config["trace_damping_floor"] = self.trace_damping_floor
         config["trace_damping_scale"] = self.trace_damping_scale
         config["conv_damping_split"] = self.conv_damping_split
+        config["sequence_statistics"] = self.sequence_statistics
         return config
 
 

@@ -34,6 +34,7 @@ class DenseBlock(CurvatureBlock):
     """`keras.layers.Dense`; inputs of rank > 2 contribute one row per position."""
 
     exact_rows = True
+    _contracted = 1  # trailing input axes the kernel contracts
 
     def kernel_rows(self):
         return int(self.kernel.shape[0])
@@ -47,6 +48,25 @@ class DenseBlock(CurvatureBlock):
     def rows(self, inputs, output_grads):
         a = tf.reshape(inputs, [-1, self.kernel_rows()])
         g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
+
+    def sequence_rows(self, inputs, output_grads):
+        """A call on sequences (inputs with axes between the batch and the
+        contracted ones) as `([batch, positions, d_in'], [batch, positions,
+        d_out])`, for exact per-example statistics
+        (`ops.tkfac_statistics_sequences`); `None` for one position per example."""
+        rank = inputs.shape.rank
+        between = None if rank is None else inputs.shape[1:rank - self._contracted]
+        if between is None or len(between) == 0:
+            return None
+        positions = -1
+        if None not in between:
+            positions = 1
+            for dim in between:
+                positions *= int(dim)
+        batch = tf.shape(inputs)[0]
+        a = tf.reshape(inputs, [batch, positions, self.kernel_rows()])
+        g = tf.reshape(output_grads, [batch, positions, self.d_out])
         return self._with_bias(a), g
 
 

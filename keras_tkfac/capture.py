@@ -177,7 +177,8 @@ class Recording:
         """Every recorded `s`, flattened in block order."""
         return [s for block in self.blocks for _, s in self.calls(block)]
 
-    def rows(self, output_grads, layers=None, location_stride=1, location_phase=0):
+    def rows(self, output_grads, layers=None, location_stride=1, location_phase=0,
+             sequences=False):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
@@ -190,6 +191,12 @@ class Recording:
                 each spatial axis. Defaults to `1` (all locations).
             location_phase: the grid's offsets (`ConvBlock.sampled_rows`); an
                 integer or an integer scalar tensor. Defaults to `0`.
+            sequences: blocks with a `sequence_rows` method (`Dense` and
+                `EinsumDense` on sequences, recurrent layers) keep their calls'
+                positions as an axis, `[sequences, positions, ...]`, where every
+                call on sequences has the same static number of positions (the
+                calls' sequences one after another); otherwise, and for other
+                blocks, rows. Defaults to `False`.
 
         Returns:
             A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
@@ -209,20 +216,49 @@ class Recording:
                 position += 1
                 if grad is None:
                     grad = tf.zeros_like(s)
-                if location_stride > 1 and hasattr(block, "sampled_rows"):
-                    a, g = block.sampled_rows(inputs, grad, location_stride,
-                                              location_phase)
-                else:
-                    a, g = block.rows(inputs, grad)
-                a_parts.append(a)
-                g_parts.append(g)
+                found = None
+                if sequences and hasattr(block, "sequence_rows"):
+                    found = block.sequence_rows(inputs, grad)
+                if found is None and location_stride > 1 and hasattr(
+                        block, "sampled_rows"):
+                    found = block.sampled_rows(inputs, grad, location_stride,
+                                               location_phase)
+                if found is None:
+                    found = block.rows(inputs, grad)
+                a_parts.append(found[0])
+                g_parts.append(found[1])
             if not a_parts:
                 result.append(None)
-            elif len(a_parts) == 1:
+                continue
+            if len(a_parts) > 1 and not _one_shape_of_sequences(a_parts, block):
+                # Calls on vectors and sequences, or on sequences of different
+                # lengths: every call's positions as rows.
+                rank = 3 if block.groups > 1 else 2
+                a_parts = [_as_rows(a, rank) for a in a_parts]
+                g_parts = [_as_rows(g, rank) for g in g_parts]
+            if len(a_parts) == 1:
                 result.append((a_parts[0], g_parts[0]))
             else:
                 result.append((tf.concat(a_parts, 0), tf.concat(g_parts, 0)))
         return result
+
+
+def _one_shape_of_sequences(parts, block):
+    """Whether every part is `[sequences, T, ...]` with one static `T`, or every
+    part is rows."""
+    rank = 3 if block.groups > 1 else 2
+    ranks = {p.shape.rank for p in parts}
+    if ranks == {rank}:
+        return True
+    lengths = {p.shape[1] for p in parts}
+    return ranks == {rank + 1} and len(lengths) == 1 and None not in lengths
+
+
+def _as_rows(x, rank):
+    """`[sequences, T, ...]` as rows `[sequences * T, ...]`; rows unchanged."""
+    if x.shape.rank == rank:
+        return x
+    return tf.reshape(x, [-1] + x.shape[2:].as_list())
 
 
 class record:

@@ -24,9 +24,9 @@ from keras_tkfac import low_rank
 
 
 def append_homogeneous(a):
-    """Appends a column of ones to the rows `a` (`[rows, d]` -> `[rows, d + 1]`)."""
-    ones = tf.ones_like(a[:, :1])
-    return tf.concat([a, ones], axis=1)
+    """Appends a column of ones to the rows `a` (`[..., d]` -> `[..., d + 1]`)."""
+    ones = tf.ones_like(a[..., :1])
+    return tf.concat([a, ones], axis=-1)
 
 
 def _mean(total, count):
@@ -60,6 +60,72 @@ def tkfac_statistics(a, g, num_examples):
     n_phi = _mean(tf.matmul(a * g_sq[:, None], a, transpose_a=True), m)
     n_psi = _mean(tf.matmul(g * a_sq[:, None], g, transpose_a=True), m)
     return delta, n_phi, n_psi
+
+
+def tkfac_statistics_sequences(a, g, num_examples, route=None):
+    """TKFAC statistics of a layer applied at every position of a sequence, kept exact.
+
+    A sequence's gradient of the layer's weights is `W_n = sum_t a_{n,t} g_{n,t}^T`
+    (`a_n^T g_n`), so its Fisher block is `E[vec(W_n) vec(W_n)^T]` and the block's
+    trace and partial traces, which TKFAC's `delta`, `delta Phi`, `delta Psi` are
+    (the specification's property 4), are
+
+    ```
+    delta = sum_n |W_n|_F^2 / M,  n_phi = sum_n W_n W_n^T / M,  n_psi = sum_n W_n^T W_n / M
+    ```
+
+    For one position (`T = 1`) these are `tkfac_statistics`; the row expansion
+    (`tkfac_statistics` on the `N T` rows) keeps only the `t = t'` terms
+    (`(a_t . a_t') (g_t . g_t')` and the like), which is exact only when positions
+    are uncorrelated. Two routes give the same values: through the sequences'
+    gradients `W_n` (`2 N T d_in d_out + 2 N d_in d_out (d_in + d_out)` FLOPs), or
+    through the positions' Gram matrices `a_n a_n^T`, `g_n g_n^T`
+    (`4 N T^2 (d_in + d_out) + 2 N T (d_in^2 + d_out^2)`); the one with fewer
+    FLOPs is taken (decided on the traced shapes, at run time where they are not
+    known).
+
+    Args:
+        a: `[N, T, d_in]` input rows of `N` sequences of `T` positions, or
+            `[N, T, G, d_in]` for `G` independent groups.
+        g: `[N, T, d_out]` (or `[N, T, G, d_out]`) output-gradient rows.
+        num_examples: the number of examples `M`.
+        route: `None` (the cheaper), `"gradients"` or `"grams"`.
+
+    Returns:
+        `(delta, n_phi, n_psi)` as `tkfac_statistics` returns them, or with a
+        leading `[G]` axis for groups (as `tkfac_statistics_grouped`).
+    """
+    grouped = a.shape.rank == 4
+    if not grouped:
+        a, g = a[:, :, None], g[:, :, None]
+    m = tf.cast(num_examples, a.dtype)
+
+    def through_gradients():
+        w = tf.einsum("ntgi,ntgo->gnio", a, g)
+        return (tf.reduce_sum(tf.square(w), axis=[1, 2, 3]),
+                tf.einsum("gnio,gnjo->gij", w, w), tf.einsum("gnio,gnip->gop", w, w))
+
+    def through_grams():
+        a_gram = tf.einsum("ntgi,nsgi->gnts", a, a)
+        g_gram = tf.einsum("ntgo,nsgo->gnts", g, g)
+        return (tf.reduce_sum(a_gram * g_gram, axis=[1, 2, 3]),
+                tf.einsum("ntgi,gntj->gij", a, tf.einsum("gnts,nsgj->gntj", g_gram, a)),
+                tf.einsum("ntgo,gntp->gop", g, tf.einsum("gnts,nsgp->gntp", a_gram, g)))
+
+    if route is None:
+        t, d_in, d_out = (x.shape[axis] if x.shape[axis] is not None
+                          else tf.cast(tf.shape(x)[axis], tf.int64)
+                          for x, axis in ((a, 1), (a, -1), (g, -1)))
+        gradients = d_in * d_out * (t + d_in + d_out)
+        grams = 2 * t * t * (d_in + d_out) + t * (d_in * d_in + d_out * d_out)
+        if isinstance(gradients, int) and isinstance(grams, int):
+            route = "gradients" if gradients <= grams else "grams"
+        else:
+            found = tf.cond(gradients <= grams, through_gradients, through_grams)
+    if route is not None:
+        found = through_gradients() if route == "gradients" else through_grams()
+    found = [_mean(f, m) for f in found]
+    return tuple(found) if grouped else tuple(f[0] for f in found)
 
 
 def kfac_statistics(a, g, num_examples):

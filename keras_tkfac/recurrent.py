@@ -194,11 +194,14 @@ class _JointBlock(RecurrentBlock):
         return self.input_dim + self.units
 
     def rows(self, inputs, output_grads):
+        a, g = self.sequence_rows(inputs, output_grads)
+        return (tf.reshape(a, [-1, a.shape[-1]]), tf.reshape(g, [-1, self.d_out]))
+
+    def sequence_rows(self, inputs, output_grads):
+        """`([batch, time, d_in'], [batch, time, d_out])`: the rows of each sequence."""
         keep, x, h_prev = inputs
-        a = tf.concat([x, tf.cast(h_prev, x.dtype)], axis=-1)
-        a = self._with_bias(tf.reshape(a, [-1, self.kernel_rows()]))
-        g = tf.reshape(output_grads, [-1, self.d_out])
-        return a * tf.reshape(keep, [-1, 1]), g
+        a = self._with_bias(tf.concat([x, tf.cast(h_prev, x.dtype)], axis=-1))
+        return a * keep, tf.ensure_shape(output_grads, [None, None, self.d_out])
 
     def grad_matrix(self, kernel_grad, recurrent_grad, bias_grad=None):
         parts = [tf.convert_to_tensor(kernel_grad), tf.convert_to_tensor(recurrent_grad)]
@@ -282,19 +285,23 @@ class GRUBlock(RecurrentBlock):
 
     def _pad(self, a, width):
         """`[..., width]` rows padded with zeros to `kernel_rows()` (+ the ones)."""
-        a = tf.reshape(a, [-1, width])
-        a = tf.pad(a, [[0, 0], [0, self.kernel_rows() - width]])
-        return self._with_bias(a)
+        padding = [[0, 0]] * (a.shape.rank - 1) + [[0, self.kernel_rows() - width]]
+        return self._with_bias(tf.pad(a, padding))
 
     def rows(self, inputs, output_grads):
+        a, g = self.sequence_rows(inputs, output_grads)
+        return (tf.reshape(a, [-1, 2, a.shape[-1]]), tf.reshape(g, [-1, 2, self.d_out]))
+
+    def sequence_rows(self, inputs, output_grads):
+        """`([batch, time, 2, d_in'], [batch, time, 2, d_out])`: each sequence's
+        rows of the two groups."""
         keep, x, h_prev, r = inputs
-        g = tf.reshape(output_grads, [-1, self.d_out])
-        ones = tf.ones_like(tf.reshape(r, [-1, self.units]))
-        g_rec = g * tf.cast(tf.concat([ones, ones, tf.reshape(r, [-1, self.units])],
-                                      axis=-1), g.dtype)
+        g = tf.ensure_shape(output_grads, [None, None, self.d_out])
+        ones = tf.ones_like(r)
+        g_rec = g * tf.cast(tf.concat([ones, ones, r], axis=-1), g.dtype)
         a = tf.stack([self._pad(x, self.input_dim),
-                      self._pad(tf.cast(h_prev, x.dtype), self.units)], axis=1)
-        return a * tf.reshape(keep, [-1, 1, 1]), tf.stack([g, g_rec], axis=1)
+                      self._pad(tf.cast(h_prev, x.dtype), self.units)], axis=2)
+        return a * keep[..., None], tf.stack([g, g_rec], axis=2)
 
     def _group(self, weight_grad, rows, bias_grad):
         weight = tf.reshape(tf.convert_to_tensor(weight_grad), [rows, self.d_out])

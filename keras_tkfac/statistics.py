@@ -5,7 +5,9 @@ model's predictive distribution (`fisher.output_cotangents`; the real labels wit
 `fisher="empirical"`), backpropagates that loss to every recorded layer output
 (the tape of the step's own forward pass), forms each covered layer's batch
 statistics (the subclass's `_statistics`: TKFAC's trace-normalised factors and
-trace, KFAC's factors), sums them over the replicas with one all-reduce, and folds
+trace, KFAC's factors; an optimizer whose `_sequence_statistics` is true, TKFAC at
+`sequence_statistics="exact"`, gets a call on sequences as `[sequences, positions,
+...]`, `capture.Recording.rows`), sums them over the replicas with one all-reduce, and folds
 their mean over all examples into the moving averages (`factor_decay`). A batch
 whose statistics or loss are not finite on any replica is not folded in
 (`skipped_statistics` counts it). On an inverse step (`cadence.inverse_due`)
@@ -91,7 +93,8 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
         phase = step // optimizer.factor_update_freq
         rows = dict(zip([id(b.layer) for b in recording.blocks],
                         recording.rows(grads, wanted, optimizer.conv_location_stride,
-                                       phase)))
+                                       phase, getattr(optimizer, "_sequence_statistics",
+                                                      False))))
         # Sums over this replica's examples; one SUM all-reduce and a division
         # by the global count give the mean over all examples of all replicas.
         count = tf.cast(num_examples, tf.float32)

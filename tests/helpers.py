@@ -160,9 +160,11 @@ def assert_replicas_match_one_device(single, replicated):
                                    err_msg=a.path)
 
 
-def empirical_rows(model, block, x, y, loss, variables=None, xla=False):
-    """One recorded training-mode pass: `block`'s empirical-Fisher rows and Keras's
-    gradients of `variables` (default: the block's) for the mean `loss`.
+def empirical_rows(model, block, x, y, loss, variables=None, xla=False,
+                   sequences=False):
+    """One recorded training-mode pass: `block`'s empirical-Fisher rows (with
+    `sequences`, `[sequences, positions, ...]` where the block keeps them) and
+    Keras's gradients of `variables` (default: the block's) for the mean `loss`.
 
     Returns:
         `(a, g, num_examples, keras_grads, y_pred, plain_y_pred)` as numpy (`a`, `g`
@@ -180,7 +182,7 @@ def empirical_rows(model, block, x, y, loss, variables=None, xla=False):
         source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred,
                                                        None)
         grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
-        a, g = recording.rows(grads)[model.blocks.index(block)]
+        a, g = recording.rows(grads, sequences=sequences)[model.blocks.index(block)]
         keras_grads = tape.gradient(loss_value, variables)
         return a, g, m, keras_grads, y_pred, model(x)
 

@@ -439,3 +439,98 @@ def test_a_build_that_fails_part_way_leaves_nothing_half_made(monkeypatch):
     def names(o):
         return [v.path.split("/", 1)[1] for v in o.variables]
     assert names(optimizer) == names(fresh)
+
+
+def _sequence_rows(model, layer, tape, recording, y, y_pred):
+    spec = fisher.resolve_loss(LOSS, "empirical")
+    source, cotangent, num_examples = fisher.output_cotangent(
+        spec, "empirical", y, y_pred, tf.constant([0, 0]))
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    index = [b.layer for b in recording.blocks].index(layer)
+    a, g = recording.rows(grads, sequences=True)[index]
+    return recording.blocks[index], a.numpy(), g.numpy(), int(num_examples)
+
+
+@pytest.mark.parametrize("case", ["dense_sequence", "einsum_heads",
+                                  "einsum_output_projection"])
+def test_sequence_rows_give_each_sequences_gradient(case):
+    # `sequences=True` keeps the positions of a call on sequences as an axis:
+    # `a_n^T g_n` is example n's gradient of the layer's weights (Keras's).
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, _ = _record(model, x, y)
+    block, a, g, m = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    assert a.ndim == 3 and a.shape[:2] == (3, shape[0]) and a.shape[2] == block.d_in
+    assert g.shape == (3, shape[0], block.d_out)
+    for n in range(m):
+        with tf.GradientTape() as single:
+            loss_n = LOSS(y[n : n + 1], model(x[n : n + 1], training=True))
+        grads = single.gradient(loss_n, block.variables)
+        expected = block.grad_matrix(*grads).numpy()
+        np.testing.assert_allclose(a[n].T @ g[n], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dense", "einsum_ellipsis", "conv2d_stride2_valid"])
+def test_sequence_rows_of_one_position_per_example_are_rows(case):
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, _ = _record(model, x, y)
+    _, a, g, _ = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    _, a_rows, g_rows, _ = _block_rows(model, layer, tape, recording, y, y_pred)
+    np.testing.assert_array_equal(a, a_rows)
+    np.testing.assert_array_equal(g, g_rows)
+
+
+@pytest.mark.parametrize("case", ["dense_sequence", "einsum_output_projection"])
+def test_sequence_statistics_are_the_exact_blocks_trace_and_partial_traces(case):
+    # The specification's property 4 for the whole block of a layer on sequences,
+    # positions' cross terms included (helpers.exact_fisher with cross_locations),
+    # by both routes; the row expansion gives the location-uncorrelated block.
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(3,))
+    tape, recording, y_pred, _ = _record(model, x, y)
+    _, a, g, m = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    example = np.repeat(np.arange(m), a.shape[1])
+    exact = helpers.exact_fisher(rows_a, rows_g, example, m, cross_locations=True)
+    tr_out, tr_in = helpers.partial_traces(exact, a.shape[-1], g.shape[-1])
+    a64, g64 = tf.constant(a, tf.float64), tf.constant(g, tf.float64)
+    for route in (None, "gradients", "grams"):
+        delta, n_phi, n_psi = (t.numpy() for t in ops.tkfac_statistics_sequences(
+            a64, g64, m, route=route))
+        np.testing.assert_allclose(delta, np.trace(exact), rtol=1e-10)
+        np.testing.assert_allclose(n_phi, tr_out, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(n_psi, tr_in, rtol=1e-10, atol=1e-14)
+    expanded = ops.tkfac_statistics(tf.constant(rows_a), tf.constant(rows_g), m)
+    assert not np.isclose(expanded[0].numpy(), np.trace(exact), rtol=1e-3)
+
+
+def test_calls_on_sequences_of_one_length_stay_sequences_others_become_rows():
+    keras.utils.set_random_seed(0)
+    shared = keras.layers.Dense(4, activation="tanh")
+    for second_shape, expected in (((3, 5), (4, 3, 6)), ((2, 5), (10, 6)),
+                                   ((5,), (8, 6))):
+        first = keras.Input((3, 5))
+        second = keras.Input(second_shape)
+        pooled = [keras.layers.Flatten()(shared(first)),
+                  keras.layers.Flatten()(shared(second))]
+        outputs = keras.layers.Dense(3)(keras.layers.Concatenate()(pooled))
+        model = keras_tkfac.wrap(keras.Model([first, second], outputs))
+        rng = np.random.default_rng(0)
+        x = [rng.normal(size=(2, 3, 5)).astype("float32"),
+             rng.normal(size=(2, *second_shape)).astype("float32")]
+        y = np.array([0, 1])
+        tape, recording, y_pred, loss = _record(model, x, y)
+        block, a, g, m = _sequence_rows(model, shared, tape, recording, y, y_pred)
+        assert a.shape == expected
+        # Either way the rows' sum of a g^T is Keras's gradient.
+        keras_grads = tape.gradient(loss, block.variables)
+        matrix = block.grad_matrix(*keras_grads).numpy()
+        rows_a, rows_g = a.reshape(-1, 6), g.reshape(-1, 4)
+        np.testing.assert_allclose(rows_a.T @ rows_g / m, matrix, rtol=1e-4, atol=1e-6)

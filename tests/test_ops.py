@@ -295,3 +295,25 @@ def test_balanced_split_of_the_damping_equals_the_numpy_factors():
             d, n_phi[c].numpy(), n_psi[c].numpy(), lam)
         np.testing.assert_allclose(even[0][c].numpy(), ref_left, rtol=1e-12)
         np.testing.assert_allclose(even[1][c].numpy(), ref_right, rtol=1e-12)
+
+
+def test_sequence_statistics_of_one_position_are_tkfac_statistics_and_any_length_traces():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(6, 1, 4))
+    g = rng.normal(size=(6, 1, 3))
+    for got, want in zip(ops.tkfac_statistics_sequences(tf.constant(a), tf.constant(g), 6),
+                         ops.tkfac_statistics(tf.constant(a[:, 0]), tf.constant(g[:, 0]), 6)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)
+    # Lengths unknown when traced: the route is chosen at run time, same values.
+    statistics = tf.function(ops.tkfac_statistics_sequences, input_signature=[
+        tf.TensorSpec([None, None, 4], tf.float64), tf.TensorSpec([None, None, 3], tf.float64),
+        tf.TensorSpec([], tf.int32)])
+    for length in (2, 40):
+        a = rng.normal(size=(5, length, 4))
+        g = rng.normal(size=(5, length, 3))
+        w = np.einsum("nti,nto->nio", a, g)
+        got = statistics(tf.constant(a), tf.constant(g), tf.constant(5))
+        want = (np.sum(w * w) / 5, np.einsum("nio,njo->ij", w, w) / 5,
+                np.einsum("nio,nip->op", w, w) / 5)
+        for x, y in zip(got, want):
+            np.testing.assert_allclose(x.numpy(), y, rtol=1e-10)

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 import keras_tkfac
+from keras_tkfac import fisher
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -321,7 +322,8 @@ def test_a_damping_schedule_must_stay_positive(caplog):
 
 
 @pytest.mark.parametrize("argument,value", [("conv_damping", "none"),
-                                            ("trace_damping_floor", -1.0)])
+                                            ("trace_damping_floor", -1.0),
+                                            ("sequence_statistics", "rows")])
 def test_invalid_tkfac_arguments(argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}"):
         keras_tkfac.TKFAC(**{argument: value})
@@ -434,3 +436,53 @@ def test_learning_rate_changes_the_trajectory(step_control, kl_clip, lr):
     clipped = [_weights_after(learning_rate=lr, kl_clip=1e-6, step_control="kl_clip")[0]
                for lr in (0.1, 1.0)]
     np.testing.assert_allclose(clipped[0], clipped[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sequence_statistics", ["exact", "expand"])
+def test_a_layer_on_sequences_keeps_its_sequences_statistics(sequence_statistics):
+    # TKFAC's default (`"exact"`): the trace and partial traces of the block of
+    # each example's gradient `W_n` of a Dense on sequences; `"expand"`: every
+    # position a row (the specification's expansion). Against per-example Keras
+    # gradients at the initial weights (empirical Fisher, one statistics step).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3))
+    hidden = keras.layers.Dense(5, activation="tanh")
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(hidden(inputs)))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    block = next(b for b in model.blocks if b.layer is hidden)
+    examples = []
+    for n in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss_n = LOSS(y[n:n + 1], model(x[n:n + 1], training=True))
+        examples.append(block.grad_matrix(*tape.gradient(
+            loss_n, block.variables)).numpy().astype(np.float64))
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(model) as recording:
+            y_pred = model(x, training=True)
+    source, cotangent, _ = fisher.output_cotangent(
+        fisher.resolve_loss(LOSS, "empirical"), "empirical", y, y_pred, tf.constant([0, 0]))
+    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
+    a, g = (t.numpy().astype(np.float64)
+            for t in recording.rows(grads)[model.blocks.index(block)])
+    optimizer = keras_tkfac.TKFAC(fisher="empirical",
+                                  sequence_statistics=sequence_statistics)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    index = [s.block.layer for s in optimizer._slots].index(hidden)
+    weight = optimizer._factor_weight.numpy()[index]
+    delta, n_phi, n_psi = (f.numpy() / weight for f in optimizer._slots[index].factors)
+    m = len(x)
+    if sequence_statistics == "exact":
+        expected = (sum(np.sum(w * w) for w in examples) / m,
+                    sum(w @ w.T for w in examples) / m, sum(w.T @ w for w in examples) / m)
+    else:
+        expected = helpers.tkfac_numpy(a, g, m)
+    for got, want in zip((delta, n_phi, n_psi), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    if sequence_statistics == "expand":
+        # The expansion drops the positions' cross terms.
+        exact = sum(np.sum(w * w) for w in examples) / m
+        assert not np.isclose(delta, exact, rtol=1e-2)

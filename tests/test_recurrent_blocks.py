@@ -201,6 +201,40 @@ def test_statistics_against_time_uncorrelated_fisher(case):
             (delta[j], n_phi[j], n_psi[j]), a_groups[:, j], g_groups[:, j], m)
 
 
+@pytest.mark.parametrize("case", ["simple_rnn_sequences_backwards", "lstm_masked_backwards",
+                                  "gru_sequences_masked"])
+def test_sequence_statistics_are_the_exact_blocks_trace_and_partial_traces(case):
+    # TKFAC's default `sequence_statistics="exact"`: each sequence's rows `a_n`,
+    # `g_n` (`[example, time, (group,) d]`) give example n's gradient `a_n^T g_n`
+    # (Keras's), and `ops.tkfac_statistics_sequences` the trace and partial traces
+    # of the exact block, time steps' cross terms included.
+    model, layer = _model(case)
+    block = _block(model, layer)
+    x, y = _data(case, 3, seed=5)
+    a, g, m, _, _, _ = helpers.empirical_rows(model, block, x, y, LOSS, sequences=True)
+    assert a.shape[:2] == g.shape[:2] == (3, STEPS)
+    a_groups = a[:, :, None] if a.ndim == 3 else a
+    g_groups = g[:, :, None] if g.ndim == 3 else g
+    for n in range(m):
+        with tf.GradientTape() as tape:
+            loss_n = LOSS(y[n:n + 1], model([v[n:n + 1] for v in x], training=True))
+        expected = block.grad_matrix(*tape.gradient(loss_n, block.variables)).numpy()
+        got = np.einsum("tgi,tgo->gio", a_groups[n], g_groups[n])
+        np.testing.assert_allclose(got if a.ndim == 4 else got[0], expected,
+                                   rtol=1e-4, atol=1e-6)
+    delta, n_phi, n_psi = (t.numpy() for t in ops.tkfac_statistics_sequences(
+        tf.constant(a_groups), tf.constant(g_groups), m))
+    example = np.repeat(np.arange(m), STEPS)
+    for j in range(block.groups):
+        rows_a = a_groups[:, :, j].reshape(m * STEPS, -1)
+        rows_g = g_groups[:, :, j].reshape(m * STEPS, -1)
+        exact = helpers.exact_fisher(rows_a, rows_g, example, m, cross_locations=True)
+        tr_out, tr_in = helpers.partial_traces(exact, rows_a.shape[1], rows_g.shape[1])
+        np.testing.assert_allclose(delta[j], np.trace(exact), rtol=1e-10)
+        np.testing.assert_allclose(n_phi[j], tr_out, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(n_psi[j], tr_in, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("layer_class", [L.SimpleRNN, L.LSTM, L.GRU])
 def test_tkfac_is_exact_for_one_example_of_one_time_step(layer_class):
     keras.utils.set_random_seed(0)
