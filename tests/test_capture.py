@@ -69,15 +69,31 @@ def _record(model, x, y):
     return tape, recording, y_pred, loss
 
 
-def _block_rows(model, layer, tape, recording, y, y_pred):
+def _block_rows(model, layer, tape, recording, y, y_pred, sequences=False):
     spec = fisher.resolve_loss(LOSS, "empirical")
     source, cotangent, num_examples = fisher.output_cotangent(
         spec, "empirical", y, y_pred, tf.constant([0, 0])
     )
     grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
     index = [b.layer for b in recording.blocks].index(layer)
-    a, g = recording.rows(grads)[index]
+    a, g = recording.rows(grads, sequences=sequences)[index]
     return recording.blocks[index], a.numpy(), g.numpy(), int(num_examples)
+
+
+def _recorded(case, seed, n=3):
+    """`case`'s model, layer, input shape, data of `n` examples and one recorded pass."""
+    model, layer, shape = _model(case)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(n,))
+    return (model, layer, shape, x, y) + _record(model, x, y)
+
+
+def _example_gradient(model, block, x, y, n):
+    """Keras's gradient of example `n`'s loss as `block`'s gradient matrix."""
+    with tf.GradientTape() as single:
+        loss_n = LOSS(y[n : n + 1], model(x[n : n + 1], training=True))
+    return block.grad_matrix(*single.gradient(loss_n, block.variables)).numpy()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -101,22 +117,14 @@ def test_rows_reproduce_keras_gradient(case):
 
 @pytest.mark.parametrize("case", ["dense", "dense_sequence", "conv2d_stride2_valid"])
 def test_rows_are_per_example_gradients(case):
-    model, layer, shape = _model(case)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(3, *shape)).astype("float32")
-    y = rng.integers(0, 3, size=(3,))
-    tape, recording, y_pred, _ = _record(model, x, y)
+    model, layer, _, x, y, tape, recording, y_pred, _ = _recorded(case, 2)
     block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
     rows_per_example = len(a) // m
     for n in range(m):
-        with tf.GradientTape() as single:
-            loss_n = LOSS(y[n : n + 1], model(x[n : n + 1], training=True))
-        grads = single.gradient(loss_n, block.variables)
-        expected = block.grad_matrix(
-            grads[0], grads[1] if len(grads) > 1 else None
-        ).numpy()
         part = slice(n * rows_per_example, (n + 1) * rows_per_example)
-        np.testing.assert_allclose(a[part].T @ g[part], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a[part].T @ g[part],
+                                   _example_gradient(model, block, x, y, n),
+                                   rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["dense", "conv2d_stride2_valid", "conv1d_causal"])
@@ -441,45 +449,24 @@ def test_a_build_that_fails_part_way_leaves_nothing_half_made(monkeypatch):
     assert names(optimizer) == names(fresh)
 
 
-def _sequence_rows(model, layer, tape, recording, y, y_pred):
-    spec = fisher.resolve_loss(LOSS, "empirical")
-    source, cotangent, num_examples = fisher.output_cotangent(
-        spec, "empirical", y, y_pred, tf.constant([0, 0]))
-    grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
-    index = [b.layer for b in recording.blocks].index(layer)
-    a, g = recording.rows(grads, sequences=True)[index]
-    return recording.blocks[index], a.numpy(), g.numpy(), int(num_examples)
-
-
 @pytest.mark.parametrize("case", ["dense_sequence", "einsum_heads",
                                   "einsum_output_projection"])
 def test_sequence_rows_give_each_sequences_gradient(case):
     # `sequences=True` keeps the positions of a call on sequences as an axis:
     # `a_n^T g_n` is example n's gradient of the layer's weights (Keras's).
-    model, layer, shape = _model(case)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(3, *shape)).astype("float32")
-    y = rng.integers(0, 3, size=(3,))
-    tape, recording, y_pred, _ = _record(model, x, y)
-    block, a, g, m = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    model, layer, shape, x, y, tape, recording, y_pred, _ = _recorded(case, 2)
+    block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred, sequences=True)
     assert a.ndim == 3 and a.shape[:2] == (3, shape[0]) and a.shape[2] == block.d_in
     assert g.shape == (3, shape[0], block.d_out)
     for n in range(m):
-        with tf.GradientTape() as single:
-            loss_n = LOSS(y[n : n + 1], model(x[n : n + 1], training=True))
-        grads = single.gradient(loss_n, block.variables)
-        expected = block.grad_matrix(*grads).numpy()
-        np.testing.assert_allclose(a[n].T @ g[n], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a[n].T @ g[n], _example_gradient(model, block, x, y, n),
+                                   rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["dense", "einsum_ellipsis", "conv2d_stride2_valid"])
 def test_sequence_rows_of_one_position_per_example_are_rows(case):
-    model, layer, shape = _model(case)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(3, *shape)).astype("float32")
-    y = rng.integers(0, 3, size=(3,))
-    tape, recording, y_pred, _ = _record(model, x, y)
-    _, a, g, _ = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    model, layer, _, x, y, tape, recording, y_pred, _ = _recorded(case, 2)
+    _, a, g, _ = _block_rows(model, layer, tape, recording, y, y_pred, sequences=True)
     _, a_rows, g_rows, _ = _block_rows(model, layer, tape, recording, y, y_pred)
     np.testing.assert_array_equal(a, a_rows)
     np.testing.assert_array_equal(g, g_rows)
@@ -490,12 +477,8 @@ def test_sequence_statistics_are_the_exact_blocks_trace_and_partial_traces(case)
     # The specification's property 4 for the whole block of a layer on sequences,
     # positions' cross terms included (helpers.exact_fisher with cross_locations),
     # by both routes; the row expansion gives the location-uncorrelated block.
-    model, layer, shape = _model(case)
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(3, *shape)).astype("float32")
-    y = rng.integers(0, 3, size=(3,))
-    tape, recording, y_pred, _ = _record(model, x, y)
-    _, a, g, m = _sequence_rows(model, layer, tape, recording, y, y_pred)
+    model, layer, _, x, y, tape, recording, y_pred, _ = _recorded(case, 3)
+    _, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred, sequences=True)
     rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     example = np.repeat(np.arange(m), a.shape[1])
     exact = helpers.exact_fisher(rows_a, rows_g, example, m, cross_locations=True)
@@ -527,7 +510,8 @@ def test_calls_on_sequences_of_one_length_stay_sequences_others_become_rows():
              rng.normal(size=(2, *second_shape)).astype("float32")]
         y = np.array([0, 1])
         tape, recording, y_pred, loss = _record(model, x, y)
-        block, a, g, m = _sequence_rows(model, shared, tape, recording, y, y_pred)
+        block, a, g, m = _block_rows(model, shared, tape, recording, y, y_pred,
+                                     sequences=True)
         assert a.shape == expected
         # Either way the rows' sum of a g^T is Keras's gradient.
         keras_grads = tape.gradient(loss, block.variables)

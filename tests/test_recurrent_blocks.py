@@ -178,12 +178,17 @@ def test_rows_are_per_example_gradients(case):
     x, y = _data(case, 3, seed=2)
     a, g, m, _, _, _ = _record(model, block, x, y)
     for n in range(m):
-        with tf.GradientTape() as tape:
-            loss_n = LOSS(y[n:n + 1], model([v[n:n + 1] for v in x], training=True))
-        expected = block.grad_matrix(*tape.gradient(loss_n, block.variables))
         part = slice(n * STEPS, (n + 1) * STEPS)
         np.testing.assert_allclose(_sum_of_outer_products(a[part], g[part]),
-                                   expected.numpy(), rtol=1e-4, atol=1e-6)
+                                   _example_gradient(model, block, x, y, n),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def _example_gradient(model, block, x, y, n):
+    """Keras's gradient of example `n`'s loss as `block`'s gradient matrix."""
+    with tf.GradientTape() as tape:
+        loss_n = LOSS(y[n:n + 1], model([v[n:n + 1] for v in x], training=True))
+    return block.grad_matrix(*tape.gradient(loss_n, block.variables)).numpy()
 
 
 @pytest.mark.parametrize("case", ["lstm", "gru"])
@@ -216,11 +221,9 @@ def test_sequence_statistics_are_the_exact_blocks_trace_and_partial_traces(case)
     a_groups = a[:, :, None] if a.ndim == 3 else a
     g_groups = g[:, :, None] if g.ndim == 3 else g
     for n in range(m):
-        with tf.GradientTape() as tape:
-            loss_n = LOSS(y[n:n + 1], model([v[n:n + 1] for v in x], training=True))
-        expected = block.grad_matrix(*tape.gradient(loss_n, block.variables)).numpy()
         got = np.einsum("tgi,tgo->gio", a_groups[n], g_groups[n])
-        np.testing.assert_allclose(got if a.ndim == 4 else got[0], expected,
+        np.testing.assert_allclose(got if a.ndim == 4 else got[0],
+                                   _example_gradient(model, block, x, y, n),
                                    rtol=1e-4, atol=1e-6)
     delta, n_phi, n_psi = (t.numpy() for t in ops.tkfac_statistics_sequences(
         tf.constant(a_groups), tf.constant(g_groups), m))
