@@ -19,6 +19,7 @@ from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
 from keras_tkfac import quadratic
+from keras_tkfac import serialization
 from keras_tkfac import shapes
 from keras_tkfac import statistics
 from keras_tkfac import step_size
@@ -461,31 +462,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     # Serialisation ------------------------------------------------------------
 
     def get_config(self):
-        config = super().get_config()
-        damping = self.damping
-        if validation.is_schedule(damping):
-            damping = keras.saving.serialize_keras_object(damping)
-        names = ("momentum", "factor_decay", "factor_update_freq",
-                 "inverse_update_freq", "inverse_warmup", "kl_clip", "step_control",
-                 "adaptive_damping", "model_update_freq", "fisher", "inverse_dtype",
-                 "inverse_rank", "precondition_dtype", "precondition_form",
-                 "conv_location_stride", "split_inverses", "max_factor_dim",
-                 "fallback_lr_ratio", "fallback_lr_ceiling", "seed")
-        config.update({name: getattr(self, name) for name in names})
-        config.update(damping=damping, fallback=self._partner.get_config())
-        return config
+        return serialization.config_of(self, super().get_config())
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        if isinstance(config.get("damping"), dict):
-            config["damping"] = keras.saving.deserialize_keras_object(
-                config["damping"], custom_objects=custom_objects
-            )
-        if "fallback" in config:
-            config["fallback"] = partner_lib.from_config(
-                config["fallback"], custom_objects)
-        return super().from_config(config, custom_objects=custom_objects)
+        return super().from_config(serialization.arguments_of(config, custom_objects),
+                                   custom_objects=custom_objects)
 
     # Diagnostics --------------------------------------------------------------
 
