@@ -40,6 +40,9 @@ class CurvatureBlock:
     # The layer's attributes whose regularizers add to the gradient of `variables`
     # beyond `rows`' `a^T g` (`keras_tkfac.factored` then uses the full form).
     regularizers = ("kernel_regularizer", "bias_regularizer")
+    # Whether the grafted step controls give each of the layer's variables its own
+    # RMSProp length (`step_size.graft_updates`), rather than the layer as a whole.
+    graft_per_variable = False
 
     def __init__(self, layer):
         self.layer = layer

@@ -562,8 +562,8 @@ def kl_clip_factor_from_inner(inner, learning_rate, kl_clip):
     return tf.where(denom > 0.0, tf.minimum(nu, 1.0), tf.ones_like(nu))
 
 
-def rms_step_norm(grad, second_moment, step, beta_2, epsilon):
-    """The norm of RMSProp's bias-corrected step, and its new second moment.
+def rms_step(grad, second_moment, step, beta_2, epsilon):
+    """RMSProp's bias-corrected step, and its new second moment.
 
     `v' = beta_2 v + (1 - beta_2) G^2` and `R = G / (sqrt(v' / (1 - beta_2^t)) + eps)`:
     Adam's step without its first moment (`|R|` is the norm Adam would move the
@@ -577,11 +577,16 @@ def rms_step_norm(grad, second_moment, step, beta_2, epsilon):
         epsilon: added to the root of the second moment.
 
     Returns:
-        `(|R|, v')`.
+        `(R, v')`.
     """
     new = beta_2 * second_moment + (1.0 - beta_2) * tf.square(grad)
     correction = 1.0 - tf.pow(tf.constant(beta_2, grad.dtype), tf.cast(step, grad.dtype))
-    rms = grad / (tf.sqrt(new / correction) + epsilon)
+    return grad / (tf.sqrt(new / correction) + epsilon), new
+
+
+def rms_step_norm(grad, second_moment, step, beta_2, epsilon):
+    """`(|R|, v')` of `rms_step`: the norm of RMSProp's step, and the new moment."""
+    rms, new = rms_step(grad, second_moment, step, beta_2, epsilon)
     return tf.norm(rms), new
 
 

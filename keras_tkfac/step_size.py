@@ -3,7 +3,8 @@
 Five controls, chosen with `step_control`:
 
 - `"graft"`: each layer moves in TKFAC's (or KFAC's) direction `U_l` by
-  the distance RMSProp would move it, `|R_l|` with
+  the distance RMSProp would move it (a recurrent block: each of its variables by
+  its own, `CurvatureBlock.graft_per_variable`), `|R_l|` with
   `R_l = G_l / (sqrt(v_l / (1 - beta_2^t)) + eps)` and `v_l` the moving average of
   `G_l^2` (Adam's step without its first moment; Agarwal et al., 2020, "grafting";
   Anil et al., 2020, use it for Shampoo). Momentum is then Adam's first moment,
@@ -297,24 +298,43 @@ def momentum_step(control, momentum, velocity, update):
     return momentum * velocity + update
 
 
-def graft_updates(updates, grads, moments, step):
+def graft_updates(updates, grads, moments, step, blocks=None):
     """The grafted updates `U_l |R_l| / |U_l|` and the new second moments.
+
+    A block with `graft_per_variable` (the recurrent blocks) has each of its
+    variables' parts of `U_l` grafted to that variable's part of `R_l`
+    (`graft_variables`).
 
     Args:
         updates: list of preconditioned gradients `U_l`.
         grads: list of the raw (global) gradients `G_l`, same shapes.
         moments: list of the second moments `v_l`, same shapes.
         step: `t >= 1`, the step count of the bias correction.
+        blocks: optional list of the layers' `CurvatureBlock`s.
 
     Returns:
         `(new_updates, new_moments)`.
     """
     new_updates, new_moments = [], []
-    for update, grad, moment in zip(updates, grads, moments):
-        norm, moment = ops.rms_step_norm(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
-        new_updates.append(ops.graft(update, norm))
+    blocks = blocks or [None] * len(updates)
+    for update, grad, moment, block in zip(updates, grads, moments, blocks):
+        rms, moment = ops.rms_step(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
+        if getattr(block, "graft_per_variable", False):
+            new_updates.append(graft_variables(block, update, rms))
+        else:
+            new_updates.append(ops.graft(update, tf.norm(rms)))
         new_moments.append(moment)
     return new_updates, new_moments
+
+
+def graft_variables(block, update, rms):
+    """`update` (a block's stacked matrix) with each variable's part rescaled to the
+    norm of the same part of `rms`, through the block's own `split_matrix` and
+    `grad_matrix`: the direction within each variable is the curvature's, the
+    length RMSProp's for that variable."""
+    parts = [(u, r) for u, r in zip(block.split_matrix(update), block.split_matrix(rms))
+             if u is not None]
+    return block.grad_matrix(*[ops.graft(u, tf.norm(r)) for u, r in parts])
 
 
 def graft_step(optimizer, used):
@@ -324,7 +344,8 @@ def graft_step(optimizer, used):
                for slot, *_ in used]
     updates, new_moments = graft_updates(
         [u for *_, u in used], [g for *_, g, _ in used],
-        [m.value for m in moments], optimizer.iterations + 1)
+        [m.value for m in moments], optimizer.iterations + 1,
+        [slot.block for slot, *_ in used])
     ok = optimizer._step_is_finite
     for moment, new in zip(moments, new_moments):
         moment.assign(new if ok is None else tf.where(ok, new, moment))

@@ -13,7 +13,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import blocks, ops, recurrent
+from keras_tkfac import blocks, ops, recurrent, step_size
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -280,6 +280,65 @@ def test_gru_padding_does_not_change_the_kronecker_solve():
     np.testing.assert_allclose(update[:d], expected[:d], rtol=1e-10)
     np.testing.assert_allclose(update[-1], expected[-1], rtol=1e-10)
     np.testing.assert_array_equal(update[d:width], 0.0)
+
+
+def _rms(grad):
+    """RMSProp's first bias-corrected step from a zero moment, in numpy."""
+    beta = step_size.GRAFT_BETA_2
+    return grad / (np.sqrt((1 - beta) * grad ** 2 / (1 - beta)) + step_size.GRAFT_EPSILON)
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru", "simple_rnn", "lstm_sequences_no_bias"])
+def test_grafting_gives_each_recurrent_variable_its_own_rmsprop_length(case):
+    """Each variable's part of the grafted update has its own RMSProp step's norm
+    and the curvature's direction within it; a dense block is grafted whole."""
+    model, layer = _model(case)
+    block = _block(model, layer)
+    head = next(b for b in model.blocks if b.layer is not block.layer)
+    rng = np.random.default_rng(0)
+    for this, per_variable in ((block, True), (head, False)):
+        assert this.graft_per_variable is per_variable
+        shapes = [v.shape for v in this.variables]
+        draw = lambda: this.grad_matrix(*[  # noqa: E731
+            tf.constant(rng.normal(size=s).astype("float32")) for s in shapes])
+        update, grad = draw(), draw()
+        (new,), _ = step_size.graft_updates([update], [grad], [tf.zeros_like(grad)],
+                                            1, [this])
+        if not per_variable:
+            r = _rms(grad.numpy())
+            np.testing.assert_allclose(
+                new.numpy(), update.numpy() * np.linalg.norm(r) / np.linalg.norm(
+                    update.numpy()), rtol=1e-5)
+            continue
+        parts = zip(*[[p for p in this.split_matrix(m) if p is not None]
+                      for m in (new, update, grad)])
+        count = 0
+        for n, u, g in parts:
+            r = _rms(g.numpy())
+            np.testing.assert_allclose(
+                n.numpy(), u.numpy() * np.linalg.norm(r) / np.linalg.norm(u.numpy()),
+                rtol=1e-5)
+            count += 1
+        assert count == len(this.variables)
+
+
+def test_recurrent_variables_move_by_their_own_rmsprop_lengths_in_training():
+    """One `"graft"` step: each LSTM variable moves by the same multiple of its own
+    RMSProp step's norm (the whole layer's would give the bias ~10x Adam's step)."""
+    model, layer = _model("lstm")
+    x, y = _data("lstm", 16)
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    grads = dict(zip([v.path for v in layer.trainable_variables],
+                     tape.gradient(loss, layer.trainable_variables)))
+    before = {v.path: v.numpy() for v in layer.trainable_variables}
+    model.compile(optimizer=keras_tkfac.TKFAC(step_control="graft", seed=0), loss=LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    ratios = [np.linalg.norm(v.numpy() - before[v.path])
+              / np.linalg.norm(_rms(grads[v.path].numpy()))
+              for v in layer.trainable_variables]
+    assert len(ratios) == 3 and ratios[0] > 0
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
 
 
 @pytest.mark.parametrize("layer", [
