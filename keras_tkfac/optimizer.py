@@ -254,7 +254,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
         Args:
             recording: the `Recording` of this step (`keras_tkfac.record(model)`).
-            tape: the persistent `tf.GradientTape` that recorded the forward pass.
+            tape: the step's persistent `tf.GradientTape` (`statistics.update`).
             y_pred: the model output: a tensor, or a flat list or dict of tensors.
             y_true: the real labels (used by `fisher="empirical"`), structured like
                 `y_pred` (or a list with one entry per output with a loss).
@@ -305,7 +305,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             self, [slot.block for slot in self._slots], recording,
             loss_output_gradients, scale)
         statistics.update(self, recording, tape, outputs, y_true, y_pred,
-                          sample_weight, loss_value, scale)
+                          sample_weight, loss_value, scale, forward)
         statistics.update_inverses(self)
 
     _applying = False  # inside `apply` (Keras builds an unbuilt optimizer there)

@@ -382,13 +382,16 @@ class ModelForward:
     training=True)` also works, and its products then cover the whole batch.
     """
 
-    def __init__(self, model, x, state=None):
+    def __init__(self, model, x, state=None, before=None):
         self.model, self.x = model, x
         # The model's non-trainable variables as they were before the step's own
         # forward pass (`wrap`'s training step takes them): the products' passes
         # and the damping's losses start from them, so they draw the dropout masks
         # that the gradient saw (`Batch`).
         self.state = state
+        # The same, for the statistics' own forward pass only
+        # (`statistics.takes_own_pass`).
+        self.before = before
 
     def __call__(self):
         with without_cudnn(self.model):

@@ -16,9 +16,11 @@ Both assign the optimizer's variables through `distributed.cond_assign`, so a st
 where they are not due copies nothing.
 """
 
+import keras
 import tensorflow as tf
 
 from keras_tkfac import cadence
+from keras_tkfac import capture
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
@@ -47,20 +49,81 @@ def build(optimizer):
         name="sampler_seed", aggregation="only_first_replica")
 
 
+def takes_own_pass(model):
+    """Whether `wrap`'s training step of `model`, being traced now, takes a
+    non-persistent tape and gives the statistics a forward pass of their own
+    (`update` with `tape=None`), on statistics steps only.
+
+    A persistent tape lets TensorFlow expect gradients of gradients, so it wraps
+    every `tf.while_loop` it records in a function call whose backward pass keeps
+    more intermediates: an `LSTM(64)` over 40 steps, batch 32, took 6.6 ms a
+    forward-and-backward pass under a persistent tape against 4.9 ms under a plain
+    one, and the suite's BiLSTM's step with every weight on the partner 47 ms
+    against 36 ms (Adam 33 ms; docs/RESULTS.md, "The step's tape"). Keras runs a
+    recurrent layer's loop as a `tf.while_loop` on a CPU, so a model with one
+    (`keras.layers.RNN`, inside `Bidirectional` too) takes the plain tape when
+    traced without XLA and without cross-replica batch normalisation (whose
+    forward pass cannot run inside the statistics' `tf.cond`); the extra forward
+    pass costs one in `factor_update_freq` steps.
+    """
+    if (tf.executing_eagerly() or getattr(model, "jit_compile", False) is True
+            or distributed.syncs_in_backward(model)):
+        return False
+    return any(isinstance(layer, keras.layers.RNN)
+               for layer in model._flatten_layers(include_self=False, recursive=True))  # pylint: disable=protected-access
+
+
+def _own_pass(forward, outputs, fisher, y_true, sample_weight, seed, scale):
+    """The sampled-label backward pass from a forward pass of its own, on the step's
+    weights and batch, from the model's non-trainable state before the step's
+    forward pass (`forward.before`: the same dropout masks, batch normalisation's
+    statistics of this batch), which is restored afterwards.
+
+    Returns:
+        `(grads, num_examples, recording)`: the gradients with respect to the new
+        pass's recorded outputs, the example count and its `capture.Recording`.
+    """
+    model = forward.model
+    state = model.non_trainable_variables
+    after = [tf.identity(v) for v in state]
+    for variable, value in zip(state, forward.before):
+        variable.assign(value)
+    with tf.GradientTape() as tape:
+        with capture.record(model) as recording:
+            y_pred = forward()
+        sources, cotangents, num_examples = fisher_lib.output_cotangents(
+            outputs, fisher, y_true, y_pred, seed, sample_weight)
+    for variable, value in zip(state, after):
+        variable.assign(value)
+    grads = tape.gradient(sources, recording.outputs(),
+                          output_gradients=[c * tf.cast(scale, c.dtype)
+                                            for c in cotangents])
+    return grads, num_examples, recording
+
+
 def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
-           loss_value, scale):
+           loss_value, scale, forward=None):
     """Folds this batch's statistics into the moving averages when they are due.
 
     Args:
         optimizer: the `CurvatureOptimizer` (built, with slots).
         recording: the step's `capture.Recording`.
-        tape: the persistent tape of the step's forward pass.
+        tape: the persistent tape of the step's forward pass, or `None`: the
+            sampled-label backward pass then takes a forward pass of its own
+            (`takes_own_pass`), through `forward`.
         outputs: the `fisher.OutputLoss`es of the training loss.
         y_true, y_pred, sample_weight: as in `update_curvature`.
         loss_value: optional, the step's loss; no statistics where not finite.
         scale: the loss-scaling factor (1 without mixed precision): the sampled
             backward pass is scaled by it and the statistics unscaled.
+        forward: a `products.ModelForward` with `before` set; needed where `tape`
+            is `None`.
     """
+    if tape is None and getattr(forward, "before", None) is None:
+        raise ValueError(
+            "update_curvature needs the persistent tape of the step's forward pass "
+            "(or wrap's own ModelForward with the model's state before it). "
+            f"Received: tape={tape!r}, forward={forward!r}")
     slots = optimizer._slots
     factor_vars = [v for slot in slots for v in slot.factors]
     factor_vars += [optimizer._factor_weight, optimizer.skipped_statistics]
@@ -71,6 +134,9 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
         step = tf.cast(optimizer.iterations, tf.int32)
         seed = tf.stack([optimizer.sampler_seed.value + distributed.replica_id(),
                          step])
+        if tape is None:
+            return _own_pass(forward, outputs, optimizer.fisher, y_true,
+                             sample_weight, seed, scale)
         sources, cotangents, num_examples = fisher_lib.output_cotangents(
             outputs, optimizer.fisher, y_true, y_pred, seed, sample_weight
         )
@@ -78,7 +144,7 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
             sources, recording.outputs(),
             output_gradients=[c * tf.cast(scale, c.dtype) for c in cotangents],
         )
-        return grads, num_examples
+        return grads, num_examples, recording
 
     # A backward pass that all-reduces (synchronized BatchNormalization under a
     # strategy) cannot run inside the statistics' `tf.cond`: it runs every step.
@@ -87,14 +153,15 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
 
     def new_factors():
         step = tf.cast(optimizer.iterations, tf.int32)
-        grads, num_examples = ahead if ahead is not None else sampled_grads()
+        grads, num_examples, recorded = (
+            ahead if ahead is not None else sampled_grads())
         wanted = {id(slot.block.layer) for slot in slots}
         # Sampled conv locations: the grid moves on at each statistics step.
         phase = step // optimizer.factor_update_freq
-        rows = dict(zip([id(b.layer) for b in recording.blocks],
-                        recording.rows(grads, wanted, optimizer.conv_location_stride,
-                                       phase, getattr(optimizer, "_sequence_statistics",
-                                                      False))))
+        rows = dict(zip([id(b.layer) for b in recorded.blocks],
+                        recorded.rows(grads, wanted, optimizer.conv_location_stride,
+                                      phase, getattr(optimizer, "_sequence_statistics",
+                                                     False))))
         # Sums over this replica's examples; one SUM all-reduce and a division
         # by the global count give the mean over all examples of all replicas.
         count = tf.cast(num_examples, tf.float32)

@@ -13,6 +13,7 @@ from keras_tkfac import distributed
 from keras_tkfac import finding
 from keras_tkfac import keras_compat
 from keras_tkfac import products
+from keras_tkfac import statistics
 from keras_tkfac import step_size
 
 
@@ -347,7 +348,13 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         initial = ([tf.identity(v) for v in self.non_trainable_variables]
                    if products.REPLAY_MASKS
                    and step_size.uses_products(curvature.step_control) else None)
-        with tf.GradientTape(persistent=True) as tape:
+        # A recurrent model's statistics take a forward pass of their own, so that
+        # the step's tape need not be persistent (`statistics.takes_own_pass`).
+        own_pass = statistics.takes_own_pass(self)
+        before = None
+        if own_pass:
+            before = initial or [tf.identity(v) for v in self.non_trainable_variables]
+        with tf.GradientTape(persistent=not own_pass) as tape:
             with capture.record(self) as recording:
                 y_pred = self(x, training=True)
             loss = self.compute_loss(
@@ -380,12 +387,12 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             return keras_compat.multi_worker_logs(
                 self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         curvature.update_curvature(
-            recording, tape, y_pred, y_true=y, loss=self.loss,
+            recording, None if own_pass else tape, y_pred, y_true=y, loss=self.loss,
             loss_weights=_loss_weights(self), sample_weight=sample_weight,
             loss_value=loss,
             loss_scale=optimizer.scale_loss(tf.constant(1.0)),
             loss_output_gradients=output_grads,
-            forward=products.ModelForward(self, x, initial),
+            forward=products.ModelForward(self, x, initial, before),
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape

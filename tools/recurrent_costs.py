@@ -7,11 +7,15 @@ partner (the default) and by TKFAC with the recurrent blocks registered
 every kind (plain, statistics, inverse) of every configuration is timed in turn,
 round after round, and medians are reported with their ratio to Adam's step; a
 statistics step of the recurrent blocks runs the layers' recurrence as a `tf.scan`
-outside Keras's loop (`keras_tkfac.recurrent`).
+outside Keras's loop (`keras_tkfac.recurrent`). Each TKFAC configuration also runs
+as traced before 2026-12-05 ("persistent tape": one persistent tape, the statistics
+from the step's own forward pass; `keras_tkfac.statistics.takes_own_pass`), in the
+same rounds.
 
     python tools/recurrent_costs.py [--rounds=30] [--smoke] [--out=FILE]
 """
 
+import contextlib
 import os
 import sys
 
@@ -23,6 +27,7 @@ import keras
 import benchlib
 import step_costs
 import keras_tkfac
+from keras_tkfac import statistics
 
 # `--rounds`, `--out` and `--smoke` (tiny model and data, 2 rounds) are the flags
 # of step_costs.py; its other flags are ignored.
@@ -38,10 +43,26 @@ def _model(vocab, embed_dim, units, steps):
     return keras.Model(inputs, keras.layers.Dense(1)(h))
 
 
+@contextlib.contextmanager
+def _traced_as(name):
+    """Traces a "persistent tape" configuration's step as before 2026-12-05."""
+    own = statistics.takes_own_pass
+    if name.endswith("persistent tape"):
+        statistics.takes_own_pass = lambda model: False
+    try:
+        yield
+    finally:
+        statistics.takes_own_pass = own
+
+
+CONFIGS = ("Adam", "TKFAC", "TKFAC, persistent tape", "TKFAC recurrent",
+           "TKFAC recurrent, persistent tape")
+
+
 def _setup(name, initial, data, batch_size):
     model = keras.models.clone_model(initial)
     model.set_weights(initial.get_weights())
-    exclude = [keras.layers.LSTM] if name == "TKFAC" else []
+    exclude = [] if name == "Adam" or "recurrent" in name else [keras.layers.LSTM]
     wrapped = keras_tkfac.wrap(model, exclude=exclude)
     optimizer = (keras.optimizers.Adam(1e-3) if name == "Adam"
                  else keras_tkfac.TKFAC(seed=0))
@@ -49,7 +70,8 @@ def _setup(name, initial, data, batch_size):
                     loss=keras.losses.BinaryCrossentropy(from_logits=True))
     batches = benchlib.batches(data, batch_size, 0)
     # Builds the optimizer and traces the step (with inverses and statistics).
-    wrapped.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
+    with _traced_as(name):
+        wrapped.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
     return wrapped, iter(batches)
 
 
@@ -63,8 +85,7 @@ def main(argv):
     y = rng.integers(0, 2, size=(512, 1)).astype("float32")
     keras_tkfac.register_recurrent_blocks()
     initial = _model(vocab, embed_dim, units, steps)
-    runs = {name: _setup(name, initial, (x, y), batch_size)
-            for name in ("Adam", "TKFAC", "TKFAC recurrent")}
+    runs = {name: _setup(name, initial, (x, y), batch_size) for name in CONFIGS}
     rounds = 2 if smoke else _ROUNDS.value
     med = step_costs.interleaved_medians(runs, rounds)
     adam = med["Adam", "plain"]
@@ -75,18 +96,20 @@ def main(argv):
         f"cores, TensorFlow {tf.__version__}, keras_tkfac "
         f"{benchlib.source_version()}; medians in ms (× Adam's step).", "",
         "| configuration | preconditioned layers | plain | statistics | inverse | "
-        "statistics / plain |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| Adam | | {adam:.1f} (1.00) | | | |",
+        "statistics / plain | mean at its periods |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| Adam | | {adam:.1f} (1.00) | | | | {adam:.1f} (1.00) |",
     ]
-    for name in ("TKFAC", "TKFAC recurrent"):
+    for name in CONFIGS[1:]:
         optimizer = runs[name][0].optimizer
         plain, stats = med[name, "plain"], med[name, "statistics"]
         inverse = med[name, "inverse"]
+        mean = (plain + (stats - plain) / optimizer.factor_update_freq
+                + (inverse - stats) / optimizer.inverse_update_freq)
         lines.append(
             f"| {name} | {len(optimizer._slots)} | {plain:.1f} ({plain / adam:.2f}) | "
             f"{stats:.1f} ({stats / adam:.2f}) | {inverse:.1f} ({inverse / adam:.2f}) "
-            f"| {stats / plain:.2f} |")
+            f"| {stats / plain:.2f} | {mean:.1f} ({mean / adam:.2f}) |")
     step_costs.report(lines)
 
 
