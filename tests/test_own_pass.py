@@ -88,3 +88,37 @@ def test_own_pass_gives_the_statistics_and_steps_of_the_persistent_tape(
     for a, b in zip(weights, weights_own):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(loss_own, loss, rtol=1e-5)
+
+
+def test_own_pass_under_mirrored_strategy_matches_the_persistent_tape(
+        mirrored, monkeypatch):
+    """Two replicas, dropout and batch normalisation: the own pass runs inside the
+    statistics' `tf.cond` in each replica and gives the persistent tape's steps."""
+    x, y = _data(64)
+
+    def fit(own_pass):
+        if not own_pass:
+            monkeypatch.setattr(statistics, "takes_own_pass", lambda model: False)
+        with mirrored.scope():
+            model = keras_tkfac.wrap(_recurrent_model())
+            optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=2,
+                                          inverse_update_freq=2, step_control="graft")
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        history = model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+        monkeypatch.undo()
+        return history.history["loss"], [v.numpy() for v in model.variables]
+
+    loss, weights = fit(False)
+    loss_own, weights_own = fit(True)
+    np.testing.assert_allclose(loss_own, loss, rtol=1e-5)
+    for a, b in zip(weights, weights_own):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+
+
+def test_statistics_without_a_tape_need_the_models_state():
+    with pytest.raises(ValueError, match="tape=None"):
+        statistics.update(None, None, None, [], None, None, None, None, 1.0,
+                          forward=None)
