@@ -25,6 +25,26 @@ def _report_keys(blocks):
     return [key if keys.count(key) == 1 else f"{key}_{i}" for i, key in enumerate(keys)]
 
 
+def record_update(optimizer, used, scale):
+    """Keeps this step's scale and each layer's applied-to-raw norm ratio in
+    `optimizer._last_update` (`curvature_report`'s `kl_clip_scale` and
+    `update_ratio`); a step that is not finite keeps the previous values.
+
+    Args:
+        optimizer: the `CurvatureOptimizer`.
+        used: its `(slot, indices, G_l, U_l)` of the preconditioned layers.
+        scale: the factor every `U_l` is applied with.
+    """
+    ratios = [tf.constant(0.0)] * len(optimizer._slots)
+    for slot, _, grad, update in used:
+        ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
+        ratios[optimizer._slots.index(slot)] = scale * ratio
+    last = tf.stack([scale] + ratios)
+    if optimizer._step_is_finite is not None:
+        last = tf.where(optimizer._step_is_finite, last, optimizer._last_update)
+    optimizer._last_update.assign(last)
+
+
 def curvature_report(optimizer):
     """`optimizer.curvature_report()`: per-layer diagnostics of a built
     `CurvatureOptimizer`, computed eagerly from its current state."""

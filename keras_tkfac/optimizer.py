@@ -359,14 +359,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
                 learning_rate, self.kl_clip,
             )
-        ratios = [tf.constant(0.0)] * len(self._slots)
-        for slot, _, grad, update in used:
-            ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
-            ratios[self._slots.index(slot)] = scale * ratio
-        last = tf.stack([scale] + ratios)
-        if self._step_is_finite is not None:
-            last = tf.where(self._step_is_finite, last, self._last_update)
-        self._last_update.assign(last)
+        monitor.record_update(self, used, scale)
         grads = list(grads)
         for slot, indices, _, update in used:
             parts = [p for p in slot.block.split_matrix(update * scale)
