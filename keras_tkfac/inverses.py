@@ -1,6 +1,6 @@
 """The damped factors' inverses: batched by shape, split across replicas.
 
-All factors of one shape are inverted in one batched call (Cholesky, in
+All factors of one shape are inverted in one batched call (`ops.symmetric_inverse`, in
 `inverse_dtype`); under a strategy with `split=True` each replica inverts its
 share of the factors, balanced by the `d^3` cost model, and one SUM all-reduce
 gives every replica all of them. An inverse that fails (a non-finite or

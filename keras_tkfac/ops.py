@@ -320,12 +320,24 @@ def kfac_damped_factors(a_factor, g_factor, damping, min_trace=1e-12):
     )
 
 
+# Matrices up to this size are inverted by Cholesky and `cholesky_solve`; larger ones
+# by `_block_inverse`'s halving into Schur complements, down to blocks of this size.
+CHOLESKY_MAX_DIM = 384
+
+
 def symmetric_inverse(matrices):
     """Inverses of a batch of symmetric positive-definite matrices, with a finite check.
 
-    Uses a Cholesky factorisation (cheap, and compiled by XLA on CPU and GPU). Cholesky
-    of a matrix that is not positive definite silently yields NaN, so the result comes
-    with a per-matrix flag.
+    Up to `CHOLESKY_MAX_DIM` rows (or a size unknown when traced), a Cholesky
+    factorisation and `cholesky_solve` with the identity. Larger matrices are halved
+    into Schur complements (`_block_inverse`) so that most of the work is matrix
+    products: on 2 CPU cores TensorFlow's triangular solves run at a fifth of its
+    matmul rate, and the halving inverts a 1601x1601 factor in 46 ms against 181 ms
+    (785: 11 against 23 ms) with the same error against float64
+    (`tools/inverse_costs.py`). Cholesky of a matrix that is not positive definite
+    silently yields NaN, and so does the halving (a symmetric matrix is positive
+    definite exactly when its leading block and that block's Schur complement are,
+    down to the Cholesky blocks), so the result comes with a per-matrix flag.
 
     Args:
         matrices: `[..., d, d]` symmetric matrices.
@@ -335,11 +347,34 @@ def symmetric_inverse(matrices):
         inverse is not finite (the caller must not use it).
     """
     symmetric = 0.5 * (matrices + tf.linalg.matrix_transpose(matrices))
-    chol = tf.linalg.cholesky(symmetric)
-    eye = _identity_like(matrices)
-    inverses = tf.linalg.cholesky_solve(chol, eye)
+    inverses = _block_inverse(symmetric)
     ok = tf.reduce_all(tf.math.is_finite(inverses), axis=[-2, -1])
     return inverses, ok
+
+
+def _block_inverse(matrices):
+    """Inverse of symmetric positive-definite `[..., d, d]` matrices by halving.
+
+    With `A = [[P, Q], [Q^T, R]]`, `T = P^-1 Q` and the Schur complement
+    `S = R - Q^T T`, `A^-1 = [[P^-1 + T S^-1 T^T, -T S^-1], [-S^-1 T^T, S^-1]]`;
+    `P` and `S` are inverted the same way. About `4/3 d^3` flops of products against
+    Cholesky and `cholesky_solve`'s `7/3 d^3`, most of them in triangular solves.
+    """
+    d = matrices.shape[-1]
+    if d is None or d <= CHOLESKY_MAX_DIM:
+        chol = tf.linalg.cholesky(matrices)
+        return tf.linalg.cholesky_solve(chol, _identity_like(matrices))
+    k = d // 2
+    top = _block_inverse(matrices[..., :k, :k])
+    coupling = matrices[..., :k, k:]
+    solved = tf.matmul(top, coupling)
+    schur = matrices[..., k:, k:] - tf.matmul(coupling, solved, transpose_a=True)
+    bottom = _block_inverse(0.5 * (schur + tf.linalg.matrix_transpose(schur)))
+    corner = -tf.matmul(solved, bottom)
+    top = top - tf.matmul(corner, solved, transpose_b=True)
+    top = 0.5 * (top + tf.linalg.matrix_transpose(top))
+    return tf.concat([tf.concat([top, corner], -1),
+                      tf.concat([tf.linalg.matrix_transpose(corner), bottom], -1)], -2)
 
 
 def _identity_like(matrices):
