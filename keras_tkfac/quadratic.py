@@ -216,12 +216,13 @@ def steps(optimizer, used, variables, learning_rate):
     if optimizer.step_control == "graft_quadratic" and optimizer.fallback_lr_ceiling > 1:
         optimizer._partner.scale = step_size.partner_scale(
             a, trusted, optimizer.fallback_lr_ceiling)
-    found = step_size.combine((a, b), updates, previous)
     # (A step that reuses a model's coefficients, `model_update_freq > 1`, also
-    # reuses whether it was trusted; eagerly, only the reusing branch ran.)
+    # reuses whether it was trusted; eagerly, only the reusing branch ran.) An
+    # untrusted model's step is the sibling's, `c U_l + d M_l`: chosen as scalars.
     if "loss" in before or optimizer.model_coefficients is not None:
-        sibling, _ = _sibling_steps(optimizer, used, variables, learning_rate)
-        found = [tf.where(trusted, s, other) for s, (*_, other) in zip(found, sibling)]
+        a, b = _trusted_or_sibling(
+            trusted, (a, b), _sibling_coefficients(optimizer, used, learning_rate))
+    found = step_size.combine((a, b), updates, previous)
     if optimizer.adaptive_damping and batch.y_true is None:
         _warn_once(optimizer, "keras_tkfac: adaptive_damping compares the batch's "
                    "loss before and after the step, which needs `y_true` in "
@@ -340,6 +341,33 @@ def _sibling_steps(optimizer, used, variables, learning_rate, capped=True):
     curvature, `TKFAC(learning_rate=3.3e-3)` trained a digits MLP to the same
     weights as the default (validation loss 0.454 after 44 steps; Adam(1e-2)
     0.149)."""
+    coefficients = _sibling_coefficients(optimizer, used, learning_rate, capped)
+    momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
+                 for v in variables]
+    found = []
+    for slot, indices, grad, update in used:
+        if optimizer.momentum > 0:
+            previous = slot.block.grad_matrix(
+                *[tf.cast(momentums[i], tf.float32) for i in indices])
+            update = step_size.combine(coefficients, [update], [previous])[0]
+        else:
+            update = coefficients[0] * update
+        found.append((slot, indices, grad, update))
+    return found, tf.constant(1.0)
+
+
+def _trusted_or_sibling(trusted, coefficients, sibling):
+    """The model's `(a, b)` where `trusted`, else the sibling's `(c, d)`."""
+    return tuple(tf.where(trusted, x, y) for x, y in zip(coefficients, sibling))
+
+
+def _sibling_coefficients(optimizer, used, learning_rate, capped=True):
+    """`(c, d)`: the sibling's steps (`_sibling_steps`) are `c U_l + d M_l`.
+
+    Every step control's momentum step is linear in the update and the momentum,
+    and the sibling's scale is one scalar for all layers, so a step that chooses
+    between the model's `a U_l + b M_l` and the sibling's chooses between scalars.
+    """
     control = optimizer.step_control
     sibling = FALLBACK[control]
     ratio = (step_size.DEFAULT_LEARNING_RATE[sibling]
@@ -352,15 +380,10 @@ def _sibling_steps(optimizer, used, variables, learning_rate, capped=True):
     scale = step_size.update_scale(sibling, [u for *_, u in used],
                                    [g for *_, g, _ in used], learning_rate * ratio,
                                    optimizer.kl_clip)
-    momentums = [optimizer._momentums[optimizer._get_variable_index(v)]
-                 for v in variables]
-    found = []
-    for slot, indices, grad, update in used:
-        update = factor * scale * update
-        if optimizer.momentum > 0:
-            previous = slot.block.grad_matrix(
-                *[tf.cast(momentums[i], tf.float32) for i in indices])
-            update = step_size.momentum_step(sibling, optimizer.momentum, previous,
-                                             update)
-        found.append((slot, indices, grad, update))
-    return found, tf.constant(1.0)
+    if optimizer.momentum <= 0:
+        return factor * scale, tf.constant(0.0)
+    # `momentum_step(sibling, mu, M, s U)`, read off at (M, U) = (0, 1) and (1, 0).
+    return (factor * scale * step_size.momentum_step(sibling, optimizer.momentum,
+                                                     0.0, 1.0),
+            tf.constant(step_size.momentum_step(sibling, optimizer.momentum, 1.0, 0.0),
+                        tf.float32))

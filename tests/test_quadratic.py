@@ -1267,24 +1267,25 @@ def test_the_model_every_few_steps_reuses_its_coefficients(monkeypatch):
     own directions with the last model's `(a, b)`. A model step is the one
     `model_update_freq=1` takes from the same state."""
     built, used, passes = [], [], []
-    updates, combine, gram = (step_size.quadratic_updates, step_size.combine,
-                              products.Batch.gram)
+    updates, choose, gram = (step_size.quadratic_updates, quadratic._trusted_or_sibling,
+                             products.Batch.gram)
 
     def spy_updates(*args):
         found = updates(*args)
         built.append([float(c) for c in found[0]])
         return found
 
-    def spy_combine(coefficients, *args):
+    def spy_choose(trusted, coefficients, *args):
+        # The model's coefficients, before an untrusted model's are replaced.
         used.append([float(c) for c in coefficients])
-        return combine(coefficients, *args)
+        return choose(trusted, coefficients, *args)
 
     def spy_gram(self, *args):
         passes.append(1)
         return gram(self, *args)
 
     monkeypatch.setattr(step_size, "quadratic_updates", spy_updates)
-    monkeypatch.setattr(step_size, "combine", spy_combine)
+    monkeypatch.setattr(quadratic, "_trusted_or_sibling", spy_choose)
     monkeypatch.setattr(products.Batch, "gram", spy_gram)
     monkeypatch.setattr(quadratic, "MODEL_WARMUP", 2)
     options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
