@@ -386,15 +386,15 @@ class TKFAC(CurvatureOptimizer):
     def _sequence_statistics(self):
         return self.sequence_statistics == "exact"
 
-    def _statistics(self, block, a, g, num_examples):
+    def _statistics(self, block, a, g, num_examples, a_norms=None):
         if block.input_kind == "diagonal":
             return self._math(ops.tkfac_statistics_diagonal)(a, g, num_examples,
                                                              block.d_in)
         if a.shape.rank == (4 if block.groups > 1 else 3):
             return self._math(ops.tkfac_statistics_sequences)(a, g, num_examples)
         if block.groups > 1:
-            return self._math(ops.tkfac_statistics_grouped)(a, g, num_examples)
-        return self._math(ops.tkfac_statistics)(a, g, num_examples)
+            return self._math(ops.tkfac_statistics_grouped)(a, g, num_examples, a_norms)
+        return self._math(ops.tkfac_statistics)(a, g, num_examples, a_norms)
 
     def _layer_damping(self, block, factors, damping):
         if block.is_conv and self.conv_damping == "trace":
@@ -503,7 +503,8 @@ class KFAC(CurvatureOptimizer):
     def _factor_specs(self, block):
         return [("a", input_factor_shape(block)), ("g", output_factor_shape(block))]
 
-    def _statistics(self, block, a, g, num_examples):
+    def _statistics(self, block, a, g, num_examples, a_norms=None):
+        # (K-FAC's factors do not use the rows' norms.)
         if block.input_kind == "diagonal":
             return self._math(ops.kfac_statistics_diagonal)(a, g, num_examples,
                                                             block.d_in)

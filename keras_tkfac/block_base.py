@@ -118,6 +118,13 @@ class CurvatureBlock:
         """Turns one call's `(a, g)` into `([rows, d_in'], [rows, d_out])`."""
         raise NotImplementedError
 
+    def row_norms(self, inputs):
+        """Optional: `|a_r|^2` of the input rows `rows` gives for this call's
+        `inputs` (`[rows]`, `[rows, groups]` for groups), where the block has a way
+        to find them cheaper than squaring the rows (convolutions: without the
+        patches); `None` (the default): the statistics square the rows."""
+        return None
+
     def activate(self, s):
         activation = getattr(self.layer, "activation", None)
         return s if activation is None else activation(s)

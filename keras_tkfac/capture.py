@@ -178,7 +178,7 @@ class Recording:
         return [s for block in self.blocks for _, s in self.calls(block)]
 
     def rows(self, output_grads, layers=None, location_stride=1, location_phase=0,
-             sequences=False):
+             sequences=False, norms=False):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
@@ -197,15 +197,19 @@ class Recording:
                 call on sequences has the same static number of positions (the
                 calls' sequences one after another); otherwise, and for other
                 blocks, rows. Defaults to `False`.
+            norms: also give each block's `|a_r|^2` where every call's rows are
+                `rows`' and the block finds them without squaring the rows
+                (`CurvatureBlock.row_norms`), else `None`. Defaults to `False`.
 
         Returns:
-            A list of `(a_rows, g_rows)`, one per block, or `None` for a block that
-            was not called or not asked for.
+            A list of `(a_rows, g_rows)` (with `norms`, `(a_rows, g_rows,
+            a_norms or None)`), one per block, or `None` for a block that was not
+            called or not asked for.
         """
         result = []
         position = 0
         for block in self.blocks:
-            a_parts, g_parts = [], []
+            a_parts, g_parts, n_parts = [], [], []
             calls = self.calls(block)
             if layers is not None and id(block.layer) not in layers:
                 position += len(calls)
@@ -225,11 +229,17 @@ class Recording:
                                                location_phase)
                 if found is None:
                     found = block.rows(inputs, grad)
+                    n_parts.append(block.row_norms(inputs) if norms else None)
+                else:
+                    n_parts.append(None)
                 a_parts.append(found[0])
                 g_parts.append(found[1])
             if not a_parts:
                 result.append(None)
                 continue
+            a_norms = None
+            if all(n is not None for n in n_parts):
+                a_norms = n_parts[0] if len(n_parts) == 1 else tf.concat(n_parts, 0)
             if len(a_parts) > 1 and not _one_shape_of_sequences(a_parts, block):
                 # Calls on vectors and sequences, or on sequences of different
                 # lengths: every call's positions as rows.
@@ -237,9 +247,10 @@ class Recording:
                 a_parts = [_as_rows(a, rank) for a in a_parts]
                 g_parts = [_as_rows(g, rank) for g in g_parts]
             if len(a_parts) == 1:
-                result.append((a_parts[0], g_parts[0]))
+                found = (a_parts[0], g_parts[0])
             else:
-                result.append((tf.concat(a_parts, 0), tf.concat(g_parts, 0)))
+                found = (tf.concat(a_parts, 0), tf.concat(g_parts, 0))
+            result.append(found + (a_norms,) if norms else found)
         return result
 
 

@@ -34,7 +34,7 @@ def _mean(total, count):
     return tf.math.divide_no_nan(total, count)
 
 
-def tkfac_statistics(a, g, num_examples):
+def tkfac_statistics(a, g, num_examples, a_sq=None):
     """Un-normalised TKFAC statistics of one batch.
 
     With `M = num_examples` and the sums over rows:
@@ -49,12 +49,15 @@ def tkfac_statistics(a, g, num_examples):
         a: `[rows, d_in]` input rows.
         g: `[rows, d_out]` output-gradient rows (per-example loss scale).
         num_examples: the number of examples `M` the rows come from.
+        a_sq: optional `[rows]`, the rows' `|a_r|^2` where the caller has them
+            cheaper than squaring `a` (`CurvatureBlock.row_norms`).
 
     Returns:
         `(delta, n_phi, n_psi)`: a scalar, `[d_in, d_in]` and `[d_out, d_out]`.
     """
     m = tf.cast(num_examples, a.dtype)
-    a_sq = tf.reduce_sum(tf.square(a), axis=1)
+    if a_sq is None:
+        a_sq = tf.reduce_sum(tf.square(a), axis=1)
     g_sq = tf.reduce_sum(tf.square(g), axis=1)
     delta = _mean(tf.reduce_sum(a_sq * g_sq), m)
     n_phi = _mean(tf.matmul(a * g_sq[:, None], a, transpose_a=True), m)
@@ -181,17 +184,19 @@ def kfac_statistics_diagonal(ids, g, num_examples, vocab):
     return _mean(counts, m), _mean(tf.matmul(g, g, transpose_a=True), rows)
 
 
-def tkfac_statistics_grouped(a, g, num_examples):
+def tkfac_statistics_grouped(a, g, num_examples, a_sq=None):
     """`tkfac_statistics` for `G` independent groups (depthwise convolutions).
 
     Args:
-        a: `[rows, G, d_in]`; g: `[rows, G, d_out]`.
+        a: `[rows, G, d_in]`; g: `[rows, G, d_out]`; a_sq: optional `[rows, G]`,
+            as `tkfac_statistics`' `a_sq`.
 
     Returns:
         `(delta [G], n_phi [G, d_in, d_in], n_psi [G, d_out, d_out])`.
     """
     m = tf.cast(num_examples, a.dtype)
-    a_sq = tf.reduce_sum(tf.square(a), axis=-1)
+    if a_sq is None:
+        a_sq = tf.reduce_sum(tf.square(a), axis=-1)
     g_sq = tf.reduce_sum(tf.square(g), axis=-1)
     delta = _mean(tf.reduce_sum(a_sq * g_sq, axis=0), m)
     a_t, g_t = _group_major(a), _group_major(g)

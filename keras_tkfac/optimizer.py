@@ -487,7 +487,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def _trace(self, factors):
         raise NotImplementedError
 
-    def _statistics(self, block, a, g, num_examples):
+    def _statistics(self, block, a, g, num_examples, a_norms=None):
         raise NotImplementedError
 
     def _damped_factors(self, block, factors, damping):

@@ -161,7 +161,7 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
         rows = dict(zip([id(b.layer) for b in recorded.blocks],
                         recorded.rows(grads, wanted, optimizer.conv_location_stride,
                                       phase, getattr(optimizer, "_sequence_statistics",
-                                                     False))))
+                                                     False), norms=True)))
         # Sums over this replica's examples; one SUM all-reduce and a division
         # by the global count give the mean over all examples of all replicas.
         count = tf.cast(num_examples, tf.float32)
@@ -172,11 +172,11 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
             if pair is None:
                 batch.extend(tf.zeros_like(v) for v in slot.factors)
                 continue
-            a, g = pair
+            a, g, a_norms = pair
             if a.dtype.is_floating or slot.block.input_kind != "diagonal":
                 a = tf.cast(a, tf.float32)  # integer ids of an Embedding stay
             g = tf.cast(g, tf.float32) / scale
-            found = optimizer._statistics(slot.block, a, g, num_examples)
+            found = optimizer._statistics(slot.block, a, g, num_examples, a_norms)
             batch.extend(s * count for s in found)
         bad = tf.cast(tf.logical_not(loss_ok), tf.float32)
         *batch, count, bad = distributed.all_reduce("sum", batch + [count, bad])

@@ -11,7 +11,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import blocks, ops
+from keras_tkfac import blocks, conv_blocks, ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -448,3 +448,113 @@ def test_conv_damping_split_default_follows_the_step_control(step_control, split
                              conv_damping_split=other).conv_damping_split == other
     with pytest.raises(ValueError, match="conv_damping_split='pi'"):
         keras_tkfac.TKFAC(step_control=step_control, conv_damping_split="pi")
+
+
+# Convolutions whose rows come from patches: (input shape without batch, layer).
+NORM_CASES = {
+    "conv2d_same": ((6, 7, 3), lambda: L.Conv2D(4, 3, padding="same")),
+    "conv2d_stride2_valid_no_bias": (
+        (7, 8, 3), lambda: L.Conv2D(4, (3, 2), strides=2, use_bias=False)),
+    "conv2d_stride2_same_even": ((8, 8, 2), lambda: L.Conv2D(3, 4, strides=2,
+                                                             padding="same")),
+    "conv2d_dilated_same": ((9, 9, 2), lambda: L.Conv2D(3, 3, dilation_rate=2,
+                                                        padding="same")),
+    "conv1d_causal_dilated": ((10, 3), lambda: L.Conv1D(4, 3, padding="causal",
+                                                        dilation_rate=2)),
+    "conv1d_stride3": ((11, 2), lambda: L.Conv1D(2, 2, strides=3)),
+    "conv3d_same": ((4, 5, 4, 2), lambda: L.Conv3D(2, 3, padding="same")),
+    "grouped2d_same": ((5, 6, 4), lambda: L.Conv2D(6, 3, groups=2, padding="same")),
+    "grouped2d_stride2_no_bias": ((7, 7, 6), lambda: L.Conv2D(3, 3, strides=2, groups=3,
+                                                              use_bias=False)),
+    "grouped1d_causal": ((8, 4), lambda: L.Conv1D(4, 3, groups=2, padding="causal",
+                                                  dilation_rate=2)),
+    "grouped3d": ((4, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2)),
+    "conv2d_channels_first": ((2, 7, 6), lambda: L.Conv2D(
+        3, 3, strides=2, padding="same", data_format="channels_first")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_row_norms_are_the_squared_norms_of_the_rows(case):
+    shape, make_layer = NORM_CASES[case]
+    layer = make_layer()
+    layer.build((None, *shape))
+    block = blocks.block_for(layer)
+    x = tf.constant(np.random.default_rng(3).normal(size=(3, *shape)), tf.float32)
+    # The rows' `a` do not depend on the output gradients.
+    grads = tf.zeros(layer.compute_output_shape((3, *shape)))
+    a, _ = block.rows(x, grads)
+    norms = block.row_norms(x)
+    assert norms.dtype == tf.float32
+    np.testing.assert_allclose(norms.numpy(), np.sum(np.square(a.numpy()), axis=-1),
+                               rtol=1e-5, atol=1e-5)
+    # The statistics take them in place of squaring the rows.
+    g = tf.constant(np.random.default_rng(4).normal(size=(*a.shape[:-1], block.d_out)),
+                    tf.float32)
+    fn = ops.tkfac_statistics_grouped if block.groups > 1 else ops.tkfac_statistics
+    for given, found in zip(fn(a, g, 3, norms), fn(a, g, 3)):
+        # (float32 sums in another order: within 1e-6 of each statistic's scale.)
+        np.testing.assert_allclose(given.numpy(), found.numpy(), rtol=1e-5,
+                                   atol=1e-6 * np.abs(found.numpy()).max())
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_gathered_patches_are_tensorflows_patches(rank, padding):
+    rng = np.random.default_rng(5)
+    cases = [((3, 3, 2), (1, 1, 1), (1, 1, 1)), ((2, 5, 3), (1, 1, 1), (2, 3, 1)),
+             ((3, 2, 2), (2, 3, 1), (1, 1, 1)), ((1, 1, 1), (1, 1, 1), (1, 1, 1)),
+             ((4, 3, 3), (3, 2, 2), (1, 1, 1)), ((3, 3, 1), (1, 1, 1), (2, 2, 1))]
+    for kernel, strides, rates in cases:
+        kernel, strides, rates = (list(v[:rank]) for v in (kernel, strides, rates))
+        if rank == 3 and max(rates) > 1:
+            continue  # (TensorFlow's volume patches have no dilation.)
+        x = tf.constant(rng.normal(size=(2, *[16, 15, 7][:rank], 3)), tf.float32)
+        if rank == 3:
+            expected = tf.extract_volume_patches(x, [1, *kernel, 1], [1, *strides, 1],
+                                                 padding.upper())
+        else:
+            lead = [1] if rank == 1 else []
+            expected = tf.image.extract_patches(
+                x[:, None] if rank == 1 else x, [1, *lead, *kernel, 1],
+                [1, *lead, *strides, 1], [1, *lead, *rates, 1], padding.upper())
+            expected = expected[:, 0] if rank == 1 else expected
+        found = conv_blocks._patches(x, kernel, strides, rates, padding)
+        np.testing.assert_array_equal(found.numpy(), expected.numpy())
+        # A bias's column of ones.
+        with_ones = conv_blocks._patches(x, kernel, strides, rates, padding, ones=True)
+        np.testing.assert_array_equal(with_ones[..., :-1].numpy(), expected.numpy())
+        np.testing.assert_array_equal(with_ones[..., -1].numpy(), 1.0)
+        # Spatial sizes unknown when traced: TensorFlow's extraction.
+        traced = tf.function(
+            lambda t, k=kernel, s=strides, r=rates: conv_blocks._patches(t, k, s, r, padding),
+            input_signature=[tf.TensorSpec([None, *[None] * rank, 3])])
+        np.testing.assert_array_equal(
+            np.reshape(traced(x).numpy(), expected.shape), expected.numpy())
+
+
+def test_statistics_take_the_row_norms_and_equal_those_from_squared_rows(monkeypatch):
+    """The optimizer's statistics step asks the grouped convolution for its rows'
+    norms, and its factors equal those from squaring the rows (`row_norms` off)."""
+    x, y = _conv_data(n=32)
+    asked = []
+    norms = conv_blocks.ConvBlock.row_norms
+
+    def spy(block, inputs):
+        asked.append(block.name)
+        return norms(block, inputs)
+
+    factors = []
+    for row_norms in (spy, lambda block, inputs: None):
+        monkeypatch.setattr(conv_blocks.ConvBlock, "row_norms", row_norms)
+        model = keras_tkfac.wrap(_conv_model())
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # a statistics step
+        slot = model.optimizer._slots[0]
+        assert slot.block.name == "grouped"
+        factors.append([f.numpy() for f in slot.factors])
+    assert asked == ["grouped"]
+    for given, squared in zip(*factors):
+        assert np.abs(squared).max() > 0
+        np.testing.assert_allclose(given, squared, rtol=1e-5,
+                                   atol=1e-6 * np.abs(squared).max())
