@@ -97,6 +97,30 @@ def _patch_locations(sizes, kernel_size, strides, rates, padding):
     return pads + [[0, 0]], outs, tf.reshape(index, [-1])
 
 
+def _row_norms(layer, x, padding, groups, with_bias):
+    """`|a_r|^2` of a convolution block's input rows (`[rows]`, `[rows, groups]` for
+    `groups > 1`; `CurvatureBlock.row_norms`) without the patches: the channels_last
+    input `x`'s squares summed over each group's channels, gathered at the patches'
+    locations (`_patch_locations`) and summed over the taps, `rows x taps` values
+    where the patches hold `rows x taps x channels` (`ops.tkfac_statistics`'
+    `a_sq`). In float32. `None` where the spatial sizes are unknown when traced or
+    the padding is neither `"same"` nor `"valid"` (the statistics then square the
+    rows).
+    """
+    if None in x.shape[1:-1] or padding.lower() not in ("same", "valid"):
+        return None
+    squares = tf.square(tf.cast(x, tf.float32))
+    squares = tf.reduce_sum(tf.reshape(squares, tf.concat(
+        [tf.shape(squares)[:-1], [groups, squares.shape[-1] // groups]], 0)), -1)
+    pads, _, index = _patch_locations(x.shape[1:-1], layer.kernel_size, layer.strides,
+                                      layer.dilation_rate, padding)
+    flat = tf.reshape(_pad(squares, pads), [tf.shape(x)[0], -1, groups])
+    norms = tf.reduce_sum(tf.reshape(tf.gather(flat, index, axis=1),
+                                     [-1, _taps(layer.kernel_size), groups]), axis=1)
+    norms = norms if groups > 1 else norms[:, 0]
+    return norms + 1.0 if with_bias else norms
+
+
 def _group_rows(patches, taps, groups, with_bias):
     """`[..., taps * channels]` patches as `[rows, groups, taps * channels / groups]`.
 
@@ -197,31 +221,9 @@ class ConvBlock(CurvatureBlock):
         return a, tf.reshape(output_grads, [-1, self.d_out])
 
     def row_norms(self, inputs):
-        """`|a_r|^2` of `rows`' input rows (`[rows]`, `[rows, groups]` for groups),
-        without the patches: the input's squares summed over each group's channels,
-        gathered at the patches' locations (`_patch_locations`) and summed over the
-        taps, `rows x taps` values where the patches have `rows x taps x
-        channels` (`ops.tkfac_statistics`' `a_sq`). In float32. `None` where the
-        input's spatial sizes are unknown when traced (the statistics then square
-        the rows).
-        """
         x = _channels_last(inputs, self._data_format)
         x, padding = self._causal_padding(x, "channels_last")
-        if None in x.shape[1:-1]:
-            return None
-        groups = self.groups
-        squares = tf.square(tf.cast(x, tf.float32))
-        squares = tf.reduce_sum(tf.reshape(squares, tf.concat(
-            [tf.shape(squares)[:-1], [groups, squares.shape[-1] // groups]], 0)), -1)
-        pads, _, index = _patch_locations(
-            x.shape[1:-1], self.layer.kernel_size, self.layer.strides,
-            self.layer.dilation_rate, padding)
-        flat = tf.reshape(_pad(squares, pads), [tf.shape(x)[0], -1, groups])
-        taps = _taps(self.layer.kernel_size)
-        norms = tf.reduce_sum(tf.reshape(tf.gather(flat, index, axis=1),
-                                         [-1, taps, groups]), axis=1)
-        norms = norms if groups > 1 else norms[:, 0]
-        return norms + 1.0 if self.bias is not None else norms
+        return _row_norms(self.layer, x, padding, self.groups, self.bias is not None)
 
     def sampled_rows(self, inputs, output_grads, stride, phase=0):
         """`rows` at every `stride`-th output location along each spatial axis.
@@ -418,6 +420,10 @@ class DepthwiseConvBlock(CurvatureBlock):
             # One input channel: one block, ungrouped rows (as `groups` promises).
             return a[:, 0], g[:, 0]
         return a, g
+
+    def row_norms(self, inputs):
+        return _row_norms(self.layer, _channels_last(inputs, self._data_format),
+                          self.layer.padding, self.groups, self.bias is not None)
 
 
 class SeparableConvBlock(CurvatureBlock):

@@ -471,6 +471,13 @@ NORM_CASES = {
     "grouped3d": ((4, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2)),
     "conv2d_channels_first": ((2, 7, 6), lambda: L.Conv2D(
         3, 3, strides=2, padding="same", data_format="channels_first")),
+    "depthwise2d_same": ((6, 7, 3), lambda: L.DepthwiseConv2D(3, padding="same",
+                                                              depth_multiplier=2)),
+    "depthwise2d_one_channel_stride2": ((7, 7, 1), lambda: L.DepthwiseConv2D(
+        3, strides=2, use_bias=False)),
+    "depthwise1d_dilated": ((10, 4), lambda: L.DepthwiseConv1D(3, dilation_rate=2)),
+    "depthwise2d_channels_first": ((3, 6, 5), lambda: L.DepthwiseConv2D(
+        2, data_format="channels_first")),
 }
 
 
