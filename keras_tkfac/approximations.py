@@ -386,6 +386,10 @@ class TKFAC(CurvatureOptimizer):
     def _sequence_statistics(self):
         return self.sequence_statistics == "exact"
 
+    # The statistics take the rows' `|a_r|^2` from blocks that find them without
+    # squaring the rows (`CurvatureBlock.row_norms`; `statistics.update`).
+    _uses_row_norms = True
+
     def _statistics(self, block, a, g, num_examples, a_norms=None):
         if block.input_kind == "diagonal":
             return self._math(ops.tkfac_statistics_diagonal)(a, g, num_examples,
@@ -504,7 +508,7 @@ class KFAC(CurvatureOptimizer):
         return [("a", input_factor_shape(block)), ("g", output_factor_shape(block))]
 
     def _statistics(self, block, a, g, num_examples, a_norms=None):
-        # (K-FAC's factors do not use the rows' norms.)
+        # (K-FAC's factors do not use the rows' norms: `a_norms` is always `None`.)
         if block.input_kind == "diagonal":
             return self._math(ops.kfac_statistics_diagonal)(a, g, num_examples,
                                                             block.d_in)

@@ -4,7 +4,6 @@ depthwise and separable convolutions (rows from im2col patches)."""
 import tensorflow as tf
 import keras
 
-from keras_tkfac import ops
 from keras_tkfac.block_base import (
     CurvatureBlock, UnsupportedLayer, _add_channel_bias, _taps)
 
@@ -17,12 +16,11 @@ def _channels_last(x, data_format):
     return tf.transpose(x, [0, *range(2, rank), 1])
 
 
-def _patches(x, kernel_size, strides, rates, padding, ones=False):
+def _patches(x, kernel_size, strides, rates, padding):
     """im2col of a channels_last `x` with 1, 2 or 3 spatial axes.
 
     Returns `[batch, *locations, prod(kernel_size) * channels]`, each patch in the
-    `(*kernel_size, channels)` order of Keras kernels, with a last column of ones
-    where `ones` (a bias's homogeneous coordinate). Where the spatial sizes are
+    `(*kernel_size, channels)` order of Keras kernels. Where the spatial sizes are
     known when traced, one gather of the channel vectors (`_gathered_patches`);
     else TensorFlow's patch extraction, where volumes need `rates` of 1 (its
     volume-patch extraction has no dilation).
@@ -43,15 +41,15 @@ def _patches(x, kernel_size, strides, rates, padding, ones=False):
             x, sizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
             rates=[1, *rates, 1], padding=padding.upper(),
         )
-    return ops.append_homogeneous(patches) if ones else patches
+    return patches
 
 
 def _gathered_patches(x, kernel_size, strides, rates, padding):
     """`_patches` of an `x` whose spatial sizes are static, as one `tf.gather` of
     its channel vectors at the patches' locations (`_patch_locations`). The same
     values as TensorFlow's patch extraction, in about a third of its time on this
-    CPU (`tools/step_costs.py`'s ResNet shapes, 2026-12-05: 128x28x28x16, 3x3
-    kernel, 15.7 against 5.2 ms; at stride 2 4.0 against 2.4 ms).
+    CPU (a one-off timing at `tools/step_costs.py`'s ResNet shapes, 2026-12-05:
+    128x28x28x16, 3x3 kernel, 15.7 against 5.2 ms; at stride 2 4.0 against 2.4 ms).
     """
     pads, outs, index = _patch_locations(x.shape[1:-1], kernel_size, strides, rates,
                                          padding)
@@ -208,17 +206,16 @@ class ConvBlock(CurvatureBlock):
     def rows(self, inputs, output_grads):
         inputs = _channels_last(inputs, self._data_format)
         inputs, padding = self._causal_padding(inputs, "channels_last")
-        grouped = self.groups > 1
         patches = _patches(inputs, self.layer.kernel_size, self.layer.strides,
-                           self.layer.dilation_rate, padding,
-                           ones=not grouped and self.bias is not None)
+                           self.layer.dilation_rate, padding)
         output_grads = _channels_last(output_grads, self._data_format)
-        if grouped:
+        if self.groups > 1:
             a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
                             self.bias is not None)
             return a, tf.reshape(output_grads, [-1, self.groups, self.d_out])
-        a = tf.reshape(patches, [-1, self.d_in])
-        return a, tf.reshape(output_grads, [-1, self.d_out])
+        a = tf.reshape(patches, [-1, self.kernel_rows()])
+        g = tf.reshape(output_grads, [-1, self.d_out])
+        return self._with_bias(a), g
 
     def row_norms(self, inputs):
         x = _channels_last(inputs, self._data_format)

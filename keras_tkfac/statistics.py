@@ -161,7 +161,8 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
         rows = dict(zip([id(b.layer) for b in recorded.blocks],
                         recorded.rows(grads, wanted, optimizer.conv_location_stride,
                                       phase, getattr(optimizer, "_sequence_statistics",
-                                                     False), norms=True)))
+                                                     False),
+                                      norms=getattr(optimizer, "_uses_row_norms", False))))
         # Sums over this replica's examples; one SUM all-reduce and a division
         # by the global count give the mean over all examples of all replicas.
         count = tf.cast(num_examples, tf.float32)
@@ -172,7 +173,8 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
             if pair is None:
                 batch.extend(tf.zeros_like(v) for v in slot.factors)
                 continue
-            a, g, a_norms = pair
+            a, g = pair[:2]
+            a_norms = pair[2] if len(pair) > 2 else None  # (TKFAC's `_uses_row_norms`)
             if a.dtype.is_floating or slot.block.input_kind != "diagonal":
                 a = tf.cast(a, tf.float32)  # integer ids of an Embedding stay
             g = tf.cast(g, tf.float32) / scale

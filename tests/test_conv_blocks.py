@@ -528,10 +528,6 @@ def test_gathered_patches_are_tensorflows_patches(rank, padding):
             expected = expected[:, 0] if rank == 1 else expected
         found = conv_blocks._patches(x, kernel, strides, rates, padding)
         np.testing.assert_array_equal(found.numpy(), expected.numpy())
-        # A bias's column of ones.
-        with_ones = conv_blocks._patches(x, kernel, strides, rates, padding, ones=True)
-        np.testing.assert_array_equal(with_ones[..., :-1].numpy(), expected.numpy())
-        np.testing.assert_array_equal(with_ones[..., -1].numpy(), 1.0)
         # Spatial sizes unknown when traced: TensorFlow's extraction.
         traced = tf.function(
             lambda t, k=kernel, s=strides, r=rates: conv_blocks._patches(t, k, s, r, padding),
@@ -560,6 +556,12 @@ def test_statistics_take_the_row_norms_and_equal_those_from_squared_rows(monkeyp
         slot = model.optimizer._slots[0]
         assert slot.block.name == "grouped"
         factors.append([f.numpy() for f in slot.factors])
+    assert asked == ["grouped"]
+    # K-FAC's factors do not use them: not asked for.
+    monkeypatch.setattr(conv_blocks.ConvBlock, "row_norms", spy)
+    model = keras_tkfac.wrap(_conv_model())
+    model.compile(optimizer=keras_tkfac.KFAC(seed=0), loss=LOSS)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     assert asked == ["grouped"]
     for given, squared in zip(*factors):
         assert np.abs(squared).max() > 0
