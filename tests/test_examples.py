@@ -312,3 +312,18 @@ def test_spectra_smoke():
         if max(d_in, d_out) <= 128:
             assert errors[-1] == 0.0
     assert "Dense layers' preconditioning flops" in result.stdout
+
+
+@_ONE_MEASUREMENT_TOOL
+def test_zero_tangents_smoke():
+    """`tools/zero_tangents.py --smoke`: both tracings of each workload train to the
+    same loss (the terms left out are zeros)."""
+    result = _run("tools/zero_tangents.py", "--smoke",
+                  "--workloads=mlp,conv_autoencoder")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith(("| mlp |", "| conv_autoencoder |"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0
+        assert math.isclose(float(row[4]), float(row[5].strip(" |")), rel_tol=1e-4)

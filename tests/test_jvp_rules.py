@@ -249,3 +249,70 @@ def test_eager_forward_mode_is_untouched():
             y = tf.tanh(x) * x
     np.testing.assert_allclose(
         accumulator.jvp(y), (1 - np.tanh(x) ** 2) * x * u + np.tanh(x) * u, rtol=1e-5)
+
+
+_WITHOUT_INPUT_TANGENT = ("Mul", "MatMul", "Conv2D", "Conv2DBackpropInput")
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "unknown_batch"])
+@pytest.mark.parametrize("op_type", _WITHOUT_INPUT_TANGENT)
+def test_multilinear_rules_leave_out_an_input_without_tangent(op_type, static,
+                                                              monkeypatch):
+    """The network's input has no tangent: TensorFlow's forward mode passes a zero
+    filler for it (a constant where its shape is static, `zeros_like` otherwise), and
+    the rule computes the op on the weight's tangent only (one op per direction,
+    not two), with TensorFlow's dispatch's tangents."""
+    _, fn, shapes = [case for case in CASES if case[0] == op_type][0]
+    x, w = _normal(shapes[0]), _normal(shapes[1])
+    directions = [_normal(shapes[1]) for _ in range(2)]
+    spec = tf.TensorSpec(x.shape if static else [None, *x.shape[1:]], x.dtype)
+
+    def traced(inline):
+        @tf.function(input_signature=[spec])
+        def run(data):
+            with jvp_rules.inline() if inline else _nothing():
+                accumulators = [tf.autodiff.ForwardAccumulator(w, d)
+                                for d in directions]
+                for accumulator in accumulators:
+                    accumulator.__enter__()
+                try:
+                    result = fn(data, w)
+                finally:
+                    for accumulator in reversed(accumulators):
+                        accumulator.__exit__(None, None, None)
+            return [accumulator.jvp(result) for accumulator in accumulators]
+
+        graph = run.get_concrete_function().graph
+        terms = [op for op in graph.get_operations()
+                 if op.type == op_type and jvp_rules.created_here(op)]
+        return [v.numpy() for v in run(x)], len(terms)
+
+    expected, _ = traced(inline=False)
+    found, terms = traced(inline=True)
+    assert terms == len(directions)
+    for a, b in zip(found, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # (Without leaving them out, the rule also computes the op on the zeros.)
+    monkeypatch.setattr(jvp_rules, "LEAVE_OUT_ZEROS", False)
+    found, terms = traced(inline=True)
+    assert terms == 2 * len(directions)
+    for a, b in zip(found, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_known_zero_is_only_the_zero_filler():
+    """`known_zero`: `zeros_like`, a constant zero (`tf.zeros`: a `Const` when small,
+    a `Fill` when large); not a constant or `Fill` of another value, nor a zero
+    computed otherwise."""
+    found = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def check(x):
+        found.extend(jvp_rules.known_zero(c) for c in [
+            tf.zeros_like(x), tf.zeros([2, 3]), tf.zeros([40, 50]),
+            tf.ones([2, 3]), tf.fill([40, 50], 1.5), x * 0.0,
+            tf.fill(tf.shape(x), tf.constant(0.0))])
+        return x
+
+    check.get_concrete_function()
+    assert found == [True, True, True, False, False, False, True]
