@@ -170,7 +170,7 @@ def _linear(op, tangents):
 
 
 # Whether `_multilinear` leaves out the terms of inputs whose tangent is
-# `known_zero` (`tools/zero_tangents.py` traces a model each way to compare).
+# `known_zero` (`tools/step_variants.py --variant=zero_tangents` traces a model each way).
 LEAVE_OUT_ZEROS = True
 
 

@@ -602,6 +602,20 @@ def kl_clip_factor_from_inner(inner, learning_rate, kl_clip):
     return tf.where(denom > 0.0, tf.minimum(nu, 1.0), tf.ones_like(nu))
 
 
+def all_finite(tensors):
+    """Whether every element of every tensor in `tensors` is finite (a scalar bool).
+
+    An `tf.IndexedSlices` (an embedding's gradient) is checked by its values, not
+    densified: converting a 20k-row embedding's gradient to a dense tensor only to
+    test it cost the suite's transformer a `[20000, 32]` scatter and test a step. (Its
+    rows at repeated indices are summed when it is applied; a sum of finite values
+    that overflows float32 is not caught here.)
+    """
+    return tf.reduce_all([
+        tf.reduce_all(tf.math.is_finite(
+            t.values if isinstance(t, tf.IndexedSlices) else t)) for t in tensors])
+
+
 def rms_step(grad, second_moment, step, beta_2, epsilon):
     """RMSProp's bias-corrected step, and its new second moment.
 

@@ -375,9 +375,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             list(zip(grads, trainable_variables)))]
         # A step whose (global) gradient is not finite changes nothing but the
         # counters: `update_step` keeps every weight and momentum as they are.
-        self._step_is_finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-        )
+        self._step_is_finite = ops.all_finite(grads)
         self.skipped_steps.assign_add(
             tf.cast(tf.logical_not(self._step_is_finite), tf.int32)
         )

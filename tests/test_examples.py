@@ -315,14 +315,15 @@ def test_spectra_smoke():
 
 
 @_ONE_MEASUREMENT_TOOL
-def test_zero_tangents_smoke():
-    """`tools/zero_tangents.py --smoke`: both tracings of each workload train to the
-    same loss (the terms left out are zeros)."""
-    result = _run("tools/zero_tangents.py", "--smoke",
-                  "--workloads=mlp,conv_autoencoder")
+@pytest.mark.parametrize("variant", ["zero_tangents", "sliced_finiteness"])
+def test_step_variants_smoke(variant):
+    """`tools/step_variants.py --smoke`: both tracings of each workload train to the
+    same loss (the changes compute the same step)."""
+    result = _run("tools/step_variants.py", "--smoke", f"--variant={variant}",
+                  "--workloads=mlp,transformer")
     assert result.returncode == 0, result.stderr[-5000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines()
-            if line.startswith(("| mlp |", "| conv_autoencoder |"))]
+            if line.startswith(("| mlp |", "| transformer |"))]
     assert len(rows) == 2
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0

@@ -376,3 +376,20 @@ def test_sequence_statistics_of_one_position_are_tkfac_statistics_and_any_length
                 np.einsum("nio,nip->op", w, w) / 5)
         for x, y in zip(got, want):
             np.testing.assert_allclose(x.numpy(), y, rtol=1e-10)
+
+
+def test_all_finite_reads_dense_tensors_and_slices_values():
+    """`all_finite`: dense tensors elementwise, `tf.IndexedSlices` by their values."""
+    finite = tf.constant([[1.0, -2.0], [3e38, 0.0]])
+    slices = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0]]),
+                              tf.constant([0, 7]), tf.constant([10, 2]))
+    assert bool(ops.all_finite([finite, slices]))
+    for bad in (np.nan, np.inf, -np.inf):
+        dense = finite.numpy()
+        dense[1, 1] = bad
+        assert not bool(ops.all_finite([tf.constant(dense), slices]))
+        values = slices.values.numpy()
+        values[1, 0] = bad
+        assert not bool(ops.all_finite(
+            [finite, tf.IndexedSlices(tf.constant(values), slices.indices,
+                                      slices.dense_shape)]))

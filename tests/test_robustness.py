@@ -10,6 +10,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -287,3 +288,44 @@ def test_empty_batch_keeps_the_factors_finite():
     for a, b in zip(before, optimizer._slots[0].factors):
         np.testing.assert_array_equal(a, b.numpy())
     assert int(optimizer.skipped_statistics.numpy()) == 1
+
+
+def test_non_finite_embedding_gradient_is_skipped_without_densifying_it():
+    """An embedding's gradient (`tf.IndexedSlices`) with a NaN among its values:
+    the step is skipped and counted, no weight moves, eagerly and traced; the
+    finiteness test reads the slices' values (`ops.all_finite`), not a dense
+    `[vocab, dim]` gradient made from them."""
+    vocab, dim = 500, 4
+    model = keras.Sequential([
+        keras.Input((6,), dtype="int32"), keras.layers.Embedding(vocab, dim),
+        keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    model = keras_tkfac.wrap(model)
+    optimizer = keras_tkfac.TKFAC(seed=0)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, vocab, (8, 6)), rng.integers(0, 3, 8)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert isinstance(grads[0], tf.IndexedSlices)
+    values = grads[0].values.numpy()
+    values[2, 1] = np.nan
+    grads[0] = tf.IndexedSlices(tf.constant(values), grads[0].indices,
+                                grads[0].dense_shape)
+    before = [w.numpy().copy() for w in model.weights]
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(new.numpy(), old)
+
+    @tf.function
+    def step(values):
+        sliced = tf.IndexedSlices(values, grads[0].indices, grads[0].dense_shape)
+        optimizer.apply_gradients(zip([sliced] + grads[1:], model.trainable_variables))
+
+    graph = step.get_concrete_function(tf.constant(values)).graph
+    tested = [op.inputs[0] for op in graph.get_operations() if op.type == "IsFinite"]
+    assert tested and all(t.shape.rank != 2 or t.shape[0] != vocab for t in tested)
+    step(tf.constant(values))
+    assert int(optimizer.skipped_steps.numpy()) == 2

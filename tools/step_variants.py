@@ -1,0 +1,119 @@
+"""Steps of the suite's programs traced with and without one change to the step.
+
+Each `--variant` is a change that leaves what the optimizer computes the same (up to
+rounding) and is meant to make its step cheaper; the tool traces the step once as it
+was before the change ("before") and once as it is ("now"):
+
+- `zero_tangents`: TensorFlow's forward mode passes a zero tangent for every input of
+  an op that has none (the network's input into the first layer, a constant), and the
+  products' inline rule of a multilinear op (`keras_tkfac.jvp_rules`: matmuls,
+  convolutions, products) computed the op on it, `0 · W`, `conv(0, W)`; now those
+  terms are left out (`jvp_rules.LEAVE_OUT_ZEROS`).
+- `sliced_finiteness`: the test whether a step's gradients are finite converted an
+  embedding's gradient (`tf.IndexedSlices`) to a dense `[vocab, dim]` tensor; now it
+  reads the slices' values (`ops.all_finite`).
+
+It builds each workload of `tools/suite.py` twice in one process from the same
+initial weights, one traced each way, and then, round after round, times `--steps`
+training steps of each in turn (alternating which goes first), so that the
+machine's load slows both alike. It prints each workload's median time of
+`--steps` steps, the ratio (now / before) and the last losses, which agree up to
+rounding.
+
+    python tools/step_variants.py --variant=zero_tangents [--workloads=convnet,mlp]
+        [--rounds=10] [--steps=10] [--smoke]
+"""
+
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import keras
+import tensorflow as tf
+
+import benchlib
+import keras_tkfac
+import suite
+from keras_tkfac import jvp_rules
+from keras_tkfac import ops
+
+_VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
+                             ["zero_tangents", "sliced_finiteness"],
+                             "The change measured (module docstring).")
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
+# `--smoke` and `--workloads` are suite.py's flags (smoke: its tiny workloads; here
+# two rounds of two steps).
+_SMOKE = suite._SMOKE  # pylint: disable=protected-access
+
+
+def _steps(model, iterator, count):
+    logs = None
+    for _ in range(count):
+        logs = model.train_function(iterator)
+    return float(logs["loss"])  # (waits for the steps)
+
+
+def _dense_all_finite(tensors):
+    """`ops.all_finite` as it was: every gradient converted to a dense tensor."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(t)))
+                          for t in tensors])
+
+
+def _set(variant, now):
+    """Puts the code read while the step is traced as it is (`now`) or was."""
+    if variant == "zero_tangents":
+        jvp_rules.LEAVE_OUT_ZEROS = now
+    else:
+        ops.all_finite = _ALL_FINITE if now else _dense_all_finite
+
+
+_ALL_FINITE = ops.all_finite
+
+
+def _build(workload, variant, now, warmup):
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(workload.build())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=workload.loss)
+    _set(variant, now)
+    try:
+        model.make_train_function()
+        iterator = iter(benchlib.batches(workload.train, workload.batch_size, 0))
+        _steps(model, iterator, warmup)  # (traced here)
+    finally:
+        _set(variant, True)
+    return model, iterator
+
+
+def main(argv):
+    del argv
+    rows = []
+    rounds, steps = (2, 2) if _SMOKE.value else (_ROUNDS.value, _STEPS.value)
+    for name in flags.FLAGS.workloads:
+        workload = getattr(suite, name)(_SMOKE.value, 0)
+        built = {flag: _build(workload, _VARIANT.value, flag, steps)
+                 for flag in (False, True)}
+        seconds = {False: [], True: []}
+        losses = {}
+        for r in range(rounds):
+            for flag in (False, True) if r % 2 == 0 else (True, False):
+                start = time.perf_counter()
+                losses[flag] = _steps(*built[flag], steps)
+                seconds[flag].append(time.perf_counter() - start)
+        before, now = (1e3 * np.median(seconds[f]) for f in (False, True))
+        rows.append((name, before, now, now / before, losses[False], losses[True]))
+        print("%s: %.1f -> %.1f ms" % (name, before, now), file=sys.stderr)
+    print("`%s`, %d rounds:\n" % (_VARIANT.value, rounds))
+    print("| workload | %d steps before (ms) | now (ms) | ratio | last loss before | "
+          "now |" % steps)
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, before, now, ratio, a, b in rows:
+        print("| %s | %.1f | %.1f | %.3f | %.6g | %.6g |" % (
+            name, before, now, ratio, a, b))
+    print("geometric mean ratio %.3f" % np.exp(np.mean([np.log(r[3]) for r in rows])))
+
+
+if __name__ == "__main__":
+    app.run(main)
