@@ -10,7 +10,6 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
