@@ -180,13 +180,13 @@ def known_zero(tangent):
     static shape: a `Const` up to 1000 elements, a `Fill` of a constant zero
     above). Grappler does not remove a matmul or convolution of it (a profile of
     the suite's MLP step: `0 · W` of the first layer ran, 1.6 ms)."""
-    if tangent.op.type == "ZerosLike":
+    op = getattr(tangent, "op", None)  # (none on an eager tensor)
+    if op is None or op.type not in ("ZerosLike", "Fill", "Const"):
+        return False
+    if op.type == "ZerosLike":
         return True
-    if tangent.op.type in ("Fill", "Const"):
-        value = tf.get_static_value(
-            tangent.op.inputs[1] if tangent.op.type == "Fill" else tangent)
-        return value is not None and not value.any()
-    return False
+    value = tf.get_static_value(op.inputs[1] if op.type == "Fill" else tangent)
+    return value is not None and not value.any()
 
 
 def _multilinear(op, tangents):

@@ -316,3 +316,23 @@ def test_known_zero_is_only_the_zero_filler():
 
     check.get_concrete_function()
     assert found == [True, True, True, False, False, False, True]
+
+
+def test_multilinear_rule_with_every_tangent_zero_gives_zeros():
+    """The multilinear rule given only zero fillers as tangents (every term left
+    out) returns a zero tangent of each output's shape and type; with one nonzero
+    tangent, that input's term alone."""
+    a, b = _normal((2, 3)), _normal((3,))
+    t = _normal((3,))
+
+    @tf.function
+    def run():
+        y = a * b
+        zeros = jvp_rules._multilinear(y.op, [tf.zeros_like(a), tf.zeros([3])])
+        one = jvp_rules._multilinear(y.op, [tf.zeros_like(a), t])
+        return zeros[0], one[0]
+
+    zeros, one = run()
+    assert zeros.shape == (2, 3) and zeros.dtype == tf.float32
+    np.testing.assert_array_equal(zeros.numpy(), np.zeros((2, 3)))
+    np.testing.assert_allclose(one.numpy(), a.numpy() * t.numpy(), rtol=1e-6)
