@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from keras_tkfac import distributed
 from keras_tkfac import ops
+from keras_tkfac import row_sparse
 
 FORMS = ("auto", "full")
 
@@ -114,10 +115,23 @@ def gradient(rows, grad_matrix):
 
 
 def sparse_rows(block, grads, grad_matrix):
-    """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`), which
+    """An embedding's gradient as its looked-up rows (`tf.IndexedSlices`, or the
+    `row_sparse.RowSparse` that `step_gradient` made of them), which
     `ops.precondition_many` multiplies alone; any other gradient as `grad_matrix`."""
+    if isinstance(grad_matrix, row_sparse.RowSparse):
+        return grad_matrix
     if (block.input_kind == "diagonal" and len(grads) == 1
             and isinstance(grads[0], tf.IndexedSlices)):
         return tf.IndexedSlices(tf.cast(grads[0].values, tf.float32),
                                 grads[0].indices, grads[0].dense_shape)
+    return grad_matrix
+
+
+def step_gradient(block, grads, grad_matrix, rows):
+    """The gradient a layer's step works with: with `rows` (the grafting step
+    controls) an embedding's as a `row_sparse.RowSparse` of its batch's rows, any
+    other as `grad_matrix`."""
+    sparse = sparse_rows(block, grads, grad_matrix)
+    if rows and row_sparse.ENABLED and isinstance(sparse, tf.IndexedSlices):
+        return row_sparse.from_slices(sparse, grad_matrix.shape)
     return grad_matrix

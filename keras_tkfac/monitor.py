@@ -5,6 +5,7 @@ import tensorflow as tf
 import keras
 
 from keras_tkfac import damping as damping_lib
+from keras_tkfac import row_sparse
 
 
 def _condition_number(matrix):
@@ -37,7 +38,7 @@ def record_update(optimizer, used, scale):
     """
     ratios = [tf.constant(0.0)] * len(optimizer._slots)
     for slot, _, grad, update in used:
-        ratio = tf.math.divide_no_nan(tf.norm(update), tf.norm(grad))
+        ratio = tf.math.divide_no_nan(row_sparse.norm(update), row_sparse.norm(grad))
         ratios[optimizer._slots.index(slot)] = scale * ratio
     last = tf.stack([scale] + ratios)
     if optimizer._step_is_finite is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_tkfac import low_rank
+from keras_tkfac import row_sparse
 
 
 def append_homogeneous(a):
@@ -514,8 +515,9 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
     Args:
         left_inverses: list of `L^{-1}`, one per layer.
         grad_matrices: list of gradient matrices `G`, same order; a
-            `tf.IndexedSlices` (an embedding's gradient, with a diagonal `L^{-1}`)
-            is preconditioned by `precondition_rows`, a `FactoredGradient` by
+            `tf.IndexedSlices` or `row_sparse.RowSparse` (an embedding's gradient,
+            with a diagonal `L^{-1}`) is preconditioned by `precondition_rows`, a
+            `FactoredGradient` by
             `precondition_factored_or_full`.
         right_inverses: list of `R^{-1}`, same order.
         dtype: the dtype of the products. Defaults to `float32`.
@@ -526,7 +528,7 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
     groups = collections.defaultdict(list)
     updates = [None] * len(grad_matrices)
     for i, triple in enumerate(zip(left_inverses, grad_matrices, right_inverses)):
-        if isinstance(triple[1], tf.IndexedSlices):
+        if isinstance(triple[1], (tf.IndexedSlices, row_sparse.RowSparse)):
             updates[i] = precondition_rows(*triple, dtype)
             continue
         if isinstance(triple[1], FactoredGradient):
@@ -559,12 +561,14 @@ def precondition_rows(left_diagonal, grad_rows, right_inverse, dtype=tf.float32)
 
     Args:
         left_diagonal: `[vocab]`, the diagonal of `L^{-1}`.
-        grad_rows: `tf.IndexedSlices` of `G`: `values [k, d_out]`, `indices [k]`.
+        grad_rows: `tf.IndexedSlices` of `G`: `values [k, d_out]`, `indices [k]`;
+            or a `row_sparse.RowSparse` (distinct rows).
         right_inverse: `[d_out, d_out]`.
         dtype: the dtype of the product. Defaults to `float32`.
 
     Returns:
-        The dense `[vocab, d_out]` update, in the gradient's dtype.
+        The dense `[vocab, d_out]` update, in the gradient's dtype; for a
+        `RowSparse`, the `RowSparse` of the update on the same rows.
     """
     width = (right_inverse.shape[-2] - 1 if low_rank.is_low_rank(right_inverse)
              else right_inverse.shape[-1])
@@ -573,6 +577,8 @@ def precondition_rows(left_diagonal, grad_rows, right_inverse, dtype=tf.float32)
         values, left_diagonal.dtype)
     product = low_rank.multiply_right(tf.cast(rows, dtype),
                                       tf.cast(right_inverse, dtype))
+    if isinstance(grad_rows, row_sparse.RowSparse):
+        return grad_rows.with_values(tf.cast(product, values.dtype))
     return tf.math.unsorted_segment_sum(
         tf.cast(product, values.dtype), grad_rows.indices, left_diagonal.shape[0])
 

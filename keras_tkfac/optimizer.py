@@ -19,6 +19,7 @@ from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
 from keras_tkfac import quadratic
+from keras_tkfac import row_sparse
 from keras_tkfac import serialization
 from keras_tkfac import shapes
 from keras_tkfac import statistics
@@ -334,9 +335,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             indices = [position.get(key) for key in slot.keys]
             if None in indices:
                 continue
-            grad = slot.block.grad_matrix(
-                *[tf.cast(grads[i], tf.float32) for i in indices]
-            )
+            grad = factored.step_gradient(
+                slot.block, [grads[i] for i in indices], slot.block.grad_matrix(
+                    *[tf.cast(grads[i], tf.float32) for i in indices]),
+                step_size.uses_moments(self.step_control))
             found.append((slot, indices, grad))
         updates = self._math(ops.precondition_many)(
             [slot.inverses[0].value for slot, *_ in found],
@@ -345,8 +347,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 factored.sparse_rows(slot.block, [grads[i] for i in indices], grad))
              for slot, indices, grad in found],
             [slot.inverses[1].value for slot, *_ in found],
-            self.precondition_dtype,
-        ) if found else []
+            self.precondition_dtype) if found else []
         used = [(*item, update) for item, update in zip(found, updates)]
         if not used:
             return grads
@@ -357,13 +358,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         else:
             scale = step_size.update_scale(
                 self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
-                learning_rate, self.kl_clip,
-            )
+                learning_rate, self.kl_clip)
         monitor.record_update(self, used, scale)
         grads = list(grads)
         for slot, indices, _, update in used:
-            parts = [p for p in slot.block.split_matrix(update * scale)
-                     if p is not None]
+            parts = [p for p in slot.block.split_matrix(
+                row_sparse.dense_scaled(update, scale)) if p is not None]
             for i, part in zip(indices, parts):
                 grads[i] = tf.cast(part, grads[i].dtype)
         return grads

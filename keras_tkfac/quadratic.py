@@ -27,6 +27,7 @@ from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import products as products_lib
+from keras_tkfac import row_sparse
 from keras_tkfac import step_size
 from keras_tkfac import tangents as tangents_lib
 
@@ -151,7 +152,7 @@ def steps(optimizer, used, variables, learning_rate):
     def products(directions):
         before["curvature"] = batch.gram(covered, [
             [p for (slot, *_), d in zip(used, direction)
-             for p in slot.block.split_matrix(d) if p is not None]
+             for p in slot.block.split_matrix(row_sparse.dense(d)) if p is not None]
             for direction in directions])
         return before["curvature"]
 
@@ -351,7 +352,7 @@ def _sibling_steps(optimizer, used, variables, learning_rate, capped=True):
                 *[tf.cast(momentums[i], tf.float32) for i in indices])
             update = step_size.combine(coefficients, [update], [previous])[0]
         else:
-            update = coefficients[0] * update
+            update = row_sparse.scale(update, coefficients[0])
         found.append((slot, indices, grad, update))
     return found, tf.constant(1.0)
 

@@ -81,6 +81,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_tkfac import ops
+from keras_tkfac import row_sparse
 
 STEP_CONTROLS = ("graft", "trust_region", "kl_clip", "quadratic", "graft_quadratic")
 
@@ -298,12 +299,14 @@ def momentum_step(control, momentum, velocity, update):
     return momentum * velocity + update
 
 
-def graft_updates(updates, grads, moments, step, blocks=None):
+def graft_updates(updates, grads, moments, step, blocks=None, finite=None):
     """The grafted updates `U_l |R_l| / |U_l|` and the new second moments.
 
     A block with `graft_per_variable` (the recurrent blocks) has each of its
     variables' parts of `U_l` grafted to that variable's part of `R_l`
-    (`graft_variables`).
+    (`graft_variables`). An embedding's `G_l` and `U_l` may be
+    `row_sparse.RowSparse` (`factored.step_gradient`): its `R_l` and grafted update
+    are then too.
 
     Args:
         updates: list of preconditioned gradients `U_l`.
@@ -311,6 +314,8 @@ def graft_updates(updates, grads, moments, step, blocks=None):
         moments: list of the second moments `v_l`, same shapes.
         step: `t >= 1`, the step count of the bias correction.
         blocks: optional list of the layers' `CurvatureBlock`s.
+        finite: optional scalar bool; where false, the moments are returned as
+            they were.
 
     Returns:
         `(new_updates, new_moments)`.
@@ -318,12 +323,21 @@ def graft_updates(updates, grads, moments, step, blocks=None):
     new_updates, new_moments = [], []
     blocks = blocks or [None] * len(updates)
     for update, grad, moment, block in zip(updates, grads, moments, blocks):
-        rms, moment = ops.rms_step(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
+        if isinstance(grad, row_sparse.RowSparse):
+            rms, new = row_sparse.rms_step(grad, moment, step, GRAFT_BETA_2,
+                                           GRAFT_EPSILON, finite)
+        else:
+            rms, new = ops.rms_step(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
+            if finite is not None:
+                new = tf.where(finite, new, moment)
         if getattr(block, "graft_per_variable", False):
             new_updates.append(graft_variables(block, update, rms))
+        elif isinstance(update, row_sparse.RowSparse):
+            new_updates.append(update.with_values(
+                ops.graft(update.values, row_sparse.norm(rms))))
         else:
-            new_updates.append(ops.graft(update, tf.norm(rms)))
-        new_moments.append(moment)
+            new_updates.append(ops.graft(update, row_sparse.norm(rms)))
+        new_moments.append(new)
     return new_updates, new_moments
 
 
@@ -345,10 +359,9 @@ def graft_step(optimizer, used):
     updates, new_moments = graft_updates(
         [u for *_, u in used], [g for *_, g, _ in used],
         [m.value for m in moments], optimizer.iterations + 1,
-        [slot.block for slot, *_ in used])
-    ok = optimizer._step_is_finite
+        [slot.block for slot, *_ in used], optimizer._step_is_finite)
     for moment, new in zip(moments, new_moments):
-        moment.assign(new if ok is None else tf.where(ok, new, moment))
+        moment.assign(new)
     return [(*rest, u) for (*rest, _), u in zip(used, updates)]
 
 
@@ -383,9 +396,10 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         products: `(directions) -> [2, 2]` Gram `[<x, C y>]` of the exact curvature
             over the two directions, each a list aligned with `updates`.
         dampings: list of each layer's damping `λ_l` (scalars).
-        updates: list of preconditioned gradients `U_l`.
+        updates: list of preconditioned gradients `U_l` (an embedding's may be a
+            `row_sparse.RowSparse`, as its `G_l`).
         grads: list of the gradients `G_l`, same shapes.
-        previous: list of the previous steps `M_l`, same shapes.
+        previous: list of the previous steps `M_l`, same shapes (dense).
         bounds: optional `() -> (max_kl, max_decrease, kl_curvature)`, called
             after `products`: bounds (or `None`) on the step's predicted KL,
             `(1/2) s^T C s` (with `kl_curvature`'s Gram in place of `C`'s where it
@@ -402,7 +416,7 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
     """
     def inner(xs, ys, weights=None):
         weights = weights or [1.0] * len(xs)
-        return tf.add_n([w * tf.reduce_sum(x * y) for x, y, w in zip(xs, ys, weights)])
+        return tf.add_n([w * row_sparse.inner(x, y) for x, y, w in zip(xs, ys, weights)])
 
     cross = inner(updates, previous, dampings)
     norms = tf.stack([tf.stack([inner(updates, updates, dampings), cross]),
@@ -424,9 +438,9 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
 
 
 def combine(coefficients, updates, previous):
-    """The steps `a U_l + b M_l` of `quadratic_updates`'s `(a, b)`."""
+    """The steps `a U_l + b M_l` of `quadratic_updates`'s `(a, b)` (dense)."""
     a, b = coefficients
-    return [a * u + b * m for u, m in zip(updates, previous)]
+    return [row_sparse.combine(a, u, b, m) for u, m in zip(updates, previous)]
 
 
 def partner_scale(coefficient, trusted, ceiling):

@@ -7,6 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import quadratic
+from keras_tkfac import row_sparse
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -113,6 +114,41 @@ def test_partner_under_mirrored_strategy_matches_one_device(mirrored):
     for a, b in zip(single.weights, replicated.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
     for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
+def _embedded():
+    """An embedding (its gradient `tf.IndexedSlices`, its step on the batch's rows,
+    `row_sparse`) under a Dense head."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,), dtype="int32"),
+                             keras.layers.Embedding(50, 4),
+                             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft"])
+def test_embedding_rows_under_mirrored_strategy_match_one_device(
+        mirrored, step_control, monkeypatch):
+    made = []
+    real = row_sparse.from_slices
+    monkeypatch.setattr(row_sparse, "from_slices",
+                        lambda *args: made.append(args) or real(*args))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, size=(256, 6)).astype("int32")
+    y = rng.integers(0, 3, size=(256,)).astype("int32")
+
+    def optimizer():
+        return keras_tkfac.TKFAC(fisher="empirical", step_control=step_control,
+                                 factor_update_freq=2, inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _embedded, x, y, optimizer)
+    traced = len(made)
+    replicated = _train(mirrored, _embedded, x, y, optimizer)
+    assert traced and len(made) > traced  # the rows' path, traced in both runs
+    _assert_identical_on_replicas(replicated)
+    for a, b in zip(single.weights + single.optimizer.variables,
+                    replicated.weights + replicated.optimizer.variables):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
                                    err_msg=a.path)
 

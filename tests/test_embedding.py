@@ -7,6 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import ops
+from keras_tkfac import row_sparse
 from tests import helpers
 
 VOCAB = 11
@@ -107,9 +108,12 @@ def test_vocabulary_does_not_count_against_max_factor_dim(max_factor_dim, covere
     assert (embedding.name in report) == covered
 
 
-def test_fit_preconditions_only_the_looked_up_rows(monkeypatch):
+@pytest.mark.parametrize("step_control", ["graft_quadratic", "graft", "kl_clip"])
+def test_fit_preconditions_only_the_looked_up_rows(monkeypatch, step_control):
     """In `fit` an embedding's gradient arrives as `tf.IndexedSlices` and only its
-    rows are preconditioned; the weights equal those of the dense product."""
+    rows are preconditioned (under the grafting controls as a
+    `row_sparse.RowSparse`, which their steps keep); the weights and the optimizer's
+    state equal those of the dense computation throughout."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 300, size=(128, 10)).astype("int32")
     y = rng.integers(0, 2, size=128).astype("int32")
@@ -120,7 +124,8 @@ def test_fit_preconditions_only_the_looked_up_rows(monkeypatch):
             keras.Input((10,), dtype="int32"), keras.layers.Embedding(300, 8),
             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]))
         model.compile(optimizer=keras_tkfac.TKFAC(seed=0, factor_update_freq=2,
-                                                  inverse_update_freq=2),
+                                                  inverse_update_freq=2,
+                                                  step_control=step_control),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         return model
@@ -134,10 +139,14 @@ def test_fit_preconditions_only_the_looked_up_rows(monkeypatch):
 
     monkeypatch.setattr(ops, "precondition_rows", counting)
     sparse = fit()
-    assert sparse_calls and all(isinstance(g, tf.IndexedSlices) for g in sparse_calls)
+    kind = (row_sparse.RowSparse if step_control.startswith("graft")
+            else tf.IndexedSlices)
+    assert sparse_calls and all(isinstance(g, kind) for g in sparse_calls)
+    monkeypatch.setattr(row_sparse, "ENABLED", False)
     monkeypatch.setattr(ops, "precondition_rows", lambda left, rows, right, dtype: (
         ops.precondition(left, tf.convert_to_tensor(rows), right)))
     dense = fit()
-    for a, b in zip(sparse.weights, dense.weights):
+    for a, b in zip(sparse.weights + sparse.optimizer.variables,
+                    dense.weights + dense.optimizer.variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7,
                                    err_msg=a.path)

@@ -12,6 +12,12 @@ was before the change ("before") and once as it is ("now"):
 - `sliced_finiteness`: the test whether a step's gradients are finite converted an
   embedding's gradient (`tf.IndexedSlices`) to a dense `[vocab, dim]` tensor; now it
   reads the slices' values (`ops.all_finite`).
+- `embedding_rows`: an embedding's gradient, preconditioned gradient, RMSProp step
+  and grafted update were dense `[vocab, dim]` tensors; now they are its batch's
+  rows (`keras_tkfac.row_sparse`, `ENABLED`).
+- `unit_scale`: every layer's step was multiplied by the step's scale, also where
+  that is the constant 1 (every control but the KL-clipping ones); now it is not
+  (`row_sparse.dense_scaled`).
 
 It builds each workload of `tools/suite.py` twice in one process from the same
 initial weights, one traced each way, and then, round after round, times `--steps`
@@ -38,9 +44,11 @@ import keras_tkfac
 import suite
 from keras_tkfac import jvp_rules
 from keras_tkfac import ops
+from keras_tkfac import row_sparse
 
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
-                             ["zero_tangents", "sliced_finiteness"],
+                             ["zero_tangents", "sliced_finiteness", "embedding_rows",
+                              "unit_scale"],
                              "The change measured (module docstring).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
@@ -66,11 +74,17 @@ def _set(variant, now):
     """Puts the code read while the step is traced as it is (`now`) or was."""
     if variant == "zero_tangents":
         jvp_rules.LEAVE_OUT_ZEROS = now
-    else:
+    elif variant == "sliced_finiteness":
         ops.all_finite = _ALL_FINITE if now else _dense_all_finite
+    elif variant == "embedding_rows":
+        row_sparse.ENABLED = now
+    else:
+        row_sparse.dense_scaled = _DENSE_SCALED if now else (
+            lambda x, factor: factor * row_sparse.dense(x))
 
 
 _ALL_FINITE = ops.all_finite
+_DENSE_SCALED = row_sparse.dense_scaled
 
 
 def _build(workload, variant, now, warmup):
