@@ -315,7 +315,8 @@ def test_spectra_smoke():
 
 
 @_ONE_MEASUREMENT_TOOL
-@pytest.mark.parametrize("variant", ["zero_tangents", "sliced_finiteness"])
+@pytest.mark.parametrize("variant", ["zero_tangents", "sliced_finiteness",
+                                     "embedding_rows", "unit_scale"])
 def test_step_variants_smoke(variant):
     """`tools/step_variants.py --smoke`: both tracings of each workload train to the
     same loss (the changes compute the same step)."""
@@ -328,3 +329,15 @@ def test_step_variants_smoke(variant):
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0
         assert math.isclose(float(row[4]), float(row[5].strip(" |")), rel_tol=1e-4)
+
+
+@_ONE_MEASUREMENT_TOOL
+def test_rounding_spread_smoke():
+    """`tools/rounding_spread.py --smoke`: each perturbed run's row and the summary."""
+    result = _run("tools/rounding_spread.py", "--smoke", "--workloads=mlp",
+                  "--perturbations=2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| mlp |")]
+    assert len(rows) == 2
+    assert all(math.isfinite(float(row.split(" | ")[4].strip(" |"))) for row in rows)
+    assert "mlp: steps to target median" in result.stdout
