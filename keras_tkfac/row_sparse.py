@@ -21,7 +21,7 @@ import tensorflow as tf
 
 # Whether the grafting controls carry an embedding's step as its rows (the
 # alternative, dense `[vocab, width]` tensors throughout, is kept for comparison:
-# `tools/step_variants.py --variant=dense_embedding_steps`).
+# `tools/step_variants.py --variant=embedding_rows`).
 ENABLED = True
 
 
