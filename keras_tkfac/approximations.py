@@ -70,7 +70,9 @@ _COMMON_ARGS = """
             Grosse 2015, §6.5; one more forward pass then; `keras_tkfac.damping`).
             `None`: on under those two controls (measured on the suite: docs/RESULTS.md,
             "Levenberg-Marquardt damping"), off under the others, which have no
-            model to compare with. Defaults to `None`.
+            model to compare with. Defaults to `None`. (Separately, under those two
+            controls the model's damping falls with the batch's loss once it is
+            below a tenth of the highest seen: `keras_tkfac.damping.model_factor`.)
         model_update_freq: int >= 1; under `"quadratic"` and
             `"graft_quadratic"`, the quadratic model (its curvature products, the
             extra forward-mode pass) is built every this many steps; the steps in

@@ -780,6 +780,15 @@ def levenberg_marquardt(scale, ratio, decay, low, high):
     return tf.clip_by_value(new, low, high)
 
 
+def loss_relative_factor(loss, peak, floor, onset=1.0):
+    """`(loss / peak) / onset` clipped to `[floor, 1]`: 1 until a nonnegative loss
+    has fallen to `onset` of its highest value, then the fraction it has fallen to
+    beyond that; 1 where `peak <= 0` (nothing seen yet)."""
+    loss, peak = tf.cast(loss, tf.float32), tf.cast(peak, tf.float32)
+    factor = tf.clip_by_value(tf.math.divide_no_nan(loss, peak) / onset, floor, 1.0)
+    return tf.where(peak > 0.0, factor, 1.0)
+
+
 _compiled = {}
 
 

@@ -177,6 +177,14 @@ def steps(optimizer, used, variables, learning_rate):
                 kl_curvature(before["curvature"], batch.squared_grams,
                              batch.output_losses))
 
+    def damping_factor():
+        # The loss the bounds read (`damping.model_factor`).
+        if "loss" not in before:
+            return None
+        factor, before["peak"] = damping_lib.model_factor(
+            optimizer, before["loss"], before["nonnegative"])
+        return factor
+
     hidden = tangents_lib.eager_hidden_reads([slot.block for slot, *_ in used])
     if hidden:
         return _without_hidden(optimizer, used, variables, learning_rate,
@@ -191,7 +199,7 @@ def steps(optimizer, used, variables, learning_rate):
         coefficients, predicted, minimum = step_size.quadratic_updates(
             products, dampings, updates, [g for *_, g, _ in used], previous, bounds,
             step_size.GRAFT_QUADRATIC_FLOOR
-            if optimizer.step_control == "graft_quadratic" else None)
+            if optimizer.step_control == "graft_quadratic" else None, damping_factor)
         trusted = tf.constant(True)
         if "loss" in before:
             # A model that predicts far more than the loss can fall is not
@@ -204,16 +212,19 @@ def steps(optimizer, used, variables, learning_rate):
             change = tf.where(trusted, predicted(fraction), 0.0)
             loss_before = (before["loss"] if "loss" in before
                            else batch.loss_before(damping_lib.due(optimizer)))
-        return (*coefficients, trusted, change, loss_before)
+        return (*coefficients, trusted, change, loss_before,
+                before.get("peak", damping_lib.peak(optimizer)))
 
     try:
-        a, b, trusted, change, loss_before = _every_few_steps(optimizer, batch, model)
+        a, b, trusted, change, loss_before, peak = _every_few_steps(
+            optimizer, batch, model)
     except tangents_lib.HiddenReads as error:
         return _without_hidden(optimizer, used, variables, learning_rate, error)
     except Exception as error:  # pylint: disable=broad-except
         # Neither forward nor reverse mode passes the model: no products.
         return _without_products(optimizer, used, variables, learning_rate,
                                  "%s: %s" % (type(error).__name__, error))
+    damping_lib.keep_peak(optimizer, peak)
     if optimizer.step_control == "graft_quadratic" and optimizer.fallback_lr_ceiling > 1:
         optimizer._partner.scale = step_size.partner_scale(
             a, trusted, optimizer.fallback_lr_ceiling)
@@ -256,10 +267,11 @@ def build(optimizer):
 
 
 def _every_few_steps(optimizer, batch, model):
-    """`model()`'s `(a, b, trusted, change, loss_before)` on the steps where the
-    model is due (every `model_update_freq` steps, and every step of the first
+    """`model()`'s `(a, b, trusted, change, loss_before, peak)` on the steps where
+    the model is due (every `model_update_freq` steps, and every step of the first
     `MODEL_WARMUP`), else the last model's
-    coefficients with no predicted change (so the damping is not adapted).
+    coefficients with no predicted change (so the damping is not adapted) and the
+    loss's peak as it was (`damping.model_factor`).
 
     A products' pass that all-reduces (`Batch.syncs`) cannot run inside a
     `tf.cond` branch: the model is then built every step.
@@ -270,14 +282,15 @@ def _every_few_steps(optimizer, batch, model):
 
     def stale():
         last = state.value
-        return (last[0], last[1], last[2] > 0.5, tf.constant(0.0), tf.constant(0.0))
+        return (last[0], last[1], last[2] > 0.5, tf.constant(0.0), tf.constant(0.0),
+                damping_lib.peak(optimizer))
 
     due = tf.logical_or(
         tf.equal(optimizer.iterations % optimizer.model_update_freq, 0),
         optimizer.iterations < MODEL_WARMUP)
-    a, b, trusted, change, loss_before = tf.cond(due, model, stale)
+    a, b, trusted, change, loss_before, peak = tf.cond(due, model, stale)
     state.assign(tf.stack([a, b, tf.cast(trusted, tf.float32)]))
-    return a, b, trusted, change, loss_before
+    return a, b, trusted, change, loss_before, peak
 
 
 def _without_hidden(optimizer, used, variables, learning_rate, error):

@@ -38,7 +38,9 @@ Five controls, chosen with `step_control`:
   cannot fall below zero (`quadratic.LOSS_BOUND_FACTOR`).
   `adaptive_damping=True` adapts the damping of the model and the
   preconditioner from the model's reduction ratio (Levenberg-Marquardt;
-  `keras_tkfac.damping`).
+  `keras_tkfac.damping`); once the batch's loss has fallen below a tenth of the
+  highest seen, the model's damping (not the preconditioner's) falls with it
+  (`damping.model_factor`).
 - `"graft_quadratic"` (the default): `"quadratic"` over grafted directions: each
   layer's `U_l` is first rescaled to RMSProp's step length `|R_l|` (as under
   `"graft"`), then `s = a u + b M` with `(a, b)` from the same model. The curvature
@@ -386,7 +388,7 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
 
 
 def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
-                      min_coefficient=None):
+                      min_coefficient=None, damping_factor=None):
     """The quadratic-model steps `a U_l + b M_l` of every preconditioned layer.
 
     The model's curvature is the exact one plus each layer's damping, `C + λ_l I` on
@@ -407,6 +409,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
             (`ops.quadratic_model_step`).
         min_coefficient: optional floor on a positive coefficient `a` of `U`
             (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`).
+        damping_factor: optional `() -> factor` (or `None`), called after `bounds`:
+            every `λ_l` of the model is multiplied by it (`damping.model_factor`).
 
     Returns:
         `((a, b), predicted, minimum)`: the coefficients of the steps
@@ -418,12 +422,15 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         weights = weights or [1.0] * len(xs)
         return tf.add_n([w * row_sparse.inner(x, y) for x, y, w in zip(xs, ys, weights)])
 
+    curvature = products([updates, previous])
+    max_kl, max_decrease, kl_curvature = bounds() if bounds else (None, None, None)
+    factor = damping_factor() if damping_factor else None
+    if factor is not None:
+        dampings = [d * factor for d in dampings]
     cross = inner(updates, previous, dampings)
     norms = tf.stack([tf.stack([inner(updates, updates, dampings), cross]),
                       tf.stack([cross, inner(previous, previous, dampings)])])
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
-    curvature = products([updates, previous])
-    max_kl, max_decrease, kl_curvature = bounds() if bounds else (None, None, None)
     a, b, minimum = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
                                              max_decrease, MOMENTUM_RANGE,
                                              kl_curvature)

@@ -8,6 +8,7 @@ import keras
 import keras_tkfac
 from keras_tkfac import damping
 from keras_tkfac import ops
+from keras_tkfac import step_size
 from tests import test_quadratic as quadratic_tests
 
 RNG = np.random.default_rng(0)
@@ -27,6 +28,48 @@ def test_levenberg_marquardt_rule_is_bounded():
         1e-4)
     assert float(ops.levenberg_marquardt(1e4, 0.0, 0.5, 1e-4, 1e4)) == pytest.approx(
         1e4)
+
+
+@pytest.mark.parametrize("loss, peak, onset, expected", [
+    (0.5, 1.0, 1.0, 0.5), (2.0, 1.0, 1.0, 1.0), (1e-6, 1.0, 1.0, 1e-3),
+    (0.3, 0.0, 1.0, 1.0), (0.0, 1.0, 1.0, 1e-3), (0.005, 1.0, 0.01, 0.5),
+    (0.05, 1.0, 0.01, 1.0)])
+def test_loss_relative_factor(loss, peak, onset, expected):
+    np.testing.assert_allclose(
+        ops.loss_relative_factor(loss, peak, 1e-3, onset), expected, rtol=1e-6)
+
+
+def _built_optimizer(**kwargs):
+    optimizer = keras_tkfac.TKFAC(**kwargs)
+    optimizer.attach([])  # no curvature blocks: only the damping's state
+    optimizer.build([keras.Variable(np.ones((2, 2), "float32"))])
+    return optimizer
+
+
+def test_model_factor_follows_the_highest_loss_seen(monkeypatch):
+    monkeypatch.setattr(damping, "LOSS_RELATIVE_FLOOR", 1e-3)
+    monkeypatch.setattr(damping, "LOSS_RELATIVE_ONSET", 0.5)
+    optimizer = _built_optimizer()
+    # (loss, nonnegative) -> factor, peak after: the peak rises with the loss; a
+    # loss that may be negative, or is not finite, gives 1 and leaves the peak.
+    for loss, nonnegative, factor, peak in [
+            (1.0, True, 1.0, 1.0), (2.0, True, 1.0, 2.0), (0.5, True, 0.5, 2.0),
+            (np.nan, True, 1.0, 2.0), (0.1, False, 1.0, 2.0), (5.0, False, 1.0, 2.0),
+            (0.1, True, 0.1, 2.0), (1e-9, True, 1e-3, 2.0)]:
+        found, highest = damping.model_factor(optimizer, tf.constant(loss),
+                                              tf.constant(nonnegative))
+        damping.keep_peak(optimizer, highest)
+        np.testing.assert_allclose(float(found), factor, rtol=1e-6)
+        np.testing.assert_allclose(float(optimizer.loss_peak.numpy()), peak, rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"step_control": "graft"},
+                                     {"step_control": "kl_clip"}])
+def test_model_factor_needs_a_quadratic_control(options):
+    optimizer = _built_optimizer(**options)
+    assert optimizer.loss_peak is None
+    factor, peak = damping.model_factor(optimizer, tf.constant(0.1), True)
+    assert float(factor) == 1.0 and float(peak) == 0.0
 
 
 def test_model_value_is_the_explicit_quadratic():
@@ -56,13 +99,6 @@ def _adapting_run(steps, fraction, step_control="graft_quadratic", given=0.1):
     return weights, scales
 
 
-def _loss(weights):
-    x, y = quadratic_tests._data()
-    model = quadratic_tests._classifier(0)
-    model.set_weights([w.astype("float32") for w in weights])
-    return float(keras.losses.SparseCategoricalCrossentropy()(y, model(x)))
-
-
 # Each branch of the rule: the model step with damping 0.1 predicts well (ratio
 # ~0.96: shrink), with damping 0.01 less so (~0.57: keep); with damping 1e-5 the
 # model trusts the Gauss-Newton matrix too far (~0.15, and -0.35 grafted: grow).
@@ -77,7 +113,8 @@ def test_damping_follows_the_explicit_reduction_ratio(step_control, given,
     # Dense layers' damping is the given one for every weight.
     predicted = -step @ grad + 0.5 * step @ (
         curvature + given * np.eye(len(grad))) @ step
-    ratio = (_loss(weights[1]) - _loss(weights[0])) / predicted
+    losses = [quadratic_tests._loss(w) for w in weights[:2]]
+    ratio = (losses[1] - losses[0]) / predicted
     assert predicted < 0 and min(abs(ratio - 0.25), abs(ratio - 0.75)) > 0.02
     expected = float(ops.levenberg_marquardt(1.0, ratio, damping.DECAY,
                                              *damping.SCALE_BOUNDS))
@@ -88,14 +125,25 @@ def test_damping_follows_the_explicit_reduction_ratio(step_control, given,
     assert scales[1] == scales[0]
 
 
-def test_adapted_damping_enters_the_next_model():
-    # The second step minimises the model damped by 0.1 * damping_scale.
+def test_adapted_damping_enters_the_next_model(monkeypatch):
+    # The second step minimises the model damped by 0.1 * damping_scale times the
+    # loss-relative factor (`damping.model_factor`): the batch's loss over the
+    # highest seen, from the explicit losses. (With the momentum coefficient free:
+    # at this damping the model's `b` is below `MOMENTUM_RANGE`, and a step on the
+    # range's edge is not stationary along the previous step.)
+    monkeypatch.setattr(step_size, "MOMENTUM_RANGE", None)
+    monkeypatch.setattr(damping, "LOSS_RELATIVE_ONSET", 1.0)  # (the loss falls by a third)
     weights, scales = _adapting_run(2, 1.0, "quadratic")
     first = quadratic_tests._flat(weights[0]) - quadratic_tests._flat(weights[1])
     second = quadratic_tests._flat(weights[1]) - quadratic_tests._flat(weights[2])
     grad, curvature = quadratic_tests._gradient_and_curvature(weights[1])
     assert scales[0] < 0.9
-    for scale, tolerance_holds in ((scales[0], True), (1.0, False)):
+    losses = [quadratic_tests._loss(w) for w in weights[:2]]
+    factor = float(ops.loss_relative_factor(losses[1], max(losses),
+                                            damping.LOSS_RELATIVE_FLOOR, 1.0))
+    assert factor < 0.9
+    for scale, tolerance_holds in ((scales[0] * factor, True), (scales[0], False),
+                                   (1.0, False)):
         residual = grad - (curvature + 0.1 * scale * np.eye(len(grad))) @ second
         holds = all(abs(d @ residual) < 2e-3 * np.linalg.norm(d) * np.linalg.norm(grad)
                     for d in (first, second))
@@ -125,9 +173,7 @@ class _Batch:
                                                  (-0.5, damping.DECAY)])
 def test_no_adaptation_on_a_step_predicted_not_to_decrease_the_loss(predicted,
                                                                      expected):
-    optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic")
-    optimizer.attach([])  # no curvature blocks: only the damping's state
-    optimizer.build([keras.Variable(np.ones((2, 2), "float32"))])
+    optimizer = _built_optimizer(step_control="graft_quadratic")
     # Loss 1 -> 0.5: ratio 1 (shrink) where the model predicted -0.5.
     damping.hand_over(optimizer, tf.constant(predicted), tf.constant(1.0))
     damping.adapt(optimizer, _Batch(0.5), None)
@@ -135,7 +181,7 @@ def test_no_adaptation_on_a_step_predicted_not_to_decrease_the_loss(predicted,
                                rtol=1e-6)
 
 
-def test_damping_scale_is_saved_with_the_model(tmp_path):
+def test_damping_state_is_saved_with_the_model(tmp_path):
     x, y = quadratic_tests._data()
     model = keras_tkfac.wrap(quadratic_tests._classifier(0))
     model.compile(optimizer=keras_tkfac.TKFAC(step_control="graft_quadratic",
@@ -143,11 +189,13 @@ def test_damping_scale_is_saved_with_the_model(tmp_path):
                   loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=4, epochs=2, verbose=0)
     scale = float(model.optimizer.damping_scale.numpy())
-    assert scale != 1.0
+    peak = float(model.optimizer.loss_peak.numpy())
+    assert scale != 1.0 and peak > 0.0
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert loaded.optimizer.adaptive_damping is True
     assert float(loaded.optimizer.damping_scale.numpy()) == scale
+    assert float(loaded.optimizer.loss_peak.numpy()) == peak
 
 
 def _custom_loop(adaptive_damping, labels, steps=6):

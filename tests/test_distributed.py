@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
+from keras_tkfac import damping
 from keras_tkfac import quadratic
 from keras_tkfac import row_sparse
 from tests import helpers
@@ -246,8 +247,10 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
     # The exact curvature products are per replica's batch, then averaged; so are
     # the losses that adapt the damping. With `model_update_freq=2` (no warm-up
     # here) the model, all-reduce included, runs inside a `tf.cond` on every
-    # other step.
+    # other step. The loss-relative damping acts from the start (its peak is of
+    # the all-reduced loss).
     monkeypatch.setattr(quadratic, "MODEL_WARMUP", 0)
+    monkeypatch.setattr(damping, "LOSS_RELATIVE_ONSET", 1.0)
     x, y = _data((8,), n=128)
 
     def optimizer():
@@ -269,6 +272,10 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
         assert scale != 1.0
         np.testing.assert_allclose(_replica_values(
             replicated.optimizer.damping_scale)[0], scale, rtol=1e-5)
+    peak = float(single.optimizer.loss_peak.numpy())
+    assert peak > 0.0
+    for value in _replica_values(replicated.optimizer.loss_peak):
+        np.testing.assert_allclose(value, peak, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)

@@ -395,8 +395,32 @@ def _flat(weights):
     return np.concatenate([np.ravel(w) for w in weights])
 
 
+def _loss(weights):
+    """The batch's loss at `weights`."""
+    x, y = _data()
+    model = _classifier(0)
+    model.set_weights([w.astype("float32") for w in weights])
+    return float(keras.losses.SparseCategoricalCrossentropy()(y, model(x)))
+
+
+def _model_damping(trajectory, step, damping):
+    """The damping of step `step`'s model (from 0): `damping` times the
+    loss-relative factor (`keras_tkfac.damping.model_factor`) of the explicit
+    losses along `trajectory`."""
+    losses = [_loss(w) for w in trajectory[:step + 1]]
+    return damping * float(ops.loss_relative_factor(
+        losses[-1], max(losses), keras_tkfac.damping.LOSS_RELATIVE_FLOOR,
+        keras_tkfac.damping.LOSS_RELATIVE_ONSET))
+
+
 @pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
-def test_steps_minimise_the_damped_model_along_their_directions(step_control):
+def test_steps_minimise_the_damped_model_along_their_directions(step_control,
+                                                                 monkeypatch):
+    # (With the momentum coefficient free: a step on `MOMENTUM_RANGE`'s edge is not
+    # stationary along the previous step; with the loss-relative damping from the
+    # start, as the loss here falls by a third.)
+    monkeypatch.setattr(step_size, "MOMENTUM_RANGE", None)
+    monkeypatch.setattr(keras_tkfac.damping, "LOSS_RELATIVE_ONSET", 1.0)
     damping = 0.1
     trajectory = _fit_steps(2, damping=damping, step_control=step_control)
     first = _flat(trajectory[0]) - _flat(trajectory[1])
@@ -406,8 +430,10 @@ def test_steps_minimise_the_damped_model_along_their_directions(step_control):
     # First step: s = a U minimises q along U, so q'(s) is orthogonal to s.
     np.testing.assert_allclose(first @ grad, first @ damped @ first, rtol=2e-3)
     # Second step: s = a U + b M with M the first step; q'(s) is orthogonal to both.
+    # Its damping has fallen with the loss.
     grad, curvature = _gradient_and_curvature(trajectory[1])
-    damped = curvature + damping * np.eye(len(grad))
+    assert _model_damping(trajectory, 1, damping) < 0.9 * damping
+    damped = curvature + _model_damping(trajectory, 1, damping) * np.eye(len(grad))
     residual = grad - damped @ second
     for direction in (first, second):
         assert abs(direction @ residual) < 2e-3 * np.linalg.norm(
@@ -759,7 +785,8 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     ratios = []
     updates = step_size.quadratic_updates
 
-    def spy(products, dampings, us, grads, previous, bounds, min_coefficient=None):
+    def spy(products, dampings, us, grads, previous, bounds, min_coefficient=None,
+            damping_factor=None):
         limits = []
 
         def recorded():
@@ -767,7 +794,7 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
             return limits[-1]
 
         found, predicted, minimum = updates(products, dampings, us, grads, previous,
-                                            recorded, min_coefficient)
+                                            recorded, min_coefficient, damping_factor)
         ratios.append(-minimum / (limits[0][1] / quadratic.LOSS_BOUND_FACTOR))
         return found, predicted, minimum
 
