@@ -103,13 +103,25 @@ _COMMON_ARGS = """
             autoencoder did not train: convolutions keep exact inverses (`tools/spectra.py`; docs/RESULTS.md, "How far the damped
             factors are from the identity"). Opt-in. Defaults to `None` (exact
             inverses).
-        precondition_dtype: `"float32"` or `"bfloat16"`, the precision of the
-            preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and the
-            intermediate product rounded to bfloat16; float32 updates). Meant for
+        precondition_dtype: `"float32"`, `"bfloat16"` or `"auto"`, the precision of
+            the preconditioning products `Phi^^-1 G Psi^^-1` (inverses, gradients and
+            the intermediate product rounded to bfloat16; float32 updates). Meant for
             hardware with bfloat16 matmul units (on a CPU without them it was not
             faster); the update's relative error was 1e-2 to 3e-2 (docs/RESULTS.md, "Cost
-            of a step").
-            Defaults to `"float32"`.
+            of a step"). `"auto"`: bfloat16 where the device has such units
+            (`keras_tkfac.precision`: GPUs of compute capability 8.0 and later, CPUs
+            with AMX or AVX512-BF16), else float32. Defaults to `"auto"` (since
+            2026-12-06; float32 before): on the suite, at seeds 0 and 1, steps to
+            the targets and best validation losses moved within the spread that
+            float32 rounding alone gives (`tools/rounding_spread.py`), and on a CPU
+            with AMX the step took about 0.75x as long (docs/RESULTS.md, "bfloat16
+            curvature matmuls where the hardware has them").
+        products_dtype: `"float32"`, `"bfloat16"` or `"auto"`, the precision of the
+            tangent matmuls and convolutions of the quadratic model's curvature
+            products (`step_control="graft_quadratic"` and `"quadratic"`): their
+            inputs rounded to bfloat16, float32 results, which the model sums into a
+            2x2 Gram over the batch. `"auto"` as for `precondition_dtype`. Defaults
+            to `"auto"` (since 2026-12-06).
         precondition_form: `"auto"` or `"full"`. Under `"auto"`, a `Dense` or
             `EinsumDense` layer whose batch has fewer rows than about its widths
             is preconditioned as `(Phi^^-1 A^T)(G_out Psi^^-1)` from its inputs `A`
@@ -320,7 +332,8 @@ class TKFAC(CurvatureOptimizer):
         sequence_statistics="exact",
         inverse_dtype="float32",
         inverse_rank=None,
-        precondition_dtype="float32",
+        precondition_dtype="auto",
+        products_dtype="auto",
         precondition_form="auto",
         conv_location_stride=1,
         split_inverses=True,
@@ -360,6 +373,7 @@ class TKFAC(CurvatureOptimizer):
             inverse_dtype=inverse_dtype,
             inverse_rank=inverse_rank,
             precondition_dtype=precondition_dtype,
+            products_dtype=products_dtype,
             precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,
@@ -466,7 +480,8 @@ class KFAC(CurvatureOptimizer):
         fisher="true",
         inverse_dtype="float32",
         inverse_rank=None,
-        precondition_dtype="float32",
+        precondition_dtype="auto",
+        products_dtype="auto",
         precondition_form="auto",
         conv_location_stride=1,
         split_inverses=True,
@@ -494,6 +509,7 @@ class KFAC(CurvatureOptimizer):
             inverse_dtype=inverse_dtype,
             inverse_rank=inverse_rank,
             precondition_dtype=precondition_dtype,
+            products_dtype=products_dtype,
             precondition_form=precondition_form,
             conv_location_stride=conv_location_stride,
             split_inverses=split_inverses,

@@ -32,6 +32,11 @@ The rules are the ops' derivatives:
   derivative of an activation is one);
 - TensorFlow's own special cases (variable reads, `tangents.JVPS`) run inline.
 A rule that raises leaves its op to TensorFlow's dispatch. Each rule is checked against TensorFlow's dispatch (`tests/test_jvp_rules.py`).
+
+Within `precision("bfloat16")` the multilinear rules of matmuls and convolutions
+(`LOW_PRECISION_OPS`) compute their terms in bfloat16 with float32 results; within
+`precision(("bfloat16", w))` only matmuls of widths of at least `w` do
+(`products_dtype`, `keras_tkfac.precision`).
 """
 
 import contextlib
@@ -39,8 +44,11 @@ import re
 import threading
 
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python import pywrap_tfe  # pylint: disable=no-name-in-module
 from tensorflow.python.eager import record  # pylint: disable=no-name-in-module
+
+from keras_tkfac import precision as precision_lib
 
 # Linear in all floating inputs together.
 LINEAR = frozenset({
@@ -164,6 +172,59 @@ def _same_op(op, inputs):
     return list(created.outputs)
 
 
+# The multilinear ops whose tangent terms `precision("bfloat16")` computes in
+# bfloat16 (each checked to run in bfloat16 on CPU, `tests/test_jvp_rules.py`),
+# and the attributes that carry their dtype.
+LOW_PRECISION_OPS = frozenset({
+    "MatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Conv2D", "Conv3D",
+    "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+})
+_DTYPE_ATTRS = ("T", "Ta", "Tb", "Tout")
+
+
+def _in_loop(graph):
+    """Whether `graph` is (inside) a `tf.while_loop`'s body."""
+    while graph is not None:
+        if type(graph).__name__ == "WhileBodyFuncGraph":
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _widths(op):
+    """A matmul's contracted and output widths (`None` where not known when traced),
+    or `None` for other ops and for a matmul in a loop's body (`precision.choose`:
+    `"auto"` leaves them in float32; a recurrent layer's step multiplies the batch's
+    rows only, and on the suite's BiLSTM the casts cost more than bfloat16 saved)."""
+    flag = {"MatMul": "transpose_a", "BatchMatMulV2": "adj_x",
+            "BatchMatMulV3": "adj_x"}.get(op.type)
+    shape = op.inputs[0].shape
+    if (flag is None or shape.rank is None or shape.rank < 2
+            or _in_loop(op.graph)):
+        return None
+    return (shape[-2] if op.get_attr(flag) else shape[-1]), op.outputs[0].shape[-1]
+
+
+def _same_op_in(op, inputs, rule):
+    """`_same_op` with its float32 inputs and outputs in bfloat16 inside (results
+    in float32) where `rule` (`precision.policy`'s pair, or `None`) chooses
+    bfloat16 for this op of `LOW_PRECISION_OPS`; `_same_op` otherwise."""
+    if (rule is None or op.type not in LOW_PRECISION_OPS
+            or any(t.dtype != tf.float32 for t in op.outputs)
+            or precision_lib.choose(rule, _widths(op)) != "bfloat16"):
+        return _same_op(op, inputs)
+    attrs = {name: op.node_def.attr[name] for name in op.node_def.attr
+             if not name.startswith("_")}
+    low = tf.bfloat16.as_datatype_enum
+    for name in _DTYPE_ATTRS:
+        if name in attrs and attrs[name].type == tf.float32.as_datatype_enum:
+            attrs[name] = attr_value_pb2.AttrValue(type=low)
+    created = op.graph._create_op_internal(  # pylint: disable=protected-access
+        op.type, [tf.cast(x, tf.bfloat16) if x.dtype == tf.float32 else x
+                  for x in inputs], [tf.bfloat16] * len(op.outputs), attrs=attrs)
+    return [tf.cast(y, tf.float32) for y in created.outputs]
+
+
 def _linear(op, tangents):
     return _same_op(op, [t if _floating(x) else x
                          for x, t in zip(op.inputs, tangents)])
@@ -196,7 +257,7 @@ def _multilinear(op, tangents):
             continue
         inputs = list(op.inputs)
         inputs[i] = t
-        term = _same_op(op, inputs)
+        term = _same_op_in(op, inputs, getattr(_STATE, "precision", None))
         total = term if total is None else [a + b for a, b in zip(total, term)]
     if total is None:  # (every input's tangent zero)
         return [tf.zeros_like(y) for y in op.outputs]
@@ -304,3 +365,18 @@ def inline():
         yield
     finally:
         _STATE.depth -= 1
+
+
+@contextlib.contextmanager
+def precision(rule):
+    """Within this context (on this thread), `inline`'s tangent terms of
+    `LOW_PRECISION_OPS` take the dtype that `rule` chooses for them: a dtype name
+    (`"float32"`, or `"bfloat16"` for every one of them) or `precision.policy`'s
+    `(dtype, min_width)` (bfloat16 for matmuls of at least that width only),
+    with float32 results."""
+    previous = getattr(_STATE, "precision", None)
+    _STATE.precision = (rule, 0) if isinstance(rule, str) else tuple(rule)
+    try:
+        yield
+    finally:
+        _STATE.precision = previous

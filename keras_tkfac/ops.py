@@ -520,24 +520,28 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
             `FactoredGradient` by
             `precondition_factored_or_full`.
         right_inverses: list of `R^{-1}`, same order.
-        dtype: the dtype of the products. Defaults to `float32`.
+        dtype: the dtype of the products, or a list of one per layer. Defaults to
+            `float32`.
 
     Returns:
         The list of updates `U`, in the order of the inputs.
     """
     groups = collections.defaultdict(list)
     updates = [None] * len(grad_matrices)
+    dtypes = (list(dtype) if isinstance(dtype, (list, tuple))
+              else [dtype] * len(grad_matrices))
     for i, triple in enumerate(zip(left_inverses, grad_matrices, right_inverses)):
         if isinstance(triple[1], (tf.IndexedSlices, row_sparse.RowSparse)):
-            updates[i] = precondition_rows(*triple, dtype)
+            updates[i] = precondition_rows(*triple, dtypes[i])
             continue
         if isinstance(triple[1], FactoredGradient):
-            updates[i] = precondition_factored_or_full(*triple, dtype)
+            updates[i] = precondition_factored_or_full(*triple, dtypes[i])
             continue
-        groups[tuple(tuple(m.shape) for m in triple)].append(i)
-    for indices in groups.values():
+        groups[(tf.as_dtype(dtypes[i]),)
+               + tuple(tuple(m.shape) for m in triple)].append(i)
+    for key, indices in groups.items():
         operands = [
-            [tf.cast(matrices[i], dtype) for i in indices]
+            [tf.cast(matrices[i], key[0]) for i in indices]
             for matrices in (left_inverses, grad_matrices, right_inverses)
         ]
         if len(indices) == 1:

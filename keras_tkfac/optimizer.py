@@ -59,6 +59,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         inverse_dtype,
         inverse_rank,
         precondition_dtype,
+        products_dtype,
         precondition_form,
         conv_location_stride,
         split_inverses,
@@ -81,7 +82,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 model_update_freq=model_update_freq,
                 fisher=fisher, inverse_dtype=inverse_dtype, inverse_rank=inverse_rank,
                 precondition_dtype=precondition_dtype,
-                precondition_form=precondition_form,
+                products_dtype=products_dtype, precondition_form=precondition_form,
                 conv_location_stride=conv_location_stride,
                 split_inverses=split_inverses, max_factor_dim=max_factor_dim,
                 fallback_lr_ratio=fallback_lr_ratio,
@@ -97,10 +98,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.step_control = step_control
         self.adaptive_damping = adaptive_damping
         self.model_update_freq = int(model_update_freq)
-        self.fisher = fisher
-        self.inverse_dtype = inverse_dtype
+        self.fisher, self.inverse_dtype = fisher, inverse_dtype
         self.inverse_rank = None if inverse_rank is None else int(inverse_rank)
-        self.precondition_dtype = precondition_dtype
+        self.precondition_dtype, self.products_dtype = precondition_dtype, products_dtype
         self.precondition_form = precondition_form
         self.conv_location_stride = int(conv_location_stride)
         self.split_inverses = bool(split_inverses)
@@ -346,8 +346,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self._loss_rows.get(id(slot.block.layer)),
                 factored.sparse_rows(slot.block, [grads[i] for i in indices], grad))
              for slot, indices, grad in found],
-            [slot.inverses[1].value for slot, *_ in found],
-            self.precondition_dtype) if found else []
+            [slot.inverses[1].value for slot, *_ in found], shapes.precondition_dtypes(
+                self.precondition_dtype, [s.block for s, *_ in found])) if found else []
         used = [(*item, update) for item, update in zip(found, updates)]
         if not used:
             return grads

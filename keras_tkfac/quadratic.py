@@ -26,6 +26,8 @@ import tensorflow as tf
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import jvp_rules
+from keras_tkfac import precision
 from keras_tkfac import products as products_lib
 from keras_tkfac import row_sparse
 from keras_tkfac import step_size
@@ -150,10 +152,12 @@ def steps(optimizer, used, variables, learning_rate):
     before = {}
 
     def products(directions):
-        before["curvature"] = batch.gram(covered, [
-            [p for (slot, *_), d in zip(used, direction)
-             for p in slot.block.split_matrix(row_sparse.dense(d)) if p is not None]
-            for direction in directions])
+        # (Tangent matmuls in `products_dtype`: `keras_tkfac.precision`.)
+        with jvp_rules.precision(precision.policy(optimizer.products_dtype)):
+            before["curvature"] = batch.gram(covered, [
+                [p for (slot, *_), d in zip(used, direction)
+                 for p in slot.block.split_matrix(row_sparse.dense(d)) if p is not None]
+                for direction in directions])
         return before["curvature"]
 
     damping = damping_lib.current(optimizer)

@@ -12,7 +12,7 @@ from keras_tkfac import validation
 ARGUMENTS = ("momentum", "factor_decay", "factor_update_freq", "inverse_update_freq",
              "inverse_warmup", "kl_clip", "step_control", "adaptive_damping",
              "model_update_freq", "fisher", "inverse_dtype", "inverse_rank",
-             "precondition_dtype", "precondition_form", "conv_location_stride",
+             "precondition_dtype", "products_dtype", "precondition_form", "conv_location_stride",
              "split_inverses", "max_factor_dim", "fallback_lr_ratio",
              "fallback_lr_ceiling", "seed")
 

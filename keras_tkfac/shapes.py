@@ -6,7 +6,9 @@ import collections
 from absl import logging
 import tensorflow as tf
 
+from keras_tkfac import blocks as blocks_lib
 from keras_tkfac import low_rank
+from keras_tkfac import precision
 
 # A preconditioned block's state: its variables' keys, factors and inverses.
 Slot = collections.namedtuple("Slot", ["block", "keys", "factors", "inverses"])
@@ -47,6 +49,23 @@ def grad_matrix_shape(block):
     """The shape of `block.grad_matrix`: the block's variables' gradients stacked."""
     zeros = [tf.zeros(v.shape) for v in block.variables]
     return tuple(block.grad_matrix(*zeros).shape)
+
+
+def matmul_widths(block):
+    """`(d_in, d_out)` of a dense (or einsum-dense) layer, whose preconditioning is
+    a matmul of those widths (`precision.choose` gates bfloat16 on them); `None`
+    for other blocks (convolutions, embeddings, normalisation, recurrent)."""
+    if (isinstance(block, blocks_lib.DenseBlock) and block.input_kind == "dense"
+            and block.groups == 1):
+        return block.d_in, block.d_out
+    return None
+
+
+def precondition_dtypes(setting, blocks):
+    """The dtype of each block's preconditioning products under `precondition_dtype`
+    `setting` (`precision.policy`; `"auto"` gates on `matmul_widths`)."""
+    rule = precision.policy(setting)
+    return [precision.choose(rule, matmul_widths(block)) for block in blocks]
 
 
 def matrix_factor_dims(block):

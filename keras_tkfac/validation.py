@@ -11,6 +11,7 @@ import keras
 from keras_tkfac import factored
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import inverses as inverses_lib
+from keras_tkfac import precision
 from keras_tkfac import step_size
 
 
@@ -122,15 +123,13 @@ def check_adaptive_damping(value, step_control, has_model):
             f"step_control={step_control!r}")
 
 
-PRECONDITION_DTYPES = ("float32", "bfloat16")
-
-
 def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_decay,
                                 factor_update_freq, inverse_update_freq,
                                 inverse_warmup, kl_clip, step_control,
                                 adaptive_damping, model_update_freq, fisher,
                                 inverse_dtype, inverse_rank,
-                                precondition_dtype, precondition_form,
+                                precondition_dtype, products_dtype,
+                                precondition_form,
                                 conv_location_stride, split_inverses, max_factor_dim,
                                 fallback_lr_ratio, fallback_lr_ceiling, seed):
     """Checks `CurvatureOptimizer`'s arguments (a `ValueError` naming the argument
@@ -166,7 +165,8 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
     check_choice("inverse_dtype", inverse_dtype, inverses_lib.INVERSE_DTYPES)
     if inverse_rank is not None:
         check_int("inverse_rank", inverse_rank)
-    check_choice("precondition_dtype", precondition_dtype, PRECONDITION_DTYPES)
+    precision.check("precondition_dtype", precondition_dtype)
+    precision.check("products_dtype", products_dtype)
     check_choice("precondition_form", precondition_form, factored.FORMS)
     return learning_rate, fallback_lr_ratio, fallback_lr_ceiling, adaptive_damping, seed
 

@@ -336,3 +336,128 @@ def test_multilinear_rule_with_every_tangent_zero_gives_zeros():
     assert zeros.shape == (2, 3) and zeros.dtype == tf.float32
     np.testing.assert_array_equal(zeros.numpy(), np.zeros((2, 3)))
     np.testing.assert_allclose(one.numpy(), a.numpy() * t.numpy(), rtol=1e-6)
+
+
+_LOW = [case for case in CASES if case[0] in jvp_rules.LOW_PRECISION_OPS]
+
+
+def _low_precision_jvps(fn, primals, directions):
+    """`_jvps` inline within `jvp_rules.precision("bfloat16")`, and the dtypes of
+    the traced ops' outputs."""
+    @tf.function
+    def run():
+        with jvp_rules.inline(), jvp_rules.precision("bfloat16"):
+            accumulators = []
+            for direction in directions:
+                accumulators.append(tf.autodiff.ForwardAccumulator(primals, direction))
+                accumulators[-1].__enter__()
+            try:
+                result = fn(*primals)
+            finally:
+                for accumulator in reversed(accumulators):
+                    accumulator.__exit__(None, None, None)
+        return [accumulator.jvp(result) for accumulator in accumulators]
+
+    graph = run.get_concrete_function().graph
+    low = {op.type for op in graph.get_operations()
+           if any(t.dtype == tf.bfloat16 for t in op.outputs)}
+    return [v.numpy() for v in run()], low
+
+
+@pytest.mark.parametrize("op_type,fn,shapes", _LOW, ids=[c[0] for c in _LOW])
+def test_low_precision_rule_is_tensorflows_forward_mode_rounded(op_type, fn, shapes):
+    """Within `precision("bfloat16")` each matmul and convolution computes its
+    tangent terms in bfloat16 (the traced op runs on bfloat16 tensors) with float32
+    results, equal to TensorFlow's float32 forward mode up to bfloat16's rounding:
+    inputs rounded to 8 significant bits (relative 2^-9 each), products summed in
+    float32, so within 2^-7 of the largest tangent entry."""
+    assert jvp_rules.LOW_PRECISION_OPS <= jvp_rules.MULTILINEAR
+    primals = [_normal(s) for s in shapes]
+    directions = [[_normal(s) for s in shapes] for _ in range(2)]
+    expected, _ = _jvps(fn, primals, directions, inline=False)
+    found, low = _low_precision_jvps(fn, primals, directions)
+    assert op_type in low
+    for a, b in zip(found, expected):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=2.0**-7 * np.abs(b).max())
+
+
+def test_low_precision_leaves_other_ops_in_float32():
+    """Only `LOW_PRECISION_OPS` change precision: an elementwise product's and an
+    activation's tangents stay float32 and exact."""
+    shapes = [(2, 3), (3,)]
+    primals = [_normal(s) for s in shapes]
+    directions = [[_normal(s) for s in shapes] for _ in range(2)]
+    fn = lambda x, y: tf.tanh(x * y)  # noqa: E731
+    expected, _ = _jvps(fn, primals, directions, inline=False)
+    found, low = _low_precision_jvps(fn, primals, directions)
+    assert not low
+    for a, b in zip(found, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shapes,low", [
+    ([(4, 256), (256, 128)], True),
+    ([(4, 256), (256, 64)], False),   # output width below 128
+    ([(4, 100), (100, 512)], False),  # contracted width below 128
+])
+def test_auto_precision_takes_bfloat16_for_wide_matmuls_only(shapes, low):
+    """Under `precision(("bfloat16", 128))` (`"auto"` on bfloat16 hardware) a matmul
+    takes bfloat16 where both its contracted and output widths are at least 128,
+    and a convolution never does."""
+    primals = [_normal(s) for s in shapes]
+    directions = [[_normal(s) for s in shapes] for _ in range(2)]
+
+    @tf.function
+    def run(rule):
+        with jvp_rules.inline(), jvp_rules.precision(rule):
+            with tf.autodiff.ForwardAccumulator(primals, directions[0]) as acc:
+                result = tf.matmul(*primals)
+        return acc.jvp(result)
+
+    graph = run.get_concrete_function(("bfloat16", 128)).graph
+    found = {op.type for op in graph.get_operations()
+             if any(t.dtype == tf.bfloat16 for t in op.outputs)}
+    assert ("MatMul" in found) == low
+    image, kernel = _normal((2, 8, 8, 128)), _normal((3, 3, 128, 128))
+
+    @tf.function
+    def conv():
+        with jvp_rules.inline(), jvp_rules.precision(("bfloat16", 128)):
+            with tf.autodiff.ForwardAccumulator(
+                    [image, kernel], [_normal(image.shape), _normal(kernel.shape)]) as acc:
+                result = tf.nn.conv2d(image, kernel, 1, "SAME")
+        return acc.jvp(result)
+
+    assert not any(t.dtype == tf.bfloat16 for op in
+                   conv.get_concrete_function().graph.get_operations()
+                   for t in op.outputs)
+
+
+def test_auto_precision_leaves_matmuls_in_loops_in_float32():
+    """A wide matmul inside a `tf.while_loop` (a recurrent layer's step) stays float32
+    under `"auto"`'s rule; the same matmul outside the loop takes bfloat16."""
+    x, w = _normal((4, 256)), _normal((256, 256))
+    direction = [_normal((4, 256)), _normal((256, 256))]
+
+    @tf.function
+    def run(in_loop):
+        with jvp_rules.inline(), jvp_rules.precision(("bfloat16", 128)):
+            with tf.autodiff.ForwardAccumulator([x, w], direction) as acc:
+                if in_loop:
+                    _, result = tf.while_loop(
+                        lambda i, h: i < 2, lambda i, h: (i + 1, tf.matmul(h, w)),
+                        [0, x])
+                else:
+                    result = tf.matmul(x, w)
+        return acc.jvp(result)
+
+    def low(in_loop):
+        graphs = [run.get_concrete_function(in_loop).graph]
+        graphs += [f.graph for f in getattr(graphs[0], "_functions", {}).values()
+                   if hasattr(f, "graph")]
+        return any(t.dtype == tf.bfloat16 for g in graphs
+                   for op in g.get_operations() for t in op.outputs)
+
+    assert low(False)
+    assert not low(True)

@@ -292,6 +292,7 @@ BAD_ARGUMENTS = [
     ("fisher", "exact"),
     ("inverse_dtype", "float16"),
     ("precondition_dtype", "float16"),
+    ("products_dtype", "float16"),
     ("conv_location_stride", 0),
     ("seed", -3),
 ]

@@ -20,6 +20,7 @@ import keras
 from keras_tkfac import damping
 from keras_tkfac import factored
 from keras_tkfac import ops
+from keras_tkfac import precision
 from keras_tkfac import products
 from keras_tkfac import step_size
 
@@ -334,6 +335,15 @@ def peak_rss_bytes():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine():
+    """`"<n> CPU cores"`, with whether the device has bfloat16 matmul units, which
+    decides what the `"auto"` precision of the curvature matmuls is
+    (`keras_tkfac.precision`)."""
+    units = "with" if precision.has_bfloat16_units() else "without"
+    return (f"{os.cpu_count()} CPU cores {units} bfloat16 matmul units (\"auto\" "
+            f"curvature matmuls: {precision.resolve('auto')})")
 
 
 def source_version():

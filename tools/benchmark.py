@@ -380,7 +380,7 @@ def main(argv):
         f"{_PROBLEM.value} ({initial.name}, covered layers' widths {layers}, "
         f"{initial.count_params():,} parameters) on {dataset} "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {steps} steps of "
-        f"{batch_size}, seed {_SEED.value}; {os.cpu_count()} CPU cores, TensorFlow "
+        f"{batch_size}, seed {_SEED.value}; {benchlib.machine()}, TensorFlow "
         f"{tf.__version__}, Keras {keras.__version__}, keras_tkfac "
         f"{benchlib.source_version()}. Training loss: inference mode over "
         f"{min(_EVAL_EXAMPLES.value or problem.eval_examples, len(data.x_train))} "

@@ -35,6 +35,7 @@ import benchlib
 import benchmark
 import keras_tkfac
 from keras_tkfac import ops
+from keras_tkfac import precision
 
 _ROUNDS = flags.DEFINE_integer("rounds", 30, "Timed rounds (one step of each kind).")
 _CONFIGS = flags.DEFINE_string(
@@ -181,7 +182,7 @@ def main(argv):
         mean = (plain + (stats - plain) / optimizer.factor_update_freq
                 + (inverse - stats) / optimizer.inverse_update_freq)
         error = ""
-        if optimizer.precondition_dtype == "bfloat16":
+        if precision.resolve(optimizer.precondition_dtype) == "bfloat16":
             error = f"{max(_bf16_error(wrapped, train, problem)):.1e}"
         lines.append(
             f"| {name} | {plain:.1f} ({plain / adam:.2f}) | {stats:.1f} "

@@ -18,6 +18,15 @@ was before the change ("before") and once as it is ("now"):
 - `unit_scale`: every layer's step was multiplied by the step's scale, also where
   that is the constant 1 (every control but the KL-clipping ones); now it is not
   (`row_sparse.dense_scaled`).
+- `bfloat16`: the curvature matmuls in float32 ("before",
+  `products_dtype="float32", precondition_dtype="float32"`) and in bfloat16 ("now":
+  the quadratic model's tangent matmuls and the preconditioning products,
+  `keras_tkfac.precision`); here the losses agree to bfloat16's rounding of those
+  products, not to float32's. On hardware without bfloat16 units it measures the
+  emulation's cost.
+- `auto_precision`: the same, "now" being `"auto"` (the default since 2026-12-06:
+  bfloat16 for dense layers' matmuls of widths of at least 128 where the machine has
+  bfloat16 units, float32 elsewhere; the same as "before" on a machine without).
 
 It builds each workload of `tools/suite.py` twice in one process from the same
 initial weights, one traced each way, and then, round after round, times `--steps`
@@ -48,7 +57,7 @@ from keras_tkfac import row_sparse
 
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
                              ["zero_tangents", "sliced_finiteness", "embedding_rows",
-                              "unit_scale"],
+                              "unit_scale", "bfloat16", "auto_precision"],
                              "The change measured (module docstring).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
@@ -72,6 +81,8 @@ def _dense_all_finite(tensors):
 
 def _set(variant, now):
     """Puts the code read while the step is traced as it is (`now`) or was."""
+    if variant in ("bfloat16", "auto_precision"):
+        return  # (an optimizer argument: `_arguments`)
     if variant == "zero_tangents":
         jvp_rules.LEAVE_OUT_ZEROS = now
     elif variant == "sliced_finiteness":
@@ -87,10 +98,19 @@ _ALL_FINITE = ops.all_finite
 _DENSE_SCALED = row_sparse.dense_scaled
 
 
+def _arguments(variant, now):
+    """`TKFAC`'s arguments for `variant` as it is (`now`) or was."""
+    if variant not in ("bfloat16", "auto_precision"):
+        return {}
+    dtype = ("bfloat16" if variant == "bfloat16" else "auto") if now else "float32"
+    return {"products_dtype": dtype, "precondition_dtype": dtype}
+
+
 def _build(workload, variant, now, warmup):
     keras.utils.set_random_seed(0)
     model = keras_tkfac.wrap(workload.build())
-    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=workload.loss)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **_arguments(variant, now)),
+                  loss=workload.loss)
     _set(variant, now)
     try:
         model.make_train_function()

@@ -776,7 +776,7 @@ def main(argv):
     command = " ".join(["python tools/suite.py", *sys.argv[1:]])
     report = [
         f"`{command}`", "",
-        f"Seed {seed}; {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, Keras "
+        f"Seed {seed}; {benchlib.machine()}, TensorFlow {tf.__version__}, Keras "
         f"{keras.__version__}, keras_tkfac {benchlib.source_version()}; "
         f"{minutes:.1f} minutes in all. Target rule: per workload, "
         f"target = {MARGIN} × the lowest validation loss of the best-of-grid Adam run "
