@@ -161,3 +161,22 @@ def test_precondition_many_takes_a_dtype_per_layer():
     assert not np.array_equal(mixed[1].numpy(), exact[1].numpy())
     np.testing.assert_allclose(mixed[1].numpy(), exact[1].numpy(), rtol=0,
                                atol=2.0**-6 * np.abs(exact[1].numpy()).max())
+
+
+def test_bfloat16_paths_compile_with_xla():
+    """Under `jit_compile=True` (Keras's default on GPUs) the bfloat16 products and
+    preconditioning compile and train as uncompiled."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 12)).astype("float32")
+    y = rng.integers(0, 4, size=64)
+    losses = []
+    for jit in (False, True):
+        model = keras_tkfac.wrap(_mlp())
+        model.compile(optimizer=keras_tkfac.TKFAC(
+            seed=1, products_dtype="bfloat16", precondition_dtype="bfloat16"),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit)
+        losses.append(model.fit(x, y, batch_size=16, epochs=2, shuffle=False,
+                                verbose=0).history["loss"])
+    assert np.all(np.isfinite(losses))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-2)
