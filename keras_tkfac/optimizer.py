@@ -19,11 +19,11 @@ from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
 from keras_tkfac import quadratic
-from keras_tkfac import row_sparse
 from keras_tkfac import serialization
 from keras_tkfac import shapes
 from keras_tkfac import statistics
 from keras_tkfac import step_size
+from keras_tkfac import updates
 from keras_tkfac import validation
 
 # `keys`: the variable keys of `block.variables`, in that order.
@@ -211,26 +211,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             ]
         damping_lib.build(self)
         quadratic.build(self)
-        self._build_update_state(var_list, covered)
-
-    def _build_update_state(self, var_list, covered):
-        """Momentum of the preconditioned variables, partner state of the others."""
-        self._momentums = [None] * len(var_list)
-        self._partner_slots = [None] * len(var_list)
-        fallback = []
-        for variable in var_list:
-            index = self._get_variable_index(variable)
-            if self._var_key(variable) in covered:
-                if self.momentum > 0 or step_size.uses_products(self.step_control):
-                    self._momentums[index] = self.add_variable_from_reference(
-                        variable, "momentum")
-                continue
-            fallback.append(getattr(variable, "path", variable.name))
-            self._partner_slots[index] = [
-                self.add_variable_from_reference(variable, slot_name)
-                for slot_name in self._partner.slot_names()
-            ]
-        self._partner.log_uncovered(fallback, len(var_list))
+        updates.build(self, var_list, covered)
 
     # Curvature ----------------------------------------------------------------
 
@@ -328,46 +309,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     # Update -------------------------------------------------------------------
 
-    def _precondition(self, grads, variables, learning_rate):
-        position = {self._var_key(v): i for i, v in enumerate(variables)}
-        found = []
-        for slot in self._slots:
-            indices = [position.get(key) for key in slot.keys]
-            if None in indices:
-                continue
-            grad = factored.step_gradient(
-                slot.block, [grads[i] for i in indices], slot.block.grad_matrix(
-                    *[tf.cast(grads[i], tf.float32) for i in indices]),
-                step_size.uses_moments(self.step_control))
-            found.append((slot, indices, grad))
-        updates = self._math(ops.precondition_many)(
-            [slot.inverses[0].value for slot, *_ in found],
-            [factored.gradient(
-                self._loss_rows.get(id(slot.block.layer)),
-                factored.sparse_rows(slot.block, [grads[i] for i in indices], grad))
-             for slot, indices, grad in found],
-            [slot.inverses[1].value for slot, *_ in found], shapes.precondition_dtypes(
-                self.precondition_dtype, [s.block for s, *_ in found])) if found else []
-        used = [(*item, update) for item, update in zip(found, updates)]
-        if not used:
-            return grads
-        if step_size.uses_moments(self.step_control):
-            used = step_size.graft_step(self, used)
-        if step_size.uses_products(self.step_control):
-            used, scale = quadratic.steps(self, used, variables, learning_rate)
-        else:
-            scale = step_size.update_scale(
-                self.step_control, [u for *_, u in used], [g for *_, g, _ in used],
-                learning_rate, self.kl_clip)
-        monitor.record_update(self, used, scale)
-        grads = list(grads)
-        for slot, indices, _, update in used:
-            parts = [p for p in slot.block.split_matrix(
-                row_sparse.dense_scaled(update, scale)) if p is not None]
-            for i, part in zip(indices, parts):
-                grads[i] = tf.cast(part, grads[i].dtype)
-        return grads
-
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # Sum the replicas' gradients first, so that preconditioning and the KL-clip
         # inner product see the global gradient; Keras's own all-reduce is skipped.
@@ -379,7 +320,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.skipped_steps.assign_add(
             tf.cast(tf.logical_not(self._step_is_finite), tf.int32)
         )
-        grads = self._precondition(grads, list(trainable_variables), learning_rate)
+        grads = updates.precondition(self, grads, list(trainable_variables),
+                                     learning_rate)
         update = super()._backend_update_step
         finite = self._step_is_finite
         if distributed.merges_updates():
@@ -408,47 +350,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         pass
 
     def update_step(self, gradient, variable, learning_rate):
-        """Preconditioned variables: weight decay, `m` by `step_size.momentum_step`,
-        `theta -= step_size.step_learning_rate(lr) * m`; others: the partner's step."""
-        ok = self._step_is_finite  # `None`: the step is known to be finite
-        gradient = tf.cast(gradient, variable.dtype)
-        if ok is not None:
-            gradient = tf.where(ok, gradient, 0.0)
-        index = self._get_variable_index(variable)
-        partner_slots = self._partner_slots[index]
-        if partner_slots is None:
-            momentum = self._momentums[index]
-            slots = [] if momentum is None else [momentum]
-            step = step_size.momentum_step(self.step_control, self.momentum,
-                                           momentum, gradient)
-            new_slots = [step] if momentum is not None else []
-            decay_rate = learning_rate  # AdamW's, not the model step's fraction
-            learning_rate = step_size.step_learning_rate(self.step_control,
-                                                         learning_rate)
-            coefficient = (self.weight_decay if self.weight_decay
-                           and self._use_weight_decay(variable) else 0.0)
-        else:
-            slots = partner_slots
-            learning_rate, step, new_slots, coefficient = self._partner.update(
-                self, variable, gradient, slots, learning_rate)
-            decay_rate = learning_rate
-        learning_rate = tf.cast(learning_rate, variable.dtype)
-        decay = None
-        if coefficient:
-            decay = tf.cast(decay_rate * coefficient, variable.dtype)
-        if ok is None:
-            for slot, new in zip(slots, new_slots):
-                self.assign(slot, new)
-            if decay is not None:
-                self.assign_sub(variable, decay * variable)
-            self.assign_sub(variable, learning_rate * step)
-            return
-        value = tf.convert_to_tensor(variable)
-        if decay is not None:
-            value = value - decay * value
-        for slot, new in zip(slots, new_slots):
-            self.assign(slot, tf.where(ok, new, slot))
-        self.assign(variable, tf.where(ok, value - learning_rate * step, variable))
+        updates.update_variable(self, gradient, variable, learning_rate)
 
     # Serialisation ------------------------------------------------------------
 
