@@ -17,8 +17,9 @@ of at least `MIN_WIDTH` (dense layers' preconditioning and tangents; not
 convolutions, einsums or embeddings) where the device has bfloat16 matmul units,
 else float32 (`has_bfloat16_units`): a GPU of compute
 capability 8.0 or later (A100, H100: bfloat16 tensor cores at twice TF32's rate), a
-CPU with AMX or AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4). Where
-there are none, bfloat16 matmuls are emulated and were not faster (measured on an
+CPU with AMX or AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4; on the
+suite's MLP the steps took 0.84x float32's time on both kinds of CPU, measured on
+2 cores each, docs/RESULTS.md, "bfloat16 curvature matmuls"). Where there are none, bfloat16 matmuls are emulated and were not faster (measured on an
 AVX2-only CPU: 1.08x float32's time, docs/RESULTS.md, "Cost of a step"). The
 environment variable `KERAS_TKFAC_AUTO_PRECISION` (`float32` or `bfloat16`) fixes
 what `"auto"` means, for a reproducible run across machines; the tests set it to
