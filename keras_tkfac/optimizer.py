@@ -1,8 +1,9 @@
 """The engine of the curvature optimizers: `CurvatureOptimizer`.
 
 `keras_tkfac.approximations` defines `TKFAC` and `KFAC` on it; the statistics and
-inverse steps (`statistics`), the step-size control, the first-order partner, the
-update cadence and the distribution code live in their own modules.
+inverse steps (`statistics`), the preconditioned update and its application to each
+variable (`updates`), the step-size control, the first-order partner, the update
+cadence and the distribution code live in their own modules.
 """
 
 import weakref
@@ -26,7 +27,7 @@ from keras_tkfac import step_size
 from keras_tkfac import updates
 from keras_tkfac import validation
 
-# `keys`: the variable keys of `block.variables`, in that order.
+
 class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Shared engine of `TKFAC` and `KFAC`; subclasses choose the approximation.
 
