@@ -178,6 +178,65 @@ def test_inline_rule_equals_tensorflows_forward_mode(op_type, fn, shapes):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+# Max pooling whose windows tile the input (`jvp_rules._tiled_max_pool`), with
+# primals of many tied maxima (integers) where `ties` is set.
+_TILED = [
+    ("valid", lambda x: tf.nn.max_pool2d(x, 2, 2, "VALID"), (2, 6, 7, 3), False),
+    ("ties", lambda x: tf.nn.max_pool2d(x, 2, 2, "VALID"), (2, 6, 6, 3), True),
+    ("same_divisible", lambda x: tf.nn.max_pool2d(x, 2, 2, "SAME"), (2, 6, 4, 3), True),
+    ("window_3", lambda x: tf.nn.max_pool2d(x, 3, 3, "VALID"), (2, 6, 8, 2), False),
+    ("one_dimensional", lambda x: tf.nn.max_pool1d(x, 2, 2, "VALID"), (2, 8, 3), True),
+]
+# Windows that overlap, or padding that pads: `MaxPoolGradGrad` as before.
+_UNTILED = [
+    ("overlapping", lambda x: tf.nn.max_pool2d(x, 3, 2, "VALID"), (2, 7, 7, 3)),
+    ("same_padded", lambda x: tf.nn.max_pool2d(x, 2, 2, "SAME"), _IMAGE),
+]
+
+
+def _pooling_ops(fn, primal, direction):
+    @tf.function
+    def run():
+        with jvp_rules.inline(), tf.autodiff.ForwardAccumulator(
+                [primal], [direction]) as accumulator:
+            result = fn(primal)
+        return accumulator.jvp(result)
+    return {op.type for op in run.get_concrete_function().graph.get_operations()}
+
+
+@pytest.mark.parametrize("name,fn,shape,ties", _TILED, ids=[c[0] for c in _TILED])
+def test_tiled_max_pooling_takes_its_tangent_from_the_routing(name, fn, shape, ties):
+    """Where the windows tile the input, the tangent comes from `MaxPoolGrad`'s
+    routing and an average pooling, not `MaxPoolGradGrad`, and equals TensorFlow's
+    forward mode, tied maxima included."""
+    del name
+    primal = _normal(shape)
+    if ties:
+        primal = tf.round(primal)  # about a third of each window's entries tie
+    directions = [[_normal(shape)] for _ in range(2)]
+    expected, _ = _jvps(fn, [primal], directions, inline=False)
+    found, used = _jvps(fn, [primal], directions, inline=True)
+    assert "MaxPool" in used
+    for a, b in zip(found, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    types = _pooling_ops(fn, primal, directions[0][0])
+    assert "MaxPoolGrad" in types and "MaxPoolGradGrad" not in types
+
+
+@pytest.mark.parametrize("name,fn,shape", _UNTILED, ids=[c[0] for c in _UNTILED])
+def test_max_pooling_that_does_not_tile_keeps_the_gradients_gradient(name, fn, shape):
+    del name
+    primal, direction = _normal(shape), _normal(shape)
+    assert "MaxPoolGradGrad" in _pooling_ops(fn, primal, direction)
+    jvp_rules.TILED_MAX_POOL = False
+    try:
+        assert "MaxPoolGradGrad" in _pooling_ops(
+            lambda x: tf.nn.max_pool2d(x, 2, 2, "VALID"), _normal((1, 4, 4, 1)),
+            _normal((1, 4, 4, 1)))
+    finally:
+        jvp_rules.TILED_MAX_POOL = True
+
+
 def test_every_rule_has_a_case():
     """No rule without its oracle above."""
     rules = jvp_rules.LINEAR | jvp_rules.MULTILINEAR | set(jvp_rules.ELEMENTWISE)

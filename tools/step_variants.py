@@ -24,6 +24,10 @@ was before the change ("before") and once as it is ("now"):
   `keras_tkfac.precision`); here the losses agree to bfloat16's rounding of those
   products, not to float32's. On hardware without bfloat16 units it measures the
   emulation's cost.
+- `tiled_max_pool`: the products' tangent of a max pooling whose windows tile its
+  input was TensorFlow's `MaxPoolGradGrad` for each direction; now it is the
+  window's sum of the tangent times `MaxPoolGrad`'s routing mask, one mask for all
+  directions (`jvp_rules.TILED_MAX_POOL`); the same tangents.
 - `auto_precision`: the same, "now" being `"auto"` (the default since 2026-12-06:
   bfloat16 for dense layers' matmuls of widths of at least 128 where the machine has
   bfloat16 units, float32 elsewhere; the same as "before" on a machine without).
@@ -57,7 +61,8 @@ from keras_tkfac import row_sparse
 
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
                              ["zero_tangents", "sliced_finiteness", "embedding_rows",
-                              "unit_scale", "bfloat16", "auto_precision"],
+                              "unit_scale", "bfloat16", "auto_precision",
+                              "tiled_max_pool"],
                              "The change measured (module docstring).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
@@ -89,6 +94,8 @@ def _set(variant, now):
         ops.all_finite = _ALL_FINITE if now else _dense_all_finite
     elif variant == "embedding_rows":
         row_sparse.ENABLED = now
+    elif variant == "tiled_max_pool":
+        jvp_rules.TILED_MAX_POOL = now
     else:
         row_sparse.dense_scaled = _DENSE_SCALED if now else (
             lambda x, factor: factor * row_sparse.dense(x))
