@@ -40,6 +40,7 @@ Within `precision("bfloat16")` the multilinear rules of matmuls and convolutions
 """
 
 import contextlib
+import functools
 import re
 import threading
 
@@ -112,12 +113,21 @@ def _log_softmax(op, tangents):
 TILED_MAX_POOL = True
 
 
+@functools.lru_cache(maxsize=None)
+def _on_cpu():
+    """Whether the step runs on the CPU: no GPU is visible. Measured on CPUs only;
+    where a GPU runs the step, `MaxPoolGradGrad` is a parallel kernel there, and
+    cuDNN's pooling gradient, which would give the mask, has not been checked
+    against it at tied maxima."""
+    return not tf.config.list_logical_devices("GPU")
+
+
 def _tiles(op):
-    """Whether a `MaxPool` op's windows tile its float32 NHWC input: strides equal
-    to the window, and no padding (`VALID`, or `SAME` where the spatial sizes are
-    known multiples of the strides, which pads nothing)."""
+    """Whether a `MaxPool` op's windows tile its float32 NHWC input, on a CPU:
+    strides equal to the window, and no padding (`VALID`, or `SAME` where the
+    spatial sizes are known multiples of the strides, which pads nothing)."""
     if (op.type != "MaxPool" or op.inputs[0].dtype != tf.float32
-            or op.get_attr("data_format") != b"NHWC"):
+            or op.get_attr("data_format") != b"NHWC" or not _on_cpu()):
         return False
     ksize, strides = list(op.get_attr("ksize")), list(op.get_attr("strides"))
     padding = op.get_attr("padding")
