@@ -18,7 +18,9 @@ cell's weights enter it through `tf.stop_gradient`, the weights by Keras's
 `StatelessScope`), and the layer's outputs are handed to the pass's accumulators
 with their tangents (`ForwardAccumulator._watch`). One loop of primal and tangents
 replaces the transposed gradient: the same products, equal to reverse mode's
-(`tests/test_quadratic.py`).
+(`tests/test_quadratic.py`). A layer built with `unroll=True` gets the same step in
+`_unrolled`, Keras's unrolled loop written out (Keras's own cannot carry a step's
+several outputs).
 """
 
 import contextlib
@@ -81,27 +83,72 @@ def _inner_loop(layer, accumulators):
             return tuple(outputs), new_states + [
                 a.jvp(s, _ZERO) for a in inner for s in new_states]
 
-        last, outputs, final = keras.src.backend.rnn(
-            step,
-            tuple([tf.stop_gradient(t) for t in inputs]
-                  + [_tangent(a, t) for a in accumulators for t in inputs]),
-            [tf.stop_gradient(s) for s in states]
-            + [_tangent(a, s) for a in accumulators for s in states],
-            go_backwards=layer.go_backwards,
-            mask=mask,
-            unroll=layer.unroll,
-            input_length=inputs[0].shape[1],
-            zero_output_for_mask=layer.zero_output_for_mask,
-            return_all_outputs=layer.return_sequences,
-        )
+        sequences_in = tuple([tf.stop_gradient(t) for t in inputs]
+                             + [_tangent(a, t) for a in accumulators for t in inputs])
+        states_in = ([tf.stop_gradient(s) for s in states]
+                     + [_tangent(a, s) for a in accumulators for s in states])
+        if layer.unroll:
+            last, outputs, final = _unrolled(step, sequences_in, states_in, layer, mask)
+        else:
+            last, outputs, final = keras.src.backend.rnn(
+                step, sequences_in, states_in, go_backwards=layer.go_backwards,
+                mask=mask, unroll=False, input_length=inputs[0].shape[1],
+                zero_output_for_mask=layer.zero_output_for_mask,
+                return_all_outputs=layer.return_sequences)
         final = tree.flatten(final)
+        # The accumulators watch copies: an unrolled loop's last output and final
+        # states are also read by its own ops (the last step's `tanh(c)`), which
+        # would then read a tangent they do not pass on (`tangents.dropped`).
+        primal = [tf.identity(t) for t in [last[0], outputs[0]] + final[:width]]
         for k, accumulator in enumerate(accumulators):
             accumulator._watch(  # pylint: disable=protected-access
-                [last[0], outputs[0]] + final[:width],
+                primal,
                 [last[k + 1], outputs[k + 1]] + final[width * (k + 1):width * (k + 2)])
-        return last[0], outputs[0], tree.pack_sequence_as(structure, final[:width])
+        return primal[0], primal[1], tree.pack_sequence_as(structure, primal[2:])
 
     return inner_loop
+
+
+def _unrolled(step, sequences, states, layer, mask):
+    """The loop of a layer built with `unroll=True`, as `keras.src.backend.rnn`
+    unrolls it (`go_backwards`; a masked step holds the states and repeats the
+    previous output, zeros before the first; with `zero_output_for_mask` the
+    masked steps' outputs, and the last output where its step is masked, are zeros
+    afterwards), for a `step` with several outputs (the primal and each direction's
+    tangent): Keras's own unrolled loop stacks such outputs into one time-major
+    tensor and cannot mask them. `sequences` are batch-major."""
+    inputs = [tf.unstack(t, axis=1) for t in sequences]
+    masks = None
+    if mask is not None:
+        mask = tf.cast(mask, tf.bool)
+        masks = tf.unstack(tf.reshape(mask, tf.shape(mask)[:2]), axis=1)
+
+    def held(step_mask, x):  # the batch's mask broadcast to `x`
+        return tf.reshape(step_mask, [-1] + [1] * (x.shape.rank - 1))
+
+    order = range(len(inputs[0]))
+    order = reversed(order) if layer.go_backwards else order
+    states, outputs, kept = list(states), [], []
+    for t in order:
+        output, new_states = step(tuple(x[t] for x in inputs), tuple(states))
+        output, new_states = list(output), tree.flatten(new_states)
+        if masks is not None:
+            previous = outputs[-1] if outputs else [tf.zeros_like(o) for o in output]
+            output = [tf.where(held(masks[t], o), o, p) for o, p in zip(output, previous)]
+            new_states = [tf.where(held(masks[t], n), n, s)
+                          for n, s in zip(new_states, states)]
+            kept.append(masks[t])
+        states = new_states
+        outputs = outputs + [output] if layer.return_sequences else [output]
+    last = outputs[-1]
+    if masks is not None and layer.zero_output_for_mask:
+        last = [tf.where(held(kept[-1], o), o, tf.zeros_like(o)) for o in last]
+        # (Keras zeroes the `i`-th output computed by the mask of time step `i`,
+        # also where `go_backwards` computed them in reverse.)
+        outputs = ([[tf.where(held(m, o), o, tf.zeros_like(o)) for o in step_outputs]
+                    for m, step_outputs in zip(masks, outputs)]
+                   if layer.return_sequences else [last])
+    return (tuple(last), tuple(tf.stack(o, axis=1) for o in zip(*outputs)), states)
 
 
 def _recurrent(model):

@@ -335,6 +335,21 @@ def test_step_variants_smoke(variant):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_step_variants_smoke_unrolled_forward_mode():
+    """`tools/step_variants.py --smoke --variant=unrolled_forward_mode`: the BiLSTM
+    with Keras's unrolled loops trains to the same loss with reverse-over-reverse
+    products and with forward mode through the loops."""
+    result = _run("tools/step_variants.py", "--smoke", "--variant=unrolled_forward_mode",
+                  "--workloads=lstm")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| lstm |")]
+    assert len(rows) == 1
+    assert float(rows[0][1]) > 0 and float(rows[0][2]) > 0
+    assert math.isclose(float(rows[0][4]), float(rows[0][5].strip(" |")), rel_tol=1e-4)
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_rounding_spread_smoke():
     """`tools/rounding_spread.py --smoke`: each perturbed run's row and the summary."""
     result = _run("tools/rounding_spread.py", "--smoke", "--workloads=mlp",

@@ -1,5 +1,7 @@
 """The quadratic-model step (`step_control="quadratic"`, `keras_tkfac.quadratic`)."""
 
+import contextlib
+
 from absl import logging
 from unittest import mock
 
@@ -1194,6 +1196,12 @@ def _recurrent_model(kind):
         h = L.Dense(3, name="before_the_loop")(inputs)  # its tangent enters the loop
         h = L.GRU(3, go_backwards=True, return_sequences=True, dropout=0.2)(h)
         h = L.Flatten()(L.SimpleRNN(3, return_sequences=True)(h))
+    elif kind in ("unrolled_by_keras", "unrolled_unmasked"):  # `unroll=True`
+        inputs = keras.Input((6,), dtype="int32")
+        h = L.Embedding(30, 4, mask_zero=kind == "unrolled_by_keras")(inputs)
+        h = L.Bidirectional(L.LSTM(3, return_sequences=True, unroll=True))(h)
+        h = L.LSTM(3, return_sequences=True, unroll=True, zero_output_for_mask=True)(h)
+        h = L.GRU(2, unroll=True, go_backwards=True)(h)
     else:  # stacked cells, returned states
         inputs = keras.Input((6, 2))
         h, *_ = L.RNN(L.StackedRNNCells([L.LSTMCell(3), L.GRUCell(2)]),
@@ -1213,14 +1221,67 @@ def test_forward_mode_products_pass_recurrent_loops(kind, nested):
     recurrent loops (masks, `go_backwards`, input dropout, stacked cells), for the
     embedding and dense layers around them and for the recurrent weights; each
     `J x` equals reverse-over-reverse `d/du <J^T u, x>` through the same loops."""
+    _check_recurrent_products(kind, nested, cells_carry=True)
+
+
+# A layer's own `unroll=True` (`rnn_tangents._unrolled`: Keras's unrolled loop,
+# masked steps included), with the cells' weights among the directions or not.
+@pytest.mark.parametrize("kind,cells_carry", [
+    ("unrolled_by_keras", False), ("unrolled_by_keras", True),
+    ("unrolled_unmasked", False)])
+def test_forward_mode_products_pass_unrolled_loops(kind, cells_carry):
+    """Each `J x` through loops that Keras unrolls equals reverse-over-reverse
+    through the same loops: masks held and zeroed as Keras's unrolled loop does
+    (`go_backwards` in the bidirectional layer), without masks, the cells'
+    weights carrying tangents or not."""
+    _check_recurrent_products(kind, True, cells_carry=cells_carry)
+
+
+def test_fit_through_unrolled_loops_in_forward_mode():
+    """`fit` with layers that Keras unrolls (masked, bidirectional): the products
+    take forward mode (reverse-over-reverse is never called) and give the weights
+    that reverse-over-reverse products give. Before `_unrolled`, forward mode failed
+    there (Keras's unrolled loop cannot carry the tangents as extra outputs), and
+    the accumulators' watched outputs, read by the unrolled loop's own last ops,
+    looked like a dropped tangent."""
+    data = RNG.integers(0, 30, size=(32, 7))
+    data[:8, -2:] = 0
+    labels = (data[:, :1] > 15).astype("float32")
+    found = []
+    for reverse in (False, True):
+        keras.utils.set_random_seed(3)
+        L = keras.layers
+        inputs = keras.Input((7,), dtype="int32")
+        h = L.Embedding(30, 4, mask_zero=True)(inputs)
+        h = L.Bidirectional(L.LSTM(3, return_sequences=True, unroll=True))(h)
+        h = L.LSTM(2, unroll=True)(h)
+        model = keras_tkfac.wrap(keras.Model(inputs, L.Dense(1, activation="sigmoid")(h)))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss="binary_crossentropy")
+        with mock.patch.object(products, "_reverse_mode",
+                               wraps=products._reverse_mode) as reverse_mode:
+            with mock.patch.object(products, "_forward_mode", side_effect=RuntimeError)\
+                    if reverse else contextlib.nullcontext():
+                model.fit(data, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        assert reverse_mode.called == reverse
+        found.append(model.get_weights())
+    for forward, reverse in zip(*found):
+        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-6)
+
+
+def _check_recurrent_products(kind, nested, cells_carry):
     model = _recurrent_model(kind)
-    x = (RNG.integers(0, 30, size=(4, 6)) if "bilstm" in kind
+    x = (RNG.integers(0, 30, size=(4, 6)) if "bilstm" in kind or "unrolled" in kind
          else RNG.normal(size=(4, 6, 2)).astype("float32"))
     if kind == "bilstm":
         x[:, -2:] = 0  # masked time steps
+    if kind == "unrolled_by_keras":
+        x[:, 2] = x[1:, -1] = 0  # inside the sequences and at their ends
     outputs = fisher.resolve_losses(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), "true", model(x))
-    primals = [v.value for v in model.trainable_variables]
+    cells = {id(v) for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.RNN) for v in layer.cell.weights}
+    primals = [v.value for v in model.trainable_variables
+               if cells_carry or id(v) not in cells]
     directions = [[tf.constant(RNG.normal(size=p.shape).astype("float32"))
                    for p in primals] for _ in range(2)]
     state = [v.value for v in model.non_trainable_variables]

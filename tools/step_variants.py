@@ -28,6 +28,10 @@ was before the change ("before") and once as it is ("now"):
   input was TensorFlow's `MaxPoolGradGrad` for each direction; now it is the
   window's sum of the tangent times `MaxPoolGrad`'s routing mask, one mask for all
   directions (`jvp_rules.TILED_MAX_POOL`); the same tangents.
+- `unrolled_forward_mode`: on the BiLSTM built with `unroll=True` (`--workloads=
+  lstm`), the products through Keras's unrolled loops took reverse-over-reverse mode
+  (forward mode failed there); now forward mode runs them
+  (`keras_tkfac.rnn_tangents._unrolled`).
 - `auto_precision`: the same, "now" being `"auto"` (the default since 2026-12-06:
   bfloat16 for dense layers' matmuls of widths of at least 128 where the machine has
   bfloat16 units, float32 elsewhere; the same as "before" on a machine without).
@@ -57,12 +61,13 @@ import keras_tkfac
 import suite
 from keras_tkfac import jvp_rules
 from keras_tkfac import ops
+from keras_tkfac import products
 from keras_tkfac import row_sparse
 
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
                              ["zero_tangents", "sliced_finiteness", "embedding_rows",
                               "unit_scale", "bfloat16", "auto_precision",
-                              "tiled_max_pool"],
+                              "tiled_max_pool", "unrolled_forward_mode"],
                              "The change measured (module docstring).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
@@ -96,12 +101,22 @@ def _set(variant, now):
         row_sparse.ENABLED = now
     elif variant == "tiled_max_pool":
         jvp_rules.TILED_MAX_POOL = now
+    elif variant == "unrolled_forward_mode":
+        products._forward_mode = _FORWARD_MODE if now else _failing_forward_mode
     else:
         row_sparse.dense_scaled = _DENSE_SCALED if now else (
             lambda x, factor: factor * row_sparse.dense(x))
 
 
 _ALL_FINITE = ops.all_finite
+_FORWARD_MODE = products._forward_mode  # pylint: disable=protected-access
+
+
+def _failing_forward_mode(*args, **kwargs):
+    """Forward mode as it failed through Keras's unrolled loops (the products then
+    take reverse-over-reverse mode)."""
+    del args, kwargs
+    raise ValueError("forward mode through an unrolled loop (before 2026-12-06)")
 _DENSE_SCALED = row_sparse.dense_scaled
 
 
@@ -133,7 +148,9 @@ def main(argv):
     rows = []
     rounds, steps = (2, 2) if _SMOKE.value else (_ROUNDS.value, _STEPS.value)
     for name in flags.FLAGS.workloads:
-        workload = getattr(suite, name)(_SMOKE.value, 0)
+        unrolled = _VARIANT.value == "unrolled_forward_mode" and name == "lstm"
+        workload = getattr(suite, name)(_SMOKE.value, 0,
+                                        **({"unroll": True} if unrolled else {}))
         built = {flag: _build(workload, _VARIANT.value, flag, steps)
                  for flag in (False, True)}
         seconds = {False: [], True: []}

@@ -408,7 +408,7 @@ def transformer(smoke, seed):
                     f"synthetic sequences of {lengths[0]}-{lengths[1]} tokens")
 
 
-def lstm(smoke, seed):
+def lstm(smoke, seed, unroll=False):
     vocab, lengths = 20000, ((10, 12) if smoke else (24, 40))
     n, n_val = (128, 64) if smoke else (2000, 500)
     (x, y), (xv, yv) = _split(*synthetic_tokens(n + n_val, lengths, vocab, seed), n_val)
@@ -417,8 +417,10 @@ def lstm(smoke, seed):
     def build():
         inputs = keras.Input((lengths[1],), dtype="int32")
         h = layers.Embedding(vocab, embed_dim)(inputs)
-        h = layers.Bidirectional(layers.LSTM(units, return_sequences=True))(h)
-        h = layers.Bidirectional(layers.LSTM(units))(h)
+        # (`unroll`: `tools/step_variants.py --variant=unrolled_forward_mode`)
+        h = layers.Bidirectional(layers.LSTM(units, return_sequences=True,
+                                             unroll=unroll))(h)
+        h = layers.Bidirectional(layers.LSTM(units, unroll=unroll))(h)
         outputs = layers.Dense(1, activation="sigmoid")(h)
         return keras.Model(inputs, outputs, name="lstm")
 
