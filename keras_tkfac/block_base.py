@@ -2,7 +2,7 @@
 
 The blocks themselves: `blocks` (dense, einsum-dense and embedding layers, and the
 registry), `conv_blocks` (convolutions), `norm_blocks` (normalisation scales and
-offsets), `recurrent` (recurrent layers).
+offsets), `recurrent` (recurrent layers), `lora_blocks` (LoRA adapters).
 """
 
 import tensorflow as tf
@@ -43,10 +43,13 @@ class CurvatureBlock:
     # Whether the grafted step controls give each of the layer's variables its own
     # RMSProp length (`step_size.graft_updates`), rather than the layer as a whole.
     graft_per_variable = False
+    # Whether the block describes the layer's LoRA factors (`lora_blocks`); other
+    # blocks decline a layer with LoRA enabled.
+    covers_lora = False
 
     def __init__(self, layer):
         self.layer = layer
-        if getattr(layer, "lora_enabled", False):
+        if getattr(layer, "lora_enabled", False) and not self.covers_lora:
             raise UnsupportedLayer(
                 f"Layer {layer.name!r} has LoRA enabled, which keras_tkfac does not "
                 "precondition. Received: lora_enabled=True"

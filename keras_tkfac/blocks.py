@@ -110,6 +110,8 @@ class EinsumDenseBlock(DenseBlock):
                 f"bias_axes={layer.bias_axes!r}"
             )
         self._contracted = len(contracted)
+        self._axes = (batch, contracted, new)
+        self._ellipsis = equation.split(",")[0].startswith("...")
 
     @property
     def bias(self):
@@ -222,11 +224,15 @@ def register_normalization_blocks():
 
 
 def block_for(layer):
-    """The block for `layer`, or `None` when its class is not registered or its
+    """The block for `layer` (a dense-family layer with LoRA enabled: its
+    `lora_blocks` block), or `None` when its class is not registered or its
     block declines the layer's configuration (`accepts`, or `UnsupportedLayer`
     from the block, logged once per layer: the layer takes the first-order
     fallback)."""
     block_class = BLOCKS.get(type(layer))
+    if getattr(layer, "lora_enabled", False):
+        from keras_tkfac import lora_blocks  # pylint: disable=import-outside-toplevel
+        block_class = lora_blocks.LORA_BLOCKS.get(block_class, block_class)
     if block_class is None or not block_class.accepts(layer):
         return None
     try:

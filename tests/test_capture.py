@@ -6,10 +6,22 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher, ops
+from keras_tkfac import fisher, lora_blocks, ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _lora(layer, shape, rank=2):
+    """`layer` built for inputs of `shape` with LoRA enabled, `B` and the bias made
+    non-zero (Keras starts them at zero) so that each acts on the outputs."""
+    layer.build((None, *shape))
+    layer.enable_lora(rank)
+    rng = np.random.default_rng(7)
+    for variable in (v for v in (layer.lora_kernel_b, layer.bias) if v is not None):
+        variable.assign(rng.normal(size=variable.shape) * 0.5)
+    return layer
+
 
 CASES = {
     "dense": ((5,), lambda: keras.layers.Dense(4, activation="tanh")),
@@ -48,6 +60,25 @@ CASES = {
     ),
     "einsum_ellipsis": (
         (5,), lambda: keras.layers.EinsumDense("...b,bc->...c", output_shape=4)
+    ),
+    # LoRA enabled: the block covers `B` and the bias (`keras_tkfac.lora_blocks`).
+    "dense_lora": ((5,), lambda: _lora(keras.layers.Dense(4, activation="tanh"), (5,))),
+    "dense_sequence_lora": (
+        (3, 5), lambda: _lora(keras.layers.Dense(4, activation="relu"), (3, 5), 3)),
+    "einsum_heads_lora": (
+        (3, 5),
+        lambda: _lora(keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 3),
+                                               bias_axes="de", activation="relu"),
+                      (3, 5)),
+    ),
+    "einsum_output_projection_lora": (
+        (3, 2, 4),
+        lambda: _lora(keras.layers.EinsumDense("abcd,cde->abe", output_shape=(3, 5),
+                                               bias_axes="e"), (3, 2, 4)),
+    ),
+    "einsum_ellipsis_lora": (
+        (5,), lambda: _lora(keras.layers.EinsumDense("...b,bc->...c", output_shape=4),
+                            (5,)),
     ),
 }
 
@@ -115,7 +146,23 @@ def test_rows_reproduce_keras_gradient(case):
     np.testing.assert_allclose(a.T @ g / m, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["dense", "dense_sequence", "conv2d_stride2_valid"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_recording_call_computes_the_layers_own_output(case):
+    # The recording call (`capture.install`) computes the output from the block's
+    # pre-activation; Keras's own `call` of the layer's class is the oracle (a
+    # LoRA block whose bias the partner trains once left the bias out).
+    model, layer, shape = _model(case)
+    x = tf.constant(np.random.default_rng(4).normal(size=(2, *shape)), tf.float32)
+    with tf.GradientTape(), keras_tkfac.record(model) as recording:
+        recorded = layer(x)
+    index = [b.layer for b in recording.blocks].index(layer)
+    assert len(recording.calls(recording.blocks[index])) == 1  # (recorded)
+    np.testing.assert_allclose(recorded.numpy(), type(layer).call(layer, x).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dense", "dense_sequence", "conv2d_stride2_valid",
+                                  "dense_lora", "einsum_heads_lora"])
 def test_rows_are_per_example_gradients(case):
     model, layer, _, x, y, tape, recording, y_pred, _ = _recorded(case, 2)
     block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
@@ -127,7 +174,8 @@ def test_rows_are_per_example_gradients(case):
                                    rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["dense", "conv2d_stride2_valid", "conv1d_causal"])
+@pytest.mark.parametrize("case", ["dense", "conv2d_stride2_valid", "conv1d_causal",
+                                  "dense_lora"])
 def test_tkfac_trace_equals_exact_fisher_trace_on_recorded_rows(case):
     model, layer, shape = _model(case)
     rng = np.random.default_rng(3)
@@ -374,23 +422,30 @@ def _lora_model():
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
 
 
-def test_lora_enabled_after_wrap_takes_the_partner_and_trains():
+def test_lora_enabled_after_wrap_gets_its_lora_block_and_trains():
     keras.utils.set_random_seed(0)
     model = _lora_model()
     wrapped = keras_tkfac.wrap(model)
-    assert [b.name for b in wrapped.blocks] == ["base", "head"]
-    model.get_layer("base").enable_lora(2)
+    assert [type(b) for b in wrapped.blocks] == [keras_tkfac.blocks.DenseBlock] * 2
+    base = model.get_layer("base")
+    base.enable_lora(2)
+    frozen = base._kernel.numpy()
     optimizer = keras_tkfac.TKFAC()
     wrapped.compile(optimizer=optimizer,
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
     losses = wrapped.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
-    assert [b.name for b in wrapped.blocks] == ["head"]
+    # `B` and the bias in the LoRA block, `A` on the partner, `W_0` frozen.
+    assert [type(b) for b in wrapped.blocks] == [
+        lora_blocks.LoRADenseBlock, keras_tkfac.blocks.DenseBlock]
+    assert wrapped.blocks[0].variables == [base.lora_kernel_b, base.bias]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-    base = model.get_layer("base")
-    for variable in (base.lora_kernel_a, base.lora_kernel_b, base.bias):
-        assert optimizer._partner_slots[optimizer._get_variable_index(variable)]
+    assert optimizer._partner_slots[optimizer._get_variable_index(base.lora_kernel_a)]
+    for variable in (base.lora_kernel_b, base.bias):
+        assert not optimizer._partner_slots[optimizer._get_variable_index(variable)]
+    np.testing.assert_array_equal(base._kernel.numpy(), frozen)
+    assert np.any(base.lora_kernel_b.numpy() != 0.0)
     # Enabled after the optimizer was built for the layer's kernel, then compiled
     # again with it (as Keras asks after changing what trains): an error that says
     # what to do, not a step misaligned with the optimizer's state.
@@ -450,7 +505,8 @@ def test_a_build_that_fails_part_way_leaves_nothing_half_made(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["dense_sequence", "einsum_heads",
-                                  "einsum_output_projection"])
+                                  "einsum_output_projection", "dense_sequence_lora",
+                                  "einsum_output_projection_lora"])
 def test_sequence_rows_give_each_sequences_gradient(case):
     # `sequences=True` keeps the positions of a call on sequences as an axis:
     # `a_n^T g_n` is example n's gradient of the layer's weights (Keras's).

@@ -1076,9 +1076,10 @@ def test_a_declined_layer_is_logged_for_every_model_even_with_a_reused_name(capl
     logging.get_absl_logger().propagate = True
 
     def model():
-        dense = keras.layers.Dense(3, name="low_rank")
-        model = keras.Sequential([keras.Input((4,)), dense])
-        dense.enable_lora(2)
+        # (A convolution with LoRA: `Dense` and `EinsumDense` have LoRA blocks.)
+        conv = keras.layers.Conv1D(3, 2, name="low_rank")
+        model = keras.Sequential([keras.Input((5, 4)), conv])
+        conv.enable_lora(2)
         return model
 
     messages = []

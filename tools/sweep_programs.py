@@ -1748,6 +1748,53 @@ def conv_lstm1d():
     return model, x, y, _logits_loss(), {}
 
 
+def _pretrained(model, x, y):
+    """`model` trained briefly (two epochs of Adam) on `x`, `y`: the "pretrained"
+    weights a LoRA fine-tuning starts from."""
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), **_logits_loss())
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0)
+    return model
+
+
+def lora_fine_tuning():
+    """Keras's LoRA (`layer.enable_lora(rank)`, as in the KerasHub fine-tuning
+    guides) on a pretrained MLP: its kernels frozen, rank-4 adapters trained on a
+    new labelling of the same images (the pretraining's classes, shifted by one)."""
+    x, y = _images(BATCH * 8, classes=4)
+    x = x.reshape(len(x), -1)
+    dense = [layers.Dense(64, activation="relu"), layers.Dense(64, activation="relu"),
+             layers.Dense(4)]
+    model = _pretrained(keras.Sequential([keras.Input(x.shape[1:]), *dense]),
+                        x[::-1], y[::-1])
+    for layer in dense:
+        layer.enable_lora(4)
+    return model, x, (y + 1) % 4, _logits_loss(), {}
+
+
+def lora_attention():
+    """LoRA on a pretrained transformer block's attention, as KerasHub's
+    `backbone.enable_lora(rank)` does: the query and value projections
+    (`EinsumDense`, one `B` per head) get rank-4 adapters, everything else is
+    frozen but the classification head; the task is a new labelling."""
+    x, y = _tokens(BATCH * 8, length=16, vocab=200, classes=2, pad=False)
+    inputs = keras.Input((16,), dtype="int32")
+    h = layers.Embedding(200, 32)(inputs)
+    attention = layers.MultiHeadAttention(4, 8)
+    h = layers.LayerNormalization()(h + attention(h, h))
+    h = layers.GlobalAveragePooling1D()(h)
+    model = _pretrained(keras.Model(inputs, layers.Dense(2)(h)), x, y)
+    for layer in model.layers[:-1]:
+        layer.trainable = False
+    attention.trainable = True
+    for projection in (attention._query_dense, attention._value_dense):
+        projection.enable_lora(4)
+    for projection in (attention._key_dense, attention._output_dense):
+        projection.trainable = False
+    # The new task: the class is whether token 1 or 2 appears in the first half.
+    first_half = (x[:, :8] == 1).any(axis=1) | (x[:, :8] == 2).any(axis=1)
+    return model, x, first_half.astype("int32"), _logits_loss(), {}
+
+
 PROGRAMS = {f.__name__: f for f in (
     gru_classifier, masked_lstm, simple_rnn_tagger, causal_transformer,
     separable_grouped_dilated, wavenet_causal, conv3d_video,
@@ -1771,4 +1818,5 @@ PROGRAMS = {f.__name__: f for f in (
     custom_rnn_cell, bidirectional_gru_states, dict_outputs_loss_weights,
     padding_cropping_upsampling, hashing_discretization, embedding_regularized_maxpool,
     softmax_layer_noise_layers, subclassed_training_branch, multimodal_inputs,
-    depth_multiplier, conv_lstm1d, transfer_learning)}
+    depth_multiplier, conv_lstm1d, transfer_learning, lora_fine_tuning,
+    lora_attention)}

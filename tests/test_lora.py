@@ -1,0 +1,90 @@
+"""LoRA adapters (`layer.enable_lora`) trained through their blocks
+(`keras_tkfac.lora_blocks`). The rows' oracles (Keras's gradients, per example and
+summed; the recording call against Keras's own `call`) are in `test_capture.py`."""
+
+import logging as std_logging
+
+from absl import logging
+import numpy as np
+import pytest
+import keras
+
+import keras_tkfac
+from keras_tkfac import lora_blocks
+
+
+def _fine_tuning_model():
+    """A dense layer and an attention layer, LoRA on the dense layer and on the
+    attention's query and value projections (one `B` per head, their biases on
+    the partner), the rest frozen but a new head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 6))
+    dense = keras.layers.Dense(8, activation="relu", name="adapted")
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+    h = dense(inputs)
+    h = attention(h, h)
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    dense.enable_lora(2)
+    for projection in (attention._query_dense, attention._value_dense):
+        projection.enable_lora(2)
+    for projection in (attention._key_dense, attention._output_dense):
+        projection.trainable = False
+    rng = np.random.default_rng(0)
+    for layer in (dense, attention._query_dense, attention._value_dense):
+        layer.bias.assign(rng.normal(size=layer.bias.shape) * 0.3)
+    return model, dense, attention
+
+
+@pytest.mark.parametrize("name", ["TKFAC", "KFAC"])
+def test_lora_adapters_train_through_their_blocks_in_forward_mode(name, caplog):
+    model, dense, attention = _fine_tuning_model()
+    frozen = [v.numpy() for v in model.non_trainable_variables]
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    wrapped = keras_tkfac.wrap(model)
+    kinds = {b.name: type(b) for b in wrapped.blocks}
+    assert kinds["adapted"] is lora_blocks.LoRADenseBlock
+    assert kinds["query"] is kinds["value"] is lora_blocks.LoRAEinsumDenseBlock
+    # `B` and the dense layer's bias in blocks; the heads' biases on the partner.
+    assert wrapped.blocks[[b.name for b in wrapped.blocks].index("query")].variables == [
+        attention._query_dense.lora_kernel_b]
+    optimizer = getattr(keras_tkfac, name)()
+    wrapped.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(1).normal(size=(64, 4, 6)).astype("float32")
+    y = (x[:, 0, 0] > 0).astype("int32")
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level(std_logging.INFO):
+        losses = wrapped.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # Forward mode passes Keras's merged kernel `W_0 + s A B`.
+    assert not [r for r in caplog.records if "products failed" in r.getMessage()]
+    # Every trainable variable moved (a block that left its layer's bias to the
+    # partner once dropped it from the output, so it got no gradient), the
+    # frozen ones did not.
+    for variable in model.trainable_variables:
+        assert np.any(variable.numpy() != before[variable.path]), variable.path
+    for variable, value in zip(model.non_trainable_variables, frozen):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    for variable in (dense.lora_kernel_a, attention._query_dense.lora_kernel_a,
+                     attention._query_dense.bias):
+        assert optimizer._partner_slots[optimizer._get_variable_index(variable)]
+
+
+def test_lora_fine_tuning_tool_runs_each_configuration():
+    """`tools/lora_fine_tuning.py`'s runs, on its smoke data: with no LoRA block
+    every adapter weight is on the partner, which is then `Adam(1e-3)` exactly
+    (the weights, batches and shuffling are the same); the two blocks' runs are
+    finite and the LoRA blocks are restored afterwards."""
+    import sys  # pylint: disable=import-outside-toplevel
+    from tests.test_examples import _ROOT  # pylint: disable=import-outside-toplevel
+    sys.path.insert(0, str(_ROOT / "tools"))
+    import lora_fine_tuning  # pylint: disable=import-outside-toplevel
+    before = dict(lora_blocks.LORA_BLOCKS)
+    results = lora_fine_tuning.run("digits", 2, smoke=True)
+    assert set(results) == set(lora_fine_tuning.RUNS)
+    assert all(np.all(np.isfinite(v)) for v in results.values())
+    np.testing.assert_allclose(results["TKFAC, partner only"], results["Adam 1e-3"],
+                               rtol=1e-5)
+    assert results["TKFAC, block on B"] != results["Adam 1e-3"]
+    assert lora_blocks.LORA_BLOCKS == before
