@@ -1,5 +1,5 @@
-"""Curvature blocks of LoRA adapters (`layer.enable_lora(rank)` on `Dense` and
-`EinsumDense`).
+"""Curvature blocks of LoRA adapters (`layer.enable_lora(rank)` on `Dense`,
+`EinsumDense` and `Embedding`; convolutions with LoRA take the first-order partner).
 
 With LoRA enabled, Keras freezes the layer's kernel `W_0` and trains two factors:
 the layer computes with `W = W_0 + s A B`, `A` of shape `kernel.shape[:-1] + (r,)`,
@@ -32,30 +32,31 @@ import tensorflow as tf
 import keras
 
 from keras_tkfac.block_base import _add_channel_bias
-from keras_tkfac.blocks import DenseBlock, EinsumDenseBlock
+from keras_tkfac.blocks import DenseBlock, EinsumDenseBlock, EmbeddingBlock
 
 
 class _LoRA:
     """The LoRA part shared by the dense-family blocks (mixed in before them)."""
 
     covers_lora = True
+    _factors = ("lora_kernel_a", "lora_kernel_b")  # the layer's `A`, `B`
 
     @property
     def kernel(self):
-        return self.layer.lora_kernel_b
+        return getattr(self.layer, self._factors[1])
 
     @property
     def d_out(self):
-        return int(self.layer.lora_kernel_b.shape[-1])
+        return int(self.kernel.shape[-1])
 
     def kernel_rows(self):
-        return int(self.layer.lora_kernel_b.shape[0])
+        return int(self.kernel.shape[0])
 
     def _projected(self, inputs):
         """`s (a A)`: the inputs of `B`, `[..., r]` (float32, as `A` is)."""
         scale = self.layer.lora_alpha / self.layer.lora_rank
-        kernel_a = self.layer.lora_kernel_a
-        return scale * self._project(tf.cast(inputs, kernel_a.dtype), kernel_a)
+        kernel_a = getattr(self.layer, self._factors[0])
+        return scale * self._project(inputs, kernel_a)
 
     def rows(self, inputs, output_grads):
         return super().rows(self._projected(inputs), output_grads)
@@ -68,7 +69,7 @@ class LoRADenseBlock(_LoRA, DenseBlock):
     """`keras.layers.Dense` with LoRA enabled: `B` and the bias (module docstring)."""
 
     def _project(self, inputs, kernel_a):
-        return keras.ops.matmul(inputs, kernel_a)
+        return keras.ops.matmul(tf.cast(inputs, kernel_a.dtype), kernel_a)
 
 
 class LoRAEinsumDenseBlock(_LoRA, EinsumDenseBlock):
@@ -97,7 +98,8 @@ class LoRAEinsumDenseBlock(_LoRA, EinsumDenseBlock):
         return _add_channel_bias(self._product(inputs), self.layer.bias, "channels_last")
 
     def _project(self, inputs, kernel_a):
-        return keras.ops.einsum(self._projection, inputs, kernel_a)
+        return keras.ops.einsum(self._projection, tf.cast(inputs, kernel_a.dtype),
+                                kernel_a)
 
     def rows(self, inputs, output_grads):
         a = tf.reshape(self._projected(inputs), [-1, self.kernel_rows()])
@@ -118,8 +120,29 @@ class LoRAEinsumDenseBlock(_LoRA, EinsumDenseBlock):
         return self._with_bias(a), g
 
 
+class LoRAEmbeddingBlock(_LoRA, DenseBlock):
+    """`keras.layers.Embedding` with LoRA enabled: `B` (`[r, dim]`), whose input
+    rows are the looked-up rows of `A` (`s A[id]`); an embedding has no bias. On
+    sequences of ids, a position is a row, or with `sequence_statistics="exact"`
+    each sequence's gradient counts whole, as for a `Dense` on sequences."""
+
+    _factors = ("lora_embeddings_a", "lora_embeddings_b")
+    regularizers = ("embeddings_regularizer",)
+
+    @property
+    def bias(self):
+        return None
+
+    def preactivation(self, inputs):
+        return tf.gather(self.layer.embeddings, tf.cast(inputs, tf.int32))
+
+    def _project(self, inputs, kernel_a):
+        return tf.gather(kernel_a, tf.cast(inputs, tf.int32))
+
+
 # The LoRA block of each dense-family block (`blocks.block_for`).
 LORA_BLOCKS = {
     DenseBlock: LoRADenseBlock,
     EinsumDenseBlock: LoRAEinsumDenseBlock,
+    EmbeddingBlock: LoRAEmbeddingBlock,
 }

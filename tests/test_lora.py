@@ -88,3 +88,63 @@ def test_lora_fine_tuning_tool_runs_each_configuration():
                                rtol=1e-5)
     assert results["TKFAC, block on B"] != results["Adam 1e-3"]
     assert lora_blocks.LORA_BLOCKS == before
+
+
+def _embedding_model():
+    keras.utils.set_random_seed(0)
+    embedding = keras.layers.Embedding(50, 8, name="tokens")
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(embedding(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+    embedding.enable_lora(2)
+    embedding.lora_embeddings_b.assign(
+        np.random.default_rng(3).normal(size=(2, 8)).astype("float32"))
+    return model, embedding
+
+
+def test_an_embeddings_lora_rows_give_keras_gradient_of_b():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    model, embedding = _embedding_model()
+    wrapped = keras_tkfac.wrap(model)
+    block = wrapped.blocks[[b.name for b in wrapped.blocks].index("tokens")]
+    assert type(block) is lora_blocks.LoRAEmbeddingBlock
+    assert block.variables == [embedding.lora_embeddings_b]
+    rng = np.random.default_rng(1)
+    ids = tf.constant(rng.integers(0, 50, size=(6, 5)), tf.int32)
+    y = rng.integers(0, 3, size=(6,))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape(persistent=True) as tape:
+        with keras_tkfac.record(wrapped) as recording:
+            recorded = embedding(ids)
+            loss = loss_fn(y, wrapped(ids, training=True))
+    # The recording call computes Keras's own lookup of the merged embeddings.
+    np.testing.assert_allclose(recorded.numpy(),
+                               type(embedding).call(embedding, ids).numpy(),
+                               rtol=1e-6, atol=1e-7)
+    index = [b.layer for b in recording.blocks].index(embedding)
+    output_grads = tape.gradient(loss, recording.outputs())
+    a, g = recording.rows(output_grads)[index]
+    # (The direct call is off the loss's path: its rows add nothing.)
+    expected = tape.gradient(loss, embedding.lora_embeddings_b).numpy()
+    np.testing.assert_allclose(a.numpy().T @ g.numpy(), expected, rtol=1e-4, atol=1e-7)
+    a_seq, g_seq = recording.rows(output_grads, sequences=True)[index]
+    assert a_seq.shape[-1] == 2 and g_seq.shape[-1] == 8
+
+
+def test_an_embeddings_lora_trains_with_its_block():
+    model, embedding = _embedding_model()
+    frozen = embedding._embeddings.numpy()
+    before = [v.numpy() for v in (embedding.lora_embeddings_a,
+                                  embedding.lora_embeddings_b)]
+    wrapped = keras_tkfac.wrap(model)
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 50, size=(64, 5)).astype("int32")
+    y = (ids[:, 0] % 3).astype("int32")
+    losses = wrapped.fit(ids, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    np.testing.assert_array_equal(embedding._embeddings.numpy(), frozen)
+    for variable, value in zip((embedding.lora_embeddings_a,
+                                embedding.lora_embeddings_b), before):
+        assert np.any(variable.numpy() != value)
