@@ -224,8 +224,8 @@ def register_normalization_blocks():
 
 
 def block_for(layer):
-    """The block for `layer` (a dense-family layer with LoRA enabled: its
-    `lora_blocks` block), or `None` when its class is not registered or its
+    """The block for `layer` (a layer with LoRA enabled: its `lora_blocks`
+    block), or `None` when its class is not registered or its
     block declines the layer's configuration (`accepts`, or `UnsupportedLayer`
     from the block, logged once per layer: the layer takes the first-order
     fallback)."""

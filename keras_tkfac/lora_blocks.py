@@ -1,5 +1,5 @@
 """Curvature blocks of LoRA adapters (`layer.enable_lora(rank)` on `Dense`,
-`EinsumDense` and `Embedding`; convolutions with LoRA take the first-order partner).
+`EinsumDense`, `Embedding` and the convolutions `Conv1D`/`Conv2D`/`Conv3D`).
 
 With LoRA enabled, Keras freezes the layer's kernel `W_0` and trains two factors:
 the layer computes with `W = W_0 + s A B`, `A` of shape `kernel.shape[:-1] + (r,)`,
@@ -31,12 +31,14 @@ shared across heads as `B` is) is left to the partner.
 import tensorflow as tf
 import keras
 
-from keras_tkfac.block_base import _add_channel_bias
+from keras_tkfac.block_base import UnsupportedLayer, _add_channel_bias
 from keras_tkfac.blocks import DenseBlock, EinsumDenseBlock, EmbeddingBlock
+from keras_tkfac.conv_blocks import ConvBlock, _channels_last
 
 
 class _LoRA:
-    """The LoRA part shared by the dense-family blocks (mixed in before them)."""
+    """The LoRA part shared by the LoRA blocks (mixed in before the layer's own
+    block class)."""
 
     covers_lora = True
     _factors = ("lora_kernel_a", "lora_kernel_b")  # the layer's `A`, `B`
@@ -61,11 +63,15 @@ class _LoRA:
     def rows(self, inputs, output_grads):
         return super().rows(self._projected(inputs), output_grads)
 
+
+class _LoRASequences(_LoRA):
+    """A dense-family layer's calls on sequences (`DenseBlock.sequence_rows`)."""
+
     def sequence_rows(self, inputs, output_grads):
         return super().sequence_rows(self._projected(inputs), output_grads)
 
 
-class LoRADenseBlock(_LoRA, DenseBlock):
+class LoRADenseBlock(_LoRASequences, DenseBlock):
     """`keras.layers.Dense` with LoRA enabled: `B` and the bias (module docstring)."""
 
     def _project(self, inputs, kernel_a):
@@ -120,7 +126,7 @@ class LoRAEinsumDenseBlock(_LoRA, EinsumDenseBlock):
         return self._with_bias(a), g
 
 
-class LoRAEmbeddingBlock(_LoRA, DenseBlock):
+class LoRAEmbeddingBlock(_LoRASequences, DenseBlock):
     """`keras.layers.Embedding` with LoRA enabled: `B` (`[r, dim]`), whose input
     rows are the looked-up rows of `A` (`s A[id]`); an embedding has no bias. On
     sequences of ids, a position is a row, or with `sequence_statistics="exact"`
@@ -140,9 +146,48 @@ class LoRAEmbeddingBlock(_LoRA, DenseBlock):
         return tf.gather(kernel_a, tf.cast(inputs, tf.int32))
 
 
-# The LoRA block of each dense-family block (`blocks.block_for`).
+class LoRAConvBlock(_LoRA, ConvBlock):
+    """`Conv1D`/`Conv2D`/`Conv3D` with LoRA enabled: `B` (`[r, filters]`) and the
+    bias, whose input rows are the convolution of the layer's input with `A`
+    (`[*kernel_size, c_in, r]`, the layer's strides, padding and dilation) at each
+    output location: `s` times the patches times `A`, without the patches. Every
+    location is a row (`conv_location_stride` does not apply). Grouped
+    convolutions with LoRA take the partner."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        if self.groups > 1:
+            raise UnsupportedLayer(
+                f"Layer {layer.name!r} has LoRA enabled on a grouped convolution, "
+                f"which keras_tkfac does not precondition. Received: "
+                f"groups={layer.groups}")
+
+    def _project(self, inputs, kernel_a):
+        inputs, padding = self._causal_padding(inputs, self._data_format)
+        projected = keras.ops.conv(
+            tf.cast(inputs, kernel_a.dtype), kernel_a,
+            strides=list(self.layer.strides), padding=padding,
+            dilation_rate=self.layer.dilation_rate, data_format=self._data_format)
+        return _channels_last(projected, self._data_format)
+
+    def rows(self, inputs, output_grads):
+        a = tf.reshape(self._projected(inputs), [-1, self.kernel_rows()])
+        g = tf.reshape(_channels_last(output_grads, self._data_format),
+                       [-1, self.d_out])
+        return self._with_bias(a), g
+
+    def row_norms(self, inputs):
+        return None  # (the statistics square the projected rows)
+
+    def sampled_rows(self, inputs, output_grads, stride, phase=0):
+        del stride, phase
+        return self.rows(inputs, output_grads)
+
+
+# The LoRA block of each block class that has one (`blocks.block_for`).
 LORA_BLOCKS = {
     DenseBlock: LoRADenseBlock,
     EinsumDenseBlock: LoRAEinsumDenseBlock,
     EmbeddingBlock: LoRAEmbeddingBlock,
+    ConvBlock: LoRAConvBlock,
 }

@@ -76,6 +76,14 @@ CASES = {
         lambda: _lora(keras.layers.EinsumDense("abcd,cde->abe", output_shape=(3, 5),
                                                bias_axes="e"), (3, 2, 4)),
     ),
+    "conv2d_stride2_lora": (
+        (7, 7, 2),
+        lambda: _lora(keras.layers.Conv2D(3, 3, strides=2, padding="valid",
+                                          activation="tanh"), (7, 7, 2)),
+    ),
+    "conv1d_causal_lora": (
+        (8, 2), lambda: _lora(keras.layers.Conv1D(3, 3, padding="causal",
+                                                  dilation_rate=2), (8, 2))),
     "einsum_ellipsis_lora": (
         (5,), lambda: _lora(keras.layers.EinsumDense("...b,bc->...c", output_shape=4),
                             (5,)),
@@ -162,7 +170,8 @@ def test_the_recording_call_computes_the_layers_own_output(case):
 
 
 @pytest.mark.parametrize("case", ["dense", "dense_sequence", "conv2d_stride2_valid",
-                                  "dense_lora", "einsum_heads_lora"])
+                                  "dense_lora", "einsum_heads_lora",
+                                  "conv2d_stride2_lora"])
 def test_rows_are_per_example_gradients(case):
     model, layer, _, x, y, tape, recording, y_pred, _ = _recorded(case, 2)
     block, a, g, m = _block_rows(model, layer, tape, recording, y, y_pred)
@@ -175,7 +184,7 @@ def test_rows_are_per_example_gradients(case):
 
 
 @pytest.mark.parametrize("case", ["dense", "conv2d_stride2_valid", "conv1d_causal",
-                                  "dense_lora"])
+                                  "dense_lora", "conv1d_causal_lora"])
 def test_tkfac_trace_equals_exact_fisher_trace_on_recorded_rows(case):
     model, layer, shape = _model(case)
     rng = np.random.default_rng(3)

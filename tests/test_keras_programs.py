@@ -1076,8 +1076,8 @@ def test_a_declined_layer_is_logged_for_every_model_even_with_a_reused_name(capl
     logging.get_absl_logger().propagate = True
 
     def model():
-        # (A convolution with LoRA: `Dense` and `EinsumDense` have LoRA blocks.)
-        conv = keras.layers.Conv1D(3, 2, name="low_rank")
+        # (A grouped convolution with LoRA: other layers have LoRA blocks.)
+        conv = keras.layers.Conv1D(4, 2, groups=2, name="low_rank")
         model = keras.Sequential([keras.Input((5, 4)), conv])
         conv.enable_lora(2)
         return model

@@ -148,3 +148,32 @@ def test_an_embeddings_lora_trains_with_its_block():
     for variable, value in zip((embedding.lora_embeddings_a,
                                 embedding.lora_embeddings_b), before):
         assert np.any(variable.numpy() != value)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"conv_location_stride": 2}])
+def test_a_convolutions_lora_trains_with_its_block(kwargs):
+    # (Its rows against Keras's gradients: `tests/test_capture.py`'s conv LoRA
+    # cases; here the statistics, which square the projected rows, and a `fit`.)
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.GlobalAveragePooling2D()(conv(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+    conv.enable_lora(2)
+    frozen = conv._kernel.numpy()
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    wrapped = keras_tkfac.wrap(model)
+    assert type(wrapped.blocks[0]) is lora_blocks.LoRAConvBlock
+    optimizer = keras_tkfac.TKFAC(**kwargs)
+    wrapped.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(2).normal(size=(64, 8, 8, 2)).astype("float32")
+    y = (x[:, :4, :, 0].mean(axis=(1, 2)) > 0).astype("int32")
+    losses = wrapped.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    np.testing.assert_array_equal(conv._kernel.numpy(), frozen)
+    for variable in model.trainable_variables:
+        assert np.any(variable.numpy() != before[variable.path]), variable.path
+    factors = [v.numpy() for v in optimizer.variables if "conv" in v.path
+               and "phi" in v.path]
+    assert factors and all(np.all(np.isfinite(f)) and np.any(f) for f in factors)
