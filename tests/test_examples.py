@@ -55,6 +55,8 @@ def _run(script, *args, timeout=300):
         ("examples/mnist_mlp.py", [], r"tkfac: train loss .* test accuracy 0\.\d+"),
         ("examples/mnist_autoencoder.py", [], r"tkfac: train loss .* test loss 0\.\d+"),
         ("examples/custom_loop.py", [], r"after 20 steps: .* failed inverses 0"),
+        ("examples/lora_fine_tuning.py", [],
+         r"tkfac: test loss \d\.\d+, test accuracy [01]\.\d+ \(digits 5-9\)"),
         ("examples/text_classifier.py", ["--dataset=synthetic"],
          r"transformer, tkfac: test loss \d\.\d+, test accuracy 0\.\d+"),
         # The BiLSTM's smoke run traces the recurrent layers' products (~30 s).
