@@ -177,3 +177,34 @@ def test_a_convolutions_lora_trains_with_its_block(kwargs):
     factors = [v.numpy() for v in optimizer.variables if "conv" in v.path
                and "phi" in v.path]
     assert factors and all(np.all(np.isfinite(f)) and np.any(f) for f in factors)
+
+
+def test_a_lora_layer_saved_before_its_block_keeps_the_partner_on_load(
+        tmp_path, monkeypatch, caplog):
+    """A `.keras` file written while LoRA layers were declined (before 2026-12-06:
+    emulated by emptying `LORA_BLOCKS`) loads with the layer on the partner, the
+    optimizer's state restored, and a warning that says how to precondition it."""
+    # (Dense layers only: Keras rebuilds attention's projections from the
+    # attention layer's config, without their LoRA.)
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(8, activation="relu", name="adapted")
+    model = keras.Sequential([keras.Input((4, 6)), dense, keras.layers.Flatten(),
+                              keras.layers.Dense(3, name="head")])
+    dense.enable_lora(2)
+    monkeypatch.setattr(lora_blocks, "LORA_BLOCKS", {})
+    wrapped = keras_tkfac.wrap(model)
+    wrapped.compile(optimizer=keras_tkfac.TKFAC(),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(1).normal(size=(32, 4, 6)).astype("float32")
+    wrapped.fit(x, (x[:, 0, 0] > 0).astype("int32"), batch_size=16, verbose=0)
+    path = str(tmp_path / "model.keras")
+    wrapped.save(path)
+    monkeypatch.undo()
+    assert lora_blocks.LORA_BLOCKS
+    with caplog.at_level("WARNING"):
+        loaded = keras.saving.load_model(path)
+    assert "have a curvature block now but had none" in caplog.text
+    assert [b.name for b in loaded.blocks] == [b.name for b in wrapped.blocks]
+    assert not any(isinstance(b, lora_blocks.LoRADenseBlock) for b in loaded.blocks)
+    for saved, restored in zip(wrapped.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
