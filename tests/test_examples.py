@@ -337,6 +337,22 @@ def test_step_variants_smoke(variant):
 
 
 @_ONE_MEASUREMENT_TOOL
+@pytest.mark.parametrize("variant", ["bound_elementwise", "bound_one_direction",
+                                     "bound_split_directions"])
+def test_step_variants_smoke_bounds(variant):
+    """`tools/step_variants.py --smoke` with a bound (a piece of the step left out):
+    both tracings train to finite losses."""
+    result = _run("tools/step_variants.py", "--smoke", f"--variant={variant}",
+                  "--workloads=mlp")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| mlp |")]
+    assert len(rows) == 1
+    assert float(rows[0][1]) > 0 and float(rows[0][2]) > 0
+    assert all(math.isfinite(float(v.strip(" |"))) for v in rows[0][4:6])
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_step_variants_smoke_unrolled_forward_mode():
     """`tools/step_variants.py --smoke --variant=unrolled_forward_mode`: the BiLSTM
     with Keras's unrolled loops trains to the same loss with reverse-over-reverse

@@ -36,6 +36,20 @@ was before the change ("before") and once as it is ("now"):
   bfloat16 for dense layers' matmuls of widths of at least 128 where the machine has
   bfloat16 units, float32 elsewhere; the same as "before" on a machine without).
 
+Bounds, not changes (2026-12-06): "now" leaves a piece of the step's work out, so
+its steps are not the optimizer's and their losses differ; only the time counts, as
+the most that making the piece cheaper could save:
+
+- `bound_elementwise`: the monitor's per-layer norms (`monitor.record_update`) and
+  the graft's rescaling (`ops.graft`) left out.
+- `bound_one_direction`: the quadratic model's products along the preconditioned
+  direction only (`products.Batch.gram` of one direction; the previous step's
+  entries copied from it): one tangent per op instead of two.
+- `bound_split_directions`: the two directions in two forward-mode passes of one
+  direction each instead of one nested pass (the previous step's pass depends on
+  no gradient of the step, so it may run beside the backward pass; the cross term
+  is copied, not computed).
+
 It builds each workload of `tools/suite.py` twice in one process from the same
 initial weights, one traced each way, and then, round after round, times `--steps`
 training steps of each in turn (alternating which goes first), so that the
@@ -60,6 +74,7 @@ import benchlib
 import keras_tkfac
 import suite
 from keras_tkfac import jvp_rules
+from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import products
 from keras_tkfac import row_sparse
@@ -67,7 +82,9 @@ from keras_tkfac import row_sparse
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
                              ["zero_tangents", "sliced_finiteness", "embedding_rows",
                               "unit_scale", "bfloat16", "auto_precision",
-                              "tiled_max_pool", "unrolled_forward_mode"],
+                              "tiled_max_pool", "unrolled_forward_mode",
+                              "bound_elementwise", "bound_one_direction",
+                              "bound_split_directions"],
                              "The change measured (module docstring).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per configuration.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed round.")
@@ -90,9 +107,14 @@ def _dense_all_finite(tensors):
 
 
 def _set(variant, now):
-    """Puts the code read while the step is traced as it is (`now`) or was."""
+    """Puts the code read while the step is traced as it is (`now`) or was (for a
+    bound: with its piece left out (`now`) or as it is)."""
     if variant in ("bfloat16", "auto_precision"):
         return  # (an optimizer argument: `_arguments`)
+    if variant.startswith("bound_"):
+        monitor.record_update, ops.graft, products.Batch.gram = (
+            _BOUNDS[variant] if now else _AS_IT_IS)
+        return
     if variant == "zero_tangents":
         jvp_rules.LEAVE_OUT_ZEROS = now
     elif variant == "sliced_finiteness":
@@ -110,6 +132,31 @@ def _set(variant, now):
 
 _ALL_FINITE = ops.all_finite
 _FORWARD_MODE = products._forward_mode  # pylint: disable=protected-access
+_AS_IT_IS = (monitor.record_update, ops.graft, products.Batch.gram)
+
+
+def _gram_2x2(along_update, along_previous):
+    """A positive definite 2 x 2 Gram from one entry per direction (the bounds')."""
+    return tf.stack([tf.stack([along_update, 0.1 * along_previous]),
+                     tf.stack([0.1 * along_previous, along_previous])])
+
+
+def _one_direction(batch, variables, directions):
+    along = _AS_IT_IS[2](batch, variables, directions[:1])[0, 0]
+    return _gram_2x2(along, along)
+
+
+def _split_directions(batch, variables, directions):
+    previous = _AS_IT_IS[2](batch, variables, directions[1:])[0, 0]
+    return _gram_2x2(_AS_IT_IS[2](batch, variables, directions[:1])[0, 0], previous)
+
+
+_BOUNDS = {
+    "bound_elementwise": (lambda *args, **kwargs: None, lambda update, norm: update,
+                          _AS_IT_IS[2]),
+    "bound_one_direction": (*_AS_IT_IS[:2], _one_direction),
+    "bound_split_directions": (*_AS_IT_IS[:2], _split_directions),
+}
 
 
 def _failing_forward_mode(*args, **kwargs):
@@ -139,7 +186,7 @@ def _build(workload, variant, now, warmup):
         iterator = iter(benchlib.batches(workload.train, workload.batch_size, 0))
         _steps(model, iterator, warmup)  # (traced here)
     finally:
-        _set(variant, True)
+        _set(variant, not variant.startswith("bound_"))  # (the code as it is)
     return model, iterator
 
 
