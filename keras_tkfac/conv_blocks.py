@@ -1,6 +1,7 @@
 """Curvature blocks of convolution layers: `Conv1D`/`2D`/`3D`, their transposes,
 depthwise and separable convolutions (rows from im2col patches)."""
 
+import numpy as np
 import tensorflow as tf
 import keras
 
@@ -247,69 +248,123 @@ class ConvBlock(CurvatureBlock):
             phase: integer or integer scalar tensor, the phase of example 0.
 
         Returns:
-            `(a, g)` rows as `rows` returns them, grouped by phase.
+            `(a, g)` rows as `rows` returns them, examples in order, each
+            example's grid points row-major; `None` where a spatial size is
+            unknown when traced (`capture` then takes `rows`).
         """
         if stride == 1:
             return self.rows(inputs, output_grads)
         inputs = _channels_last(inputs, self._data_format)
         inputs, padding = self._causal_padding(inputs, "channels_last")
         output_grads = _channels_last(output_grads, self._data_format)
-        steps = [min(stride, out) for out in output_grads.shape[1:-1]]
-        cycle = 1
-        for step in steps:
-            cycle *= step
-        phase = tf.cast(phase, tf.int32)
-        parts = [self._grid_rows(inputs[p::cycle], output_grads[p::cycle], steps,
-                                 padding, phase + p) for p in range(cycle)]
-        return tuple(tf.concat(rows, 0) for rows in zip(*parts))
-
-    def _grid_rows(self, inputs, output_grads, steps, padding, phase):
-        """The rows of one grid of `sampled_rows` (channels_last tensors)."""
-        pads, g_pads, begins, g_begins, sizes, g_sizes, masks = [], [], [], [], [], [], []
-        total, radix = 1, 1
-        for out, size, k, s, r, step in zip(
-            output_grads.shape[1:-1], inputs.shape[1:-1], self.layer.kernel_size,
-            self.layer.strides, self.layer.dilation_rate, steps,
-        ):
-            extent = (k - 1) * r + 1
-            count = -(-out // step)
-            # The padding of the layer's own convolution (TensorFlow's "same"), and
-            # room for the grid of `count` points at the largest offset.
-            pad = max((out - 1) * s + extent - size, 0) if padding == "same" else 0
-            needed = (step - 1) * s + (count - 1) * step * s + extent
-            pads.append([pad // 2, max(needed - size - pad // 2, pad - pad // 2)])
-            g_pads.append([0, max((step - 1) + (count - 1) * step + 1 - out, 0)])
-            offset = (phase // radix) % step
-            radix *= step
-            begins.append(offset * s)
-            sizes.append((count - 1) * step * s + extent)
-            g_begins.append(offset)
-            g_sizes.append((count - 1) * step + 1)
-            masks.append(tf.range(count) * step + offset < out)
-            total *= out
-        x = tf.pad(inputs, [[0, 0], *pads, [0, 0]])
-        x = tf.slice(x, [0, *begins, 0], [-1, *sizes, -1])
-        patches = _patches(x, self.layer.kernel_size,
-                           [s * step for s, step in zip(self.layer.strides, steps)],
-                           self.layer.dilation_rate, "valid")
-        g = tf.pad(output_grads, [[0, 0], *g_pads, [0, 0]])
-        g = tf.slice(g, [0, *g_begins, 0], [-1, *g_sizes, -1])
-        g = g[(slice(None), *[slice(None, None, step) for step in steps])]
-        valid = masks[0]
-        for mask in masks[1:]:
-            valid = tf.logical_and(valid[..., None], mask)
-        scale = tf.sqrt(total / tf.reduce_sum(tf.cast(valid, tf.float32)))
-        valid = tf.cast(valid, patches.dtype)[..., None]
+        if None in inputs.shape[1:] or None in output_grads.shape[1:]:
+            return None  # (`capture` then takes every location's rows)
+        grid = _SampledGrid(inputs.shape[1:-1], output_grads.shape[1:-1], self.layer,
+                            padding, stride)
+        batch = tf.shape(inputs)[0]
+        offsets = grid.offsets(tf.cast(phase, tf.int32) + tf.range(batch))
+        patches = _gather_rows(_pad(inputs, grid.pads), grid.patch_index, offsets,
+                               grid.strides(grid.padded, self.layer.strides))
+        patches = tf.reshape(patches, [batch, grid.points,
+                                       _taps(self.layer.kernel_size) * inputs.shape[-1]])
+        g = _gather_rows(_pad(output_grads, grid.grad_pads), grid.grad_index, offsets,
+                         grid.strides(grid.grad_padded))
+        valid = grid.valid(offsets)  # [batch, points]
+        scale = tf.sqrt(grid.locations / tf.reduce_sum(valid, axis=1, keepdims=True))
         # One weight per row: 0 past the edge, the rescaling elsewhere.
-        weight = tf.ones_like(patches[..., :1]) * valid * tf.cast(scale, patches.dtype)
-        g = g * tf.cast(valid, g.dtype)
+        weight = tf.cast(tf.reshape(valid * scale, [-1, 1]), patches.dtype)
+        g = tf.reshape(g * tf.cast(valid[..., None], g.dtype), [-1, g.shape[-1]])
         if self.groups > 1:
             a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
                             self.bias is not None)
-            return (a * tf.reshape(weight, [-1, 1, 1]),
+            return (a * weight[:, :, None],
                     tf.reshape(g, [-1, self.groups, self.d_out]))
         a = self._with_bias(tf.reshape(patches, [-1, self.kernel_rows()]))
-        return a * tf.reshape(weight, [-1, 1]), tf.reshape(g, [-1, self.d_out])
+        return a * weight, g
+
+
+def _gather_rows(x, index, offsets, strides):
+    """`x`'s channel vectors (`[batch, *spatial, channels]`) at the flat spatial
+    `index` (`[points]`) moved by each example's `offsets` (`[batch, axes]`, in
+    units of `strides`, the flat index's step per unit offset on each axis):
+    `[batch, points, channels]`, one gather."""
+    flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+    shift = tf.reduce_sum(offsets * tf.constant(strides, tf.int32), axis=1)
+    return tf.gather(flat, index[None, :] + shift[:, None], batch_dims=1)
+
+
+class _SampledGrid:
+    """The static geometry of `ConvBlock.sampled_rows` on inputs of spatial `sizes`
+    and outputs of spatial `outs`: along each axis every `step`-th output location
+    (`step = min(stride, out)`), `count` of them, from an offset below `step` that
+    each example takes from its phase. Holds the paddings of the input (the layer's
+    own, and room for the grid at its largest offset) and of the output gradients
+    (to `count * step`), and the flat indices at offset zero of each grid point's
+    patch taps (`patch_index`, points then taps, row-major as `_patch_locations`)
+    and of each grid point (`grad_index`)."""
+
+    def __init__(self, sizes, outs, layer, padding, stride):
+        self.steps = [min(stride, out) for out in outs]
+        counts = [-(-out // step) for out, step in zip(outs, self.steps)]
+        self.outs, self.counts = list(outs), counts
+        self.locations = float(np.prod(outs))
+        self.points = int(np.prod(counts))
+        self.pads, self.grad_pads, self.padded, self.grad_padded = (
+            [[0, 0]], [[0, 0]], [], [])
+        for size, out, k, s, r, step, count in zip(
+                sizes, outs, layer.kernel_size, layer.strides, layer.dilation_rate,
+                self.steps, counts):
+            extent = (k - 1) * r + 1
+            total = max((out - 1) * s + extent - size, 0) if padding == "same" else 0
+            before = total // 2
+            length = max(size + total, (count * step - 1) * s + extent)
+            self.pads.append([before, length - size - before])
+            self.padded.append(length)
+            self.grad_pads.append([0, count * step - out])
+            self.grad_padded.append(count * step)
+        self.pads.append([0, 0])
+        self.grad_pads.append([0, 0])
+        rank = len(outs)
+        patch, grad = 0, 0
+        in_strides = self.strides(self.padded)
+        grad_strides = self.strides(self.grad_padded)
+        for axis, (k, s, r, step, count) in enumerate(zip(
+                layer.kernel_size, layer.strides, layer.dilation_rate, self.steps,
+                counts)):
+            shape = [1] * (2 * rank)
+            shape[axis], shape[rank + axis] = count, k
+            position = (np.arange(count)[:, None] * step * s
+                        + np.arange(k)[None, :] * r).reshape(shape)
+            patch = patch + position * in_strides[axis]
+            grad_shape = [1] * rank
+            grad_shape[axis] = count
+            grad = grad + (np.arange(count) * step).reshape(grad_shape) * grad_strides[axis]
+        self.patch_index = tf.constant(np.reshape(patch, [-1]), tf.int32)
+        self.grad_index = tf.constant(np.reshape(grad, [-1]), tf.int32)
+
+    @staticmethod
+    def strides(padded, scale=None):
+        """The flat index's step per unit along each axis of a `padded` array
+        (times `scale[axis]`, the layer's strides, for the input)."""
+        steps = [int(np.prod(padded[axis + 1:])) for axis in range(len(padded))]
+        return steps if scale is None else [a * b for a, b in zip(steps, scale)]
+
+    def offsets(self, phases):
+        """`[batch, axes]` grid offsets: the digits of each phase in the mixed radix
+        of the axes' steps."""
+        radix = np.cumprod([1] + self.steps[:-1])
+        return tf.stack([(phases // int(r)) % step
+                         for r, step in zip(radix, self.steps)], axis=1)
+
+    def valid(self, offsets):
+        """`[batch, points]` float32: 1 where a grid point lies inside the output."""
+        valid = None
+        for axis, (out, step, count) in enumerate(zip(self.outs, self.steps,
+                                                      self.counts)):
+            inside = (tf.range(count)[None, :] * step + offsets[:, axis:axis + 1]) < out
+            valid = inside if valid is None else tf.logical_and(
+                valid[..., None], tf.reshape(inside, [-1] + [1] * axis + [count]))
+        return tf.reshape(tf.cast(valid, tf.float32), [-1, self.points])
 
 
 class ConvTransposeBlock(CurvatureBlock):

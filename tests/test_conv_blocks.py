@@ -202,12 +202,12 @@ def test_sampled_rows_are_the_rows_at_sampled_locations(case, stride):
     for phase in range(cycle):
         sampled_a, sampled_g = (t.numpy() for t in block.sampled_rows(
             x, grads, stride, tf.constant(phase)))
-        # Rows come grouped by phase: examples p, p + cycle, ... take phase + p.
-        order = [n for p in range(cycle) for n in range(p, batch, cycle)]
+        # Rows come in example order; example n takes phase + n.
+        order = range(batch)
         sampled_a = sampled_a.reshape(batch, *counts, *a.shape[1 + len(spatial):])
         sampled_g = sampled_g.reshape(batch, *counts, *g.shape[1 + len(spatial):])
         for row, n in enumerate(order):
-            own = (phase + n % cycle) % cycle
+            own = (phase + n) % cycle
             offsets = [(own // int(np.prod(steps[:i]))) % steps[i]
                        for i in range(len(spatial))]
             picks = tuple(slice(o, None, step) for o, step in zip(offsets, steps))
@@ -309,6 +309,35 @@ def test_sampled_locations_give_factors_of_the_same_scale_and_train(cls):
             [f.value / model.optimizer._factor_weight[0] for f in slot.factors])))
     # The sampled sums estimate the sums over all locations: same order of magnitude.
     assert 0.5 < traces[1] / traces[0] < 2.0, traces
+
+
+def test_sampled_locations_of_unknown_spatial_sizes_take_every_location():
+    # Batches of images of two sizes (a dataset whose spatial sizes are unknown
+    # when traced): the grid cannot be laid out, so the statistics take every
+    # location's rows, and the weights equal those of `conv_location_stride=1`.
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(size=(8, size, size, 2)).astype("float32"),
+                rng.integers(0, 3, size=8)) for size in (6, 8, 6, 8)]
+    spec = (tf.TensorSpec((None, None, None, 2)), tf.TensorSpec((None,), tf.int64))
+    weights = []
+    for stride in (1, 2):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((None, None, 2)), L.Conv2D(3, 3, activation="tanh"),
+            L.GlobalAveragePooling2D(), L.Dense(3)]))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0, conv_location_stride=stride),
+                      loss=LOSS)
+        data = tf.data.Dataset.from_generator(lambda: iter(batches),
+                                              output_signature=spec)
+        model.fit(data, epochs=3, verbose=0)
+        assert model.optimizer._factor_weight.numpy()[0] > 0  # statistics were taken
+        weights.append(model.get_weights())
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)
+    block = conv_blocks.ConvBlock(model.layers[0])
+    traced = tf.function(lambda x, g: block.sampled_rows(x, g, 2, 0)).get_concrete_function(
+        tf.TensorSpec((None, None, None, 2)), tf.TensorSpec((None, None, None, 3)))
+    assert traced.structured_outputs is None
 
 
 @pytest.mark.parametrize("cls", [keras_tkfac.TKFAC, keras_tkfac.KFAC])
@@ -551,7 +580,10 @@ def test_statistics_take_the_row_norms_and_equal_those_from_squared_rows(monkeyp
     for row_norms in (spy, lambda block, inputs: None):
         monkeypatch.setattr(conv_blocks.ConvBlock, "row_norms", row_norms)
         model = keras_tkfac.wrap(_conv_model())
-        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=LOSS)
+        # Every location: rows at sampled locations (`conv_location_stride=2`,
+        # TKFAC's default) have no norms of their own; the statistics square them.
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0, conv_location_stride=1),
+                      loss=LOSS)
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # a statistics step
         slot = model.optimizer._slots[0]
         assert slot.block.name == "grouped"

@@ -353,6 +353,21 @@ def test_step_variants_smoke_bounds(variant):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_step_variants_smoke_location_stride():
+    """`tools/step_variants.py --smoke --variant=location_stride`: the convnet with
+    every location's statistics and with every second location's trains to finite
+    losses (the statistics differ, so the losses do)."""
+    result = _run("tools/step_variants.py", "--smoke", "--variant=location_stride",
+                  "--workloads=convnet")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| convnet |")]
+    assert len(rows) == 1
+    assert float(rows[0][1]) > 0 and float(rows[0][2]) > 0
+    assert all(math.isfinite(float(v.strip(" |"))) for v in rows[0][4:6])
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_step_variants_smoke_unrolled_forward_mode():
     """`tools/step_variants.py --smoke --variant=unrolled_forward_mode`: the BiLSTM
     with Keras's unrolled loops trains to the same loss with reverse-over-reverse

@@ -35,6 +35,10 @@ was before the change ("before") and once as it is ("now"):
 - `auto_precision`: the same, "now" being `"auto"` (the default since 2026-12-06:
   bfloat16 for dense layers' matmuls of widths of at least 128 where the machine has
   bfloat16 units, float32 elsewhere; the same as "before" on a machine without).
+- `location_stride`: convolutions' statistics from every location ("before",
+  `conv_location_stride=1`, the default) and from every second one per spatial axis
+  ("now", `conv_location_stride=2`, its rows gathered at each example's grid with
+  one `tf.gather` since 2026-12-06); statistics differ, so the losses do too.
 
 Bounds, not changes (2026-12-06): "now" leaves a piece of the step's work out, so
 its steps are not the optimizer's and their losses differ; only the time counts, as
@@ -82,6 +86,7 @@ from keras_tkfac import row_sparse
 _VARIANT = flags.DEFINE_enum("variant", "zero_tangents",
                              ["zero_tangents", "sliced_finiteness", "embedding_rows",
                               "unit_scale", "bfloat16", "auto_precision",
+                              "location_stride",
                               "tiled_max_pool", "unrolled_forward_mode",
                               "bound_elementwise", "bound_one_direction",
                               "bound_split_directions"],
@@ -169,6 +174,8 @@ _DENSE_SCALED = row_sparse.dense_scaled
 
 def _arguments(variant, now):
     """`TKFAC`'s arguments for `variant` as it is (`now`) or was."""
+    if variant == "location_stride":
+        return {"conv_location_stride": 2 if now else 1}
     if variant not in ("bfloat16", "auto_precision"):
         return {}
     dtype = ("bfloat16" if variant == "bfloat16" else "auto") if now else "float32"
