@@ -178,7 +178,7 @@ class Recording:
         return [s for block in self.blocks for _, s in self.calls(block)]
 
     def rows(self, output_grads, layers=None, location_stride=1, location_phase=0,
-             sequences=False, norms=False):
+             sequences=False, norms=False, location_replica=0):
         """Per block, the `(a, g)` rows of all its calls.
 
         Args:
@@ -191,6 +191,12 @@ class Recording:
                 each spatial axis. Defaults to `1` (all locations).
             location_phase: the grid's offsets (`ConvBlock.sampled_rows`); an
                 integer or an integer scalar tensor. Defaults to `0`.
+            location_replica: this replica's index (an integer or an integer
+                scalar tensor): example `n` of a call's batch of `B` takes the
+                phase `location_phase + location_replica * B + n`, that of its
+                place in the global batch on one device where every replica has
+                `B` examples (replicas then sample as one device does). Defaults
+                to `0`.
             sequences: blocks with a `sequence_rows` method (`Dense` and
                 `EinsumDense` on sequences, recurrent layers) keep their calls'
                 positions as an axis, `[sequences, positions, ...]`, where every
@@ -225,8 +231,9 @@ class Recording:
                     found = block.sequence_rows(inputs, grad)
                 if found is None and location_stride > 1 and hasattr(
                         block, "sampled_rows"):
-                    found = block.sampled_rows(inputs, grad, location_stride,
-                                               location_phase)
+                    first = location_phase + location_replica * tf.shape(
+                        tf.nest.flatten(inputs)[0])[0]
+                    found = block.sampled_rows(inputs, grad, location_stride, first)
                 if found is None:
                     found = block.rows(inputs, grad)
                     n_parts.append(block.row_norms(inputs) if norms else None)

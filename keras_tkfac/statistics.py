@@ -162,7 +162,8 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
                         recorded.rows(grads, wanted, optimizer.conv_location_stride,
                                       phase, getattr(optimizer, "_sequence_statistics",
                                                      False),
-                                      norms=getattr(optimizer, "_uses_row_norms", False))))
+                                      norms=getattr(optimizer, "_uses_row_norms", False),
+                                      location_replica=distributed.replica_id())))
         # Sums over this replica's examples; one SUM all-reduce and a division
         # by the global count give the mean over all examples of all replicas.
         count = tf.cast(num_examples, tf.float32)

@@ -42,11 +42,11 @@ def _replica_values(variable):
     return [v.numpy() for v in getattr(value, "values", (value,))]
 
 
-def _train(strategy, build, x, y, optimizer_fn, epochs=3):
+def _train(strategy, build, x, y, optimizer_fn, epochs=3, batch_size=32):
     with strategy.scope():
         model = keras_tkfac.wrap(build())
         model.compile(optimizer=optimizer_fn(), loss=LOSS)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
     model.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
     return model
 
@@ -86,6 +86,29 @@ def test_two_replicas_match_one_device(mirrored, build, shape, cls, step_control
     _assert_identical_on_replicas(replicated)
     # 24 steps; the two runs differ only in float32 summation order (per-replica
     # partial sums), ~1e-7 relative per reduction, amplified by training.
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
+def test_sampled_conv_locations_under_mirrored_strategy_match_one_device(mirrored):
+    # TKFAC's default `conv_location_stride=2`: example n of the global batch takes
+    # grid phase `phase + n` on one device; on a replica its local index is offset
+    # by the examples of the replicas before it, so the rows are the same. Batches
+    # of 30 (15 a replica, not a multiple of the 4 phases of a 2-D grid).
+    x, y = _data((6, 6, 2), n=240)
+
+    def optimizer():
+        return keras_tkfac.TKFAC(fisher="empirical", factor_update_freq=2,
+                                 inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _convnet, x, y, optimizer,
+                    batch_size=30)
+    replicated = _train(mirrored, _convnet, x, y, optimizer, batch_size=30)
+    assert single.optimizer.conv_location_stride == 2
+    _assert_identical_on_replicas(replicated)
     for a, b in zip(single.weights, replicated.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
     for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
