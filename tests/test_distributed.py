@@ -58,6 +58,17 @@ def _assert_identical_on_replicas(model):
             np.testing.assert_array_equal(other, values[0], err_msg=variable.path)
 
 
+def _assert_matches_one_device(single, replicated):
+    """The replicated run's weights and optimizer state are the same on every
+    replica and equal the single-device run's (up to float32 summation order)."""
+    _assert_identical_on_replicas(replicated)
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=a.path)
+
+
 def _replica_cases():
     """Every step control x optimizer x model; `make test` runs the default step
     control's TKFAC on both models and KFAC on the convnet (its convolution damping
@@ -83,14 +94,9 @@ def test_two_replicas_match_one_device(mirrored, build, shape, cls, step_control
     single = _train(tf.distribute.get_strategy(), build, x, y, optimizer)
     replicated = _train(mirrored, build, x, y, optimizer)
     assert replicated.distribute_strategy.num_replicas_in_sync == 2
-    _assert_identical_on_replicas(replicated)
     # 24 steps; the two runs differ only in float32 summation order (per-replica
     # partial sums), ~1e-7 relative per reduction, amplified by training.
-    for a, b in zip(single.weights, replicated.weights):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
-                                   err_msg=a.path)
+    _assert_matches_one_device(single, replicated)
 
 
 def test_sampled_conv_locations_under_mirrored_strategy_match_one_device(mirrored):
@@ -108,12 +114,7 @@ def test_sampled_conv_locations_under_mirrored_strategy_match_one_device(mirrore
                     batch_size=30)
     replicated = _train(mirrored, _convnet, x, y, optimizer, batch_size=30)
     assert single.optimizer.conv_location_stride == 2
-    _assert_identical_on_replicas(replicated)
-    for a, b in zip(single.weights, replicated.weights):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
-                                   err_msg=a.path)
+    _assert_matches_one_device(single, replicated)
 
 
 def _normed():
@@ -134,12 +135,7 @@ def test_partner_under_mirrored_strategy_matches_one_device(mirrored):
     single = _train(tf.distribute.get_strategy(), _normed, x, y, optimizer)
     replicated = _train(mirrored, _normed, x, y, optimizer)
     assert any("partner_v" in v.path for v in replicated.optimizer.variables)
-    _assert_identical_on_replicas(replicated)
-    for a, b in zip(single.weights, replicated.weights):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(single.optimizer.variables, replicated.optimizer.variables):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5,
-                                   err_msg=a.path)
+    _assert_matches_one_device(single, replicated)
 
 
 def _embedded():
