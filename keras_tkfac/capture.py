@@ -20,6 +20,8 @@ import weakref
 from absl import logging
 import tensorflow as tf
 
+from keras_tkfac import native_convs
+
 _STATE = threading.local()
 
 # Inner model -> a weak reference to its `keras_tkfac.wrap` model, so that
@@ -342,6 +344,9 @@ def install(block):
     object.__setattr__(layer, "_keras_tkfac_block", block)
     if getattr(layer.call, "_keras_tkfac_recording", False):
         return
+    # A convolution Keras runs through XLA computes with TensorFlow's own ops
+    # (`native_convs`), before the recording call wraps it.
+    native_convs.install(layer)
     original = layer.call
 
     @functools.wraps(original)

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_tkfac import native_convs
 from keras_tkfac.block_base import (
     CurvatureBlock, UnsupportedLayer, _add_channel_bias, _taps)
 
@@ -194,14 +195,9 @@ class ConvBlock(CurvatureBlock):
 
     def preactivation(self, inputs):
         inputs, padding = self._causal_padding(inputs, self._data_format)
-        s = keras.ops.conv(
-            inputs,
-            self.layer.kernel,
-            strides=list(self.layer.strides),
-            padding=padding,
-            dilation_rate=self.layer.dilation_rate,
-            data_format=self._data_format,
-        )
+        s = native_convs.convolution(
+            inputs, self.layer.kernel, self.layer.strides, padding,
+            self.layer.dilation_rate, self._data_format)
         return self._add_bias(s)
 
     def rows(self, inputs, output_grads):

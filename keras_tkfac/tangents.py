@@ -40,6 +40,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=no-name-in-module
 
 from keras_tkfac import jvp_rules
+from keras_tkfac import native_convs
 
 # Ops whose derivative is zero wherever it exists: no tangent is the right one.
 ZERO_DERIVATIVE = frozenset({
@@ -168,13 +169,14 @@ def hidden_reads(variables, start, results, accumulators=()):
 
 def nested_xla_convolution(block):
     """Whether Keras runs `block`'s convolution in its nested XLA function (grouped
-    convolutions and `channels_first` 3-D ones, on any device): what `hidden_reads`
-    finds in a traced pass, known here from the layer for eager passes, where there
-    is no graph to inspect (measured: eager forward-mode products through it are
-    wrong too)."""
+    convolutions and `channels_first` 3-D ones, on any device) and `wrap` did not
+    give the layer TensorFlow's own ops for it (`native_convs`): what
+    `hidden_reads` finds in a traced pass, known here from the layer for eager
+    passes, where there is no graph to inspect (measured: eager forward-mode
+    products through it are wrong too)."""
     layer = block.layer
-    if type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D,
-                           keras.layers.Conv3D):
+    if (type(layer) not in (keras.layers.Conv1D, keras.layers.Conv2D,
+                            keras.layers.Conv3D) or native_convs.installed(layer)):
         return False
     return getattr(layer, "groups", 1) > 1 or (
         layer.rank == 3 and layer.data_format == "channels_first")

@@ -353,6 +353,24 @@ def test_step_variants_smoke_bounds(variant):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_grouped_convs_smoke():
+    """`tools/grouped_convs.py --smoke`: the native convolution equals Keras's to
+    float rounding, and both programs train under Adam and under TKFAC with Keras's
+    XLA convolutions and with the native ones, to finite losses."""
+    result = _run("tools/grouped_convs.py", "--smoke", "--programs=convnext,resnext")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [[cell.strip() for cell in line.strip(" |").split("|")]
+            for line in result.stdout.splitlines() if line.startswith("| ")]
+    shapes = [row for row in rows if row[0].startswith("32,")]
+    assert len(shapes) == 1 and float(shapes[0][4]) < 1e-4
+    programs = {row[0]: row for row in rows if row[0] in ("convnext", "resnext")}
+    assert sorted(programs) == ["convnext", "resnext"]
+    for row in programs.values():
+        assert all(float(cell.split()[0]) > 0 for cell in row[1:4])
+        assert all(math.isfinite(float(v)) for v in row[4].split(" / "))
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_step_variants_smoke_location_stride():
     """`tools/step_variants.py --smoke --variant=location_stride`: the convnet with
     every location's statistics and with every second location's trains to finite

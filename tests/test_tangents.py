@@ -10,6 +10,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import fisher
+from keras_tkfac import native_convs
 from keras_tkfac import products
 from keras_tkfac import tangents
 from tests import helpers
@@ -111,9 +112,10 @@ SIBLING_MODELS = {
     # is "graft"'s.
     "fake_quant": (lambda: _model(MIDDLES["fake_quant"]()), "FakeQuantWithMinMaxArgs",
                    None),
-    # On CPU Keras runs these in a nested XLA function that reads the kernel, which
+    # Keras runs these in a nested XLA function that reads the kernel, which
     # forward mode cannot follow (nor, measured, reverse-over-reverse products):
-    # those layers take "graft"'s step, the model covers the dense head.
+    # with `native_convs` off (`wrap` computes them with TensorFlow's own ops
+    # otherwise), those layers take "graft"'s step, the model covers the dense head.
     "grouped_conv": (_grouped, "kernel", [0, 1, 2, 3]),
     "conv3d_channels_first": (_conv3d_channels_first, "kernel", [0, 1]),
 }
@@ -122,7 +124,9 @@ SIBLING_MODELS = {
 @pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
 @pytest.mark.parametrize("name", sorted(SIBLING_MODELS) + ["grouped_conv_eager"])
 def test_products_that_would_miss_layers_give_way_to_the_sibling_step(name, cls,
-                                                                      caplog):
+                                                                      caplog,
+                                                                      monkeypatch):
+    monkeypatch.setattr(native_convs, "ENABLED", False)
     # Eagerly there is no graph to inspect: the layer tells (measured: eager
     # forward-mode products through Keras's nested XLA convolution are wrong too).
     eager = name.endswith("_eager")
