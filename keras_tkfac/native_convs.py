@@ -7,12 +7,12 @@ every device. On a CPU that function is slow, and for the curvature products it 
 opaque: forward mode cannot follow the kernel read inside it (`tangents.HiddenReads`,
 so the layer took the sibling step), and the tangents of the layers before it pass
 through the call by TensorFlow's function-call rule, several forward passes' worth.
-Measured on 2 CPU cores (TF 2.21, one forward convolution, batch 32; one-off
-timings in docs/RESULTS.md, "Grouped convolutions without XLA"): 7x7 with one
-channel a group (ConvNeXt's), 8x8x64: XLA 18.9 ms, one depthwise convolution 0.34
-ms; 3x3, 16x16x128 in 32 groups: XLA 29.7 ms, one convolution per group 5.3 ms.
-ConvNeXtTiny's default `TKFAC()` step (32x32 inputs, batch 8) took 3.3 s against
-Adam's 0.46 s, most of it in those calls.
+Measured on 2 CPU cores (TF 2.21, `tools/grouped_convs.py`: a convolution and its
+kernel gradient, batch 32; docs/RESULTS.md, "Grouped convolutions without XLA"):
+7x7 with one channel a group (ConvNeXt's), 8x8x64: XLA 45.5 ms, one depthwise
+convolution 1.65 ms; 3x3, 16x16x128 in 32 groups: XLA 2434 ms, one convolution per
+group 13.6 ms. ConvNeXtTiny's default `TKFAC()` step (32x32 inputs, batch 8) took
+3.3 s against Adam's 0.46 s, most of it in those calls; now 0.50 s.
 
 `convolution` computes the same convolution with TensorFlow's native ops:
 - one input channel a group (`groups == channels`; 1-D and 2-D, `channels_last`,

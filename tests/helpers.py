@@ -255,3 +255,17 @@ def channel_sign_task(rank, n=128, seed=1):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6, 7, 3) if rank == 2 else (n, 7, 3)).astype("float32")
     return x, (x[..., 0].reshape(n, -1).mean(axis=1) > 0).astype("int32")
+
+
+def mse_gauss_newton_gram(jacobians, directions):
+    """`D G D^T` for Keras's mean squared error, `G = (1 / B) sum_n J_n^T (2 / K)
+    J_n`, from the Jacobians of the `[B, K]` outputs with respect to each variable
+    (`tape.jacobian`) and `directions` (lists of arrays shaped like the variables):
+    the oracle of the curvature products' Gram, in float64."""
+    batch, outputs = jacobians[0].shape[:2]
+    flat_j = np.concatenate([np.reshape(np.asarray(j), (batch, outputs, -1))
+                             for j in jacobians], axis=-1).astype(np.float64)
+    curvature = np.einsum("bdi,bdj->ij", flat_j, flat_j) * 2.0 / (batch * outputs)
+    flat_d = np.array([np.concatenate([np.ravel(d) for d in direction])
+                       for direction in directions], dtype=np.float64)
+    return flat_d @ curvature @ flat_d.T

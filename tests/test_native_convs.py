@@ -13,6 +13,7 @@ from keras_tkfac import fisher
 from keras_tkfac import native_convs
 from keras_tkfac import products
 from keras_tkfac import tangents
+from tests import helpers
 
 tangents.install_jvps()  # As the products do before their first pass.
 
@@ -140,12 +141,8 @@ def test_products_follow_grouped_kernels():
     with tf.GradientTape(persistent=True) as tape:
         out = twin(x, training=True)
     jacobians = tape.jacobian(out, twin_variables, experimental_use_pfor=False)
-    flat_j = np.concatenate([np.reshape(j.numpy(), (3, 3, -1)) for j in jacobians],
-                            axis=-1).astype(np.float64)
-    curvature = np.einsum("bdi,bdj->ij", flat_j, flat_j) * 2.0 / (3 * 3)
-    flat_d = np.array([np.concatenate([np.ravel(d) for d in direction])
-                       for direction in directions], dtype=np.float64)
-    np.testing.assert_allclose(gram, flat_d @ curvature @ flat_d.T, rtol=1e-4)
+    np.testing.assert_allclose(
+        gram, helpers.mse_gauss_newton_gram(jacobians, directions), rtol=1e-4)
 
 
 @pytest.mark.parametrize("eager", [False, True])

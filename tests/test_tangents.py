@@ -188,12 +188,8 @@ def test_products_are_the_explicit_gauss_newton(name):
     with tf.GradientTape() as tape:
         out = model(x, training=True)
     jacobians = tape.jacobian(out, variables)
-    flat_j = np.concatenate([np.reshape(j.numpy(), (3, 3, -1)) for j in jacobians],
-                            axis=-1).astype(np.float64)
-    curvature = np.einsum("bdi,bdj->ij", flat_j, flat_j) * 2.0 / (3 * 3)
-    flat_d = np.array([np.concatenate([np.ravel(d) for d in direction])
-                       for direction in directions], dtype=np.float64)
-    np.testing.assert_allclose(gram, flat_d @ curvature @ flat_d.T, rtol=1e-4)
+    np.testing.assert_allclose(
+        gram, helpers.mse_gauss_newton_gram(jacobians, directions), rtol=1e-4)
 
 
 @pytest.mark.parametrize("nested", [False, True])
