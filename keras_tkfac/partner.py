@@ -39,6 +39,8 @@ import tensorflow as tf
 import keras
 
 NAMES = ("adam", "sgd")
+# How many of the variables left to the partner its build-time warning names.
+LOGGED_PATHS = 12
 _INSTANCE_KINDS = {"Adam": "adam", "AdamW": "adam", "SGD": "sgd"}
 
 
@@ -114,12 +116,20 @@ class Partner:
 
     def log_uncovered(self, paths, total):
         """Logs, once at build, the variables (`paths`, of `total`) the partner
-        trains."""
-        if paths:
-            logging.warning(
-                "keras_tkfac: %d of %d variable(s) have no curvature block and take "
-                "the first-order fallback (%s): %s", len(paths), total, self.label,
-                ", ".join(paths))
+        trains: a warning naming the first `LOGGED_PATHS` (a large model leaves
+        hundreds, e.g. every `BatchNormalization`'s `beta`), every path at DEBUG."""
+        if not paths:
+            return
+        shown = ", ".join(paths[:LOGGED_PATHS])
+        if len(paths) > LOGGED_PATHS:
+            shown += (", ... and %d more (all of them at logging level DEBUG)"
+                      % (len(paths) - LOGGED_PATHS))
+        logging.warning(
+            "keras_tkfac: %d of %d variable(s) have no curvature block and take "
+            "the first-order fallback (%s): %s", len(paths), total, self.label, shown)
+        if len(paths) > LOGGED_PATHS:
+            logging.debug("keras_tkfac: every variable on the first-order fallback: "
+                          "%s", ", ".join(paths))
 
     def weight_decay_of(self, optimizer, variable):
         """The weight-decay coefficient of a partner `variable` (0: none): the

@@ -111,6 +111,33 @@ def test_partner_state_only_for_uncovered_variables():
     assert sum("momentum" in n for n in names) == 4  # 2 Dense x (kernel, bias)
 
 
+def test_the_fallback_warning_names_a_bounded_number_of_variables(monkeypatch):
+    """A model leaving many variables to the partner gets a warning naming the
+    first `LOGGED_PATHS` and the count of the rest; the full list is at DEBUG."""
+    from keras_tkfac import partner
+    monkeypatch.setattr(partner, "LOGGED_PATHS", 3)
+    records = []
+    monkeypatch.setattr(partner.logging, "warning",
+                        lambda *args: records.append(("warning", args[0] % args[1:])))
+    monkeypatch.setattr(partner.logging, "debug",
+                        lambda *args: records.append(("debug", args[0] % args[1:])))
+    paths = [v.path for v in _uncovered(_train(keras_tkfac.TKFAC(fisher="empirical"),
+                                               steps=1))]
+    assert len(paths) == 4
+    (level, warning), (debug_level, debug) = records
+    assert (level, debug_level) == ("warning", "debug")
+    assert "4 of 8 variable(s)" in warning
+    assert warning.endswith(", ".join(paths[:3]) + ", ... and 1 more "
+                            "(all of them at logging level DEBUG)")
+    assert debug.endswith(", ".join(paths))
+    records.clear()
+    monkeypatch.setattr(partner, "LOGGED_PATHS", 4)
+    paths = [v.path for v in _uncovered(_train(keras_tkfac.TKFAC(fisher="empirical"),
+                                               steps=1))]
+    ((level, warning),) = records
+    assert warning.endswith(", ".join(paths))
+
+
 def test_learning_rate_schedule_drives_the_partner():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)
     trained = _frozen_dense_train(keras_tkfac.TKFAC(
