@@ -53,7 +53,8 @@ def main(argv):
                 logits = model(x, training=True)
             loss = loss_fn(y, logits)
         # One backward pass: the gradients, and the loss's gradients with respect to the
-        # recorded layer outputs (dense layers then take the cheaper factored form).
+        # recorded layer outputs (layers with few rows then take the cheaper
+        # factored form).
         grads, output_grads = tape.gradient(
             loss, (model.trainable_variables, recording.outputs()))
         # Uses `tape` again for the sampled-label backward pass on statistics steps.

@@ -37,6 +37,10 @@ class CurvatureBlock:
     # Whether the gradient of the kernel and bias is exactly `rows`' `a^T g` summed
     # over the recorded calls (which `keras_tkfac.factored` relies on).
     exact_rows = False
+    # Whether `rows` builds its input rows (a convolution's im2col patches, taps
+    # times its input) rather than reshaping what the layer read: such a block takes
+    # the factored form only where that is decided when traced (`factored.may_factor`).
+    builds_rows = False
     # The layer's attributes whose regularizers add to the gradient of `variables`
     # beyond `rows`' `a^T g` (`keras_tkfac.factored` then uses the full form).
     regularizers = ("kernel_regularizer", "bias_regularizer")

@@ -166,6 +166,8 @@ class ConvBlock(CurvatureBlock):
     """
 
     is_conv = True
+    exact_rows = True  # the kernel's gradient is `a^T g` over every location's patch
+    builds_rows = True
 
     def __init__(self, layer):
         super().__init__(layer)

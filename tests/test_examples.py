@@ -371,6 +371,22 @@ def test_grouped_convs_smoke():
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_factored_convs_smoke():
+    """`tools/factored_convs.py --smoke`: a convnet whose second convolution has few
+    rows trains under Adam and TKFAC in both forms; the factored form's flops are
+    below the full form's and its first step equals the full form's to float
+    rounding."""
+    result = _run("tools/factored_convs.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-5000:]
+    (row,) = [[cell.strip() for cell in line.strip(" |").split("|")]
+              for line in result.stdout.splitlines() if line.startswith("| smoke")]
+    full, auto, passes = (float(cell) for cell in row[1:4])
+    assert 0 < auto < full and passes > 0
+    assert all(float(cell.split()[0]) > 0 for cell in row[4:7])
+    assert float(row[7]) < 1e-5
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_step_variants_smoke_location_stride():
     """`tools/step_variants.py --smoke --variant=location_stride`: the convnet with
     every location's statistics and with every second location's trains to finite

@@ -120,7 +120,45 @@ def test_which_layers_may_use_rows():
     # 41 x 30: full 2*41*30*71 flops, factored 2*(41^2 + 30^2 + 41*30) per row.
     assert not factored.may_factor(block, 60)
     assert not factored.may_factor(blocks.DenseBlock(regularized), 8)
-    assert not factored.may_factor(blocks.ConvBlock(conv), 1)
+
+
+def test_which_convolutions_may_use_rows():
+    x = keras.Input((40, 8))
+    conv = keras.layers.Conv1D(16, 3, strides=2)
+    grouped = keras.layers.Conv1D(16, 3, groups=2)
+    regularized = keras.layers.Conv1D(16, 3, kernel_regularizer="l2")
+    transpose = keras.layers.Conv1DTranspose(16, 3)
+    depthwise = keras.layers.DepthwiseConv1D(3)
+    separable = keras.layers.SeparableConv1D(16, 3)
+    outputs = [conv(x), grouped(x), regularized(x), transpose(x), depthwise(x),
+               separable(x)]
+    keras.Model(x, outputs)
+    block = blocks.ConvBlock(conv)
+    # 25 x 16 (3 taps x 8 channels and the bias): full 2*25*16*41 flops, factored
+    # 2*(25^2 + 16^2 + 25*16) per row: factored below 12.8 rows.
+    assert (block.d_in, block.d_out) == (25, 16)
+    assert factored.may_factor(block, 12)
+    assert not factored.may_factor(block, 13)
+    # An unknown number of rows: not decided at run time (the patches would be
+    # built every step for every convolution). A separable convolution's pointwise
+    # rows are its depthwise output, which the layer computes anyway: decided then.
+    assert not factored.may_factor(block, None)
+    assert factored.may_factor(blocks.SeparableConvBlock(separable), None)
+    assert not factored.may_factor(blocks.ConvBlock(grouped), 1)
+    assert not factored.may_factor(blocks.ConvBlock(regularized), 1)
+    assert not factored.may_factor(blocks.ConvTransposeBlock(transpose), 1)
+    assert not factored.may_factor(blocks.DepthwiseConvBlock(depthwise), 1)
+
+
+def test_a_convolutions_rows_are_counted_at_its_output_locations():
+    # Conv1D(strides=2) on 40 steps: 19 output locations; a Dense on sequences of
+    # 3 positions: 3 rows per example; both for 2 calls of batch 4 and 5.
+    conv = keras.layers.Conv1D(16, 3, strides=2)
+    dense = keras.layers.Dense(6)
+    calls = [(tf.zeros([n, 40, 8]), conv(tf.zeros([n, 40, 8]))) for n in (4, 5)]
+    assert factored._static_rows(blocks.ConvBlock(conv), calls) == 9 * 19
+    calls = [(tf.zeros([n, 3, 8]), dense(tf.zeros([n, 3, 8]))) for n in (4, 5)]
+    assert factored._static_rows(blocks.DenseBlock(dense), calls) == 9 * 3
 
 
 def _model():
@@ -171,6 +209,47 @@ def test_fit_with_the_factored_form_takes_the_same_steps(loss_scale, step_contro
     # layer (its gradient is not a^T g) and the 49 x 5 logits layer (the full form
     # has fewer flops) do not.
     assert used == [(8, 13), (16, 25), (16, 65)]
+    for w_auto, w_full in zip(auto, full):
+        np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
+
+
+def _conv_model():
+    """Convolutions whose late outputs are small: at batch 4 the second Conv2D
+    (2x2 outputs: 16 rows of 73) and the causal dilated Conv1D (16 rows of 65)
+    have fewer flops in factored form, the first Conv2D (64 rows) does not."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu",
+                            name="wide")(x)
+    h = keras.layers.Conv2D(32, 3, activation="tanh", name="late")(h)
+    h = keras.layers.Reshape((4, 32))(h)
+    h = keras.layers.Conv1D(24, 2, padding="causal", dilation_rate=2,
+                            activation="relu", name="causal")(h)
+    return keras.Model(x, keras.layers.Dense(5, name="logits")(keras.layers.Flatten()(h)))
+
+
+def _conv_fit(form):
+    model = keras_tkfac.wrap(_conv_model())
+    model.compile(optimizer=keras_tkfac.TKFAC(
+        seed=0, precondition_form=form, factor_update_freq=2, inverse_update_freq=4,
+        step_control="trust_region", kl_clip=None, learning_rate=0.01),
+        jit_compile=False,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(9).normal(size=(16, 8, 8, 3)).astype("float32")
+    model.fit(x, np.arange(16) % 5, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def test_convolutions_with_few_rows_take_the_factored_form(factored_calls, monkeypatch):
+    # The run-time check (`rows_give_gradient`) is made to pass always, so that a
+    # wrong row would change the weights instead of sending the step to the full
+    # form: the factored form of the convolutions is then checked by the full one.
+    monkeypatch.setattr(ops, "rows_give_gradient", lambda grad: tf.constant(True))
+    auto = _conv_fit("auto")
+    assert sorted(set(factored_calls)) == [(4, 97), (16, 65), (16, 73)]
+    factored_calls.clear()
+    full = _conv_fit("full")
+    assert not factored_calls
     for w_auto, w_full in zip(auto, full):
         np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
 

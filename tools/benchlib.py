@@ -193,6 +193,42 @@ model input (then no input gradient is computed) and whether its rows give its
 gradient exactly (then it may be preconditioned in factored form)."""
 
 
+def medians_in_turn(calls, rounds, steps):
+    """Medians (ms per call) of each of `calls` (name -> callable returning a
+    tensor), timed round after round in turn with the order alternating, so that
+    the machine's load slows all alike; `steps` calls a round."""
+    times = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = calls[name]()
+            np.asarray(out)
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def warmed_step(model, x, y, batch, warm=3, after_first=None):
+    """A callable that runs one step of the compiled `model`'s `train_function` on
+    the next batch of `(x, y)` (repeated, whole batches) and returns its loss,
+    after tracing the step and running it `warm` times (so that the statistics
+    and inverse steps ran); `after_first(model)` is called after the first."""
+    model.make_train_function()
+    iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        batch, drop_remainder=True).repeat())
+    logs = model.train_function(iterator)
+    if after_first is not None:
+        after_first(model)
+    for _ in range(warm - 1):
+        logs = model.train_function(iterator)
+    float(logs["loss"])
+
+    def step():
+        return model.train_function(iterator)["loss"]
+
+    return step
+
+
 def layer_shapes(wrapped):
     """`LayerShape`s of the layers a `keras_tkfac.wrap` model preconditions."""
     inputs = {id(t) for t in wrapped.model.inputs}

@@ -23,7 +23,6 @@ both, side by side in one process:
 """
 
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -34,6 +33,8 @@ import tensorflow as tf
 
 import keras_tkfac
 from keras_tkfac import native_convs
+
+import benchlib
 
 _PROGRAMS = flags.DEFINE_list("programs", ["convnext"], "Small programs: convnext, resnext.")
 _APPLICATIONS = flags.DEFINE_list("applications", [],
@@ -85,20 +86,6 @@ def _program(name, smoke):
                                 classifier_activation=None)), x, y, 8
 
 
-def _time(calls, rounds, steps):
-    """Medians (ms per call) of each of `calls` (name -> callable returning a
-    tensor), timed round after round in turn, alternating the order."""
-    times = {name: [] for name in calls}
-    for r in range(rounds):
-        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = calls[name]()
-            np.asarray(out)
-            times[name].append((time.perf_counter() - start) / steps * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def _convolutions(rounds, steps, smoke):
     print("| shape (batch, size, channels, filters, groups, kernel) | Keras (XLA), ms |"
           " native, ms | × | max abs. difference |")
@@ -121,17 +108,26 @@ def _convolutions(rounds, steps, smoke):
         native_step = step(lambda a, w: native_convs.convolution(
             a, w, 1, "same", 1, "channels_last"))
         difference = float(tf.reduce_max(tf.abs(keras_step()[0] - native_step()[0])))
-        found = _time({"keras": lambda: keras_step()[1],
-                       "native": lambda: native_step()[1]}, rounds, steps)
+        found = benchlib.medians_in_turn({"keras": lambda: keras_step()[1],
+                                          "native": lambda: native_step()[1]},
+                                         rounds, steps)
         print(f"| {batch}, {size}, {channels}, {filters}, {groups}, {k} | "
               f"{found['keras']:.2f} | {found['native']:.2f} | "
               f"{found['native'] / found['keras']:.3f} | {difference:.1e} |")
 
 
+def _keeping_the_loss(step, label, last):
+    """`step`, keeping its last loss in `last[label]`."""
+    def run():
+        last[label] = step()
+        return last[label]
+    return run
+
+
 def _steps(name, rounds, steps, smoke):
     build, x, y, batch = _program(name, smoke)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    trained = {}
+    steps_of, last = {}, {}
     for label in ("Adam", "TKFAC XLA", "TKFAC native"):
         native_convs.ENABLED = label != "TKFAC XLA"  # (read when wrapped and traced)
         keras.utils.set_random_seed(0)
@@ -141,26 +137,13 @@ def _steps(name, rounds, steps, smoke):
         else:
             model, optimizer = keras_tkfac.wrap(model), keras_tkfac.TKFAC(seed=0)
         model.compile(optimizer=optimizer, loss=loss)
-        model.make_train_function()
-        iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(
-            batch, drop_remainder=True).repeat())
-        logs = None
-        for _ in range(3):  # (traces the step; the statistics and inverses ran)
-            logs = model.train_function(iterator)
-        float(logs["loss"])
-        trained[label] = (model, iterator, [logs])
+        steps_of[label] = _keeping_the_loss(
+            benchlib.warmed_step(model, x, y, batch), label, last)
     native_convs.ENABLED = True
-
-    def run(label):
-        model, iterator, last = trained[label]
-        last[0] = model.train_function(iterator)
-        return last[0]["loss"]
-
-    found = _time({label: (lambda label=label: run(label)) for label in trained},
-                  rounds, steps)
+    found = benchlib.medians_in_turn(steps_of, rounds, steps)
     adam = found["Adam"]
-    cells = [f"{found[label]:.1f} ({found[label] / adam:.2f})" for label in trained]
-    losses = [f"{float(trained[label][2][0]['loss']):.4g}" for label in trained]
+    cells = [f"{found[label]:.1f} ({found[label] / adam:.2f})" for label in steps_of]
+    losses = [f"{float(last[label]):.4g}" for label in steps_of]
     print(f"| {name} | {' | '.join(cells)} | {' / '.join(losses)} |")
 
 
