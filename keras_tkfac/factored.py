@@ -26,8 +26,9 @@ holds for the gradient the optimizer receives. The rows are therefore used only:
   kernel of the separable convolutions, and since 2026-12-06 `Conv1D`/`Conv2D`/
   `Conv3D`, whose rows are (example, output location) pairs, `a` an im2col
   patch), ungrouped, with no kernel or bias regularizer (its gradient is not part
-  of `a^T g`); a convolution (whose rows are built) only where its number of rows
-  is known when traced (`may_factor`);
+  of `a^T g`); a convolution (whose rows are built) by the flops when its number
+  of rows is known when traced (`may_factor`), else by a run-time branch that
+  builds its patches only where it takes the factored form (`LazyRows`);
 - on one replica (under a strategy the gradient is summed over replicas);
 - when the optimizer neither clips nor accumulates gradients;
 - and, at run time, when `G r = a^T (g r)` along a fixed random direction `r`
@@ -81,7 +82,8 @@ def may_factor(block, rows):
     that `builds_rows` (a convolution: im2col patches, built every step for the
     factored form) needs a known number: its rows are worth building only where
     the factored form is taken, and an unknown number would build every such
-    layer's rows for a choice made at run time."""
+    layer's rows for a choice made at run time (`loss_rows` gives those a
+    `LazyRows`, built inside that choice's branch)."""
     if rows is None:
         return exact(block) and not block.builds_rows
     return exact(block) and (
@@ -98,8 +100,44 @@ def _optimizer_allows(optimizer):
     )
 
 
+class LazyRows:
+    """A layer's rows built only when `build()` is called: `count`, their number
+    (an int64 scalar tensor, from the layer's outputs), and `build()`, which
+    returns `(a, g)` as `loss_rows` gives them. For blocks that `builds_rows`
+    with a number of rows unknown when traced: `ops.precondition_factored_or_full`
+    builds them inside the run-time branch that takes the factored form."""
+
+    def __init__(self, count, build):
+        self.count, self.build = count, build
+
+
+def _rows_per_example(block, calls):
+    """The rows of one example of each of `block`'s calls, summed (a convolution's
+    output locations), or `None` where not known when traced."""
+    total = 0
+    for _, outputs in calls:
+        count = outputs.shape[1:].num_elements()
+        if count is None:
+            return None
+        total += count // (block.d_out * block.groups)
+    return total
+
+
+def _run_time_rows(block, calls):
+    """The number of rows of `block`'s recorded calls (a convolution's), at run
+    time."""
+    width = block.d_out * block.groups
+    return tf.add_n([tf.size(outputs, out_type=tf.int64) // width
+                     for _, outputs in calls])
+
+
 def loss_rows(optimizer, blocks, recording, output_grads, scale):
     """`{id(layer): (a, g)}`: the rows of the layers that may use the factored form.
+
+    A block that `builds_rows` (a convolution) whose number of rows is unknown when
+    traced gets a `LazyRows` instead, so that its patches are built only on the
+    steps whose batch makes the factored form cheaper (not where the optimizer's
+    products are XLA-compiled, which take tensors: there it keeps the full form).
 
     Args:
         optimizer: the `CurvatureOptimizer`.
@@ -114,26 +152,44 @@ def loss_rows(optimizer, blocks, recording, output_grads, scale):
     """
     if output_grads is None or not _optimizer_allows(optimizer):
         return {}
-    wanted = {id(block.layer) for block in blocks
-              if exact(block) and recording.calls(block)
-              and may_factor(block, _static_rows(block, recording.calls(block)))}
-    if not wanted:
-        return {}
-    result = {}
-    for block, pair in zip(recording.blocks,
-                           recording.rows(list(output_grads), wanted)):
-        if pair is not None:
-            a, g = pair
-            result[id(block.layer)] = (tf.cast(a, tf.float32),
-                                       tf.cast(g, tf.float32) / scale)
+    output_grads = list(output_grads)
+
+    def rows_of(wanted):
+        found = {}
+        for block, pair in zip(recording.blocks, recording.rows(output_grads, wanted)):
+            if pair is not None:
+                found[id(block.layer)] = (tf.cast(pair[0], tf.float32),
+                                          tf.cast(pair[1], tf.float32) / scale)
+        return found
+
+    wanted, result = set(), {}
+    for block in blocks:
+        calls = recording.calls(block)
+        if not (exact(block) and calls):
+            continue
+        rows = _static_rows(block, calls)
+        if may_factor(block, rows):
+            wanted.add(id(block.layer))
+        elif (rows is None and block.builds_rows and not optimizer._jit_math
+              and may_factor(block, _rows_per_example(block, calls) or 1)):
+            # (Not where even one example has more rows than the factored form
+            # pays for.)
+            key = id(block.layer)
+            result[key] = LazyRows(_run_time_rows(block, calls),
+                                   lambda key=key: rows_of({key})[key])
+    if wanted:
+        result.update(rows_of(wanted))
     return result
 
 
 def gradient(rows, grad_matrix):
     """What `ops.precondition_many` takes for a layer: its gradient matrix, with its
-    rows (`ops.FactoredGradient`) when it has some."""
+    rows (`ops.FactoredGradient`, or `ops.LazyFactoredGradient` for `LazyRows`)
+    when it has some."""
     if rows is None:
         return grad_matrix
+    if isinstance(rows, LazyRows):
+        return ops.LazyFactoredGradient(rows.count, rows.build, grad_matrix)
     return ops.FactoredGradient(rows[0], rows[1], grad_matrix)
 
 

@@ -423,6 +423,15 @@ and `g` `[rows, d_out]` the loss's gradients with respect to its outputs, one ro
 per example (per position, for a dense layer applied to sequences).
 """
 
+LazyFactoredGradient = collections.namedtuple("LazyFactoredGradient",
+                                              ["rows", "build", "matrix"])
+LazyFactoredGradient.__doc__ = """A `FactoredGradient` whose rows are built on demand.
+
+`rows` is their number (an integer scalar tensor) and `build()` returns `(a, g)`;
+`precondition_factored_or_full` calls it only inside the branch that takes the
+factored form (a convolution's im2col patches, worth building only there).
+"""
+
 
 def full_precondition_flops(d_in, d_out):
     """Multiply-adds x 2 of `L^{-1} G R^{-1}` for a `[d_in, d_out]` `G`."""
@@ -475,22 +484,33 @@ def precondition_factored_or_full(left_inverse, grad, right_inverse, dtype=tf.fl
     The factored form is taken when it has fewer flops (decided when tracing for a
     static number of rows, else at run time) and the rows give the gradient
     (`rows_give_gradient`); otherwise the full form. Both branches are a `tf.cond`.
+    A `LazyFactoredGradient`'s rows are built inside the branch that may take the
+    factored form.
     """
     d_in, d_out = (int(d) for d in grad.matrix.shape)
     full_flops = full_precondition_flops(d_in, d_out)
     left, right = tf.cast(left_inverse, dtype), tf.cast(right_inverse, dtype)
 
-    def factored():
-        return precondition_factored(left, tf.cast(grad.a, dtype),
-                                     tf.cast(grad.g, dtype), right)
+    def factored(item=grad):
+        return precondition_factored(left, tf.cast(item.a, dtype),
+                                     tf.cast(item.g, dtype), right)
 
     def full():
         return precondition(left, tf.cast(grad.matrix, dtype), right)
 
-    rows = grad.a.shape[0]
     if low_rank.is_low_rank(left) or low_rank.is_low_rank(right):
         # (A low-rank inverse is cheaper on the gradient matrix than on the rows.)
         return tf.cast(full(), grad.matrix.dtype)
+    if isinstance(grad, LazyFactoredGradient):
+
+        def built_and_checked():
+            item = FactoredGradient(*grad.build(), grad.matrix)
+            return tf.cond(rows_give_gradient(item), lambda: factored(item), full)
+
+        fewer = factored_precondition_flops(
+            tf.cast(grad.rows, tf.float64), d_in, d_out) < full_flops
+        return tf.cast(tf.cond(fewer, built_and_checked, full), grad.matrix.dtype)
+    rows = grad.a.shape[0]
     if rows is not None:
         if factored_precondition_flops(rows, d_in, d_out) >= full_flops:
             return tf.cast(full(), grad.matrix.dtype)
@@ -517,7 +537,7 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
         grad_matrices: list of gradient matrices `G`, same order; a
             `tf.IndexedSlices` or `row_sparse.RowSparse` (an embedding's gradient,
             with a diagonal `L^{-1}`) is preconditioned by `precondition_rows`, a
-            `FactoredGradient` by
+            `FactoredGradient` or `LazyFactoredGradient` by
             `precondition_factored_or_full`.
         right_inverses: list of `R^{-1}`, same order.
         dtype: the dtype of the products, or a list of one per layer. Defaults to
@@ -534,7 +554,7 @@ def precondition_many(left_inverses, grad_matrices, right_inverses, dtype=tf.flo
         if isinstance(triple[1], (tf.IndexedSlices, row_sparse.RowSparse)):
             updates[i] = precondition_rows(*triple, dtypes[i])
             continue
-        if isinstance(triple[1], FactoredGradient):
+        if isinstance(triple[1], (FactoredGradient, LazyFactoredGradient)):
             updates[i] = precondition_factored_or_full(*triple, dtypes[i])
             continue
         groups[(tf.as_dtype(dtypes[i]),)

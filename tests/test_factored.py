@@ -228,7 +228,10 @@ def _conv_model():
     return keras.Model(x, keras.layers.Dense(5, name="logits")(keras.layers.Flatten()(h)))
 
 
-def _conv_fit(form):
+def _conv_fit(form, dataset_batch=None):
+    """8 steps of `fit` on `_conv_model`: on arrays at batch 4 (a batch size known
+    when traced), or on a dataset batched by `dataset_batch` without
+    `drop_remainder` (a batch dimension of `None`)."""
     model = keras_tkfac.wrap(_conv_model())
     model.compile(optimizer=keras_tkfac.TKFAC(
         seed=0, precondition_form=form, factor_update_freq=2, inverse_update_freq=4,
@@ -236,7 +239,12 @@ def _conv_fit(form):
         jit_compile=False,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(9).normal(size=(16, 8, 8, 3)).astype("float32")
-    model.fit(x, np.arange(16) % 5, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    y = np.arange(16) % 5
+    if dataset_batch is None:
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    else:
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(dataset_batch)
+        model.fit(data, epochs=2 * dataset_batch // 4, shuffle=False, verbose=0)
     return model.get_weights()
 
 
@@ -250,6 +258,36 @@ def test_convolutions_with_few_rows_take_the_factored_form(factored_calls, monke
     factored_calls.clear()
     full = _conv_fit("full")
     assert not factored_calls
+    for w_auto, w_full in zip(auto, full):
+        np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,factored_steps", [(4, 8), (16, 0)])
+def test_convolutions_with_an_unknown_batch_size_choose_at_run_time(
+        batch, factored_steps, monkeypatch):
+    # A dataset batched without `drop_remainder`: the convolutions' number of rows
+    # is unknown when traced, so their patches are built in a run-time branch,
+    # taken at batch 4 (16 rows of 73 and of 65: fewer flops) on every step, not at
+    # batch 16 (64 rows). Counted when the factored products run; the run-time
+    # check is forced to pass, as above, so that a wrong row would show.
+    monkeypatch.setattr(ops, "rows_give_gradient", lambda grad: tf.constant(True))
+    runs = tf.Variable(0)
+    traced = []
+    original = ops.precondition_factored
+
+    def counting(left_inverse, a, g, right_inverse):
+        traced.append((a.shape[0], a.shape[1]))
+        with tf.control_dependencies([runs.assign_add(1)]):
+            return tf.identity(original(left_inverse, a, g, right_inverse))
+
+    monkeypatch.setattr(ops, "precondition_factored", counting)
+    auto = _conv_fit("auto", dataset_batch=batch)
+    # The strided Conv2D gets no branch: one example has 16 rows of 28, more than
+    # the 7.5 below which its factored form has fewer flops. The two late
+    # convolutions and the Dense (whose rows are unknown too) take theirs at batch 4.
+    assert sorted(set(traced), key=str) == [(None, 65), (None, 73), (None, 97)]
+    assert int(runs.numpy()) == (3 if factored_steps else 0) * factored_steps
+    full = _conv_fit("full", dataset_batch=batch)
     for w_auto, w_full in zip(auto, full):
         np.testing.assert_allclose(w_auto, w_full, rtol=1e-4, atol=1e-5)
 
