@@ -87,14 +87,15 @@ def _patch_locations(sizes, kernel_size, strides, rates, padding):
             pads.append([0, 0])
         outs.append(out)
         padded.append(size + sum(pads[-1]))
-    rank, index = len(outs), 0
+    rank = len(outs)
+    index = np.zeros([1] * (2 * rank), np.int64)
     for axis, (out, k, s, r) in enumerate(zip(outs, kernel_size, strides, rates)):
         shape = [1] * (2 * rank)
         shape[axis], shape[rank + axis] = out, k
-        position = tf.reshape(tf.range(out)[:, None] * s + tf.range(k)[None, :] * r,
+        position = np.reshape(np.arange(out)[:, None] * s + np.arange(k)[None, :] * r,
                               shape)
         index = index + position * _taps(padded[axis + 1:])
-    return pads + [[0, 0]], outs, tf.reshape(index, [-1])
+    return pads + [[0, 0]], outs, tf.constant(np.reshape(index, [-1]), tf.int32)
 
 
 def _row_norms(layer, x, padding, groups, with_bias):
@@ -260,18 +261,18 @@ class ConvBlock(CurvatureBlock):
         grid = _SampledGrid(inputs.shape[1:-1], output_grads.shape[1:-1], self.layer,
                             padding, stride)
         batch = tf.shape(inputs)[0]
-        offsets = grid.offsets(tf.cast(phase, tf.int32) + tf.range(batch))
-        patches = _gather_rows(_pad(inputs, grid.pads), grid.patch_index, offsets,
-                               grid.strides(grid.padded, self.layer.strides))
+        # Each example's phase within the cycle indexes the grid's static tables.
+        own = tf.math.floormod(tf.cast(phase, tf.int32) + tf.range(batch), grid.cycle)
+        patches = _gather_rows(_pad(inputs, grid.pads), grid.patch_index,
+                               tf.gather(grid.patch_shift, own))
         patches = tf.reshape(patches, [batch, grid.points,
                                        _taps(self.layer.kernel_size) * inputs.shape[-1]])
-        g = _gather_rows(_pad(output_grads, grid.grad_pads), grid.grad_index, offsets,
-                         grid.strides(grid.grad_padded))
-        valid = grid.valid(offsets)  # [batch, points]
-        scale = tf.sqrt(grid.locations / tf.reduce_sum(valid, axis=1, keepdims=True))
+        g = _gather_rows(_pad(output_grads, grid.grad_pads), grid.grad_index,
+                         tf.gather(grid.grad_shift, own))
         # One weight per row: 0 past the edge, the rescaling elsewhere.
-        weight = tf.cast(tf.reshape(valid * scale, [-1, 1]), patches.dtype)
-        g = tf.reshape(g * tf.cast(valid[..., None], g.dtype), [-1, g.shape[-1]])
+        weight = tf.cast(tf.reshape(tf.gather(grid.weight, own), [-1, 1]), patches.dtype)
+        valid = tf.cast(tf.gather(grid.valid, own), g.dtype)  # [batch, points]
+        g = tf.reshape(g * valid[..., None], [-1, g.shape[-1]])
         if self.groups > 1:
             a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
                             self.bias is not None)
@@ -281,13 +282,11 @@ class ConvBlock(CurvatureBlock):
         return a * weight, g
 
 
-def _gather_rows(x, index, offsets, strides):
+def _gather_rows(x, index, shift):
     """`x`'s channel vectors (`[batch, *spatial, channels]`) at the flat spatial
-    `index` (`[points]`) moved by each example's `offsets` (`[batch, axes]`, in
-    units of `strides`, the flat index's step per unit offset on each axis):
-    `[batch, points, channels]`, one gather."""
+    `index` (`[points]`) moved by each example's `shift` (`[batch]`, in units of the
+    flat index): `[batch, points, channels]`, one gather."""
     flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
-    shift = tf.reduce_sum(offsets * tf.constant(strides, tf.int32), axis=1)
     return tf.gather(flat, index[None, :] + shift[:, None], batch_dims=1)
 
 
@@ -299,12 +298,19 @@ class _SampledGrid:
     own, and room for the grid at its largest offset) and of the output gradients
     (to `count * step`), and the flat indices at offset zero of each grid point's
     patch taps (`patch_index`, points then taps, row-major as `_patch_locations`)
-    and of each grid point (`grad_index`)."""
+    and of each grid point (`grad_index`).
+
+    A grid's offsets are the digits of its phase in the mixed radix of the axes'
+    steps, so they repeat every `cycle` (the steps' product) phases; what depends on
+    them is tabulated here, per phase modulo `cycle`, so that the traced step only
+    gathers from constants: the flat indices' shifts (`patch_shift`, `grad_shift`,
+    `[cycle]`), which grid points lie inside the output (`valid`, `[cycle, points]`,
+    1 or 0) and each row's weight (`weight`: `valid` times `sqrt(locations /
+    valid points)`, in float32 as the rows' rescaling computes it)."""
 
     def __init__(self, sizes, outs, layer, padding, stride):
         self.steps = [min(stride, out) for out in outs]
         counts = [-(-out // step) for out, step in zip(outs, self.steps)]
-        self.outs, self.counts = list(outs), counts
         self.locations = float(np.prod(outs))
         self.points = int(np.prod(counts))
         self.pads, self.grad_pads, self.padded, self.grad_padded = (
@@ -339,6 +345,24 @@ class _SampledGrid:
             grad = grad + (np.arange(count) * step).reshape(grad_shape) * grad_strides[axis]
         self.patch_index = tf.constant(np.reshape(patch, [-1]), tf.int32)
         self.grad_index = tf.constant(np.reshape(grad, [-1]), tf.int32)
+        self.cycle = int(np.prod(self.steps))
+        radix = np.cumprod([1] + self.steps[:-1])
+        offsets = np.stack([(np.arange(self.cycle) // int(r)) % step
+                            for r, step in zip(radix, self.steps)], axis=1)
+        self.patch_shift = tf.constant(
+            offsets @ np.array(self.strides(self.padded, layer.strides)), tf.int32)
+        self.grad_shift = tf.constant(
+            offsets @ np.array(self.strides(self.grad_padded)), tf.int32)
+        valid = np.ones([self.cycle] + [1] * rank, bool)
+        for axis, (out, step, count) in enumerate(zip(outs, self.steps, counts)):
+            shape = [self.cycle] + [1] * rank
+            shape[1 + axis] = count
+            inside = np.arange(count)[None, :] * step + offsets[:, axis:axis + 1] < out
+            valid = valid & inside.reshape(shape)
+        valid = valid.reshape(self.cycle, self.points).astype(np.float32)
+        scale = np.sqrt(np.float32(self.locations) / valid.sum(axis=1, keepdims=True))
+        self.valid = tf.constant(valid)
+        self.weight = tf.constant(valid * scale.astype(np.float32))
 
     @staticmethod
     def strides(padded, scale=None):
@@ -346,23 +370,6 @@ class _SampledGrid:
         (times `scale[axis]`, the layer's strides, for the input)."""
         steps = [int(np.prod(padded[axis + 1:])) for axis in range(len(padded))]
         return steps if scale is None else [a * b for a, b in zip(steps, scale)]
-
-    def offsets(self, phases):
-        """`[batch, axes]` grid offsets: the digits of each phase in the mixed radix
-        of the axes' steps."""
-        radix = np.cumprod([1] + self.steps[:-1])
-        return tf.stack([(phases // int(r)) % step
-                         for r, step in zip(radix, self.steps)], axis=1)
-
-    def valid(self, offsets):
-        """`[batch, points]` float32: 1 where a grid point lies inside the output."""
-        valid = None
-        for axis, (out, step, count) in enumerate(zip(self.outs, self.steps,
-                                                      self.counts)):
-            inside = (tf.range(count)[None, :] * step + offsets[:, axis:axis + 1]) < out
-            valid = inside if valid is None else tf.logical_and(
-                valid[..., None], tf.reshape(inside, [-1] + [1] * axis + [count]))
-        return tf.reshape(tf.cast(valid, tf.float32), [-1, self.points])
 
 
 class ConvTransposeBlock(CurvatureBlock):
