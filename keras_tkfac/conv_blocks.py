@@ -56,9 +56,15 @@ def _gathered_patches(x, kernel_size, strides, rates, padding):
     pads, outs, index = _patch_locations(x.shape[1:-1], kernel_size, strides, rates,
                                          padding)
     channels = x.shape[-1]
-    flat = tf.reshape(_pad(x, pads), [tf.shape(x)[0], -1, channels])
+    flat = tf.reshape(_pad(x, pads), [-1, _padded_size(x.shape[1:-1], pads), channels])
     found = tf.gather(flat, index, axis=1)
     return tf.reshape(found, [-1, *outs, _taps(kernel_size) * channels])
+
+
+def _padded_size(sizes, pads):
+    """The number of locations of static spatial `sizes` padded by `pads` (as
+    `_patch_locations` returns them: batch and channels first and last)."""
+    return _taps([size + sum(pad) for size, pad in zip(sizes, pads[1:-1])])
 
 
 def _pad(x, pads):
@@ -111,11 +117,12 @@ def _row_norms(layer, x, padding, groups, with_bias):
     if None in x.shape[1:-1] or padding.lower() not in ("same", "valid"):
         return None
     squares = tf.square(tf.cast(x, tf.float32))
-    squares = tf.reduce_sum(tf.reshape(squares, tf.concat(
-        [tf.shape(squares)[:-1], [groups, squares.shape[-1] // groups]], 0)), -1)
+    squares = tf.reduce_sum(tf.reshape(
+        squares, [-1, *x.shape[1:-1], groups, squares.shape[-1] // groups]), -1)
     pads, _, index = _patch_locations(x.shape[1:-1], layer.kernel_size, layer.strides,
                                       layer.dilation_rate, padding)
-    flat = tf.reshape(_pad(squares, pads), [tf.shape(x)[0], -1, groups])
+    flat = tf.reshape(_pad(squares, pads),
+                      [-1, _padded_size(x.shape[1:-1], pads), groups])
     norms = tf.reduce_sum(tf.reshape(tf.gather(flat, index, axis=1),
                                      [-1, _taps(layer.kernel_size), groups]), axis=1)
     norms = norms if groups > 1 else norms[:, 0]
@@ -272,7 +279,7 @@ class ConvBlock(CurvatureBlock):
         # One weight per row: 0 past the edge, the rescaling elsewhere.
         weight = tf.cast(tf.reshape(tf.gather(grid.weight, own), [-1, 1]), patches.dtype)
         valid = tf.cast(tf.gather(grid.valid, own), g.dtype)  # [batch, points]
-        g = tf.reshape(g * valid[..., None], [-1, g.shape[-1]])
+        g = tf.reshape(g * tf.expand_dims(valid, -1), [-1, g.shape[-1]])
         if self.groups > 1:
             a = _group_rows(patches, _taps(self.layer.kernel_size), self.groups,
                             self.bias is not None)
@@ -286,8 +293,9 @@ def _gather_rows(x, index, shift):
     """`x`'s channel vectors (`[batch, *spatial, channels]`) at the flat spatial
     `index` (`[points]`) moved by each example's `shift` (`[batch]`, in units of the
     flat index): `[batch, points, channels]`, one gather."""
-    flat = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
-    return tf.gather(flat, index[None, :] + shift[:, None], batch_dims=1)
+    flat = tf.reshape(x, [-1, _taps(x.shape[1:-1]), x.shape[-1]])
+    return tf.gather(flat, tf.expand_dims(index, 0) + tf.expand_dims(shift, 1),
+                     batch_dims=1)
 
 
 class _SampledGrid:
