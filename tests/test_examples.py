@@ -152,15 +152,19 @@ def test_step_costs_smoke(tmp_path):
 def test_first_step_smoke():
     """`tools/first_step.py` times a one-step `fit` both ways; Keras's own build
     traces the curvature step twice, the build from shapes once; the curvature
-    step's trace creates more graph operations than Adam's."""
-    result = _run("tools/first_step.py", "--smoke", "--workloads=mlp", "--rounds=1")
+    step's trace creates more graph operations than Adam's. `--applications` adds
+    rows (a small convnet under `--smoke`)."""
+    result = _run("tools/first_step.py", "--smoke", "--workloads=mlp", "--rounds=1",
+                  "--applications=ResNet50V2")
     assert result.returncode == 0, result.stderr[-5000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines()
-            if line.startswith("| mlp")]
-    assert len(rows) == 1
-    assert [int(rows[0][4]), int(rows[0][6])] == [2, 1]
-    assert float(rows[0][5]) > 0
-    assert int(rows[0][7]) > int(rows[0][2]) > 0
+    for name in ("mlp", "ResNet50V2"):
+        rows = [line.split(" | ") for line in result.stdout.splitlines()
+                if line.startswith(f"| {name} ")]
+        assert len(rows) == 1, name
+        assert [int(rows[0][4]), int(rows[0][6])] == [2, 1]
+        assert float(rows[0][5]) > 0
+        assert int(rows[0][7]) > int(rows[0][2]) > 0
+    assert "--applications=ResNet50V2" in result.stdout
 
 
 @_ONE_MEASUREMENT_TOOL

@@ -10,7 +10,14 @@ alternating them round by round on the same weights and batches; medians over ro
 It also counts the graph operations created while tracing (`ops`: Keras's and the
 optimizer's; a measure of the trace's size that does not depend on the machine's load).
 
+`--applications` adds `keras.applications` models (`weights=None`, `--size` inputs,
+5 classes, `--batch` examples a step, synthetic images; `--workloads=` alone runs
+only them): the first step of a large model, where tracing and TensorFlow's graph
+optimisation take longest. Under `--smoke` each is a small convnet instead.
+
     python tools/first_step.py [--workloads=mlp,lstm] [--rounds=3] [--smoke]
+    python tools/first_step.py --workloads= --applications=ResNet50V2 --size=32 \
+        --batch=8 --rounds=1 --modes=Adam,shapes
 """
 
 import contextlib
@@ -34,7 +41,34 @@ _MODES = flags.DEFINE_list(
     "modes", ["Adam", "keras", "shapes"],
     "Which first steps to time: `Adam`, `keras` (TKFAC built inside the trace) and "
     "`shapes` (TKFAC built from the shapes first: what `fit` does).")
+_APPLICATIONS = flags.DEFINE_list(
+    "applications", [], "keras.applications models to time as well, e.g. ResNet50V2.")
+_SIZE = flags.DEFINE_integer("size", 32, "The applications' input height and width.")
+_BATCH = flags.DEFINE_integer("batch", 8, "The applications' batch size.")
 _ORIGINAL_SPEC = wrapping._element_spec  # pylint: disable=protected-access
+
+
+def _application(name, size, batch, smoke, seed):
+    """A `suite.Workload` of `keras.applications.<name>` on synthetic images (a
+    small convnet under `smoke`); only `build`, `loss`, `train` and `batch_size`
+    are used here."""
+    def build():
+        if smoke:
+            inputs = keras.Input((size, size, 3))
+            h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+            h = keras.layers.BatchNormalization()(h)
+            h = keras.layers.GlobalAveragePooling2D()(h)
+            return keras.Model(inputs, keras.layers.Dense(5)(h))
+        return getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3), classes=5,
+            classifier_activation=None)
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2 * batch, size, size, 3)).astype("float32")
+    y = rng.integers(0, 5, size=2 * batch)
+    return suite.Workload(
+        build, keras.losses.SparseCategoricalCrossentropy(from_logits=True), (x, y),
+        None, 1, batch, 1, None, f"keras.applications.{name}")
 
 
 @contextlib.contextmanager
@@ -83,6 +117,11 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # (the fallback's notice, once a model)
     smoke, seed = suite._SMOKE.value, suite._SEED.value  # pylint: disable=protected-access
     names = suite._WORKLOADS.value  # pylint: disable=protected-access
+    applications = _APPLICATIONS.value
+    for name in applications:
+        if not smoke and not hasattr(keras.applications, name):
+            raise ValueError(f"--applications takes keras.applications models; "
+                             f"received {name!r}")
     modes = _MODES.value
     if set(modes) - {"Adam", "keras", "shapes"} or "shapes" not in modes:
         raise ValueError(f"--modes must include `shapes`, among Adam, keras, shapes; "
@@ -92,6 +131,8 @@ def main(argv):
             f"--{k}={v}" for k, v in (("workloads", ",".join(names)),
                                       ("rounds", _ROUNDS.value),
                                       ("modes", ",".join(modes))))
+        + (f" --applications={','.join(applications)} --size={_SIZE.value} "
+           f"--batch={_BATCH.value}" if applications else "")
         + (" --smoke" if smoke else "") + "`", "",
         f"Seed {seed}; {_ROUNDS.value} alternated rounds; {os.cpu_count()} CPU cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras_tkfac "
@@ -103,10 +144,14 @@ def main(argv):
         "shapes (s) | traces | ops | shapes / keras | shapes / Adam |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = {"keras": [], "Adam": []}
-    for name in names:
-        workload = getattr(suite, name)(smoke, seed)
-        if smoke:
-            workload = workload._replace(batch_size=32)
+    chosen = [(name, None) for name in names] + [
+        (name, _application(name, _SIZE.value, _BATCH.value, smoke, seed))
+        for name in applications]
+    for name, workload in chosen:
+        if workload is None:
+            workload = getattr(suite, name)(smoke, seed)
+            if smoke:
+                workload = workload._replace(batch_size=32)
         keras.utils.set_random_seed(seed)
         weights = workload.build().get_weights()
         seconds = {m: [] for m in modes}
