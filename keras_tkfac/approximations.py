@@ -82,9 +82,11 @@ _COMMON_ARGS = """
             step but was at least as good as the best Adam on 12 of 16 runs
             against 15 of 16, and a probe's PointNet diverged with it (docs/RESULTS.md,
             "The model every few steps"; README, Limitations). Defaults to `1`.
-        fisher: `"true"` (labels sampled from the model; an output whose loss has
-            no sampling rule, e.g. Huber, takes its real labels, logged once) or
-            `"empirical"` (real labels for every output). Defaults to `"true"`.
+        fisher: `"true"` (labels sampled from the model; Huber, log-cosh and
+            squared-hinge outputs sample their output gradients from their
+            Hessian at the real labels; an output whose loss has no sampling
+            rule, e.g. MAE, takes its real labels, logged once) or `"empirical"`
+            (real labels for every output). Defaults to `"true"`.
         inverse_dtype: `"float32"` or `"float64"`, the precision of the inversion.
             Defaults to `"float32"`.
         inverse_rank: `None` or an int `k >= 1`. With `k`, each damped factor of

@@ -13,10 +13,21 @@ Gauss-Newton matrix):
   size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
   normalisation this is the unit-variance Gaussian of the specification.
 
-Any other loss (Huber, MAE, log-cosh, focal cross-entropy, a user's function) has no
-predictive distribution to sample from: with `fisher="true"` its output takes the
-empirical Fisher (its real labels) instead, logged once per loss, so that any loss
-Keras trains with trains here too.
+- Keras's elementwise losses with a positive semi-definite Hessian in the output
+  (Huber, log-cosh, squared hinge; `_HESSIAN_LOSSES`): no predictive distribution,
+  but their Hessian at the real labels is diagonal, `H = diag(h)` (Huber:
+  `1{|y - f| <= delta} / D`; log-cosh: `sech^2(y - f) / D`; squared hinge:
+  `2 y^2 1{y f < 1} / D`), so the cotangent `sqrt(h) * eps`, `eps ~ N(0, I)`, has
+  `E[c c^T] = H`: the generalised Gauss-Newton matrix, as for the losses above
+  (where the Hessian is zero, on Huber's linear part, the term adds no curvature,
+  as in the Gauss-Newton matrix). This is not in the specification, which defines
+  the Fisher for cross-entropies and squared errors only; chosen by measurement
+  over the empirical Fisher these losses took until 2026-12-07 (README, "Losses").
+
+Any other loss (MAE, focal cross-entropy, Poisson, KL divergence, a user's function)
+has no sampling rule here: with `fisher="true"` its output takes the empirical Fisher
+(its real labels) instead, logged once per loss, so that any loss Keras trains with
+trains here too.
 
 Models with several outputs: Keras's loss is `L = sum_k w_k L_k`, each output's loss
 `L_k` a mean over its `M_k` loss terms and `w_k` its `loss_weights` entry. Each output
@@ -43,16 +54,25 @@ _KINDS = {
     keras.losses.mean_squared_error: "mean_squared_error",
 }
 
+# Keras's losses that are a mean over the output's last axis of a function of each
+# output unit and its label alone, convex in the unit: their Hessian in the output is
+# diagonal and positive semi-definite, the true Fisher samples from it
+# (`hessian_cotangent`). (MAE's, MAPE's and the hinge's are zero; Poisson's and KL
+# divergence's `y / f^2` is unbounded near `f = 0`: those keep the empirical Fisher.)
+_HESSIAN_LOSSES = (keras.losses.huber, keras.losses.log_cosh, keras.losses.squared_hinge)
+
 FISHER_TYPES = ("true", "empirical")
 
 LossSpec = collections.namedtuple(
-    "LossSpec", ["kind", "from_logits", "fn", "sums", "axis", "ignore_class"],
-    defaults=(False, -1, None))
-"""A resolved loss: its kind (`None` if it cannot be sampled), whether it takes
-logits, the per-example loss function `fn(y_true, y_pred)`, whether Keras sums
-its terms (`reduction="sum"`) rather than averaging them, the class axis of a
-cross-entropy (`axis`, Keras's argument) and the label whose terms it leaves out
-(`ignore_class`, sparse categorical cross-entropy)."""
+    "LossSpec", ["kind", "from_logits", "fn", "sums", "axis", "ignore_class", "hessian"],
+    defaults=(False, -1, None, False))
+"""A resolved loss: its kind (`None` if it has no predictive distribution to sample
+labels from), whether it takes logits, the per-example loss function
+`fn(y_true, y_pred)`, whether Keras sums its terms (`reduction="sum"`) rather than
+averaging them, the class axis of a cross-entropy (`axis`, Keras's argument), the
+label whose terms it leaves out (`ignore_class`, sparse categorical cross-entropy)
+and whether, without a kind, the true Fisher samples its cotangent from its
+diagonal Hessian at the real labels (`hessian`: Huber, log-cosh, squared hinge)."""
 
 # Keras's reductions the curvature follows: the mean over the loss terms (Keras's
 # default, `"sum_over_batch_size"`) and their sum.
@@ -128,12 +148,15 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             f"keras_tkfac: the loss {name!r}{where} has reduction={reduction!r}; "
             "its curvature is that of the mean over its terms "
             "(reduction=\"sum_over_batch_size\", Keras's default)."))
-    if fisher == "true" and kind is None:
+    hessian = kind is None and fn in _HESSIAN_LOSSES
+    if fisher == "true" and kind is None and not hessian:
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
             "real labels): the true Fisher samples labels for sparse/categorical "
-            "cross-entropy, binary cross-entropy and mean squared error only (pass "
-            "fisher=\"empirical\" to use the empirical Fisher for every output)."))
+            "cross-entropy, binary cross-entropy and mean squared error, and output "
+            "gradients from the Hessian of Huber, log-cosh and squared hinge, only "
+            "(pass fisher=\"empirical\" to use the empirical Fisher for every "
+            "output)."))
 
     def per_example(y_true, y_pred):
         # As Keras's `Loss.__call__`: labels in the predictions' float dtype, same rank.
@@ -160,7 +183,8 @@ def resolve_loss(loss, fisher, output=None, warned=None):
 
     axis = fn_kwargs.get("axis", -1) if kind in _AXIS_KINDS else -1
     return LossSpec(kind, from_logits, per_example, reduction in _SUMS,
-                    -1 if axis is None else int(axis), fn_kwargs.get("ignore_class"))
+                    -1 if axis is None else int(axis), fn_kwargs.get("ignore_class"),
+                    hessian)
 
 
 # The losses whose `axis` argument names the class (or averaged) axis.
@@ -198,8 +222,8 @@ def warn_once(warned, message):
 
 def output_fisher(spec, fisher):
     """The Fisher an output takes: `fisher`, or `"empirical"` where its loss has no
-    sampling rule (`spec.kind` is `None`)."""
-    return "empirical" if spec.kind is None else fisher
+    sampling rule (no `spec.kind` to sample labels from, no `spec.hessian`)."""
+    return "empirical" if spec.kind is None and not spec.hessian else fisher
 
 
 def same_rank(y_true, y_pred):
@@ -374,12 +398,46 @@ def sample_targets(spec, y_pred, seed):
         return tf.cast(noise < probs, y_pred.dtype)
     if spec.kind == "mean_squared_error":
         width = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
-        # Box-Muller from two independent uniform streams.
-        radius = tf.sqrt(-2.0 * tf.math.log(_uniform(tf.shape(y_pred), seed, 0)))
-        angle = 2.0 * np.pi * _uniform(tf.shape(y_pred), seed, 1)
-        noise = tf.cast(radius * tf.cos(angle), y_pred.dtype)
-        return y_pred + tf.sqrt(width / 2.0) * noise
+        return y_pred + tf.sqrt(width / 2.0) * _normal(y_pred, seed)
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
+
+
+def _normal(like, seed):
+    """Standard normal samples of `like`'s shape and dtype, by Box-Muller from two
+    independent uniform streams (the same with and without XLA)."""
+    radius = tf.sqrt(-2.0 * tf.math.log(_uniform(tf.shape(like), seed, 0)))
+    angle = 2.0 * np.pi * _uniform(tf.shape(like), seed, 1)
+    return tf.cast(radius * tf.cos(angle), like.dtype)
+
+
+def hessian_cotangent(spec, y_true, y_pred, seed):
+    """`(losses, cotangent)` for a loss of `_HESSIAN_LOSSES` under the true Fisher:
+    its per-example losses at the real labels, and `sqrt(h) * eps` with `h` the
+    diagonal of its Hessian in `y_pred` there and `eps ~ N(0, I)`, so that
+    `E[c c^T]` is that Hessian (the loss's Gauss-Newton matrix in its output).
+
+    The loss is a mean over the last axis of a function of each unit and its label,
+    so its Hessian is diagonal, and its diagonal is the gradient of the summed
+    gradient: `h_j = d/df_j sum_k dL/df_k`. Clipped at zero (rounding).
+    """
+    if y_true is None:
+        raise ValueError(
+            "The true Fisher of a Huber, log-cosh or squared-hinge loss samples from "
+            "its Hessian at the real labels: pass `y_true` to `update_curvature`. "
+            f"Received: y_true=None, loss={spec.fn!r}")
+    y_pred = tf.stop_gradient(y_pred)
+    with tf.GradientTape() as outer:
+        outer.watch(y_pred)
+        with tf.GradientTape() as inner:
+            inner.watch(y_pred)
+            losses = spec.fn(y_true, y_pred)
+            total = tf.reduce_sum(losses)
+        gradient = inner.gradient(total, y_pred)
+        summed = tf.reduce_sum(gradient)
+    diagonal = outer.gradient(summed, y_pred)
+    if diagonal is None:  # piecewise linear everywhere on this batch
+        diagonal = tf.zeros_like(y_pred)
+    return losses, tf.sqrt(tf.maximum(diagonal, 0.0)) * _normal(y_pred, seed)
 
 
 # The TensorFlow op whose output Keras's cross-entropies read the logits behind.
@@ -528,6 +586,10 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         (`y_pred` or its logits), `d(sum_n l_n)/d source`, and the number of loss
         terms `M` that the Keras mean loss averages over.
     """
+    if spec.hessian and output_fisher(spec, fisher) == "true":
+        losses, cotangent = hessian_cotangent(spec, y_true, y_pred, seed)
+        return (y_pred,) + _weighted(spec, y_true, y_pred, losses, cotangent,
+                                     sample_weight)
     if output_fisher(spec, fisher) == "true":
         targets = sample_targets(spec, y_pred, seed)
     else:
@@ -553,6 +615,13 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
         cotangent *= tf.sqrt(tf.cast(tf.shape(class_last(spec, y_pred))[-1],
                                      cotangent.dtype))
+    return (source,) + _weighted(spec, y_true, y_pred, losses, cotangent,
+                                 sample_weight)
+
+
+def _weighted(spec, y_true, y_pred, losses, cotangent, sample_weight):
+    """`(cotangent, count)`: `output_cotangent`'s cotangent with the terms' sample
+    weights and masks applied, and the count of the terms the loss averages over."""
 
     def expand(weight):  # weights of the loss terms, onto the cotangent's rank
         weight = tf.cast(weight, cotangent.dtype)
@@ -565,8 +634,8 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
                                                0.0)))
     mask = term_mask(spec, y_true, y_pred, losses)
     if mask is None:
-        return source, cotangent, tf.size(losses)
-    return source, cotangent * expand(mask), tf.reduce_sum(mask)
+        return cotangent, tf.size(losses)
+    return cotangent * expand(mask), tf.reduce_sum(mask)
 
 
 def _output_seed(seed, index):
@@ -641,13 +710,16 @@ def output_cotangents(outputs, fisher, y_true, y_pred, seed, sample_weight=None)
     """
     flat = tf.nest.flatten(y_pred)
     labels = [None] * len(outputs)
-    empirical = [output_fisher(o.spec, fisher) == "empirical" for o in outputs]
+    # The empirical Fisher, and the true Fisher of a loss sampled from its
+    # Hessian at the real labels, need the labels.
+    empirical = [output_fisher(o.spec, fisher) == "empirical" or o.spec.hessian
+                 for o in outputs]
     if any(empirical):
         if y_true is None:
             raise ValueError(
                 "The empirical Fisher (fisher=\"empirical\", or a loss the true "
-                "Fisher cannot sample from) needs the real labels: pass `y_true` to "
-                "`update_curvature`. Received: y_true=None"
+                "Fisher cannot sample labels for) needs the real labels: pass "
+                "`y_true` to `update_curvature`. Received: y_true=None"
             )
         labels = _per_output_values(y_true, outputs, len(flat), "y_true")
         for output, label, needed in zip(outputs, labels, empirical):

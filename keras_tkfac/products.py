@@ -15,7 +15,9 @@ labels:
 - binary cross-entropy: `p (1 - p)` on logits, `1 / (p (1 - p))` on probabilities,
   divided by the `D` units Keras averages over;
 - mean squared error: `2 / D`;
-- any other loss (no sampling rule: its output takes the empirical Fisher): where
+- any other loss (no predictive distribution: its statistics take the empirical
+  Fisher, or for Huber, log-cosh and the squared hinge samples of their Hessian,
+  `fisher.hessian_cotangent`): where
   its terms `l_m` on the batch are all nonnegative, the Gauss-Newton matrix of the
   loss written as a square, `l_m = r_m^2`: `g_m g_m^T / (2 l_m)` with `g_m` term
   `m`'s gradient with respect to the output (`_gradient_projections`). Unlike the

@@ -208,6 +208,23 @@ def test_regression_scales_smoke(heads):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_robust_losses_smoke():
+    """`tools/robust_losses.py --smoke` trains two Huber programs with Adam,
+    `TKFAC()` and `TKFAC(fisher="empirical")` and reports finite losses and ratios;
+    an unknown program is refused naming it."""
+    result = _run("tools/robust_losses.py", "--smoke", "--adam=1e-3")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith(("| huber_mlp |", "| huber_outliers |"))]
+    assert [row[0].strip("| ") for row in rows] == ["huber_mlp", "huber_outliers"]
+    for row in rows:
+        values = [float(cell.strip(" |")) for cell in row[2:]]
+        assert len(values) == 5 and all(math.isfinite(v) and v > 0 for v in values)
+    result = _run("tools/robust_losses.py", "--programs=huber_mlp,nope", "--smoke")
+    assert result.returncode != 0 and "'nope'" in result.stderr
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_model_churn_smoke():
     """`tools/model_churn.py` trains and drops models in a process per optimizer and
     finds none of them alive at the end."""

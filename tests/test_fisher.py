@@ -97,22 +97,29 @@ def test_gaussian_sampler_matches_mse_hessian():
 
 
 def test_loss_without_sampling_rule_takes_the_empirical_fisher():
-    """Huber has no predictive distribution: under the true Fisher its cotangent is
-    the gradient of the summed loss at the real labels (numpy oracle)."""
-    spec = fisher.resolve_loss(keras.losses.Huber(delta=1.0), "true")
-    assert spec.kind is None
-    assert fisher.output_fisher(spec, "true") == "empirical"
+    """MAE has no predictive distribution and a zero Hessian: under the true Fisher
+    its cotangent is the gradient of the summed loss at the real labels (numpy
+    oracle). Huber does under `fisher="empirical"`."""
     y_pred = np.array([[0.3, -2.0], [1.5, 0.1]], np.float32)
-    y_true = np.array([[0.0, 0.5], [0.2, 0.1]], np.float32)
+    y_true = np.array([[0.0, 0.5], [0.2, 0.05]], np.float32)
     residual = y_pred - y_true
-    # Keras's Huber is the mean over the last axis of 0.5 r^2 (|r| <= delta) or
-    # delta (|r| - 0.5 delta): its gradient is clip(r, -delta, delta) / D.
-    expected = np.clip(residual, -1.0, 1.0) / 2.0
+    spec = fisher.resolve_loss("mae", "true")
+    assert spec.kind is None and not spec.hessian
+    assert fisher.output_fisher(spec, "true") == "empirical"
+    # Keras's MAE is the mean over the last axis of |r|: its gradient is sign(r) / D.
     for mode in ("true", "empirical"):
         _, cotangent, m = fisher.output_cotangent(
             spec, mode, tf.constant(y_true), tf.constant(y_pred), tf.constant([1, 2]))
-        np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(cotangent.numpy(), np.sign(residual) / 2.0,
+                                   rtol=1e-6)
         assert int(m) == 2
+    # Keras's Huber is the mean over the last axis of 0.5 r^2 (|r| <= delta) or
+    # delta (|r| - 0.5 delta): its gradient is clip(r, -delta, delta) / D.
+    huber = fisher.resolve_loss(keras.losses.Huber(delta=1.0), "empirical")
+    _, cotangent, _ = fisher.output_cotangent(
+        huber, "empirical", tf.constant(y_true), tf.constant(y_pred), None)
+    np.testing.assert_allclose(cotangent.numpy(), np.clip(residual, -1.0, 1.0) / 2.0,
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="y_true=None"):
         fisher.output_cotangent(spec, "true", None, tf.constant(y_pred),
                                 tf.constant([1, 2]))
@@ -120,6 +127,59 @@ def test_loss_without_sampling_rule_takes_the_empirical_fisher():
         fisher.resolve_loss(None, "true")
     with pytest.raises(ValueError, match="single-output"):
         fisher.resolve_loss(["mse", "mse"], "true")
+
+
+def _huber_hessian(y_true, y_pred):
+    return (np.abs(y_pred - y_true) <= 1.0).astype(np.float64)
+
+
+def _log_cosh_hessian(y_true, y_pred):
+    return 1.0 / np.cosh(y_pred - y_true) ** 2
+
+
+def _squared_hinge_hessian(y_true, y_pred):
+    # Keras maps labels that are all 0 or 1 to -1 and 1; the loss is
+    # max(1 - y f, 0)^2.
+    y = 2.0 * y_true - 1.0
+    return 2.0 * y ** 2 * (1.0 - y * y_pred > 0)
+
+
+_REGRESSION_LABELS = np.array([[0.0, 0.5, 1.0], [-1.0, 1.0, 0.2]], np.float32)
+_BINARY_LABELS = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]], np.float32)
+
+
+@pytest.mark.parametrize("loss,hessian,y_true", [
+    (keras.losses.Huber(delta=1.0), _huber_hessian, _REGRESSION_LABELS),
+    ("log_cosh", _log_cosh_hessian, _REGRESSION_LABELS),
+    (keras.losses.SquaredHinge(), _squared_hinge_hessian, _BINARY_LABELS),
+])
+def test_elementwise_losses_sample_their_cotangents_from_their_hessian(
+        loss, hessian, y_true):
+    """Huber, log-cosh and the squared hinge: under the true Fisher the cotangent's
+    second moment over samples is the loss's Hessian in the output at the real
+    labels, `diag(h) / D` (numpy, by hand: Huber's quadratic zone, sech^2, the
+    hinge's active margin), zero off the diagonal, each example its own."""
+    y_pred = np.array([[0.3, -2.0, 0.9], [1.5, 0.1, -0.4]], np.float32)
+    spec = fisher.resolve_loss(loss, "true")
+    assert spec.kind is None and spec.hessian
+    assert fisher.output_fisher(spec, "true") == "true"
+    source, cotangent, m = fisher.output_cotangent(
+        spec, "true", tf.constant(np.repeat(y_true, SAMPLES, axis=0)),
+        tf.constant(np.repeat(y_pred, SAMPLES, axis=0)), tf.constant([5, 9]))
+    assert source.shape == (2 * SAMPLES, 3) and int(m) == 2 * SAMPLES
+    moment = _per_example_second_moment(cotangent.numpy().astype(np.float64), 2)
+    for n in range(2):
+        h = hessian(y_true[n], y_pred[n]) / 3.0
+        assert np.count_nonzero(h) >= 1
+        # Entries are means of SAMPLES products of Gaussians scaled by at most
+        # max(h): four standard errors are below TOLERANCE * max(h).
+        np.testing.assert_allclose(moment[n], np.diag(h), atol=TOLERANCE * np.max(h))
+        # A unit whose Hessian is zero gets no noise at all.
+        np.testing.assert_array_equal(np.diag(moment[n]) == 0.0, h == 0.0)
+    # The real labels are needed.
+    with pytest.raises(ValueError, match="y_true=None"):
+        fisher.output_cotangents(fisher.resolve_losses(loss, "true", tf.constant(y_pred)),
+                                 "true", None, tf.constant(y_pred), tf.constant([1, 2]))
 
 
 def test_outputs_mix_sampled_and_empirical_fisher():
