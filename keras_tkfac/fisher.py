@@ -61,6 +61,15 @@ _KINDS = {
 # divergence's `y / f^2` is unbounded near `f = 0`: those keep the empirical Fisher.)
 _HESSIAN_LOSSES = (keras.losses.huber, keras.losses.log_cosh, keras.losses.squared_hinge)
 
+# Keras's losses that are a mean over the last axis of one term per unit: on a `[B]`
+# output their single value is the mean of the examples' terms (`resolve_loss`).
+_UNIT_MEANS = _HESSIAN_LOSSES + (
+    keras.losses.mean_squared_error, keras.losses.mean_absolute_error,
+    keras.losses.mean_absolute_percentage_error,
+    keras.losses.mean_squared_logarithmic_error, keras.losses.hinge,
+    keras.losses.poisson, keras.losses.binary_crossentropy,
+    keras.losses.binary_focal_crossentropy)
+
 FISHER_TYPES = ("true", "empirical")
 
 LossSpec = collections.namedtuple(
@@ -167,6 +176,11 @@ def resolve_loss(loss, fisher, output=None, warned=None):
         losses = fn(y_true, y_pred, **fn_kwargs)
         if losses.shape.rank != 0 or not y_pred.shape.rank:
             return losses
+        if y_pred.shape.rank == 1 and fn in _UNIT_MEANS:
+            # A `[B]` output (a squeezed regression or sigmoid output, a Q-network's
+            # chosen action's value): Keras's mean over the last axis is the mean
+            # over the batch, so each example is a term of one unit, exactly.
+            return fn(y_true[:, None], y_pred[:, None], **fn_kwargs)
         # One value for the whole batch (`Dice()`'s default `axis=None`, a Python
         # loss ending in a mean): its curvature would be one rank-one term scaled
         # as one example. The loss of each example alone stands in for its terms.
@@ -397,9 +411,15 @@ def sample_targets(spec, y_pred, seed):
         noise = tf.cast(_uniform(tf.shape(y_pred), seed), y_pred.dtype)
         return tf.cast(noise < probs, y_pred.dtype)
     if spec.kind == "mean_squared_error":
-        width = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
+        width = tf.cast(units(y_pred), y_pred.dtype)
         return y_pred + tf.sqrt(width / 2.0) * _normal(y_pred, seed)
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
+
+
+def units(y_pred):
+    """`D`, the units a loss term averages over: the last axis, or 1 for a `[B]`
+    output (each example a term of one unit, `resolve_loss`)."""
+    return 1 if y_pred.shape.rank == 1 else tf.shape(y_pred)[-1]
 
 
 def _normal(like, seed):
@@ -613,8 +633,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         )
     if spec.kind == "binary_crossentropy" and output_fisher(spec, fisher) == "true":
         # E[g g^T] must equal the Hessian diag(p(1-p)) / D of Keras's mean over D.
-        cotangent *= tf.sqrt(tf.cast(tf.shape(class_last(spec, y_pred))[-1],
-                                     cotangent.dtype))
+        cotangent *= tf.sqrt(tf.cast(units(class_last(spec, y_pred)), cotangent.dtype))
     return (source,) + _weighted(spec, y_true, y_pred, losses, cotangent,
                                  sample_weight)
 

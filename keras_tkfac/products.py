@@ -110,6 +110,10 @@ def _bilinear(spec, logits, y_pred, x, y):
     output it is differentiated through (`logits`: the logits behind `y_pred`)."""
     x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
     x, y, y_pred = (fisher_lib.class_last(spec, t) for t in (x, y, y_pred))
+    if y_pred.shape.rank == 1 and spec.kind in ("binary_crossentropy",
+                                                "mean_squared_error"):
+        # A `[B]` output: each example is a term of one unit (`fisher.resolve_loss`).
+        x, y, y_pred = x[:, None], y[:, None], y_pred[:, None]
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         if logits:
             probs = tf.nn.softmax(tf.cast(y_pred, tf.float32), axis=-1)

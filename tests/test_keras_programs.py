@@ -397,6 +397,47 @@ def test_a_loss_returning_one_value_per_batch_takes_each_examples_curvature(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["mse", "binary_crossentropy", "huber", "mae"])
+def test_a_squeezed_output_trains_as_its_twin_with_a_last_axis(loss, caplog):
+    """An output of shape `[B]` (a `Dense(1)` squeezed by `Reshape(())`): Keras's
+    loss, a mean over the last axis, is the mean over the batch, so each example is
+    a term of one unit. It trains exactly as the same model with the `[B, 1]` output
+    (statistics, products, steps), without the "one value per batch" notice. (Until
+    2026-12-07 the squared error's and the binary cross-entropy's samples took the
+    batch for the units: statistics `B` times too large. Not with sample weights:
+    Keras's own loss then weights the batch's single value, not each example's, and
+    differs between the two shapes under Adam too.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x[:, 0] - x[:, 1] ** 2).astype("float32")
+    if loss == "binary_crossentropy":
+        y = (y > 0).astype("float32")
+    logging.get_absl_logger().propagate = True
+    found = {}
+    for squeezed in (False, True):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+        outputs = keras.layers.Dense(
+            1, activation="sigmoid" if loss == "binary_crossentropy" else None)(hidden)
+        if squeezed:
+            outputs = keras.layers.Reshape(())(outputs)
+        model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+        optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=1)
+        model.compile(optimizer=optimizer, loss=loss)
+        fisher._WARNED.clear()
+        with caplog.at_level("WARNING"):
+            history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        found[squeezed] = (history.history["loss"],
+                           [v.numpy() for v in optimizer.variables
+                            if v.name.endswith(("_delta", "_n_phi", "_n_psi"))],
+                           [w.numpy() for w in model.weights])
+    assert not any("one value per batch" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(found[True][0], found[False][0], rtol=1e-5)
+    for a, b in zip(found[True][1] + found[True][2], found[False][1] + found[False][2]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
     """MAE and a user's function take the empirical Fisher (logged once per loss),
     Huber and log-cosh sample from their Hessian at the real labels (not logged);
