@@ -94,7 +94,7 @@ OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "wei
 (`tf.nest.flatten(y_pred)`), its name, its `LossSpec` and its loss weight."""
 
 
-def resolve_loss(loss, fisher, output=None, warned=None):
+def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
     """Resolves one output's `compile`-style loss into a `LossSpec`.
 
     Args:
@@ -104,6 +104,10 @@ def resolve_loss(loss, fisher, output=None, warned=None):
         output: optional, the name of the output the loss belongs to, for errors.
         warned: optional set of the messages already logged (the optimizer's, so
             that each optimizer says each thing once); defaults to this module's.
+        y_pred: optional, the output (or its shape's carrier): an output of shape
+            `[B]` under a loss that averages over the last axis (`_UNIT_MEANS`)
+            has the mean of its examples' terms for its loss whatever the
+            reduction (Keras's single value, summed or not), so `sums` is off.
 
     Returns:
         A `LossSpec`.
@@ -196,7 +200,9 @@ def resolve_loss(loss, fisher, output=None, warned=None):
             (y_true, y_pred))
 
     axis = fn_kwargs.get("axis", -1) if kind in _AXIS_KINDS else -1
-    return LossSpec(kind, from_logits, per_example, reduction in _SUMS,
+    sums = reduction in _SUMS and not (
+        fn in _UNIT_MEANS and len(getattr(y_pred, "shape", (0, 0))) == 1)
+    return LossSpec(kind, from_logits, per_example, sums,
                     -1 if axis is None else int(axis), fn_kwargs.get("ignore_class"),
                     hessian)
 
@@ -346,8 +352,11 @@ def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None
     weights = _per_output(
         1.0 if loss_weights is None else loss_weights, names, "loss_weights", 1.0
     )
+    flat = tf.nest.flatten(y_pred)
     outputs = [
-        OutputLoss(index, name, resolve_loss(entry, fisher, name, warned), weight)
+        OutputLoss(index, name,
+                   resolve_loss(entry, fisher, name, warned,
+                                flat[index] if index < len(flat) else None), weight)
         for index, (name, entry, weight) in enumerate(zip(names, losses, weights))
         if entry is not None
     ]

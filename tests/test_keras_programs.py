@@ -438,6 +438,32 @@ def test_a_squeezed_output_trains_as_its_twin_with_a_last_axis(loss, caplog):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["sum", None])
+def test_a_squeezed_outputs_summed_loss_trains_as_its_mean(reduction):
+    """On a `[B]` output Keras's mean squared error is one value, the batch's mean,
+    whatever the reduction (`"sum"` of one value is that value; Adam's trajectories
+    are the same): `TKFAC()` trains as with the default reduction. (Until 2026-12-07
+    it took `"sum"` and `None` for the sum of the examples' terms: curvature `B`
+    times too large.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x[:, 0] - x[:, 1] ** 2).astype("float32")
+    found = []
+    for loss in (keras.losses.MeanSquaredError(),
+                 keras.losses.MeanSquaredError(reduction=reduction)):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+        outputs = keras.layers.Reshape(())(keras.layers.Dense(1)(hidden))
+        model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
+        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        found.append((history.history["loss"], [w.numpy() for w in model.weights]))
+    np.testing.assert_allclose(found[1][0], found[0][0], rtol=1e-6)
+    for a, b in zip(found[1][1], found[0][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
     """MAE and a user's function take the empirical Fisher (logged once per loss),
     Huber and log-cosh sample from their Hessian at the real labels (not logged);
