@@ -89,9 +89,12 @@ _SUMS = ("sum", None, "none")
 # Keras's `"mean"` divides by the terms' count as `"sum_over_batch_size"` does.
 _REDUCTIONS = ("sum_over_batch_size", "mean") + _SUMS
 
-OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight"])
+OutputLoss = collections.namedtuple("OutputLoss", ["index", "name", "spec", "weight",
+                                                 "shape"], defaults=(None,))
 """One output's part of the training loss: its position in the flattened model output
-(`tf.nest.flatten(y_pred)`), its name, its `LossSpec` and its loss weight."""
+(`tf.nest.flatten(y_pred)`), its name, its `LossSpec`, its loss weight and the static
+shape of the step's output (`None` where unknown), which the curvature products'
+`forward` must reproduce (`products._sources`)."""
 
 
 def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
@@ -353,10 +356,10 @@ def resolve_losses(loss, fisher, y_pred, *, loss_weights=None, output_names=None
         1.0 if loss_weights is None else loss_weights, names, "loss_weights", 1.0
     )
     flat = tf.nest.flatten(y_pred)
+    found = [flat[index] if index < len(flat) else None for index in range(len(names))]
     outputs = [
-        OutputLoss(index, name,
-                   resolve_loss(entry, fisher, name, warned,
-                                flat[index] if index < len(flat) else None), weight)
+        OutputLoss(index, name, resolve_loss(entry, fisher, name, warned, found[index]),
+                   weight, getattr(found[index], "shape", None))
         for index, (name, entry, weight) in enumerate(zip(names, losses, weights))
         if entry is not None
     ]

@@ -213,7 +213,27 @@ def _larger_curvature(hessian, square):
 
 
 def _sources(outputs, y_pred):
+    """The tensors the losses are differentiated through in `forward`'s output
+    `y_pred`, and its flat list; a `ValueError` (the products then fail, logged,
+    and the step is `quadratic.FALLBACK`'s) where an output's shape past the batch
+    axis cannot be the step's (`OutputLoss.shape`; the batch may differ, a
+    `PRODUCT_FRACTION` of it): `forward` must compute what `update_curvature`'s
+    `y_pred` is."""
     flat = tf.nest.flatten(y_pred)
+    for output in outputs:
+        found = flat[output.index] if output.index < len(flat) else None
+        expected = tf.TensorShape(output.shape)
+        if found is None or (expected.rank is not None and not (
+                expected.rank == found.shape.rank and (
+                    expected.rank == 0
+                    or expected[1:].is_compatible_with(found.shape[1:])))):
+            raise ValueError(
+                f"`forward` gave {'no output' if found is None else found.shape} "
+                f"where update_curvature's y_pred (output {output.name!r}) has shape "
+                f"{output.shape}: it must compute y_pred itself. For a loss on a "
+                "function of the model's output (a Q-network's chosen action's "
+                "value), pass that function: forward=lambda: f(model(x, "
+                "training=True))")
     return [fisher_lib._logits_source(o.spec, flat[o.index]) for o in outputs], flat
 
 
