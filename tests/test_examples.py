@@ -55,6 +55,9 @@ def _run(script, *args, timeout=300):
         ("examples/mnist_mlp.py", [], r"tkfac: train loss .* test accuracy 0\.\d+"),
         ("examples/mnist_autoencoder.py", [], r"tkfac: train loss .* test loss 0\.\d+"),
         ("examples/custom_loop.py", [], r"after 20 steps: .* failed inverses 0"),
+        ("examples/q_learning.py", [],
+         r"tkfac: 300 steps, \d+ episodes; greedy policy .* mean loss of the last "
+         r"100 updates \d\.\d+e[-+]\d+"),
         ("examples/lora_fine_tuning.py", [],
          r"tkfac: test loss \d\.\d+, test accuracy [01]\.\d+ \(digits 5-9\)"),
         ("examples/text_classifier.py", ["--dataset=synthetic"],
