@@ -113,47 +113,52 @@ def _cubed_error(y_true, y_pred):
     return keras.ops.mean(keras.ops.abs(y_true - y_pred) ** 3, axis=-1)
 
 
-def test_empirical_fisher_with_a_loss_that_cannot_be_sampled(digits):
-    """A user's loss has no sampling rule: at the default `fisher="true"` its
-    output takes the empirical Fisher, so training equals `fisher="empirical"`'s
-    exactly."""
-    x, y = digits
-    targets = np.eye(10, dtype="float32")[y]
-    weights = {}
-    for fisher_type in ("true", "empirical"):
-        keras.utils.set_random_seed(0)
-        model = keras_tkfac.wrap(_mlp())
-        model.compile(optimizer=keras_tkfac.KFAC(fisher=fisher_type),
-                      loss=_cubed_error)
-        history = model.fit(x, targets, batch_size=BATCH, epochs=3, verbose=0,
-                            shuffle=False)
-        assert history.history["loss"][-1] < history.history["loss"][0]
-        weights[fisher_type] = [w.numpy() for w in model.weights]
-    for a, b in zip(weights["true"], weights["empirical"]):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_huber_samples_its_hessian_and_trains(digits):
-    """Huber's output gradients under the true Fisher come from its Hessian at the
-    real labels: the factors' statistics differ from the empirical Fisher's, and
-    training lowers the loss without NaN either way."""
+def _fit_both_fishers(digits, make_optimizer, loss):
+    """`{fisher: (epoch losses, model, optimizer)}` of the MLP on one-hot digits
+    trained with `make_optimizer(fisher)` for both Fisher types."""
     x, y = digits
     targets = np.eye(10, dtype="float32")[y]
     found = {}
     for fisher_type in ("true", "empirical"):
         keras.utils.set_random_seed(0)
         model = keras_tkfac.wrap(_mlp())
-        optimizer = keras_tkfac.TKFAC(fisher=fisher_type, seed=0)
-        model.compile(optimizer=optimizer, loss=keras.losses.Huber(delta=0.5))
+        optimizer = make_optimizer(fisher_type)
+        model.compile(optimizer=optimizer, loss=loss)
         history = model.fit(x, targets, batch_size=BATCH, epochs=3, verbose=0,
                             shuffle=False)
-        losses = history.history["loss"]
+        found[fisher_type] = (history.history["loss"], model, optimizer)
+    return found
+
+
+def test_empirical_fisher_with_a_loss_that_cannot_be_sampled(digits):
+    """A user's loss has no sampling rule: at the default `fisher="true"` its
+    output takes the empirical Fisher, so training equals `fisher="empirical"`'s
+    exactly."""
+    found = _fit_both_fishers(
+        digits, lambda fisher_type: keras_tkfac.KFAC(fisher=fisher_type), _cubed_error)
+    for losses, _, _ in found.values():
+        assert losses[-1] < losses[0]
+    for a, b in zip(found["true"][1].weights, found["empirical"][1].weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_huber_samples_its_hessian_and_trains(digits):
+    """Huber's output gradients under the true Fisher come from its Hessian at the
+    real labels: the factors' statistics differ from the empirical Fisher's, and
+    training lowers the loss without NaN either way."""
+    found = _fit_both_fishers(
+        digits, lambda fisher_type: keras_tkfac.TKFAC(fisher=fisher_type, seed=0),
+        keras.losses.Huber(delta=0.5))
+    statistics = {}
+    for fisher_type, (losses, _, optimizer) in found.items():
         assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
-        found[fisher_type] = [v.numpy() for v in optimizer.variables
-                              if v.name.endswith(("_n_phi", "_n_psi", "_delta"))]
-    assert found["true"] and len(found["true"]) == len(found["empirical"])
-    assert any(not np.allclose(a, b) for a, b in zip(found["true"],
-                                                     found["empirical"]))
+        statistics[fisher_type] = [
+            v.numpy() for v in optimizer.variables
+            if v.name.endswith(("_n_phi", "_n_psi", "_delta"))]
+    assert statistics["true"]
+    assert len(statistics["true"]) == len(statistics["empirical"])
+    assert any(not np.allclose(a, b) for a, b in zip(statistics["true"],
+                                                     statistics["empirical"]))
 
 
 def test_sequence_dense_conv1d_and_fallback_layers_train(caplog):
