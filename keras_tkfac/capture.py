@@ -223,6 +223,17 @@ class Recording:
                 position += len(calls)
                 result.append(None)
                 continue
+            if sequences and hasattr(block, "sequence_rows") and _steps_of_one_sequence(
+                    [inputs for inputs, _ in calls]):
+                # `TimeDistributed`'s calls, one per step of one sequence: that
+                # sequence, as `Dense` on it would record it.
+                grads = [tf.zeros_like(s) if g is None else g for (_, s), g in zip(
+                    calls, output_grads[position:position + len(calls)])]
+                position += len(calls)
+                found = block.sequence_rows(tf.stack([i for i, _ in calls], 1),
+                                            tf.stack(grads, 1))
+                result.append(found + (None,) if norms else found)
+                continue
             for inputs, s in calls:
                 grad = output_grads[position]
                 position += 1
@@ -272,6 +283,26 @@ def _one_shape_of_sequences(parts, block):
         return True
     lengths = {p.shape[1] for p in parts}
     return ranks == {rank + 1} and len(lengths) == 1 and None not in lengths
+
+
+def _steps_of_one_sequence(inputs):
+    """Whether several calls' inputs are the steps `x[t]` (an index, not a range)
+    of one traced rank-3 tensor, all of one static shape `[batch, d]`: Keras 3's
+    `TimeDistributed` calls its layer once per step of its (time-major) input, so
+    the calls share the examples. (Slices of the batch, `x[:16]`, keep their rank
+    and are not steps.)"""
+    if len(inputs) < 2:
+        return False
+    sources = set()
+    for x in inputs:
+        op = getattr(x, "op", None)
+        if (isinstance(x, tf.__internal__.EagerTensor) or op is None
+                or op.type != "StridedSlice" or x.shape.rank != 2
+                or x.shape != inputs[0].shape or op.inputs[0].shape.rank != 3
+                or not op.get_attr("shrink_axis_mask")):
+            return False
+        sources.add(op.inputs[0].ref())
+    return len(sources) == 1
 
 
 def _as_rows(x, rank):

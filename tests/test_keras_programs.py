@@ -523,6 +523,43 @@ def test_a_squeezed_outputs_summed_loss_trains_as_its_mean(reduction):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("output", ["pooled", "per_step"])
+def test_time_distributed_dense_trains_as_dense_on_the_sequence(output):
+    """`TimeDistributed(Dense)` computes what `Dense` on `[B, T, d]` does; Keras 3
+    calls the inner layer once per step, and those calls, steps of one sequence,
+    take the sequence's exact per-example statistics as `Dense` does
+    (`sequence_statistics="exact"`): the same statistics, steps and weights, with a
+    pooled output and with a per-step one. (Until 2026-12-07 each step's call was
+    rows of its own: first-epoch losses 1.1445 against 1.1454.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 7, 5)).astype("float32")
+    y = rng.integers(0, 3, (64,) if output == "pooled" else (64, 7))
+    found = []
+    for wrapped in (False, True):
+        keras.utils.set_random_seed(0)
+        dense = keras.layers.Dense(8, activation="tanh")
+        layers = [keras.Input((7, 5)),
+                  keras.layers.TimeDistributed(dense) if wrapped else dense]
+        if output == "pooled":
+            layers += [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)]
+        else:
+            head = keras.layers.Dense(3)
+            layers.append(keras.layers.TimeDistributed(head) if wrapped else head)
+        model = keras_tkfac.wrap(keras.Sequential(layers))
+        optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=1)
+        model.compile(optimizer=optimizer,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        found.append((history.history["loss"],
+                      [v.numpy() for v in optimizer.variables
+                       if v.name.endswith(("_delta", "_n_phi", "_n_psi"))],
+                      [w.numpy() for w in model.weights]))
+    np.testing.assert_allclose(found[1][0], found[0][0], rtol=1e-5)
+    assert len(found[1][1]) == len(found[0][1]) > 0
+    for a, b in zip(found[1][1] + found[1][2], found[0][1] + found[0][2]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
     """MAE and a user's function take the empirical Fisher (logged once per loss),
     Huber and log-cosh sample from their Hessian at the real labels (not logged);
