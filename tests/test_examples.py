@@ -228,6 +228,26 @@ def test_robust_losses_smoke():
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_small_data_smoke():
+    """`tools/small_data.py --smoke` trains the structured-data program with Adam,
+    `TKFAC()` and `TKFAC()` with early stopping and reports finite losses; unknown
+    programs and non-positive epochs are refused naming them."""
+    result = _run("tools/small_data.py", "--smoke", "--adam=1e-3")
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| structured |")]
+    assert len(rows) == 1 and len(rows[0]) == 5
+    for cell in rows[0][2:]:
+        numbers = re.findall(r"[-+0-9.e]+", cell.replace("epochs", ""))
+        values = [float(v) for v in numbers]
+        assert all(math.isfinite(v) for v in values) and values[0] <= values[2] + 1e-6
+    result = _run("tools/small_data.py", "--programs=structured,nope", "--smoke")
+    assert result.returncode != 0 and "'nope'" in result.stderr
+    result = _run("tools/small_data.py", "--epochs=0")
+    assert result.returncode != 0 and "--epochs" in result.stderr
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_model_churn_smoke():
     """`tools/model_churn.py` trains and drops models in a process per optimizer and
     finds none of them alive at the end."""
