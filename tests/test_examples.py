@@ -236,7 +236,7 @@ def test_small_data_smoke():
     assert result.returncode == 0, result.stderr[-5000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines()
             if line.startswith("| structured |")]
-    assert len(rows) == 1 and len(rows[0]) == 5
+    assert len(rows) == 1 and len(rows[0]) == 6
     for cell in rows[0][2:]:
         numbers = re.findall(r"[-+0-9.e]+", cell.replace("epochs", ""))
         values = [float(v) for v in numbers]

@@ -6,8 +6,10 @@ than Adam, so on such a data set its validation loss is lowest early and then ri
 while Adam's is still falling; and where the labels carry little signal, its steps
 fit each batch's noise. This tool trains each program from the same weights on the
 same batches with Adam at `--adam` learning rates and `TKFAC()`, and `TKFAC()` once
-more with `keras.callbacks.EarlyStopping(patience=5, restore_best_weights=True)`,
-and prints per run the best validation loss with its epoch (1-based), the last
+more with its learning rate decayed from the default 1e-3 to 0 over the run
+(`keras.optimizers.schedules.CosineDecay`: the quadratic model's step times a factor
+falling to 0) and once with `keras.callbacks.EarlyStopping(patience=5,
+restore_best_weights=True)`, and prints per run the best validation loss with its epoch (1-based), the last
 epoch's validation loss, and the last training loss on all training examples
 (inference mode).
 
@@ -48,6 +50,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write the table (markdown) here."
 _SMOKE = flags.DEFINE_bool("smoke", False, "One program, one seed, two epochs.")
 
 STOPPED = "TKFAC() + EarlyStopping"
+COSINE = "TKFAC(CosineDecay)"
 
 
 def structured(rng):
@@ -112,7 +115,11 @@ def run(label, name, seed, epochs):
         optimizer = keras.optimizers.Adam(float(label[5:-1]))
     else:
         model = keras_tkfac.wrap(model)
-        optimizer = keras_tkfac.TKFAC(seed=seed)
+        learning_rate = None
+        if label == COSINE:  # from the default 1e-3 to 0 over the run
+            steps = epochs * -(-rows // 32)
+            learning_rate = keras.optimizers.schedules.CosineDecay(1e-3, steps)
+        optimizer = keras_tkfac.TKFAC(learning_rate, seed=seed)
         if label == STOPPED:
             callbacks = [keras.callbacks.EarlyStopping(patience=5,
                                                        restore_best_weights=True)]
@@ -145,7 +152,7 @@ def main(argv):
     seeds, epochs = [int(s) for s in _SEEDS.value], _EPOCHS.value
     if _SMOKE.value:
         names, seeds, epochs = names[:1], seeds[:1], 2
-    runs = [f"Adam({rate})" for rate in _ADAM.value] + ["TKFAC()", STOPPED]
+    runs = [f"Adam({rate})" for rate in _ADAM.value] + ["TKFAC()", COSINE, STOPPED]
     start = time.perf_counter()
     lines = [
         f"`python tools/small_data.py --programs={','.join(names)} "
@@ -156,7 +163,7 @@ def main(argv):
         "training loss at the end. Same weights and batches in every run of a row.", "",
         "| program | seed | " + " | ".join(runs) + " |",
         "|---|---:|" + "---|" * len(runs)]
-    counts = {"best": 0, "last": 0, "stopped": 0, "rows": 0}
+    counts = {"best": 0, "last": 0, "cosine": 0, "stopped": 0, "rows": 0}
     for name in names:
         for seed in seeds:
             found = [run(label, name, seed, epochs) for label in runs]
@@ -167,8 +174,9 @@ def main(argv):
             adam_best = min(r[0] for r in found[:len(_ADAM.value)])
             adam_last = min(r[2] for r in found[:len(_ADAM.value)])
             counts["rows"] += 1
-            counts["best"] += found[-2][0] <= adam_best
-            counts["last"] += found[-2][2] <= adam_last
+            counts["best"] += found[-3][0] <= adam_best
+            counts["last"] += found[-3][2] <= adam_last
+            counts["cosine"] += found[-2][2] <= adam_last
             counts["stopped"] += found[-1][2] <= adam_last
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
@@ -176,7 +184,8 @@ def main(argv):
         "",
         f"**Of {counts['rows']} runs, `TKFAC()`'s best validation loss was at most the "
         f"best Adam's on {counts['best']}; its last epoch's at most the best Adam's "
-        f"last on {counts['last']}; with early stopping on {counts['stopped']}.**", "",
+        f"last on {counts['last']}; with the cosine decay on {counts['cosine']}; with "
+        f"early stopping on {counts['stopped']}.**", "",
         f"{(time.perf_counter() - start) / 60:.1f} minutes in all."]
     print("\n".join(lines[-3:]))
     if _OUTPUT.value:
