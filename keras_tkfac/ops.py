@@ -804,6 +804,16 @@ def levenberg_marquardt(scale, ratio, decay, low, high):
     return tf.clip_by_value(new, low, high)
 
 
+def cap_coefficient(coefficient, ceiling, floor):
+    """`coefficient` limited to `ceiling` where it is above `floor` and a ceiling is
+    set (`ceiling > 0`), and never below `floor` there (`keras_tkfac.progress`)."""
+    coefficient = tf.convert_to_tensor(coefficient, tf.float32)
+    ceiling = tf.cast(ceiling, tf.float32)
+    capped = tf.maximum(tf.minimum(coefficient, ceiling), floor)
+    return tf.where(tf.logical_and(coefficient > floor, ceiling > 0.0), capped,
+                    coefficient)
+
+
 def loss_relative_factor(loss, peak, floor, onset=1.0):
     """`(loss / peak) / onset` clipped to `[floor, 1]`: 1 until a nonnegative loss
     has fallen to `onset` of its highest value, then the fraction it has fallen to

@@ -29,6 +29,7 @@ from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
 from keras_tkfac import precision
 from keras_tkfac import products as products_lib
+from keras_tkfac import progress as progress_lib
 from keras_tkfac import row_sparse
 from keras_tkfac import step_size
 from keras_tkfac import tangents as tangents_lib
@@ -203,7 +204,8 @@ def steps(optimizer, used, variables, learning_rate):
         coefficients, predicted, minimum = step_size.quadratic_updates(
             products, dampings, updates, [g for *_, g, _ in used], previous, bounds,
             step_size.GRAFT_QUADRATIC_FLOOR
-            if optimizer.step_control == "graft_quadratic" else None, damping_factor)
+            if optimizer.step_control == "graft_quadratic" else None, damping_factor,
+            progress_lib.ceiling(optimizer))
         trusted = tf.constant(True)
         if "loss" in before:
             # A model that predicts far more than the loss can fall is not
@@ -216,11 +218,19 @@ def steps(optimizer, used, variables, learning_rate):
             change = tf.where(trusted, predicted(fraction), 0.0)
             loss_before = (before["loss"] if "loss" in before
                            else batch.loss_before(damping_lib.due(optimizer)))
+        progress = progress_lib.state(optimizer)
+        if progress is None:
+            progress = tf.zeros([5])  # (a `tf.cond` output must be a tensor)
+        elif "loss" in before:
+            usable = tf.logical_and(tf.cast(before["nonnegative"], tf.bool),
+                                    tf.math.is_finite(before["loss"]))
+            progress = progress_lib.advance(progress, before["loss"], usable,
+                                            coefficients[0])
         return (*coefficients, trusted, change, loss_before,
-                before.get("peak", damping_lib.peak(optimizer)))
+                before.get("peak", damping_lib.peak(optimizer)), progress)
 
     try:
-        a, b, trusted, change, loss_before, peak = _every_few_steps(
+        a, b, trusted, change, loss_before, peak, progress = _every_few_steps(
             optimizer, batch, model)
     except tangents_lib.HiddenReads as error:
         return _without_hidden(optimizer, used, variables, learning_rate, error)
@@ -229,6 +239,8 @@ def steps(optimizer, used, variables, learning_rate):
         return _without_products(optimizer, used, variables, learning_rate,
                                  "%s: %s" % (type(error).__name__, error))
     damping_lib.keep_peak(optimizer, peak)
+    if optimizer.progress is not None:
+        optimizer.progress.assign(progress)
     if optimizer.step_control == "graft_quadratic" and optimizer.fallback_lr_ceiling > 1:
         optimizer._partner.scale = step_size.partner_scale(
             a, trusted, optimizer.fallback_lr_ceiling)
@@ -261,7 +273,9 @@ MODEL_WARMUP = 20
 
 def build(optimizer):
     """Adds `model_coefficients`, the last model's `(a, b, trusted)`, where the
-    model is recomputed every `model_update_freq > 1` steps."""
+    model is recomputed every `model_update_freq > 1` steps, and the step's ceiling
+    (`keras_tkfac.progress`)."""
+    progress_lib.build(optimizer)
     optimizer.model_coefficients = None
     if (step_size.uses_products(optimizer.step_control)
             and optimizer.model_update_freq > 1):
@@ -271,11 +285,12 @@ def build(optimizer):
 
 
 def _every_few_steps(optimizer, batch, model):
-    """`model()`'s `(a, b, trusted, change, loss_before, peak)` on the steps where
-    the model is due (every `model_update_freq` steps, and every step of the first
-    `MODEL_WARMUP`), else the last model's
-    coefficients with no predicted change (so the damping is not adapted) and the
-    loss's peak as it was (`damping.model_factor`).
+    """`model()`'s `(a, b, trusted, change, loss_before, peak, progress)` on the
+    steps where the model is due (every `model_update_freq` steps, and every step of
+    the first `MODEL_WARMUP`), else the last model's
+    coefficients with no predicted change (so the damping is not adapted), the
+    loss's peak as it was (`damping.model_factor`) and the progress state as it was
+    (`keras_tkfac.progress`; zeros without it).
 
     A products' pass that all-reduces (`Batch.syncs`) cannot run inside a
     `tf.cond` branch: the model is then built every step.
@@ -284,17 +299,20 @@ def _every_few_steps(optimizer, batch, model):
     if state is None or batch.syncs:
         return model()
 
+    progress = progress_lib.state(optimizer)
+
     def stale():
         last = state.value
         return (last[0], last[1], last[2] > 0.5, tf.constant(0.0), tf.constant(0.0),
-                damping_lib.peak(optimizer))
+                damping_lib.peak(optimizer),
+                progress if progress is not None else tf.zeros([5]))
 
     due = tf.logical_or(
         tf.equal(optimizer.iterations % optimizer.model_update_freq, 0),
         optimizer.iterations < MODEL_WARMUP)
-    a, b, trusted, change, loss_before, peak = tf.cond(due, model, stale)
+    a, b, trusted, change, loss_before, peak, progress = tf.cond(due, model, stale)
     state.assign(tf.stack([a, b, tf.cast(trusted, tf.float32)]))
-    return a, b, trusted, change, loss_before, peak
+    return a, b, trusted, change, loss_before, peak, progress
 
 
 def _without_hidden(optimizer, used, variables, learning_rate, error):

@@ -393,7 +393,7 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
 
 
 def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
-                      min_coefficient=None, damping_factor=None):
+                      min_coefficient=None, damping_factor=None, max_coefficient=None):
     """The quadratic-model steps `a U_l + b M_l` of every preconditioned layer.
 
     The model's curvature is the exact one plus each layer's damping, `C + λ_l I` on
@@ -416,6 +416,9 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
             (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`).
         damping_factor: optional `() -> factor` (or `None`), called after `bounds`:
             every `λ_l` of the model is multiplied by it (`damping.model_factor`).
+        max_coefficient: optional ceiling on a coefficient `a` above
+            `min_coefficient` (0: none; `keras_tkfac.progress`); the predicted
+            change is the capped step's.
 
     Returns:
         `((a, b), predicted, minimum)`: the coefficients of the steps
@@ -441,6 +444,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
                                              kl_curvature)
     if min_coefficient is not None:
         a = tf.where(a > 0.0, tf.maximum(a, min_coefficient), a)
+    if max_coefficient is not None:
+        a = ops.cap_coefficient(a, max_coefficient, min_coefficient or 0.0)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])
