@@ -60,6 +60,8 @@ def _run(script, *args, timeout=300):
          r"100 updates \d\.\d+e[-+]\d+"),
         ("examples/lora_fine_tuning.py", [],
          r"tkfac: test loss \d\.\d+, test accuracy [01]\.\d+ \(digits 5-9\)"),
+        ("examples/structured_data.py", [],
+         r"tkfac: \d+ epochs, validation loss 0\.\d+, validation accuracy [01]\.\d+"),
         ("examples/text_classifier.py", ["--dataset=synthetic"],
          r"transformer, tkfac: test loss \d\.\d+, test accuracy 0\.\d+"),
         # The BiLSTM's smoke run traces the recurrent layers' products (~30 s).
@@ -92,6 +94,17 @@ def test_tfds_dataset_unavailable_says_so_in_one_line(script):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "cifar10" in last and "--dataset=mnist5k" in last, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_datasets") is not None,
+    reason="tensorflow_datasets is installed: the run would try to download",
+)
+def test_structured_example_without_titanic_names_the_offline_data_set():
+    result = _run("examples/structured_data.py", "--dataset=titanic")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "'titanic'" in last and "--dataset=synthetic" in last, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(
