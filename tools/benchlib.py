@@ -82,6 +82,31 @@ def _load_tfds(name):
     )
 
 
+def program_arguments(names, programs, adam_rates):
+    """The tools' common checks of `--programs` (each one of `programs`; all of
+    them when empty) and `--adam` (each rate positive); returns the names."""
+    names = names or list(programs)
+    for name in names:
+        if name not in programs:
+            raise ValueError(f"--programs: unknown program {name!r}; known: "
+                             f"{', '.join(programs)}. Received: {','.join(names)}")
+    for rate in adam_rates:
+        if not float(rate) > 0:
+            raise ValueError(f"--adam must be positive. Received: {rate}")
+    return names
+
+
+def finish_table(lines, summary, start, output=None):
+    """Appends the bold `summary` and the minutes since `start` (`perf_counter`)
+    to a tool's markdown `lines`, prints them, and writes all lines to `output`."""
+    lines += ["", f"**{summary}**", "",
+              f"{(time.perf_counter() - start) / 60:.1f} minutes in all."]
+    print("\n".join(lines[-3:]))
+    if output:
+        with open(output, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def batches(arrays, batch_size, seed):
     """A fresh, seeded, repeating `tf.data` pipeline of shuffled `batch_size` batches.
 

@@ -38,6 +38,7 @@ import tensorflow as tf
 import keras
 from keras import layers
 
+import benchlib
 import keras_tkfac
 
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs (default: all).")
@@ -149,14 +150,7 @@ def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
     logging.set_verbosity(logging.ERROR)
-    names = _PROGRAMS.value or list(PROGRAMS)
-    for name in names:
-        if name not in PROGRAMS:
-            raise ValueError(f"--programs: unknown program {name!r}; known: "
-                             f"{', '.join(PROGRAMS)}. Received: {','.join(names)}")
-    for rate in _ADAM.value:
-        if not float(rate) > 0:
-            raise ValueError(f"--adam must be positive. Received: {rate}")
+    names = benchlib.program_arguments(_PROGRAMS.value, PROGRAMS, _ADAM.value)
     seeds, epochs = [int(s) for s in _SEEDS.value], _EPOCHS.value
     if _SMOKE.value:
         names, seeds, epochs = names[:2], seeds[:1], 1
@@ -188,17 +182,12 @@ def main(argv):
     def geomean(values):
         return float(np.exp(np.mean(np.log(values))))
 
-    lines += [
-        "",
-        f"**`TKFAC()` at most the best Adam's on {sum(r <= 1 for r in ratios['adam'])} "
-        f"of {len(ratios['adam'])} runs, at most `fisher=\"empirical\"`'s on "
-        f"{sum(r <= 1 for r in ratios['empirical'])}; geometric means of the ratios "
-        f"{geomean(ratios['adam']):.3f} and {geomean(ratios['empirical']):.3f}.**", "",
-        f"{(time.perf_counter() - start) / 60:.1f} minutes in all."]
-    print("\n".join(lines[-3:]))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    benchlib.finish_table(
+        lines, f"`TKFAC()` at most the best Adam's on "
+        f"{sum(r <= 1 for r in ratios['adam'])} of {len(ratios['adam'])} runs, at most "
+        f"`fisher=\"empirical\"`'s on {sum(r <= 1 for r in ratios['empirical'])}; "
+        f"geometric means of the ratios {geomean(ratios['adam']):.3f} and "
+        f"{geomean(ratios['empirical']):.3f}.", start, _OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import tensorflow as tf
 import keras
 from keras import layers
 
+import benchlib
 import keras_tkfac
 
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs (default: all).")
@@ -139,14 +140,7 @@ def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
     logging.set_verbosity(logging.ERROR)
-    names = _PROGRAMS.value or list(PROGRAMS)
-    for name in names:
-        if name not in PROGRAMS:
-            raise ValueError(f"--programs: unknown program {name!r}; known: "
-                             f"{', '.join(PROGRAMS)}. Received: {','.join(names)}")
-    for rate in _ADAM.value:
-        if not float(rate) > 0:
-            raise ValueError(f"--adam must be positive. Received: {rate}")
+    names = benchlib.program_arguments(_PROGRAMS.value, PROGRAMS, _ADAM.value)
     if _EPOCHS.value < 1:
         raise ValueError(f"--epochs must be at least 1. Received: {_EPOCHS.value}")
     seeds, epochs = [int(s) for s in _SEEDS.value], _EPOCHS.value
@@ -180,17 +174,11 @@ def main(argv):
             counts["stopped"] += found[-1][2] <= adam_last
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    lines += [
-        "",
-        f"**Of {counts['rows']} runs, `TKFAC()`'s best validation loss was at most the "
-        f"best Adam's on {counts['best']}; its last epoch's at most the best Adam's "
-        f"last on {counts['last']}; with the cosine decay on {counts['cosine']}; with "
-        f"early stopping on {counts['stopped']}.**", "",
-        f"{(time.perf_counter() - start) / 60:.1f} minutes in all."]
-    print("\n".join(lines[-3:]))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    benchlib.finish_table(
+        lines, f"Of {counts['rows']} runs, `TKFAC()`'s best validation loss was at "
+        f"most the best Adam's on {counts['best']}; its last epoch's at most the best "
+        f"Adam's last on {counts['last']}; with the cosine decay on {counts['cosine']}; "
+        f"with early stopping on {counts['stopped']}.", start, _OUTPUT.value)
 
 
 if __name__ == "__main__":
