@@ -814,6 +814,35 @@ def cap_coefficient(coefficient, ceiling, floor):
                     coefficient)
 
 
+def linearized_scale(losses, scales, rise_fraction):
+    """The fraction of a step to take from its loss along the step
+    (`keras_tkfac.linearized`).
+
+    Args:
+        losses: `[1 + n]`, the loss before the step and at each of `scales` of it.
+        scales: `[n]`, the fractions tried, the whole step (`1`) first.
+        rise_fraction: how far, as a fraction of `|losses[0]|`, the whole step may
+            raise the loss before it is shortened.
+
+    Returns:
+        `scales[0]` where the whole step's loss rises by at most
+        `rise_fraction * |losses[0]|` (or the loss before it is not finite), else
+        the scale of the lowest finite loss (a non-finite one counts as the
+        highest; all non-finite: the smallest scale).
+    """
+    losses = tf.cast(losses, tf.float32)
+    scales = tf.cast(scales, tf.float32)
+    start, along = losses[0], losses[1:]
+    finite = tf.math.is_finite(along)
+    ranked = tf.where(finite, along, tf.fill(tf.shape(along), float("inf")))
+    best = tf.where(tf.reduce_any(finite), tf.argmin(ranked),
+                    tf.cast(tf.size(along) - 1, tf.int64))
+    rises = tf.logical_or(tf.logical_not(finite[0]),
+                          along[0] - start > rise_fraction * tf.abs(start))
+    rises = tf.logical_and(rises, tf.math.is_finite(start))
+    return tf.where(rises, tf.gather(scales, best), scales[0])
+
+
 def loss_relative_factor(loss, peak, floor, onset=1.0):
     """`(loss / peak) / onset` clipped to `[floor, 1]`: 1 until a nonnegative loss
     has fallen to `onset` of its highest value, then the fraction it has fallen to

@@ -81,6 +81,7 @@ import tensorflow as tf
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
+from keras_tkfac import linearized as linearized_lib
 from keras_tkfac import reuse as reuse_lib
 from keras_tkfac import rnn_tangents
 from keras_tkfac import tangents as tangents_lib
@@ -103,6 +104,12 @@ def _weighted_mean(losses, weight, mask=None, sums=False):
 
 
 _EPSILON = 1e-7
+
+
+# Losses whose Fisher is the Hessian in the logits of a softmax or sigmoid
+# cross-entropy (`keras_tkfac.linearized` checks their loss along the step).
+_CROSS_ENTROPIES = ("sparse_categorical_crossentropy", "categorical_crossentropy",
+                    "binary_crossentropy")
 
 
 def _bilinear(spec, logits, y_pred, x, y):
@@ -522,6 +529,9 @@ class Batch:
         # `outputs` (its weight included; set by `gram`), and every output's
         # weighted loss `w_k L_k` (set by `loss`; the means over the replicas).
         self.squared_grams, self.output_losses = [], None
+        # The classifiers' outputs along the directions of the last `gram`
+        # (`keras_tkfac.linearized`), or `None`.
+        self.linearized = None
 
     def _restoring(self, run):
         saved = [tf.identity(v) for v in self.state]
@@ -583,6 +593,7 @@ class Batch:
         # Mean squared errors' own Grams, for the KL bound in their residuals'
         # units (`squared_grams`); they are also in `gram`.
         squared = []
+        classifiers = []  # (`linearized.Outputs`)
         for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
             source, y_pred = sources[k], flat[output.index]
             output_weight = tf.maximum(tf.cast(output.weight, tf.float32), 0.0)
@@ -608,6 +619,10 @@ class Batch:
                         gram[i][j] = gram[i][j] + output_weight * value
             if output.spec.kind == "mean_squared_error":
                 squared.append((k, output_weight * _symmetric(own)))
+            if (output.spec.kind in _CROSS_ENTROPIES and label is not None
+                    and (source is not y_pred or output.spec.from_logits)):
+                classifiers.append((output.spec, label, weight, source, y_pred, along,
+                                    output_weight))
             if output.spec.kind is None:
                 try:
                     hessian = _symmetric(_loss_hessian_gram(
@@ -619,6 +634,8 @@ class Batch:
                 candidates += [output_weight * hessian,
                                output_weight * _symmetric(own)]
         gram = _symmetric(gram)
+        self.linearized = (linearized_lib.Outputs(classifiers, _weighted_mean)
+                           if classifiers else None)
         gram, *candidates = distributed.all_reduce(
             "mean", [gram] + [g for _, g in squared] + candidates)
         self.squared_grams = list(zip([k for k, _ in squared], candidates))

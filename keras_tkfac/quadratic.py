@@ -205,7 +205,7 @@ def steps(optimizer, used, variables, learning_rate):
             products, dampings, updates, [g for *_, g, _ in used], previous, bounds,
             step_size.GRAFT_QUADRATIC_FLOOR
             if optimizer.step_control == "graft_quadratic" else None, damping_factor,
-            progress_lib.ceiling(optimizer))
+            progress_lib.ceiling(optimizer), lambda: batch.linearized)
         trusted = tf.constant(True)
         if "loss" in before:
             # A model that predicts far more than the loss can fall is not

@@ -82,6 +82,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_tkfac import linearized as linearized_lib
 from keras_tkfac import ops
 from keras_tkfac import row_sparse
 
@@ -393,7 +394,8 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
 
 
 def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
-                      min_coefficient=None, damping_factor=None, max_coefficient=None):
+                      min_coefficient=None, damping_factor=None, max_coefficient=None,
+                      linearized=None):
     """The quadratic-model steps `a U_l + b M_l` of every preconditioned layer.
 
     The model's curvature is the exact one plus each layer's damping, `C + λ_l I` on
@@ -419,6 +421,10 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         max_coefficient: optional ceiling on a coefficient `a` above
             `min_coefficient` (0: none; `keras_tkfac.progress`); the predicted
             change is the capped step's.
+        linearized: optional `() -> linearized.Outputs` (or `None`), called after
+            `products`: the classifiers' outputs along the directions, whose loss
+            along the step may shorten it (`linearized.shorten`); the predicted
+            change is the shortened step's.
 
     Returns:
         `((a, b), predicted, minimum)`: the coefficients of the steps
@@ -446,6 +452,8 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
         a = tf.where(a > 0.0, tf.maximum(a, min_coefficient), a)
     if max_coefficient is not None:
         a = ops.cap_coefficient(a, max_coefficient, min_coefficient or 0.0)
+    if linearized is not None:
+        a, b = linearized_lib.shorten(linearized(), a, b)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])

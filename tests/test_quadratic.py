@@ -788,7 +788,7 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     updates = step_size.quadratic_updates
 
     def spy(products, dampings, us, grads, previous, bounds, min_coefficient=None,
-            damping_factor=None, max_coefficient=None):
+            damping_factor=None, max_coefficient=None, linearized=None):
         limits = []
 
         def recorded():
@@ -797,7 +797,7 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
 
         found, predicted, minimum = updates(products, dampings, us, grads, previous,
                                             recorded, min_coefficient, damping_factor,
-                                            max_coefficient)
+                                            max_coefficient, linearized)
         ratios.append(-minimum / (limits[0][1] / quadratic.LOSS_BOUND_FACTOR))
         return found, predicted, minimum
 
