@@ -19,7 +19,7 @@ with the lowest such loss; otherwise it is kept. Seen on
 but one batch had been fitted to losses of 1e-3, the model's step on the remaining
 batch (loss 0.17-0.24) predicted a decrease of 0.16-0.32, the linearised loss rose
 by 2.3-4.8, and the batch's loss after the step was 0.87-1.70 (validation 1.2-2.4,
-against 0.08 before); the root-mean-square change of the logits was 4-6 against
+against 0.09-0.13 before); the root-mean-square change of the logits was 4-6 against
 0.5-1 on the other steps. Shortened to a quarter, those steps took the batch's loss
 to 0.08-0.10. A bound on the logits' change itself (2 nats RMS) also fixed it but
 bound half of the suite's convnet steps (70 -> 90 steps to its target); the best
