@@ -7,8 +7,10 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import damping
+from keras_tkfac import linearized
 from keras_tkfac import quadratic
 from keras_tkfac import row_sparse
+from keras_tkfac import step_size
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -295,6 +297,30 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
     assert peak > 0.0
     for value in _replica_values(replicated.optimizer.loss_peak):
         np.testing.assert_allclose(value, peak, rtol=1e-5)
+
+
+def test_the_linearized_check_under_mirrored_strategy_matches_one_device(
+        mirrored, monkeypatch):
+    # The classifiers' loss along the step (`keras_tkfac.linearized`) is the mean
+    # over the replicas' batches, so every replica shortens its step alike. A floor
+    # of 1 on the model's coefficient makes steps that raise the loss.
+    monkeypatch.setattr(step_size, "GRAFT_QUADRATIC_FLOOR", 1.0)
+    x, y = _data((8,), n=128)
+
+    def optimizer():
+        return keras_tkfac.TKFAC(fisher="empirical", factor_update_freq=2,
+                                 inverse_update_freq=3, seed=0)
+
+    single = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
+    replicated = _train(mirrored, _mlp, x, y, optimizer, epochs=2)
+    _assert_identical_on_replicas(replicated)
+    for a, b in zip(single.weights, replicated.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(linearized, "RISE_FRACTION", None)
+    unchecked = _train(tf.distribute.get_strategy(), _mlp, x, y, optimizer, epochs=2)
+    assert all(np.isfinite(w.numpy()).all() for w in unchecked.weights)
+    assert max(np.abs(a.numpy() - b.numpy()).max()
+               for a, b in zip(single.weights, unchecked.weights)) > 1e-3
 
 
 @pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
