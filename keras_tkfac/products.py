@@ -320,6 +320,12 @@ def _passes(forward, outputs, primals, groups, model=None, recording=None):
         hidden = tangents_lib.hidden_reads(primals, start, checked, accumulators)
         if hidden:
             raise tangents_lib.HiddenReads(hidden)
+        if found and all(accumulator.jvp(s) is None
+                         for accumulator in accumulators for s in found):
+            # No loss input carries a tangent: the products would be zero, the
+            # model's curvature its damping alone. Raised so that the products
+            # come from reverse mode instead (`Batch.gram`).
+            raise ValueError("no tangent reached the losses' inputs")
         jvps.extend([
             tf.cast(accumulator.jvp(s, tf.UnconnectedGradients.ZERO), tf.float32)
             for s in found

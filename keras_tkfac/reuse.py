@@ -232,7 +232,9 @@ class _Reuse:
                 if outputs is not s:
                     # The activation's tangents, from the step's `s` (its primal
                     # value is what they read: a ReLU's mask, a softmax's output).
-                    self._hand_over([outputs], [block.activate(s)])
+                    activated = block.activate(s)
+                    self._hand_over([outputs], [activated])
+                    self._hand_over(*_logits_pairs([outputs], [activated]))
                 return outputs
         computed = call(*args, **kwargs)
         try:
@@ -244,6 +246,7 @@ class _Reuse:
                    and t.dtype == c.dtype for t, c in zip(flat, found)):
             return computed
         self._hand_over(flat, found)
+        self._hand_over(*_logits_pairs(flat, found))
         return outputs
 
     def _hand_over(self, steps, computed):
@@ -258,6 +261,34 @@ class _Reuse:
                 tangent = accumulator.jvp(value)
                 if tangent is not None:
                     accumulator._watch(step, tf.cast(tangent, step.dtype))  # pylint: disable=protected-access
+
+
+def _logits(tensor):
+    """The logits a cross-entropy differentiates through behind a softmax or
+    sigmoid output `tensor` (`fisher._logits_source`'s rule: Keras's
+    `_keras_logits`, else a graph `Softmax`/`Sigmoid` op's input), or `None`."""
+    logits = getattr(tensor, "_keras_logits", None)
+    if logits is None and getattr(getattr(tensor, "op", None), "type", None) in (
+            "Softmax", "Sigmoid") and len(tensor.op.inputs) == 1:
+        logits = tensor.op.inputs[0]
+    return logits
+
+
+def _logits_pairs(steps, computed):
+    """`(the step's logits, this pass's logits)` behind each pair of outputs that
+    both have them (`_logits`), for `_Reuse._hand_over`.
+
+    The loss's products read a softmax or sigmoid output's logits, not the output
+    (`products._sources`). Where the logits are a tensor of their own in the
+    step's pass (a float32 `Activation("softmax")` after a `mixed_bfloat16` layer
+    casts its input: the step's logits are that pass's cast), the tangents handed
+    to the step's outputs and to the layer before would not reach them: the
+    curvature along the step came out zero (2026-12-07, a `mixed_bfloat16` MLP
+    whose loss then rose from 1.2 to 47 in 24 steps)."""
+    pairs = [(_logits(t), _logits(c)) for t, c in zip(steps, computed)]
+    pairs = [(t, c) for t, c in pairs if t is not None and c is not None
+             and t.dtype == c.dtype and t.shape == c.shape]
+    return [t for t, _ in pairs], [c for _, c in pairs]
 
 
 def install(layer):

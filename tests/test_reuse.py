@@ -381,3 +381,66 @@ def test_a_call_recurs_only_with_the_same_arguments(reused, carried, monkeypatch
     carrying = _fit(TwoCalls, x, y, True, monkeypatch)
     assert carried.count("signed") == 2
     _assert_same(_fit(TwoCalls, x, y, False, monkeypatch), carrying)
+
+
+def _bfloat16_mlp():
+    # keras-io's mixed-precision recipe: layers compute in bfloat16, the output
+    # softmax in float32 (it casts its input: the step's logits are that cast).
+    return keras.Sequential([
+        keras.Input((6,)), layers.Dense(16, activation="relu", name="d1"),
+        layers.Dense(3, name="logits"),
+        layers.Activation("softmax", dtype="float32", name="probs")])
+
+
+@pytest.fixture
+def bfloat16_policy():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _fit_bfloat16(x, y, enabled, carry, monkeypatch, epochs=3):
+    monkeypatch.setattr(reuse, "ENABLED", enabled)
+    monkeypatch.setattr(reuse, "CARRY", carry)
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(_bfloat16_mlp())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                  loss="sparse_categorical_crossentropy")
+    history = model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
+    return history.history["loss"], [w.numpy() for w in model.weights]
+
+
+def test_a_float32_softmax_after_bfloat16_layers_gives_the_products_its_logits(
+        bfloat16_policy, carried, monkeypatch):
+    """The products read the softmax's logits, which under `mixed_bfloat16` are
+    the step pass's float32 cast of the last layer's output: carried calls hand
+    their tangents to those logits too (`reuse._logits_pairs`). Before, the
+    curvature along the step was zero and the loss rose (1.2 to 47 in 24 steps
+    on a probe MLP); now training equals recomputing every call."""
+    x, y = _data((6,))
+    with_carry = _fit_bfloat16(x, y, True, True, monkeypatch)
+    assert "probs" in carried
+    _assert_same(_fit_bfloat16(x, y, False, False, monkeypatch), with_carry)
+    losses = with_carry[0]
+    assert losses[-1] < losses[0]
+
+
+def test_products_whose_tangents_reach_no_loss_input_come_from_reverse_mode(
+        bfloat16_policy, monkeypatch):
+    """Where no loss input carries a tangent (here the logits' hand-over undone),
+    the forward-mode products would be zero; the pass raises and the products
+    come from reverse mode, and training still lowers the loss."""
+    calls = []
+    original = products._reverse_mode
+
+    def spying(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(products, "_reverse_mode", spying)
+    monkeypatch.setattr(reuse, "_logits_pairs", lambda steps, computed: ([], []))
+    x, y = _data((6,))
+    losses, weights = _fit_bfloat16(x, y, True, True, monkeypatch)
+    assert calls
+    assert losses[-1] < losses[0]
+    assert all(np.all(np.isfinite(w)) for w in weights)
