@@ -2,6 +2,7 @@
 
 import collections
 import inspect
+import threading
 import warnings
 
 from absl import logging
@@ -50,6 +51,30 @@ def _overrides(model, method):
 
 
 _COMPILE_SIGNATURE = inspect.signature(keras.Model.compile)
+
+# While a wrapped model's own `train_step` runs (`_delegated_train_step`):
+# `(the wrapped model, its recorded step)`, for `_super_train_step`.
+_DELEGATING = threading.local()
+_KERAS_TRAIN_STEP = keras.Model.train_step
+
+
+def _super_train_step(model, data):
+    """Keras's `train_step`, installed in its place on `keras.Model`'s base: the
+    recorded step where `model` is a wrapped model whose own `train_step`, run by
+    its wrapper, called it through `super()`; Keras's otherwise."""
+    delegating = getattr(_DELEGATING, "step", None)
+    if delegating is not None and delegating[0] is model:
+        return delegating[1](data)
+    return _KERAS_TRAIN_STEP(model, data)
+
+
+def _install_super_train_step(model):
+    """Puts `_super_train_step` in place of Keras's `train_step` on the class of
+    `model`'s bases that defines it (Keras's backend trainer), once."""
+    for cls in type(model).__mro__:
+        if cls.__dict__.get("train_step") is _KERAS_TRAIN_STEP:
+            setattr(cls, "train_step", _super_train_step)
+            return
 
 
 def _own_compile(model):
@@ -342,6 +367,14 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             return keras_compat.multi_worker_logs(
                 self._delegated_train_step(curvature, data)
             )
+        return self._recorded_train_step(curvature, data, self)
+
+    def _recorded_train_step(self, curvature, data, host):
+        """The training step that feeds `curvature`: the wrapper's own, or
+        (`host`, the wrapped model) Keras's `train_step` called by the wrapped
+        model's own one through `super()`, with the wrapped model's loss tracker
+        and metrics (`_delegated_train_step`)."""
+        optimizer = self.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         # The products' passes may replay this step's dropout masks
         # (`products.REPLAY_MASKS`, `ModelForward`).
@@ -356,11 +389,11 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             before = initial or [tf.identity(v) for v in self.non_trainable_variables]
         with tf.GradientTape(persistent=not own_pass) as tape:
             with capture.record(self) as recording:
-                y_pred = self(x, training=True)
-            loss = self.compute_loss(
+                y_pred = host(x, training=True)
+            loss = host.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            self._loss_tracker.update_state(
+            host._loss_tracker.update_state(
                 distributed.unscale_loss(loss),
                 sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
             )
@@ -371,7 +404,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             warnings.warn("The model does not have any trainable weights.")
             del tape
             return keras_compat.multi_worker_logs(
-                self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+                host.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         # One backward pass: the gradients, and the loss's gradients with respect to
         # the recorded outputs (the factored preconditioning's rows).
         grads, output_grads = tape.gradient(
@@ -385,7 +418,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
                                  else "`add_loss`"))
             optimizer.apply_gradients(zip(grads, variables))
             return keras_compat.multi_worker_logs(
-                self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+                host.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
         curvature.update_curvature(
             recording, None if own_pass else tape, y_pred, y_true=y, loss=self.loss,
             loss_weights=_loss_weights(self), sample_weight=sample_weight,
@@ -396,12 +429,23 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         )
         optimizer.apply_gradients(zip(grads, variables))
         del tape
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = host.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return keras_compat.multi_worker_logs(logs)
 
     def _delegated_train_step(self, curvature, data):
+        """The wrapped model's own `train_step`. Where it calls Keras's through
+        `super().train_step(data)` (keras-io's pattern for a step that changes
+        the batch first), that call is the recorded step, which feeds curvature
+        (`_super_train_step`)."""
         before = curvature.curvature_updates
-        logs = self.model.train_step(data)
+        _install_super_train_step(self.model)
+        previous = getattr(_DELEGATING, "step", None)
+        _DELEGATING.step = (self.model, lambda inner_data: self._recorded_train_step(
+            curvature, inner_data, self.model))
+        try:
+            logs = self.model.train_step(data)
+        finally:
+            _DELEGATING.step = previous
         if curvature.curvature_updates == before:
             self._warn_unfed(
                 curvature, f"has its own `train_step`, which keras_tkfac runs, but it "

@@ -270,6 +270,82 @@ def test_the_wrapped_models_own_metrics_are_logged():
                                logs["keras"][1]["penalty"], rtol=1e-5)
 
 
+class SuperStep(TwoDense):
+    """keras-io's pattern for a step that changes the batch first: its own
+    `train_step` ends in `super().train_step(...)` (here scaling the inputs by
+    `scale`, and logging a metric of its own)."""
+
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+        self.steps_run = keras.metrics.Sum(name="steps_run")
+
+    def train_step(self, data):
+        x, y = data
+        self.steps_run.update_state(1.0)
+        logs = super().train_step((x * self.scale, y))
+        logs["steps_run"] = self.steps_run.result()
+        return logs
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_a_train_step_that_calls_super_train_step_feeds_curvature(run_eagerly,
+                                                                    caplog):
+    """The wrapper runs the model's own `train_step`; its `super().train_step`
+    is the wrapper's recorded step (`wrapping._super_train_step`), so curvature
+    is fed with the model's batch. Oracle: with the batch unchanged, training
+    equals the same model without a `train_step` of its own; with it changed,
+    equals that model trained on the changed batches."""
+    x, _ = helpers.classification_data(n=32)
+    y = np.argmax(x[:, :3], axis=1)
+    logging.get_absl_logger().propagate = True
+
+    def fit(model, inputs):
+        keras.utils.set_random_seed(0)
+        wrapped = keras_tkfac.wrap(model)
+        wrapped.compile(optimizer=keras_tkfac.TKFAC(factor_update_freq=1, seed=0),
+                        loss=LOSS, metrics=["accuracy"], run_eagerly=run_eagerly)
+        with caplog.at_level("WARNING"):
+            history = wrapped.fit(inputs, y, batch_size=8, epochs=2, shuffle=False,
+                                  verbose=0)
+        return wrapped, history.history
+
+    for scale in (1.0, 0.5):
+        keras.utils.set_random_seed(0)
+        own, own_logs = fit(SuperStep(scale=scale), x)
+        keras.utils.set_random_seed(0)
+        plain, plain_logs = fit(TwoDense(), x * scale)
+        assert own_logs["steps_run"] == [4.0, 4.0]
+        np.testing.assert_allclose(own_logs["loss"], plain_logs["loss"], rtol=1e-6)
+        np.testing.assert_allclose(own_logs["accuracy"], plain_logs["accuracy"])
+        for a, b in zip(own.weights, plain.weights):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(own.optimizer._factor_weight.numpy(),
+                                   1 - 0.95**8, rtol=1e-6)
+    assert not _unfed_warnings(caplog)
+
+
+def test_keras_train_step_elsewhere_is_keras_own_after_a_super_step():
+    """Once installed, `_super_train_step` is Keras's step for every model but the
+    wrapped one inside its own `train_step`: an unwrapped model trains as before."""
+    x, _ = helpers.classification_data(n=32)
+    y = np.argmax(x[:, :3], axis=1)
+    keras.utils.set_random_seed(0)
+    wrapped = keras_tkfac.wrap(SuperStep())
+    _fit(wrapped, x, y)
+    results = []
+    for build in (SuperStep, TwoDense):
+        keras.utils.set_random_seed(0)
+        model = build()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results.append((history.history["loss"], [w.numpy() for w in model.weights]))
+    assert results[0][0][-1] < results[0][0][0]
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def _unfed_warnings(caplog):
     return [r.getMessage() for r in caplog.records
             if "no layer is preconditioned" in r.getMessage()]
