@@ -480,6 +480,23 @@ _LOGIT_OPS = {
 }
 
 
+def as_read(spec, y_pred):
+    """`spec` as Keras's loss reads `y_pred`: a cross-entropy `from_logits` on the
+    output of a softmax or sigmoid (Keras's `_keras_logits`, or a graph
+    `Softmax`/`Sigmoid` op) reads the logits behind it, as if `from_logits` were
+    off (Keras warns and does so: `_get_logits`), unless `ignore_class` masks
+    `y_pred` first. Before (2026-12-07), the statistics differentiated the loss
+    with respect to `y_pred`, which it does not read, and training raised."""
+    op_type = _LOGIT_OPS.get(spec.kind)
+    if not spec.from_logits or op_type is None or spec.ignore_class is not None:
+        return spec
+    behind = hasattr(y_pred, "_keras_logits") or (
+        hasattr(y_pred, "op")
+        and not isinstance(y_pred, (tf.__internal__.EagerTensor, tf.Variable))
+        and y_pred.op.type == op_type and len(y_pred.op.inputs) == 1)
+    return spec._replace(from_logits=False) if behind else spec
+
+
 def _logits_source(spec, y_pred):
     """The tensor Keras's loss differentiates through: `y_pred` or its logits.
 
@@ -618,6 +635,7 @@ def output_cotangent(spec, fisher, y_true, y_pred, seed, sample_weight=None):
         (`y_pred` or its logits), `d(sum_n l_n)/d source`, and the number of loss
         terms `M` that the Keras mean loss averages over.
     """
+    spec = as_read(spec, y_pred)
     if spec.hessian and output_fisher(spec, fisher) == "true":
         losses, cotangent = hessian_cotangent(spec, y_true, y_pred, seed)
         return (y_pred,) + _weighted(spec, y_true, y_pred, losses, cotangent,

@@ -241,7 +241,8 @@ def _sources(outputs, y_pred):
                 "function of the model's output (a Q-network's chosen action's "
                 "value), pass that function: forward=lambda: f(model(x, "
                 "training=True))")
-    return [fisher_lib._logits_source(o.spec, flat[o.index]) for o in outputs], flat
+    return [fisher_lib._logits_source(fisher_lib.as_read(o.spec, flat[o.index]),
+                                      flat[o.index]) for o in outputs], flat
 
 
 # Whether a traced pass carries every direction's tangent at once (nested

@@ -12,6 +12,7 @@ releases) is skipped; a Keras release with a loss not listed here skips
 from absl import logging
 import numpy as np
 import pytest
+import tensorflow as tf
 import keras
 from keras import layers
 
@@ -113,3 +114,39 @@ def test_every_keras_loss_trains(name, caplog):
     # The statistics were fed.
     weight = model.optimizer._factor_weight  # pylint: disable=protected-access
     assert float(weight.numpy()[0]) > 0
+
+
+def _fit_classifier(activation, units, labels, loss, sigmoid_op=False):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = layers.Dense(units)(layers.Dense(16, activation="tanh")(inputs))
+    # A raw `tf.sigmoid` (a graph op, no `_keras_logits`), or Keras's activation.
+    outputs = (layers.Lambda(tf.sigmoid)(h)
+               if sigmoid_op else layers.Activation(activation)(h))
+    model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
+    history = model.fit(_X, labels, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return history.history["loss"], [w.numpy() for w in model.weights]
+
+
+@pytest.mark.parametrize("loss,activation,units,labels,sigmoid_op", [
+    ("SparseCategoricalCrossentropy", "softmax", 3, _CLASSES, False),
+    ("CategoricalCrossentropy", "softmax", 3, _ONEHOT, False),
+    ("BinaryCrossentropy", "sigmoid", 2, _BINARY, False),
+    ("BinaryCrossentropy", "sigmoid", 2, _BINARY, True),
+], ids=["sparse_softmax", "categorical_softmax", "binary_sigmoid", "binary_tf_sigmoid"])
+def test_from_logits_on_an_activated_output_trains_as_keras_reads_it(
+        loss, activation, units, labels, sigmoid_op):
+    """A common slip: `from_logits=True` on a softmax or sigmoid output. Keras
+    warns and reads the logits behind the output, so the loss is the one without
+    `from_logits`; so is TKFAC's training (`fisher.as_read`). Before, the
+    statistics differentiated the loss with respect to the output, which it does
+    not read, and `fit` raised."""
+    cls = getattr(keras.losses, loss)
+    slipped = _fit_classifier(activation, units, labels, cls(from_logits=True),
+                              sigmoid_op)
+    meant = _fit_classifier(activation, units, labels, cls(), sigmoid_op)
+    np.testing.assert_allclose(slipped[0], meant[0], rtol=1e-6)
+    for a, b in zip(slipped[1], meant[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert slipped[0][-1] < slipped[0][0]
