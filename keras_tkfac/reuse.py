@@ -76,9 +76,11 @@ def _arguments(args, kwargs):
 _PURE = ("Cast", "Identity")
 
 
-def _same(a, b, depth=3):
+def _same(a, b, depth=3, outer=lambda t: t):
     """Whether tensors `a` and `b` are one tensor, or `_PURE` ops of recurring
-    inputs (up to `depth` ops deep) with the same attributes."""
+    inputs (up to `depth` ops deep) with the same attributes. `outer` maps a
+    tensor of `b`'s graph to the one it captures (`_Reuse.outer`)."""
+    b = outer(b)
     if a is b:
         return True
     if depth == 0 or not hasattr(a, "op") or not hasattr(b, "op"):
@@ -88,7 +90,7 @@ def _same(a, b, depth=3):
             or a.value_index != b.value_index
             or len(op_a.inputs) != len(op_b.inputs)):
         return False
-    return all(_same(x, y, depth - 1) for x, y in zip(op_a.inputs, op_b.inputs))
+    return all(_same(x, y, depth - 1, outer) for x, y in zip(op_a.inputs, op_b.inputs))
 
 
 def _is_random(op_type):
@@ -166,6 +168,40 @@ class _Reuse:
         self.settled = set()
         self.reused = 0
 
+    def outer(self, tensor):
+        """The step's tensor that `tensor` captures, where the pass runs in a
+        function graph nested in the step's (a `tf.cond` branch: Keras's
+        `LossScaleOptimizer` applies the step under one, and `mixed_float16`
+        programs take the products there), else `tensor`: an input of the
+        branch's own ops is that graph's placeholder for the step's tensor."""
+        seen = 0
+        while (getattr(tensor, "graph", None) is not None
+               and tensor.graph is not self.recording.graph and seen < 8):
+            captures = getattr(tensor.graph, "captures", None)
+            if not captures:
+                break
+            found = next((external for external, internal in captures
+                          if internal is tensor), None)
+            if found is None:
+                break
+            tensor, seen = found, seen + 1
+        return tensor
+
+    def _local(self, tensor):
+        """The step's `tensor` as an input of this pass's graph: in a nested
+        function graph, its capture, which the pass's ops read and on which its
+        tangents must be watched (`outer`'s inverse); a softmax or sigmoid output
+        keeps its logits (`_logits`), captured too."""
+        graph = tf.compat.v1.get_default_graph()
+        if (not isinstance(tensor, tf.Tensor) or tensor.graph is graph
+                or not hasattr(graph, "capture")):
+            return tensor
+        logits = _logits(tensor)
+        local = graph.capture(tensor)
+        if logits is not None:
+            local._keras_logits = self._local(logits)  # pylint: disable=protected-access
+        return local
+
     def lookup(self, layer, call, args, kwargs):
         """The remembered outputs for this call of `layer` (`call`, the layer's
         call beneath the reusing one), or `None`."""
@@ -177,7 +213,8 @@ class _Reuse:
         arguments = None
         for remembered, outputs, effects in self.recording.remembered(layer):
             if (len(remembered) != len(inputs)
-                    or not all(_same(a, b) for a, b in zip(remembered, inputs))):
+                    or not all(_same(a, b, outer=self.outer)
+                               for a, b in zip(remembered, inputs))):
                 continue
             if arguments is None:
                 arguments = _arguments(args, kwargs)
@@ -224,6 +261,8 @@ class _Reuse:
             return None
         block = getattr(layer, "_keras_tkfac_block", None)
         s = self.recording.preactivation(outputs)
+        outputs = tf.nest.map_structure(self._local, outputs)
+        s = self._local(s) if s is not None else None
         if (block is not None and s is not None and args
                 and type(block).record_call is block_base.CurvatureBlock.record_call):
             _, computed = block.record(call, *args, **kwargs)

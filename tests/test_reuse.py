@@ -40,12 +40,13 @@ def _data(shape, n=64, classes=3, seed=0):
     return x, y % classes
 
 
-def _fit(build, x, y, enabled, monkeypatch, epochs=2, carry=True, **optimizer_args):
+def _fit(build, x, y, enabled, monkeypatch, epochs=2, carry=True, loss=LOSS,
+         **optimizer_args):
     monkeypatch.setattr(reuse, "ENABLED", enabled)
     monkeypatch.setattr(reuse, "CARRY", carry)
     keras.utils.set_random_seed(0)
     model = keras_tkfac.wrap(build())
-    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **optimizer_args), loss=LOSS)
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, **optimizer_args), loss=loss)
     history = model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
     return history.history["loss"], [w.numpy() for w in model.weights]
 
@@ -444,3 +445,34 @@ def test_products_whose_tangents_reach_no_loss_input_come_from_reverse_mode(
     assert calls
     assert losses[-1] < losses[0]
     assert all(np.all(np.isfinite(w)) for w in weights)
+
+
+@pytest.fixture
+def float16_policy():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _float16_convnet():
+    return keras.Sequential([
+        keras.Input((6, 6, 2)), layers.Conv2D(4, 3, activation="relu", name="conv"),
+        layers.Flatten(name="flatten"), layers.Dense(8, activation="tanh", name="d1"),
+        layers.Dense(3, name="logits"),
+        layers.Activation("softmax", dtype="float32", name="probs")])
+
+
+def test_under_mixed_float16_the_pass_in_the_loss_scales_cond_reuses_the_step(
+        float16_policy, carried, monkeypatch):
+    """Keras's `LossScaleOptimizer` applies the step inside a `tf.cond`, where
+    the products' pass sees the step's tensors as the branch graph's captures
+    (`_Reuse.outer`); before, nothing was reused there and the pass recomputed
+    the whole forward pass. Training equals recomputing every call."""
+    x, y = _data((6, 6, 2))
+    loss = "sparse_categorical_crossentropy"
+    with_carry = _fit(_float16_convnet, x, y, True, monkeypatch, epochs=3, loss=loss)
+    assert {"conv", "flatten", "d1", "logits", "probs"} <= set(carried)
+    _assert_same(_fit(_float16_convnet, x, y, False, monkeypatch, epochs=3,
+                      loss=loss), with_carry)
+    losses = with_carry[0]
+    assert losses[-1] < losses[0]
