@@ -43,15 +43,32 @@ def _live_wrappers():
     return [w for w in (ref() for ref in list(_WRAPPERS.values())) if w is not None]
 
 
-def unattached_wrapper(optimizer_name, variables, applying=False):
+def warn_if_unfed(optimizer):
+    """Logs once per optimizer where its `apply_gradients` ran before any
+    `update_curvature` while it preconditions some layer (a custom loop that
+    never records: its factors are never fed, identity preconditioners), unless
+    the caller warns itself (`_unfed_logged`, set by the wrapper running a
+    model's own `train_step`). Checked when `apply` is traced, not when the
+    optimizer is built: a loop may build it explicitly first (that went unlogged
+    until 2026-12-07)."""
+    if (optimizer.curvature_updates or not getattr(optimizer, "_slots", None)
+            or getattr(optimizer, "_unfed_logged", False)):
+        return
+    optimizer._unfed_logged = True  # pylint: disable=protected-access
+    logging.warning(
+        "keras_tkfac: %s.apply_gradients was called before any update_curvature, "
+        "so no layer is preconditioned until it is: record the forward pass with "
+        "keras_tkfac.record(model) and call optimizer.update_curvature(...) before "
+        "apply_gradients (README, \"Custom training loops\").",
+        type(optimizer).__name__)
+
+
+def unattached_wrapper(optimizer_name, variables):
     """The `keras_tkfac.wrap` model that trains most of `variables`, for an
     optimizer built before any `compile` or `update_curvature` attached it: by a
     custom loop's `apply_gradients` (its factors are then never fed: identity
     preconditioners) or by an explicit `optimizer.build(...)`, whose list may also
     hold variables outside the model (they take the partner's steps).
-
-    With `applying` (built by `apply_gradients`, not by an explicit `build`), logs
-    once that no layer is preconditioned until `update_curvature` runs.
 
     Returns `None` where no variable is a Keras layer's weight (plain `tf.Variable`s
     or `keras.Variable`s made outside any layer, as keras-io's style transfer
@@ -76,13 +93,6 @@ def unattached_wrapper(optimizer_name, variables, applying=False):
         if common > shared:
             found, shared = wrapper, common
     if found is not None:
-        if applying:
-            logging.warning(
-                "keras_tkfac: %s.apply_gradients was called before any "
-                "update_curvature, so no layer is preconditioned until it is: record "
-                "the forward pass with keras_tkfac.record(model) and call "
-                "optimizer.update_curvature(...) before apply_gradients (README, "
-                "\"Custom training loops\").", optimizer_name)
         return found
     if not any(_is_layer_weight(v) for v in variables):
         logging.warning(

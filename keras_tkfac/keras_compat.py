@@ -69,3 +69,24 @@ class MultiWorkerFitMixin:
         with strategy.scope():
             data_batch = tf.nest.map_structure(_first_local_value, data_batch)
             return self._symbolic_build(data_batch=data_batch)
+
+
+def state_variables(model):
+    """The variables a forward pass of `model` may change, which the extra passes
+    of a step (the statistics' own pass, the products' and loss passes) restore:
+    its non-trainable variables, then the `states` of its stateful recurrent
+    layers, which Keras creates untracked (`RNN._create_state_variables`), so
+    they are not among the former. Until 2026-12-07 those extra passes advanced a
+    stateful LSTM's state once more on the steps they ran (a probe: wrong state on
+    steps 0, 5 and 10 of 12)."""
+    found = list(model.non_trainable_variables)
+    known = {id(v) for v in found}
+    for layer in model._flatten_layers():  # pylint: disable=protected-access
+        states = getattr(layer, "states", None)
+        if not getattr(layer, "stateful", False) or states is None:
+            continue
+        for variable in tf.nest.flatten(states):
+            if hasattr(variable, "assign") and id(variable) not in known:
+                known.add(id(variable))
+                found.append(variable)
+    return found

@@ -184,8 +184,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             # own variables (none); the wrapped model's are meant.
             var_list = owner.trainable_variables
         if self._blocks is None:
-            wrapper = capture.unattached_wrapper(type(self).__name__, var_list,
-                                                 applying=self._applying)
+            wrapper = capture.unattached_wrapper(type(self).__name__, var_list)
             self.attach([] if wrapper is None else wrapper.blocks, owner=wrapper)
         super().build(var_list)
         self._slots, covered = shapes.build_slots(
@@ -291,14 +290,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                           sample_weight, loss_value, scale, forward)
         statistics.update_inverses(self)
 
-    _applying = False  # inside `apply` (Keras builds an unbuilt optimizer there)
-
     def apply(self, grads, trainable_variables=None):
-        self._applying = True
-        try:
-            return super().apply(grads, trainable_variables)
-        finally:
-            self._applying = False
+        applied = super().apply(grads, trainable_variables)
+        capture.warn_if_unfed(self)
+        return applied
 
     def _check_variables_are_known(self, variables):
         try:

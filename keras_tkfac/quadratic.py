@@ -27,6 +27,7 @@ from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
+from keras_tkfac import keras_compat
 from keras_tkfac import precision
 from keras_tkfac import products as products_lib
 from keras_tkfac import progress as progress_lib
@@ -119,7 +120,7 @@ def hand_over(optimizer, forward, outputs, y_true, sample_weight, owner,
     lends the products' pass the outputs it can reuse (`reuse`)."""
     if forward is None or not step_size.uses_products(optimizer.step_control):
         return None
-    state = owner.non_trainable_variables if owner is not None else ()
+    state = keras_compat.state_variables(owner) if owner is not None else ()
     return products_lib.Batch(forward, outputs, y_true, sample_weight, state,
                               distributed.syncs_in_backward(owner),
                               getattr(forward, "state", None), recording)

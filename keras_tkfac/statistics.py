@@ -25,6 +25,7 @@ from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import inverses as inverses_lib
+from keras_tkfac import keras_compat
 
 
 def build(optimizer):
@@ -84,7 +85,7 @@ def _own_pass(forward, outputs, fisher, y_true, sample_weight, seed, scale):
         pass's recorded outputs, the example count and its `capture.Recording`.
     """
     model = forward.model
-    state = model.non_trainable_variables
+    state = keras_compat.state_variables(model)
     after = [tf.identity(v) for v in state]
     for variable, value in zip(state, forward.before):
         variable.assign(value)

@@ -259,7 +259,17 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         self.model.compile(*args, **kwargs)
         config = getattr(self.model, "_compile_config", None)
         if self.delegates_steps or config is None:
-            super().compile()
+            # The model's own `train_step` steps the optimizer its own `compile`
+            # gave Keras (the older keras-io Distiller's `super().compile(optimizer=
+            # optimizer, metrics=metrics)`); the wrapper, which `fit` runs, holds
+            # the same one, so that callbacks changing the learning rate
+            # (`LearningRateScheduler`, `ReduceLROnPlateau`) and `save` reach the
+            # optimizer that steps. Until 2026-12-07 the wrapper compiled with
+            # Keras's default RMSprop: schedules changed that one only, the file
+            # held it, and a curvature optimizer was never fed or warned about.
+            optimizer = getattr(self.model, "optimizer", None)
+            super().compile(**({} if optimizer is None else {"optimizer": optimizer}))
+            self._attach()
             return
         # Keras's own `train_step` runs on the wrapper (keras-io's Distiller:
         # only `compute_loss` is the model's): with the optimizer and metrics the
@@ -350,9 +360,34 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # Keras skips compiling models whose `compile` is overridden; ours only adds
         # attaching the blocks, so restore the compiled state as Keras would.
         config = keras.saving.deserialize_keras_object(config)
+        if not self._compiles_from(config):
+            return
         self.compile(**config)
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def _compiles_from(self, config):
+        """Whether the saved compile `config` (Keras's arguments) compiles the
+        wrapped model too. A model whose own `compile` needs arguments of its own
+        (keras-io's Distiller: `student_loss_fn`, ...) cannot be compiled from it;
+        Keras then leaves the model uncompiled with a warning, and so does the
+        wrapper (loading raised a `TypeError` before, 2026-12-07)."""
+        if not _overrides(self.model, "compile"):
+            return True
+        try:
+            arguments = config
+            if not _own_compile(self.model):  # (`compile` passes Keras's all)
+                arguments = _COMPILE_SIGNATURE.bind(self, **config).arguments
+                arguments.pop("self")
+            inspect.signature(type(self.model).compile).bind(self.model, **arguments)
+        except TypeError as error:
+            warnings.warn(
+                f"`compile()` was not called as part of loading the wrapped "
+                f"{type(self.model).__name__}: its own `compile()` takes arguments "
+                f"the file does not hold ({error}). Call `compile()` after loading.",
+                stacklevel=2)
+            return False
+        return True
 
     def train_step(self, data):
         optimizer = self.optimizer
@@ -363,6 +398,9 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
             return keras_compat.multi_worker_logs(super().train_step(data))
         if not curvature.built:
             self._attach()
+        # A step that feeds no curvature is logged by `_warn_unfed` here, not by
+        # the custom loops' `capture.warn_if_unfed`.
+        curvature._unfed_logged = True  # pylint: disable=protected-access
         if self.delegates_steps:
             return keras_compat.multi_worker_logs(
                 self._delegated_train_step(curvature, data)
@@ -378,7 +416,7 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         # The products' passes may replay this step's dropout masks
         # (`products.REPLAY_MASKS`, `ModelForward`).
-        initial = ([tf.identity(v) for v in self.non_trainable_variables]
+        initial = ([tf.identity(v) for v in keras_compat.state_variables(self)]
                    if products.REPLAY_MASKS
                    and step_size.uses_products(curvature.step_control) else None)
         # A recurrent model's statistics take a forward pass of their own, so that
@@ -386,7 +424,8 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         own_pass = statistics.takes_own_pass(self)
         before = None
         if own_pass:
-            before = initial or [tf.identity(v) for v in self.non_trainable_variables]
+            before = initial or [tf.identity(v)
+                                 for v in keras_compat.state_variables(self)]
         with tf.GradientTape(persistent=not own_pass) as tape:
             with capture.record(self) as recording:
                 y_pred = host(x, training=True)

@@ -383,9 +383,13 @@ def test_model_train_step_that_does_not_feed_curvature_trains_and_logs_the_recip
     assert int(optimizer.iterations.numpy()) == 24
 
 
-def test_custom_loop_with_apply_gradients_alone_trains_and_logs(caplog):
+@pytest.mark.parametrize("build_first", [False, True], ids=["built_by_apply", "built"])
+def test_custom_loop_with_apply_gradients_alone_trains_and_logs(caplog, build_first):
     """A custom loop over a wrapped model that never records or feeds curvature
-    (keras-io's GAN and RL loops call `apply_gradients` alone) trains like Adam."""
+    (keras-io's GAN and RL loops call `apply_gradients` alone) trains like Adam,
+    and logs once that nothing is preconditioned, also where the loop builds the
+    optimizer first (`optimizer.build(model.trainable_variables)`: nothing was
+    logged until 2026-12-07)."""
     x, _ = helpers.classification_data(n=64)
     y = np.argmax(x[:, :3], axis=1)
     logging.get_absl_logger().propagate = True
@@ -395,6 +399,9 @@ def test_custom_loop_with_apply_gradients_alone_trains_and_logs(caplog):
         model = keras_tkfac.wrap(TwoDense())
         optimizer = (keras_tkfac.TKFAC(seed=0) if name == "tkfac"
                      else keras.optimizers.Adam(1e-3))
+        if build_first:
+            model(x[:1])
+            optimizer.build(model.trainable_variables)
 
         @tf.function
         def step(x, y, model=model, optimizer=optimizer):
@@ -761,6 +768,96 @@ def test_a_model_with_its_own_compile_arguments_gets_them():
     # A model with Keras's own `compile` still rejects arguments Keras rejects.
     with pytest.raises(TypeError):
         keras_tkfac.wrap(TwoDense()).compile(d_optimizer="adam")
+
+
+class OwnCompileAndStep(keras.Model):
+    """The older keras-io Distiller's shape: its own `compile(optimizer, ...)`
+    with an argument Keras's does not take, and its own `train_step` stepping
+    `self.optimizer`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(16, activation="relu")
+        self.d2 = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.d2(self.d1(x))
+
+    def compile(self, optimizer, my_loss, **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        self.my_loss = my_loss
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.my_loss(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"loss": loss}
+
+
+def _own_compile_and_step(wrapped, optimizer):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(1, keepdims=True)
+    keras.utils.set_random_seed(0)
+    model = OwnCompileAndStep()
+    model(x[:1])
+    model = keras_tkfac.wrap(model) if wrapped else model
+    model.compile(optimizer=optimizer, my_loss=keras.losses.MeanSquaredError())
+    history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
+                        callbacks=[keras.callbacks.LearningRateScheduler(
+                            lambda epoch, lr: 1e-2 * 0.1**epoch)])
+    return model, history.history
+
+
+def test_own_compile_and_train_step_keep_the_optimizer_that_steps(tmp_path, caplog):
+    """Where a model's own `compile` takes arguments of its own and its own
+    `train_step` steps `self.optimizer`, the wrapper holds that optimizer: a
+    learning-rate schedule reaches it and training equals the unwrapped model's
+    (the wrapper held Keras's default RMSprop, which the schedule changed
+    instead); under TKFAC the unfed curvature is logged; the saved file loads,
+    uncompiled with a warning as Keras leaves such a model (loading raised)."""
+    optimizer = keras.optimizers.Adam(1e-2)
+    _, plain = _own_compile_and_step(False, keras.optimizers.Adam(1e-2))
+    model, wrapped = _own_compile_and_step(True, optimizer)
+    assert model.optimizer is optimizer
+    np.testing.assert_allclose(float(optimizer.learning_rate), 1e-4, rtol=1e-6)
+    np.testing.assert_allclose(wrapped["loss"], plain["loss"], rtol=1e-6)
+    path = str(tmp_path / "own.keras")
+    model.save(path)
+    with pytest.warns(UserWarning, match="its own `compile\(\)` takes arguments"):
+        loaded = keras.models.load_model(
+            path, custom_objects={"OwnCompileAndStep": OwnCompileAndStep})
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    curvature = keras_tkfac.TKFAC(seed=0)
+    logging.get_absl_logger().propagate = True
+    with caplog.at_level("WARNING"):
+        model, history = _own_compile_and_step(True, curvature)
+    assert model.optimizer is curvature and int(curvature.iterations) == 12
+    np.testing.assert_allclose(float(curvature.learning_rate), 1e-4, rtol=1e-6)
+    assert any("does not feed curvature" in r.getMessage() for r in caplog.records)
+    assert np.all(np.isfinite(history["loss"]))
+
+
+def test_a_wrapped_gan_saves_and_loads(tmp_path):
+    """keras-io's GAN (`compile(d_optimizer, g_optimizer, loss_fn)`): the file
+    loads, uncompiled with Keras's kind of warning (it raised a `TypeError`)."""
+    class LoadableGAN(GAN):
+        def __init__(self, **kwargs):  # (Keras passes `trainable` and `dtype`)
+            super().__init__()
+
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(LoadableGAN())
+    _gan_history(model, keras.optimizers.Adam(1e-3))
+    path = str(tmp_path / "gan.keras")
+    model.save(path)
+    with pytest.warns(UserWarning, match="its own `compile\\(\\)` takes arguments"):
+        loaded = keras.models.load_model(path,
+                                         custom_objects={"LoadableGAN": LoadableGAN})
+    assert len(loaded.get_weights()) == len(model.get_weights()) > 0
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_wrapped_model_attributes_are_reachable_through_the_wrapper():
@@ -1331,3 +1428,39 @@ def test_a_declined_layer_is_logged_for_every_model_even_with_a_reused_name(capl
         messages.append([r.getMessage() for r in caplog.records
                          if "'low_rank' has LoRA" in r.getMessage()])
     assert [len(m) for m in messages] == [1, 1]
+
+
+@pytest.mark.parametrize("step_control", ["quadratic", "graft"])
+def test_a_stateful_rnns_state_advances_once_a_step(step_control):
+    """A stateful LSTM's carried state after each step is that of one forward pass
+    from the weights before it, on every step: the statistics' own pass and the
+    step control's loss and products passes restore it (`keras_compat.
+    state_variables`; Keras creates it untracked, so they advanced it a second
+    time, on steps 0, 5 and 10 of 12 under the default control)."""
+    batch, steps = 4, 7
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 5, 2)).astype("float32")
+    y = rng.normal(size=(batch, 5, 1)).astype("float32")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((5, 2), batch_size=batch),
+            keras.layers.LSTM(3, stateful=True, return_sequences=True),
+            keras.layers.Dense(1)])
+
+    model = keras_tkfac.wrap(build())
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0, step_control=step_control),
+                  loss="mse")
+    lstm = model.model.layers[0]
+    check = build()
+    for _ in range(steps):
+        check.set_weights(model.get_weights())
+        for mine, theirs in zip(check.layers[0].states, lstm.states):
+            mine.assign(theirs.numpy())
+        check(x)  # (one pass from the step's weights and carried state)
+        model.train_on_batch(x, y)
+        for mine, theirs in zip(check.layers[0].states, lstm.states):
+            np.testing.assert_allclose(theirs.numpy(), mine.numpy(), rtol=1e-5,
+                                       atol=1e-6)
+    assert int(model.optimizer.iterations) == steps
