@@ -286,10 +286,12 @@ class Recording:
 
 def _one_shape_of_sequences(parts, block):
     """Whether every part is `[sequences, T, ...]` with one static `T`, or every
-    part is rows."""
+    part is rows (an embedding's rows are ids, `[rows]`: a layer shared by inputs
+    of different ranks, such as a key-value memory `[B, M, 2]` and queries
+    `[B, Q]`, raised an `IndexError` here until 2026-12-07)."""
     rank = 3 if block.groups > 1 else 2
     ranks = {p.shape.rank for p in parts}
-    if ranks == {rank}:
+    if ranks == {rank} or ranks == {1}:
         return True
     lengths = {p.shape[1] for p in parts}
     return ranks == {rank + 1} and len(lengths) == 1 and None not in lengths

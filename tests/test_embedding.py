@@ -150,3 +150,41 @@ def test_fit_preconditions_only_the_looked_up_rows(monkeypatch, step_control):
                     dense.weights + dense.optimizer.variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7,
                                    err_msg=a.path)
+
+
+def _memory_model(flat_memory):
+    """Queries `[B, 3]` and a key-value memory `[B, 4, 2]` looked up in one shared
+    `Embedding` (keras-io's memory and retrieval shapes); with `flat_memory` the
+    memory's ids are first reshaped to `[B, 8]` (the same rows, in order)."""
+    keras.utils.set_random_seed(0)
+    queries = keras.Input((3,), dtype="int32")
+    memory = keras.Input((4, 2), dtype="int32")
+    embedding = keras.layers.Embedding(12, 6)
+    looked_up = (keras.layers.Reshape((4, 2, 6))(embedding(keras.layers.Reshape((8,))(
+        memory))) if flat_memory else embedding(memory))
+    kv = keras.layers.Dense(6, activation="tanh")(
+        keras.layers.Reshape((4, 12))(looked_up))
+    attended = keras.layers.MultiHeadAttention(1, 6)(embedding(queries), kv)
+    pooled = keras.layers.GlobalAveragePooling1D()(attended)
+    return keras.Model([queries, memory], keras.layers.Dense(3)(pooled))
+
+
+def test_an_embedding_shared_by_inputs_of_different_ranks_trains_as_one_rank():
+    """One `Embedding` called on ids of rank 2 and rank 3 gathers its rows from both
+    calls (it raised an `IndexError`): training equals the model that reshapes the
+    rank-3 ids to rank 2 first."""
+    rng = np.random.default_rng(0)
+    x = [rng.integers(0, 12, (32, 3)).astype("int32"),
+         rng.integers(0, 12, (32, 4, 2)).astype("int32")]
+    y = (x[0][:, 0] % 3).astype("int32")
+    runs = []
+    for flat in (False, True):
+        model = keras_tkfac.wrap(_memory_model(flat))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        runs.append((history.history["loss"], model.get_weights()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert runs[0][0][-1] < runs[0][0][0]
