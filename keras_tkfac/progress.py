@@ -22,7 +22,9 @@ step, as the quadratic model saw them) is compared with the previous window's. A
 window whose mean did not fall by `TOLERANCE` of the previous one halves the ceiling
 from the lesser of itself and the largest `a` taken in the window (never below the
 floor); a window whose mean fell raises the ceiling by `GROWTH`; the first window
-sets none. A step whose `a` is above the floor takes `min(a, ceiling)`; steps at
+sets none. Over the first `INITIAL_STEPS` (5) steps of training (the optimizer's
+iterations) the ceiling is `INITIAL` (0.01: ten times Adam's default step; see its
+comment). A step whose `a` is above the floor takes `min(a, ceiling)`; steps at
 the floor, and the partner's rate that follows `a` (`step_size.partner_scale`),
 follow the capped value. Our rule, not the paper's nor Martens & Grosse's (whose
 learning rate comes from the model alone): it acts like Keras's
@@ -76,10 +78,36 @@ def state(optimizer):
     return None if variable is None else variable.value
 
 
+# The ceiling on `a` over the first `INITIAL_STEPS` steps of training (`None`:
+# none). Why (2026-12-07, ours): the model's first steps come from one batch's
+# statistics, and its curvature is the linearised network's, which cannot see many
+# layers moving at once. On keras-io's denoising convolutional autoencoder
+# (Conv2D + MaxPooling2D twice, two strided Conv2DTranspose, a sigmoid, binary
+# cross-entropy) the first step took `a` = 0.10-0.19 (the KL bound's length;
+# RMSProp's step at that learning rate, so each kernel moved by two to five times
+# its own norm) where the loss along it was lowest near a tenth of that: the loss
+# went 0.69 -> 5-116 at once and then to 1e4-1e6 (three seeds of four at 16 or 32
+# filters; under MSE the sigmoid saturated). The workload suite's first steps take
+# `a` of 4e-4 to 0.02, but its conv autoencoder's 0.095 (it survived). Measured
+# (docs/RESULTS.md, "A third round of probes, and the first steps' ceiling"): a cap
+# on the first step alone let the second diverge; over 5 steps every reproduction
+# trained; over 20 (a window) the held-out sweep's 48-step runs were slower on 41
+# of 82 programs, and a 16-step regression test no longer halved its loss. At 0.03
+# one probe's loss still rose on its fourth step; 0.01 is ten times Adam's default.
+INITIAL = 0.01
+INITIAL_STEPS = 5
+
+
 def ceiling(optimizer):
-    """The ceiling on `a` this step (0: none), or `None` without the rule."""
+    """The ceiling on `a` this step (0: none), or `None` without the rule:
+    `INITIAL` over the first `INITIAL_STEPS` steps, then the rule's."""
     current = state(optimizer)
-    return None if current is None else current[CEILING]
+    if current is None:
+        return None
+    if INITIAL is None:
+        return current[CEILING]
+    return tf.where(optimizer.iterations < INITIAL_STEPS,
+                    tf.constant(INITIAL, tf.float32), current[CEILING])
 
 
 def advance(current, loss, usable, coefficient, floor=step_size.GRAFT_QUADRATIC_FLOOR,
