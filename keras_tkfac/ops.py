@@ -311,6 +311,16 @@ def trace_relative_damping(delta, dim, floor, scale=1.0):
         dim, dtype)
 
 
+def trace_capped_damping(damping, delta, cap, floor):
+    """`min(damping, cap * max(delta, floor))`: a damping at most `cap` times the
+    block's Fisher trace `delta` (`TKFAC`'s `trace_damping_cap`; a `[G]` `delta`
+    gives one damping per group)."""
+    delta = tf.convert_to_tensor(delta)
+    dtype = delta.dtype
+    return tf.minimum(tf.cast(damping, dtype),
+                      tf.cast(cap, dtype) * tf.maximum(delta, tf.cast(floor, dtype)))
+
+
 def kfac_damped_factors(a_factor, g_factor, damping, min_trace=1e-12):
     """K-FAC factored Tikhonov damping with the pi-correction.
 

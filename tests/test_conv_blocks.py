@@ -423,8 +423,9 @@ def test_balanced_split_damps_each_factor_by_the_same_multiple_of_its_mean():
     Dense layer's split is even either way."""
     model = keras_tkfac.wrap(_conv_model())
     model.build((None, 4, 6, 6))
-    balanced = keras_tkfac.TKFAC(seed=0)
-    even = keras_tkfac.TKFAC(conv_damping_split="even", seed=0)
+    # (The Dense layer's damping is the given one: no trace cap.)
+    balanced = keras_tkfac.TKFAC(trace_damping_cap=None, seed=0)
+    even = keras_tkfac.TKFAC(conv_damping_split="even", trace_damping_cap=None, seed=0)
     assert balanced.conv_damping_split == "balanced"
     rng = np.random.default_rng(3)
     for index, block in enumerate(model.blocks):

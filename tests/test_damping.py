@@ -202,8 +202,10 @@ def test_damping_state_is_saved_with_the_model(tmp_path):
 
 
 def _custom_loop(adaptive_damping, labels, steps=6):
+    # (Damping 10 as given, which the ratio shrinks: no trace cap.)
     optimizer = keras_tkfac.TKFAC(step_control="graft_quadratic", damping=10.0,
-                                  adaptive_damping=adaptive_damping, seed=0)
+                                  adaptive_damping=adaptive_damping,
+                                  trace_damping_cap=None, seed=0)
     weights = quadratic_tests._custom_loop_weights(optimizer, steps, forward=True,
                                                    labels=labels)
     return optimizer, weights

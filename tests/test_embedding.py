@@ -182,7 +182,9 @@ def test_an_embedding_shared_by_inputs_of_different_ranks_trains_as_one_rank():
         model = keras_tkfac.wrap(_memory_model(flat))
         model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=keras.losses.
                       SparseCategoricalCrossentropy(from_logits=True))
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        # (Four epochs: over two the loss of this small random problem may rise
+        # before it falls, as it does at the third epoch without the trace cap.)
+        history = model.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0)
         runs.append((history.history["loss"], model.get_weights()))
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
     for a, b in zip(runs[0][1], runs[1][1]):

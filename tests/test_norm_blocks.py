@@ -219,8 +219,10 @@ def test_preconditioning_solves_the_kronecker_system(cls):
     grad = grad.numpy().astype(np.float64)
     for c in range(block.groups):
         if cls is keras_tkfac.TKFAC:
+            # Each group's damping at most `trace_damping_cap` times its trace.
+            lam = min(0.03, optimizer.trace_damping_cap * max(factors[0][c], 1e-3))
             ref_left, ref_right = helpers.tkfac_damped_numpy(
-                factors[0][c], factors[1][c], factors[2][c], 0.03)
+                factors[0][c], factors[1][c], factors[2][c], lam)
         else:
             ref_left, ref_right = helpers.kfac_damped_numpy(
                 factors[0][c], factors[1][c], 0.03)

@@ -351,7 +351,8 @@ def _fit_steps(steps, fraction=1.0, damping=0.1, kl_clip=None,
     `fraction` of the model's step.
 
     The damping is fixed unless `adaptive_damping` (the oracles here use the given
-    one; `tests/test_damping.py` checks the adaptation, appending `damping_scale`
+    one, so no trace cap: `tests/test_trace_damping_cap.py` checks the cap;
+    `tests/test_damping.py` checks the adaptation, appending `damping_scale`
     after each step to the list `scales`).
     """
     x, y = _data()
@@ -360,7 +361,7 @@ def _fit_steps(steps, fraction=1.0, damping=0.1, kl_clip=None,
         learning_rate=fraction * step_size.MODEL_STEP_LEARNING_RATE,
         step_control=step_control, damping=damping,
         kl_clip=kl_clip, adaptive_damping=adaptive_damping, factor_update_freq=1,
-        inverse_update_freq=1, seed=0)
+        inverse_update_freq=1, trace_damping_cap=None, seed=0)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     trajectory = [[v.numpy().astype(np.float64) for v in model.trainable_variables]]
     for _ in range(steps):
@@ -772,9 +773,12 @@ def test_without_products_the_step_is_the_sibling_step(control, sibling, forward
     found = _custom_loop_weights(
         keras_tkfac.TKFAC(step_control=control, learning_rate=learning_rate,
                           **options), 3, forward=forward)
+    # (The sibling step is the same optimizer's: its dense layers' damping keeps
+    # the quadratic control's trace cap.)
+    cap = keras_tkfac.TKFAC(step_control=control).trace_damping_cap
     expected = _custom_loop_weights(
         keras_tkfac.TKFAC(step_control=sibling, learning_rate=learning_rate * ratio,
-                          **options), 3, forward=False)
+                          trace_damping_cap=cap, **options), 3, forward=False)
     for got, want in zip(found, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -817,7 +821,8 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     ratio = (step_size.DEFAULT_LEARNING_RATE["graft"]
              / step_size.DEFAULT_LEARNING_RATE["graft_quadratic"])
     expected = _custom_loop_weights(
-        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3 * ratio, **options),
+        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3 * ratio,
+                          trace_damping_cap=optimizer.trace_damping_cap, **options),
         3, forward=False)
     same = [np.allclose(got, want, rtol=1e-5, atol=1e-7)
             for got, want in zip(found, expected)]

@@ -150,10 +150,12 @@ def test_products_that_would_miss_layers_give_way_to_the_sibling_step(name, cls,
     found = weights()
     assert any(reason in r.getMessage() for r in caplog.records)
     # The same optimizer with "graft" steps throughout (TKFAC's convolution damping
-    # constant and split are the default's, which depend on the step control).
+    # constant and split and the dense layers' trace cap are the default's, which
+    # depend on the step control).
     default = keras_tkfac.TKFAC()
     same = ({"trace_damping_scale": default.trace_damping_scale,
-             "conv_damping_split": default.conv_damping_split}
+             "conv_damping_split": default.conv_damping_split,
+             "trace_damping_cap": default.trace_damping_cap}
             if cls is keras_tkfac.TKFAC else {})
     graft = weights(step_control="graft", **same)
     for index, (got, want) in enumerate(zip(found, graft)):
