@@ -71,15 +71,23 @@ class DenseBlock(CurvatureBlock):
 
 
 class EinsumDenseBlock(DenseBlock):
-    """`keras.layers.EinsumDense` whose equation is a dense map on trailing axes.
+    """`keras.layers.EinsumDense` whose equation is a dense map.
 
-    Supported equations contract the input's trailing axes with the kernel's leading
-    axes and append the kernel's remaining axes to the output, optionally after a
-    leading `...`: `abc,cd->abd`, `abc,cde->abde` (the query/key/value projections of
-    `MultiHeadAttention`) and `abcd,cde->abe` (its output projection). The kernel is
-    then a `[d_in, d_out]` matrix and the leading axes are extra rows, as for `Dense`
-    on sequences. A bias must cover all the kernel's output axes. Layers with other
-    equations take the first-order fallback (logged at `wrap`).
+    Supported equations have three kinds of axes, each in exactly two operands:
+    the input's axes that the kernel contracts (`C`), the kernel's axes that the
+    output gains (`N`), and the axes the input passes to the output (`B`: the batch
+    axis first, or a leading `...`, and any others). In any order within each
+    operand: `abc,cd->abd`, `abc,cde->abde` (the query/key/value projections of
+    `MultiHeadAttention`), `abcd,cde->abe` (its output projection), `abc,cbd->ad`
+    (contracted axes in another order in the kernel) and `abc,bd->adc` (a dense map
+    over a middle axis, as MLP-Mixer's token mixing). The kernel is then a
+    `[d_in, d_out]` matrix over `C` and `N` (in the kernel's order) and every
+    combination of the `B` axes is an extra row, as for `Dense` on sequences; the
+    rows and the gradients are transposed to that layout where the equation's order
+    differs (`_canonical`, `grad_matrix`, `split_matrix`). A bias must cover all of
+    `N`. Layers with other equations (an axis in all three operands, as per-head
+    weights; an input axis summed away; a bias on part of `N`) take the first-order
+    fallback (logged at `wrap`).
     """
 
     def __init__(self, layer):
@@ -87,31 +95,63 @@ class EinsumDenseBlock(DenseBlock):
         equation = layer.equation.replace(" ", "")
         inputs, rest = equation.split(",")
         kernel, output = rest.split("->")
-        if inputs.startswith("...") and output.startswith("..."):
+        self._ellipsis = inputs.startswith("...") and output.startswith("...")
+        if self._ellipsis:
             inputs, output = inputs[3:], output[3:]
         contracted = "".join(c for c in kernel if c in inputs and c not in output)
-        new = "".join(c for c in kernel if c not in inputs)
-        batch = inputs[: len(inputs) - len(contracted)]
+        new = "".join(c for c in kernel if c in output and c not in inputs)
+        batch = "".join(c for c in inputs if c in output and c not in kernel)
         bias_axes = getattr(layer, "bias_axes", None) or ""
+        operands = (inputs, kernel, output)
         if (
-            "." in inputs + kernel + output
+            "." in "".join(operands)
+            or any(len(set(o)) != len(o) for o in operands)
             or not contracted
             or not new
-            or kernel != contracted + new
-            or inputs != batch + contracted
-            or output != batch + new
+            or sorted(kernel) != sorted(contracted + new)
+            or sorted(inputs) != sorted(batch + contracted)
+            or sorted(output) != sorted(batch + new)
+            # Without `...` the batch axis leads the input and the output.
+            or not self._ellipsis and not (batch and inputs[0] == output[0] == batch[0])
             or (bias_axes and sorted(bias_axes) != sorted(new))
         ):
             raise UnsupportedLayer(
                 f"Layer {layer.name!r}: keras_tkfac supports EinsumDense equations "
-                "that map trailing input axes to trailing output axes (such as "
-                "'abc,cde->abde'), with a bias on all output axes or none. "
+                "that are a dense map: each axis in exactly two of the input, kernel "
+                "and output (such as 'abc,cde->abde' or 'abc,bd->adc'), the batch "
+                "axis (or '...') leading the input and the output, and a bias on "
+                "all of the kernel's output axes or none. "
                 f"Received: equation={layer.equation!r}, "
                 f"bias_axes={layer.bias_axes!r}"
             )
         self._contracted = len(contracted)
         self._axes = (batch, contracted, new)
-        self._ellipsis = equation.split(",")[0].startswith("...")
+        # (The layer's own kernel: a LoRA block's `kernel` is its `B`.)
+        full = layer._kernel if hasattr(layer, "_kernel") else layer.kernel
+        dims = dict(zip(kernel, (int(d) for d in full.shape)))
+        self._kernel_rows = _product_of(dims[c] for c in contracted)
+        self._d_out = _product_of(dims[c] for c in new)
+        self._matrix_shape = [dims[c] for c in contracted + new]
+        # Permutations to the canonical layout (`None`: already in it).
+        self._input_order = _order(inputs, batch + contracted)
+        self._output_order = _order(output, batch + new)
+        self._kernel_order = _order(kernel, contracted + new)
+        self._bias_order = None
+        if bias_axes:
+            # Keras's bias spans the output's axes from the first bias axis on, with
+            # 1 for those without a bias.
+            spec = output[min(output.index(c) for c in bias_axes):]
+            bias_new = "".join(c for c in spec if c in bias_axes)
+            self._bias_dims = [dims[c] for c in bias_new]
+            self._bias_order = _order(bias_new, new)
+
+    @property
+    def canonical(self):
+        """Whether the equation's operands are already in `[rows, d_in]`,
+        `[d_in, d_out]` and `[rows, d_out]` order (no transposes)."""
+        return all(order is None for order in (
+            self._input_order, self._output_order, self._kernel_order,
+            self._bias_order))
 
     @property
     def bias(self):
@@ -119,19 +159,80 @@ class EinsumDenseBlock(DenseBlock):
 
     @property
     def d_out(self):
-        n = 1
-        for dim in self.kernel.shape[self._contracted:]:
-            n *= int(dim)
-        return n
+        return self._d_out
 
     def kernel_rows(self):
-        n = 1
-        for dim in self.kernel.shape[: self._contracted]:
-            n *= int(dim)
-        return n
+        return self._kernel_rows
 
     def _product(self, inputs):
         return keras.ops.einsum(self.layer.equation, inputs, self.layer.kernel)
+
+    def _canonical(self, inputs, output_grads):
+        """`(inputs, output_grads)` transposed to `B + C` and `B + N` order."""
+        return (_transpose(inputs, self._input_order),
+                _transpose(output_grads, self._output_order))
+
+    def rows(self, inputs, output_grads):
+        return super().rows(*self._canonical(inputs, output_grads))
+
+    def sequence_rows(self, inputs, output_grads):
+        return super().sequence_rows(*self._canonical(inputs, output_grads))
+
+    def grad_matrix(self, kernel_grad, bias_grad=None):
+        if self._kernel_order is not None:
+            kernel_grad = tf.transpose(tf.convert_to_tensor(kernel_grad),
+                                       self._kernel_order)
+        if bias_grad is not None and self._bias_order is not None:
+            bias_grad = tf.transpose(tf.reshape(bias_grad, self._bias_dims),
+                                     self._bias_order)
+        return super().grad_matrix(kernel_grad, bias_grad)
+
+    def split_matrix(self, matrix):
+        if self.canonical:
+            return super().split_matrix(matrix)
+        kernel_update, bias_update = matrix, None
+        if self.bias is not None:
+            kernel_update, bias_update = tf.split(matrix, [self.kernel_rows(), 1], 0)
+        kernel_update = tf.reshape(kernel_update, self._matrix_shape)
+        if self._kernel_order is not None:
+            kernel_update = tf.transpose(kernel_update, _inverse(self._kernel_order))
+        kernel_update = tf.reshape(kernel_update, self.kernel.shape)
+        if bias_update is not None:
+            if self._bias_order is not None:
+                bias_update = tf.transpose(
+                    tf.reshape(bias_update, [self._bias_dims[i] for i in self._bias_order]),
+                    _inverse(self._bias_order))
+            bias_update = tf.reshape(bias_update, self.bias.shape)
+        return kernel_update, bias_update
+
+
+def _product_of(values):
+    n = 1
+    for value in values:
+        n *= int(value)
+    return n
+
+
+def _order(axes, target):
+    """The permutation that takes the axes `axes` (a string) to `target`'s order;
+    `None` where they are in it."""
+    order = [axes.index(c) for c in target]
+    return None if order == list(range(len(order))) else order
+
+
+def _inverse(order):
+    inverse = [0] * len(order)
+    for i, j in enumerate(order):
+        inverse[j] = i
+    return inverse
+
+
+def _transpose(x, order):
+    """`x` with its trailing `len(order)` axes permuted (leading `...` axes stay)."""
+    if order is None:
+        return x
+    lead = x.shape.rank - len(order)
+    return tf.transpose(x, list(range(lead)) + [lead + i for i in order])
 
 
 class EmbeddingBlock(CurvatureBlock):

@@ -84,6 +84,12 @@ class LoRAEinsumDenseBlock(_LoRA, EinsumDenseBlock):
 
     def __init__(self, layer):
         super().__init__(layer)
+        if not self.canonical:
+            raise UnsupportedLayer(
+                f"Layer {layer.name!r}: keras_tkfac covers a LoRA-enabled EinsumDense "
+                "whose input, kernel and output axes are in `batch + contracted`, "
+                "`contracted + new` and `batch + new` order (such as 'abc,cde->abde'). "
+                f"Received: equation={layer.equation!r}")
         batch, contracted, new = self._axes
         # `A`'s axes: the contracted ones, the output axes but the last, and `r`
         # (a letter the equation does not use).

@@ -61,6 +61,20 @@ CASES = {
     "einsum_ellipsis": (
         (5,), lambda: keras.layers.EinsumDense("...b,bc->...c", output_shape=4)
     ),
+    # Equations whose operands are not in `batch + contracted`, `contracted + new`
+    # and `batch + new` order (`EinsumDenseBlock._canonical`).
+    "einsum_kernel_order": (
+        (3, 4), lambda: keras.layers.EinsumDense("abc,cbd->ad", output_shape=5,
+                                                 bias_axes="d", activation="tanh"),
+    ),
+    "einsum_middle_axis": (
+        (3, 4), lambda: keras.layers.EinsumDense("abc,bd->adc", output_shape=(5, 4),
+                                                 bias_axes="d"),
+    ),
+    "einsum_new_axes_order": (
+        (3, 5), lambda: keras.layers.EinsumDense("abc,cde->abed", output_shape=(3, 4, 2),
+                                                 bias_axes="de"),
+    ),
     # LoRA enabled: the block covers `B` and the bias (`keras_tkfac.lora_blocks`).
     "dense_lora": ((5,), lambda: _lora(keras.layers.Dense(4, activation="tanh"), (5,))),
     "dense_sequence_lora": (
@@ -243,7 +257,7 @@ def test_attention_projections_are_preconditioned():
 
 
 @pytest.mark.parametrize("layer, shape, reason", [
-    (lambda: keras.layers.EinsumDense("abc,bd->acd", output_shape=(4, 5)), (3, 4),
+    (lambda: keras.layers.EinsumDense("abc,bcd->abd", output_shape=(3, 5)), (3, 4),
      "equation"),
     (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 4),
                                       bias_axes="e"), (3, 4), "bias_axes"),
