@@ -728,11 +728,14 @@ def test_batch_statistics_move_once_per_step():
                                rtol=1e-6)
 
 
-def _custom_loop_weights(optimizer, steps, forward, labels=True, losses=None):
+def _custom_loop_weights(optimizer, steps, forward, labels=True, losses=None,
+                         examples=None):
     """The weights after `steps` custom-loop steps, passing `forward` on the steps
     where `forward` (a bool, or `step -> bool`) holds and `y_true` if `labels`;
-    each step's mean loss is appended to the list `losses`."""
+    each step's mean loss is appended to the list `losses`. `examples`: the batch's
+    first that many examples (all 16 by default)."""
     x, y = _data()
+    x, y = x[:examples], y[:examples]
     model = keras_tkfac.wrap(_classifier(0))
     for step in range(steps):
         with tf.GradientTape(persistent=True) as tape:
@@ -832,6 +835,39 @@ def test_an_untrusted_model_takes_the_sibling_step(threshold, monkeypatch):
     else:
         assert not any(same)
         assert float(optimizer.damping_scale.numpy()) != 1.0
+
+
+@pytest.mark.parametrize("examples", [1, 2])
+def test_a_model_of_one_loss_term_takes_the_sibling_step(examples, monkeypatch):
+    # A batch of one example: the model's minimiser fits that one term
+    # (`MIN_TRUSTED_TERMS`), so the step is the sibling's, exactly as without
+    # products, and the damping is not adapted. Two examples: the model's own steps.
+    # (The decrease rule, which these random labels would trip, is off.)
+    monkeypatch.setattr(quadratic, "UNTRUSTED_DECREASE", np.inf)
+    options = dict(factor_update_freq=1, inverse_update_freq=2, seed=0)
+    optimizer = keras_tkfac.TKFAC(**options)
+    found = _custom_loop_weights(optimizer, 3, forward=True, examples=examples)
+    ratio = (step_size.DEFAULT_LEARNING_RATE["graft"]
+             / step_size.DEFAULT_LEARNING_RATE["graft_quadratic"])
+    expected = _custom_loop_weights(
+        keras_tkfac.TKFAC(step_control="graft", learning_rate=1e-3 * ratio,
+                          trace_damping_cap=optimizer.trace_damping_cap, **options),
+        3, forward=False, examples=examples)
+    same = [np.allclose(got, want, rtol=1e-5, atol=1e-7)
+            for got, want in zip(found, expected)]
+    if examples == 1:
+        assert all(same)
+        assert float(optimizer.damping_scale.numpy()) == 1.0
+    else:
+        assert not any(same)
+
+
+@pytest.mark.parametrize("shape, terms", [((1, 4), 1), ((3, 4), 3), ((6,), 6),
+                                          ((2, 5, 7), 10), ((1, 8, 8, 2), 64)])
+def test_loss_terms_are_examples_times_positions(shape, terms):
+    # (Of a model's outputs, the first counts.)
+    assert int(quadratic._loss_terms(tf.zeros(shape))) == terms
+    assert int(quadratic._loss_terms([tf.zeros(shape), tf.zeros((9, 9))])) == terms
 
 
 def test_without_labels_the_steps_are_the_models_without_the_loss_rules(monkeypatch):
