@@ -291,15 +291,25 @@ class OwnTrainStep(keras.Model):
     def call(self, x):
         return self.out(self.hidden(x))
 
+    def _loss(self, x, y, training):
+        logits = self(x, training=training)
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
-            logits = self(x, training=True)
-            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True))
+            loss = self._loss(x, y, True)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+    def test_step(self, data):
+        # (As keras-io's examples do where they validate: Keras's own `test_step`
+        # needs a compiled loss, which this model has none of.)
+        x, y = data
+        self.tracker.update_state(self._loss(x, y, False))
         return {"loss": self.tracker.result()}
 
     @property
@@ -688,17 +698,25 @@ class Distiller(keras.Model):
     def call(self, x):
         return self.student(x)
 
+    def _loss(self, x, y, training):
+        soft = keras.ops.softmax(self.teacher(x, training=False) / 3.0)
+        logits = self.student(x, training=training)
+        return 0.5 * keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)) + 0.5 * keras.ops.mean(
+            keras.losses.kl_divergence(soft, keras.ops.softmax(logits / 3.0)))
+
     def train_step(self, data):
         x, y = data
-        soft = keras.ops.softmax(self.teacher(x, training=False) / 3.0)
         with tf.GradientTape() as tape:
-            logits = self.student(x, training=True)
-            loss = 0.5 * keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True)) + 0.5 * keras.ops.mean(
-                keras.losses.kl_divergence(soft, keras.ops.softmax(logits / 3.0)))
+            loss = self._loss(x, y, True)
         grads = tape.gradient(loss, self.student.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.student.trainable_variables))
         self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+    def test_step(self, data):
+        x, y = data
+        self.tracker.update_state(self._loss(x, y, False))
         return {"loss": self.tracker.result()}
 
     @property
