@@ -144,8 +144,15 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
     elif isinstance(loss, keras.losses.Loss) and hasattr(loss, "fn"):
         # A Keras built-in loss object: a per-example function and its kwargs.
         fn, fn_kwargs = loss.fn, dict(getattr(loss, "_fn_kwargs", {}))
-    elif isinstance(loss, keras.losses.Loss):
+    elif (isinstance(loss, keras.losses.Loss)
+          and type(loss).__call__ is keras.losses.Loss.__call__):
         fn = loss.call
+    elif isinstance(loss, keras.losses.Loss):
+        # A subclass that overrides `__call__` rather than `call` (keras-io's
+        # supervised contrastive loss): its `call` is Keras's, which raises; the loss
+        # is what its `__call__` returns (found by a probe, 2026-12-07: a
+        # `NotImplementedError` on the first step).
+        fn = loss
     else:
         fn = loss
     kind = _KINDS.get(fn)
@@ -197,7 +204,9 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
             "example alone (a per-example loss, such as Dice(axis=(1, 2, 3)), says "
             "what it means directly; a masked mean over tokens trains better as "
             "SparseCategoricalCrossentropy(ignore_class=...) or with per-token "
-            "sample_weight: README, Limitations)."))
+            "sample_weight: README, Limitations). A loss over pairs of examples "
+            "(contrastive, triplet) is zero on one example: its layers then get no "
+            "curvature and their steps are the damped gradient's."))
         return tf.vectorized_map(
             lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
             (y_true, y_pred))

@@ -150,3 +150,33 @@ def test_from_logits_on_an_activated_output_trains_as_keras_reads_it(
     for a, b in zip(slipped[1], meant[1]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert slipped[0][-1] < slipped[0][0]
+
+
+class _OwnCall(keras.losses.Loss):
+    """A `Loss` subclass that overrides `__call__`, not `call` (keras-io's supervised
+    contrastive loss is written so); Keras's own `call` raises."""
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred)) * 2.0
+
+
+def test_a_loss_that_overrides_dunder_call_trains_as_the_same_function():
+    # Found by a probe (2026-12-07): `NotImplementedError` from `Loss.call` on the
+    # first step. Its value is one per batch, so both forms take each example's
+    # loss alone for the curvature and train to the same weights.
+    def fit(loss):
+        keras.utils.set_random_seed(0)
+        model = keras_tkfac.wrap(keras.Sequential([
+            keras.Input((6,)), layers.Dense(16, activation="tanh"), layers.Dense(2)]))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
+        history = model.fit(_X, _REGRESSION, batch_size=16, epochs=3, shuffle=False,
+                            verbose=0)
+        return history.history["loss"], [w.numpy() for w in model.weights]
+
+    losses, weights = fit(_OwnCall())
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    expected_losses, expected = fit(
+        lambda y, p: keras.ops.mean(keras.ops.square(y - p)) * 2.0)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    for got, want in zip(weights, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
