@@ -31,6 +31,18 @@ def _fit(model, x, y, steps=3):
     return model
 
 
+def _trained_twins(model_a, model_b, x, y, weights):
+    """Checks that the two models compute the same function, trains both, and
+    returns their weights after training (`weights`: `model_a`'s before)."""
+    np.testing.assert_allclose(model_a(x).numpy(), model_b(x).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    _fit(model_a, x, y)
+    _fit(model_b, x, y)
+    after_a, after_b = model_a.get_weights(), model_b.get_weights()
+    assert not np.allclose(after_a[0], weights[0])
+    return after_a, after_b
+
+
 def _data(shape, n=8, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(n, *shape)).astype("float32"),
@@ -84,12 +96,7 @@ def test_contracted_axes_in_another_order_train_as_the_transposed_kernel():
     weights = model_a.get_weights()
     model_b.set_weights([np.transpose(weights[0], (1, 0, 2))] + weights[1:])
     assert blocks.EinsumDenseBlock(canonical).canonical
-    np.testing.assert_allclose(model_a(x).numpy(), model_b(x).numpy(), rtol=1e-5,
-                               atol=1e-6)
-    _fit(model_a, x, y)
-    _fit(model_b, x, y)
-    after_a, after_b = model_a.get_weights(), model_b.get_weights()
-    assert not np.allclose(after_a[0], weights[0])
+    after_a, after_b = _trained_twins(model_a, model_b, x, y, weights)
     np.testing.assert_allclose(np.transpose(after_a[0], (1, 0, 2)), after_b[0],
                                rtol=1e-4, atol=1e-6)
     for a, b in zip(after_a[1:], after_b[1:]):
@@ -111,12 +118,7 @@ def test_a_dense_map_over_a_middle_axis_trains_as_permute_dense_permute():
     weights = model_a.get_weights()
     assert weights[1].shape == (5, 1)  # Keras's bias spans `dc`, 1 along `c`
     model_b.set_weights([weights[0], weights[1].reshape(5)] + weights[2:])
-    np.testing.assert_allclose(model_a(x).numpy(), model_b(x).numpy(), rtol=1e-5,
-                               atol=1e-6)
-    _fit(model_a, x, y)
-    _fit(model_b, x, y)
-    after_a, after_b = model_a.get_weights(), model_b.get_weights()
-    assert not np.allclose(after_a[0], weights[0])
+    after_a, after_b = _trained_twins(model_a, model_b, x, y, weights)
     np.testing.assert_allclose(after_a[0], after_b[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(after_a[1].reshape(5), after_b[1], rtol=1e-4, atol=1e-6)
     for a, b in zip(after_a[2:], after_b[2:]):
