@@ -66,15 +66,15 @@ LOSS_BOUND_FACTOR = 2.0
 UNTRUSTED_DECREASE = 10.0
 
 # Nor is a model built from fewer loss terms than this (examples times the positions
-# a sequence or image output has; `_loss_terms`): its minimiser fits that one term,
-# which says little about the others. Found by a probe (2026-12-07): 1025 examples at
-# batch 64 end each epoch on a batch of one, and behind a `BatchNormalization` (whose
-# batch statistics of one example make the network's output independent of its
-# input) that step moved the output layer's bias by about 0.8: validation loss
-# 0.86, 0.81, 0.84, 0.89, 0.95, 0.99 over six epochs, against 0.62 at 1024 or 1026
-# examples and `Adam(1e-2)`'s 0.60; with this rule 0.62. At `batch_size=1`
-# throughout (a 16-32-4 MLP, 3 epochs) every step is then the sibling's: best
-# validation loss 0.94 -> 0.69 (`Adam(1e-2)` 0.71).
+# a sequence or image output has, over all replicas; `_loss_terms`): its minimiser
+# fits that one term, which says little about the others. Found by a probe
+# (2026-12-07): 1025 examples at batch 64 end each epoch on a batch of one, and
+# behind a `BatchNormalization` (whose batch statistics of one example make the
+# network's output independent of its input) that step moved the output layer's bias
+# by about 0.8: validation loss 0.86, 0.81, 0.84, 0.89, 0.95, 0.99 over six epochs,
+# against 0.62 at 1024 or 1026 examples and `Adam(1e-2)`'s 0.60; with this rule
+# 0.62. At `batch_size=1` throughout (a 16-32-4 MLP, 3 epochs) every step is then
+# the sibling's: best validation loss 0.94 -> 0.69 (`Adam(1e-2)` 0.71).
 MIN_TRUSTED_TERMS = 2
 
 
@@ -236,8 +236,11 @@ def steps(optimizer, used, variables, learning_rate):
             # prediction does not adapt the damping.
             trusted = tf.logical_or(tf.logical_not(before["nonnegative"]),
                                     -minimum <= UNTRUSTED_DECREASE * before["loss"])
-            trusted = tf.logical_and(trusted, _loss_terms(batch.predictions)
-                                     >= MIN_TRUSTED_TERMS)
+            # (Over all replicas, as the loss: a batch split unevenly, say 2 and
+            # 1, must be trusted or not on every replica alike.)
+            terms, = distributed.all_reduce(
+                "sum", [tf.cast(_loss_terms(batch.predictions), tf.float32)])
+            trusted = tf.logical_and(trusted, terms >= MIN_TRUSTED_TERMS)
         change, loss_before = tf.constant(0.0), tf.constant(0.0)
         if optimizer.adaptive_damping and batch.y_true is not None:
             change = tf.where(trusted, predicted(fraction), 0.0)

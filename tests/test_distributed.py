@@ -299,6 +299,19 @@ def test_quadratic_step_under_mirrored_strategy_matches_one_device(
         np.testing.assert_allclose(value, peak, rtol=1e-5)
 
 
+def test_a_batch_split_unevenly_keeps_replicas_identical(mirrored):
+    # 129 examples at batch 32 end on a batch of one example, which two replicas
+    # split as one and none; 131 end on three, split two and one. Whether the model
+    # of a batch is trusted (`quadratic.MIN_TRUSTED_TERMS`) is decided on the
+    # replicas' terms together, so every replica takes the same step.
+    for n in (129, 131):
+        x, y = _data((8,), n=n)
+        model = _train(mirrored, _mlp, x, y,
+                       lambda: keras_tkfac.TKFAC(fisher="empirical", seed=0), epochs=2)
+        _assert_identical_on_replicas(model)
+        assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
 def test_the_linearized_check_under_mirrored_strategy_matches_one_device(
         mirrored, monkeypatch):
     # The classifiers' loss along the step (`keras_tkfac.linearized`) is the mean
