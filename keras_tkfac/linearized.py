@@ -63,18 +63,22 @@ class Outputs:
         self.entries = entries
         self.weighted_mean = weighted_mean
 
-    def losses(self, coefficients):
+    def losses(self, coefficients, before=False):
         """`[n]`: the weighted classifiers' loss at the logits
         `z + sum_i c_i J x_i` for each row `c` of `coefficients` (`[n, k]`), the
-        mean over replicas."""
+        mean over replicas; with `before`, `[1 + n]`, the loss at `z` itself
+        first (no `J x` added)."""
+        rows = [None] if before else []
+        rows += tf.unstack(tf.cast(coefficients, tf.float32))
         values = []
-        for row in tf.unstack(tf.cast(coefficients, tf.float32)):
+        for row in rows:
             total = tf.constant(0.0)
             for spec, label, weight, logits, y_pred, jvps, output_weight in self.entries:
                 z = tf.cast(logits, tf.float32)
-                for i, jvp in enumerate(jvps):
+                for i, jvp in enumerate(jvps if row is not None else []):
                     z = z + row[i] * tf.cast(jvp, tf.float32)
-                terms = spec.fn(label, _prediction(spec, logits, y_pred, z))
+                terms = fisher_lib.loss_values(
+                    spec, label, _prediction(spec, logits, y_pred, z))
                 total = total + output_weight * self.weighted_mean(
                     terms, weight, fisher_lib.term_mask(spec, label, y_pred, terms),
                     spec.sums)
@@ -103,12 +107,24 @@ def _prediction(spec, logits, y_pred, z):
 def shorten(outputs, a, b):
     """`(a, b)` of the quadratic model's step `s = a U + b M`, scaled down where the
     classifiers' loss on the linearised network rises too far along it (module
-    docstring); unchanged without `outputs` or with `RISE_FRACTION = None`."""
+    docstring); unchanged without `outputs` or with `RISE_FRACTION = None`.
+
+    The losses at the shorter `SCALES` are computed only where the whole step's
+    rises too far: each evaluation is a pass over the outputs (a language model's
+    `[batch, length, vocabulary]` logits: several times an Adam step's whole cost
+    when all five were computed on every step, 2026-12-07)."""
     if outputs is None or RISE_FRACTION is None:
         return a, b
-    scales = tf.constant((1.0,) + tuple(SCALES), tf.float32)
     step = tf.stack([a, b])
     # The weights move by `-s`: the logits by `-t (a J U + b J M)`.
-    losses = outputs.losses(tf.concat([tf.zeros([1, 2]), -scales[:, None] * step], 0))
-    scale = ops.linearized_scale(losses, scales, RISE_FRACTION)
+    first = outputs.losses(-step[None], before=True)
+
+    def shorter():
+        scales = tf.constant(SCALES, tf.float32)
+        rest = outputs.losses(-scales[:, None] * step)
+        return ops.linearized_scale(tf.concat([first, rest], 0),
+                                    (1.0,) + tuple(SCALES), RISE_FRACTION)
+
+    scale = tf.cond(ops.linearized_rises(first[0], first[1], RISE_FRACTION),
+                    shorter, lambda: tf.constant(1.0))
     return a * scale, b * scale

@@ -824,6 +824,16 @@ def cap_coefficient(coefficient, ceiling, floor):
                     coefficient)
 
 
+def linearized_rises(start, whole, rise_fraction):
+    """Whether a step whose loss goes from `start` to `whole` is to be shortened
+    (`keras_tkfac.linearized`): `whole` rises by more than
+    `rise_fraction * |start|` or is not finite, and `start` is finite."""
+    start, whole = tf.cast(start, tf.float32), tf.cast(whole, tf.float32)
+    rises = tf.logical_or(tf.logical_not(tf.math.is_finite(whole)),
+                          whole - start > rise_fraction * tf.abs(start))
+    return tf.logical_and(rises, tf.math.is_finite(start))
+
+
 def linearized_scale(losses, scales, rise_fraction):
     """The fraction of a step to take from its loss along the step
     (`keras_tkfac.linearized`).
@@ -847,9 +857,7 @@ def linearized_scale(losses, scales, rise_fraction):
     ranked = tf.where(finite, along, tf.fill(tf.shape(along), float("inf")))
     best = tf.where(tf.reduce_any(finite), tf.argmin(ranked),
                     tf.cast(tf.size(along) - 1, tf.int64))
-    rises = tf.logical_or(tf.logical_not(finite[0]),
-                          along[0] - start > rise_fraction * tf.abs(start))
-    rises = tf.logical_and(rises, tf.math.is_finite(start))
+    rises = linearized_rises(start, along[0], rise_fraction)
     return tf.where(rises, tf.gather(scales, best), scales[0])
 
 

@@ -670,7 +670,7 @@ class Batch:
         losses, known = [], tf.constant(True)
         for output, label, weight in zip(self.outputs, labels, weights):
             y_pred = predictions[output.index]
-            terms = output.spec.fn(label, y_pred)
+            terms = fisher_lib.loss_values(output.spec, label, y_pred)
             losses.append(tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
                 _weighted_mean(terms, weight,
                                fisher_lib.term_mask(output.spec, label, y_pred, terms),

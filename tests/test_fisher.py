@@ -444,3 +444,51 @@ def test_a_loss_function_calling_keras_cross_entropy_is_differentiated_through_l
         np.testing.assert_allclose(source, logits)
         np.testing.assert_allclose(cotangent, want, rtol=1e-4, atol=1e-6)
     assert np.abs(want).max() > 0.1
+
+
+@pytest.mark.parametrize("logits_shape, labels_shape", [
+    ((6, 1100), (6,)), ((6, 1100), (6, 1)), ((3, 4, 1030), (3, 4)),
+    ((3, 4, 1030), (3, 4, 1))])
+@pytest.mark.parametrize("float_labels", [False, True])
+@pytest.mark.parametrize("softmax", [False, True])
+def test_loss_values_of_wide_sparse_cross_entropy_equal_keras(
+        logits_shape, labels_shape, float_labels, softmax):
+    rng = np.random.default_rng(0)
+    logits = tf.constant(3.0 * rng.normal(size=logits_shape), tf.float32)
+    labels = rng.integers(0, logits_shape[-1], size=labels_shape)
+    labels = tf.constant(labels, tf.float32 if float_labels else tf.int32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax,
+                                                      reduction=None)
+    # A Keras softmax output carries its logits, which Keras's loss reads.
+    y_pred = keras.layers.Activation("softmax")(logits) if softmax else logits
+    spec = fisher.resolve_loss(loss, "true")
+    got = fisher.loss_values(spec, labels, y_pred)
+    np.testing.assert_allclose(got.numpy(), loss(labels, y_pred).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    assert got.shape == spec.fn(labels, y_pred).shape
+
+
+def _keras_own(loss, classes, softmax=True):
+    rng = np.random.default_rng(1)
+    logits = tf.constant(rng.normal(size=(6, classes)), tf.float32)
+    y_pred = keras.layers.Activation("softmax")(logits) if softmax else logits
+    labels = (tf.one_hot(rng.integers(0, classes, size=6), classes)
+              if not isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
+              else tf.constant(rng.integers(0, classes, size=6)))
+    spec = fisher.resolve_loss(loss, "true")
+    np.testing.assert_array_equal(fisher.loss_values(spec, labels, y_pred).numpy(),
+                                  spec.fn(labels, y_pred).numpy())
+
+
+@pytest.mark.parametrize("loss", [
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+    "mse"])
+def test_loss_values_of_other_losses_are_keras_own(loss):
+    _keras_own(loss, 1100)
+
+
+def test_loss_values_of_a_narrow_or_raw_softmax_output_are_keras_own():
+    _keras_own(keras.losses.SparseCategoricalCrossentropy(from_logits=True), 10,
+               softmax=False)
+    _keras_own(keras.losses.SparseCategoricalCrossentropy(), 1100, softmax=False)

@@ -40,31 +40,60 @@ def test_a_loss_with_negative_values_is_shortened_by_its_rise():
 
 
 class _Outputs:
-    """A stand-in `linearized.Outputs` with given losses, recording its rows."""
+    """A stand-in `linearized.Outputs`: the loss at each scale of the step (by the
+    scale, read off the row's first coefficient and `a`), recording every row asked
+    for, call by call."""
 
-    def __init__(self, losses):
-        self.values, self.rows = losses, None
+    def __init__(self, by_scale, a):
+        self.by_scale, self.a, self.calls = by_scale, a, []
 
-    def losses(self, coefficients):
-        self.rows = coefficients.numpy()
-        return tf.constant(self.values, tf.float32)
+    def losses(self, coefficients, before=False):
+        rows = coefficients.numpy()
+        self.calls.append((before, rows))
+        return tf.constant([self.by_scale[0.0]] * before
+                           + [self.by_scale[float(-row[0] / self.a)] for row in rows],
+                           tf.float32)
 
 
 def test_shorten_tries_the_step_and_its_fractions_in_the_direction_the_weights_move():
-    outputs = _Outputs([1.0, 3.0, 0.7, 0.8, 0.9])
+    outputs = _Outputs({0.0: 1.0, 1.0: 3.0, 0.5: 0.7, 0.25: 0.8, 0.125: 0.9}, 2.0)
     a, b = linearized.shorten(outputs, tf.constant(2.0), tf.constant(0.5))
     assert (float(a), float(b)) == (1.0, 0.25)
-    # Row 0 the loss before the step; the weights move by -s = -(a U + b M).
-    np.testing.assert_array_equal(outputs.rows, -np.array(
-        [[0.0, 0.0], [2.0, 0.5], [1.0, 0.25], [0.5, 0.125], [0.25, 0.0625]]))
+    # First the loss before the step and after the whole of it, then its fractions;
+    # the weights move by -s = -(a U + b M).
+    assert [before for before, _ in outputs.calls] == [True, False]
+    np.testing.assert_array_equal(outputs.calls[0][1], -np.array([[2.0, 0.5]]))
+    np.testing.assert_array_equal(outputs.calls[1][1], -np.array(
+        [[1.0, 0.25], [0.5, 0.125], [0.25, 0.0625]]))
     assert linearized.shorten(None, 2.0, 0.5) == (2.0, 0.5)
+
+
+def test_a_step_that_does_not_rise_too_far_evaluates_no_fractions():
+    # The fractions' losses would choose 0.5: they are never computed.
+    outputs = _Outputs({0.0: 1.0, 1.0: 1.4, 0.5: 0.2, 0.25: 0.8, 0.125: 0.9}, 2.0)
+    a, b = linearized.shorten(outputs, tf.constant(2.0), tf.constant(0.5))
+    assert (float(a), float(b)) == (2.0, 0.5)
+    assert len(outputs.calls) == 1 and outputs.calls[0][1].shape == (1, 2)
+
+
+@pytest.mark.parametrize("losses", [
+    [1.0, 0.4, 0.6, 0.8, 0.9], [1.0, 1.5, 0.6, 0.8, 0.9], [1.0, 1.6, 0.6, 0.8, 0.9],
+    [0.2, 2.5, 0.25, 0.1, 0.15], [1.0, np.inf, 2.0, 0.9, np.nan],
+    [1.0, np.nan, np.nan, np.nan, np.nan], [np.nan, 5.0, 4.0, 3.0, 2.0],
+    [-1.0, -0.2, -0.6, -0.8, -0.9]])
+def test_shorten_takes_the_scale_of_all_five_losses(losses):
+    outputs = _Outputs(dict(zip([0.0] + SCALES, losses)), 2.0)
+    a, _ = linearized.shorten(outputs, tf.constant(2.0), tf.constant(0.5))
+    expected = ops.linearized_scale(tf.constant(losses, tf.float32), SCALES,
+                                    linearized.RISE_FRACTION)
+    assert float(a) == 2.0 * float(expected)
 
 
 def test_no_check_with_rise_fraction_none(monkeypatch):
     monkeypatch.setattr(linearized, "RISE_FRACTION", None)
-    outputs = _Outputs([1.0, 30.0, 0.7, 0.8, 0.9])
+    outputs = _Outputs({}, 2.0)
     assert linearized.shorten(outputs, 2.0, 0.5) == (2.0, 0.5)
-    assert outputs.rows is None
+    assert not outputs.calls
 
 
 def _linear_classifier(kind):
@@ -108,6 +137,9 @@ def test_linearized_losses_equal_the_loss_after_moving_a_linear_network(kind):
         expected.append(float(loss(y, model(x), sample_weight=weights)))
     for v, w in zip(variables, start):
         v.assign(w)
+    np.testing.assert_allclose(got, expected, rtol=2e-5)
+    # `before`: the loss as it is first, with no direction added.
+    got = batch.linearized.losses(tf.constant(coefficients[1:]), before=True).numpy()
     np.testing.assert_allclose(got, expected, rtol=2e-5)
 
 

@@ -11,11 +11,12 @@ import pytest
 from tests.test_examples import _ROOT
 
 # Two processes, about equally long, run at once (each is mostly single-threaded):
-# every workload with TKFAC and Adam (the target's reference); then a third process
-# runs the other optimizers on the MLP (the tool builds them all alike). KFAC on every
-# workload (the same engine as TKFAC's; +45 s) is in `make test-all`.
+# every workload (and the optional language model) with TKFAC and Adam (the
+# target's reference); then a third process runs the other optimizers on the MLP
+# (the tool builds them all alike). KFAC on every workload (the same engine as
+# TKFAC's; +45 s) is in `make test-all`.
 _GROUPS = [["resnet", "lstm", "autoencoder", "conv_autoencoder"],
-           ["transformer", "timeseries", "mlp", "convnet"], ["mlp"]]
+           ["transformer", "timeseries", "mlp", "convnet", "language_model"], ["mlp"]]
 _OPTIMIZERS = {
     "tkfac": [["TKFAC", "Adam"]] * 2 + [["Adam", "KFAC", "AdamW", "Muon", "SGD"]],
     "curvature": [["TKFAC", "KFAC", "Adam"]] * 2 + [["Adam", "AdamW", "Muon", "SGD"]],
