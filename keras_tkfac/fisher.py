@@ -117,8 +117,8 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
 
     A loss the true Fisher cannot sample from resolves to `kind=None`; its output
     then takes the empirical Fisher (`output_fisher`), logged once per loss. A loss
-    that returns one value for the whole batch is evaluated on each example alone
-    for the curvature (logged).
+    that returns one value for the whole batch gives every example that value for
+    its term (logged; `per_example` below).
 
     Raises:
         ValueError: for a missing loss or several losses (use `resolve_losses`).
@@ -196,20 +196,24 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
             # over the batch, so each example is a term of one unit, exactly.
             return fn(y_true[:, None], y_pred[:, None], **fn_kwargs)
         # One value for the whole batch (`Dice()`'s default `axis=None`, a Python
-        # loss ending in a mean): its curvature would be one rank-one term scaled
-        # as one example. The loss of each example alone stands in for its terms.
+        # loss ending in a mean, a loss over pairs of examples): every example's
+        # term is the batch's loss, so the terms' mean is the loss, the gradient
+        # of their sum gives each example's output the batch's count times the
+        # loss's gradient there (for a mean over examples, exactly each example's
+        # own loss's gradient), and the quadratic model's curvature is the loss's
+        # own Gauss-Newton products. Until 2026-12-07 each example's loss alone
+        # stood in for its term: a loss over pairs of examples (SimCLR's and
+        # Barlow Twins' halves of the batch) then raised on a batch of one, or
+        # gave zero curvature and steps that grew without bound to NaN (a probe).
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} returns one value per batch, "
-            "not one per example; its curvature is taken from the loss of each "
-            "example alone (a per-example loss, such as Dice(axis=(1, 2, 3)), says "
-            "what it means directly; a masked mean over tokens trains better as "
+            "not one per example; each example's curvature is taken from the "
+            "batch loss's gradient in its outputs (a per-example loss, such as "
+            "Dice(axis=(1, 2, 3)), gives each example its own loss's curvature; a "
+            "masked mean over tokens trains better as "
             "SparseCategoricalCrossentropy(ignore_class=...) or with per-token "
-            "sample_weight: README, Limitations). A loss over pairs of examples "
-            "(contrastive, triplet) is zero on one example: its layers then get no "
-            "curvature and their steps are the damped gradient's."))
-        return tf.vectorized_map(
-            lambda pair: tf.reshape(fn(pair[0][None], pair[1][None], **fn_kwargs), []),
-            (y_true, y_pred))
+            "sample_weight: README, Limitations)."))
+        return tf.broadcast_to(losses, tf.shape(y_pred)[:1])
 
     axis = fn_kwargs.get("axis", -1) if kind in _AXIS_KINDS else -1
     sums = reduction in _SUMS and not (

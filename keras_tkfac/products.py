@@ -635,8 +635,8 @@ class Batch:
                     hessian = _symmetric(_loss_hessian_gram(
                         output, label, weight, source, y_pred, along))
                 except Exception:  # pylint: disable=broad-except
-                    # (Eagerly, TensorFlow cannot differentiate the per-example
-                    # `vectorized_map` of a batch-scalar loss twice: the square's.)
+                    # (A loss TensorFlow cannot differentiate twice: the
+                    # square's.)
                     hessian = tf.fill([count, count], -1.0)
                 candidates += [output_weight * hessian,
                                output_weight * _symmetric(own)]

@@ -508,12 +508,14 @@ def test_model_compiled_without_a_loss_trains_on_its_added_loss(caplog):
 
 
 @pytest.mark.parametrize("cls", helpers.TKFAC_THEN_KFAC)
-def test_a_loss_returning_one_value_per_batch_takes_each_examples_curvature(
+def test_a_loss_returning_one_value_per_batch_has_its_per_example_forms_statistics(
         cls, caplog):
     """A Python loss ending in a mean over everything (one value per batch, like
-    `Dice()`'s default) has the same curvature as its per-example form: its terms
-    are the loss of each example alone. Same factors and weights after `fit`
-    (before, the factors came from one term: 1/B of the per-example form's)."""
+    `Dice()`'s default): every example's term is the batch's loss, so the
+    statistics' rows are the batch count times the loss's gradient in each
+    example's outputs, exactly each example's own loss's gradient: the same factors
+    as its per-example form after a step (before 2026-12-07, each example's loss
+    alone gave the same; before that, one term gave `1/B` of them). Both train."""
     x, y = helpers.classification_data(n=16)
     targets = np.eye(3, dtype="float32")[y]
 
@@ -527,16 +529,105 @@ def test_a_loss_returning_one_value_per_batch_takes_each_examples_curvature(
         keras.utils.set_random_seed(0)
         model = keras_tkfac.wrap(helpers.tiny_mlp())
         model.compile(optimizer=cls(seed=0), loss=loss)
-        model.fit(x, targets, batch_size=8, epochs=2, shuffle=False, verbose=0)
-        return ([f.numpy() for slot in model.optimizer._slots for f in slot.factors]
-                + [w.numpy() for w in model.trainable_weights])
+        model.train_on_batch(x[:8], targets[:8])
+        factors = [f.numpy() for slot in model.optimizer._slots for f in slot.factors]
+        history = model.fit(x, targets, batch_size=8, epochs=4, shuffle=False,
+                            verbose=0)
+        return factors, history.history["loss"]
 
     logging.get_absl_logger().propagate = True
     with caplog.at_level("WARNING"):
-        batch_values = train(per_batch)
+        batch_factors, batch_losses = train(per_batch)
     assert any("returns one value per batch" in r.getMessage() for r in caplog.records)
-    for a, b in zip(batch_values, train(per_example)):
+    example_factors, example_losses = train(per_example)
+    assert any(np.abs(f).max() > 0 for f in batch_factors)
+    for a, b in zip(batch_factors, example_factors):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for losses in (batch_losses, example_losses):
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_the_cotangent_of_a_batch_loss_is_its_gradient_times_the_batch():
+    # The oracle of the rows above, on a loss over pairs of examples (each first-half
+    # example against its second-half partner): nothing per example about it.
+    rng = np.random.default_rng(0)
+    y_pred = tf.constant(rng.normal(size=(6, 3)), tf.float32)
+    y_true = tf.zeros((6, 1))
+
+    def halves(_, z):
+        half = tf.shape(z)[0] // 2
+        return tf.reduce_mean(tf.reduce_sum(tf.square(z[:half] - z[half:]), -1))
+
+    spec = fisher.resolve_loss(halves, "empirical")
+    source, cotangent, count = fisher.output_cotangent(spec, "empirical", y_true,
+                                                       y_pred, tf.constant([0, 0]))
+    with tf.GradientTape() as tape:
+        tape.watch(y_pred)
+        loss = halves(y_true, y_pred)
+    expected = 6.0 * tape.gradient(loss, y_pred)
+    assert source is y_pred and int(count) == 6
+    np.testing.assert_allclose(cotangent.numpy(), expected.numpy(), rtol=1e-6)
+    assert np.abs(expected.numpy()).min() > 0  # (each example a pair's member)
+
+
+def _halves_contrastive(y_true, z):
+    """Pairs the batch's first half with its second: squared distance for similar
+    pairs (`y_true` 1), a hinge on the distance for the others."""
+    half = tf.shape(z)[0] // 2
+    distance = tf.reduce_sum(tf.square(z[:half] - z[half:]), axis=1)
+    similar = y_true[:half, 0]
+    return tf.reduce_mean(similar * distance + (1.0 - similar) * tf.square(
+        tf.nn.relu(1.0 - tf.sqrt(distance + 1e-9))))
+
+
+def _simclr(_, z):
+    """NT-Xent over the batch's two halves (two views of each example)."""
+    z = z / (tf.norm(z, axis=1, keepdims=True) + 1e-9)
+    half = tf.shape(z)[0] // 2
+    logits = tf.matmul(z, z, transpose_b=True) / 0.2 - 1e9 * tf.eye(2 * half)
+    labels = tf.concat([tf.range(half) + half, tf.range(half)], 0)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+def _barlow(_, z):
+    """Barlow Twins' redundancy reduction between `tf.split`'s two halves."""
+    first, second = tf.split(z, 2, axis=0)
+    first = (first - tf.reduce_mean(first, 0)) / (tf.math.reduce_std(first, 0) + 1e-5)
+    second = (second - tf.reduce_mean(second, 0)) / (
+        tf.math.reduce_std(second, 0) + 1e-5)
+    c = tf.matmul(first, second, transpose_a=True) / tf.cast(tf.shape(first)[0],
+                                                             tf.float32)
+    on = tf.reduce_sum(tf.square(tf.linalg.diag_part(c) - 1.0))
+    return on + 5e-3 * (tf.reduce_sum(tf.square(c)) - tf.reduce_sum(
+        tf.square(tf.linalg.diag_part(c))))
+
+
+@pytest.mark.parametrize("loss", [_halves_contrastive, _simclr, _barlow])
+def test_a_loss_over_pairs_of_examples_trains(loss):
+    """Losses over the batch's halves (a probe, 2026-12-07): with each example's loss
+    alone standing in for its term, SimCLR's raised on the first step (empty
+    halves), Barlow Twins' could not be traced (`tf.split` of one example), and the
+    contrastive loss's zero curvature let the steps grow to NaN by the seventh."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(32, 16)).astype("float32")
+    views = np.concatenate([base + 0.1 * rng.normal(size=base.shape),
+                            base + 0.1 * rng.normal(size=base.shape)])
+    similar = np.concatenate([np.arange(32) % 2 == 0] * 2).astype("float32")[:, None]
+    batches = [(np.concatenate([views[i:i + 8], views[32 + i:40 + i]]),
+                np.concatenate([similar[i:i + 8], similar[32 + i:40 + i]]))
+               for i in range(0, 32, 8)]
+    keras.utils.set_random_seed(0)
+    model = keras_tkfac.wrap(keras.Sequential([
+        keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(8)]))
+    model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
+    first = [float(loss(tf.constant(yb), model(xb))) for xb, yb in batches]
+    for _ in range(6):
+        for xb, yb in batches:
+            model.train_on_batch(xb, yb)
+    last = [float(loss(tf.constant(yb), model(xb))) for xb, yb in batches]
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert np.mean(last) < np.mean(first), (first, last)
 
 
 @pytest.mark.parametrize("loss", ["mse", "binary_crossentropy", "huber", "mae"])
