@@ -182,9 +182,15 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
             "output)."))
 
     def per_example(y_true, y_pred):
-        # As Keras's `Loss.__call__`: labels in the predictions' float dtype, same rank.
+        # As Keras's `Loss.__call__`: labels in the predictions' float dtype, same rank
+        # (class ids of a sparse cross-entropy as they are: float16 and bfloat16
+        # hold integers exactly only up to 2048 and 256, so a bfloat16 output of 600
+        # classes read label 599 as 600 and raised, found by a probe, 2026-12-07;
+        # Keras's own loss casts labels to its float32 dtype).
         y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
-        if y_pred.dtype.is_floating:
+        if y_pred.dtype.is_floating and not (
+                kind == "sparse_categorical_crossentropy"
+                and y_pred.dtype in (tf.float16, tf.bfloat16)):
             y_true = tf.cast(y_true, y_pred.dtype)
         y_true, y_pred = same_rank(y_true, y_pred)
         losses = fn(y_true, y_pred, **fn_kwargs)

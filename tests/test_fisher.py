@@ -492,3 +492,35 @@ def test_loss_values_of_a_narrow_or_raw_softmax_output_are_keras_own():
     _keras_own(keras.losses.SparseCategoricalCrossentropy(from_logits=True), 10,
                softmax=False)
     _keras_own(keras.losses.SparseCategoricalCrossentropy(), 1100, softmax=False)
+
+
+@pytest.mark.parametrize("policy, classes", [("mixed_bfloat16", 600),
+                                             ("mixed_float16", 3000)])
+def test_class_ids_of_a_half_precision_output_are_not_rounded(policy, classes):
+    """A probe (2026-12-07): the per-example loss cast sparse labels to the output's
+    dtype, which holds integers exactly only up to 256 (bfloat16) or 2048 (float16):
+    label 599 of 600 classes became 600 and the step raised; so did the true
+    Fisher's sampled label 2999 of 3000 (Keras's loss casts labels to float32)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8,))
+        bias = np.zeros(classes, "float32")
+        bias[-1] = 30.0  # the model predicts (and samples) the last class
+        outputs = keras.layers.Dense(classes, bias_initializer=keras.initializers.Constant(
+            bias))(keras.layers.Dense(16, activation="relu")(inputs))
+        model = keras_tkfac.wrap(keras.Model(inputs, outputs))
+        model.compile(optimizer=keras_tkfac.TKFAC(seed=0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+        y = np.full((64,), classes - 1, "int32")
+        history = model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        spec = fisher.resolve_loss(model.loss, "true")
+        labels = tf.constant([classes - 1])
+        logits = tf.cast(tf.one_hot(labels, classes) * 5.0, keras.mixed_precision.
+                         global_policy().compute_dtype)
+        np.testing.assert_allclose(spec.fn(labels, logits).numpy(),
+                                   model.loss(labels, logits).numpy(), rtol=1e-2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
