@@ -194,10 +194,24 @@ def _symmetric(rows):
                                for j in range(count)]) for i in range(count)])
 
 
+# How far below zero the smaller eigenvalue of a Hessian's Gram may lie, relative
+# to its trace, for `_larger_curvature` to count it positive semi-definite: the
+# float32 sums over thousands of loss terms that make the Gram are exact to no
+# more. At 1e-6 Keras's `Dice()` over a whole batch (one ratio of sums; a small
+# segmentation net, batch 20) had its Gram rejected on a fourth step for an
+# eigenvalue of -5.1e-5 against 27.7 (-1.8e-6 of the trace): the square's, 20
+# times smaller along the step, gave a 20 times longer step and the all-ones
+# prediction. Over 14 seeds of that program it fell into that prediction in 6 at
+# 1e-6, 2 at 1e-4 and 3 at 1e-3 (best validation Dice loss above 0.3;
+# docs/RESULTS.md, "Loss weights and Dice"). Measured, not from a paper.
+HESSIAN_ROUNDING = 1e-4
+
+
 def _larger_curvature(hessian, square):
     """`hessian` (the exact Gauss-Newton Gram of a loss without a Fisher formula)
-    where it is positive semi-definite and its trace at least `square`'s (the Gram
-    of the loss written as a square, `_gradient_projections`), else `square`.
+    where it is positive semi-definite (to `HESSIAN_ROUNDING`) and its trace at
+    least `square`'s (the Gram of the loss written as a square,
+    `_gradient_projections`), else `square`.
 
     The square's Gauss-Newton matrix has one rank-one term per loss term: for a
     cross-entropy written as a Python function (keras-io's masked translation
@@ -214,7 +228,7 @@ def _larger_curvature(hessian, square):
         lowest = 0.5 * trace - tf.sqrt(half * half + hessian[0, 1] * hessian[0, 1])
     else:
         lowest = tf.reduce_min(tf.linalg.eigvalsh(hessian))
-    use = tf.logical_and(lowest >= -1e-6 * tf.abs(trace),
+    use = tf.logical_and(lowest >= -HESSIAN_ROUNDING * tf.abs(trace),
                          trace >= tf.linalg.trace(square))
     return tf.where(use, hessian, square)
 
@@ -532,10 +546,12 @@ class Batch:
         # The flat outputs of the products' forward pass, when it saw the whole batch.
         self.predictions = None
         self.nonnegative = None  # set by `loss`
-        # `[(k, C_k)]`: the Gram of each mean-squared-error output `k` of
-        # `outputs` (its weight included; set by `gram`), and every output's
+        # `[(C_k, W_k, squared)]` for each output `k` of `outputs`: its Gram (its
+        # weight included), its mean weight `W_k` (its `loss_weights` entry times
+        # its sample weights' mean, times its terms under `reduction="sum"`) and
+        # whether it is a mean squared error (set by `gram`); and every output's
         # weighted loss `w_k L_k` (set by `loss`; the means over the replicas).
-        self.squared_grams, self.output_losses = [], None
+        self.output_grams, self.output_losses = [], None
         # The classifiers' outputs along the directions of the last `gram`
         # (`keras_tkfac.linearized`), or `None`.
         self.linearized = None
@@ -597,9 +613,11 @@ class Batch:
         # Losses without a Fisher formula: both candidate curvatures, chosen from
         # after the all-reduce (`_larger_curvature`), weighted by the output's weight.
         candidates = []
-        # Mean squared errors' own Grams, for the KL bound in their residuals'
-        # units (`squared_grams`); they are also in `gram`.
-        squared = []
+        # Every output's own Gram (its weight included; for a loss without a
+        # Fisher formula chosen after the all-reduce) and its mean weight, for the
+        # KL bound per unit of weight and in a squared error's residuals' units
+        # (`output_grams`); they are also in `gram`.
+        owns, kl_weights = [], []
         classifiers = []  # (`linearized.Outputs`)
         for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
             source, y_pred = sources[k], flat[output.index]
@@ -624,8 +642,19 @@ class Batch:
                     own[i][j] = own[j][i] = value
                     if output.spec.kind is not None:
                         gram[i][j] = gram[i][j] + output_weight * value
-            if output.spec.kind == "mean_squared_error":
-                squared.append((k, output_weight * _symmetric(own)))
+            if weight is None and not output.spec.sums:
+                # (A mean of ones. No op on the terms: one here changed the
+                # weights of the sweep's unweighted `mlp_mixer` by rounding after
+                # 12 steps, through the traced graph; not traced further.)
+                kl_weights.append(output_weight)
+            else:
+                kl_weights.append(output_weight * _weighted_mean(
+                    tf.ones_like(terms), weight,
+                    fisher_lib.term_mask(output.spec, label, y_pred, terms),
+                    output.spec.sums))
+            if output.spec.kind is not None and len(self.outputs) > 1:
+                # (One output's Gram is the model's: not computed again.)
+                owns.append(output_weight * _symmetric(own))
             if (output.spec.kind in _CROSS_ENTROPIES and label is not None
                     and (source is not y_pred or output.spec.from_logits)):
                 classifiers.append((output.spec, label, weight, source, y_pred, along,
@@ -643,12 +672,22 @@ class Batch:
         gram = _symmetric(gram)
         self.linearized = (linearized_lib.Outputs(classifiers, _weighted_mean)
                            if classifiers else None)
-        gram, *candidates = distributed.all_reduce(
-            "mean", [gram] + [g for _, g in squared] + candidates)
-        self.squared_grams = list(zip([k for k, _ in squared], candidates))
-        candidates = candidates[len(squared):]
-        for hessian, square in zip(candidates[::2], candidates[1::2]):
-            gram = gram + _larger_curvature(hessian, square)
+        gram, *rest = distributed.all_reduce(
+            "mean", [gram] + kl_weights + owns + candidates)
+        kl_weights, rest = rest[:len(kl_weights)], rest[len(kl_weights):]
+        owns, candidates = rest[:len(owns)], rest[len(owns):]
+        chosen = [_larger_curvature(hessian, square)
+                  for hessian, square in zip(candidates[::2], candidates[1::2])]
+        self.output_grams = []
+        for output, kl_weight in zip(self.outputs, kl_weights):
+            if output.spec.kind is None:
+                own = chosen.pop(0)
+            else:
+                own = owns.pop(0) if owns else gram
+            self.output_grams.append(
+                (own, kl_weight, output.spec.kind == "mean_squared_error"))
+            if output.spec.kind is None:
+                gram = gram + own
         return gram
 
     def nests(self):

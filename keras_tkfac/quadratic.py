@@ -106,6 +106,18 @@ def _loss_terms(predictions):
 # "Losses"). Measured, not from a paper.
 MSE_KL_SCALE_CAP = 1e4
 
+# The KL bound is per unit of an output's weight: its Gram (which carries the
+# output's `loss_weights` entry, its sample weights and, under `reduction="sum"`,
+# its number of terms) is divided by its mean weight where that is above 1. The KL
+# of a step is that of the model's predictive distribution, which a constant factor
+# on the loss does not change; without the division a loss weighted 100 or 1000
+# had its steps bounded 10 or 32 times shorter (README, Limitations, until
+# 2026-12-07). Weights of at most 1 keep the bound as it was, so that a
+# down-weighted auxiliary output does not lengthen the step. Measured on a digits
+# classifier weighted 1-1000 (README, "Losses": "Weighted losses";
+# `tools/weighted_losses.py`).
+KL_PER_UNIT_WEIGHT = True
+
 
 def kl_scale(loss):
     """The factor `min(max(1, 2 L), MSE_KL_SCALE_CAP)` by which a mean-squared-error
@@ -113,24 +125,31 @@ def kl_scale(loss):
     return tf.clip_by_value(2.0 * tf.cast(loss, tf.float32), 1.0, MSE_KL_SCALE_CAP)
 
 
-def kl_curvature(curvature, squared_grams, output_losses):
+def kl_curvature(curvature, output_grams, output_losses):
     """The Gram the step's KL bound `kl_clip` holds `(1/2) s^T K s` to: `curvature`
-    with each mean-squared-error output's part `C_k` divided by `kl_scale` of that
-    output's weighted loss `L_k` (`MSE_KL_SCALE_CAP`), the others' unchanged; `None`
-    (the curvature itself) where there is no such output or no loss.
+    with each output's part `C_k` divided by `S_k = max(1, W_k)`, its mean weight
+    `W_k` where above 1 (`KL_PER_UNIT_WEIGHT`), and for a mean squared error also by
+    `kl_scale` of its loss per unit weight `L_k / max(1, W_k)` (`MSE_KL_SCALE_CAP`);
+    an output of weight at most 1 and no squared error keeps its part. `None` (the
+    curvature itself) where there is no loss.
 
     Args:
         curvature: `[2, 2]`, the model's Gram `sum_k C_k` over the outputs.
-        squared_grams: `[(k, C_k)]` of the mean-squared-error outputs
-            (`products.Batch.squared_grams`).
+        output_grams: `[(C_k, W_k, squared)]` of every output
+            (`products.Batch.output_grams`).
         output_losses: every output's weighted loss (`products.Batch.output_losses`),
             or `None`.
     """
-    if not squared_grams or output_losses is None:
+    if not output_grams or output_losses is None:
         return None
     kl = tf.cast(curvature, tf.float64)
-    for k, gram in squared_grams:
-        shrink = 1.0 - 1.0 / tf.cast(kl_scale(output_losses[k]), tf.float64)
+    for (gram, weight, squared), loss in zip(output_grams, output_losses):
+        scale = tf.maximum(tf.cast(weight, tf.float32), 1.0)
+        if not KL_PER_UNIT_WEIGHT:
+            scale = tf.ones_like(scale)
+        if squared:
+            scale = scale * kl_scale(tf.cast(loss, tf.float32) / scale)
+        shrink = 1.0 - 1.0 / tf.cast(scale, tf.float64)
         kl = kl - shrink * tf.cast(gram, tf.float64)
     return kl
 
@@ -202,7 +221,7 @@ def steps(optimizer, used, variables, learning_rate):
         before["nonnegative"] = batch.nonnegative  # (a later `loss` resets it)
         return optimizer.kl_clip, tf.where(
             before["nonnegative"], LOSS_BOUND_FACTOR * before["loss"], -1.0), (
-                kl_curvature(before["curvature"], batch.squared_grams,
+                kl_curvature(before["curvature"], batch.output_grams,
                              batch.output_losses))
 
     def damping_factor():

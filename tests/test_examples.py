@@ -224,6 +224,36 @@ def test_regression_scales_smoke(heads):
 
 
 @_ONE_MEASUREMENT_TOOL
+def test_weighted_losses_smoke():
+    """`tools/weighted_losses.py --smoke` trains the digits classifier at two loss
+    scales (weighted two ways) and the Dice program on two seeds, and reports
+    finite losses and collapse counts; bad flags are refused naming them."""
+    result = _run("tools/weighted_losses.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-5000:]
+    lines = result.stdout.splitlines()
+    # (Each row is printed as it is measured, then the whole table.)
+    lines = lines[max(i for i, line in enumerate(lines) if line.startswith(
+        "| scale |")):]
+    scales = [line.split(" | ") for line in lines if line.startswith(("| 1 |", "| 10 |"))]
+    assert [(row[0], row[1]) for row in scales] == [
+        ("| 1", "sample_weight"), ("| 1", "loss_weights"),
+        ("| 10", "sample_weight"), ("| 10", "loss_weights")]
+    for row in scales:
+        values = [float(cell.strip(" |")) for cell in row[2:]]
+        assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)
+    dice = [line.split(" | ") for line in lines
+            if line.startswith(("| TKFAC()", "| Adam(1e-2)"))]
+    assert len(dice) == 4
+    for row in dice:
+        values = [float(cell.strip(" |")) for cell in row[1:]]
+        assert len(values) == 3 and all(math.isfinite(v) for v in values)
+        assert values[2] == sum(v > 0.3 for v in values[:2])
+    for flag in ("--parts=scales,nope", "--scales=0", "--seeds=0"):
+        result = _run("tools/weighted_losses.py", flag, "--smoke")
+        assert result.returncode != 0 and flag.split("=")[0] in result.stderr
+
+
+@_ONE_MEASUREMENT_TOOL
 def test_robust_losses_smoke():
     """`tools/robust_losses.py --smoke` trains two Huber programs with Adam,
     `TKFAC()` and `TKFAC(fisher="empirical")` and reports finite losses and ratios;

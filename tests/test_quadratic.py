@@ -202,9 +202,37 @@ def _values_jacobian(model, x, variables):
 
 def _explicit_choice(hessian, square):
     """`products._larger_curvature`'s rule on explicit Grams."""
-    chosen = (np.linalg.eigvalsh(hessian).min() >= -1e-6 * abs(np.trace(hessian))
+    chosen = (np.linalg.eigvalsh(hessian).min()
+              >= -products.HESSIAN_ROUNDING * abs(np.trace(hessian))
               and np.trace(hessian) >= np.trace(square))
     return hessian if chosen else square, chosen
+
+
+def test_the_hessians_gram_is_taken_where_positive_semi_definite_to_rounding():
+    """`products._larger_curvature` on hand-made Grams: eigenvalues `(27.7, -5.1e-5)`
+    (`Dice()`'s, -1.8e-6 of the trace) count as positive semi-definite, `(27.7,
+    -0.03)` (-1.1e-3) do not; a smaller trace than the square's does not either;
+    1 x 1 and 3 x 3 Grams alike."""
+    rotation = np.array([[0.8, -0.6], [0.6, 0.8]])
+    square = np.diag([3.0, 1.0]).astype(np.float32)
+
+    def gram(*eigenvalues):
+        return (rotation @ np.diag(eigenvalues) @ rotation.T).astype(np.float32)
+
+    for hessian, taken in [(gram(27.7, -5.1e-5), True), (gram(27.7, -0.03), False),
+                           (gram(27.7, 0.0), True), (gram(3.0, 0.5), False)]:
+        got = products._larger_curvature(tf.constant(hessian), tf.constant(square))
+        np.testing.assert_array_equal(got, hessian if taken else square)
+    for hessian, taken in [([[-1e-4]], False), ([[5.0]], True)]:
+        got = products._larger_curvature(tf.constant(hessian), tf.constant([[4.0]]))
+        np.testing.assert_array_equal(got, hessian if taken else [[4.0]])
+    three = np.diag([10.0, 2.0, -5e-4]).astype(np.float32)
+    np.testing.assert_array_equal(
+        products._larger_curvature(tf.constant(three), tf.eye(3)), three)
+    np.testing.assert_array_equal(
+        products._larger_curvature(
+            tf.constant(three - np.diag([0.0, 0.0, 0.1]).astype(np.float32)),
+            tf.eye(3)), np.eye(3))
 
 
 @pytest.mark.parametrize("loss", ["huber", "mae"])
@@ -373,8 +401,9 @@ def _fit_steps(steps, fraction=1.0, damping=0.1, kl_clip=None,
     return trajectory
 
 
-def _gradient_and_curvature(weights):
-    """The batch gradient and explicit Gauss-Newton matrix at `weights`."""
+def _gradient_and_curvature(weights, example_weights=None):
+    """The batch gradient and explicit Gauss-Newton matrix at `weights` (the
+    latter's examples weighted by `example_weights`, if given)."""
     x, y = _data()
     model = _classifier(0)
     model.set_weights([w.astype("float32") for w in weights])
@@ -390,8 +419,10 @@ def _gradient_and_curvature(weights):
     jac = np.concatenate([np.reshape(tape.jacobian(logits, v.value), (16, 3, -1))
                           for v in variables], axis=-1).astype(np.float64)
     probs = tf.nn.softmax(logits).numpy().astype(np.float64)
-    curvature = sum(j.T @ (np.diag(p) - np.outer(p, p)) @ j
-                    for j, p in zip(jac, probs)) / 16
+    if example_weights is None:
+        example_weights = np.ones(16)
+    curvature = sum(w * j.T @ (np.diag(p) - np.outer(p, p)) @ j
+                    for j, p, w in zip(jac, probs, example_weights)) / 16
     return grad.astype(np.float64), curvature
 
 
@@ -477,21 +508,63 @@ def test_kl_bound_shortens_a_long_step(step_control, monkeypatch):
 
 
 def test_the_kl_bound_of_squared_errors_is_in_the_units_of_their_residuals():
-    """`kl_curvature`: each mean-squared-error output's Gram divided by
-    `min(max(1, 2 L_k), MSE_KL_SCALE_CAP)` of its own weighted loss `L_k`, the other
-    outputs' unchanged (hand-computed); none without such outputs or losses."""
+    """`kl_curvature`: a mean-squared-error output's Gram divided by
+    `S = max(1, W) min(max(1, 2 L / max(1, W)), MSE_KL_SCALE_CAP)` of its weighted
+    loss `L` and mean weight `W`, another output's by `max(1, W)` (hand-computed);
+    none without outputs or losses."""
     squared = np.array([[2.0, 0.5], [0.5, 1.0]])
     other = np.array([[0.3, -0.1], [-0.1, 0.2]])
     cap = quadratic.MSE_KL_SCALE_CAP
-    for loss, factor in [(0.2, 1.0), (3.0, 6.0), (1e9, cap)]:
-        got = quadratic.kl_curvature(tf.constant(squared + other, tf.float32),
-                                     [(1, tf.constant(squared, tf.float32))],
-                                     [tf.constant(0.7), tf.constant(loss)])
-        np.testing.assert_allclose(got, squared / factor + other, rtol=1e-6)
-        np.testing.assert_allclose(quadratic.kl_scale(loss), factor, rtol=1e-6)
+    for loss, weight, factor in [(0.2, 1.0, 1.0), (3.0, 1.0, 6.0), (1e9, 1.0, cap),
+                                 (0.2, 0.5, 1.0), (30.0, 5.0, 60.0),
+                                 (1e9, 5.0, 5.0 * cap)]:
+        for other_weight, other_factor in [(0.7, 1.0), (1.0, 1.0), (4.0, 4.0)]:
+            got = quadratic.kl_curvature(
+                tf.constant(squared + other, tf.float32),
+                [(tf.constant(other, tf.float32), tf.constant(other_weight), False),
+                 (tf.constant(squared, tf.float32), tf.constant(weight), True)],
+                [tf.constant(0.7), tf.constant(loss)])
+            np.testing.assert_allclose(
+                got, squared / factor + other / other_factor, rtol=1e-6)
+    np.testing.assert_allclose(quadratic.kl_scale(3.0), 6.0, rtol=1e-6)
     assert quadratic.kl_curvature(tf.constant(other), [], [tf.constant(3.0)]) is None
-    assert quadratic.kl_curvature(tf.constant(squared),
-                                  [(0, tf.constant(squared))], None) is None
+    assert quadratic.kl_curvature(
+        tf.constant(squared), [(tf.constant(squared), tf.constant(1.0), True)],
+        None) is None
+
+
+@pytest.mark.parametrize("weighting, scale", [("sample_weight", None),
+                                              ("loss_weights", 100.0),
+                                              ("sum", 16.0),
+                                              ("loss_weights", 0.5)])
+def test_the_kl_bound_is_per_unit_of_the_losss_weight(weighting, scale, monkeypatch):
+    """A step bounded by `kl_clip` has the predicted KL `(1/2) s^T C s` of the
+    explicit Gauss-Newton matrix per unit of the loss's weight, `C = sum_n w_n
+    J_n^T H_n J_n / (B max(1, mean w))`: sample weights (drawn in [20, 80]),
+    `loss_weights=100`, `reduction="sum"` (16 terms), and `loss_weights=0.5`, which
+    keeps the weighted `C` (`quadratic.KL_PER_UNIT_WEIGHT`)."""
+    monkeypatch.setattr(progress, "INITIAL", None)
+    x, y = _data()
+    weights = (np.random.default_rng(7).uniform(20.0, 80.0, size=16)
+               if weighting == "sample_weight" else np.full(16, scale))
+    model = keras_tkfac.wrap(_classifier(0))
+    model.compile(
+        optimizer=keras_tkfac.TKFAC(
+            learning_rate=step_size.MODEL_STEP_LEARNING_RATE, damping=0.1,
+            kl_clip=1e-3, adaptive_damping=False, factor_update_freq=1,
+            inverse_update_freq=1, trace_damping_cap=None, seed=0),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            reduction="sum" if weighting == "sum" else "sum_over_batch_size"),
+        loss_weights=scale if weighting == "loss_weights" else None)
+    before = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    model.fit(x, y, sample_weight=(weights.astype("float32")
+                                   if weighting == "sample_weight" else None),
+              batch_size=16, epochs=1, shuffle=False, verbose=0)
+    step = _flat(before) - _flat(
+        [v.numpy().astype(np.float64) for v in model.trainable_variables])
+    _, curvature = _gradient_and_curvature(before, weights)
+    curvature = curvature / max(1.0, float(np.mean(weights)))
+    np.testing.assert_allclose(0.5 * step @ curvature @ step, 1e-3, rtol=2e-3)
 
 
 def _two_heads(seed):
