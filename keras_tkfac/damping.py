@@ -89,7 +89,7 @@ import math
 import tensorflow as tf
 
 from keras_tkfac import distributed
-from keras_tkfac import ops
+from keras_tkfac import step_ops
 from keras_tkfac import validation
 
 # Martens & Grosse's T1 and omega_1 = (19/20)^T1; the bounds of the factor.
@@ -132,7 +132,7 @@ def model_factor(optimizer, loss, nonnegative):
 
     Returns:
         `(factor, peak)`: `(loss / peak) / LOSS_RELATIVE_ONSET` within
-        `[LOSS_RELATIVE_FLOOR, 1]` (`ops.loss_relative_factor`), 1 without
+        `[LOSS_RELATIVE_FLOOR, 1]` (`step_ops.loss_relative_factor`), 1 without
         `loss_peak`, for a loss that may be negative or one that is not finite
         (whose step is skipped; the peak is kept).
     """
@@ -141,7 +141,7 @@ def model_factor(optimizer, loss, nonnegative):
     loss = tf.cast(loss, tf.float32)
     usable = tf.logical_and(tf.cast(nonnegative, tf.bool), tf.math.is_finite(loss))
     highest = tf.where(usable, tf.maximum(peak(optimizer), loss), peak(optimizer))
-    return tf.where(usable, ops.loss_relative_factor(
+    return tf.where(usable, step_ops.loss_relative_factor(
         loss, highest, LOSS_RELATIVE_FLOOR, LOSS_RELATIVE_ONSET), 1.0), highest
 
 
@@ -213,7 +213,7 @@ def adapt(optimizer, batch, finite):
         ratio = ((batch.loss() if after is None else after) - loss_before) / predicted
         # Martens & Grosse's omega for the steps since the last adaptation.
         decay = DECAY ** (interval(optimizer) / INTERVAL)
-        return [ops.levenberg_marquardt(optimizer.damping_scale.value, ratio, decay,
+        return [step_ops.levenberg_marquardt(optimizer.damping_scale.value, ratio, decay,
                                         *SCALE_BOUNDS)]
 
     distributed.cond_assign(tf.logical_and(due(optimizer), ok),

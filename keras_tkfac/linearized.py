@@ -37,8 +37,8 @@ such an output there is no check.
 import tensorflow as tf
 
 from keras_tkfac import distributed
-from keras_tkfac import fisher as fisher_lib
-from keras_tkfac import ops
+from keras_tkfac import loss_specs
+from keras_tkfac import step_ops
 
 # The shorter steps tried, as fractions of the model's; and the rise of the
 # classifiers' loss, as a fraction of it, beyond which the whole step is not taken
@@ -52,7 +52,7 @@ class Outputs:
 
     Args:
         entries: per output, `(spec, label, weight, logits, y_pred, jvps,
-            output_weight)`: its `fisher.LossSpec`, labels, sample weights, the logits
+            output_weight)`: its `loss_specs.LossSpec`, labels, sample weights, the logits
             behind `y_pred` (or `y_pred` itself for a loss `from_logits`), the
             logits' changes `J x` along each direction, and Keras's loss weight.
         weighted_mean: `(terms, weight, mask, sums) -> scalar`, Keras's reduction
@@ -77,10 +77,10 @@ class Outputs:
                 z = tf.cast(logits, tf.float32)
                 for i, jvp in enumerate(jvps if row is not None else []):
                     z = z + row[i] * tf.cast(jvp, tf.float32)
-                terms = fisher_lib.loss_values(
+                terms = loss_specs.loss_values(
                     spec, label, _prediction(spec, logits, y_pred, z))
                 total = total + output_weight * self.weighted_mean(
-                    terms, weight, fisher_lib.term_mask(spec, label, y_pred, terms),
+                    terms, weight, loss_specs.term_mask(spec, label, y_pred, terms),
                     spec.sums)
             values.append(total)
         return distributed.all_reduce("mean", [tf.stack(values)])[0]
@@ -122,9 +122,9 @@ def shorten(outputs, a, b):
     def shorter():
         scales = tf.constant(SCALES, tf.float32)
         rest = outputs.losses(-scales[:, None] * step)
-        return ops.linearized_scale(tf.concat([first, rest], 0),
+        return step_ops.linearized_scale(tf.concat([first, rest], 0),
                                     (1.0,) + tuple(SCALES), RISE_FRACTION)
 
-    scale = tf.cond(ops.linearized_rises(first[0], first[1], RISE_FRACTION),
+    scale = tf.cond(step_ops.linearized_rises(first[0], first[1], RISE_FRACTION),
                     shorter, lambda: tf.constant(1.0))
     return a * scale, b * scale

@@ -15,7 +15,7 @@ from keras_tkfac import capture
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
 from keras_tkfac import factored
-from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import loss_specs
 from keras_tkfac import monitor
 from keras_tkfac import ops
 from keras_tkfac import partner as partner_lib
@@ -268,10 +268,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         Statistics that are not finite (on any replica) are not folded into the
         moving averages; `skipped_statistics` counts such updates.
         """
-        outputs = fisher_lib.resolve_losses(
+        outputs = loss_specs.resolve_losses(
             loss, self.fisher, y_pred, loss_weights=loss_weights,
             output_names=getattr(recording.owner, "output_names", None),
-            warned=fisher_lib.warned_of(self))
+            warned=loss_specs.warned_of(self))
         self.curvature_updates += 1
         self._loss_rows = {}
         self._products[distributed.replica_index()] = quadratic.hand_over(

@@ -79,9 +79,9 @@ from absl import logging
 import tensorflow as tf
 
 from keras_tkfac import distributed
-from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
 from keras_tkfac import linearized as linearized_lib
+from keras_tkfac import loss_specs
 from keras_tkfac import reuse as reuse_lib
 from keras_tkfac import rnn_tangents
 from keras_tkfac import tangents as tangents_lib
@@ -89,12 +89,12 @@ from keras_tkfac import tangents as tangents_lib
 
 def _weighted_mean(losses, weight, mask=None, sums=False):
     """Keras's `sum_over_batch_size` of `losses` under `weight` (per example or
-    per term: `fisher.term_weights`) and the output's mask (`fisher.loss_mask`:
+    per term: `loss_specs.term_weights`) and the output's mask (`loss_specs.loss_mask`:
     the mean over the unmasked terms); with `sums`, their sum (`reduction="sum"`).
     """
     losses = tf.cast(losses, tf.float32)
     if weight is not None:
-        losses = losses * fisher_lib.term_weights(weight, losses)
+        losses = losses * loss_specs.term_weights(weight, losses)
     if sums:
         return tf.reduce_sum(losses if mask is None else losses * mask)
     if mask is not None:
@@ -116,10 +116,10 @@ def _bilinear(spec, logits, y_pred, x, y):
     """Per loss term, `x^T H y` for the Fisher `H` of `spec`'s distribution in the
     output it is differentiated through (`logits`: the logits behind `y_pred`)."""
     x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
-    x, y, y_pred = (fisher_lib.class_last(spec, t) for t in (x, y, y_pred))
+    x, y, y_pred = (loss_specs.class_last(spec, t) for t in (x, y, y_pred))
     if y_pred.shape.rank == 1 and spec.kind in ("binary_crossentropy",
                                                 "mean_squared_error"):
-        # A `[B]` output: each example is a term of one unit (`fisher.resolve_loss`).
+        # A `[B]` output: each example is a term of one unit (`loss_specs.resolve_loss`).
         x, y, y_pred = x[:, None], y[:, None], y_pred[:, None]
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         if logits:
@@ -147,7 +147,7 @@ def _gradient_projections(output, label, source, y_pred, jvps):
     empirical Fisher `g_m g_m^T`)."""
     with tf.GradientTape() as tape:
         tape.watch(source)
-        terms = output.spec.fn(label, fisher_lib.loss_input(output.spec, source,
+        terms = output.spec.fn(label, loss_specs.loss_input(output.spec, source,
                                                             y_pred))
         total = tf.reduce_sum(tf.cast(terms, tf.float32))
     grad = tf.cast(tape.gradient(
@@ -173,10 +173,10 @@ def _loss_hessian_gram(output, label, weight, source, y_pred, jvps):
         with tf.autodiff.ForwardAccumulator(source, tf.cast(jvp, source.dtype)) as acc:
             with tf.GradientTape() as tape:
                 tape.watch(source)
-                terms = output.spec.fn(label, fisher_lib.loss_input(output.spec, source,
+                terms = output.spec.fn(label, loss_specs.loss_input(output.spec, source,
                                                                     y_pred))
                 total = _weighted_mean(
-                    terms, weight, fisher_lib.term_mask(output.spec, label, y_pred,
+                    terms, weight, loss_specs.term_mask(output.spec, label, y_pred,
                                                         terms), output.spec.sums)
             grad = tape.gradient(total, source,
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -255,7 +255,7 @@ def _sources(outputs, y_pred):
                 "function of the model's output (a Q-network's chosen action's "
                 "value), pass that function: forward=lambda: f(model(x, "
                 "training=True))")
-    return [fisher_lib._logits_source(fisher_lib.as_read(o.spec, flat[o.index]),
+    return [loss_specs._logits_source(loss_specs.as_read(o.spec, flat[o.index]),
                                       flat[o.index]) for o in outputs], flat
 
 
@@ -385,7 +385,7 @@ def curvature_gram(forward, outputs, y_true, sample_weight, variables, direction
     Args:
         forward: `() -> y_pred`, the model's forward pass on this step's batch in
             training mode.
-        outputs: the `fisher.OutputLoss`es of the training loss.
+        outputs: the `loss_specs.OutputLoss`es of the training loss.
         y_true: the real labels, structured as for `fisher.output_cotangents` (only
             losses without a Fisher formula read them).
         sample_weight: optional per-example weights.
@@ -568,9 +568,9 @@ class Batch:
                 variable.assign(value)
 
     def _per_output(self, count):
-        return (fisher_lib._per_output_values(self.y_true, self.outputs, count,
+        return (loss_specs._per_output_values(self.y_true, self.outputs, count,
                                               "y_true"),
-                fisher_lib._per_output_values(self.sample_weight, self.outputs,
+                loss_specs._per_output_values(self.sample_weight, self.outputs,
                                               count, "sample_weight"))
 
     def gram(self, variables, directions):
@@ -637,7 +637,7 @@ class Batch:
                             source, along[i], along[j])
                     value = _weighted_mean(
                         terms, weight,
-                        fisher_lib.term_mask(output.spec, label, y_pred, terms),
+                        loss_specs.term_mask(output.spec, label, y_pred, terms),
                         output.spec.sums)
                     own[i][j] = own[j][i] = value
                     if output.spec.kind is not None:
@@ -650,7 +650,7 @@ class Batch:
             else:
                 kl_weights.append(output_weight * _weighted_mean(
                     tf.ones_like(terms), weight,
-                    fisher_lib.term_mask(output.spec, label, y_pred, terms),
+                    loss_specs.term_mask(output.spec, label, y_pred, terms),
                     output.spec.sums))
             if output.spec.kind is not None and len(self.outputs) > 1:
                 # (One output's Gram is the model's: not computed again.)
@@ -709,10 +709,10 @@ class Batch:
         losses, known = [], tf.constant(True)
         for output, label, weight in zip(self.outputs, labels, weights):
             y_pred = predictions[output.index]
-            terms = fisher_lib.loss_values(output.spec, label, y_pred)
+            terms = loss_specs.loss_values(output.spec, label, y_pred)
             losses.append(tf.maximum(tf.cast(output.weight, tf.float32), 0.0) * (
                 _weighted_mean(terms, weight,
-                               fisher_lib.term_mask(output.spec, label, y_pred, terms),
+                               loss_specs.term_mask(output.spec, label, y_pred, terms),
                                output.spec.sums)))
             if output.spec.kind is None:
                 known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))

@@ -118,7 +118,7 @@ def advance(current, loss, usable, coefficient, floor=step_size.GRAFT_QUADRATIC_
         current: `[5]` float32 state.
         loss: the batch's loss before the step.
         usable: whether the loss counts (nonnegative and finite).
-        coefficient: the `a` this step took (after `ops.cap_coefficient`).
+        coefficient: the `a` this step took (after `step_ops.cap_coefficient`).
         floor: the least ceiling (the grafted step's floor).
         window: steps per window (`WINDOW` when `None`).
 

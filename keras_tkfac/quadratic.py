@@ -2,14 +2,14 @@
 
 The step `s = a U + b M` (`U` the preconditioned gradient, `M` the previous step) has
 its coefficients chosen by minimising the quadratic model of the loss along the two
-directions (Martens & Grosse, 2015, §7; `ops.quadratic_model_step`), with the exact
+directions (Martens & Grosse, 2015, §7; `step_ops.quadratic_model_step`), with the exact
 curvature products of the step's batch (`products`: the generalised Gauss-Newton
 matrix of each output's loss).
 
 Where every output's loss has a formula (`products`; all of them nonnegative), or
 the other outputs' loss terms are all nonnegative on the batch, twice the batch's
 loss, from the products' forward pass, bounds the model's predicted decrease
-(`ops.quadratic_model_step`'s `max_decrease`; `LOSS_BOUND_FACTOR`): a safeguard
+(`step_ops.quadratic_model_step`'s `max_decrease`; `LOSS_BOUND_FACTOR`): a safeguard
 for saturated outputs, whose Gauss-Newton curvature vanishes while the gradient
 does not; for a loss with negative terms (cosine similarity) there is no bound.
 Where the minimiser predicts more than `UNTRUSTED_DECREASE` times the loss, the
@@ -25,9 +25,9 @@ import tensorflow as tf
 
 from keras_tkfac import damping as damping_lib
 from keras_tkfac import distributed
-from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import jvp_rules
 from keras_tkfac import keras_compat
+from keras_tkfac import loss_specs
 from keras_tkfac import precision
 from keras_tkfac import products as products_lib
 from keras_tkfac import progress as progress_lib
@@ -214,7 +214,7 @@ def steps(optimizer, used, variables, learning_rate):
     def bounds():
         # Where the loss is known to be nonnegative (`Batch.loss`) and the
         # products' pass gave it for free (`LOSS_BOUND_FACTOR`); the loss needs the
-        # labels. A negative bound is none (`ops.quadratic_model_step`).
+        # labels. A negative bound is none (`step_ops.quadratic_model_step`).
         if batch.predictions is None or batch.y_true is None:
             return optimizer.kl_clip, None, None
         before["loss"] = batch.loss(batch.predictions)
@@ -383,8 +383,8 @@ FALLBACK = {"graft_quadratic": "graft", "quadratic": "trust_region"}
 
 
 def _warn_once(optimizer, message):
-    """Logs `message` once per optimizer (`fisher.warned_of`)."""
-    fisher_lib.warn_once(fisher_lib.warned_of(optimizer), message)
+    """Logs `message` once per optimizer (`loss_specs.warned_of`)."""
+    loss_specs.warn_once(loss_specs.warned_of(optimizer), message)
 
 
 def _without_products(optimizer, used, variables, learning_rate, failure=None):

@@ -304,7 +304,7 @@ class _Reuse:
 
 def _logits(tensor):
     """The logits a cross-entropy differentiates through behind a softmax or
-    sigmoid output `tensor` (`fisher._logits_source`'s rule: Keras's
+    sigmoid output `tensor` (`loss_specs._logits_source`'s rule: Keras's
     `_keras_logits`, else a graph `Softmax`/`Sigmoid` op's input), or `None`."""
     logits = getattr(tensor, "_keras_logits", None)
     if logits is None and getattr(getattr(tensor, "op", None), "type", None) in (

@@ -99,7 +99,7 @@ def combine(a, u, b, m):
 
 
 def rms_step(grad, second_moment, step, beta_2, epsilon, finite=None):
-    """`ops.rms_step` of a `RowSparse` gradient: `(R, v')` with `R` on `grad`'s rows.
+    """`step_ops.rms_step` of a `RowSparse` gradient: `(R, v')` with `R` on `grad`'s rows.
 
     `v' = beta_2 v + (1 - beta_2) G^2` is dense (every row decays) but adds squares
     at `grad`'s rows only. Where `finite` (a scalar bool) is false, `v' = v`: the

@@ -112,7 +112,7 @@ def update(optimizer, recording, tape, outputs, y_true, y_pred, sample_weight,
         tape: the persistent tape of the step's forward pass, or `None`: the
             sampled-label backward pass then takes a forward pass of its own
             (`takes_own_pass`), through `forward`.
-        outputs: the `fisher.OutputLoss`es of the training loss.
+        outputs: the `loss_specs.OutputLoss`es of the training loss.
         y_true, y_pred, sample_weight: as in `update_curvature`.
         loss_value: optional, the step's loss; no statistics where not finite.
         scale: the loss-scaling factor (1 without mixed precision): the sampled

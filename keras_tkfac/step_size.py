@@ -83,8 +83,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_tkfac import linearized as linearized_lib
-from keras_tkfac import ops
 from keras_tkfac import row_sparse
+from keras_tkfac import step_ops
 
 STEP_CONTROLS = ("graft", "trust_region", "kl_clip", "quadratic", "graft_quadratic")
 
@@ -142,7 +142,7 @@ MODEL_STEP_LEARNING_RATE = 1e-3
 GRAFT_QUADRATIC_FLOOR = 1e-3
 
 # The quadratic controls' momentum coefficient `b` is within `[0, 1]`
-# (`ops.quadratic_model_step`'s `momentum_range`). `b > 1` grows the previous step,
+# (`step_ops.quadratic_model_step`'s `momentum_range`). `b > 1` grows the previous step,
 # which a stable heavy ball never does; `b < 0` takes part of it back. The batch's
 # exact model asks for both where its curvature and gradient along the previous
 # step change from batch to batch more than the weights do: a negative `b` then
@@ -335,16 +335,16 @@ def graft_updates(updates, grads, moments, step, blocks=None, finite=None):
             rms, new = row_sparse.rms_step(grad, moment, step, GRAFT_BETA_2,
                                            GRAFT_EPSILON, finite)
         else:
-            rms, new = ops.rms_step(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
+            rms, new = step_ops.rms_step(grad, moment, step, GRAFT_BETA_2, GRAFT_EPSILON)
             if finite is not None:
                 new = tf.where(finite, new, moment)
         if getattr(block, "graft_per_variable", False):
             new_updates.append(graft_variables(block, update, rms))
         elif isinstance(update, row_sparse.RowSparse):
             new_updates.append(update.with_values(
-                ops.graft(update.values, row_sparse.norm(rms))))
+                step_ops.graft(update.values, row_sparse.norm(rms))))
         else:
-            new_updates.append(ops.graft(update, row_sparse.norm(rms)))
+            new_updates.append(step_ops.graft(update, row_sparse.norm(rms)))
         new_moments.append(new)
     return new_updates, new_moments
 
@@ -356,7 +356,7 @@ def graft_variables(block, update, rms):
     length RMSProp's for that variable."""
     parts = [(u, r) for u, r in zip(block.split_matrix(update), block.split_matrix(rms))
              if u is not None]
-    return block.grad_matrix(*[ops.graft(u, tf.norm(r)) for u, r in parts])
+    return block.grad_matrix(*[step_ops.graft(u, tf.norm(r)) for u, r in parts])
 
 
 def graft_step(optimizer, used):
@@ -389,8 +389,8 @@ def update_scale(control, updates, grads, learning_rate, kl_clip):
     if kl_clip is None or control != "trust_region" and control != "kl_clip":
         return tf.constant(1.0)
     if control == "kl_clip":
-        return ops.kl_clip_factor(updates, grads, learning_rate, kl_clip)
-    return ops.kl_clip_factor(updates, grads, 1.0, kl_clip)
+        return step_ops.kl_clip_factor(updates, grads, learning_rate, kl_clip)
+    return step_ops.kl_clip_factor(updates, grads, 1.0, kl_clip)
 
 
 def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
@@ -413,7 +413,7 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
             after `products`: bounds (or `None`) on the step's predicted KL,
             `(1/2) s^T C s` (with `kl_curvature`'s Gram in place of `C`'s where it
             is not `None`), and on its predicted decrease of the loss
-            (`ops.quadratic_model_step`).
+            (`step_ops.quadratic_model_step`).
         min_coefficient: optional floor on a positive coefficient `a` of `U`
             (`GRAFT_QUADRATIC_FLOOR` under `"graft_quadratic"`).
         damping_factor: optional `() -> factor` (or `None`), called after `bounds`:
@@ -445,19 +445,19 @@ def quadratic_updates(products, dampings, updates, grads, previous, bounds=None,
     norms = tf.stack([tf.stack([inner(updates, updates, dampings), cross]),
                       tf.stack([cross, inner(previous, previous, dampings)])])
     slopes = tf.stack([inner(updates, grads), inner(previous, grads)])
-    a, b, minimum = ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
+    a, b, minimum = step_ops.quadratic_model_step(curvature, norms, slopes, 1.0, max_kl,
                                              max_decrease, MOMENTUM_RANGE,
                                              kl_curvature)
     if min_coefficient is not None:
         a = tf.where(a > 0.0, tf.maximum(a, min_coefficient), a)
     if max_coefficient is not None:
-        a = ops.cap_coefficient(a, max_coefficient, min_coefficient or 0.0)
+        a = step_ops.cap_coefficient(a, max_coefficient, min_coefficient or 0.0)
     if linearized is not None:
         a, b = linearized_lib.shorten(linearized(), a, b)
 
     def predicted(learning_rate):
         coefficients = tf.cast(learning_rate, tf.float32) * tf.stack([a, b])
-        return ops.quadratic_model_value(curvature, norms, slopes, 1.0, coefficients)
+        return step_ops.quadratic_model_value(curvature, norms, slopes, 1.0, coefficients)
 
     return (a, b), predicted, minimum
 

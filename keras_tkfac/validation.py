@@ -9,8 +9,8 @@ from absl import logging
 import keras
 
 from keras_tkfac import factored
-from keras_tkfac import fisher as fisher_lib
 from keras_tkfac import inverses as inverses_lib
+from keras_tkfac import loss_specs
 from keras_tkfac import precision
 from keras_tkfac import step_size
 
@@ -156,7 +156,7 @@ def resolve_curvature_arguments(*, learning_rate, damping, momentum, factor_deca
     )
     # (After the checks: an invalid learning rate raises without this warning.)
     step_size.warn_if_capped(step_control, learning_rate)
-    check_choice("fisher", fisher, fisher_lib.FISHER_TYPES)
+    check_choice("fisher", fisher, loss_specs.FISHER_TYPES)
     if adaptive_damping is None:
         adaptive_damping = step_size.uses_products(step_control)
     check_adaptive_damping(adaptive_damping, step_control,

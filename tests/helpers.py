@@ -6,7 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import fisher, loss_specs
 
 RNG = np.random.default_rng(0)
 
@@ -121,7 +121,7 @@ def recorded_rows(model, x, y, block_index=0):
         with keras_tkfac.record(model) as recording:
             y_pred = model(x, training=True)
         loss = loss_fn(y, y_pred)
-    spec = fisher.resolve_loss(loss_fn, "empirical")
+    spec = loss_specs.resolve_loss(loss_fn, "empirical")
     source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
     grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
     a, g = recording.rows(grads)[block_index]
@@ -178,7 +178,7 @@ def empirical_rows(model, block, x, y, loss, variables=None, xla=False,
             with keras_tkfac.record(model) as recording:
                 y_pred = model(x, training=True)
             loss_value = loss(y, y_pred)
-        spec = fisher.resolve_loss(loss, "empirical")
+        spec = loss_specs.resolve_loss(loss, "empirical")
         source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred,
                                                        None)
         grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)

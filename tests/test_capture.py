@@ -6,7 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher, lora_blocks, ops
+from keras_tkfac import fisher, lora_blocks, loss_specs, ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -123,7 +123,7 @@ def _record(model, x, y):
 
 
 def _block_rows(model, layer, tape, recording, y, y_pred, sequences=False):
-    spec = fisher.resolve_loss(LOSS, "empirical")
+    spec = loss_specs.resolve_loss(LOSS, "empirical")
     source, cotangent, num_examples = fisher.output_cotangent(
         spec, "empirical", y, y_pred, tf.constant([0, 0])
     )

@@ -7,7 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import damping
-from keras_tkfac import ops
+from keras_tkfac import step_ops
 from keras_tkfac import progress
 from keras_tkfac import step_size
 from tests import test_quadratic as quadratic_tests
@@ -21,13 +21,13 @@ RNG = np.random.default_rng(0)
 def test_levenberg_marquardt_rule(ratio, expected):
     # Martens & Grosse: shrink above 3/4, grow below 1/4 (and on a non-finite ratio).
     np.testing.assert_allclose(
-        ops.levenberg_marquardt(0.5, ratio, 0.8, 1e-4, 1e4), expected, rtol=1e-6)
+        step_ops.levenberg_marquardt(0.5, ratio, 0.8, 1e-4, 1e4), expected, rtol=1e-6)
 
 
 def test_levenberg_marquardt_rule_is_bounded():
-    assert float(ops.levenberg_marquardt(1e-4, 1.0, 0.5, 1e-4, 1e4)) == pytest.approx(
+    assert float(step_ops.levenberg_marquardt(1e-4, 1.0, 0.5, 1e-4, 1e4)) == pytest.approx(
         1e-4)
-    assert float(ops.levenberg_marquardt(1e4, 0.0, 0.5, 1e-4, 1e4)) == pytest.approx(
+    assert float(step_ops.levenberg_marquardt(1e4, 0.0, 0.5, 1e-4, 1e4)) == pytest.approx(
         1e4)
 
 
@@ -37,7 +37,7 @@ def test_levenberg_marquardt_rule_is_bounded():
     (0.05, 1.0, 0.01, 1.0)])
 def test_loss_relative_factor(loss, peak, onset, expected):
     np.testing.assert_allclose(
-        ops.loss_relative_factor(loss, peak, 1e-3, onset), expected, rtol=1e-6)
+        step_ops.loss_relative_factor(loss, peak, 1e-3, onset), expected, rtol=1e-6)
 
 
 def _built_optimizer(**kwargs):
@@ -81,12 +81,12 @@ def test_model_value_is_the_explicit_quadratic():
     step, grad = coefficients @ basis, np.linalg.lstsq(basis, slopes, rcond=None)[0]
     explicit = -step @ grad + 0.5 * step @ (c @ c.T + 0.3 * np.eye(6)) @ step
     np.testing.assert_allclose(
-        ops.quadratic_model_value(curvature, norms, slopes, 0.3, coefficients),
+        step_ops.quadratic_model_value(curvature, norms, slopes, 0.3, coefficients),
         explicit, rtol=1e-5)
     # At the model's minimiser it is `quadratic_model_step`'s value.
-    a, b, value = ops.quadratic_model_step(curvature, norms, slopes, 0.3)
+    a, b, value = step_ops.quadratic_model_step(curvature, norms, slopes, 0.3)
     np.testing.assert_allclose(
-        ops.quadratic_model_value(curvature, norms, slopes, 0.3, [a, b]), value,
+        step_ops.quadratic_model_value(curvature, norms, slopes, 0.3, [a, b]), value,
         rtol=1e-5)
 
 
@@ -119,7 +119,7 @@ def test_damping_follows_the_explicit_reduction_ratio(step_control, given,
     losses = [quadratic_tests._loss(w) for w in weights[:2]]
     ratio = (losses[1] - losses[0]) / predicted
     assert predicted < 0 and min(abs(ratio - 0.25), abs(ratio - 0.75)) > 0.02
-    expected = float(ops.levenberg_marquardt(1.0, ratio, damping.DECAY,
+    expected = float(step_ops.levenberg_marquardt(1.0, ratio, damping.DECAY,
                                              *damping.SCALE_BOUNDS))
     np.testing.assert_allclose(scales[0], expected, rtol=1e-5)
     assert {"shrink": expected < 1.0, "keep": expected == 1.0,
@@ -142,7 +142,7 @@ def test_adapted_damping_enters_the_next_model(monkeypatch):
     grad, curvature = quadratic_tests._gradient_and_curvature(weights[1])
     assert scales[0] < 0.9
     losses = [quadratic_tests._loss(w) for w in weights[:2]]
-    factor = float(ops.loss_relative_factor(losses[1], max(losses),
+    factor = float(step_ops.loss_relative_factor(losses[1], max(losses),
                                             damping.LOSS_RELATIVE_FLOOR, 1.0))
     assert factor < 0.9
     for scale, tolerance_holds in ((scales[0] * factor, True), (scales[0], False),

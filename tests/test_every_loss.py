@@ -17,7 +17,7 @@ import keras
 from keras import layers
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import loss_specs
 
 _RNG = np.random.default_rng(0)
 _X = _RNG.normal(size=(64, 6)).astype("float32")
@@ -92,7 +92,7 @@ def test_every_keras_loss_trains(name, caplog):
         pytest.skip(f"Keras {keras.__version__} has no keras.losses.{name}")
     units, activation, labels, make_loss, kind = CASES[name]
     loss = make_loss()
-    spec = fisher.resolve_loss(loss, "true")
+    spec = loss_specs.resolve_loss(loss, "true")
     assert (spec.kind is not None, spec.hessian) == {
         "sampled": (True, False), "hessian": (False, True),
         "empirical": (False, False)}[kind]
@@ -102,7 +102,7 @@ def test_every_keras_loss_trains(name, caplog):
         layers.Dense(units, activation=activation)]))
     model.compile(optimizer=keras_tkfac.TKFAC(seed=0), loss=loss)
     logging.get_absl_logger().propagate = True
-    fisher._WARNED.clear()  # pylint: disable=protected-access
+    loss_specs._WARNED.clear()  # pylint: disable=protected-access
     with caplog.at_level("WARNING"):
         history = model.fit(_X, labels, batch_size=16, epochs=3, shuffle=False,
                             verbose=0)
@@ -139,7 +139,7 @@ def test_from_logits_on_an_activated_output_trains_as_keras_reads_it(
         loss, activation, units, labels, sigmoid_op):
     """A common slip: `from_logits=True` on a softmax or sigmoid output. Keras
     warns and reads the logits behind the output, so the loss is the one without
-    `from_logits`; so is TKFAC's training (`fisher.as_read`). Before, the
+    `from_logits`; so is TKFAC's training (`loss_specs.as_read`). Before, the
     statistics differentiated the loss with respect to the output, which it does
     not read, and `fit` raised."""
     cls = getattr(keras.losses, loss)

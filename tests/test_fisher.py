@@ -6,7 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import fisher, loss_specs
 from tests import helpers
 
 SAMPLES = 20000
@@ -18,7 +18,7 @@ def _sampled_rows(model, x, loss):
     with tf.GradientTape(persistent=True) as tape:
         with keras_tkfac.record(model) as recording:
             y_pred = model(tiled, training=True)
-    spec = fisher.resolve_loss(loss, "true")
+    spec = loss_specs.resolve_loss(loss, "true")
     source, cotangent, num_examples = fisher.output_cotangent(
         spec, "true", None, y_pred, tf.constant([7, 3])
     )
@@ -103,9 +103,9 @@ def test_loss_without_sampling_rule_takes_the_empirical_fisher():
     y_pred = np.array([[0.3, -2.0], [1.5, 0.1]], np.float32)
     y_true = np.array([[0.0, 0.5], [0.2, 0.05]], np.float32)
     residual = y_pred - y_true
-    spec = fisher.resolve_loss("mae", "true")
+    spec = loss_specs.resolve_loss("mae", "true")
     assert spec.kind is None and not spec.hessian
-    assert fisher.output_fisher(spec, "true") == "empirical"
+    assert loss_specs.output_fisher(spec, "true") == "empirical"
     # Keras's MAE is the mean over the last axis of |r|: its gradient is sign(r) / D.
     for mode in ("true", "empirical"):
         _, cotangent, m = fisher.output_cotangent(
@@ -115,7 +115,7 @@ def test_loss_without_sampling_rule_takes_the_empirical_fisher():
         assert int(m) == 2
     # Keras's Huber is the mean over the last axis of 0.5 r^2 (|r| <= delta) or
     # delta (|r| - 0.5 delta): its gradient is clip(r, -delta, delta) / D.
-    huber = fisher.resolve_loss(keras.losses.Huber(delta=1.0), "empirical")
+    huber = loss_specs.resolve_loss(keras.losses.Huber(delta=1.0), "empirical")
     _, cotangent, _ = fisher.output_cotangent(
         huber, "empirical", tf.constant(y_true), tf.constant(y_pred), None)
     np.testing.assert_allclose(cotangent.numpy(), np.clip(residual, -1.0, 1.0) / 2.0,
@@ -124,9 +124,9 @@ def test_loss_without_sampling_rule_takes_the_empirical_fisher():
         fisher.output_cotangent(spec, "true", None, tf.constant(y_pred),
                                 tf.constant([1, 2]))
     with pytest.raises(ValueError, match="loss=None"):
-        fisher.resolve_loss(None, "true")
+        loss_specs.resolve_loss(None, "true")
     with pytest.raises(ValueError, match="single-output"):
-        fisher.resolve_loss(["mse", "mse"], "true")
+        loss_specs.resolve_loss(["mse", "mse"], "true")
 
 
 def _huber_hessian(y_true, y_pred):
@@ -160,9 +160,9 @@ def test_elementwise_losses_sample_their_cotangents_from_their_hessian(
     labels, `diag(h) / D` (numpy, by hand: Huber's quadratic zone, sech^2, the
     hinge's active margin), zero off the diagonal, each example its own."""
     y_pred = np.array([[0.3, -2.0, 0.9], [1.5, 0.1, -0.4]], np.float32)
-    spec = fisher.resolve_loss(loss, "true")
+    spec = loss_specs.resolve_loss(loss, "true")
     assert spec.kind is None and spec.hessian
-    assert fisher.output_fisher(spec, "true") == "true"
+    assert loss_specs.output_fisher(spec, "true") == "true"
     source, cotangent, m = fisher.output_cotangent(
         spec, "true", tf.constant(np.repeat(y_true, SAMPLES, axis=0)),
         tf.constant(np.repeat(y_pred, SAMPLES, axis=0)), tf.constant([5, 9]))
@@ -178,7 +178,7 @@ def test_elementwise_losses_sample_their_cotangents_from_their_hessian(
         np.testing.assert_array_equal(np.diag(moment[n]) == 0.0, h == 0.0)
     # The real labels are needed.
     with pytest.raises(ValueError, match="y_true=None"):
-        fisher.output_cotangents(fisher.resolve_losses(loss, "true", tf.constant(y_pred)),
+        fisher.output_cotangents(loss_specs.resolve_losses(loss, "true", tf.constant(y_pred)),
                                  "true", None, tf.constant(y_pred), tf.constant([1, 2]))
 
 
@@ -188,7 +188,7 @@ def test_outputs_mix_sampled_and_empirical_fisher():
     y_pred = [tf.constant([[0.5, -1.0, 2.0]]), tf.constant([[0.4]])]
     y_true = [tf.constant([2]), tf.constant([[1.0]])]
     losses = [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mae"]
-    outputs = fisher.resolve_losses(losses, "true", y_pred)
+    outputs = loss_specs.resolve_losses(losses, "true", y_pred)
     seed = tf.constant([3, 4])
     _, cotangents, _ = fisher.output_cotangents(outputs, "true", y_true, y_pred, seed)
     _, sampled, _ = fisher.output_cotangent(outputs[0].spec, "true", None, y_pred[0],
@@ -203,7 +203,7 @@ def test_labels_of_lower_rank_are_matched_as_keras_does():
     logits = tf.constant([[0.3], [-1.2], [2.0]])
     labels = tf.constant([1, 0, 1])  # integer and of lower rank, as users pass them
     keras_loss = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
-    spec = fisher.resolve_loss(keras_loss, "empirical")
+    spec = loss_specs.resolve_loss(keras_loss, "empirical")
     np.testing.assert_allclose(spec.fn(labels, logits).numpy(),
                                keras_loss(labels, logits).numpy(), rtol=1e-6)
     _, cotangent, _ = fisher.output_cotangent(spec, "empirical", labels, logits, None)
@@ -213,7 +213,7 @@ def test_labels_of_lower_rank_are_matched_as_keras_does():
 
 def test_empirical_fisher_uses_the_real_labels():
     y_pred = tf.constant([[2.0, 0.0, -1.0]])
-    spec = fisher.resolve_loss(
+    spec = loss_specs.resolve_loss(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), "empirical"
     )
     _, cotangent, m = fisher.output_cotangent(spec, "empirical", tf.constant([1]), y_pred, None)
@@ -239,7 +239,7 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     mask = (x != 0).astype("float32")
     y_pred = model(x)
     loss = keras.losses.SparseCategoricalCrossentropy()
-    spec = fisher.resolve_loss(loss, "empirical")
+    spec = loss_specs.resolve_loss(loss, "empirical")
     source, cotangent, count = fisher.output_cotangent(spec, "empirical", y, y_pred,
                                                        None)
     assert float(count) == mask.sum()
@@ -250,7 +250,7 @@ def test_masked_sequence_output_leaves_padding_out_as_keras_loss_does():
     np.testing.assert_allclose(cotangent.numpy(), expected, rtol=1e-5, atol=1e-7)
     assert np.all(cotangent.numpy()[mask == 0] == 0.0)
     # The quadratic model's loss of the batch (its reduction ratio and loss bound).
-    outputs = fisher.resolve_losses(loss, "true", y_pred)
+    outputs = loss_specs.resolve_losses(loss, "true", y_pred)
     batch = products.Batch(lambda: model(x), outputs, y, None)
     np.testing.assert_allclose(batch.loss([y_pred]).numpy(), keras_value.numpy(),
                                rtol=1e-6)
@@ -301,7 +301,7 @@ def test_quadratic_gram_of_a_masked_sequence_output_leaves_padding_out():
     y = tf.constant([[0, 1, 2, 0], [2, 2, 1, 1]])
     valid = (x != 0)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    outputs = fisher.resolve_losses(loss, "true", model(x))
+    outputs = loss_specs.resolve_losses(loss, "true", model(x))
     variables = model.trainable_variables
     rng = np.random.default_rng(2)
     directions = [[tf.constant(rng.normal(size=v.shape), tf.float32) for v in variables]
@@ -334,14 +334,14 @@ def test_ignore_class_leaves_its_terms_out_as_keras_loss_does():
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits,
                                                           ignore_class=-1)
         y_pred = model(x)
-        outputs = fisher.resolve_losses(loss, "true", y_pred)
+        outputs = loss_specs.resolve_losses(loss, "true", y_pred)
         batch = products.Batch(lambda: model(x), outputs, y, None)
         rng = np.random.default_rng(2)
         directions = [[tf.constant(rng.normal(size=v.shape), tf.float32)
                        for v in model.trainable_variables] for _ in range(2)]
         np.testing.assert_allclose(batch.loss().numpy(), loss(y, y_pred).numpy(),
                                    rtol=1e-6)
-        spec = fisher.resolve_loss(loss, "empirical")
+        spec = loss_specs.resolve_loss(loss, "empirical")
         source, cotangent, count = fisher.output_cotangent(spec, "empirical", y,
                                                            y_pred, None)
         assert float(count) == valid.sum()
@@ -431,7 +431,7 @@ def test_a_loss_function_calling_keras_cross_entropy_is_differentiated_through_l
         logits = y_pred.op.inputs[0]
         found = []
         for fn in (wrapped, by_hand):
-            spec = fisher.resolve_loss(fn, "empirical", y_pred)
+            spec = loss_specs.resolve_loss(fn, "empirical", y_pred)
             assert spec.kind is None
             found.append(fisher.output_cotangent(spec, "empirical", y, y_pred, 0)[:2])
         with tf.GradientTape() as tape:  # the reference: through the logits
@@ -461,8 +461,8 @@ def test_loss_values_of_wide_sparse_cross_entropy_equal_keras(
                                                       reduction=None)
     # A Keras softmax output carries its logits, which Keras's loss reads.
     y_pred = keras.layers.Activation("softmax")(logits) if softmax else logits
-    spec = fisher.resolve_loss(loss, "true")
-    got = fisher.loss_values(spec, labels, y_pred)
+    spec = loss_specs.resolve_loss(loss, "true")
+    got = loss_specs.loss_values(spec, labels, y_pred)
     np.testing.assert_allclose(got.numpy(), loss(labels, y_pred).numpy(), rtol=1e-5,
                                atol=1e-6)
     assert got.shape == spec.fn(labels, y_pred).shape
@@ -475,8 +475,8 @@ def _keras_own(loss, classes, softmax=True):
     labels = (tf.one_hot(rng.integers(0, classes, size=6), classes)
               if not isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
               else tf.constant(rng.integers(0, classes, size=6)))
-    spec = fisher.resolve_loss(loss, "true")
-    np.testing.assert_array_equal(fisher.loss_values(spec, labels, y_pred).numpy(),
+    spec = loss_specs.resolve_loss(loss, "true")
+    np.testing.assert_array_equal(loss_specs.loss_values(spec, labels, y_pred).numpy(),
                                   spec.fn(labels, y_pred).numpy())
 
 
@@ -516,7 +516,7 @@ def test_class_ids_of_a_half_precision_output_are_not_rounded(policy, classes):
         y = np.full((64,), classes - 1, "int32")
         history = model.fit(x, y, epochs=2, batch_size=32, verbose=0)
         assert np.all(np.isfinite(history.history["loss"]))
-        spec = fisher.resolve_loss(model.loss, "true")
+        spec = loss_specs.resolve_loss(model.loss, "true")
         labels = tf.constant([classes - 1])
         logits = tf.cast(tf.one_hot(labels, classes) * 5.0, keras.mixed_precision.
                          global_policy().compute_dtype)

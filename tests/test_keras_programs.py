@@ -9,7 +9,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import fisher, loss_specs
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -558,7 +558,7 @@ def test_the_cotangent_of_a_batch_loss_is_its_gradient_times_the_batch():
         half = tf.shape(z)[0] // 2
         return tf.reduce_mean(tf.reduce_sum(tf.square(z[:half] - z[half:]), -1))
 
-    spec = fisher.resolve_loss(halves, "empirical")
+    spec = loss_specs.resolve_loss(halves, "empirical")
     source, cotangent, count = fisher.output_cotangent(spec, "empirical", y_true,
                                                        y_pred, tf.constant([0, 0]))
     with tf.GradientTape() as tape:
@@ -658,7 +658,7 @@ def test_a_squeezed_output_trains_as_its_twin_with_a_last_axis(loss, caplog):
         model = keras_tkfac.wrap(keras.Model(inputs, outputs))
         optimizer = keras_tkfac.TKFAC(seed=0, factor_update_freq=1)
         model.compile(optimizer=optimizer, loss=loss)
-        fisher._WARNED.clear()
+        loss_specs._WARNED.clear()
         with caplog.at_level("WARNING"):
             history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
         found[squeezed] = (history.history["loss"],
@@ -755,7 +755,7 @@ def test_losses_without_a_sampling_rule_and_lower_rank_labels_train(caplog):
                   loss={"huber": keras.losses.Huber(), "log_cosh": "log_cosh",
                         "mae": "mae", "own": squared})
     logging.get_absl_logger().propagate = True
-    fisher._WARNED.clear()  # logged once per loss and process
+    loss_specs._WARNED.clear()  # logged once per loss and process
     with caplog.at_level("WARNING"):
         history = model.fit(x, {k: y for k in outputs}, batch_size=16, epochs=4,
                             shuffle=False, verbose=0)
@@ -1414,15 +1414,15 @@ def test_a_summed_loss_trains_as_the_mean_weighted_by_the_batch(cls, caplog):
         assert not np.allclose(summed[0], mean[0], rtol=1e-3)
     assert float(optimizer.damping_scale.numpy()) != 1.0  # the model was trusted
     logging.get_absl_logger().propagate = True
-    fisher._WARNED.clear()
+    loss_specs._WARNED.clear()
     with caplog.at_level("WARNING"):
-        fisher.resolve_loss(keras.losses.MeanSquaredError(
+        loss_specs.resolve_loss(keras.losses.MeanSquaredError(
             reduction="mean_with_sample_weight"), "true")
     assert any("reduction='mean_with_sample_weight'" in r.getMessage()
                for r in caplog.records)
     caplog.clear()
     with caplog.at_level("WARNING"):  # Keras's "mean" is its default's mean
-        spec = fisher.resolve_loss(keras.losses.MeanSquaredError(reduction="mean"),
+        spec = loss_specs.resolve_loss(keras.losses.MeanSquaredError(reduction="mean"),
                                    "true")
     assert not spec.sums and not any("reduction=" in r.getMessage()
                                      for r in caplog.records)

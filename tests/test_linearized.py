@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tkfac import fisher
+from keras_tkfac import loss_specs
 from keras_tkfac import linearized
-from keras_tkfac import ops
+from keras_tkfac import step_ops
 from keras_tkfac import products
 
 SCALES = [1.0, 0.5, 0.25, 0.125]
@@ -29,12 +29,12 @@ SCALES = [1.0, 0.5, 0.25, 0.125]
 ])
 def test_linearized_scale_by_hand(losses, expected):
     rise = 0.9 if losses[0] == -1.0 else 0.5  # ... but not beyond 0.9
-    got = ops.linearized_scale(tf.constant(losses, tf.float32), SCALES, rise)
+    got = step_ops.linearized_scale(tf.constant(losses, tf.float32), SCALES, rise)
     assert float(got) == expected
 
 
 def test_a_loss_with_negative_values_is_shortened_by_its_rise():
-    got = ops.linearized_scale(tf.constant([-1.0, -0.2, -0.6, -0.8, -0.9]), SCALES,
+    got = step_ops.linearized_scale(tf.constant([-1.0, -0.2, -0.6, -0.8, -0.9]), SCALES,
                                0.5)
     assert float(got) == 0.125
 
@@ -84,7 +84,7 @@ def test_a_step_that_does_not_rise_too_far_evaluates_no_fractions():
 def test_shorten_takes_the_scale_of_all_five_losses(losses):
     outputs = _Outputs(dict(zip([0.0] + SCALES, losses)), 2.0)
     a, _ = linearized.shorten(outputs, tf.constant(2.0), tf.constant(0.5))
-    expected = ops.linearized_scale(tf.constant(losses, tf.float32), SCALES,
+    expected = step_ops.linearized_scale(tf.constant(losses, tf.float32), SCALES,
                                     linearized.RISE_FRACTION)
     assert float(a) == 2.0 * float(expected)
 
@@ -119,7 +119,7 @@ def _linear_classifier(kind):
 @pytest.mark.parametrize("kind", ["logits", "softmax", "binary"])
 def test_linearized_losses_equal_the_loss_after_moving_a_linear_network(kind):
     model, x, y, loss = _linear_classifier(kind)
-    outputs = fisher.resolve_losses(loss, "true", model(x))
+    outputs = loss_specs.resolve_losses(loss, "true", model(x))
     weights = np.linspace(0.5, 1.5, 12).astype("float32")
     batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
     variables = model.trainable_variables
@@ -148,7 +148,7 @@ def test_no_linearized_outputs_for_a_regression():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     x = np.ones((4, 3), "float32")
     batch = products.Batch(products.ModelForward(model, x),
-                           fisher.resolve_losses("mse", "true", model(x)),
+                           loss_specs.resolve_losses("mse", "true", model(x)),
                            np.zeros((4, 2), "float32"), None)
     batch.gram(model.trainable_variables,
                [[tf.ones_like(v) for v in model.trainable_variables]] * 2)

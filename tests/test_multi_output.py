@@ -9,7 +9,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import fisher, loss_specs
 from tests import helpers
 
 CLASSES, TARGETS = 4, 3  # 2 / TARGETS != 1, so Keras's mean over units matters
@@ -191,7 +191,7 @@ def test_outputs_sample_independently():
     losses = {"a": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
               "b": "mse", "c": "mse", "d": "mse"}
     weights = {"a": 0.7, "b": 1.0, "c": 0.5, "d": 0.3}
-    outputs = fisher.resolve_losses(losses, "true", y_pred, loss_weights=weights)
+    outputs = loss_specs.resolve_losses(losses, "true", y_pred, loss_weights=weights)
     _, cotangents, count = fisher.output_cotangents(
         outputs, "true", None, y_pred, tf.constant([5, 1]))
     assert int(count) == 2 * SAMPLES
@@ -313,7 +313,7 @@ def test_true_fisher_names_the_output_whose_loss_it_cannot_sample(caplog):
     losses = {"cls": "sparse_categorical_crossentropy",
               "reg": keras.losses.MeanAbsoluteError()}
     logging.get_absl_logger().propagate = True
-    fisher._WARNED.clear()  # logged once per loss and process
+    loss_specs._WARNED.clear()  # logged once per loss and process
     for fisher_type in ("true", "empirical"):
         model = keras_tkfac.wrap(_two_head("dict"))
         model.compile(optimizer=keras_tkfac.TKFAC(fisher=fisher_type, seed=0),
@@ -374,7 +374,7 @@ Y_PRED_DICT = {"reg": tf.zeros((2, 2)), "cls": tf.zeros((2, 3))}  # flattened: c
 ])
 def test_losses_are_matched_to_outputs_as_keras_does(loss, y_pred, loss_weights,
                                                      expected):
-    outputs = fisher.resolve_losses(loss, "true", y_pred, loss_weights=loss_weights,
+    outputs = loss_specs.resolve_losses(loss, "true", y_pred, loss_weights=loss_weights,
                                     output_names=["cls", "reg"])
     assert [(o.index, o.name, o.weight) for o in outputs] == expected
 
@@ -388,7 +388,7 @@ def test_losses_are_matched_to_outputs_as_keras_does(loss, y_pred, loss_weights,
 ])
 def test_mismatched_losses_raise(loss, loss_weights, message):
     with pytest.raises(ValueError, match=message):
-        fisher.resolve_losses(loss, "true", Y_PRED_LIST, loss_weights=loss_weights,
+        loss_specs.resolve_losses(loss, "true", Y_PRED_LIST, loss_weights=loss_weights,
                               output_names=["cls", "reg"])
 
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import loss_specs
 from keras_tkfac import native_convs
 from keras_tkfac import products
 from keras_tkfac import tangents
@@ -134,7 +134,7 @@ def test_products_follow_grouped_kernels():
                  if "own_call" not in v.path]  # (its kernel is read in XLA)
     directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
-    outputs = fisher.resolve_losses("mse", "true", model(x))
+    outputs = loss_specs.resolve_losses("mse", "true", model(x))
     gram = tf.function(lambda: products.curvature_gram(
         lambda: model(x, training=True), outputs, y, None, variables, directions))()
     twin_variables = [v for v in twin.trainable_variables if "own_call" not in v.path]

@@ -15,7 +15,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import blocks, fisher, ops
+from keras_tkfac import blocks, fisher, loss_specs, ops
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -85,7 +85,7 @@ def _record(model, layer, x, y):
         with keras_tkfac.record(model) as recording:
             y_pred = model(x, training=True)
         loss = LOSS(y, y_pred)
-    spec = fisher.resolve_loss(LOSS, "empirical")
+    spec = loss_specs.resolve_loss(LOSS, "empirical")
     source, cotangent, m = fisher.output_cotangent(spec, "empirical", y, y_pred, None)
     grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
     a, g = recording.rows(grads)[model.blocks.index(block)]
@@ -468,7 +468,7 @@ def test_products_through_synchronized_batch_norm_on_replicas_are_one_devices(
     rng = np.random.default_rng(2)
     directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
-    outputs = fisher.resolve_losses(LOSS, "true", model(x[:2]))
+    outputs = loss_specs.resolve_losses(LOSS, "true", model(x[:2]))
 
     def gram(inputs, labels, syncs):
         batch = products.Batch(lambda: model(inputs, training=True), outputs, labels,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tkfac import ops
+from keras_tkfac import ops, step_ops
 from tests import helpers
 
 
@@ -297,11 +297,11 @@ def test_kl_clip_factor():
     u = [tf.constant([[2.0, 0.0]]), tf.constant([1.0])]
     g = [tf.constant([[1.0, 5.0]]), tf.constant([2.0])]
     # <U, G> = 2 + 2 = 4; nu = sqrt(kappa / (eta^2 * 4)).
-    nu = ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=1e-3).numpy()
+    nu = step_ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=1e-3).numpy()
     np.testing.assert_allclose(nu, np.sqrt(1e-3 / (0.01 * 4)), rtol=1e-6)
-    assert ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=10.0).numpy() == 1.0
+    assert step_ops.kl_clip_factor(u, g, learning_rate=0.1, kl_clip=10.0).numpy() == 1.0
     negative = [tf.constant([[-1.0, 0.0]]), tf.constant([0.0])]
-    assert ops.kl_clip_factor(negative, g, 0.1, 1e-3).numpy() == 1.0
+    assert step_ops.kl_clip_factor(negative, g, 0.1, 1e-3).numpy() == 1.0
 
 
 def test_rms_step_norm_is_adams_step_without_first_moment():
@@ -310,7 +310,7 @@ def test_rms_step_norm_is_adams_step_without_first_moment():
     moment = np.zeros((4, 3))
     keras_adam_v = np.zeros((4, 3))
     for t, grad in enumerate(grads, start=1):
-        norm, new = ops.rms_step_norm(tf.constant(grad), tf.constant(moment), t, 0.9, 1e-7)
+        norm, new = step_ops.rms_step_norm(tf.constant(grad), tf.constant(moment), t, 0.9, 1e-7)
         keras_adam_v = 0.9 * keras_adam_v + 0.1 * grad**2
         step = grad / (np.sqrt(keras_adam_v / (1 - 0.9**t)) + 1e-7)
         np.testing.assert_allclose(new.numpy(), keras_adam_v, rtol=1e-12)
@@ -318,15 +318,15 @@ def test_rms_step_norm_is_adams_step_without_first_moment():
         moment = new.numpy()
     # First step: v_hat = G^2, so every nonzero entry moves by ~1 (float32: 1 - 0.999
     # is rounded to ~5e-5 relative).
-    norm, _ = ops.rms_step_norm(tf.constant([[3.0, 0.0, -0.5]]), tf.zeros([1, 3]), 1,
+    norm, _ = step_ops.rms_step_norm(tf.constant([[3.0, 0.0, -0.5]]), tf.zeros([1, 3]), 1,
                                 0.999, 1e-7)
     np.testing.assert_allclose(norm.numpy(), np.sqrt(2.0), rtol=1e-4)
 
 
 def test_graft_rescales_to_the_norm_and_keeps_zero():
     update = tf.constant([[3.0, 4.0]])
-    np.testing.assert_allclose(ops.graft(update, 10.0).numpy(), [[6.0, 8.0]])
-    np.testing.assert_array_equal(ops.graft(tf.zeros([2, 2]), 1.0).numpy(), 0.0)
+    np.testing.assert_allclose(step_ops.graft(update, 10.0).numpy(), [[6.0, 8.0]])
+    np.testing.assert_array_equal(step_ops.graft(tf.zeros([2, 2]), 1.0).numpy(), 0.0)
 
 
 def test_balanced_split_of_the_damping_equals_the_numpy_factors():

@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import fisher, loss_specs
 from tests import helpers
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -464,7 +464,7 @@ def test_a_layer_on_sequences_keeps_its_sequences_statistics(sequence_statistics
         with keras_tkfac.record(model) as recording:
             y_pred = model(x, training=True)
     source, cotangent, _ = fisher.output_cotangent(
-        fisher.resolve_loss(LOSS, "empirical"), "empirical", y, y_pred, tf.constant([0, 0]))
+        loss_specs.resolve_loss(LOSS, "empirical"), "empirical", y, y_pred, tf.constant([0, 0]))
     grads = tape.gradient(source, recording.outputs(), output_gradients=cotangent)
     a, g = (t.numpy().astype(np.float64)
             for t in recording.rows(grads)[model.blocks.index(block)])

@@ -8,7 +8,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import ops
+from keras_tkfac import step_ops
 from keras_tkfac import progress
 from keras_tkfac import step_size
 
@@ -59,7 +59,7 @@ def test_the_ceiling_never_falls_below_the_floor_and_skips_unusable_steps():
     (0.5, FLOOR / 2, FLOOR),  # never below the floor
 ])
 def test_cap_coefficient(a, ceiling, expected):
-    assert float(ops.cap_coefficient(a, ceiling, FLOOR)) == pytest.approx(expected)
+    assert float(step_ops.cap_coefficient(a, ceiling, FLOOR)) == pytest.approx(expected)
 
 
 def test_the_capped_models_prediction_is_the_capped_steps():

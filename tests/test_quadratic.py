@@ -12,9 +12,9 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import damping
-from keras_tkfac import fisher
+from keras_tkfac import loss_specs
 from keras_tkfac import jvp_rules
-from keras_tkfac import ops
+from keras_tkfac import step_ops
 from keras_tkfac import products
 from keras_tkfac import progress
 from keras_tkfac import quadratic
@@ -29,7 +29,7 @@ def test_model_step_solves_the_two_by_two_system():
     curvature = basis @ (c @ c.T) @ basis.T
     norms = basis @ basis.T
     slopes = RNG.normal(size=2)
-    a, b, value = ops.quadratic_model_step(curvature, norms, slopes, 0.3)
+    a, b, value = step_ops.quadratic_model_step(curvature, norms, slopes, 0.3)
     expected = np.linalg.solve(curvature + 0.3 * norms, slopes)
     np.testing.assert_allclose([a, b], expected, rtol=1e-5)
     np.testing.assert_allclose(value, -0.5 * slopes @ expected, rtol=1e-5)
@@ -39,7 +39,7 @@ def test_model_step_solves_the_two_by_two_system():
 def test_model_step_without_a_previous_step_is_one_dimensional():
     curvature = np.array([[2.0, 0.0], [0.0, 0.0]])
     norms = np.array([[3.0, 0.0], [0.0, 0.0]])
-    a, b, value = ops.quadratic_model_step(curvature, norms, [1.5, 0.0], 0.5)
+    a, b, value = step_ops.quadratic_model_step(curvature, norms, [1.5, 0.0], 0.5)
     np.testing.assert_allclose([a, b, value], [1.5 / 3.5, 0.0, -0.5 * 1.5**2 / 3.5],
                                rtol=1e-6)
 
@@ -54,7 +54,7 @@ def test_model_step_predicting_a_decrease_beyond_the_loss_is_shortened_to_it():
     slopes = 30.0 * RNG.normal(size=2)
     free = np.linalg.solve(curvature + 0.3 * norms, slopes)
     assert 0.5 * slopes @ free > 2.0
-    a, b, value = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+    a, b, value = step_ops.quadratic_model_step(curvature, norms, slopes, 0.3,
                                            max_decrease=2.0)
     # Same direction as the minimiser, and the model predicts exactly the loss.
     np.testing.assert_allclose(np.array([a, b]) / np.linalg.norm([a, b]),
@@ -68,14 +68,14 @@ def test_model_step_predicting_a_decrease_beyond_the_loss_is_shortened_to_it():
     # non-positive or non-finite one.
     for bound in (1e9, 0.0, -1.0, np.nan):
         np.testing.assert_allclose(
-            ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+            step_ops.quadratic_model_step(curvature, norms, slopes, 0.3,
                                      max_decrease=bound)[:2], free, rtol=1e-5)
     # With a KL bound as well, the shorter of the two steps.
     kl_free = 0.5 * free @ curvature @ free
-    a_kl, b_kl, _ = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+    a_kl, b_kl, _ = step_ops.quadratic_model_step(curvature, norms, slopes, 0.3,
                                              max_kl=kl_free / 4.0, max_decrease=2.0)
     np.testing.assert_allclose([a_kl, b_kl], [a, b], rtol=1e-5)
-    a_kl, b_kl, _ = ops.quadratic_model_step(curvature, norms, slopes, 0.3,
+    a_kl, b_kl, _ = step_ops.quadratic_model_step(curvature, norms, slopes, 0.3,
                                              max_kl=kl_free * 1e-12,
                                              max_decrease=2.0)
     np.testing.assert_allclose([a_kl, b_kl], free * 1e-6, rtol=1e-4)
@@ -91,7 +91,7 @@ def test_model_step_with_a_momentum_range_minimises_the_model_on_the_strip(sign,
     slopes = np.array([0.3, sign * 2.0])
     free = np.linalg.solve(model, slopes)
     assert free[1] > 1.0 if sign > 0 else free[1] < low
-    a, b, value = ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
+    a, b, value = step_ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
                                            momentum_range=(low, 1.0))
 
     def q(a, b):
@@ -103,13 +103,13 @@ def test_model_step_with_a_momentum_range_minimises_the_model_on_the_strip(sign,
     assert q(a, b) <= q(grid_a, grid_b).min() + 1e-7
     np.testing.assert_allclose(value, q(a, b), rtol=1e-6)
     # Within the range, nothing changes.
-    inside = ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
+    inside = step_ops.quadratic_model_step(model, np.zeros((2, 2)), slopes, 0.0,
                                       momentum_range=(-10.0, 10.0))
-    np.testing.assert_allclose(inside, ops.quadratic_model_step(
+    np.testing.assert_allclose(inside, step_ops.quadratic_model_step(
         model, np.zeros((2, 2)), slopes, 0.0), rtol=0)
     # The loss bound: the shortened step predicts exactly that decrease.
     limit = -0.5 * q(a, b)
-    short_a, short_b, _ = ops.quadratic_model_step(
+    short_a, short_b, _ = step_ops.quadratic_model_step(
         model, np.zeros((2, 2)), slopes, 0.0, max_decrease=limit,
         momentum_range=(low, 1.0))
     np.testing.assert_allclose(short_b / short_a, b / a, rtol=1e-6)
@@ -119,7 +119,7 @@ def test_model_step_with_a_momentum_range_minimises_the_model_on_the_strip(sign,
 @pytest.mark.parametrize("curvature", [[[0.0, 0.0], [0.0, 0.0]],
                                        [[np.nan, 0.0], [0.0, 1.0]]])
 def test_model_step_without_positive_curvature_is_no_step(curvature):
-    a, b, _ = ops.quadratic_model_step(curvature, np.zeros((2, 2)), [1.0, 0.0], 0.0)
+    a, b, _ = step_ops.quadratic_model_step(curvature, np.zeros((2, 2)), [1.0, 0.0], 0.0)
     assert float(a) == 0.0 and float(b) == 0.0
 
 
@@ -181,7 +181,7 @@ def test_curvature_gram_is_the_explicit_gauss_newton_of_the_weighted_loss():
     model, x, y, weights, variables, directions = _two_head_problem()
     loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
     loss_weights = {"classes": 0.3, "values": 2.0}
-    outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
+    outputs = loss_specs.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
                                     output_names=["classes", "values"])
     gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
                                     weights, variables, directions)
@@ -247,7 +247,7 @@ def test_a_loss_without_a_fisher_formula_takes_its_larger_gauss_newton(loss):
     (here Huber's), else the square's (MAE's, whose Hessian is zero)."""
     model, x, y, weights, variables, directions = _two_head_problem()
     fn = keras.losses.Huber() if loss == "huber" else keras.losses.MeanAbsoluteError()
-    outputs = fisher.resolve_losses({"classes": None, "values": fn},
+    outputs = loss_specs.resolve_losses({"classes": None, "values": fn},
                                     "true", model(x), output_names=["classes", "values"])
     assert outputs[0].spec.kind is None
     gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
@@ -294,7 +294,7 @@ def test_a_cross_entropy_written_as_a_function_has_the_cross_entropys_curvature(
         return keras.ops.sum(terms * mask) / keras.ops.sum(mask)
 
     def gram(loss, traced=True):
-        outputs = fisher.resolve_losses({"classes": None, "values": loss}, "true",
+        outputs = loss_specs.resolve_losses({"classes": None, "values": loss}, "true",
                                         model(x), output_names=["classes", "values"])
         run = lambda: products.curvature_gram(  # noqa: E731
             lambda: model(x, training=True), outputs, labels, None, variables,
@@ -329,7 +329,7 @@ def test_a_loss_with_negative_terms_takes_its_larger_curvature(seed, hessian):
     model, x, y, weights, variables, directions = _two_head_problem(
         rng=np.random.default_rng(seed))
     y = {**y, "values": np.abs(y["values"])}
-    outputs = fisher.resolve_losses(
+    outputs = loss_specs.resolve_losses(
         {"classes": None, "values": keras.losses.CosineSimilarity()}, "true",
         model(x), output_names=["classes", "values"])
     gram = products.curvature_gram(lambda: model(x, training=True), outputs, y,
@@ -443,7 +443,7 @@ def _model_damping(trajectory, step, damping):
     loss-relative factor (`keras_tkfac.damping.model_factor`) of the explicit
     losses along `trajectory`."""
     losses = [_loss(w) for w in trajectory[:step + 1]]
-    return damping * float(ops.loss_relative_factor(
+    return damping * float(step_ops.loss_relative_factor(
         losses[-1], max(losses), keras_tkfac.damping.LOSS_RELATIVE_FLOOR,
         keras_tkfac.damping.LOSS_RELATIVE_ONSET))
 
@@ -980,7 +980,7 @@ def test_a_model_forward_takes_the_products_on_its_first_rows(monkeypatch):
     model, x, y, weights, variables, directions = _two_head_problem(n=40)
     loss = {"classes": "sparse_categorical_crossentropy", "values": "mse"}
     loss_weights = {"classes": 0.3, "values": 2.0}
-    outputs = fisher.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
+    outputs = loss_specs.resolve_losses(loss, "true", model(x), loss_weights=loss_weights,
                                     output_names=["classes", "values"])
     batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
     gram = batch.gram(variables, directions)
@@ -1014,7 +1014,7 @@ def _dropout_classifier(x):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5),
                               keras.layers.Dense(3, activation="softmax")])
-    return model, fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+    return model, loss_specs.resolve_losses("sparse_categorical_crossentropy", "true",
                                         model(x))
 
 
@@ -1098,7 +1098,7 @@ def test_reverse_mode_products_equal_forward_mode():
     keras.utils.set_random_seed(2)
     model = _two_head_model()
     x = RNG.normal(size=(5, 3)).astype("float32")
-    outputs = fisher.resolve_losses(
+    outputs = loss_specs.resolve_losses(
         {"classes": "sparse_categorical_crossentropy", "values": "mse"}, "true",
         model(x), output_names=["classes", "values"])
     primals = [v.value for v in model.trainable_variables]
@@ -1146,7 +1146,7 @@ def test_nested_forward_mode_products_equal_one_pass_per_direction(monkeypatch,
     keras.utils.set_random_seed(3)
     model = _layered_model()
     x = tf.constant(RNG.normal(size=(5, 6, 6, 2)).astype("float32"))
-    outputs = fisher.resolve_losses("sparse_categorical_crossentropy", "true",
+    outputs = loss_specs.resolve_losses("sparse_categorical_crossentropy", "true",
                                     model(x))
     primals = [v.value for v in model.trainable_variables]
     directions = [[tf.constant(RNG.normal(size=p.shape).astype("float32"))
@@ -1229,7 +1229,7 @@ def test_the_loss_bound_holds_where_the_terms_are_nonnegative():
     y = {**y, "values": np.abs(y["values"])}
     for loss, nonnegative in (("mse", True), (keras.losses.Huber(), True),
                               (keras.losses.CosineSimilarity(), False)):
-        outputs = fisher.resolve_losses(
+        outputs = loss_specs.resolve_losses(
             {"classes": "sparse_categorical_crossentropy", "values": loss}, "true",
             model(x), output_names=["classes", "values"])
         batch = products.Batch(products.ModelForward(model, x), outputs, y, weights)
@@ -1396,7 +1396,7 @@ def _check_recurrent_products(kind, nested, cells_carry):
         x[:, -2:] = 0  # masked time steps
     if kind == "unrolled_by_keras":
         x[:, 2] = x[1:, -1] = 0  # inside the sequences and at their ends
-    outputs = fisher.resolve_losses(
+    outputs = loss_specs.resolve_losses(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), "true", model(x))
     cells = {id(v) for layer in model._flatten_layers()
              if isinstance(layer, keras.layers.RNN) for v in layer.cell.weights}

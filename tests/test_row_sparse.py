@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tkfac import ops
+from keras_tkfac import ops, step_ops
 from keras_tkfac import row_sparse
 from keras_tkfac import step_size
 
@@ -85,7 +85,7 @@ def test_combine_adds_the_rows_into_the_scaled_dense_step():
 
 @pytest.mark.parametrize("finite", [None, True, False])
 def test_rms_step_of_rows_equals_the_dense_step(finite):
-    """RMSProp's step on the rows equals `ops.rms_step` of the dense gradient (zero
+    """RMSProp's step on the rows equals `step_ops.rms_step` of the dense gradient (zero
     outside the rows); every row's second moment decays; a step that is not finite
     keeps the moment as it was."""
     rng = np.random.default_rng(4)
@@ -93,7 +93,7 @@ def test_rms_step_of_rows_equals_the_dense_step(finite):
     moment = np.abs(rng.normal(size=SHAPE)).astype("float32")
     flag = None if finite is None else tf.constant(finite)
     rms, new = row_sparse.rms_step(grad, tf.constant(moment), 3, 0.999, 1e-7, flag)
-    expected_rms, expected_new = ops.rms_step(tf.constant(grad_dense),
+    expected_rms, expected_new = step_ops.rms_step(tf.constant(grad_dense),
                                               tf.constant(moment), 3, 0.999, 1e-7)
     if finite is False:
         np.testing.assert_array_equal(new.numpy(), moment)

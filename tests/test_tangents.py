@@ -9,7 +9,7 @@ import tensorflow as tf
 import keras
 
 import keras_tkfac
-from keras_tkfac import fisher
+from keras_tkfac import loss_specs
 from keras_tkfac import native_convs
 from keras_tkfac import products
 from keras_tkfac import tangents
@@ -184,7 +184,7 @@ def test_products_are_the_explicit_gauss_newton(name):
     variables = model.trainable_variables
     directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
-    outputs = fisher.resolve_losses("mse", "true", model(x))
+    outputs = loss_specs.resolve_losses("mse", "true", model(x))
     gram = tf.function(lambda: products.curvature_gram(
         lambda: model(x, training=True), outputs, y, None, variables, directions))()
     with tf.GradientTape() as tape:
@@ -207,7 +207,7 @@ def test_only_the_grouped_kernel_is_hidden_not_the_layers_before_it(nested):
     model = keras.Model(inputs, keras.layers.Dense(3, name="head")(
         keras.layers.Flatten()(h)))
     x = tf.constant(np.random.default_rng(0).normal(size=(2, 6, 6, 4)), tf.float32)
-    outputs = fisher.resolve_losses("mse", "true", model(x))
+    outputs = loss_specs.resolve_losses("mse", "true", model(x))
     primals = [v.value for v in model.trainable_variables]
     plain = model.get_layer("plain").kernel
     directions = [[tf.ones_like(p) if p is plain.value else tf.zeros_like(p)

@@ -7,6 +7,7 @@ import keras
 
 import keras_tkfac
 from keras_tkfac import fisher as fisher_lib
+from keras_tkfac import loss_specs
 from keras_tkfac import ops
 from keras_tkfac import wrapping
 from tests import helpers
@@ -149,7 +150,7 @@ def test_no_retracing_after_the_second_step(request, trace_counter, distributed)
                                   "categorical_crossentropy", "binary_crossentropy",
                                   "mean_squared_error"])
 def test_sampled_labels_are_the_same_with_and_without_xla(loss):
-    spec = fisher_lib.resolve_loss(loss, "true")
+    spec = loss_specs.resolve_loss(loss, "true")
     logits = tf.random.stateless_normal([256, 5], [1, 2])
     y_pred = logits if loss == "mean_squared_error" else tf.nn.softmax(logits)
     if loss == "binary_crossentropy":

@@ -45,7 +45,7 @@ its steps are not the optimizer's and their losses differ; only the time counts,
 the most that making the piece cheaper could save:
 
 - `bound_elementwise`: the monitor's per-layer norms (`monitor.record_update`) and
-  the graft's rescaling (`ops.graft`) left out.
+  the graft's rescaling (`step_ops.graft`) left out.
 - `bound_one_direction`: the quadratic model's products along the preconditioned
   direction only (`products.Batch.gram` of one direction; the previous step's
   entries copied from it): one tangent per op instead of two.
@@ -79,7 +79,7 @@ import keras_tkfac
 import suite
 from keras_tkfac import jvp_rules
 from keras_tkfac import monitor
-from keras_tkfac import ops
+from keras_tkfac import ops, step_ops
 from keras_tkfac import products
 from keras_tkfac import row_sparse
 
@@ -117,7 +117,7 @@ def _set(variant, now):
     if variant in ("bfloat16", "auto_precision"):
         return  # (an optimizer argument: `_arguments`)
     if variant.startswith("bound_"):
-        monitor.record_update, ops.graft, products.Batch.gram = (
+        monitor.record_update, step_ops.graft, products.Batch.gram = (
             _BOUNDS[variant] if now else _AS_IT_IS)
         return
     if variant == "zero_tangents":
@@ -137,7 +137,7 @@ def _set(variant, now):
 
 _ALL_FINITE = ops.all_finite
 _FORWARD_MODE = products._forward_mode  # pylint: disable=protected-access
-_AS_IT_IS = (monitor.record_update, ops.graft, products.Batch.gram)
+_AS_IT_IS = (monitor.record_update, step_ops.graft, products.Batch.gram)
 
 
 def _gram_2x2(along_update, along_previous):
