@@ -50,15 +50,19 @@ FISHER_TYPES = ("true", "empirical")
 
 
 LossSpec = collections.namedtuple(
-    "LossSpec", ["kind", "from_logits", "fn", "sums", "axis", "ignore_class", "hessian"],
-    defaults=(False, -1, None, False))
+    "LossSpec", ["kind", "from_logits", "fn", "sums", "axis", "ignore_class", "hessian",
+                 "laplace"],
+    defaults=(False, -1, None, False, False))
 """A resolved loss: its kind (`None` if it has no predictive distribution to sample
 labels from), whether it takes logits, the per-example loss function
 `fn(y_true, y_pred)`, whether Keras sums its terms (`reduction="sum"`) rather than
 averaging them, the class axis of a cross-entropy (`axis`, Keras's argument), the
 label whose terms it leaves out (`ignore_class`, sparse categorical cross-entropy)
 and whether, without a kind, the true Fisher samples its cotangent from its
-diagonal Hessian at the real labels (`hessian`: Huber, log-cosh, squared hinge)."""
+diagonal Hessian at the real labels (`hessian`: Huber, log-cosh, squared hinge), and
+whether it is Keras's mean absolute error (`laplace`: the negative log-likelihood of a
+Laplace distribution, whose Fisher the quadratic model's KL bound measures its steps
+with, `keras_tkfac.quadratic.kl_curvature`)."""
 
 
 # Keras's reductions the curvature follows: the mean over the loss terms (Keras's
@@ -207,7 +211,7 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
         fn in _UNIT_MEANS and len(getattr(y_pred, "shape", (0, 0))) == 1)
     return LossSpec(kind, from_logits, per_example, sums,
                     -1 if axis is None else int(axis), fn_kwargs.get("ignore_class"),
-                    hessian)
+                    hessian, fn is keras.losses.mean_absolute_error)
 
 
 # The losses whose `axis` argument names the class (or averaged) axis.

@@ -203,8 +203,28 @@ def _symmetric(rows):
 # times smaller along the step, gave a 20 times longer step and the all-ones
 # prediction. Over 14 seeds of that program it fell into that prediction in 6 at
 # 1e-6, 2 at 1e-4 and 3 at 1e-3 (best validation Dice loss above 0.3;
-# docs/RESULTS.md, "Loss weights and Dice"). Measured, not from a paper.
+# docs/RESULTS.md, "Loss weights, Dice and MAE"). Measured, not from a paper.
 HESSIAN_ROUNDING = 1e-4
+
+
+def _laplace_gram(output, label, weight, y_pred, jvps):
+    """`[[<J x, J y> / D]]` over the directions' output tangents `jvps`, the weighted
+    mean over the loss terms: the Fisher of a Laplace distribution of scale 1 in its
+    location, of which Keras's mean absolute error (a mean over the `D` units of the
+    last axis) is the negative log-likelihood up to a constant, along the directions
+    (`quadratic.kl_curvature` measures such an output's KL with it)."""
+    count = len(jvps)
+    rows = [[0.0] * count for _ in range(count)]
+    along = [tf.cast(j, tf.float32) for j in jvps]
+    if y_pred.shape.rank == 1:  # a `[B]` output: each example a term of one unit
+        along = [a[:, None] for a in along]
+    for i in range(count):
+        for j in range(i, count):
+            terms = tf.reduce_mean(along[i] * along[j], -1)
+            rows[i][j] = rows[j][i] = _weighted_mean(
+                terms, weight, loss_specs.term_mask(output.spec, label, y_pred, terms),
+                output.spec.sums)
+    return rows
 
 
 def _larger_curvature(hessian, square):
@@ -546,10 +566,12 @@ class Batch:
         # The flat outputs of the products' forward pass, when it saw the whole batch.
         self.predictions = None
         self.nonnegative = None  # set by `loss`
-        # `[(C_k, W_k, squared)]` for each output `k` of `outputs`: its Gram (its
+        # `[(C_k, W_k, rule, F_k)]` for each output `k` of `outputs`: its Gram (its
         # weight included), its mean weight `W_k` (its `loss_weights` entry times
-        # its sample weights' mean, times its terms under `reduction="sum"`) and
-        # whether it is a mean squared error (set by `gram`); and every output's
+        # its sample weights' mean, times its terms under `reduction="sum"`), the
+        # units its KL is measured in (`"squared"`: a mean squared error's,
+        # `"laplace"`: a mean absolute error's, with `F_k` its Laplace Fisher's
+        # Gram, `_laplace_gram`; `None`: its Gram's) (set by `gram`); and every output's
         # weighted loss `w_k L_k` (set by `loss`; the means over the replicas).
         self.output_grams, self.output_losses = [], None
         # The classifiers' outputs along the directions of the last `gram`
@@ -617,7 +639,7 @@ class Batch:
         # Fisher formula chosen after the all-reduce) and its mean weight, for the
         # KL bound per unit of weight and in a squared error's residuals' units
         # (`output_grams`); they are also in `gram`.
-        owns, kl_weights = [], []
+        owns, kl_weights, laplace = [], [], []
         classifiers = []  # (`linearized.Outputs`)
         for k, (output, label, weight) in enumerate(zip(self.outputs, labels, weights)):
             source, y_pred = sources[k], flat[output.index]
@@ -655,6 +677,9 @@ class Batch:
             if output.spec.kind is not None and len(self.outputs) > 1:
                 # (One output's Gram is the model's: not computed again.)
                 owns.append(output_weight * _symmetric(own))
+            if output.spec.laplace:
+                laplace.append(output_weight * _symmetric(_laplace_gram(
+                    output, label, weight, y_pred, along)))
             if (output.spec.kind in _CROSS_ENTROPIES and label is not None
                     and (source is not y_pred or output.spec.from_logits)):
                 classifiers.append((output.spec, label, weight, source, y_pred, along,
@@ -673,8 +698,9 @@ class Batch:
         self.linearized = (linearized_lib.Outputs(classifiers, _weighted_mean)
                            if classifiers else None)
         gram, *rest = distributed.all_reduce(
-            "mean", [gram] + kl_weights + owns + candidates)
+            "mean", [gram] + kl_weights + laplace + owns + candidates)
         kl_weights, rest = rest[:len(kl_weights)], rest[len(kl_weights):]
+        laplace, rest = rest[:len(laplace)], rest[len(laplace):]
         owns, candidates = rest[:len(owns)], rest[len(owns):]
         chosen = [_larger_curvature(hessian, square)
                   for hessian, square in zip(candidates[::2], candidates[1::2])]
@@ -684,8 +710,13 @@ class Batch:
                 own = chosen.pop(0)
             else:
                 own = owns.pop(0) if owns else gram
-            self.output_grams.append(
-                (own, kl_weight, output.spec.kind == "mean_squared_error"))
+            if output.spec.kind == "mean_squared_error":
+                rule = ("squared", None)
+            elif output.spec.laplace:
+                rule = ("laplace", laplace.pop(0))
+            else:
+                rule = (None, None)
+            self.output_grams.append((own, kl_weight) + rule)
             if output.spec.kind is None:
                 gram = gram + own
         return gram

@@ -226,8 +226,9 @@ def test_regression_scales_smoke(heads):
 @_ONE_MEASUREMENT_TOOL
 def test_weighted_losses_smoke():
     """`tools/weighted_losses.py --smoke` trains the digits classifier at two loss
-    scales (weighted two ways) and the Dice program on two seeds, and reports
-    finite losses and collapse counts; bad flags are refused naming them."""
+    scales (weighted two ways), the Dice program on two seeds and the MAE program on
+    one, and reports finite losses and collapse counts; bad flags are refused naming
+    them."""
     result = _run("tools/weighted_losses.py", "--smoke")
     assert result.returncode == 0, result.stderr[-5000:]
     lines = result.stdout.splitlines()
@@ -241,14 +242,22 @@ def test_weighted_losses_smoke():
     for row in scales:
         values = [float(cell.strip(" |")) for cell in row[2:]]
         assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)
-    dice = [line.split(" | ") for line in lines
+    dice_at = next(i for i, line in enumerate(lines) if line.endswith("| collapsed |"))
+    mae_at = next(i for i, line in enumerate(lines) if line.endswith("| mean |"))
+    dice = [line.split(" | ") for line in lines[dice_at:mae_at]
             if line.startswith(("| TKFAC()", "| Adam(1e-2)"))]
     assert len(dice) == 4
     for row in dice:
         values = [float(cell.strip(" |")) for cell in row[1:]]
         assert len(values) == 3 and all(math.isfinite(v) for v in values)
         assert values[2] == sum(v > 0.3 for v in values[:2])
-    for flag in ("--parts=scales,nope", "--scales=0", "--seeds=0"):
+    mae = [line.split(" | ") for line in lines[mae_at:]
+           if line.startswith(("| TKFAC", "| Adam"))]
+    assert len(mae) == 5
+    for row in mae:
+        values = [float(cell.strip(" |")) for cell in row[1:]]
+        assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    for flag in ("--parts=scales,nope", "--scales=0", "--seeds=0", "--mae_seeds=0"):
         result = _run("tools/weighted_losses.py", flag, "--smoke")
         assert result.returncode != 0 and flag.split("=")[0] in result.stderr
 

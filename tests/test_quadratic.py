@@ -521,16 +521,40 @@ def test_the_kl_bound_of_squared_errors_is_in_the_units_of_their_residuals():
         for other_weight, other_factor in [(0.7, 1.0), (1.0, 1.0), (4.0, 4.0)]:
             got = quadratic.kl_curvature(
                 tf.constant(squared + other, tf.float32),
-                [(tf.constant(other, tf.float32), tf.constant(other_weight), False),
-                 (tf.constant(squared, tf.float32), tf.constant(weight), True)],
+                [(tf.constant(other, tf.float32), tf.constant(other_weight), None,
+                  None),
+                 (tf.constant(squared, tf.float32), tf.constant(weight), "squared",
+                  None)],
                 [tf.constant(0.7), tf.constant(loss)])
             np.testing.assert_allclose(
                 got, squared / factor + other / other_factor, rtol=1e-6)
     np.testing.assert_allclose(quadratic.kl_scale(3.0), 6.0, rtol=1e-6)
     assert quadratic.kl_curvature(tf.constant(other), [], [tf.constant(3.0)]) is None
     assert quadratic.kl_curvature(
-        tf.constant(squared), [(tf.constant(squared), tf.constant(1.0), True)],
-        None) is None
+        tf.constant(squared), [(tf.constant(squared), tf.constant(1.0), "squared",
+                                None)], None) is None
+
+
+def test_the_kl_bound_of_an_absolute_error_is_its_laplace_fisher_in_residual_units():
+    """`kl_curvature`: a mean-absolute-error output's Gram `C` replaced by its
+    Laplace Fisher's `F` over `S = max(1, W) min(max((L / max(1, W))^2,
+    LAPLACE_SCALE_FLOOR), MSE_KL_SCALE_CAP)` (hand-computed; below, above and beyond
+    the clipped range), another output's kept."""
+    square = np.array([[0.4, 0.1], [0.1, 0.3]])  # the quadratic model's, replaced
+    laplace = np.array([[2.0, 0.5], [0.5, 1.0]])
+    other = np.array([[0.3, -0.1], [-0.1, 0.2]])
+    floor, cap = quadratic.LAPLACE_SCALE_FLOOR, quadratic.MSE_KL_SCALE_CAP
+    for loss, weight, factor in [(0.5, 1.0, 0.25), (1e-5, 1.0, floor),
+                                 (4.0, 1.0, 16.0), (1e9, 1.0, cap), (20.0, 5.0, 16.0),
+                                 (0.5, 0.5, 0.25)]:
+        got = quadratic.kl_curvature(
+            tf.constant(square + other, tf.float32),
+            [(tf.constant(other, tf.float32), tf.constant(1.0), None, None),
+             (tf.constant(square, tf.float32), tf.constant(weight), "laplace",
+              tf.constant(laplace, tf.float32))],
+            [tf.constant(0.7), tf.constant(loss)])
+        np.testing.assert_allclose(
+            got, laplace / (max(1.0, weight) * factor) + other, rtol=1e-5)
 
 
 @pytest.mark.parametrize("weighting, scale", [("sample_weight", None),
@@ -633,16 +657,16 @@ def _regressor(seed):
                              keras.layers.Dense(1)])
 
 
-def _regression_step(y, kl_clip):
+def _regression_step(y, kl_clip, loss="mse"):
     """The weights before and after one quadratic-model step (the whole step) of
-    `_regressor` under MSE on `_data()`'s inputs and the targets `y`."""
+    `_regressor` under `loss` (MSE) on `_data()`'s inputs and the targets `y`."""
     x, _ = _data()
     model = keras_tkfac.wrap(_regressor(0))
     optimizer = keras_tkfac.TKFAC(
         learning_rate=step_size.MODEL_STEP_LEARNING_RATE, step_control="quadratic",
         kl_clip=kl_clip, adaptive_damping=False, factor_update_freq=1,
         inverse_update_freq=1, seed=0)
-    model.compile(optimizer=optimizer, loss="mse")
+    model.compile(optimizer=optimizer, loss=loss)
     before = _flat([v.numpy().astype(np.float64) for v in model.trainable_variables])
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     after = _flat([v.numpy().astype(np.float64) for v in model.trainable_variables])
@@ -683,6 +707,35 @@ def test_a_squared_error_step_is_bounded_in_the_units_of_its_residuals(offset, s
     before, free = _regression_step(y, None)
     unbounded = free - before
     assert 0.5 * unbounded @ curvature @ unbounded > kl_clip * factor
+
+
+@pytest.mark.parametrize("offset", [0.8, 30.0])
+def test_an_absolute_error_step_is_bounded_by_its_laplace_kl(offset):
+    """The step's predicted KL under MAE is the Laplace Fisher's in the residuals'
+    units: `(1/2) s^T F s / b^2 = kl_clip`, `F = (1 / B) sum_n J_n^T J_n` (Jacobians
+    by `tape.jacobian`; one output unit) and `b` the batch's mean absolute residual
+    in numpy before the step (below 1 and about 30: a tighter and a looser bound
+    than `F`'s own); the same step without a bound is longer."""
+    x, _ = _data()
+    y = (offset + 0.2 * np.random.default_rng(5).normal(size=(16, 1))).astype(
+        "float32")
+    model = _regressor(0)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jacobian = np.concatenate(
+        [np.reshape(tape.jacobian(outputs, v), (16, -1)) for v in variables],
+        axis=-1).astype(np.float64)
+    fisher = jacobian.T @ jacobian / 16
+    scale = float(np.mean(np.abs(y - outputs.numpy()))) ** 2
+    assert quadratic.LAPLACE_SCALE_FLOOR < scale < quadratic.MSE_KL_SCALE_CAP
+    kl_clip = 1e-4
+    before, after = _regression_step(y, kl_clip, loss="mae")
+    step = after - before
+    np.testing.assert_allclose(0.5 * step @ fisher @ step / scale, kl_clip, rtol=2e-3)
+    before, free = _regression_step(y, None, loss="mae")
+    unbounded = free - before
+    assert 0.5 * unbounded @ fisher @ unbounded / scale > kl_clip
 
 
 @pytest.mark.parametrize("step_control", ["quadratic", "graft_quadratic"])
