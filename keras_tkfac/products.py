@@ -207,15 +207,25 @@ def _symmetric(rows):
 HESSIAN_ROUNDING = 1e-4
 
 
-def _laplace_gram(output, label, weight, y_pred, jvps):
-    """`[[<J x, J y> / D]]` over the directions' output tangents `jvps`, the weighted
+def _laplace_gram(output, label, weight, source, y_pred, jvps):
+    """`[[<J x, J y> / D]]` over the directions' tangents of `y_pred`, the weighted
     mean over the loss terms: the Fisher of a Laplace distribution of scale 1 in its
     location, of which Keras's mean absolute error (a mean over the `D` units of the
     last axis) is the negative log-likelihood up to a constant, along the directions
-    (`quadratic.kl_curvature` measures such an output's KL with it)."""
+    (`quadratic.kl_curvature` measures such an output's KL with it). `jvps` are the
+    tangents of `source`: the logits behind a sigmoid or softmax `y_pred`
+    (`loss_specs._logits_source`), carried through the activation here."""
     count = len(jvps)
     rows = [[0.0] * count for _ in range(count)]
     along = [tf.cast(j, tf.float32) for j in jvps]
+    if source is not y_pred:
+        _, activation = loss_specs._activation_input(y_pred)
+        probs = tf.cast(y_pred, tf.float32)
+        if activation is tf.sigmoid:
+            along = [probs * (1.0 - probs) * a for a in along]
+        elif activation is tf.nn.softmax:
+            along = [probs * (a - tf.reduce_sum(probs * a, -1, keepdims=True))
+                     for a in along]
     if y_pred.shape.rank == 1:  # a `[B]` output: each example a term of one unit
         along = [a[:, None] for a in along]
     for i in range(count):
@@ -679,7 +689,7 @@ class Batch:
                 owns.append(output_weight * _symmetric(own))
             if output.spec.laplace:
                 laplace.append(output_weight * _symmetric(_laplace_gram(
-                    output, label, weight, y_pred, along)))
+                    output, label, weight, source, y_pred, along)))
             if (output.spec.kind in _CROSS_ENTROPIES and label is not None
                     and (source is not y_pred or output.spec.from_logits)):
                 classifiers.append((output.spec, label, weight, source, y_pred, along,

@@ -651,17 +651,17 @@ def test_a_squared_error_heads_kl_is_in_its_residuals_units_beside_a_classifier(
         assert 0.5 * step @ (regression + classes) @ step > 2.0 * kl_clip
 
 
-def _regressor(seed):
+def _regressor(seed, activation=None):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
-                             keras.layers.Dense(1)])
+                             keras.layers.Dense(1, activation=activation)])
 
 
-def _regression_step(y, kl_clip, loss="mse"):
+def _regression_step(y, kl_clip, loss="mse", activation=None):
     """The weights before and after one quadratic-model step (the whole step) of
     `_regressor` under `loss` (MSE) on `_data()`'s inputs and the targets `y`."""
     x, _ = _data()
-    model = keras_tkfac.wrap(_regressor(0))
+    model = keras_tkfac.wrap(_regressor(0, activation))
     optimizer = keras_tkfac.TKFAC(
         learning_rate=step_size.MODEL_STEP_LEARNING_RATE, step_control="quadratic",
         kl_clip=kl_clip, adaptive_damping=False, factor_update_freq=1,
@@ -709,17 +709,51 @@ def test_a_squared_error_step_is_bounded_in_the_units_of_its_residuals(offset, s
     assert 0.5 * unbounded @ curvature @ unbounded > kl_clip * factor
 
 
-@pytest.mark.parametrize("offset", [0.8, 30.0])
-def test_an_absolute_error_step_is_bounded_by_its_laplace_kl(offset):
+@pytest.mark.parametrize("activation", [None, "sigmoid", "softmax"])
+def test_the_laplace_gram_is_taken_in_the_outputs_tangents(activation):
+    """`products._laplace_gram`: `[[mean_n mean_d (J x)_nd (J y)_nd]]` with `J` the
+    output's Jacobian, also when the products' tangents are those of the logits
+    behind a sigmoid or softmax output (carried through the activation; against
+    `tf.GradientTape.batch_jacobian` of the activation in numpy)."""
+    rng = np.random.default_rng(2)
+    logits = tf.constant(rng.normal(size=(5, 3)), tf.float32)
+    tangents = [tf.constant(rng.normal(size=(5, 3)), tf.float32) for _ in range(2)]
+    act = {None: tf.identity, "sigmoid": tf.sigmoid, "softmax": tf.nn.softmax}[
+        activation]
+
+    @tf.function
+    def gram():
+        y_pred = act(logits)
+        spec = loss_specs.resolve_loss("mae", "true", y_pred=y_pred)
+        assert spec.laplace
+        output = loss_specs.OutputLoss(0, "out", spec, 1.0)
+        source = loss_specs._logits_source(spec, y_pred)
+        assert (source is y_pred) == (activation is None)
+        return tf.stack([tf.stack(row) for row in products._laplace_gram(
+            output, None, None, source, y_pred, tangents)])
+
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        outputs = act(logits)
+    jacobian = tape.batch_jacobian(outputs, logits).numpy().astype(np.float64)
+    moved = [np.einsum("nij,nj->ni", jacobian, t.numpy()) for t in tangents]
+    expected = np.array([[np.mean(u * v) for v in moved] for u in moved])
+    np.testing.assert_allclose(gram(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("offset, activation", [(0.8, None), (30.0, None),
+                                                (1.5, "sigmoid")])
+def test_an_absolute_error_step_is_bounded_by_its_laplace_kl(offset, activation):
     """The step's predicted KL under MAE is the Laplace Fisher's in the residuals'
     units: `(1/2) s^T F s / b^2 = kl_clip`, `F = (1 / B) sum_n J_n^T J_n` (Jacobians
-    by `tape.jacobian`; one output unit) and `b` the batch's mean absolute residual
-    in numpy before the step (below 1 and about 30: a tighter and a looser bound
-    than `F`'s own); the same step without a bound is longer."""
+    of the output, by `tape.jacobian`; one output unit) and `b` the batch's mean
+    absolute residual in numpy before the step (below 1 and about 30: a tighter and
+    a looser bound than `F`'s own; and a sigmoid output, whose products run through
+    its logits); the same step without a bound is longer."""
     x, _ = _data()
     y = (offset + 0.2 * np.random.default_rng(5).normal(size=(16, 1))).astype(
         "float32")
-    model = _regressor(0)
+    model = _regressor(0, activation)
     variables = [v.value for v in model.trainable_variables]
     with tf.GradientTape(persistent=True) as tape:
         outputs = model(x)
@@ -730,10 +764,10 @@ def test_an_absolute_error_step_is_bounded_by_its_laplace_kl(offset):
     scale = float(np.mean(np.abs(y - outputs.numpy()))) ** 2
     assert quadratic.LAPLACE_SCALE_FLOOR < scale < quadratic.MSE_KL_SCALE_CAP
     kl_clip = 1e-4
-    before, after = _regression_step(y, kl_clip, loss="mae")
+    before, after = _regression_step(y, kl_clip, loss="mae", activation=activation)
     step = after - before
     np.testing.assert_allclose(0.5 * step @ fisher @ step / scale, kl_clip, rtol=2e-3)
-    before, free = _regression_step(y, None, loss="mae")
+    before, free = _regression_step(y, None, loss="mae", activation=activation)
     unbounded = free - before
     assert 0.5 * unbounded @ fisher @ unbounded / scale > kl_clip
 
