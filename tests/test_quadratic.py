@@ -657,6 +657,22 @@ def _regressor(seed, activation=None):
                              keras.layers.Dense(1, activation=activation)])
 
 
+def _regression_jacobian(offset, spread, activation=None):
+    """Targets `offset + spread * noise` for `_data()`'s 16 inputs, `_regressor`'s
+    outputs on them and its `[16, weights]` Jacobian (`tape.jacobian`, float64)."""
+    x, _ = _data()
+    y = (offset + spread * np.random.default_rng(5).normal(size=(16, 1))).astype(
+        "float32")
+    model = _regressor(0, activation)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x)
+    jacobian = np.concatenate(
+        [np.reshape(tape.jacobian(outputs, v), (16, -1)) for v in variables],
+        axis=-1).astype(np.float64)
+    return y, outputs.numpy(), jacobian
+
+
 def _regression_step(y, kl_clip, loss="mse", activation=None):
     """The weights before and after one quadratic-model step (the whole step) of
     `_regressor` under `loss` (MSE) on `_data()`'s inputs and the targets `y`."""
@@ -683,18 +699,9 @@ def test_a_squared_error_step_is_bounded_in_the_units_of_its_residuals(offset, s
     `kl_clip * min(max(1, 2 L), MSE_KL_SCALE_CAP)` (`quadratic.kl_curvature`), `L` the batch's MSE in numpy
     before the step; the same step without a bound is longer. The three target
     draws take the three branches: `2 L < 1`, in between, and beyond the ceiling."""
-    x, _ = _data()
-    y = (offset + spread * np.random.default_rng(5).normal(size=(16, 1))).astype(
-        "float32")
-    model = _regressor(0)
-    variables = [v.value for v in model.trainable_variables]
-    with tf.GradientTape(persistent=True) as tape:
-        outputs = model(x)
-    jacobian = np.concatenate(
-        [np.reshape(tape.jacobian(outputs, v), (16, -1)) for v in variables],
-        axis=-1).astype(np.float64)
+    y, outputs, jacobian = _regression_jacobian(offset, spread)
     curvature = 2.0 * jacobian.T @ jacobian / 16
-    loss = float(np.mean((y - outputs.numpy()) ** 2))
+    loss = float(np.mean((y - outputs) ** 2))
     factor = min(max(1.0, 2.0 * loss), quadratic.MSE_KL_SCALE_CAP)
     cap = quadratic.MSE_KL_SCALE_CAP
     assert {"small": 2 * loss < 1, "residual_units": 1 < 2 * loss < cap,
@@ -750,18 +757,9 @@ def test_an_absolute_error_step_is_bounded_by_its_laplace_kl(offset, activation)
     absolute residual in numpy before the step (below 1 and about 30: a tighter and
     a looser bound than `F`'s own; and a sigmoid output, whose products run through
     its logits); the same step without a bound is longer."""
-    x, _ = _data()
-    y = (offset + 0.2 * np.random.default_rng(5).normal(size=(16, 1))).astype(
-        "float32")
-    model = _regressor(0, activation)
-    variables = [v.value for v in model.trainable_variables]
-    with tf.GradientTape(persistent=True) as tape:
-        outputs = model(x)
-    jacobian = np.concatenate(
-        [np.reshape(tape.jacobian(outputs, v), (16, -1)) for v in variables],
-        axis=-1).astype(np.float64)
+    y, outputs, jacobian = _regression_jacobian(offset, 0.2, activation)
     fisher = jacobian.T @ jacobian / 16
-    scale = float(np.mean(np.abs(y - outputs.numpy()))) ** 2
+    scale = float(np.mean(np.abs(y - outputs))) ** 2
     assert quadratic.LAPLACE_SCALE_FLOOR < scale < quadratic.MSE_KL_SCALE_CAP
     kl_clip = 1e-4
     before, after = _regression_step(y, kl_clip, loss="mae", activation=activation)

@@ -151,6 +151,21 @@ def mae_run(label, seed, epochs):
     return float(np.mean(np.abs(model.predict(x[1200:], verbose=0) - y[1200:])))
 
 
+def _seed_table(title, runs, seeds, run, summary, summarise, cell):
+    """The lines of a table with a row per run of `runs` and a column per seed
+    (`run(label, seed)`, formatted by `cell`), and a last column `summary` of
+    `summarise(values)`; each row is printed as it is measured."""
+    lines = ["", title, "",
+             "| run | " + " | ".join(f"seed {s}" for s in range(seeds))
+             + f" | {summary} |", "|---|" + "---:|" * (seeds + 1)]
+    for label in runs:
+        values = [run(label, seed) for seed in range(seeds)]
+        lines.append(f"| {label} | " + " | ".join(cell.format(v) for v in values)
+                     + f" | {summarise(values)} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
@@ -189,28 +204,20 @@ def main(argv):
     if "dice" in _PARTS.value:
         runs = ["TKFAC()", "TKFAC(), rounding 1e-6", "TKFAC(), per example Dice",
                 "Adam(1e-2)"]
-        lines += ["", f"Dice() segmentation, {dice_epochs} epochs of 10 steps: best "
-                  f"validation Dice loss per seed; collapsed: above {COLLAPSED}.", "",
-                  "| run | " + " | ".join(f"seed {s}" for s in range(seeds))
-                  + " | collapsed |", "|---|" + "---:|" * (seeds + 1)]
-        for label in runs:
-            values = [dice_run(label, seed, dice_epochs) for seed in range(seeds)]
-            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
-                         + f" | {sum(v > COLLAPSED for v in values)} |")
-            print(lines[-1], flush=True)
+        lines += _seed_table(
+            f"Dice() segmentation, {dice_epochs} epochs of 10 steps: best validation "
+            f"Dice loss per seed; collapsed: above {COLLAPSED}.", runs, seeds,
+            lambda label, seed: dice_run(label, seed, dice_epochs), "collapsed",
+            lambda values: f"{sum(v > COLLAPSED for v in values)}", "{:.3f}")
     if "mae" in _PARTS.value:
         runs = ["TKFAC()", "TKFAC(), KL of its own curvature",
                 "TKFAC(kl_clip=0.01), KL of its own curvature", "Adam(1e-2)",
                 "Adam(1e-3)"]
-        lines += ["", f"Mean absolute error, {mae_epochs} epochs of 19 steps: "
-                  "validation MAE per seed (lower is better).", "",
-                  "| run | " + " | ".join(f"seed {s}" for s in range(mae_seeds))
-                  + " | mean |", "|---|" + "---:|" * (mae_seeds + 1)]
-        for label in runs:
-            values = [mae_run(label, seed, mae_epochs) for seed in range(mae_seeds)]
-            lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in values)
-                         + f" | {np.mean(values):.4f} |")
-            print(lines[-1], flush=True)
+        lines += _seed_table(
+            f"Mean absolute error, {mae_epochs} epochs of 19 steps: validation MAE "
+            "per seed (lower is better).", runs, mae_seeds,
+            lambda label, seed: mae_run(label, seed, mae_epochs), "mean",
+            lambda values: f"{np.mean(values):.4f}", "{:.4f}")
     lines += ["", f"{(time.perf_counter() - start) / 60:.1f} minutes in all."]
     print("\n".join(lines))
 
