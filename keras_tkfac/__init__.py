@@ -18,7 +18,11 @@ Public API:
   evaluation early in training).
 """
 
-from keras_tkfac.batch_norm import BatchNormRecalibration, recalibrate_batch_norm
+from keras_tkfac import versions as _versions
+
+_versions.check()  # Keras's TensorFlow backend, or ImportError; old versions logged.
+
+from keras_tkfac.batch_norm import BatchNormRecalibration, recalibrate_batch_norm  # pylint: disable=wrong-import-position
 from keras_tkfac.blocks import register_block
 from keras_tkfac.blocks import register_normalization_blocks
 from keras_tkfac.capture import record

@@ -42,7 +42,7 @@ def _layers(model):
     inner = getattr(capture.wrapper_of(model), "model", model)
     return [layer for layer in inner._flatten_layers(include_self=False)  # pylint: disable=protected-access
             if isinstance(layer, keras.layers.BatchNormalization)
-            and layer.trainable and not layer.renorm
+            and layer.trainable and not getattr(layer, "renorm", False)
             and not getattr(layer, "synchronized", False)], inner
 
 

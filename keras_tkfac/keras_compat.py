@@ -48,6 +48,18 @@ def multi_worker_logs(logs):
     )
 
 
+def first_batch(iterator):
+    """The first batch of Keras's TensorFlow epoch iterator, which yields `(begin,
+    end, iterator)` (Keras 3.15), `(step, iterator)` (3.10), or the latter only
+    through `enumerate_epoch()` (3.5); until 2026-12-07 only the first was read, and
+    multi-worker `fit` raised `ValueError` on Keras 3.10."""
+    epoch = iterator if hasattr(iterator, "__iter__") else iterator.enumerate_epoch()
+    for item in epoch:
+        return next(item[-1])
+    raise ValueError("keras_tkfac: the training data gave no batch to build the "
+                     "model from.")
+
+
 class MultiWorkerFitMixin:
     """Overrides of `keras.Model` internals that fail under multi-worker training."""
 
@@ -62,9 +74,7 @@ class MultiWorkerFitMixin:
         except ValueError as error:
             if iterator is None or "PerReplica" not in str(error):
                 raise
-        for _, _, it in iterator:
-            data_batch = next(it)
-            break
+        data_batch = first_batch(iterator)
         strategy = self.distribute_strategy
         with strategy.scope():
             data_batch = tf.nest.map_structure(_first_local_value, data_batch)

@@ -56,7 +56,10 @@ class _LoRA:
 
     def _projected(self, inputs):
         """`s (a A)`: the inputs of `B`, `[..., r]` (float32, as `A` is)."""
-        scale = self.layer.lora_alpha / self.layer.lora_rank
+        # (Older Keras, 3.5 among them, has no `lora_alpha`: its adapters add `A B`
+        # unscaled.)
+        rank = self.layer.lora_rank
+        scale = getattr(self.layer, "lora_alpha", rank) / rank
         kernel_a = getattr(self.layer, self._factors[0])
         return scale * self._project(inputs, kernel_a)
 

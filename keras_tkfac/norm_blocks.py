@@ -157,7 +157,9 @@ class BatchNormalizationBlock(ScaleAndShiftBlock):
     def accepts(cls, layer):
         rank = getattr(layer.input_spec, "ndim", None)
         batch_axis = layer.axis == 0 or (rank is not None and layer.axis % rank == 0)
-        return bool(layer.scale or layer.center) and not layer.renorm and not batch_axis
+        # (Older Keras, 3.5 among them, has no `renorm`.)
+        return (bool(layer.scale or layer.center) and not getattr(layer, "renorm", False)
+                and not batch_axis)
 
     def norm_axes(self, rank):
         return [self.layer.axis % rank]

@@ -39,6 +39,7 @@ the step's tensors in turn, so a chain of such layers costs no primal pass at al
 import functools
 import threading
 
+import keras
 import tensorflow as tf
 
 from keras_tkfac import block_base
@@ -65,8 +66,18 @@ def _arguments(args, kwargs):
     """A call's arguments other than its tensors (`training`, flags, masks' absence),
     as text: a call recurs only with the same ones (a layer called on one input
     with `training=False` and again with `True` computes two things)."""
-    return repr(tf.nest.map_structure(
-        lambda v: None if isinstance(v, tf.Tensor) else v, (args, kwargs)))
+    return repr(tf.nest.map_structure(_argument_text, (args, kwargs)))
+
+
+def _argument_text(value):
+    """A call argument as `_arguments` compares it: tensors as `None`, variables
+    by identity (Keras 3.10 hands a stateful LSTM cell its state variables, whose
+    `repr` reads their value: an error in a graph), the rest as themselves."""
+    if isinstance(value, tf.Tensor):
+        return None
+    if isinstance(value, (tf.Variable, keras.Variable)):
+        return f"<variable {id(value)}>"
+    return value
 
 
 # Ops that give equal outputs for identical inputs and attributes, through which an

@@ -146,6 +146,12 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # attributes and methods (sub-networks, helpers) are reachable through
         # the wrapper. Private names stay the wrapper's (Keras probes them).
         model = self.__dict__.get("model")
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):
+            # One of the wrapper's own properties raised `AttributeError` (Python
+            # then calls `__getattr__`): raise that error, not "the wrapped model
+            # has no attribute `blocks`", which hid a layer's missing attribute.
+            return prop.fget(self)
         if model is None or name.startswith("_"):
             raise AttributeError(
                 f"{type(self).__name__!r} object has no attribute {name!r}"

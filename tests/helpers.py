@@ -269,3 +269,29 @@ def mse_gauss_newton_gram(jacobians, directions):
     flat_d = np.array([np.concatenate([np.ravel(d) for d in direction])
                        for direction in directions], dtype=np.float64)
     return flat_d @ curvature @ flat_d.T
+
+
+_MUON_WORKS = []
+
+
+def keras_muon_works():
+    """Whether this Keras's `Muon` trains a tiny model with `fit` on TensorFlow: the
+    tools compare against it where it does. Keras 3.8 has none; Keras 3.10's raises
+    "'ResourceVariable' object has no attribute 'path'" in `fit`, with or without
+    `wrap` (measured 2026-12-07)."""
+    if not _MUON_WORKS:
+        works = hasattr(keras.optimizers, "Muon")
+        if works:
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            model.compile(optimizer=keras.optimizers.Muon(), loss="mse")
+            try:
+                model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+            except AttributeError:
+                works = False
+        _MUON_WORKS.append(works)
+    return _MUON_WORKS[0]
+
+
+def without_muon_where_it_fails(names):
+    """`names` without `"Muon"` where this Keras's Muon does not train."""
+    return [n for n in names if n != "Muon" or keras_muon_works()]

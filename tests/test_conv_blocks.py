@@ -71,7 +71,13 @@ CASES = {
 def _model(case, seed=1):
     shape, make_layer, xla = CASES[case]
     keras.utils.set_random_seed(seed)
-    layer = make_layer()
+    try:
+        layer = make_layer()
+    except ValueError as error:
+        if "output_padding" not in str(error):
+            raise
+        # Keras 3.10 requires every `output_padding` entry to be positive.
+        pytest.skip(f"Keras {keras.__version__} rejects this layer: {error}")
     inputs = keras.Input(shape)
     outputs = L.Dense(3)(L.Flatten()(layer(inputs)))
     return keras_tkfac.wrap(keras.Model(inputs, outputs)), layer, xla

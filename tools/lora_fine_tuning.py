@@ -66,7 +66,8 @@ class BlockOnA(DenseBlock):
         return outputs if self.layer.bias is None else outputs + self.layer.bias
 
     def _outputs(self, output_grads):
-        scale = self.layer.lora_alpha / self.layer.lora_rank
+        rank = self.layer.lora_rank  # (Keras without `lora_alpha` adds `A B` unscaled.)
+        scale = getattr(self.layer, "lora_alpha", rank) / rank
         kernel_b = self.layer.lora_kernel_b
         return scale * tf.matmul(tf.cast(output_grads, kernel_b.dtype), kernel_b,
                                  transpose_b=True)

@@ -788,6 +788,9 @@ def main(argv):
     unknown = set(_OPTIMIZERS.value) - set(ORDER)
     if unknown:
         sys.exit(f"Unknown optimizers {sorted(unknown)}; choose from {ORDER}.")
+    if "Muon" in names and not hasattr(keras.optimizers, "Muon"):
+        print(f"Muon skipped: Keras {keras.__version__} has no keras.optimizers.Muon.")
+        names.remove("Muon")
     configs = {}
     for name in names:
         axes = grids.get(name, {})
