@@ -15,9 +15,9 @@ The oldest versions the test suite was run on (`make test`'s tests, 2026-12-07):
   `mixed_float16` run under the default step control ended at twice the float32
   run's loss, which the test bounds at 5% (not investigated), and `RematScope`,
   `Muon` and `lora_alpha` do not exist there.
-- TensorFlow 2.16.2 with Keras 3.5.0: 81 of 1226 failed, among them two
-  replicas of `MirroredStrategy` no longer matching one device under the default
-  step control, and a model's own `compute_loss` not reached.
+- TensorFlow 2.16.2 with Keras 3.5.0: 81 of 1226 failed (2 more errored), among
+  them two replicas of `MirroredStrategy` no longer matching one device under the
+  default step control, and a model's own `compute_loss` not reached.
 
 So `setup.cfg` requires Keras 3.10 and (through its extras) TensorFlow 2.19, and an
 older one found at import is logged once, with this module's name, rather than

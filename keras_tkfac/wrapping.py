@@ -146,11 +146,14 @@ class CurvatureModel(keras_compat.MultiWorkerFitMixin, keras.Model):
         # attributes and methods (sub-networks, helpers) are reachable through
         # the wrapper. Private names stay the wrapper's (Keras probes them).
         model = self.__dict__.get("model")
-        prop = getattr(type(self), name, None)
+        prop = next((vars(c)[name] for c in type(self).__mro__
+                     if c.__module__.startswith("keras_tkfac") and name in vars(c)), None)
         if isinstance(prop, property):
-            # One of the wrapper's own properties raised `AttributeError` (Python
+            # One of keras_tkfac's own properties raised `AttributeError` (Python
             # then calls `__getattr__`): raise that error, not "the wrapped model
             # has no attribute `blocks`", which hid a layer's missing attribute.
+            # (Keras's properties that raise, such as `output` before the wrapper
+            # is called, still fall through to the wrapped model's.)
             return prop.fget(self)
         if model is None or name.startswith("_"):
             raise AttributeError(

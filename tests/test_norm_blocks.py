@@ -271,7 +271,7 @@ def test_recording_keeps_batch_norm_moving_statistics():
 
 @pytest.mark.skipif(
     "renorm" not in inspect.signature(L.BatchNormalization.__init__).parameters,
-    reason="this Keras's BatchNormalization has no `renorm` (Keras 3.10)")
+    reason="this Keras's BatchNormalization has no `renorm` (Keras 3.10, 3.12)")
 def test_unsupported_configurations_take_the_fallback():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([

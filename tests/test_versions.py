@@ -77,16 +77,17 @@ def test_call_arguments_compare_variables_by_identity_in_a_graph():
     # graph reads their value, which raised `NotImplementedError` in `fit`.
     first, second = keras.Variable(np.zeros(3, "float32")), keras.Variable(np.ones(3))
     texts = []
+    text = reuse._arguments  # pylint: disable=protected-access
 
     @tf.function
-    def arguments():
-        texts.append((reuse._arguments((tf.zeros(2), first), {"training": True}),  # pylint: disable=protected-access
-                      reuse._arguments((tf.zeros(2), first), {"training": True}),  # pylint: disable=protected-access
-                      reuse._arguments((tf.zeros(2), second), {"training": True}),  # pylint: disable=protected-access
-                      reuse._arguments((tf.zeros(2), first), {"training": False})))  # pylint: disable=protected-access
+    def in_a_graph():
+        texts.append((text((tf.zeros(2), first), {"training": True}),
+                      text((tf.zeros(2), first), {"training": True}),
+                      text((tf.zeros(2), second), {"training": True}),
+                      text((tf.zeros(2), first), {"training": False})))
         return tf.constant(0)
 
-    arguments()
+    in_a_graph()
     same, again, other, flag = texts[0]
     assert same == again and same != other and same != flag
 
@@ -109,3 +110,14 @@ def test_a_blocks_missing_attribute_is_reported_as_itself(monkeypatch):
     model = keras.Sequential([keras.Input((3,)), _Scaled(2)])
     with pytest.raises(AttributeError, match="renorm"):
         keras_tkfac.wrap(model)
+
+
+def test_keras_properties_that_raise_still_reach_the_wrapped_model():
+    # Keras's `input`/`output` raise `AttributeError` on the wrapper, which is never
+    # called as a layer; the wrapped functional model's are the answer (the
+    # property's error above must not change that).
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(2)(keras.layers.Dense(4)(inputs))
+    model = keras.Model(inputs, outputs)
+    wrapped = keras_tkfac.wrap(model)
+    assert wrapped.input is model.input and wrapped.output is model.output
