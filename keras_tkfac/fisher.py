@@ -12,6 +12,15 @@ Gauss-Newton matrix):
 - mean squared error: `y = f(x) + sqrt(D / 2) * eps`, `eps ~ N(0, I)`, with `D` the
   size of the last axis. Keras's MSE is `|y - f|^2 / D`; for the `|y - f|^2 / 2`
   normalisation this is the unit-variance Gaussian of the specification.
+- Poisson (Keras's `f - y log(f + eps)`, a mean over the `D` units, `f` the rate):
+  `y = f + eps + sqrt(D f) * n`, `n ~ N(0, I)`, whose loss gradient
+  `-sqrt(f) n / (sqrt(D) (f + eps))` has `E[g g^T] = diag(f / (f + eps)^2) / D`:
+  the Poisson distribution's Fisher in its rate, the expectation `1 / (D f)` of the
+  Hessian `y / (D f^2)` (bounded as `f -> 0`, where the Hessian at a real count is
+  not). Gaussian draws with the Poisson's mean and variance rather than counts:
+  the Fisher needs only their second moments. Not in the specification; chosen by
+  measurement over the empirical Fisher Poisson took until 2026-12-08
+  (`tools/robust_losses.py`, README "Losses").
 
 - Keras's elementwise losses with a positive semi-definite Hessian in the output
   (Huber, log-cosh, squared hinge; `loss_specs._HESSIAN_LOSSES`): no predictive
@@ -24,7 +33,7 @@ Gauss-Newton matrix):
   the Fisher for cross-entropies and squared errors only; chosen by measurement
   over the empirical Fisher these losses took until 2026-12-07 (README, "Losses").
 
-Any other loss (MAE, focal cross-entropy, Poisson, KL divergence, a user's function)
+Any other loss (MAE, focal cross-entropy, KL divergence, a user's function)
 has no sampling rule here: with `fisher="true"` its output takes the empirical Fisher
 (its real labels) instead, logged once per loss, so that any loss Keras trains with
 trains here too.
@@ -45,6 +54,7 @@ Which loss each output has, and how its terms are counted, masked and weighted, 
 
 import numpy as np
 import tensorflow as tf
+import keras
 
 from keras_tkfac import loss_specs
 
@@ -105,6 +115,11 @@ def sample_targets(spec, y_pred, seed):
     if spec.kind == "mean_squared_error":
         width = tf.cast(units(y_pred), y_pred.dtype)
         return y_pred + tf.sqrt(width / 2.0) * _normal(y_pred, seed)
+    if spec.kind == "poisson":
+        width = tf.cast(units(y_pred), y_pred.dtype)
+        rate = tf.maximum(y_pred, tf.zeros_like(y_pred))
+        epsilon = tf.constant(keras.backend.epsilon(), y_pred.dtype)
+        return rate + epsilon + tf.sqrt(width * rate) * _normal(y_pred, seed)
     raise ValueError(f"Cannot sample targets for loss kind {spec.kind!r}")
 
 

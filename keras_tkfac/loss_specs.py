@@ -24,15 +24,17 @@ _KINDS = {
     keras.losses.categorical_crossentropy: "categorical_crossentropy",
     keras.losses.binary_crossentropy: "binary_crossentropy",
     keras.losses.mean_squared_error: "mean_squared_error",
+    keras.losses.poisson: "poisson",
 }
 
 
 # Keras's losses that are a mean over the output's last axis of a function of each
 # output unit and its label alone, convex in the unit: their Hessian in the output is
 # diagonal and positive semi-definite, the true Fisher samples from it
-# (`fisher.hessian_cotangent`). (MAE's, MAPE's and the hinge's are zero; Poisson's
-# and KL divergence's `y / f^2` is unbounded near `f = 0`: those keep the empirical
-# Fisher.)
+# (`fisher.hessian_cotangent`). (MAE's, MAPE's and the hinge's are zero; KL
+# divergence's `y / f^2` is unbounded near `f = 0`: those keep the empirical Fisher.
+# Poisson's has a predictive distribution, the kind `"poisson"`, whose Fisher is the
+# expectation `1 / f` of its Hessian `y / f^2`: `fisher.sample_targets`.)
 _HESSIAN_LOSSES = (keras.losses.huber, keras.losses.log_cosh, keras.losses.squared_hinge)
 
 
@@ -161,8 +163,9 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
             "real labels): the true Fisher samples labels for sparse/categorical "
-            "cross-entropy, binary cross-entropy and mean squared error, and output "
-            "gradients from the Hessian of Huber, log-cosh and squared hinge, only "
+            "cross-entropy, binary cross-entropy, mean squared error and Poisson, "
+            "and output gradients from the Hessian of Huber, log-cosh and squared "
+            "hinge, only "
             "(pass fisher=\"empirical\" to use the empirical Fisher for every "
             "output)."))
 

@@ -15,6 +15,8 @@ labels:
 - binary cross-entropy: `p (1 - p)` on logits, `1 / (p (1 - p))` on probabilities,
   divided by the `D` units Keras averages over;
 - mean squared error: `2 / D`;
+- Poisson: `f / (f + eps)^2 / D` in the rate `f` (about `1 / (D f)`, the
+  expectation of its Hessian `y / (D f^2)`; `fisher.sample_targets`);
 - any other loss (no predictive distribution: its statistics take the empirical
   Fisher, or for Huber, log-cosh and the squared hinge samples of their Hessian,
   `fisher.hessian_cotangent`): where
@@ -31,7 +33,8 @@ labels:
   Huber (`custom_layers_add_loss`) 0.248 -> 0.210, `mixed_precision_convnet`
   0.040 -> 0.036 (Adam 0.097), focal 2.9e-5 -> 3.7e-5 (Adam
   7e-3), `regression_losses` (log-cosh and MAE) 0.31 -> 0.39 (Adam 2.36); `KFAC()`
-  alike. Where a term is negative (cosine similarity, Poisson) the loss is no
+  alike. Where a term is negative (cosine similarity; Poisson before it had a
+  formula, 2026-12-08) the loss is no
   square: the empirical Fisher of its terms, as in the preconditioner's
   statistics. Positive semi-definite for every loss; the Hessian at the labels
   (used until 2026-11-30) is indefinite for a loss not convex in the output and
@@ -77,6 +80,7 @@ import contextlib
 
 from absl import logging
 import tensorflow as tf
+import keras
 
 from keras_tkfac import distributed
 from keras_tkfac import jvp_rules
@@ -118,7 +122,7 @@ def _bilinear(spec, logits, y_pred, x, y):
     x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
     x, y, y_pred = (loss_specs.class_last(spec, t) for t in (x, y, y_pred))
     if y_pred.shape.rank == 1 and spec.kind in ("binary_crossentropy",
-                                                "mean_squared_error"):
+                                                "mean_squared_error", "poisson"):
         # A `[B]` output: each example is a term of one unit (`loss_specs.resolve_loss`).
         x, y, y_pred = x[:, None], y[:, None], y_pred[:, None]
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
@@ -134,6 +138,10 @@ def _bilinear(spec, logits, y_pred, x, y):
             return tf.reduce_mean(probs * (1.0 - probs) * x * y, -1)
         probs = tf.clip_by_value(tf.cast(y_pred, tf.float32), _EPSILON, 1.0 - _EPSILON)
         return tf.reduce_mean(x * y / (probs * (1.0 - probs)), -1)
+    if spec.kind == "poisson":
+        rate = tf.maximum(tf.cast(y_pred, tf.float32), 0.0)
+        fisher = rate / tf.square(rate + keras.backend.epsilon())
+        return tf.reduce_mean(fisher * x * y, -1)
     return 2.0 * tf.reduce_mean(x * y, -1)  # mean_squared_error
 
 
@@ -755,15 +763,16 @@ class Batch:
                 _weighted_mean(terms, weight,
                                loss_specs.term_mask(output.spec, label, y_pred, terms),
                                output.spec.sums)))
-            if output.spec.kind is None:
+            if output.spec.kind in (None, "poisson"):
                 known = tf.logical_and(known, tf.reduce_all(terms >= 0.0))
         known, *losses = distributed.all_reduce(
             "mean", [tf.cast(known, tf.float32)] + losses)
         self.output_losses = losses
         total = tf.add_n(losses) if losses else tf.constant(0.0)
         # Whether the loss is known not to fall below zero: every output's loss has
-        # a formula (nonnegative), or the others' terms are all >= 0 on this batch
-        # (`Dice`, a squared error of one's own; not cosine similarity).
+        # a formula (nonnegative; Poisson's is not, `y log f` can exceed `f`), or the
+        # others' terms are all >= 0 on this batch (`Dice`, a squared error of one's
+        # own; not cosine similarity).
         self.nonnegative = known >= 1.0
         return total
 

@@ -280,6 +280,15 @@ def test_robust_losses_smoke():
         assert len(values) == 5 and all(math.isfinite(v) and v > 0 for v in values)
     result = _run("tools/robust_losses.py", "--programs=huber_mlp,nope", "--smoke")
     assert result.returncode != 0 and "'nope'" in result.stderr
+    # A Poisson program reports its loss less the perfect prediction's (half the
+    # mean deviance): positive, where Keras's Poisson loss itself can be negative.
+    result = _run("tools/robust_losses.py", "--programs=poisson_counts", "--smoke",
+                  "--adam=1e-3")
+    assert result.returncode == 0, result.stderr[-5000:]
+    row = [line.split(" | ") for line in result.stdout.splitlines()
+           if line.startswith("| poisson_counts |")][0]
+    values = [float(cell.strip(" |")) for cell in row[2:]]
+    assert len(values) == 5 and all(math.isfinite(v) and v > 0 for v in values)
 
 
 @_ONE_MEASUREMENT_TOOL

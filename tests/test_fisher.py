@@ -96,6 +96,31 @@ def test_gaussian_sampler_matches_mse_hessian():
     np.testing.assert_allclose(_per_example_second_moment(g, 2), expected, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("activation,units", [("softplus", 3), ("exponential", 1)])
+def test_poisson_sampler_matches_the_poisson_fisher(activation, units):
+    """Keras's Poisson loss, `f - y log(f + eps)` averaged over the `D` units: the
+    sampled rows' second moment is the Poisson distribution's Fisher in its rate,
+    the expectation of the Hessian `y / (D (f + eps)^2)` over `y ~ Poisson(f)`:
+    `diag(f / (f + eps)^2) / D` (numpy), on the output layer's pre-activation
+    through the activation's derivative `f'`: `diag(f'^2 f / (f + eps)^2) / D`."""
+    model = _output_model(activation, units=units)
+    x = np.random.default_rng(4).normal(size=(2, 3)).astype("float32")
+    spec = loss_specs.resolve_loss("poisson", "true")
+    assert spec.kind == "poisson" and loss_specs.output_fisher(spec, "true") == "true"
+    _, g, m = _sampled_rows(model, x, "poisson")
+    assert m == 2 * SAMPLES
+    z = model.blocks[-1].preactivation(x).numpy().astype(np.float64)
+    if activation == "softplus":
+        rate, slope = np.log1p(np.exp(z)), 1.0 / (1.0 + np.exp(-z))
+    else:
+        rate, slope = np.exp(z), np.exp(z)
+    epsilon = keras.backend.epsilon()
+    fisher_rate = rate / (rate + epsilon) ** 2 / units
+    analytic = np.stack([np.diag(d) for d in slope ** 2 * fisher_rate])
+    moment = _per_example_second_moment(g, 2)
+    np.testing.assert_allclose(moment, analytic, atol=TOLERANCE * analytic.max())
+
+
 def test_loss_without_sampling_rule_takes_the_empirical_fisher():
     """MAE has no predictive distribution and a zero Hessian: under the true Fisher
     its cotangent is the gradient of the summed loss at the real labels (numpy

@@ -273,6 +273,44 @@ def test_a_loss_without_a_fisher_formula_takes_its_larger_gauss_newton(loss):
     np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("squeezed", [False, True])
+def test_a_poisson_outputs_gram_is_its_fishers_gauss_newton(squeezed):
+    """Keras's Poisson loss has a formula: the Gram is the explicit Gauss-Newton
+    `(1 / B) sum_n s_n J_n^T H_n J_n` with `H_n = diag(f / (f + eps)^2) / D` the
+    Poisson distribution's Fisher in the rate `f` (a softplus output of `D = 2`
+    units; a squeezed `[B]` output counts each example as a term of one unit), in
+    numpy, with no term of the labels (which the Hessian `y / f^2` would have)."""
+    keras.utils.set_random_seed(2)
+    rng = np.random.default_rng(5)
+    units = 1 if squeezed else 2
+    layers = [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+              keras.layers.Dense(units, activation="softplus")]
+    if squeezed:
+        layers.append(keras.layers.Reshape(()))
+    model = keras.Sequential(layers)
+    x = rng.normal(size=(6, 3)).astype("float32")
+    counts = rng.poisson(2.0, size=(6,) if squeezed else (6, units)).astype("float32")
+    weights = rng.uniform(0.2, 2.0, size=6).astype("float32")
+    variables = model.trainable_variables
+    directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
+                  for _ in range(2)]
+    outputs = loss_specs.resolve_losses("poisson", "true", model(x))
+    assert outputs[0].spec.kind == "poisson"
+    gram = products.curvature_gram(lambda: model(x, training=True), outputs, counts,
+                                   weights, variables, directions)
+    with tf.GradientTape() as tape:
+        rates = tf.reshape(model(x, training=True), (6, units))
+    parts = tape.jacobian(rates, [v.value for v in variables])
+    jacobian = np.concatenate([np.reshape(p, (6, units, -1)) for p in parts],
+                              axis=-1).astype(np.float64)
+    rates = rates.numpy().astype(np.float64)
+    fisher = rates / (rates + keras.backend.epsilon()) ** 2 / units
+    exact = np.einsum("n,nd,ndp,ndq->pq", weights, fisher, jacobian, jacobian) / 6
+    flat = np.array([np.concatenate([np.ravel(d) for d in direction])
+                     for direction in directions], dtype=np.float64)
+    np.testing.assert_allclose(gram, flat @ exact @ flat.T, rtol=1e-4)
+
+
 @pytest.mark.parametrize("batch_scalar", [False, True])
 def test_a_cross_entropy_written_as_a_function_has_the_cross_entropys_curvature(
         batch_scalar):

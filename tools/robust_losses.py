@@ -1,4 +1,5 @@
-"""Programs trained with Huber, log-cosh and squared-hinge losses: Adam against TKFAC().
+"""Programs trained with Huber, log-cosh, squared-hinge and Poisson losses: Adam
+against TKFAC().
 
 Keras's robust regression losses (Huber: keras-io's deep Q-learning; log-cosh) and
 the squared hinge have no predictive distribution to sample labels from. Until
@@ -22,7 +23,18 @@ batch 32 unless said; `--epochs` epochs):
   targets (`tools/sweep_programs.py`'s `mixed_precision_convnet` without the policy);
 - `logcosh_mlp`: the MLP of `huber_mlp`, log-cosh;
 - `squared_hinge`: a 64-64 tanh MLP classifying the sign of the signal, labels +-1,
-  squared hinge.
+  squared hinge;
+- `poisson_exponential`, `poisson_softplus`: counts `y ~ Poisson(exp(0.4 x.w +
+  0.3 sin 3 x_0))`, the MLP of `huber_mlp` with an `exponential` or `softplus`
+  output, Keras's `poisson` loss (a count regression as users write one);
+- `poisson_counts`: three count targets of that form, a `softplus` output of 3 units.
+
+Poisson has a predictive distribution: since 2026-12-08 `TKFAC()` samples its output
+gradients from its Fisher in the rate (`keras_tkfac.fisher.sample_targets`), until
+then it took the empirical Fisher (`fisher="empirical"` still does). Its loss
+`f - y log f` falls below zero, so the table shows a Poisson program's validation loss
+less that of the perfect prediction `f = y` (half the mean Poisson deviance, which is
+nonnegative) and the ratios are of those.
 
     python tools/robust_losses.py [--programs=huber_mlp,...] [--seeds=0,1,2]
         [--epochs=30] [--adam=1e-3,3e-3,1e-2] [--output=robust_losses.md] [--smoke]
@@ -61,10 +73,10 @@ def _standardised(y):
     return ((y - y[:320].mean(0)) / y[:320].std(0)).astype("float32")
 
 
-def _mlp(d, outputs, activation="relu"):
+def _mlp(d, outputs, activation="relu", output_activation=None):
     return keras.Sequential([keras.Input((d,)), layers.Dense(64, activation=activation),
                              layers.Dense(64, activation=activation),
-                             layers.Dense(outputs)])
+                             layers.Dense(outputs, activation=output_activation)])
 
 
 def huber_mlp(rng):
@@ -125,12 +137,45 @@ def squared_hinge(rng):
     return _mlp(9, 1, "tanh"), x, y, keras.losses.SquaredHinge()
 
 
+def _counts(rng, x, targets):
+    rates = [np.exp(0.4 * x @ rng.normal(size=x.shape[1]) + 0.3 * np.sin(3 * x[:, 0]))
+             for _ in range(targets)]
+    return rng.poisson(np.stack(rates, -1)).astype("float32")
+
+
+def poisson_exponential(rng):
+    x = rng.normal(size=(400, 9)).astype("float32")
+    return _mlp(9, 1, output_activation="exponential"), x, _counts(rng, x, 1), "poisson"
+
+
+def poisson_softplus(rng):
+    x = rng.normal(size=(400, 9)).astype("float32")
+    return _mlp(9, 1, output_activation="softplus"), x, _counts(rng, x, 1), "poisson"
+
+
+def poisson_counts(rng):
+    x = rng.normal(size=(400, 9)).astype("float32")
+    return _mlp(9, 3, output_activation="softplus"), x, _counts(rng, x, 3), "poisson"
+
+
 PROGRAMS = {f.__name__: f for f in (huber_mlp, huber_outliers, huber_multi, huber_conv1d,
-                                    huber_onehot_cnn, logcosh_mlp, squared_hinge)}
+                                    huber_onehot_cnn, logcosh_mlp, squared_hinge,
+                                    poisson_exponential, poisson_softplus,
+                                    poisson_counts)}
+
+
+def saturated_loss(loss, y):
+    """The loss of the perfect prediction `f = y` on labels `y`: 0, or for Poisson
+    the mean of `y - y log y` (`0 log 0 = 0`), which Keras's `f - y log f` exceeds
+    by half the Poisson deviance."""
+    if loss != "poisson":
+        return 0.0
+    return float(np.mean(y - y * np.log(np.where(y > 0, y, 1.0))))
 
 
 def run(label, name, seed, epochs):
-    """Best validation loss (or NaN where it was not finite) of one run."""
+    """Best validation loss (or NaN where it was not finite) of one run, less the
+    perfect prediction's (`saturated_loss`)."""
     keras.utils.set_random_seed(seed)
     model, x, y, loss = PROGRAMS[name](np.random.default_rng(seed))
     if label.startswith("Adam"):
@@ -142,7 +187,7 @@ def run(label, name, seed, epochs):
     model.compile(optimizer=optimizer, loss=loss)
     history = model.fit(x[:320], y[:320], validation_data=(x[320:], y[320:]),
                         batch_size=32, epochs=epochs, shuffle=False, verbose=0)
-    values = np.array(history.history["val_loss"])
+    values = np.array(history.history["val_loss"]) - saturated_loss(loss, y[320:])
     return float(values.min()) if np.all(np.isfinite(values)) else float("nan")
 
 
@@ -160,10 +205,11 @@ def main(argv):
         f"`python tools/robust_losses.py --programs={','.join(names)} "
         f"--seeds={','.join(map(str, seeds))} --epochs={epochs} "
         f"--adam={','.join(_ADAM.value)}`", "",
-        "Best validation loss of each run (the program's own loss; lower is better). "
+        "Best validation loss of each run (the program's own loss, for Poisson less "
+        "the perfect prediction's: half the mean deviance; lower is better). "
         "Same weights and batches in every run of a row. `TKFAC()` samples these "
-        "losses' output gradients from their Hessian; `fisher=\"empirical\"` takes the "
-        "gradients at the real labels.", "",
+        "losses' output gradients from their Hessian (Poisson: from its Fisher); "
+        "`fisher=\"empirical\"` takes the gradients at the real labels.", "",
         "| program | seed | " + " | ".join(runs) + " | TKFAC() / best Adam | "
         "TKFAC() / empirical |",
         "|---|---:|" + "---:|" * (len(runs) + 2)]
