@@ -25,6 +25,7 @@ _KINDS = {
     keras.losses.binary_crossentropy: "binary_crossentropy",
     keras.losses.mean_squared_error: "mean_squared_error",
     keras.losses.poisson: "poisson",
+    keras.losses.mean_squared_logarithmic_error: "mean_squared_logarithmic_error",
 }
 
 
@@ -163,7 +164,8 @@ def resolve_loss(loss, fisher, output=None, warned=None, y_pred=None):
         warn_once(warned, (
             f"keras_tkfac: the loss {name!r}{where} takes the empirical Fisher (its "
             "real labels): the true Fisher samples labels for sparse/categorical "
-            "cross-entropy, binary cross-entropy, mean squared error and Poisson, "
+            "cross-entropy, binary cross-entropy, mean squared (logarithmic) error "
+            "and Poisson, "
             "and output gradients from the Hessian of Huber, log-cosh and squared "
             "hinge, only "
             "(pass fisher=\"empirical\" to use the empirical Fisher for every "

@@ -17,6 +17,8 @@ labels:
 - mean squared error: `2 / D`;
 - Poisson: `f / (f + eps)^2 / D` in the rate `f` (about `1 / (D f)`, the
   expectation of its Hessian `y / (D f^2)`; `fisher.sample_targets`);
+- mean squared logarithmic error: `2 / ((1 + f)^2 D)`, zero where Keras clips `f`
+  (`fisher.msle_cotangent`);
 - any other loss (no predictive distribution: its statistics take the empirical
   Fisher, or for Huber, log-cosh and the squared hinge samples of their Hessian,
   `fisher.hessian_cotangent`): where
@@ -122,7 +124,8 @@ def _bilinear(spec, logits, y_pred, x, y):
     x, y = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
     x, y, y_pred = (loss_specs.class_last(spec, t) for t in (x, y, y_pred))
     if y_pred.shape.rank == 1 and spec.kind in ("binary_crossentropy",
-                                                "mean_squared_error", "poisson"):
+                                                "mean_squared_error", "poisson",
+                                                "mean_squared_logarithmic_error"):
         # A `[B]` output: each example is a term of one unit (`loss_specs.resolve_loss`).
         x, y, y_pred = x[:, None], y[:, None], y_pred[:, None]
     if spec.kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
@@ -142,6 +145,10 @@ def _bilinear(spec, logits, y_pred, x, y):
         rate = tf.maximum(tf.cast(y_pred, tf.float32), 0.0)
         fisher = rate / tf.square(rate + keras.backend.epsilon())
         return tf.reduce_mean(fisher * x * y, -1)
+    if spec.kind == "mean_squared_logarithmic_error":
+        f = tf.cast(y_pred, tf.float32)
+        slope = tf.where(f > keras.backend.epsilon(), 1.0 / (1.0 + f), 0.0)
+        return 2.0 * tf.reduce_mean(slope * slope * x * y, -1)
     return 2.0 * tf.reduce_mean(x * y, -1)  # mean_squared_error
 
 

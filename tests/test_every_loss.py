@@ -65,7 +65,7 @@ CASES = {
         2, None, _REGRESSION, lambda: keras.losses.MeanSquaredError(), "sampled"),
     "MeanSquaredLogarithmicError": (
         2, "softplus", _POSITIVE, lambda: keras.losses.MeanSquaredLogarithmicError(),
-        "empirical"),
+        "sampled"),
     "Poisson": (2, "softplus", _POSITIVE, lambda: keras.losses.Poisson(), "sampled"),
     "SparseCategoricalCrossentropy": (
         3, None, _CLASSES,

@@ -121,6 +121,35 @@ def test_poisson_sampler_matches_the_poisson_fisher(activation, units):
     np.testing.assert_allclose(moment, analytic, atol=TOLERANCE * analytic.max())
 
 
+@pytest.mark.parametrize("activation,units", [("softplus", 3), (None, 2)])
+def test_msle_cotangents_match_its_gauss_newton(activation, units):
+    """Keras's mean squared logarithmic error, `|log(1 + f) - log(1 + y)|^2 / D`
+    with `f` clipped below at Keras's epsilon: the sampled rows' second moment is
+    its Gauss-Newton matrix `diag(2 / (1 + f)^2) / D` in `f` (numpy), zero where
+    `f` is clipped (a linear output's negative units), on the output layer's
+    pre-activation through the activation's slope."""
+    model = _output_model(activation, units=units)
+    x = np.random.default_rng(6).normal(size=(2, 3)).astype("float32")
+    spec = loss_specs.resolve_loss("msle", "true")
+    assert spec.kind == "mean_squared_logarithmic_error"
+    _, g, m = _sampled_rows(model, x, "msle")
+    assert m == 2 * SAMPLES
+    z = model.blocks[-1].preactivation(x).numpy().astype(np.float64)
+    if activation == "softplus":
+        f, slope = np.log1p(np.exp(z)), 1.0 / (1.0 + np.exp(-z))
+    else:
+        f, slope = z, np.ones_like(z)
+    curvature = np.where(f > keras.backend.epsilon(), 2.0 / (1.0 + f) ** 2, 0.0)
+    analytic = np.stack([np.diag(d) for d in slope ** 2 * curvature / units])
+    if activation is None:
+        assert (f <= 0).any() and (f > 0).any()  # both kinds of unit are checked
+    moment = _per_example_second_moment(g, 2)
+    np.testing.assert_allclose(moment, analytic, atol=TOLERANCE * analytic.max())
+    # A clipped unit gets no noise at all.
+    np.testing.assert_array_equal(np.diagonal(moment, axis1=1, axis2=2) == 0.0,
+                                  analytic.diagonal(axis1=1, axis2=2) == 0.0)
+
+
 def test_loss_without_sampling_rule_takes_the_empirical_fisher():
     """MAE has no predictive distribution and a zero Hessian: under the true Fisher
     its cotangent is the gradient of the summed loss at the real labels (numpy

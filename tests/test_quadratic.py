@@ -273,13 +273,16 @@ def test_a_loss_without_a_fisher_formula_takes_its_larger_gauss_newton(loss):
     np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["poisson", "msle"])
 @pytest.mark.parametrize("squeezed", [False, True])
-def test_a_poisson_outputs_gram_is_its_fishers_gauss_newton(squeezed):
-    """Keras's Poisson loss has a formula: the Gram is the explicit Gauss-Newton
-    `(1 / B) sum_n s_n J_n^T H_n J_n` with `H_n = diag(f / (f + eps)^2) / D` the
-    Poisson distribution's Fisher in the rate `f` (a softplus output of `D = 2`
-    units; a squeezed `[B]` output counts each example as a term of one unit), in
-    numpy, with no term of the labels (which the Hessian `y / f^2` would have)."""
+def test_a_poisson_or_msle_outputs_gram_is_its_gauss_newton(loss, squeezed):
+    """Keras's Poisson loss and mean squared logarithmic error have formulas: the
+    Gram is the explicit Gauss-Newton `(1 / B) sum_n s_n J_n^T H_n J_n` with
+    `H_n = diag(f / (f + eps)^2) / D`, the Poisson distribution's Fisher in the rate
+    `f`, or `diag(2 / (1 + f)^2) / D`, MSLE's (a softplus output of `D = 2` units; a
+    squeezed `[B]` output counts each example as a term of one unit), in numpy,
+    with no term of the labels (which the Hessians `y / f^2` and MSLE's residual
+    term would have)."""
     keras.utils.set_random_seed(2)
     rng = np.random.default_rng(5)
     units = 1 if squeezed else 2
@@ -294,8 +297,9 @@ def test_a_poisson_outputs_gram_is_its_fishers_gauss_newton(squeezed):
     variables = model.trainable_variables
     directions = [[rng.normal(size=v.shape).astype("float32") for v in variables]
                   for _ in range(2)]
-    outputs = loss_specs.resolve_losses("poisson", "true", model(x))
-    assert outputs[0].spec.kind == "poisson"
+    outputs = loss_specs.resolve_losses(loss, "true", model(x))
+    assert outputs[0].spec.kind == {
+        "poisson": "poisson", "msle": "mean_squared_logarithmic_error"}[loss]
     gram = products.curvature_gram(lambda: model(x, training=True), outputs, counts,
                                    weights, variables, directions)
     with tf.GradientTape() as tape:
@@ -304,7 +308,10 @@ def test_a_poisson_outputs_gram_is_its_fishers_gauss_newton(squeezed):
     jacobian = np.concatenate([np.reshape(p, (6, units, -1)) for p in parts],
                               axis=-1).astype(np.float64)
     rates = rates.numpy().astype(np.float64)
-    fisher = rates / (rates + keras.backend.epsilon()) ** 2 / units
+    if loss == "poisson":
+        fisher = rates / (rates + keras.backend.epsilon()) ** 2 / units
+    else:
+        fisher = 2.0 / (1.0 + rates) ** 2 / units
     exact = np.einsum("n,nd,ndp,ndq->pq", weights, fisher, jacobian, jacobian) / 6
     flat = np.array([np.concatenate([np.ravel(d) for d in direction])
                      for direction in directions], dtype=np.float64)

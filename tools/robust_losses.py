@@ -1,5 +1,5 @@
-"""Programs trained with Huber, log-cosh, squared-hinge and Poisson losses: Adam
-against TKFAC().
+"""Programs trained with Huber, log-cosh, squared-hinge, Poisson and squared
+logarithmic losses: Adam against TKFAC().
 
 Keras's robust regression losses (Huber: keras-io's deep Q-learning; log-cosh) and
 the squared hinge have no predictive distribution to sample labels from. Until
@@ -27,14 +27,19 @@ batch 32 unless said; `--epochs` epochs):
 - `poisson_exponential`, `poisson_softplus`: counts `y ~ Poisson(exp(0.4 x.w +
   0.3 sin 3 x_0))`, the MLP of `huber_mlp` with an `exponential` or `softplus`
   output, Keras's `poisson` loss (a count regression as users write one);
-- `poisson_counts`: three count targets of that form, a `softplus` output of 3 units.
+- `poisson_counts`: three count targets of that form, a `softplus` output of 3 units;
+- `msle_mlp`: positive, skewed targets `10 exp(0.5 x.w + 0.3 sin 3 x_0 + 0.3 e)`, the
+  MLP with a `softplus` output, Keras's `msle` (mean squared logarithmic error);
+- `msle_multi`: three such targets, a `softplus` output of 3 units.
 
 Poisson has a predictive distribution: since 2026-12-08 `TKFAC()` samples its output
 gradients from its Fisher in the rate (`keras_tkfac.fisher.sample_targets`), until
 then it took the empirical Fisher (`fisher="empirical"` still does). Its loss
 `f - y log f` falls below zero, so the table shows a Poisson program's validation loss
 less that of the perfect prediction `f = y` (half the mean Poisson deviance, which is
-nonnegative) and the ratios are of those.
+nonnegative) and the ratios are of those. The squared logarithmic error has its
+Gauss-Newton matrix since 2026-12-08 (`keras_tkfac.fisher.msle_cotangent`); before,
+the empirical Fisher.
 
     python tools/robust_losses.py [--programs=huber_mlp,...] [--seeds=0,1,2]
         [--epochs=30] [--adam=1e-3,3e-3,1e-2] [--output=robust_losses.md] [--smoke]
@@ -158,10 +163,27 @@ def poisson_counts(rng):
     return _mlp(9, 3, output_activation="softplus"), x, _counts(rng, x, 3), "poisson"
 
 
+def _skewed(rng, x, targets):
+    values = [10.0 * np.exp(0.5 * x @ rng.normal(size=x.shape[1])
+                            + 0.3 * np.sin(3 * x[:, 0]) + 0.3 * rng.normal(size=len(x)))
+              for _ in range(targets)]
+    return np.stack(values, -1).astype("float32")
+
+
+def msle_mlp(rng):
+    x = rng.normal(size=(400, 9)).astype("float32")
+    return _mlp(9, 1, output_activation="softplus"), x, _skewed(rng, x, 1), "msle"
+
+
+def msle_multi(rng):
+    x = rng.normal(size=(400, 9)).astype("float32")
+    return _mlp(9, 3, output_activation="softplus"), x, _skewed(rng, x, 3), "msle"
+
+
 PROGRAMS = {f.__name__: f for f in (huber_mlp, huber_outliers, huber_multi, huber_conv1d,
                                     huber_onehot_cnn, logcosh_mlp, squared_hinge,
                                     poisson_exponential, poisson_softplus,
-                                    poisson_counts)}
+                                    poisson_counts, msle_mlp, msle_multi)}
 
 
 def saturated_loss(loss, y):
@@ -208,7 +230,8 @@ def main(argv):
         "Best validation loss of each run (the program's own loss, for Poisson less "
         "the perfect prediction's: half the mean deviance; lower is better). "
         "Same weights and batches in every run of a row. `TKFAC()` samples these "
-        "losses' output gradients from their Hessian (Poisson: from its Fisher); "
+        "losses' output gradients from their Hessian (Poisson: from its Fisher; the "
+        "squared logarithmic error: from its Gauss-Newton matrix); "
         "`fisher=\"empirical\"` takes the gradients at the real labels.", "",
         "| program | seed | " + " | ".join(runs) + " | TKFAC() / best Adam | "
         "TKFAC() / empirical |",
