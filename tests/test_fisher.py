@@ -96,56 +96,55 @@ def test_gaussian_sampler_matches_mse_hessian():
     np.testing.assert_allclose(_per_example_second_moment(g, 2), expected, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("activation,units", [("softplus", 3), ("exponential", 1)])
-def test_poisson_sampler_matches_the_poisson_fisher(activation, units):
-    """Keras's Poisson loss, `f - y log(f + eps)` averaged over the `D` units: the
-    sampled rows' second moment is the Poisson distribution's Fisher in its rate,
-    the expectation of the Hessian `y / (D (f + eps)^2)` over `y ~ Poisson(f)`:
-    `diag(f / (f + eps)^2) / D` (numpy), on the output layer's pre-activation
-    through the activation's derivative `f'`: `diag(f'^2 f / (f + eps)^2) / D`."""
-    model = _output_model(activation, units=units)
-    x = np.random.default_rng(4).normal(size=(2, 3)).astype("float32")
-    spec = loss_specs.resolve_loss("poisson", "true")
-    assert spec.kind == "poisson" and loss_specs.output_fisher(spec, "true") == "true"
-    _, g, m = _sampled_rows(model, x, "poisson")
-    assert m == 2 * SAMPLES
-    z = model.blocks[-1].preactivation(x).numpy().astype(np.float64)
-    if activation == "softplus":
-        rate, slope = np.log1p(np.exp(z)), 1.0 / (1.0 + np.exp(-z))
-    else:
-        rate, slope = np.exp(z), np.exp(z)
-    epsilon = keras.backend.epsilon()
-    fisher_rate = rate / (rate + epsilon) ** 2 / units
-    analytic = np.stack([np.diag(d) for d in slope ** 2 * fisher_rate])
-    moment = _per_example_second_moment(g, 2)
-    np.testing.assert_allclose(moment, analytic, atol=TOLERANCE * analytic.max())
+# An output activation's values and slopes in its pre-activation `z`.
+_POSITIVE_OUTPUTS = {
+    "softplus": (lambda z: np.log1p(np.exp(z)), lambda z: 1.0 / (1.0 + np.exp(-z))),
+    "exponential": (np.exp, np.exp),
+    None: (lambda z: z, np.ones_like),
+}
 
 
-@pytest.mark.parametrize("activation,units", [("softplus", 3), (None, 2)])
-def test_msle_cotangents_match_its_gauss_newton(activation, units):
-    """Keras's mean squared logarithmic error, `|log(1 + f) - log(1 + y)|^2 / D`
-    with `f` clipped below at Keras's epsilon: the sampled rows' second moment is
-    its Gauss-Newton matrix `diag(2 / (1 + f)^2) / D` in `f` (numpy), zero where
-    `f` is clipped (a linear output's negative units), on the output layer's
-    pre-activation through the activation's slope."""
+def _poisson_fisher(f):
+    """The Poisson distribution's Fisher in its rate, `E[y] / (f + eps)^2` over
+    `y ~ Poisson(f)` (the expectation of the Hessian `y / (f + eps)^2`), per unit."""
+    return f / (f + keras.backend.epsilon()) ** 2
+
+
+def _msle_gauss_newton(f):
+    """The mean squared logarithmic error's Gauss-Newton matrix, `2 / (1 + f)^2` per
+    unit, zero where Keras clips `f` at its epsilon."""
+    return np.where(f > keras.backend.epsilon(), 2.0 / (1.0 + f) ** 2, 0.0)
+
+
+@pytest.mark.parametrize("loss,kind,curvature,activation,units,seed", [
+    ("poisson", "poisson", _poisson_fisher, "softplus", 3, 4),
+    ("poisson", "poisson", _poisson_fisher, "exponential", 1, 4),
+    ("msle", "mean_squared_logarithmic_error", _msle_gauss_newton, "softplus", 3, 6),
+    ("msle", "mean_squared_logarithmic_error", _msle_gauss_newton, None, 2, 6),
+])
+def test_poisson_and_msle_draws_match_their_curvature(loss, kind, curvature, activation,
+                                                      units, seed):
+    """Keras's Poisson loss (`f - y log(f + eps)`) and mean squared logarithmic error
+    (`|log(1 + f) - log(1 + y)|^2`, `f` clipped below at epsilon), each averaged
+    over the `D` units: the sampled rows' second moment is `diag(h(f)) / D`, with
+    `h` the Poisson distribution's Fisher in its rate or MSLE's Gauss-Newton matrix
+    (numpy), on the output layer's pre-activation through the activation's slope
+    `f'`: `diag(f'^2 h(f)) / D`. A unit MSLE clips (a linear output's negative
+    units) gets no noise at all."""
     model = _output_model(activation, units=units)
-    x = np.random.default_rng(6).normal(size=(2, 3)).astype("float32")
-    spec = loss_specs.resolve_loss("msle", "true")
-    assert spec.kind == "mean_squared_logarithmic_error"
-    _, g, m = _sampled_rows(model, x, "msle")
+    x = np.random.default_rng(seed).normal(size=(2, 3)).astype("float32")
+    spec = loss_specs.resolve_loss(loss, "true")
+    assert spec.kind == kind and loss_specs.output_fisher(spec, "true") == "true"
+    _, g, m = _sampled_rows(model, x, loss)
     assert m == 2 * SAMPLES
     z = model.blocks[-1].preactivation(x).numpy().astype(np.float64)
-    if activation == "softplus":
-        f, slope = np.log1p(np.exp(z)), 1.0 / (1.0 + np.exp(-z))
-    else:
-        f, slope = z, np.ones_like(z)
-    curvature = np.where(f > keras.backend.epsilon(), 2.0 / (1.0 + f) ** 2, 0.0)
-    analytic = np.stack([np.diag(d) for d in slope ** 2 * curvature / units])
+    value, slope = _POSITIVE_OUTPUTS[activation]
+    f = value(z)
     if activation is None:
         assert (f <= 0).any() and (f > 0).any()  # both kinds of unit are checked
+    analytic = np.stack([np.diag(d) for d in slope(z) ** 2 * curvature(f) / units])
     moment = _per_example_second_moment(g, 2)
     np.testing.assert_allclose(moment, analytic, atol=TOLERANCE * analytic.max())
-    # A clipped unit gets no noise at all.
     np.testing.assert_array_equal(np.diagonal(moment, axis1=1, axis2=2) == 0.0,
                                   analytic.diagonal(axis1=1, axis2=2) == 0.0)
 

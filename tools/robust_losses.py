@@ -148,21 +148,6 @@ def _counts(rng, x, targets):
     return rng.poisson(np.stack(rates, -1)).astype("float32")
 
 
-def poisson_exponential(rng):
-    x = rng.normal(size=(400, 9)).astype("float32")
-    return _mlp(9, 1, output_activation="exponential"), x, _counts(rng, x, 1), "poisson"
-
-
-def poisson_softplus(rng):
-    x = rng.normal(size=(400, 9)).astype("float32")
-    return _mlp(9, 1, output_activation="softplus"), x, _counts(rng, x, 1), "poisson"
-
-
-def poisson_counts(rng):
-    x = rng.normal(size=(400, 9)).astype("float32")
-    return _mlp(9, 3, output_activation="softplus"), x, _counts(rng, x, 3), "poisson"
-
-
 def _skewed(rng, x, targets):
     values = [10.0 * np.exp(0.5 * x @ rng.normal(size=x.shape[1])
                             + 0.3 * np.sin(3 * x[:, 0]) + 0.3 * rng.normal(size=len(x)))
@@ -170,14 +155,31 @@ def _skewed(rng, x, targets):
     return np.stack(values, -1).astype("float32")
 
 
-def msle_mlp(rng):
+def _positive_mlp(rng, make_targets, units, activation, loss):
+    """The MLP of `huber_mlp` with a positive output of `units` units."""
     x = rng.normal(size=(400, 9)).astype("float32")
-    return _mlp(9, 1, output_activation="softplus"), x, _skewed(rng, x, 1), "msle"
+    return (_mlp(9, units, output_activation=activation), x,
+            make_targets(rng, x, units), loss)
+
+
+def poisson_exponential(rng):
+    return _positive_mlp(rng, _counts, 1, "exponential", "poisson")
+
+
+def poisson_softplus(rng):
+    return _positive_mlp(rng, _counts, 1, "softplus", "poisson")
+
+
+def poisson_counts(rng):
+    return _positive_mlp(rng, _counts, 3, "softplus", "poisson")
+
+
+def msle_mlp(rng):
+    return _positive_mlp(rng, _skewed, 1, "softplus", "msle")
 
 
 def msle_multi(rng):
-    x = rng.normal(size=(400, 9)).astype("float32")
-    return _mlp(9, 3, output_activation="softplus"), x, _skewed(rng, x, 3), "msle"
+    return _positive_mlp(rng, _skewed, 3, "softplus", "msle")
 
 
 PROGRAMS = {f.__name__: f for f in (huber_mlp, huber_outliers, huber_multi, huber_conv1d,
